@@ -1,0 +1,1 @@
+"""The CLI's subcommands, one small module per group. ``appliance.cli`` lists them."""

@@ -1,0 +1,488 @@
+"""The appliance's configuration: a frozen attrs tree loaded from TOML by cattrs.
+
+Every value has an embedded default, so ``appliance run`` works with no file at all.
+Unknown keys are rejected and scalar types are strict (``"false"`` is not a bool,
+``"8000"`` is not an int); every error names its path, e.g. ``lan.ports.api: expected
+int, got str``.
+
+The port map (``[lan.ports]``) is defined here once. The listeners, the discovery
+announcement, the firewall ruleset, the health checks and ``appliance ports`` all derive
+from :data:`PORT_ROLES` and :class:`Ports`.
+
+Errors: :class:`ConfigError` (with ``.errors``, one path-named line per problem).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "LISTENER_ROLES",
+    "PORT_ROLES",
+    "AdminConfig",
+    "CloudConfig",
+    "Config",
+    "ConfigError",
+    "DeviceDecl",
+    "DiscoveryConfig",
+    "DispatchConfig",
+    "HttpConfig",
+    "LanConfig",
+    "LogConfig",
+    "PortRole",
+    "Ports",
+    "ServiceBusConfig",
+    "StorageConfig",
+    "SupervisorConfig",
+    "WanConfig",
+    "find_config_path",
+    "load_config",
+    "parse_config",
+    "to_toml_dict",
+]
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/appliance/appliance.toml")
+ENV_CONFIG: Final = "APPLIANCE_CONFIG"
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` holds one path-named line per problem."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(self.errors))
+
+
+# --- validators ---------------------------------------------------------------
+
+
+class _FieldError(ValueError):
+    """A validator's complaint about one field, so the message can name its full path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+def _port(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    # 0 means "any free port": tests and side-by-side runs use it; the effective port
+    # map is read back from the bound sockets.
+    if not 0 <= value <= 65535:
+        raise _FieldError(attr.name, f"port must be between 0 and 65535, got {value}")
+
+
+def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise _FieldError(attr.name, f"must be greater than 0, got {value}")
+
+
+def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise _FieldError(attr.name, f"must be 0 or more, got {value}")
+
+
+def _https_url(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if not value.startswith("https://"):
+        raise _FieldError(attr.name, f"must be an https:// URL (TLS cannot be switched off), got {value!r}")
+
+
+def _proxy_url(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if value and not value.startswith(("http://", "https://")):
+        raise _FieldError(attr.name, f"must be an http:// or https:// proxy URL, got {value!r}")
+
+
+def _networks(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as exc:
+            raise _FieldError(attr.name, f"not an IP network: {item!r}") from exc
+
+
+def _addresses(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    for item in value:
+        try:
+            ipaddress.ip_address(item)
+        except ValueError as exc:
+            raise _FieldError(attr.name, f"not an IP address: {item!r}") from exc
+
+
+def _one_of(*choices: str) -> Any:
+    def check(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+        if value not in choices:
+            raise _FieldError(attr.name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+# --- the port map -------------------------------------------------------------
+
+
+class Transport(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class Direction(enum.StrEnum):
+    IN = "in"
+    OUT = "out"
+    BOTH = "in+out"
+
+
+@attrs.frozen(kw_only=True)
+class PortRole:
+    """What one entry of the port map is for."""
+
+    role: str
+    transport: Transport
+    direction: Direction
+    listener: bool  # an HTTP listener the supervisor binds
+    description: str
+
+
+PORT_ROLES: Final[tuple[PortRole, ...]] = (
+    PortRole(role="admin", transport=Transport.TCP, direction=Direction.IN, listener=True,
+             description="admin: status homepage, pairing, device adoption, health, logs"),
+    PortRole(role="api", transport=Transport.TCP, direction=Direction.IN, listener=True,
+             description="store API: catalog, prices, stock, sales and orders in"),
+    PortRole(role="events", transport=Transport.TCP, direction=Direction.IN, listener=True,
+             description="events: live push to devices and browsers (WebSocket)"),
+    PortRole(role="media", transport=Transport.TCP, direction=Direction.IN, listener=True,
+             description="media: cached images, videos, documents"),
+    PortRole(role="provisioning", transport=Transport.TCP, direction=Direction.IN, listener=True,
+             description="provisioning: device enrollment and per-device configuration"),
+    PortRole(role="ops", transport=Transport.TCP, direction=Direction.IN, listener=True,
+             description="ops: /healthz, /readyz, /metrics, health report"),
+    PortRole(role="support", transport=Transport.TCP, direction=Direction.IN, listener=True,
+             description="support: diagnostics bundle and live log tail"),
+    PortRole(role="discovery", transport=Transport.UDP, direction=Direction.BOTH, listener=False,
+             description="discovery: probes, replies and beacons"),
+    PortRole(role="device", transport=Transport.TCP, direction=Direction.OUT, listener=False,
+             description="device channel: the box pushes commands to each device"),
+)
+LISTENER_ROLES: Final = tuple(r.role for r in PORT_ROLES if r.listener)
+
+
+@attrs.frozen(kw_only=True)
+class Ports:
+    """The one port map. Field names are the roles of :data:`PORT_ROLES`."""
+
+    admin: int = attrs.field(default=80, validator=_port)
+    api: int = attrs.field(default=8000, validator=_port)
+    events: int = attrs.field(default=8001, validator=_port)
+    media: int = attrs.field(default=8002, validator=_port)
+    provisioning: int = attrs.field(default=8003, validator=_port)
+    ops: int = attrs.field(default=8004, validator=_port)
+    support: int = attrs.field(default=8005, validator=_port)
+    discovery: int = attrs.field(default=57854, validator=_port)
+    device: int = attrs.field(default=8081, validator=_port)
+
+    def __attrs_post_init__(self) -> None:
+        seen: dict[int, str] = {}
+        for role in LISTENER_ROLES:
+            port = getattr(self, role)
+            if port and port in seen:
+                raise ValueError(f"port {port} is given to both {seen[port]} and {role}")
+            seen[port] = role
+
+    def as_dict(self) -> dict[str, int]:
+        return {r.role: getattr(self, r.role) for r in PORT_ROLES}
+
+    def with_offset(self, offset: int) -> Ports:
+        """The map with ``offset`` added to every TCP listener port (0 stays 0)."""
+        if offset == 0:
+            return self
+        changes = {r: getattr(self, r) + offset for r in LISTENER_ROLES if getattr(self, r)}
+        bad = [f"{r}={p}" for r, p in changes.items() if p > 65535]
+        if bad:
+            raise ConfigError([f"--port-offset {offset} pushes ports past 65535: {', '.join(bad)}"])
+        return attrs.evolve(self, **changes)
+
+
+# --- sections -----------------------------------------------------------------
+
+PRIVATE_AND_LINK_LOCAL: Final = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+@attrs.frozen(kw_only=True)
+class LanConfig:
+    bind: str = "0.0.0.0"
+    ports: Ports = attrs.field(factory=Ports)
+    # Who counts as "the LAN" for the firewall: private and link-local ranges by default.
+    prefixes: tuple[str, ...] = attrs.field(default=PRIVATE_AND_LINK_LOCAL, validator=_networks)
+
+
+@attrs.frozen(kw_only=True)
+class StorageConfig:
+    dir: str = "/var/lib/appliance"
+
+
+@attrs.frozen(kw_only=True)
+class AdminConfig:
+    # Bearer token for admin endpoints; empty = generated at first start, stored 0600.
+    token: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class HttpConfig:
+    # Bodies above this are refused with 413 before they are buffered.
+    max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive)
+    keep_alive_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class SupervisorConfig:
+    # SIGTERM: in-flight requests and device sends get this long, then everything is cancelled.
+    shutdown_deadline_s: float = attrs.field(default=10.0, validator=_positive)
+    restart_initial_s: float = attrs.field(default=1.0, validator=_positive)
+    restart_max_s: float = attrs.field(default=60.0, validator=_positive)
+    # More than max_crashes crashes within crash_window_s marks a service failed.
+    max_crashes: int = attrs.field(default=5, validator=_positive)
+    crash_window_s: float = attrs.field(default=300.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class LogConfig:
+    level: str = attrs.field(default="info", validator=_one_of("debug", "info", "warning", "error"))
+    format: str = attrs.field(default="text", validator=_one_of("text", "json"))
+
+
+@attrs.frozen(kw_only=True)
+class DiscoveryConfig:
+    enabled: bool = True
+    interval_s: float = attrs.field(default=10.0, validator=_positive)
+    # Broadcast targets; empty = the broadcast address of each up IPv4 interface.
+    broadcast: tuple[str, ...] = attrs.field(default=(), validator=_addresses)
+    name: str = ""  # announced name; empty = the hostname
+
+
+@attrs.frozen(kw_only=True)
+class DeviceDecl:
+    """A device declared in config: adopted from the start (for stores without discovery)."""
+
+    id: str
+    kind: str
+    address: str = attrs.field(validator=lambda i, a, v: _addresses(i, a, (v,)))
+    port: int = attrs.field(default=8081, validator=_port)
+    name: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class DispatchConfig:
+    window: int = attrs.field(default=32, validator=_positive)
+    acked_retention_s: float = attrs.field(default=7 * 86400.0, validator=_non_negative)
+    connect_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    backoff_initial_s: float = attrs.field(default=0.5, validator=_positive)
+    backoff_max_s: float = attrs.field(default=30.0, validator=_positive)
+    ping_interval_s: float = attrs.field(default=15.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class WanConfig:
+    # HTTP proxy for every WAN path (sync API, Service Bus, blob, logs); empty = direct.
+    proxy: str = attrs.field(default="", validator=_proxy_url)
+    no_proxy: tuple[str, ...] = ()
+    # For the firewall: empty = allow DNS/NTP to any address.
+    dns_servers: tuple[str, ...] = attrs.field(default=(), validator=_addresses)
+    ntp_servers: tuple[str, ...] = attrs.field(default=(), validator=_addresses)
+
+
+@attrs.frozen(kw_only=True)
+class CloudConfig:
+    api_url: str = attrs.field(default="https://api.server.commerce-hub.io", validator=_https_url)
+    # Extra CA bundle (PEM) for TLS-inspecting proxies or test CAs. Verification stays on.
+    ca_file: str = ""
+    connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    pull_interval_s: float = attrs.field(default=30.0, validator=_positive)
+    push_interval_s: float = attrs.field(default=5.0, validator=_positive)
+    heartbeat_interval_s: float = attrs.field(default=60.0, validator=_positive)
+    page_limit: int = attrs.field(default=500, validator=_positive)
+    backoff_max_s: float = attrs.field(default=300.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class ServiceBusConfig:
+    """One Service Bus namespace reached by AMQP over WebSockets on 443."""
+
+    enabled: bool = False
+    namespace: str = "e-serversync-ns.servicebus.windows.net"
+    queue: str = ""  # empty = from pairing
+    sas_key_name: str = ""
+    sas_key: str = ""
+    # Tests only: where the TLS connection really goes ("host:port"); the AMQP host and
+    # token audience stay the namespace's.
+    endpoint: str = ""
+    ca_file: str = ""
+    max_wait_s: float = attrs.field(default=5.0, validator=_positive)
+    # Support channel only: it turns itself off after this long.
+    duration_s: float = attrs.field(default=4 * 3600.0, validator=_positive)
+
+
+def _support_default() -> ServiceBusConfig:
+    return ServiceBusConfig(namespace="koostodesapp-ns.servicebus.windows.net")
+
+
+def _orders_default() -> ServiceBusConfig:
+    # On by default; it only connects once pairing (or config) gives it a queue and a key.
+    return ServiceBusConfig(enabled=True)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    lan: LanConfig = attrs.field(factory=LanConfig)
+    storage: StorageConfig = attrs.field(factory=StorageConfig)
+    admin: AdminConfig = attrs.field(factory=AdminConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
+    supervisor: SupervisorConfig = attrs.field(factory=SupervisorConfig)
+    log: LogConfig = attrs.field(factory=LogConfig)
+    discovery: DiscoveryConfig = attrs.field(factory=DiscoveryConfig)
+    devices: tuple[DeviceDecl, ...] = ()
+    dispatch: DispatchConfig = attrs.field(factory=DispatchConfig)
+    wan: WanConfig = attrs.field(factory=WanConfig)
+    cloud: CloudConfig = attrs.field(factory=CloudConfig)
+    orders: ServiceBusConfig = attrs.field(factory=_orders_default)
+    support: ServiceBusConfig = attrs.field(factory=_support_default)
+
+    def __attrs_post_init__(self) -> None:
+        ids = [d.id for d in self.devices]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"device ids declared twice: {', '.join(dupes)}")
+
+
+# --- loading ------------------------------------------------------------------
+
+
+def _strict(kind: type[T], accept: tuple[type, ...]) -> Any:
+    names = " or ".join(a.__name__ for a in accept)
+
+    def structure(value: object, _type: object) -> T:
+        # bool is an int subclass: never accept True where a number is meant.
+        if isinstance(value, bool) and bool not in accept:
+            raise TypeError(f"expected {names}, got bool")
+        if not isinstance(value, accept):
+            raise TypeError(f"expected {names}, got {type(value).__name__}")
+        return kind(value)  # type: ignore[call-arg]
+
+    return structure
+
+
+def _converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(int, _strict(int, (int,)))
+    conv.register_structure_hook(float, _strict(float, (int, float)))
+    conv.register_structure_hook(str, _strict(str, (str,)))
+    conv.register_structure_hook(bool, _strict(bool, (bool,)))
+    return conv
+
+
+_CONVERTER: Final = _converter()
+
+
+def _format(exc: BaseException, type_: type | None) -> str:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return f"unknown key(s) {', '.join(sorted(exc.extra_fields))}"
+    if isinstance(exc, KeyError):
+        return "required key is missing"
+    if isinstance(exc, (TypeError, ValueError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+
+def _errors(exc: BaseException, path: str) -> list[str]:
+    """Flatten cattrs' error tree into ``path: message`` lines, naming validator fields."""
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        out: list[str] = []
+        noted, bare = exc.group_exceptions()
+        for sub, note in noted:
+            # An attribute note has .name (attrs classes); an iterable note has .index.
+            name = getattr(note, "name", None)
+            sub_path = f"{path}.{name}" if name is not None else f"{path}[{getattr(note, 'index', '?')}]"
+            out.extend(_errors(sub, sub_path))
+        for sub in bare:
+            out.extend(_errors(sub, path))
+        return out
+    where = path.removeprefix("$").lstrip(".")
+    if isinstance(exc, _FieldError):
+        where = f"{where}.{exc.field}" if where else exc.field
+    return [f"{where or '(top level)'}: {_format(exc, None)}"]
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "config") -> Config:
+    """Structure a TOML-shaped mapping into :class:`Config`, or raise :class:`ConfigError`."""
+    try:
+        return _CONVERTER.structure(dict(data), Config)
+    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
+        raise ConfigError(_errors(exc, "$")) from exc
+    except _FieldError as exc:
+        raise ConfigError([f"{exc.field}: {exc}"]) from exc
+    except (TypeError, ValueError) as exc:
+        # Raised by a class-level check (__attrs_post_init__) after its fields were fine.
+        raise ConfigError([f"{source}: {exc}"]) from exc
+
+
+def find_config_path(explicit: str | None, env: Mapping[str, str] = os.environ) -> Path | None:
+    """``--config``, else ``$APPLIANCE_CONFIG``, else the system file if present, else None."""
+    if explicit:
+        return Path(explicit)
+    if env.get(ENV_CONFIG):
+        return Path(env[ENV_CONFIG])
+    if DEFAULT_CONFIG_PATH.is_file():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def load_config(explicit: str | None = None, env: Mapping[str, str] = os.environ) -> tuple[Config, Path | None]:
+    """Load the effective configuration and say which file it came from (None: defaults)."""
+    path = find_config_path(explicit, env)
+    if path is None:
+        return Config(), None
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    return parse_config(data, source=str(path)), path
+
+
+_SECRET_KEYS: Final = frozenset({"token", "sas_key"})
+
+
+def to_toml_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, Any]:
+    """The configuration as plain data (for ``config show``), secrets masked."""
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: ("***" if mask_secrets and k in _SECRET_KEYS and v else mask(v)) for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [mask(v) for v in value]
+        return value
+
+    return mask(_CONVERTER.unstructure(config))  # type: ignore[no-any-return]

@@ -1,0 +1,49 @@
+"""The one table of what a running appliance is made of, in start order.
+
+Storage is opened before any of these (see ``appliance.supervisor.open_runtime``); then,
+per DESIGN §3: the device dispatcher, the HTTP listeners, discovery, the cloud tasks.
+Each feature adds its service(s) and its web parts here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from starlette.applications import Starlette
+
+from appliance.config import LISTENER_ROLES
+from appliance.services.http import run_listener
+from appliance.services.runtime import Runtime
+from appliance.services.spec import ServiceSpec
+from appliance.services.web import admin, api, events, media, ops, provisioning, support
+from appliance.services.web.parts import WebParts
+
+__all__ = ["listener_apps", "service_specs"]
+
+
+def web_parts() -> dict[str, WebParts]:
+    """What each feature adds to each listener, keyed by listener role."""
+    return {role: WebParts() for role in LISTENER_ROLES}
+
+
+def listener_apps(runtime: Runtime) -> dict[str, Starlette]:
+    parts = web_parts()
+    makers: dict[str, Callable[[Runtime], Starlette]] = {
+        "admin": partial(admin.create_app, parts=parts["admin"]),
+        "api": partial(api.create_app, parts=parts["api"]),
+        "events": events.create_app,
+        "media": media.create_app,
+        "provisioning": provisioning.create_app,
+        "ops": ops.create_app,
+        "support": support.create_app,
+    }
+    return {role: makers[role](runtime) for role in LISTENER_ROLES}
+
+
+def service_specs(runtime: Runtime) -> list[ServiceSpec]:
+    specs: list[ServiceSpec] = []
+    for role, app in listener_apps(runtime).items():
+        specs.append(ServiceSpec(name=f"http.{role}", run=partial(run_listener, app=app, role=role),
+                                 core=True, graceful=True))
+    return specs

@@ -1,0 +1,1 @@
+"""The ASGI apps, one per listener of the port map (Starlette, running on trio via anyio)."""

@@ -1,0 +1,44 @@
+"""The ops listener (port 8004): /healthz, /readyz, /metrics, /health (the health report).
+
+/readyz answers 503 with its reasons while any core service is not running or any service
+has failed; load balancers, systemd's watchdog logic and technicians read the same words.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from appliance.protocol.health import exit_code, summary, worst
+from appliance.services.runtime import Runtime
+from appliance.services.web.common import service_app
+
+__all__ = ["create_app"]
+
+
+def create_app(runtime: Runtime) -> Starlette:
+    async def readyz(request: Request) -> Response:
+        reasons = runtime.board.not_ready()
+        if reasons:
+            return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
+        return JSONResponse({"ready": True, "reasons": []})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def health(request: Request) -> Response:
+        checks = await runtime.health.run_all()
+        return JSONResponse({
+            "status": str(worst(checks)),
+            "exit_code": exit_code(checks),
+            "summary": summary(checks),
+            "checks": [c.as_dict() for c in checks],
+        })
+
+    return service_app("ops", runtime, [
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/health", health),
+    ])

@@ -1,0 +1,28 @@
+"""What a feature contributes to one listener's app: routes, homepage sections, status keys."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+from starlette.routing import BaseRoute
+
+from appliance.services.runtime import Runtime
+
+__all__ = ["WebParts"]
+
+RouteSet = Callable[[Runtime], Sequence[BaseRoute]]
+Section = Callable[[Runtime], Awaitable[str]]
+StatusPart = Callable[[Runtime], Awaitable[dict[str, Any]]]
+
+
+@attrs.frozen(kw_only=True)
+class WebParts:
+    routes: tuple[RouteSet, ...] = ()
+    sections: tuple[Section, ...] = ()  # homepage only
+    status: tuple[StatusPart, ...] = ()  # /api/status only
+
+    def __add__(self, other: WebParts) -> WebParts:
+        return WebParts(routes=self.routes + other.routes, sections=self.sections + other.sections,
+                        status=self.status + other.status)

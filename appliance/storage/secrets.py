@@ -1,0 +1,44 @@
+"""Secret files in the state directory: written atomically, mode 0600 from the start."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["load_or_create_token", "read_secret", "write_secret"]
+
+
+def write_secret(path: Path, data: str) -> None:
+    """Replace ``path`` with ``data``: never readable by others, never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_secret(path: Path) -> str | None:
+    try:
+        return path.read_text("utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def load_or_create_token(path: Path) -> str:
+    """The token kept in ``path``, made (32 random bytes, URL-safe) on first use."""
+    existing = read_secret(path)
+    if existing:
+        return existing
+    token = secrets.token_urlsafe(32)
+    write_secret(path, token)
+    return token

@@ -1,0 +1,224 @@
+"""The supervisor: the one root nursery of the appliance.
+
+Start-up, in dependency order: storage (opened and migrated), then every service of
+:func:`appliance.services.assembly.service_specs` with ``await nursery.start(...)``, each
+reporting ready through ``task_status``. READY=1 goes to systemd once all have.
+
+A service that crashes after it started is restarted with exponential backoff
+(:class:`~appliance.protocol.restart.RestartPolicy`). Too many crashes in a window mark it
+failed on the board (homepage, /readyz) and leave it down, unless it is a core service:
+then the process ends with :data:`EXIT_FATAL` and systemd restarts the whole box. A
+service that fails to *start* stops start-up (a port that cannot be bound is the usual
+case): the error goes to the caller.
+
+Stop (SIGTERM or SIGINT): ``runtime.stopping`` is set and STOPPING=1 sent; graceful
+services (the listeners, the dispatcher) finish in-flight work on their own, the others
+are cancelled at once; whatever is still running after ``shutdown_deadline_s`` is
+cancelled. A second signal cancels everything immediately. Then the database closes.
+
+Exceptions: :class:`FatalServiceError` (a core service cannot recover). Start-up errors
+(``BindError``, ``StorageError``...) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from appliance.config import Config
+from appliance.protocol.restart import RestartPolicy
+from appliance.services.assembly import service_specs
+from appliance.services.board import ServiceState, ServiceStatus
+from appliance.services.runtime import Runtime
+from appliance.services.spec import ServiceSpec
+from appliance.services.systemd import Notifier, watchdog_interval_s
+from appliance.storage import Database
+from appliance.storage.meta import appliance_id
+from appliance.storage.secrets import load_or_create_token
+
+__all__ = ["EXIT_FATAL", "FatalServiceError", "ServiceSpec", "open_runtime", "run", "supervise_all"]
+
+log = logging.getLogger(__name__)
+
+EXIT_FATAL: Final = 1
+
+
+class FatalServiceError(Exception):
+    """A core service crashed and cannot be restarted; the process must end non-zero."""
+
+
+class _Supervisor:
+    def __init__(self, runtime: Runtime, notifier: Notifier) -> None:
+        self.runtime = runtime
+        self.notifier = notifier
+        self._supervisor_config = runtime.config.supervisor
+        self._live = 0
+        self._all_done = trio.Event()
+
+    async def supervise(self, spec: ServiceSpec, *, task_status: trio.TaskStatus[None]) -> None:
+        """Run one service, restarting it per policy; started() once its first start is ready."""
+        status = self.runtime.board.add(spec.name, core=spec.core)
+        if not spec.enabled:
+            status.state = ServiceState.DISABLED
+            task_status.started()
+            return
+        self._live += 1
+        try:
+            await self._supervise(spec, status, task_status)
+        finally:
+            self._live -= 1
+            if self._live == 0 and self.runtime.stopping.is_set():
+                self._all_done.set()
+
+    async def _supervise(self, spec: ServiceSpec, status: ServiceStatus, task_status: trio.TaskStatus[None]) -> None:
+        cfg = self._supervisor_config
+        policy = RestartPolicy(initial_s=cfg.restart_initial_s, max_s=cfg.restart_max_s,
+                               max_crashes=cfg.max_crashes, window_s=cfg.crash_window_s)
+        first = True
+        while True:
+            error: BaseException | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    if not spec.graceful:
+                        nursery.start_soon(self._cancel_on_stop, nursery.cancel_scope)
+                    await nursery.start(_run_service, spec, self.runtime)
+                    status.state = ServiceState.RUNNING
+                    if first:
+                        first = False
+                        task_status.started()
+            except Exception as exc:  # any crash of a service is the supervisor's to handle
+                if first:
+                    raise  # failed to start: start-up fails, the caller reports it
+                error = exc
+            if self.runtime.stopping.is_set():
+                status.state = ServiceState.STOPPED
+                return
+            if error is None:
+                error = RuntimeError("returned without being asked to stop")
+            status.crashes += 1
+            status.last_error = _describe(error)
+            log.error("service %s crashed: %s", spec.name, status.last_error, exc_info=error)
+            self.runtime.metrics.inc("service_crashes", service=spec.name)
+            decision = policy.on_crash(trio.current_time())
+            if decision.restart_in_s is None:
+                status.state = ServiceState.FAILED
+                log.error("service %s failed: %d crashes within %g s; left down", spec.name,
+                          decision.crashes_in_window, policy.window_s)
+                if spec.core:
+                    raise FatalServiceError(f"core service {spec.name} failed: {status.last_error}") from error
+                return
+            status.state = ServiceState.RESTARTING
+            with trio.move_on_after(decision.restart_in_s):
+                await self.runtime.stopping.wait()
+            if self.runtime.stopping.is_set():
+                status.state = ServiceState.STOPPED
+                return
+            status.state = ServiceState.STARTING
+
+    async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
+        await self.runtime.stopping.wait()
+        scope.cancel()
+
+    async def watch_signals(self, root: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                if self.runtime.stopping.is_set():
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    root.cancel()
+                    return
+                log.info("%s received: stopping", signal.Signals(signum).name)
+                self.runtime.stopping.set()
+
+    async def watchdog(self, interval_s: float) -> None:
+        """WATCHDOG=1 every interval while no core service is down: a wedged loop or a dead
+        core service stops the pings and systemd restarts the box."""
+        while True:
+            if not any(s.core and s.state is not ServiceState.RUNNING for s in self.runtime.board.all()):
+                self.notifier.notify("WATCHDOG=1")
+            await trio.sleep(interval_s)
+
+    async def run(self, specs: Sequence[ServiceSpec], *, task_status: trio.TaskStatus[Runtime]) -> None:
+        runtime = self.runtime
+        deadline = runtime.config.supervisor.shutdown_deadline_s
+        async with trio.open_nursery() as root:
+            await root.start(self.watch_signals, root.cancel_scope)
+            for spec in specs:
+                await root.start(self.supervise, spec)
+                if runtime.stopping.is_set():
+                    break
+            if not runtime.stopping.is_set():
+                log.info("ready: %s", ", ".join(f"{k}={v}" for k, v in runtime.ports.items()))
+                self.notifier.notify("READY=1\nSTATUS=serving")
+                task_status.started(runtime)
+                interval = watchdog_interval_s()
+                if interval is not None:
+                    root.start_soon(self.watchdog, interval)
+            await runtime.stopping.wait()
+            self.notifier.notify("STOPPING=1\nSTATUS=stopping")
+            if self._live:
+                with trio.move_on_after(deadline):
+                    await self._all_done.wait()
+            if self._live:
+                log.warning("stop deadline of %g s passed; cancelling what is left", deadline)
+            root.cancel_scope.cancel()
+        log.info("stopped")
+
+
+async def _run_service(spec: ServiceSpec, runtime: Runtime, *, task_status: trio.TaskStatus[None]) -> None:
+    async def wrapped(*, task_status: trio.TaskStatus[Any]) -> None:
+        await spec.run(runtime, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(wrapped)
+        task_status.started()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _describe(exc.exceptions[0])
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def open_runtime(config: Config, *, port_offset: int = 0) -> Runtime:
+    """Open storage (creating and migrating it) and build the runtime every service shares."""
+    state_dir = Path(config.storage.dir)
+    db = await Database.open(state_dir / "appliance.db")
+    try:
+        box_id = await db.write(appliance_id)
+        token = config.admin.token or await trio.to_thread.run_sync(load_or_create_token, state_dir / "admin.token")
+    except BaseException:
+        db.close()
+        raise
+    ports = config.lan.ports.with_offset(port_offset)
+    return Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=ports.as_dict())
+
+
+async def supervise_all(
+    runtime: Runtime,
+    specs: Sequence[ServiceSpec],
+    *,
+    notifier: Notifier | None = None,
+    task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``specs`` under one supervisor until stopped. started() hands back the runtime."""
+    await _Supervisor(runtime, notifier or Notifier()).run(specs, task_status=task_status)
+
+
+async def run(
+    config: Config,
+    *,
+    port_offset: int = 0,
+    task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The whole appliance: open storage, run every service, stop cleanly. ``trio.run`` this."""
+    runtime = await open_runtime(config, port_offset=port_offset)
+    try:
+        await supervise_all(runtime, service_specs(runtime), notifier=Notifier(), task_status=task_status)
+    finally:
+        runtime.db.close()

@@ -1,0 +1,69 @@
+"""Shared fixtures: a configuration for tests (loopback, ports 0, a temporary state dir)
+and a running appliance in the test's own trio loop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from appliance.config import Config, parse_config
+from appliance.services.runtime import Runtime
+from appliance.supervisor import open_runtime, supervise_all
+from appliance.services.assembly import service_specs
+
+ConfigFactory = Callable[..., Config]
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_config_data(state_dir: Path) -> dict[str, Any]:
+    """TOML-shaped data for a box on loopback with every port chosen by the kernel."""
+    ports = dict.fromkeys(["admin", "api", "events", "media", "provisioning", "ops", "support"], 0)
+    return {
+        "lan": {"bind": "127.0.0.1", "ports": {**ports, "discovery": 0}},
+        "storage": {"dir": str(state_dir)},
+        "admin": {"token": "test-admin-token"},
+        "supervisor": {"shutdown_deadline_s": 5.0},
+        # Nothing in a test may reach a real host or broadcast on a real LAN.
+        "discovery": {"enabled": False},
+        "orders": {"enabled": False},
+    }
+
+
+test_config_data.__test__ = False  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> ConfigFactory:
+    """``make_config(**sections)``: the test config with sections deep-merged over it."""
+
+    def make(**extra: Any) -> Config:
+        return parse_config(deep_merge(test_config_data(tmp_path / "state"), extra))
+
+    return make
+
+
+@pytest.fixture
+async def appliance(make_config: ConfigFactory) -> AsyncIterator[Runtime]:
+    """A whole appliance (every service of the assembly) running in the test's nursery."""
+    runtime = await open_runtime(make_config())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
+                                                                  task_status=task_status))
+            yield runtime
+            runtime.stopping.set()
+    finally:
+        runtime.db.close()
