@@ -139,7 +139,9 @@ class _Supervisor:
         """WATCHDOG=1 every interval while no core service is down: a wedged loop or a dead
         core service stops the pings and systemd restarts the box."""
         while True:
-            if not any(s.core and s.state is not ServiceState.RUNNING for s in self.runtime.board.all()):
+            core_down = [s for s in self.runtime.board.all()
+                         if s.core and s.state not in (ServiceState.RUNNING, ServiceState.DISABLED)]
+            if not core_down:
                 self.notifier.notify("WATCHDOG=1")
             await trio.sleep(interval_s)
 
@@ -196,7 +198,18 @@ async def open_runtime(config: Config, *, port_offset: int = 0) -> Runtime:
         db.close()
         raise
     ports = config.lan.ports.with_offset(port_offset)
-    return Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=ports.as_dict())
+    runtime = Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=ports.as_dict())
+    _core_metrics(runtime)
+    return runtime
+
+
+def _core_metrics(runtime: Runtime) -> None:
+    m = runtime.metrics
+    m.gauge("uptime_seconds", "seconds since the appliance process started", runtime.uptime_s)
+    m.gauge("service_up", "1 while the supervised service is running, else 0",
+            lambda: [({"service": s.name}, 1.0 if s.state is ServiceState.RUNNING else 0.0)
+                     for s in runtime.board.all()])
+    m.describe_counter("service_crashes", "crashes of a supervised service since start")
 
 
 async def supervise_all(

@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from appliance.config import Config, parse_config
+from appliance.services.assembly import service_specs
 from appliance.services.runtime import Runtime
 from appliance.supervisor import open_runtime, supervise_all
-from appliance.services.assembly import service_specs
 
 ConfigFactory = Callable[..., Config]
 

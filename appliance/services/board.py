@@ -56,6 +56,6 @@ class ServiceBoard:
         for s in self._services.values():
             if s.state is ServiceState.FAILED:
                 reasons.append(f"{s.name} failed: {s.last_error or 'crashed too often'}")
-            elif s.core and s.state is not ServiceState.RUNNING:
+            elif s.core and s.state not in (ServiceState.RUNNING, ServiceState.DISABLED):
                 reasons.append(f"{s.name} is {s.state}")
         return reasons

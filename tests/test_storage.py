@@ -1,0 +1,108 @@
+"""Storage: WAL and durability settings, migrations, one box id for life, refusing a newer schema."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from appliance.storage import Database, SchemaError, migrate
+from appliance.storage.meta import appliance_id
+from appliance.storage.schema import Migration, load_migrations
+from appliance.storage.secrets import load_or_create_token, write_secret
+
+
+async def test_open_sets_wal_full_sync_and_latest_schema(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    try:
+        mode = await db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+        sync = await db.write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        assert mode == "wal"
+        assert sync == 2  # FULL: a commit survives a power cut
+        assert db.schema_version == load_migrations()[-1].version
+    finally:
+        db.close()
+
+
+def test_migrations_are_numbered_from_one_without_gaps() -> None:
+    versions = [m.version for m in load_migrations()]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+async def test_appliance_id_is_made_once(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    first = await db.write(appliance_id)
+    db.close()
+    db = await Database.open(tmp_path / "a.db")
+    try:
+        assert await db.write(appliance_id) == first
+    finally:
+        db.close()
+
+
+async def test_a_failed_write_is_rolled_back(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+
+    def half(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('a', '1')")
+        raise ValueError("boom")
+
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            await db.write(half)
+        assert await db.read(lambda c: c.execute("SELECT count(*) FROM meta WHERE key='a'").fetchone()[0]) == 0
+    finally:
+        db.close()
+
+
+async def test_cancelled_caller_never_leaves_half_a_transaction(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    started = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def slow(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('slow', '1')")
+        trio.from_thread.run_sync(started.set, trio_token=token)
+        conn.execute("INSERT INTO meta(key, value) VALUES ('slow2', '2')")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(db.write, slow)
+            await started.wait()
+            nursery.cancel_scope.cancel()
+        rows = await db.read(lambda c: c.execute("SELECT key FROM meta WHERE key LIKE 'slow%'").fetchall())
+        assert sorted(r[0] for r in rows) == ["slow", "slow2"]  # the thread finished the whole transaction
+    finally:
+        db.close()
+
+
+def test_migration_failure_leaves_previous_version(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    good = Migration(version=1, name="one", sql="CREATE TABLE t (x INTEGER);")
+    bad = Migration(version=2, name="two", sql="CREATE TABLE u (y INTEGER); THIS IS NOT SQL;")
+    with pytest.raises(SchemaError, match="0002_two failed"):
+        migrate(conn, (good, bad))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name='u'").fetchone()[0] == 0
+    conn.close()
+
+
+def test_newer_database_is_refused(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "n.db", isolation_level=None)
+    conn.execute("PRAGMA user_version = 999")
+    with pytest.raises(SchemaError, match="newer than this firmware"):
+        migrate(conn)
+    conn.close()
+
+
+def test_secret_files_are_0600_and_stable(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "admin.token"
+    token = load_or_create_token(path)
+    assert len(token) >= 40
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_or_create_token(path) == token
+    write_secret(path, "other")
+    assert path.read_text() == "other" and os.stat(path).st_mode & 0o777 == 0o600
