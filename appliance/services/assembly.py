@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 from starlette.applications import Starlette
 
 from appliance.config import LISTENER_ROLES
+from appliance.health.listeners import listener_checks
+from appliance.health.system import system_checks
 from appliance.services.http import run_listener
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
@@ -41,7 +44,15 @@ def listener_apps(runtime: Runtime) -> dict[str, Starlette]:
     return {role: makers[role](runtime) for role in LISTENER_ROLES}
 
 
+def register_checks(runtime: Runtime) -> None:
+    """The health checks that belong to no single service."""
+    runtime.health.add("system", partial(system_checks, Path(runtime.config.storage.dir)))
+    runtime.health.add("lan.listeners", lambda: listener_checks(
+        runtime.config.lan.bind, {role: runtime.ports[role] for role in LISTENER_ROLES}))
+
+
 def service_specs(runtime: Runtime) -> list[ServiceSpec]:
+    register_checks(runtime)
     specs: list[ServiceSpec] = []
     for role, app in listener_apps(runtime).items():
         specs.append(ServiceSpec(name=f"http.{role}", run=partial(run_listener, app=app, role=role),

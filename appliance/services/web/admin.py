@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.config import PORT_ROLES
+from appliance.protocol.health import Check, Status, summary
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
 from appliance.services.web.parts import WebParts
@@ -27,6 +28,8 @@ __all__ = ["create_app", "page", "status"]
 
 _STATE_COLOURS = {"running": "#1a7f37", "starting": "#9a6700", "restarting": "#9a6700",
                   "failed": "#cf222e", "disabled": "#6e7781", "stopped": "#6e7781"}
+
+_CHECK_COLOURS = {Status.OK: "#1a7f37", Status.WARN: "#9a6700", Status.FAIL: "#cf222e"}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f8fa;color:#1f2328}
@@ -98,6 +101,22 @@ def _ports_section(runtime: Runtime) -> str:
             f"{''.join(rows)}</table></section>")
 
 
+def _health_section(checks: Sequence[Check]) -> str:
+    counts = summary(checks)
+    problems = [c for c in checks if c.status is not Status.OK]
+    rows = "".join(
+        f"<tr><td class=state style='color:{_CHECK_COLOURS[c.status]}'>{c.status}</td>"
+        f"<td>{html.escape(c.name)}</td><td>{html.escape(c.message)}"
+        + (f"<br><span class=muted>fix: {html.escape(c.fix)}</span>" if c.fix else "")
+        + "</td></tr>"
+        for c in problems
+    )
+    headline = (f"{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failing"
+                + ("" if problems else ": nothing to do"))
+    table = f"<table><tr><th>status</th><th>check</th><th>what and how to fix</th></tr>{rows}</table>" if rows else ""
+    return f"<section><h2>Health</h2><p>{headline}</p>{table}</section>"
+
+
 def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     async def homepage(request: Request) -> Response:
         not_ready = runtime.board.not_ready()
@@ -105,7 +124,9 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         subtitle = (f"{runtime.appliance_id} · firmware {__version__} · up {uptime_text(runtime.uptime_s())}"
                     f" · {state}")
         extra = [await section(runtime) for section in parts.sections]
-        body = page("Store appliance", subtitle, [_services_section(runtime), *extra, _ports_section(runtime)])
+        health = _health_section(await runtime.health.run_all())
+        body = page("Store appliance", subtitle,
+                    [health, _services_section(runtime), *extra, _ports_section(runtime)])
         return HTMLResponse(body)
 
     async def api_status(request: Request) -> Response:

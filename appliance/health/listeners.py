@@ -1,0 +1,39 @@
+"""Checks that each LAN listener accepts connections, as a device on the LAN would see it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import trio
+
+from appliance.protocol.health import Check, Status
+
+__all__ = ["listener_checks"]
+
+CONNECT_TIMEOUT_S = 2.0
+
+
+async def _one(role: str, host: str, port: int) -> Check:
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    name = f"lan.listener.{role}"
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(target, port)
+        await stream.aclose()
+    except (OSError, trio.TooSlowError) as exc:
+        return Check(name=name, status=Status.FAIL, message=f"port {port} ({role}) does not accept connections: {exc}",
+                     fix="see the services table on the homepage and the logs (journalctl -u appliance)",
+                     data={"port": port})
+    return Check(name=name, status=Status.OK, message=f"port {port} ({role}) accepts connections", data={"port": port})
+
+
+async def listener_checks(host: str, ports: Mapping[str, int]) -> list[Check]:
+    results: dict[str, Check] = {}
+
+    async def run(role: str, port: int) -> None:
+        results[role] = await _one(role, host, port)
+
+    async with trio.open_nursery() as nursery:
+        for role, port in ports.items():
+            nursery.start_soon(run, role, port)
+    return [results[role] for role in ports]
