@@ -36,7 +36,9 @@ def test_config_data(state_dir: Path) -> dict[str, Any]:
         "storage": {"dir": str(state_dir)},
         "admin": {"token": "test-admin-token"},
         "supervisor": {"shutdown_deadline_s": 5.0},
-        # Nothing in a test may reach a real host or broadcast on a real LAN.
+        # Nothing in a test may reach a real host or broadcast on a real LAN: the cloud is
+        # a closed port on loopback unless a test points it at its simulator.
+        "cloud": {"api_url": "https://127.0.0.1:9"},
         "discovery": {"enabled": False},
         "orders": {"enabled": False},
     }

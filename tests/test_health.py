@@ -128,3 +128,12 @@ def test_health_command_when_the_box_is_down(tmp_path: Path) -> None:
     text = subprocess.run([sys.executable, "-m", "appliance", "health", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert text.returncode == 2 and "FAIL  appliance.process" in text.stdout and "fix:" in text.stdout
+
+
+async def test_wan_checks_name_the_failing_hop(appliance: Runtime) -> None:
+    async with httpx.AsyncClient(timeout=20) as client:
+        report = (await client.get(f"http://127.0.0.1:{appliance.ports['ops']}/health")).json()
+    wan = [c for c in report["checks"] if c["name"].startswith("wan.")]
+    assert [c["name"] for c in wan] == ["wan.127.0.0.1"]  # the test config's cloud: a closed port
+    assert wan[0]["status"] == "fail" and wan[0]["data"]["failed_hop"] == "tcp"
+    assert "sync API: tcp failed" in wan[0]["message"]

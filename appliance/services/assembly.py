@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from appliance.config import LISTENER_ROLES
 from appliance.health.listeners import listener_checks
 from appliance.health.system import system_checks
+from appliance.health.wan import WanChecks
 from appliance.services.http import run_listener
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
@@ -47,6 +48,7 @@ def listener_apps(runtime: Runtime) -> dict[str, Starlette]:
 def register_checks(runtime: Runtime) -> None:
     """The health checks that belong to no single service."""
     runtime.health.add("system", partial(system_checks, Path(runtime.config.storage.dir)))
+    runtime.health.add("wan", WanChecks(runtime.config))
     runtime.health.add("lan.listeners", lambda: listener_checks(
         runtime.config.lan.bind, {role: runtime.ports[role] for role in LISTENER_ROLES}))
 
