@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import settings
 
 from appliance.config import Config, parse_config
 from appliance.services.assembly import service_specs
@@ -16,6 +17,11 @@ from appliance.services.runtime import Runtime
 from appliance.supervisor import open_runtime, supervise_all
 
 ConfigFactory = Callable[..., Config]
+
+# No per-example deadline: timing belongs in benchmarks, and CI's two loaded cores make
+# wall-clock deadlines flaky without saying anything about correctness.
+settings.register_profile("appliance", deadline=None)
+settings.load_profile("appliance")
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
