@@ -14,6 +14,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from appliance.config import LISTENER_ROLES
+from appliance.health.firewall import firewall_check
 from appliance.health.listeners import listener_checks
 from appliance.health.system import system_checks
 from appliance.health.wan import WanChecks
@@ -48,6 +49,8 @@ def listener_apps(runtime: Runtime) -> dict[str, Starlette]:
 def register_checks(runtime: Runtime) -> None:
     """The health checks that belong to no single service."""
     runtime.health.add("system", partial(system_checks, Path(runtime.config.storage.dir)))
+    if (check := firewall_check(runtime.config)) is not None:
+        runtime.health.add("firewall", check)
     runtime.health.add("wan", WanChecks(runtime.config))
     runtime.health.add("lan.listeners", lambda: listener_checks(
         runtime.config.lan.bind, {role: runtime.ports[role] for role in LISTENER_ROLES}))
