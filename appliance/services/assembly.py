@@ -18,10 +18,12 @@ from appliance.health.firewall import firewall_check
 from appliance.health.listeners import listener_checks
 from appliance.health.system import system_checks
 from appliance.health.wan import WanChecks
+from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.http import run_listener
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
 from appliance.services.web import admin, api, events, media, ops, provisioning, support
+from appliance.services.web.devices import admin_parts as device_admin_parts
 from appliance.services.web.parts import WebParts
 
 __all__ = ["listener_apps", "service_specs"]
@@ -29,7 +31,9 @@ __all__ = ["listener_apps", "service_specs"]
 
 def web_parts() -> dict[str, WebParts]:
     """What each feature adds to each listener, keyed by listener role."""
-    return {role: WebParts() for role in LISTENER_ROLES}
+    parts = {role: WebParts() for role in LISTENER_ROLES}
+    parts["admin"] += device_admin_parts()  # the device registry: list, adopt, reject
+    return parts
 
 
 def listener_apps(runtime: Runtime) -> dict[str, Starlette]:
@@ -62,4 +66,8 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     for role, app in listener_apps(runtime).items():
         specs.append(ServiceSpec(name=f"http.{role}", run=partial(run_listener, app=app, role=role),
                                  core=True, graceful=True))
+    # The device registry ([[devices]] at start, pruning), then discovery on UDP 57854.
+    specs.append(ServiceSpec(name="devices", run=run_device_registry, core=False))
+    specs.append(ServiceSpec(name="discovery", run=run_discovery, core=False,
+                             enabled=runtime.config.discovery.enabled))
     return specs

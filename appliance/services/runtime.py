@@ -17,6 +17,7 @@ from appliance.services.board import ServiceBoard
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
 from appliance.storage import Database
+from appliance.storage.pairing import StoreLink
 
 __all__ = ["Runtime"]
 
@@ -41,6 +42,12 @@ class Runtime:
     device_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
     # Notified whenever commands are enqueued to a device's outbox.
     outbox_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
+    # The pairing with the store (None: not paired): store id, token, the services the
+    # store has (Service Bus, media, logs, support) and the store secret (discovery HMAC).
+    # Set by the cloud.pairing service (loaded before the listeners start, then on pairing
+    # and on a 401); pairing_changes is notified every time it changes, "needs_repair" too.
+    store: StoreLink | None = None
+    pairing_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
 
     def uptime_s(self) -> float:
         return max(0.0, time.time() - self.started_at)

@@ -1,0 +1,227 @@
+"""The device registry on the admin listener (port 80): JSON routes, form routes, a homepage section.
+
+JSON (for scripts and the platform's tools):
+
+- ``GET /api/devices``: every device and its adoption state (no token: the homepage shows
+  the same);
+- ``POST /api/devices/{id}/adopt`` and ``/reject``: ``Authorization: Bearer <admin token>``.
+
+The homepage has no JavaScript, and an HTML form cannot send an ``Authorization`` header.
+Its buttons therefore post one form, ``POST /devices/action``, that carries the admin
+token as a password field next to the buttons (``action=adopt:<id>``). Chosen over a
+login cookie: there is no session to store, expire or steal, and no cross-site request
+can forge the form since no other site knows the token (a cookie would need CSRF tokens
+on a page that, per the seed, is plain HTTP). The browser's password manager fills it.
+Port 80 is plain HTTP on the shop LAN, so the token crosses the LAN in clear either way.
+
+Every change notifies ``runtime.device_changes`` (the dispatcher starts or stops pushing).
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import time
+import urllib.parse
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.services.runtime import Runtime
+from appliance.services.web.admin import page
+from appliance.services.web.common import ApiError, require_admin
+from appliance.services.web.parts import WebParts
+from appliance.storage.devices import (
+    AdoptionState,
+    DeclaredInConfig,
+    Device,
+    DeviceSource,
+    UnknownDevice,
+    get_device,
+    list_devices,
+    set_state,
+)
+
+__all__ = ["FormError", "admin_parts", "devices_section", "devices_status", "parse_form", "routes"]
+
+# A form post is a token and one action: a few hundred bytes. Anything bigger is not ours.
+MAX_FORM_BYTES: Final = 4096
+_ACTIONS: Final = {"adopt": AdoptionState.ADOPTED, "reject": AdoptionState.REJECTED}
+
+
+class FormError(Exception):
+    """A form post that cannot be used; ``status`` and a message for the person who sent it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.message = status, message
+        super().__init__(message)
+
+
+async def _change(runtime: Runtime, device_id: str, state: AdoptionState) -> tuple[Device, bool]:
+    device, changed = await runtime.db.write(partial(set_state, device_id=device_id, state=state, now=time.time()))
+    if changed:
+        runtime.device_changes.notify()
+    return device, changed
+
+
+def routes(runtime: Runtime) -> Sequence[BaseRoute]:
+    async def api_list(request: Request) -> Response:
+        devices = await runtime.db.read(list_devices)
+        return JSONResponse({"devices": [d.as_dict() for d in devices]})
+
+    async def api_one(request: Request) -> Response:
+        device_id = request.path_params["device_id"]
+        device = await runtime.db.read(partial(get_device, device_id=device_id))
+        if device is None:
+            raise ApiError(404, f"no device {device_id!r} in the registry")
+        return JSONResponse({"device": device.as_dict()})
+
+    async def api_action(request: Request) -> Response:
+        require_admin(request, runtime)
+        device_id, verb = request.path_params["device_id"], request.path_params["verb"]
+        if verb not in _ACTIONS:
+            raise ApiError(404, f"unknown action {verb!r}: adopt or reject")
+        try:
+            device, changed = await _change(runtime, device_id, _ACTIONS[verb])
+        except UnknownDevice as exc:
+            raise ApiError(404, str(exc)) from exc
+        except DeclaredInConfig as exc:
+            raise ApiError(409, str(exc)) from exc
+        return JSONResponse({"device": device.as_dict(), "changed": changed})
+
+    async def form_action(request: Request) -> Response:
+        try:
+            form = await _read_form(request)
+            token, action = form.get("token", ""), form.get("action", "")
+            if not token or not hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
+                raise FormError(401, "The admin token is missing or wrong; nothing was changed.")
+            verb, _, device_id = action.partition(":")
+            if verb not in _ACTIONS or not device_id:
+                raise FormError(400, f"Unknown action {action!r}; nothing was changed.")
+            try:
+                await _change(runtime, device_id, _ACTIONS[verb])
+            except UnknownDevice as exc:
+                raise FormError(404, f"{exc}; nothing was changed.") from exc
+            except DeclaredInConfig as exc:
+                raise FormError(409, f"{exc}.") from exc
+        except FormError as exc:
+            body = page("Store appliance", "device adoption",
+                        [f"<section><h2>Not done</h2><p>{html.escape(exc.message)}</p>"
+                         "<p><a href='/#devices'>Back to the homepage</a></p></section>"])
+            return HTMLResponse(body, status_code=exc.status)
+        return RedirectResponse("/#devices", status_code=303)
+
+    return [
+        Route("/api/devices", api_list, methods=["GET"]),
+        Route("/api/devices/{device_id}", api_one, methods=["GET"]),
+        Route("/api/devices/{device_id}/{verb}", api_action, methods=["POST"]),
+        Route("/devices/action", form_action, methods=["POST"]),
+    ]
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    """A small urlencoded form, refused before buffering when too large or of another type."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise FormError(415, f"Expected an HTML form (application/x-www-form-urlencoded), got {ctype or 'nothing'}.")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
+        raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    return parse_form(body)
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    """An urlencoded form body as a dict; FormError for anything else (bad UTF-8, bad
+    encoding, more than 8 fields, a field given twice)."""
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True,
+                                       max_num_fields=8)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormError(400, f"The form could not be read: {exc}.") from exc
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        if key in form:
+            raise FormError(400, f"The form field {key!r} appears twice.")
+        form[key] = value
+    return form
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s ago"
+    if s < 7200:
+        return f"{s // 60} min ago"
+    if s < 172800:
+        return f"{s // 3600} h ago"
+    return f"{s // 86400} days ago"
+
+
+_STATE_COLOURS: Final = {AdoptionState.ADOPTED: "#1a7f37", AdoptionState.PENDING: "#9a6700",
+                         AdoptionState.REJECTED: "#6e7781"}
+
+
+def _buttons(device: Device) -> str:
+    if device.source is DeviceSource.CONFIG:
+        return "<span class=muted>declared in config</span>"
+    value = html.escape(device.id, quote=True)
+    out = []
+    if device.state is not AdoptionState.ADOPTED:
+        out.append(f"<button name=action value='adopt:{value}'>Adopt</button>")
+    if device.state is not AdoptionState.REJECTED:
+        out.append(f"<button name=action value='reject:{value}'>Reject</button>")
+    return " ".join(out)
+
+
+async def devices_section(runtime: Runtime) -> str:
+    """The homepage's Devices section: every device, its state, and adopt/reject buttons."""
+    devices = await runtime.db.read(list_devices)
+    now = time.time()
+    rows = []
+    for d in devices:
+        seen = None if d.last_seen is None else now - d.last_seen
+        rows.append(
+            f"<tr><td>{html.escape(d.name or d.id)}<br><span class=muted>{html.escape(d.id)}</span></td>"
+            f"<td>{html.escape(d.kind)}</td><td>{html.escape(d.address)}:{d.port}</td>"
+            f"<td class=state style='color:{_STATE_COLOURS[d.state]}'>{d.state}</td>"
+            f"<td>{_ago(seen)}</td><td>{_buttons(d)}</td></tr>"
+        )
+    discovery = runtime.config.discovery
+    port = runtime.ports.get("discovery", runtime.config.lan.ports.discovery)
+    how = (f"Devices appear here when they probe on udp/{port}." if discovery.enabled
+           else "Discovery is off ([discovery] enabled = false): declare devices in [[devices]].")
+    if not rows:
+        return (f"<section id=devices><h2>Devices</h2><p class=muted>No device yet. {how}</p></section>")
+    return (
+        "<section id=devices><h2>Devices</h2>"
+        "<form method=post action='/devices/action' style='display:block'>"
+        "<table><tr><th>device</th><th>kind</th><th>address</th><th>state</th><th>last seen</th><th></th></tr>"
+        f"{''.join(rows)}</table>"
+        "<p><label>Admin token <input type=password name=token autocomplete=current-password required></label>"
+        " <span class=muted>needed to adopt or reject</span></p></form>"
+        f"<p class=muted>{how} The box pushes commands to adopted devices only.</p></section>"
+    )
+
+
+async def devices_status(runtime: Runtime) -> dict[str, Any]:
+    """The ``devices`` key of /api/status: how many devices are in each state."""
+    devices = await runtime.db.read(list_devices)
+    counts = {str(s): 0 for s in AdoptionState}
+    for d in devices:
+        counts[str(d.state)] += 1
+    return {"devices": counts}
+
+
+def admin_parts() -> WebParts:
+    return WebParts(routes=(routes,), sections=(devices_section,), status=(devices_status,))

@@ -1,0 +1,246 @@
+"""The device registry: every device the box knows, and whether it is adopted.
+
+A valid discovery probe creates a device (``pending``) or refreshes it; an admin adopts
+or rejects it; devices declared in the config (``[[devices]]``) are ``adopted`` from the
+start and the config stays their source of truth (a probe refreshes only ``last_seen``;
+an admin cannot change their state -- the config file does). The dispatcher pushes
+commands to :func:`list_adopted` devices only.
+
+Functions take a connection and run inside the caller's transaction
+(``runtime.db.write(fn)`` / ``runtime.db.read(fn)``); callers notify
+``runtime.device_changes`` when a function reports a change. A refresh of ``last_seen``
+alone is not a change: nothing a dispatcher does depends on it.
+
+Bounds: at most :data:`MAX_PENDING` pending devices (the stalest is dropped to make room
+for a new one), so forged probes cannot grow the table without end; pending devices not
+heard from for :data:`PENDING_RETENTION_S` are pruned.
+
+Errors::
+
+    RegistryError
+    ├── UnknownDevice      no device with that id
+    └── DeclaredInConfig   the device comes from [[devices]]; change the config instead
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+from collections.abc import Iterable
+from typing import Any, Final
+
+import attrs
+
+from appliance.config import DeviceDecl
+
+__all__ = [
+    "MAX_PENDING",
+    "PENDING_RETENTION_S",
+    "AdoptionState",
+    "DeclaredInConfig",
+    "Device",
+    "DeviceSource",
+    "ProbeResult",
+    "RegistryError",
+    "UnknownDevice",
+    "get_device",
+    "list_adopted",
+    "list_devices",
+    "prune_pending",
+    "record_probe",
+    "set_state",
+    "sync_declared",
+]
+
+# A shop has tens of devices; 256 undecided ones is already a flood, not a shop.
+MAX_PENDING: Final = 256
+# A pending device nobody adopted and that went quiet for a week is gone.
+PENDING_RETENTION_S: Final = 7 * 86400.0
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done; the message is for a person."""
+
+
+class UnknownDevice(RegistryError, LookupError):
+    pass
+
+
+class DeclaredInConfig(RegistryError):
+    pass
+
+
+class AdoptionState(enum.StrEnum):
+    PENDING = "pending"
+    ADOPTED = "adopted"
+    REJECTED = "rejected"
+
+
+class DeviceSource(enum.StrEnum):
+    DISCOVERY = "discovery"  # a probe on UDP 57854
+    CONFIG = "config"  # [[devices]] in the configuration file
+
+
+@attrs.frozen(kw_only=True)
+class Device:
+    """One device of the registry. Times are Unix seconds; ``last_seen`` is None for a
+    declared device that never probed."""
+
+    id: str
+    kind: str
+    name: str
+    address: str
+    port: int
+    state: AdoptionState
+    source: DeviceSource
+    first_seen: float
+    last_seen: float | None
+    state_changed: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "name": self.name, "address": self.address, "port": self.port,
+                "state": str(self.state), "source": str(self.source), "first_seen": self.first_seen,
+                "last_seen": self.last_seen, "state_changed": self.state_changed}
+
+
+@attrs.frozen(kw_only=True)
+class ProbeResult:
+    """What a probe did: ``changed`` is True when more than ``last_seen`` moved (the
+    device is new, or its kind, name, address or port differ); ``evicted`` lists pending
+    devices dropped to make room."""
+
+    device: Device
+    created: bool
+    changed: bool
+    evicted: tuple[str, ...] = ()
+
+
+_COLUMNS: Final = "id, kind, name, address, port, state, source, first_seen, last_seen, state_changed"
+
+
+def _device(row: sqlite3.Row) -> Device:
+    return Device(id=row["id"], kind=row["kind"], name=row["name"], address=row["address"], port=row["port"],
+                  state=AdoptionState(row["state"]), source=DeviceSource(row["source"]),
+                  first_seen=row["first_seen"], last_seen=row["last_seen"], state_changed=row["state_changed"])
+
+
+def get_device(conn: sqlite3.Connection, device_id: str) -> Device | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM devices WHERE id = ?", (device_id,)).fetchone()
+    return None if row is None else _device(row)
+
+
+def list_devices(conn: sqlite3.Connection) -> list[Device]:
+    """Every device: adopted first, then pending, then rejected; by id within each."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM devices ORDER BY "
+        "CASE state WHEN 'adopted' THEN 0 WHEN 'pending' THEN 1 ELSE 2 END, id"
+    ).fetchall()
+    return [_device(r) for r in rows]
+
+
+def list_adopted(conn: sqlite3.Connection) -> list[Device]:
+    """The devices the box pushes commands to, by id."""
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM devices WHERE state = 'adopted' ORDER BY id").fetchall()
+    return [_device(r) for r in rows]
+
+
+def _insert(conn: sqlite3.Connection, device: Device) -> None:
+    conn.execute(
+        f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (device.id, device.kind, device.name, device.address, device.port, str(device.state), str(device.source),
+         device.first_seen, device.last_seen, device.state_changed),
+    )
+
+
+def _make_room(conn: sqlite3.Connection) -> tuple[str, ...]:
+    count = conn.execute("SELECT count(*) FROM devices WHERE state = 'pending'").fetchone()[0]
+    excess = count - MAX_PENDING + 1
+    if excess <= 0:
+        return ()
+    rows = conn.execute("SELECT id FROM devices WHERE state = 'pending' ORDER BY last_seen, id LIMIT ?",
+                        (excess,)).fetchall()
+    ids = tuple(r["id"] for r in rows)
+    conn.executemany("DELETE FROM devices WHERE id = ?", [(i,) for i in ids])
+    return ids
+
+
+def record_probe(
+    conn: sqlite3.Connection, *, device_id: str, kind: str, name: str, address: str, port: int, now: float
+) -> ProbeResult:
+    """Create (pending) or refresh the device a valid probe speaks for."""
+    old = get_device(conn, device_id)
+    if old is None:
+        evicted = _make_room(conn)
+        device = Device(id=device_id, kind=kind, name=name, address=address, port=port,
+                        state=AdoptionState.PENDING, source=DeviceSource.DISCOVERY,
+                        first_seen=now, last_seen=now, state_changed=now)
+        _insert(conn, device)
+        return ProbeResult(device=device, created=True, changed=True, evicted=evicted)
+    if old.source is DeviceSource.CONFIG:
+        # The config is the source of truth for a declared device's address and port.
+        new = attrs.evolve(old, last_seen=now)
+    else:
+        new = attrs.evolve(old, kind=kind, name=name, address=address, port=port, last_seen=now)
+    conn.execute("UPDATE devices SET kind = ?, name = ?, address = ?, port = ?, last_seen = ? WHERE id = ?",
+                 (new.kind, new.name, new.address, new.port, new.last_seen, new.id))
+    changed = (new.kind, new.name, new.address, new.port) != (old.kind, old.name, old.address, old.port)
+    return ProbeResult(device=new, created=False, changed=changed)
+
+
+def set_state(conn: sqlite3.Connection, device_id: str, state: AdoptionState, now: float) -> tuple[Device, bool]:
+    """Adopt or reject (or send back to pending) a device; returns it and whether it changed."""
+    old = get_device(conn, device_id)
+    if old is None:
+        raise UnknownDevice(f"no device {device_id!r} in the registry")
+    if old.source is DeviceSource.CONFIG:
+        raise DeclaredInConfig(f"device {device_id!r} is declared in the configuration ([[devices]]); "
+                               "remove it there to stop the box using it")
+    if old.state is state:
+        return old, False
+    conn.execute("UPDATE devices SET state = ?, state_changed = ? WHERE id = ?", (str(state), now, device_id))
+    return attrs.evolve(old, state=state, state_changed=now), True
+
+
+def sync_declared(conn: sqlite3.Connection, declared: Iterable[DeviceDecl], now: float) -> bool:
+    """Make the registry hold exactly the declared devices as ``adopted`` config devices.
+
+    A declared device already known from discovery becomes a config device (adopted); a
+    config device no longer declared is removed (it would otherwise stay adopted with
+    nobody able to change it). Returns whether anything changed.
+    """
+    changed = False
+    wanted = {d.id: d for d in declared}
+    for device_id in [r["id"] for r in conn.execute("SELECT id FROM devices WHERE source = 'config'")]:
+        if device_id not in wanted:
+            conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+            changed = True
+    for decl in wanted.values():
+        old = get_device(conn, decl.id)
+        name = decl.name or (old.name if old is not None else "") or decl.id
+        if old is None:
+            _insert(conn, Device(id=decl.id, kind=decl.kind, name=name, address=decl.address, port=decl.port,
+                                 state=AdoptionState.ADOPTED, source=DeviceSource.CONFIG,
+                                 first_seen=now, last_seen=None, state_changed=now))
+            changed = True
+            continue
+        new = attrs.evolve(old, kind=decl.kind, name=name, address=decl.address, port=decl.port,
+                           state=AdoptionState.ADOPTED, source=DeviceSource.CONFIG,
+                           state_changed=now if old.state is not AdoptionState.ADOPTED else old.state_changed)
+        if new != old:
+            conn.execute(
+                "UPDATE devices SET kind = ?, name = ?, address = ?, port = ?, state = 'adopted', "
+                "source = 'config', state_changed = ? WHERE id = ?",
+                (new.kind, new.name, new.address, new.port, new.state_changed, new.id),
+            )
+            changed = True
+    return changed
+
+
+def prune_pending(conn: sqlite3.Connection, now: float, retention_s: float = PENDING_RETENTION_S) -> list[str]:
+    """Remove pending devices not heard from for ``retention_s``; returns their ids."""
+    cutoff = now - retention_s
+    rows = conn.execute("SELECT id FROM devices WHERE state = 'pending' AND last_seen < ? ORDER BY id",
+                        (cutoff,)).fetchall()
+    ids = [r["id"] for r in rows]
+    conn.executemany("DELETE FROM devices WHERE id = ?", [(i,) for i in ids])
+    return ids
