@@ -295,6 +295,21 @@ class DispatchConfig:
     backoff_initial_s: float = attrs.field(default=0.5, validator=_positive)
     backoff_max_s: float = attrs.field(default=30.0, validator=_positive)
     ping_interval_s: float = attrs.field(default=15.0, validator=_positive)
+    # A WebSocket ping not answered within this long drops the connection (dead Wi-Fi).
+    ping_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    # After connecting, the device must say hello within this long.
+    hello_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    # Commands in flight and no ack or nack for this long (since the oldest was sent or the
+    # last answer came) drops the connection; everything unacknowledged is sent again.
+    ack_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    # A nack with retry: true holds the device's commands this long, doubling up to the max.
+    retry_initial_s: float = attrs.field(default=1.0, validator=_positive)
+    retry_max_s: float = attrs.field(default=30.0, validator=_positive)
+    # How often expired commands are swept and settled ones pruned.
+    maintenance_interval_s: float = attrs.field(default=60.0, validator=_positive)
+    # Health: an unacknowledged command older than this warns, older than fail_age_s fails.
+    warn_age_s: float = attrs.field(default=300.0, validator=_positive)
+    fail_age_s: float = attrs.field(default=3600.0, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)

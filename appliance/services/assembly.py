@@ -19,10 +19,12 @@ from appliance.health.listeners import listener_checks
 from appliance.health.system import system_checks
 from appliance.health.wan import WanChecks
 from appliance.services.discovery import run_device_registry, run_discovery
+from appliance.services.dispatcher import run_dispatcher
 from appliance.services.http import run_listener
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
 from appliance.services.web import admin, api, events, media, ops, provisioning, support
+from appliance.services.web import commands as device_commands
 from appliance.services.web.devices import admin_parts as device_admin_parts
 from appliance.services.web.parts import WebParts
 
@@ -33,6 +35,8 @@ def web_parts() -> dict[str, WebParts]:
     """What each feature adds to each listener, keyed by listener role."""
     parts = {role: WebParts() for role in LISTENER_ROLES}
     parts["admin"] += device_admin_parts()  # the device registry: list, adopt, reject
+    parts["api"] += device_commands.api_parts()  # device commands: enqueue and inspect
+    parts["admin"] += device_commands.admin_parts()  # device links and the test-command button
     return parts
 
 
@@ -63,6 +67,9 @@ def register_checks(runtime: Runtime) -> None:
 def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     register_checks(runtime)
     specs: list[ServiceSpec] = []
+    # The device dispatcher first (DESIGN §3): commands flow to devices before anything
+    # can enqueue more; graceful: on stop it waits for the acks of what is in flight.
+    specs.append(ServiceSpec(name="dispatcher", run=run_dispatcher, core=True, graceful=True))
     for role, app in listener_apps(runtime).items():
         specs.append(ServiceSpec(name=f"http.{role}", run=partial(run_listener, app=app, role=role),
                                  core=True, graceful=True))

@@ -1,0 +1,390 @@
+"""One device's link on the device channel (TCP 8081): connect, push, reconnect.
+
+The box is the WebSocket client (trio-websocket) of ``ws://<address>:<port>/`` with the
+subprotocol ``chub.device.v1``. A link owns one :class:`~appliance.protocol.channel.SendWindow`
+for its whole life and loops: connect (bounded by ``connect_timeout_s``), exchange
+messages, and on any failure back off (capped, jittered, per device) and connect again.
+The window keeps what was in flight, so everything unacknowledged is sent again in order.
+
+Per connection, three tasks: the writer (the only task that sends commands; it also loads
+commands from the outbox, runs the window's timers and hands records to the recorder),
+the reader (device messages into the window) and the pinger (a WebSocket ping every
+``ping_interval_s``; no pong within ``ping_timeout_s`` drops the link).
+
+Teardown: on any error or cancellation the TCP stream itself is closed, never the polite
+WebSocket close (a close after a send cancelled mid-frame corrupts the stream: FINDINGS,
+trio-websocket 0.12). Only a graceful stop, after the writer has finished every send and
+every command in flight is settled, closes politely, within a short bound.
+
+A device that sends garbage, the wrong hello, or nothing at all is disconnected and backs
+off like a device that cannot be reached; nothing it does raises out of :meth:`DeviceLink.run`
+except a bug.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Final
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
+
+from appliance.config import DispatchConfig
+from appliance.protocol.backoff import Backoff
+from appliance.protocol.channel import Acked, Dead, LinkState, Record, SendWindow, Sent
+from appliance.protocol.channel_codec import (
+    MAX_DEVICE_MESSAGE_BYTES,
+    SUBPROTOCOL,
+    ChannelError,
+    ChannelProtocolError,
+    Hello,
+    LinkStalled,
+    encode_command,
+    parse_device_message,
+)
+from appliance.services.metrics import Metrics
+from appliance.services.signal import ChangeSignal
+from appliance.storage import Database
+from appliance.storage.outbox import load_unsettled
+
+__all__ = ["DeviceLink", "LinkPhase", "LinkStatus", "LinkTarget", "OpenStream", "describe_failure", "open_tcp"]
+
+OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]
+Clock = Callable[[], float]
+
+# Records handed to the recorder in one batch at most; a batch is one transaction.
+_RECORD_BATCH: Final = 256
+# A graceful close waits this long for the device's close frame, then closes the stream.
+_POLITE_CLOSE_S: Final = 2.0
+# Closing a stream is local; the bound only guards against a stuck transport.
+_STREAM_CLOSE_S: Final = 1.0
+# What a failed connection may raise; anything else is a bug and crashes the dispatcher.
+EXPECTED: Final = (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionClosed, HandshakeError,
+                   ChannelError)
+
+
+async def open_tcp(host: str, port: int) -> trio.abc.Stream:
+    """The production connect: a plain TCP stream to the device (the LAN is the device's)."""
+    return await trio.open_tcp_stream(host, port)
+
+
+class LinkPhase(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    WAITING = "waiting"  # backing off after a failure
+    STOPPED = "stopped"
+
+
+@attrs.frozen(kw_only=True)
+class LinkTarget:
+    """What a link needs to know of a registry device."""
+
+    id: str
+    kind: str
+    name: str
+    address: str
+    port: int
+
+
+@attrs.define(kw_only=True)
+class LinkStatus:
+    """What the homepage, /api/status and the health checks show of one link."""
+
+    target: LinkTarget
+    phase: LinkPhase = LinkPhase.CONNECTING
+    connected_since: float | None = None
+    firmware: str = ""
+    last_error: str = ""
+    last_fix: str = ""
+    last_error_at: float | None = None
+    last_ack_at: float | None = None
+    next_attempt_at: float | None = None
+    failures: int = 0  # in a row; 0 once a connection proves itself
+    in_flight: int = 0
+    held: int = 0  # commands loaded and not settled (in flight or next to go)
+    sent: int = 0
+    acked: int = 0
+    dead: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        t = self.target
+        return {"device_id": t.id, "name": t.name, "kind": t.kind, "address": t.address, "port": t.port,
+                "state": str(self.phase), "connected": self.phase is LinkPhase.CONNECTED,
+                "connected_since": self.connected_since, "firmware": self.firmware,
+                "last_error": self.last_error, "last_error_at": self.last_error_at, "fix": self.last_fix,
+                "last_ack_at": self.last_ack_at, "next_attempt_at": self.next_attempt_at,
+                "failures": self.failures, "in_flight": self.in_flight, "held": self.held,
+                "sent": self.sent, "acked": self.acked, "dead": self.dead}
+
+
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def describe_failure(exc: BaseException, address: str, port: int, connect_timeout_s: float) -> tuple[str, str]:
+    """``(what happened, what a person should do)`` for a failed link, in plain words."""
+    where = _endpoint(address, port)
+    on_and_running = "check the device is on and its app running"
+    if isinstance(exc, trio.TooSlowError):
+        return (f"cannot reach {where}: no answer within {connect_timeout_s:g} s",
+                f"{on_and_running}, on this network, at this address")
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ECONNREFUSED:
+            return f"cannot reach {where}: connection refused", on_and_running
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return (f"cannot reach {where}: no route to host",
+                    "check the device is on and on the shop's network; check its address")
+        return f"cannot reach {where}: {exc.strerror or exc}", on_and_running
+    if isinstance(exc, ConnectionRejected):
+        return (f"{where} refused the device channel (HTTP {exc.status_code})",
+                f"the app at that address does not speak {SUBPROTOCOL}; check the device's address and app version")
+    if isinstance(exc, ChannelProtocolError):
+        return (f"{where} broke the device protocol: {exc}",
+                "update the device's app, or check that the address belongs to this device")
+    if isinstance(exc, LinkStalled):
+        return f"{where} stopped answering: {exc}", "check the device's app is not frozen and its Wi-Fi signal"
+    if isinstance(exc, ConnectionClosed):
+        reason = exc.reason
+        detail = f" (code {reason.code}{': ' + reason.reason if reason and reason.reason else ''})" if reason else ""
+        return f"the connection to {where} closed{detail}", "check the device's app; the box reconnects by itself"
+    return f"{where}: {type(exc).__name__}: {exc}", on_and_running
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+class DeviceLink:
+    """The link to one device. :meth:`run` until cancelled, or until :meth:`stop` and the
+    commands in flight are settled. Records go to ``records`` (the recorder's channel);
+    the link never writes the database itself."""
+
+    def __init__(
+        self,
+        target: LinkTarget,
+        *,
+        config: DispatchConfig,
+        db: Database,
+        records: trio.MemorySendChannel[list[Record]],
+        metrics: Metrics,
+        open_stream: OpenStream = open_tcp,
+        clock: Clock = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.target = target
+        self.status = LinkStatus(target=target)
+        self.poke = ChangeSignal()  # new commands known, acks in, stop asked
+        self.known_seq: int | None = None  # the outbox's last seq for this device, as last heard
+        self._config = config
+        self._db = db
+        self._records = records
+        self._metrics = metrics
+        self._open_stream = open_stream
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._cursor = 0  # outbox rows up to this seq were read already
+        self._stop = trio.Event()
+        self._session_scope: trio.CancelScope | None = None
+        self.window = SendWindow(device_id=target.id, window=config.window, hello_timeout_s=config.hello_timeout_s,
+                                 ack_timeout_s=config.ack_timeout_s, retry_initial_s=config.retry_initial_s,
+                                 retry_max_s=config.retry_max_s)
+        self._load_at_room = max(1, self.window.capacity // 4)
+
+    # --- what the dispatcher calls -------------------------------------------------
+
+    def new_commands(self, last_seq: int) -> None:
+        """The outbox gave this device commands up to ``last_seq``."""
+        if self.known_seq is None or last_seq > self.known_seq:
+            self.known_seq = last_seq
+            self.poke.notify()
+
+    def stop(self) -> None:
+        """Graceful stop: send nothing new; return once what is in flight is settled."""
+        self._stop.set()
+        self.window.drain()
+        if self.window.idle and self._session_scope is not None:
+            self._session_scope.cancel()  # not connected, or nothing in flight: nothing to wait for
+        self.poke.notify()
+
+    async def run(self) -> None:
+        backoff = Backoff(self._config.backoff_initial_s, self._config.backoff_max_s, rng=self._rng)
+        try:
+            while not self._stop.is_set():
+                self.status.phase = LinkPhase.CONNECTING
+                self.status.next_attempt_at = None
+                error: BaseException | None = None
+                try:
+                    with trio.CancelScope() as self._session_scope:
+                        await self._session(backoff)
+                except* EXPECTED as group:
+                    error = _first_leaf(group)
+                finally:
+                    self._session_scope = None
+                if self.window.state is not LinkState.DISCONNECTED:
+                    self.window.connection_lost(self._clock())
+                self.status.connected_since = None
+                await self._flush(force=True)
+                if error is not None:
+                    self._failed(error)
+                if self._stop.is_set():
+                    break
+                delay = backoff.next_delay()
+                self.status.phase = LinkPhase.WAITING
+                self.status.next_attempt_at = self._clock() + delay
+                await self._wait(delay)
+        finally:
+            self.status.phase = LinkPhase.STOPPED
+            self.status.next_attempt_at = None
+
+    # --- one connection --------------------------------------------------------------
+
+    async def _session(self, backoff: Backoff) -> None:
+        t, cfg = self.target, self._config
+        with trio.fail_after(cfg.connect_timeout_s):
+            stream = await self._open_stream(t.address, t.port)
+        try:
+            async with trio.open_nursery() as nursery:
+                ws: WebSocketConnection | None = None
+                with trio.move_on_after(cfg.connect_timeout_s):
+                    ws = await wrap_client_stream(nursery, stream, _endpoint(t.address, t.port), "/",  # type: ignore[arg-type]
+                                                  subprotocols=[SUBPROTOCOL], message_queue_size=cfg.window,
+                                                  max_message_size=MAX_DEVICE_MESSAGE_BYTES)
+                if ws is None:
+                    raise LinkStalled(f"the TCP connection opened but no WebSocket answer came within "
+                                      f"{cfg.connect_timeout_s:g} s")
+                if ws.subprotocol != SUBPROTOCOL:
+                    raise ChannelProtocolError(f"the device did not accept the subprotocol {SUBPROTOCOL} "
+                                               f"(it answered {ws.subprotocol or 'none'})")
+                self.window.connection_made(self._clock())
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(self._reader, ws, backoff)
+                    tasks.start_soon(self._pinger, ws, backoff)
+                    await self._writer(ws)
+                    tasks.cancel_scope.cancel()
+                # Drained: every send finished and nothing is in flight, so a polite close is safe.
+                with trio.move_on_after(_POLITE_CLOSE_S, shield=True):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(_STREAM_CLOSE_S, shield=True):
+                await stream.aclose()
+
+    async def _writer(self, ws: WebSocketConnection) -> None:
+        window, seen = self.window, self.poke.version
+        while True:
+            window.handle_timer(self._clock())
+            if self._wants_load():
+                await self._load()
+            command = window.next_transmit(self._clock())  # the time now, after the load
+            if command is not None:
+                await ws.send_message(encode_command(command))
+                await self._flush(force=False)
+                continue
+            await self._flush(force=True)
+            if self._stop.is_set() and window.idle:
+                return
+            timer = window.get_timer()
+            with trio.move_on_at(self._trio_time(timer)):
+                seen = await self.poke.wait(seen)
+
+    async def _reader(self, ws: WebSocketConnection, backoff: Backoff) -> None:
+        window = self.window
+        while True:
+            message = parse_device_message(await ws.get_message())
+            now = self._clock()
+            acked = window.stats.acked
+            window.receive(message, now)
+            if isinstance(message, Hello):
+                self.status.phase = LinkPhase.CONNECTED
+                self.status.connected_since = now
+                self.status.firmware = message.firmware
+            if window.stats.acked > acked:
+                self.status.last_ack_at = now
+                self._proved(backoff)
+            self.poke.notify()
+
+    async def _pinger(self, ws: WebSocketConnection, backoff: Backoff) -> None:
+        cfg = self._config
+        while True:
+            await trio.sleep(cfg.ping_interval_s)
+            with trio.move_on_after(cfg.ping_timeout_s) as scope:
+                await ws.ping()
+            if scope.cancelled_caught:
+                raise LinkStalled(f"no answer to a WebSocket ping within {cfg.ping_timeout_s:g} s")
+            if self.window.state is LinkState.OPEN:
+                self._proved(backoff)
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _wants_load(self) -> bool:
+        if self._stop.is_set() or self.window.room() < min(self._load_at_room, self.window.capacity):
+            return False
+        return self.known_seq is None or self.known_seq > self._cursor
+
+    async def _load(self) -> None:
+        window = self.window
+        commands, cursor = await self._db.read(partial(load_unsettled, device_id=self.target.id,
+                                                       after_seq=self._cursor, limit=window.room()))
+        window.offer(c for c in commands if c.seq > window.last_seq)
+        self._cursor = cursor
+        if self.known_seq is None or cursor > self.known_seq:
+            self.known_seq = cursor
+
+    async def _flush(self, *, force: bool) -> None:
+        """Hand the window's records to the recorder (a batch at a time; bounded channel)."""
+        window = self.window
+        self.status.in_flight, self.status.held = window.in_flight, window.pending
+        if not force and window.unrecorded < _RECORD_BATCH:
+            return
+        records = window.take_records()
+        if not records:
+            return
+        device = self.target.id
+        for record in records:
+            if isinstance(record, Sent):
+                self.status.sent += 1
+                self._metrics.inc("device_commands_sent", device=device)
+            elif isinstance(record, Acked):
+                self.status.acked += 1
+                self._metrics.inc("device_commands_acked", device=device)
+            elif isinstance(record, Dead):
+                self.status.dead += 1
+                self._metrics.inc("device_commands_dead", device=device)
+        await self._records.send(records)
+
+    async def _wait(self, delay: float) -> None:
+        """Back off for ``delay`` seconds, still expiring held commands; a stop ends it."""
+        deadline = trio.current_time() + delay
+        seen = self.poke.version
+        while not self._stop.is_set() and trio.current_time() < deadline:
+            timer = self.window.get_timer()
+            with trio.move_on_at(min(deadline, self._trio_time(timer))):
+                seen = await self.poke.wait(seen)
+            self.window.handle_timer(self._clock())
+            await self._flush(force=True)
+
+    def _trio_time(self, at: float | None) -> float:
+        """A deadline on the link's clock as a deadline on trio's clock."""
+        if at is None:
+            return math.inf
+        return trio.current_time() + max(0.0, at - self._clock())
+
+    def _proved(self, backoff: Backoff) -> None:
+        backoff.reset()
+        self.status.failures = 0
+
+    def _failed(self, error: BaseException) -> None:
+        message, fix = describe_failure(error, self.target.address, self.target.port, self._config.connect_timeout_s)
+        self.status.failures += 1
+        self.status.last_error, self.status.last_fix = message, fix
+        self.status.last_error_at = self._clock()
+        self._metrics.inc("device_link_failures", device=self.target.id)

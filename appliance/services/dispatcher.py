@@ -1,0 +1,363 @@
+"""The device dispatcher: pushes each adopted device's outbox to it on TCP 8081 (DESIGN §7).
+
+One :class:`~appliance.services.device_link.DeviceLink` task per adopted device, started
+and stopped as ``runtime.device_changes`` says the registry changed (a device adopted,
+rejected, removed, or moved to another address). ``runtime.outbox_changes`` wakes the
+links whose devices got new commands (one small read of ``outbox_seq`` per wake-up, so
+nothing polls). One recorder task makes what the links report durable (sent, acked,
+dead), many records per transaction.
+
+Also here: a maintenance task (expired commands swept to dead, settled commands pruned
+after ``acked_retention_s``, the backlog figures behind the gauges refreshed), the
+``dispatch`` health checks (outbox backlog, and one per adopted device), metrics, and
+:func:`enqueue` for in-process producers.
+
+Stop (graceful service): on ``runtime.stopping`` no new command is sent; each link
+waits for the acks of what it has in flight, then closes; the recorder writes the last
+records and the service returns. Unacknowledged commands stay queued or sent in the
+outbox and go out again at the next start. The supervisor's deadline cancels whatever
+is still waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, Final, Protocol
+
+import attrs
+import trio
+
+from appliance.protocol.channel import Record
+from appliance.protocol.health import Check, Status
+from appliance.services.device_link import DeviceLink, LinkPhase, LinkStatus, LinkTarget, OpenStream, open_tcp
+from appliance.services.runtime import Runtime
+from appliance.storage import Database
+from appliance.storage.devices import list_adopted
+from appliance.storage.outbox import (
+    Backlog,
+    Enqueued,
+    apply_records,
+    backlogs,
+    enqueue_in,
+    expire_due,
+    last_seqs,
+    prune_settled,
+)
+
+__all__ = ["DeviceLike", "LinkBoard", "enqueue", "link_board", "run_dispatcher"]
+
+log = logging.getLogger(__name__)
+
+# Batches of records waiting for the recorder: links block (back-pressure) beyond this.
+_RECORDER_QUEUE: Final = 64
+# Records written in one transaction at most.
+_RECORDS_PER_WRITE: Final = 4096
+# The gauges' backlog figures are refreshed this often (a gauge cannot read the database).
+_BACKLOG_REFRESH_S: Final = 5.0
+
+
+class DeviceLike(Protocol):
+    """What the dispatcher reads of a registry device (``appliance.storage.devices.Device``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
+AdoptedFn = Callable[[sqlite3.Connection], Sequence[DeviceLike]]
+
+
+class LinkBoard:
+    """The links of one running appliance, by device id, for the web parts and health."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, LinkStatus] = {}
+        self.backlog: dict[str, Backlog] = {}
+        self.backlog_at: float | None = None
+
+    def all(self) -> list[LinkStatus]:
+        return [self.links[k] for k in sorted(self.links)]
+
+
+_BOARDS: weakref.WeakKeyDictionary[Runtime, LinkBoard] = weakref.WeakKeyDictionary()
+
+
+def link_board(runtime: Runtime) -> LinkBoard:
+    """The link board of ``runtime`` (made on first use)."""
+    board = _BOARDS.get(runtime)
+    if board is None:
+        board = _BOARDS[runtime] = LinkBoard()
+    return board
+
+
+async def enqueue(
+    runtime: Runtime,
+    device_id: str,
+    kind: str,
+    body: Mapping[str, Any],
+    expires_at: float | None = None,
+    *,
+    command_id: str | None = None,
+) -> Enqueued:
+    """Add a command to a device's outbox, durably (committed on return), and wake the
+    dispatcher. Raises :class:`~appliance.storage.outbox.OutboxError` for a bad command."""
+    result = await runtime.db.write(partial(enqueue_in, device_id=device_id, kind=kind, body=body,
+                                            expires_at=expires_at, command_id=command_id))
+    if result.created:
+        runtime.outbox_changes.notify()
+    return result
+
+
+@attrs.define(eq=False)
+class _Handle:
+    link: DeviceLink
+    records: trio.MemorySendChannel[list[Record]]  # the link's clone of the recorder's channel
+    scope: trio.CancelScope
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+class _Dispatcher:
+    def __init__(
+        self,
+        runtime: Runtime,
+        records: trio.MemorySendChannel[list[Record]],
+        *,
+        open_stream: OpenStream,
+        adopted: AdoptedFn,
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self.runtime = runtime
+        self.config = runtime.config.dispatch
+        self.board = link_board(runtime)
+        self.records = records
+        self.open_stream = open_stream
+        self.adopted = adopted
+        self.clock = clock
+        self.rng = rng
+        self.handles: dict[str, _Handle] = {}
+
+    async def refresh(self, nursery: trio.Nursery) -> None:
+        """Make the running links match the adopted devices."""
+        wanted = {d.id: LinkTarget(id=d.id, kind=d.kind, name=d.name or d.id, address=d.address, port=d.port)
+                  for d in await self.runtime.db.read(self.adopted)}
+        for device_id, handle in list(self.handles.items()):
+            target = wanted.get(device_id)
+            if target is None or (target.address, target.port) != (handle.link.target.address,
+                                                                    handle.link.target.port):
+                handle.scope.cancel()
+                await handle.done.wait()
+                del self.handles[device_id]
+                self.board.links.pop(device_id, None)
+                log.info("device %s: link stopped (%s)", device_id, "no longer adopted" if target is None else
+                         f"moved to {target.address}:{target.port}")
+            elif target != handle.link.target:
+                handle.link.target = handle.link.status.target = target  # a new name or kind only
+        for device_id, target in wanted.items():
+            if device_id not in self.handles:
+                records = self.records.clone()
+                link = DeviceLink(target, config=self.config, db=self.runtime.db, records=records,
+                                  metrics=self.runtime.metrics, open_stream=self.open_stream, clock=self.clock,
+                                  rng=random.Random(self.rng.random()))
+                handle = _Handle(link=link, records=records, scope=trio.CancelScope())
+                self.handles[device_id] = handle
+                self.board.links[device_id] = link.status
+                nursery.start_soon(self._run_link, handle)
+                log.info("device %s: link started to %s:%d", device_id, target.address, target.port)
+
+    async def _run_link(self, handle: _Handle) -> None:
+        try:
+            with handle.records, handle.scope:
+                await handle.link.run()
+        finally:
+            handle.done.set()
+
+    async def watch_devices(self, nursery: trio.Nursery) -> None:
+        seen = self.runtime.device_changes.version
+        while True:
+            seen = await self.runtime.device_changes.wait(seen)
+            await self.refresh(nursery)
+
+    async def watch_outbox(self) -> None:
+        seen = 0
+        while True:
+            seen = await self.runtime.outbox_changes.wait(seen)
+            seqs = await self.runtime.db.read(last_seqs)
+            for device_id, handle in self.handles.items():
+                if device_id in seqs:
+                    handle.link.new_commands(seqs[device_id])
+
+    async def maintain(self) -> None:
+        db, cfg = self.runtime.db, self.config
+        next_sweep = 0.0
+        while True:
+            now = self.clock()
+            if now >= next_sweep:
+                expired = await db.write(partial(expire_due, now=now))
+                pruned = await db.write(partial(prune_settled, before=now - cfg.acked_retention_s))
+                if expired or pruned:
+                    log.info("outbox: %d command(s) expired undelivered, %d settled one(s) pruned", expired, pruned)
+                next_sweep = now + cfg.maintenance_interval_s
+            self.board.backlog = {b.device_id: b for b in await db.read(backlogs)}
+            self.board.backlog_at = now
+            await trio.sleep(min(_BACKLOG_REFRESH_S, cfg.maintenance_interval_s))
+
+    async def drain(self) -> None:
+        """Graceful stop of every link; returns once all have ended."""
+        for handle in self.handles.values():
+            handle.link.stop()
+        for handle in list(self.handles.values()):
+            await handle.done.wait()
+
+
+async def _record(db: Database, receive: trio.MemoryReceiveChannel[list[Record]]) -> None:
+    """Write the links' records, everything waiting in one transaction, until every link
+    and the dispatcher have closed their ends of the channel."""
+    async with receive:
+        async for batch in receive:
+            records = list(batch)
+            while len(records) < _RECORDS_PER_WRITE:
+                try:
+                    records.extend(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await db.write(partial(apply_records, records=records))
+
+
+async def run_dispatcher(
+    runtime: Runtime,
+    *,
+    open_stream: OpenStream = open_tcp,
+    adopted: AdoptedFn = list_adopted,
+    clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The dispatcher service: runs until ``runtime.stopping``, then drains and returns.
+
+    ``open_stream(host, port)`` makes the byte stream to a device (TCP by default; tests
+    pass memory streams); ``adopted(conn)`` lists the devices to push to."""
+    send, receive = trio.open_memory_channel[list[Record]](_RECORDER_QUEUE)
+    dispatcher = _Dispatcher(runtime, send, open_stream=open_stream, adopted=adopted, clock=clock,
+                             rng=rng or random.Random())
+    dispatcher.board.links.clear()  # a restart after a crash starts from what the registry says
+    _register(runtime, dispatcher)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(_record, runtime.db, receive)
+        with send:
+            async with trio.open_nursery() as links:
+                async with trio.open_nursery() as watchers:
+                    await dispatcher.refresh(links)
+                    watchers.start_soon(dispatcher.watch_devices, links)
+                    watchers.start_soon(dispatcher.watch_outbox)
+                    watchers.start_soon(dispatcher.maintain)
+                    status = runtime.board.get("dispatcher")
+                    if status is not None:
+                        status.detail = f"{len(dispatcher.handles)} device(s)"
+                    task_status.started()
+                    await runtime.stopping.wait()
+                    watchers.cancel_scope.cancel()
+                await dispatcher.drain()
+        # The recorder ends once every link's channel clone and ours are closed.
+
+
+# --- health and metrics -------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def link_check(status: LinkStatus, backlog: Backlog | None, now: float) -> Check:
+    """``device.<id>.channel``: is the box connected to this device, and if not, why."""
+    t = status.target
+    name = f"device.{t.id}.channel"
+    who = f"device {t.name}" if t.name == t.id else f"device {t.name} ({t.id})"
+    where = f"{t.address}:{t.port}"
+    waiting = backlog.depth if backlog is not None else 0
+    data: dict[str, Any] = {**status.as_dict(), "waiting": waiting}
+    if status.phase is LinkPhase.CONNECTED:
+        last_ack = "" if status.last_ack_at is None else f"; last ack {_age(now - status.last_ack_at)} ago"
+        return Check(name=name, status=Status.OK, message=f"{who}: connected to {where}{last_ack}", data=data)
+    queued = f"; {waiting} command(s) wait for it" if waiting else ""
+    if not status.last_error:
+        return Check(name=name, status=Status.WARN, message=f"{who}: connecting to {where}{queued}",
+                     fix="wait a few seconds; if it stays so, check the device is on and its app running", data=data)
+    return Check(name=name, status=Status.FAIL if waiting else Status.WARN,
+                 message=f"{who}: {status.last_error}{queued}", fix=status.last_fix, data=data)
+
+
+def outbox_check(backlog: Sequence[Backlog], adopted: set[str], now: float, warn_age_s: float,
+                 fail_age_s: float) -> Check:
+    """``dispatch.outbox``: how many commands wait, and how long the oldest has waited."""
+    name = "dispatch.outbox"
+    if not backlog:
+        return Check(name=name, status=Status.OK, message="no command waiting for any device",
+                     data={"depth": 0, "devices": 0})
+    depth = sum(b.depth for b in backlog)
+    oldest = min(backlog, key=lambda b: b.oldest_created_at)
+    age = now - oldest.oldest_created_at
+    unsent = [b.oldest_unsent_at for b in backlog if b.oldest_unsent_at is not None]
+    oldest_unsent_age = now - min(unsent) if unsent else None
+    orphans = sorted(b.device_id for b in backlog if b.device_id not in adopted)
+    data = {"depth": depth, "devices": len(backlog), "oldest_unacked_age_s": round(age, 1),
+            "oldest_unsent_age_s": None if oldest_unsent_age is None else round(oldest_unsent_age, 1),
+            "not_adopted": orphans}
+    message = (f"{depth} command(s) waiting for {len(backlog)} device(s); the oldest, for {oldest.device_id}, "
+               f"has waited {_age(age)}")
+    status, fix = Status.OK, ""
+    if age >= fail_age_s or age >= warn_age_s:
+        status = Status.FAIL if age >= fail_age_s else Status.WARN
+        fix = (f"see the check of device {oldest.device_id}: commands stay in the outbox until the device "
+               "acknowledges them or they expire")
+    if orphans:
+        status = Status.WARN if status is Status.OK else status
+        message += f"; {', '.join(orphans[:5])}{'...' if len(orphans) > 5 else ''} not adopted"
+        fix = (fix + "; " if fix else "") + ("adopt those devices on the homepage (or declare them in [[devices]]); "
+                                             "their commands wait until then or until they expire")
+    return Check(name=name, status=status, message=message, fix=fix, data=data)
+
+
+def _register(runtime: Runtime, dispatcher: _Dispatcher) -> None:
+    board, cfg, clock = dispatcher.board, dispatcher.config, dispatcher.clock
+
+    async def checks() -> list[Check]:
+        now = clock()
+        backlog = await runtime.db.read(backlogs)
+        adopted = {d.id for d in await runtime.db.read(dispatcher.adopted)}
+        by_device = {b.device_id: b for b in backlog}
+        out = [outbox_check(backlog, adopted, now, cfg.warn_age_s, cfg.fail_age_s)]
+        out += [link_check(s, by_device.get(s.target.id), now) for s in board.all()]
+        return out
+
+    runtime.health.add("dispatch", checks)
+    metrics = runtime.metrics
+    metrics.describe_counter("device_commands_sent", "commands sent to devices (resends included)")
+    metrics.describe_counter("device_commands_acked", "commands acknowledged by devices")
+    metrics.describe_counter("device_commands_dead", "commands expired or refused for good")
+    metrics.describe_counter("device_link_failures", "device connections that failed or broke")
+    metrics.gauge("outbox_depth", "unacknowledged commands per device",
+                  lambda: [({"device": d}, float(b.depth)) for d, b in sorted(board.backlog.items())])
+    metrics.gauge("outbox_oldest_unacked_seconds", "age of the oldest unacknowledged command per device",
+                  lambda: [({"device": d}, round(max(0.0, (board.backlog_at or 0.0) - b.oldest_created_at), 1))
+                           for d, b in sorted(board.backlog.items())])
+    metrics.gauge("device_link_connected", "1 while the box is connected to the device",
+                  lambda: [({"device": s.target.id}, float(s.phase is LinkPhase.CONNECTED)) for s in board.all()])

@@ -1,0 +1,281 @@
+"""Device commands over HTTP: enqueue and inspect (store API, port 8000), and the homepage's
+device links section with a "send test command" button (admin, port 80).
+
+Store API, ``Authorization: Bearer <admin token>``:
+
+- ``POST /v1/devices/{device_id}/commands`` ``{"kind", "body", "expires_at"?, "id"?}`` ->
+  201 ``{"id", "device_id", "seq", "state"}`` once the command is durable. ``id`` is an
+  optional client-made command id: sending the same id again returns the stored command
+  (200, ``"created": false``) instead of adding a second one, so a client may retry a
+  request whose answer it never got. Unknown device: 404; not adopted: 409; a bad body:
+  400 with one path-named line per problem.
+- ``GET /v1/devices/{device_id}/commands?state=queued|sent|acked|dead&limit=N``: newest first.
+- ``GET /v1/devices/{device_id}/commands/{command_id}``.
+
+The homepage form posts ``POST /devices/test-command`` with the admin token in a
+password field (an HTML form cannot send a header; same reasoning as the device
+registry's forms in ``web/devices.py``) and the device id on the button.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import math
+import time
+import urllib.parse
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Final, cast
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.protocol.channel_codec import ChannelProtocolError, check_command_id, check_kind, encode_body
+from appliance.services.device_link import LinkPhase
+from appliance.services.dispatcher import enqueue, link_board
+from appliance.services.runtime import Runtime
+from appliance.services.web.admin import page
+from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.parts import WebParts
+from appliance.storage.devices import AdoptionState, get_device
+from appliance.storage.outbox import (
+    MAX_LIST,
+    CommandIdTaken,
+    CommandState,
+    OutboxError,
+    get_command,
+    list_commands,
+)
+
+__all__ = ["admin_parts", "api_parts", "parse_command_request"]
+
+_KEYS: Final = ("kind", "body", "expires_at", "id")
+# The homepage's test command: a ping that is useless after ten minutes.
+TEST_KIND: Final = "ping"
+TEST_TTL_S: Final = 600.0
+# A test-command form is a token and a device id: a few hundred bytes.
+MAX_FORM_BYTES: Final = 4096
+
+
+def parse_command_request(data: Any, now: float) -> tuple[str, dict[str, Any], float | None, str | None]:
+    """``(kind, body, expires_at, id)`` from a request body, or ApiError(400) naming every
+    problem by its path."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the command is not valid", [f"(top level): must be a JSON object, got "
+                                                        f"{type(data).__name__}"])
+    errors: list[str] = []
+    extra = sorted(set(data) - set(_KEYS))
+    if extra:
+        errors.append(f"(top level): unknown key(s) {', '.join(extra)}; a command has kind, body, expires_at, id")
+    kind = data.get("kind")
+    body = data.get("body")
+    expires_at = data.get("expires_at")
+    command_id = data.get("id")
+    if kind is None:
+        errors.append("kind: required (e.g. \"order.created\", \"print\", \"display\", \"ping\")")
+    else:
+        try:
+            check_kind(kind)
+        except ChannelProtocolError as exc:
+            errors.append(f"kind: {exc}")
+    if body is None:
+        errors.append("body: required (a JSON object, {} for none)")
+    elif not isinstance(body, dict):
+        errors.append(f"body: must be a JSON object, got {type(body).__name__}")
+    else:
+        try:
+            encode_body(body)
+        except ChannelProtocolError as exc:
+            errors.append(f"body: {exc}")
+    if expires_at is not None:
+        if isinstance(expires_at, bool) or not isinstance(expires_at, int | float) or not math.isfinite(expires_at):
+            errors.append(f"expires_at: must be a number of Unix seconds or null, got {type(expires_at).__name__}")
+        elif expires_at <= now:
+            errors.append(f"expires_at: {expires_at:.3f} is already past (the box's clock says {now:.3f})")
+    if command_id is not None:
+        try:
+            check_command_id(command_id)
+        except ChannelProtocolError as exc:
+            errors.append(f"id: {exc}")
+    if errors:
+        raise ApiError(400, "the command is not valid", errors)
+    # Every value was checked above; the casts only tell the type checker so.
+    return (cast(str, kind), cast(dict[str, Any], body), None if expires_at is None else float(expires_at),
+            cast(str | None, command_id))
+
+
+async def _adopted_or_raise(runtime: Runtime, device_id: str, *, must_be_adopted: bool) -> None:
+    device = await runtime.db.read(partial(get_device, device_id=device_id))
+    if device is None:
+        raise ApiError(404, f"no device {device_id!r} in the registry")
+    if must_be_adopted and device.state is not AdoptionState.ADOPTED:
+        raise ApiError(409, f"device {device_id!r} is {device.state}: adopt it first (the box pushes commands to "
+                            "adopted devices only)")
+
+
+def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
+    async def post(request: Request) -> Response:
+        require_admin(request, runtime)
+        device_id = request.path_params["device_id"]
+        data = await read_json(request, runtime.config.http.max_body_bytes)
+        kind, body, expires_at, command_id = parse_command_request(data, time.time())
+        await _adopted_or_raise(runtime, device_id, must_be_adopted=True)
+        try:
+            done = await enqueue(runtime, device_id, kind, body, expires_at, command_id=command_id)
+        except CommandIdTaken as exc:
+            raise ApiError(409, str(exc)) from exc
+        except OutboxError as exc:
+            raise ApiError(400, "the command is not valid", [str(exc)]) from exc
+        row = await runtime.db.read(partial(get_command, command_id=done.id))
+        answer = {"id": done.id, "device_id": device_id, "seq": done.seq,
+                  "state": str(row.state) if row is not None else "queued", "created": done.created}
+        location = f"/v1/devices/{urllib.parse.quote(device_id)}/commands/{done.id}"
+        return JSONResponse(answer, status_code=201 if done.created else 200, headers={"Location": location})
+
+    async def listing(request: Request) -> Response:
+        require_admin(request, runtime)
+        device_id = request.path_params["device_id"]
+        errors = []
+        state_text = request.query_params.get("state")
+        state: CommandState | None = None
+        if state_text is not None:
+            try:
+                state = CommandState(state_text)
+            except ValueError:
+                errors.append(f"state: one of {', '.join(s.value for s in CommandState)}, got {state_text!r}")
+        limit_text = request.query_params.get("limit", "100")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
+            errors.append(f"limit: a whole number from 1 to {MAX_LIST}, got {limit_text!r}")
+        if errors:
+            raise ApiError(400, "bad query", errors)
+        await _adopted_or_raise(runtime, device_id, must_be_adopted=False)
+        rows = await runtime.db.read(partial(list_commands, device_id=device_id, state=state, limit=int(limit_text)))
+        return JSONResponse({"device_id": device_id, "commands": [r.as_dict() for r in rows]})
+
+    async def one(request: Request) -> Response:
+        require_admin(request, runtime)
+        device_id, command_id = request.path_params["device_id"], request.path_params["command_id"]
+        row = await runtime.db.read(partial(get_command, command_id=command_id))
+        if row is None or row.device_id != device_id:
+            raise ApiError(404, f"no command {command_id!r} for device {device_id!r}")
+        return JSONResponse({"command": row.as_dict()})
+
+    return [
+        Route("/v1/devices/{device_id}/commands", post, methods=["POST"]),
+        Route("/v1/devices/{device_id}/commands", listing, methods=["GET"]),
+        Route("/v1/devices/{device_id}/commands/{command_id}", one, methods=["GET"]),
+    ]
+
+
+# --- the homepage ------------------------------------------------------------------
+
+
+class _FormError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.message = status, message
+        super().__init__(message)
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise _FormError(415, f"Expected an HTML form, got {ctype or 'nothing'}.")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise _FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True,
+                                       max_num_fields=8)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _FormError(400, f"The form could not be read: {exc}.") from exc
+    return dict(pairs)
+
+
+def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
+    async def test_command(request: Request) -> Response:
+        try:
+            form = await _read_form(request)
+            token, device_id = form.get("token", ""), form.get("device", "")
+            if not token or not hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
+                raise _FormError(401, "The admin token is missing or wrong; nothing was sent.")
+            try:
+                await _adopted_or_raise(runtime, device_id, must_be_adopted=True)
+            except ApiError as exc:
+                raise _FormError(exc.status, f"{exc.message}; nothing was sent.") from exc
+            now = time.time()
+            await enqueue(runtime, device_id, TEST_KIND,
+                          {"text": "test command from the store appliance's homepage", "sent_at": now},
+                          now + TEST_TTL_S)
+        except _FormError as exc:
+            body = page("Store appliance", "device links",
+                        [f"<section><h2>Not sent</h2><p>{html.escape(exc.message)}</p>"
+                         "<p><a href='/#device-links'>Back to the homepage</a></p></section>"])
+            return HTMLResponse(body, status_code=exc.status)
+        return RedirectResponse("/#device-links", status_code=303)
+
+    return [Route("/devices/test-command", test_command, methods=["POST"])]
+
+
+def _ago(now: float, at: float | None) -> str:
+    if at is None:
+        return "never"
+    s = max(0, int(now - at))
+    return f"{s} s ago" if s < 120 else f"{s // 60} min ago" if s < 7200 else f"{s // 3600} h ago"
+
+
+_PHASE_COLOURS: Final = {LinkPhase.CONNECTED: "#1a7f37", LinkPhase.CONNECTING: "#9a6700",
+                         LinkPhase.WAITING: "#cf222e", LinkPhase.STOPPED: "#6e7781"}
+
+
+async def links_section(runtime: Runtime) -> str:
+    """The homepage's Device links section: one row per adopted device's link."""
+    board = link_board(runtime)
+    port = runtime.config.lan.ports.device
+    if not board.links:
+        return (f"<section id=device-links><h2>Device links (tcp/{port})</h2><p class=muted>No adopted device: "
+                "the box pushes commands to adopted devices only.</p></section>")
+    now = time.time()
+    rows = []
+    for s in board.all():
+        t = s.target
+        waiting = board.backlog.get(t.id)
+        note = s.last_error if s.phase is not LinkPhase.CONNECTED else (f"firmware {s.firmware}" if s.firmware else "")
+        fix = f"<br><span class=muted>{html.escape(s.last_fix)}</span>" if note and s.last_fix and \
+            s.phase is not LinkPhase.CONNECTED else ""
+        value = html.escape(t.id, quote=True)
+        rows.append(
+            f"<tr><td>{html.escape(t.name)}<br><span class=muted>{html.escape(t.id)}</span></td>"
+            f"<td>{html.escape(t.address)}:{t.port}</td>"
+            f"<td class=state style='color:{_PHASE_COLOURS[s.phase]}'>{s.phase}</td>"
+            f"<td>{_ago(now, s.last_ack_at)}</td><td>{waiting.depth if waiting else 0}</td>"
+            f"<td>{html.escape(note)}{fix}</td>"
+            f"<td><button name=device value='{value}'>Send test command</button></td></tr>"
+        )
+    return (
+        f"<section id=device-links><h2>Device links (tcp/{port})</h2>"
+        "<form method=post action='/devices/test-command' style='display:block'>"
+        "<table><tr><th>device</th><th>address</th><th>link</th><th>last ack</th><th>waiting</th><th>note</th>"
+        f"<th></th></tr>{''.join(rows)}</table>"
+        "<p><label>Admin token <input type=password name=token autocomplete=current-password required></label>"
+        f" <span class=muted>needed to send a test command ({TEST_KIND})</span></p></form></section>"
+    )
+
+
+async def links_status(runtime: Runtime) -> dict[str, Any]:
+    """The ``device_links`` and ``outbox`` keys of /api/status."""
+    board = link_board(runtime)
+    return {"device_links": [s.as_dict() for s in board.all()],
+            "outbox": {"depth": sum(b.depth for b in board.backlog.values()),
+                       "devices": {d: b.depth for d, b in sorted(board.backlog.items())}}}
+
+
+def api_parts() -> WebParts:
+    return WebParts(routes=(api_routes,))
+
+
+def admin_parts() -> WebParts:
+    return WebParts(routes=(admin_routes,), sections=(links_section,), status=(links_status,))

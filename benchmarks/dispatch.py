@@ -1,0 +1,266 @@
+"""Device channel: commands/s and enqueue-to-ack latency, durable dispatcher vs raw WebSocket.
+
+Both phases push to the same simulated devices (default 50), served by a separate process
+on loopback so the devices do not run on the event loop being measured:
+
+- baseline: raw trio-websocket, one connection per device, the same window, no storage:
+  what the network and the device simulator cost by themselves;
+- dispatch: the appliance's dispatcher in-process, with its SQLite outbox (every enqueue a
+  durable commit, sends and acks recorded in batches).
+
+Two measures each: throughput (every device gets ``--burst`` commands at once; for
+dispatch, one transaction enqueues them all) from the first enqueue to the last ack; and
+enqueue-to-ack latency at an offered load of ``--rate`` commands/s spread over the
+devices for ``--seconds`` (for dispatch, each command is its own durable commit, and the
+time runs from when it was due to be enqueued).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import trio
+from trio_websocket import open_websocket
+
+from appliance.config import parse_config
+from appliance.devkit.device import DeviceSimulator, run_device_simulator
+from appliance.protocol.channel_codec import (
+    MAX_DEVICE_MESSAGE_BYTES,
+    SUBPROTOCOL,
+    Ack,
+    Command,
+    encode_command,
+    parse_device_message,
+)
+from appliance.services.device_link import LinkTarget
+from appliance.services.dispatcher import enqueue, link_board, run_dispatcher
+from appliance.storage.outbox import enqueue_in
+from appliance.supervisor import open_runtime
+
+Latencies = list[float]
+
+
+# --- the device farm (a child process) ------------------------------------------------
+
+
+async def serve_farm(count: int) -> None:
+    sims = [DeviceSimulator(device_id=f"bench-{i:02d}") for i in range(count)]
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(partial(run_device_simulator, s, port=0, bind="127.0.0.1")) for s in sims]
+        print(json.dumps(ports), flush=True)
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        while await stdin.receive_some():  # until the parent closes our stdin
+            pass
+        nursery.cancel_scope.cancel()
+
+
+# --- baseline: raw WebSocket, no storage ------------------------------------------------
+
+
+async def baseline_device(port: int, device_id: str, window: int, schedule: list[float], out: Latencies) -> None:
+    """Send ``len(schedule)`` commands, each no earlier than its due time; record due-to-ack."""
+    async with open_websocket("127.0.0.1", port, "/", use_ssl=False, subprotocols=[SUBPROTOCOL],
+                              max_message_size=MAX_DEVICE_MESSAGE_BYTES) as ws:
+        parse_device_message(await ws.get_message())  # hello
+        slots = trio.Semaphore(window)
+        due: dict[str, float] = {}
+        start = trio.current_time()  # a burst (due at 0) counts from here
+
+        async def receive() -> None:
+            for _ in schedule:
+                message = parse_device_message(await ws.get_message())
+                assert isinstance(message, Ack)
+                out.append(trio.current_time() - due.pop(message.id))
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            for n, at in enumerate(schedule, 1):
+                await trio.sleep_until(at)
+                await slots.acquire()
+                command_id = f"b-{device_id}-{time.monotonic_ns()}-{n}"
+                due[command_id] = max(at, start)
+                await ws.send_message(encode_command(Command(id=command_id, seq=n, kind="print", expires_at=None,
+                                                             body=f'{{"n":{n}}}')))
+
+
+async def run_baseline(ports: list[int], window: int, schedules: list[list[float]]) -> tuple[Latencies, float]:
+    out: Latencies = []
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i, port in enumerate(ports):
+            nursery.start_soon(baseline_device, port, f"bench-{i:02d}", window, schedules[i], out)
+    return out, time.perf_counter() - start
+
+
+# --- dispatch: the appliance's dispatcher --------------------------------------------------
+
+
+async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst: int, rate: float,
+                       seconds: float) -> tuple[float, Latencies, float]:
+    """``(throughput seconds, paced latencies, one durable commit in seconds)``."""
+    config = parse_config({"storage": {"dir": str(state_dir)}, "admin": {"token": "bench"},
+                           "dispatch": {"window": window}})
+    runtime = await open_runtime(config)
+    targets = [LinkTarget(id=f"bench-{i:02d}", kind="printer", name="", address="127.0.0.1", port=p)
+               for i, p in enumerate(ports)]
+    board = link_board(runtime)
+
+    def acked() -> int:
+        return sum(s.acked for s in board.all())
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_dispatcher, runtime, adopted=lambda conn: targets))
+
+            # One durable commit, alone: what every enqueue pays on this disk.
+            def touch(conn: sqlite3.Connection) -> None:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('bench', ?)", (str(time.time()),))
+
+            commits = []
+            for _ in range(20):
+                started = time.perf_counter()
+                await runtime.db.write(touch)
+                commits.append(time.perf_counter() - started)
+            commit_s = statistics.median(commits)
+
+            # Throughput: a burst for every device, enqueued in one transaction.
+            def burst_all(conn: sqlite3.Connection) -> None:
+                for n in range(burst):
+                    for target in targets:
+                        enqueue_in(conn, target.id, "print", {"n": n})
+
+            start = time.perf_counter()
+            await runtime.db.write(burst_all)
+            runtime.outbox_changes.notify()
+            await until(lambda: acked() >= burst * len(targets))
+            burst_s = time.perf_counter() - start
+
+            # Latency: each command enqueued (one durable commit each) when it is due.
+            due: dict[str, float] = {}
+            ack_at: dict[str, float] = {}
+            base = acked()
+            paced = paced_schedule(len(targets), rate, seconds, trio.current_time() + 0.5)
+            total = sum(len(s) for s in paced)
+
+            async def producer(target: LinkTarget, schedule: list[float]) -> None:
+                for n, at in enumerate(schedule):
+                    await trio.sleep_until(at)
+                    command_id = f"lat-{target.id}-{n}"
+                    due[command_id] = at
+                    await enqueue(runtime, target.id, "print", {"n": n}, command_id=command_id)
+
+            async with trio.open_nursery() as producers:
+                for target, schedule in zip(targets, paced, strict=True):
+                    producers.start_soon(producer, target, schedule)
+            await until(lambda: acked() >= base + total)
+            def settled(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+                return conn.execute("SELECT id, settled_at FROM outbox WHERE id LIKE 'lat-%'").fetchall()
+
+            rows = await runtime.db.read(settled)
+            with trio.fail_after(60):
+                while any(r["settled_at"] is None for r in rows):  # acked, not yet recorded
+                    await trio.sleep(0.05)
+                    rows = await runtime.db.read(settled)
+            for row in rows:
+                ack_at[row["id"]] = row["settled_at"]
+            # Both clocks: due times are on trio's clock, acks on the wall clock; convert.
+            offset = time.time() - trio.current_time()
+            latencies = [ack_at[i] - (at + offset) for i, at in due.items()]
+            runtime.stopping.set()
+    finally:
+        runtime.db.close()
+    return burst_s, latencies, commit_s
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(600):
+        while not predicate():  # noqa: ASYNC110  (a benchmark loop; 5 ms of granularity is fine)
+            await trio.sleep(0.005)
+
+
+def percentile(values: Latencies, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def paced_schedule(devices: int, rate: float, seconds: float, start: float) -> list[list[float]]:
+    """Due times on trio's clock: ``rate`` commands/s in total, round-robin over devices."""
+    out: list[list[float]] = [[] for _ in range(devices)]
+    for k in range(int(rate * seconds)):
+        out[k % devices].append(start + k / rate)
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    farm = await trio.lowlevel.open_process([sys.executable, "-m", "benchmarks.dispatch", "--serve-devices",
+                                            str(args.devices)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert farm.stdout is not None and farm.stdin is not None
+    line = b""
+    while not line.endswith(b"\n"):
+        line += await farm.stdout.receive_some()
+    ports: list[int] = json.loads(line)
+    total = args.burst * args.devices
+    try:
+        # Baseline throughput, then latency at the offered load.
+        bursts: list[list[float]] = [[0.0] * args.burst for _ in ports]
+        _, base_burst_s = await run_baseline(ports, args.window, bursts)
+        start = trio.current_time() + 0.2
+        base_lat, _ = await run_baseline(ports, args.window, paced_schedule(args.devices, args.rate, args.seconds,
+                                                                            start))
+        with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
+            disp_burst_s, disp_lat, commit_s = await run_dispatch(ports, Path(tmp), window=args.window,
+                                                                  burst=args.burst, rate=args.rate,
+                                                                  seconds=args.seconds)
+    finally:
+        await farm.stdin.aclose()
+        with trio.move_on_after(5):
+            await farm.wait()
+        if farm.returncode is None:
+            farm.kill()
+
+    base_tput, disp_tput = total / base_burst_s, total / disp_burst_s
+    rows = [
+        ("throughput, commands/s", f"{base_tput:,.0f}", f"{disp_tput:,.0f}", f"{disp_tput / base_tput:.2f}"),
+        (f"latency at {args.rate:g}/s, p50 ms", f"{percentile(base_lat, .5) * 1e3:.1f}",
+         f"{percentile(disp_lat, .5) * 1e3:.1f}", f"{percentile(disp_lat, .5) / percentile(base_lat, .5):.1f}x"),
+        (f"latency at {args.rate:g}/s, p99 ms", f"{percentile(base_lat, .99) * 1e3:.1f}",
+         f"{percentile(disp_lat, .99) * 1e3:.1f}", f"{percentile(disp_lat, .99) / percentile(base_lat, .99):.1f}x"),
+    ]
+    print(f"device channel: {args.devices} simulated devices on loopback (another process), window {args.window}")
+    print(f"throughput: {args.burst} commands per device at once ({total} in all); latency: {args.rate:g} "
+          f"commands/s for {args.seconds:g} s ({len(disp_lat)} commands)")
+    print(f"one durable commit (fsync) on this disk: {commit_s * 1e3:.1f} ms")
+    print(f"{'':28}{'baseline (raw ws)':>20}{'dispatch (durable)':>20}{'ratio':>9}")
+    for name, base, disp, ratio in rows:
+        print(f"{name:28}{base:>20}{disp:>20}{ratio:>9}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench dispatch", description=__doc__.splitlines()[0] if __doc__ else "")
+    p.add_argument("--devices", type=int, default=50)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--burst", type=int, default=200, help="commands per device for the throughput run")
+    p.add_argument("--rate", type=float, default=100.0, help="commands/s in all for the latency run")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
+    p.add_argument("--serve-devices", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    if arguments.serve_devices:
+        trio.run(serve_farm, arguments.serve_devices)
+    else:
+        trio.run(main, arguments)

@@ -1,0 +1,515 @@
+"""The dispatcher and its device links, on memory streams (trio.testing.memory_stream_pair)
+served by the real device simulator or by scripted misbehaving devices, with a real
+SQLite outbox. Then the HTTP side: the command API on the store API port and the
+homepage section, on a whole running appliance with real hypercorn and TCP devices.
+
+Time is virtual: a MockClock that jumps only after 10 ms of real idleness, and waits that
+poll every 0.1 virtual second, so a database call in a worker thread moves virtual time
+by a tenth of a second at most and never races it past a timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+
+from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
+from appliance.protocol.channel_codec import SUBPROTOCOL, Hello, encode_device_message
+from appliance.protocol.health import Status
+from appliance.services.assembly import service_specs
+from appliance.services.device_link import LinkPhase, LinkTarget
+from appliance.services.dispatcher import enqueue, link_board, run_dispatcher
+from appliance.services.runtime import Runtime
+from appliance.storage.outbox import CommandState, enqueue_in, list_commands
+from appliance.supervisor import open_runtime, supervise_all
+from tests.conftest import ConfigFactory
+
+Serve = Callable[[trio.abc.Stream], Awaitable[None]]
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+class MemoryLan:
+    """Devices reachable by (address, port) over memory streams; nothing touches a socket."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.devices: dict[tuple[str, int], Serve] = {}
+        self.attempts: list[tuple[float, str]] = []
+        self._scopes: dict[tuple[str, int], list[trio.CancelScope]] = {}
+
+    def plug(self, address: str, port: int, serve: Serve) -> None:
+        self.devices[(address, port)] = serve
+
+    def unplug(self, address: str, port: int) -> None:
+        """Take the device off the network: its open connections die with it."""
+        self.devices.pop((address, port), None)
+        for scope in self._scopes.pop((address, port), []):
+            scope.cancel()
+
+    async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
+        self.attempts.append((trio.current_time(), host))
+        serve = self.devices.get((host, port))
+        if serve is None:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        client, server = trio.testing.memory_stream_pair()
+        scope = trio.CancelScope()
+        self._scopes.setdefault((host, port), []).append(scope)
+
+        async def run() -> None:
+            with scope:
+                await serve(server)
+            await server.aclose()
+
+        self.nursery.start_soon(run)
+        return client
+
+
+def target(device_id: str, address: str = "10.0.0.5", port: int = 8081) -> LinkTarget:
+    return LinkTarget(id=device_id, kind="printer", name=device_id, address=address, port=port)
+
+
+@pytest.fixture
+async def runtime(make_config: ConfigFactory) -> AsyncIterator[Runtime]:
+    rt = await open_runtime(make_config(dispatch={"backoff_initial_s": 1.0, "backoff_max_s": 8.0,
+                                                  "ping_interval_s": 300.0, "maintenance_interval_s": 3600.0}))
+    yield rt
+    rt.db.close()
+
+
+@asynccontextmanager
+async def dispatching(runtime: Runtime, targets: list[LinkTarget],
+                      plugged: dict[str, Serve] | None = None) -> AsyncIterator[MemoryLan]:
+    """A running dispatcher over a memory LAN (``plugged``: devices on it from the start, by
+    address, port 8081); stopped gracefully on the way out."""
+    async with trio.open_nursery() as nursery:
+        lan = MemoryLan(nursery)
+        for address, serve in (plugged or {}).items():
+            lan.plug(address, 8081, serve)
+        done = trio.Event()
+
+        async def dispatcher(task_status: trio.TaskStatus[None]) -> None:
+            await run_dispatcher(runtime, open_stream=lan.open_stream, adopted=lambda conn: list(targets),
+                                 clock=trio.current_time, rng=random.Random(7), task_status=task_status)
+            done.set()
+
+        await nursery.start(dispatcher)
+        yield lan
+        runtime.stopping.set()
+        with trio.fail_after(60):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def enqueue_many(runtime: Runtime, items: Sequence[tuple[str, dict[str, Any]]],
+                       expires_at: float | None = None) -> list[str]:
+    """Many commands in one transaction (the order receiver's way), then one wake-up."""
+
+    def write(conn: Any) -> list[str]:
+        return [enqueue_in(conn, device, "print", body, expires_at).id for device, body in items]
+
+    ids = await runtime.db.write(write)
+    runtime.outbox_changes.notify()
+    return ids
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    """Until ``predicate()`` holds (the simulators and the link board have no change signal
+    to wait on: poll). Bounded, so a broken test fails instead of hanging; callers on real
+    time bound it tighter with their own ``fail_after``."""
+    with trio.fail_after(600):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.1)
+
+
+async def bounded(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        await wait_for(predicate)
+
+
+async def states(runtime: Runtime, device_id: str) -> dict[str, CommandState]:
+    rows = await runtime.db.read(partial(list_commands, device_id=device_id, limit=500))
+    return {r.id: r.state for r in rows}
+
+
+# --- delivery --------------------------------------------------------------------------
+
+
+async def test_every_command_reaches_its_device_once_in_order(clock: trio.testing.MockClock,
+                                                              runtime: Runtime) -> None:
+    sims = {f"p{i}": DeviceSimulator(device_id=f"p{i}") for i in range(3)}
+    targets = [target(d, address=f"10.0.0.{i + 5}") for i, d in enumerate(sims)]
+    async with dispatching(runtime, targets) as lan:
+        for t in targets:
+            lan.plug(t.address, t.port, sims[t.id].serve_stream)
+        ids = await enqueue_many(runtime, [(f"p{n % 3}", {"n": n}) for n in range(150)])
+        # A second batch through the one-at-a-time path, while the first is in flight.
+        ids += [(await enqueue(runtime, f"p{n % 3}", "print", {"n": n})).id for n in range(150, 180)]
+        await wait_for(lambda: sum(len(s.accepted) for s in sims.values()) >= 180)
+        await wait_for(lambda: all(s.acked == 60 for s in link_board(runtime).all()))
+    for i, (device_id, sim) in enumerate(sims.items()):
+        assert [a.body["n"] for a in sim.accepted] == list(range(i, 180, 3))
+        assert [a.seq for a in sim.accepted] == list(range(1, 61))
+        assert sim.duplicates == 0 and sim.connections == 1
+        assert set((await states(runtime, device_id)).values()) == {CommandState.ACKED}
+    assert runtime.metrics.value("device_commands_acked", device="p1") == 60
+    assert len(set(ids)) == 180
+
+
+async def test_unreachable_device_backs_off_with_jitter_and_says_why(clock: trio.testing.MockClock,
+                                                                     runtime: Runtime) -> None:
+    async with dispatching(runtime, [target("kds-1")]) as lan:
+        await enqueue(runtime, "kds-1", "order.created", {"order": 1})
+        await wait_for(lambda: len(lan.attempts) >= 6)
+        gaps = [b[0] - a[0] for a, b in zip(lan.attempts, lan.attempts[1:], strict=False)]
+        # 1, 2, 4, 8, 8 s (capped), each jittered down by at most 25 %.
+        for gap, base in zip(gaps, [1, 2, 4, 8, 8], strict=False):
+            assert base * 0.75 <= gap <= base, gaps
+        status = link_board(runtime).links["kds-1"]
+        assert status.phase is LinkPhase.WAITING and status.failures >= 5
+        checks = {c.name: c for c in await runtime.health.run_all()}
+        link = checks["device.kds-1.channel"]
+        assert link.status is Status.FAIL  # a command waits for it
+        assert link.message == ("device kds-1: cannot reach 10.0.0.5:8081: connection refused; "
+                                "1 command(s) wait for it")
+        assert link.fix == "check the device is on and its app running"
+        assert checks["dispatch.outbox"].data["depth"] == 1
+        # Plugged in at last: the command goes out and the backoff starts over.
+        sim = DeviceSimulator(device_id="kds-1", kind="kds")
+        lan.plug("10.0.0.5", 8081, sim.serve_stream)
+        await wait_for(lambda: len(sim.accepted) == 1)
+        await wait_for(lambda: status.acked == 1)
+        assert status.phase is LinkPhase.CONNECTED and status.failures == 0
+        checks = {c.name: c for c in await runtime.health.run_all()}
+        assert checks["device.kds-1.channel"].status is Status.OK
+        assert checks["device.kds-1.channel"].message.startswith("device kds-1: connected to 10.0.0.5:8081")
+
+
+async def misbehaving(script: Callable[[WebSocketConnection], Awaitable[None]], stream: trio.abc.Stream) -> None:
+    """A device that completes the WebSocket handshake, then runs ``script``."""
+    async with trio.open_nursery() as nursery:
+        request = await wrap_server_stream(nursery, stream)
+        ws = await request.accept(subprotocol=SUBPROTOCOL)
+        with suppress(ConnectionClosed):
+            await script(ws)
+        nursery.cancel_scope.cancel()
+
+
+async def say_garbage(ws: WebSocketConnection) -> None:
+    await ws.send_message(encode_device_message(Hello(device_id="bad-1", kind="pos", firmware="0")))
+    await ws.send_message('{"t": "ack", "id": ')
+    await trio.sleep_forever()
+
+
+async def say_wrong_hello(ws: WebSocketConnection) -> None:
+    await ws.send_message(encode_device_message(Hello(device_id="someone-else", kind="pos", firmware="0")))
+    await trio.sleep_forever()
+
+
+async def say_nothing(ws: WebSocketConnection) -> None:
+    await trio.sleep_forever()
+
+
+async def say_too_much(ws: WebSocketConnection) -> None:
+    await ws.send_message(encode_device_message(Hello(device_id="bad-1", kind="pos", firmware="x" * 5000)))
+    await trio.sleep_forever()
+
+
+async def rejecting(stream: trio.abc.Stream) -> None:
+    """Not a device channel at all: an HTTP server that says 404 to the upgrade."""
+    async with trio.open_nursery() as nursery:
+        request = await wrap_server_stream(nursery, stream)
+        await request.reject(404, body=b"no such page")
+        nursery.cancel_scope.cancel()
+
+
+async def mute_tcp(stream: trio.abc.Stream) -> None:
+    """Something that accepts TCP and never speaks."""
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(("serve", "words"), [
+    (partial(misbehaving, say_garbage), "broke the device protocol: a device message must be JSON"),
+    (partial(misbehaving, say_wrong_hello), "says it is 'someone-else', not 'bad-1'"),
+    (partial(misbehaving, say_nothing), "stopped answering: no hello within 10 s"),
+    (partial(misbehaving, say_too_much), "closed (code 1009: Exceeded maximum message size: 4096 bytes)"),
+    (rejecting, "refused the device channel (HTTP 404)"),
+    (mute_tcp, "the TCP connection opened but no WebSocket answer came within 5 s"),
+], ids=["garbage", "wrong-hello", "silent", "too-big", "rejecting", "mute-tcp"])
+async def test_a_misbehaving_device_is_dropped_and_backs_off_without_harming_others(
+        clock: trio.testing.MockClock, runtime: Runtime, serve: Serve, words: str) -> None:
+    good = DeviceSimulator(device_id="good-1")
+    async with dispatching(runtime, [target("bad-1", "10.0.0.6"), target("good-1", "10.0.0.7")]) as lan:
+        lan.plug("10.0.0.6", 8081, serve)
+        lan.plug("10.0.0.7", 8081, good.serve_stream)
+        await enqueue_many(runtime, [("bad-1", {"n": n}) for n in range(5)] + [("good-1", {"n": n}) for n in range(5)])
+        await wait_for(lambda: len([a for a in lan.attempts if a[1] == "10.0.0.6"]) >= 3)
+        await wait_for(lambda: len(good.accepted) == 5)
+        bad = link_board(runtime).links["bad-1"]
+        assert words in bad.last_error
+        assert bad.acked == 0 and bad.failures >= 2
+        assert set((await states(runtime, "bad-1")).values()) <= {CommandState.QUEUED, CommandState.SENT}
+        assert runtime.board.get("dispatcher") is None  # not supervised here; it never crashed either
+
+
+async def test_flaky_wifi_and_a_busy_device_still_get_everything_once_in_order(
+        clock: trio.testing.MockClock, runtime: Runtime, tmp_path: Path) -> None:
+    flaky = DeviceSimulator(device_id="flaky", drop_rate=0.05, seed=1, log_path=tmp_path / "flaky.jsonl")
+    busy = DeviceSimulator(device_id="busy", nack_rate=0.1, seed=2, delay_s=0.01)
+    async with dispatching(runtime, [target("flaky", "10.0.0.8"), target("busy", "10.0.0.9")]) as lan:
+        lan.plug("10.0.0.8", 8081, flaky.serve_stream)
+        lan.plug("10.0.0.9", 8081, busy.serve_stream)
+        await enqueue_many(runtime, [(d, {"n": n}) for n in range(120) for d in ("flaky", "busy")])
+        await wait_for(lambda: len(flaky.accepted) == 120 and len(busy.accepted) == 120)
+        await wait_for(lambda: all(s.acked == 120 for s in link_board(runtime).all()))
+    flaky.close()
+    assert flaky.drops > 0 and flaky.connections > 1
+    assert busy.nacks > 0
+    for sim in (flaky, busy):
+        assert [a.body["n"] for a in sim.accepted] == list(range(120))
+    assert [a.seq for a in read_log(tmp_path / "flaky.jsonl")] == list(range(1, 121))
+
+
+async def test_a_device_that_stops_acking_is_reconnected_and_gets_its_commands_again(
+        clock: trio.testing.MockClock, runtime: Runtime) -> None:
+    mute_connections: list[float] = []
+    received: list[float] = []
+
+    async def mute(ws: WebSocketConnection) -> None:
+        mute_connections.append(trio.current_time())
+        await ws.send_message(encode_device_message(Hello(device_id="mute", kind="kds", firmware="0")))
+        while True:
+            await ws.get_message()  # reads and never answers
+            received.append(trio.current_time())
+
+    await enqueue(runtime, "mute", "ping", {})
+    async with dispatching(runtime, [target("mute")], {"10.0.0.5": partial(misbehaving, mute)}) as lan:
+        await wait_for(lambda: len(mute_connections) >= 2)
+        status = link_board(runtime).links["mute"]
+        assert "no ack for command seq 1 within 30 s" in status.last_error
+        # Dropped 30 s after the send, back 1 s (jittered down by at most 25 %) later.
+        assert 30.75 <= mute_connections[1] - received[0] <= 31.0
+        sim = DeviceSimulator(device_id="mute")
+        lan.unplug("10.0.0.5", 8081)
+        lan.plug("10.0.0.5", 8081, sim.serve_stream)
+        await wait_for(lambda: len(sim.accepted) == 1)
+
+
+async def test_a_link_whose_pings_go_unanswered_is_dropped(clock: trio.testing.MockClock,
+                                                           make_config: ConfigFactory) -> None:
+    rt = await open_runtime(make_config(dispatch={"ping_interval_s": 15.0, "ping_timeout_s": 10.0,
+                                                  "maintenance_interval_s": 3600.0}))
+    connects: list[float] = []
+
+    async def frozen(stream: trio.abc.Stream) -> None:
+        # Handshake and hello, then the device's network stack stops reading: no pong ever.
+        connects.append(trio.current_time())
+        async with trio.open_nursery() as nursery:
+            request = await wrap_server_stream(nursery, stream)
+            ws = await request.accept(subprotocol=SUBPROTOCOL)
+            await ws.send_message(encode_device_message(Hello(device_id="frozen", kind="kds", firmware="0")))
+            nursery.cancel_scope.cancel()
+        await trio.sleep_forever()
+
+    try:
+        async with dispatching(rt, [target("frozen")], {"10.0.0.5": frozen}):
+            await wait_for(lambda: len(connects) >= 2)
+            assert "no answer to a WebSocket ping within 10 s" in link_board(rt).links["frozen"].last_error
+            # A ping at 15 s, given up at 25 s, reconnect after the first backoff (0.5 s, jittered).
+            assert 25.375 <= connects[1] - connects[0] <= 25.5
+    finally:
+        rt.db.close()
+
+
+async def test_expired_commands_are_never_delivered(clock: trio.testing.MockClock, runtime: Runtime) -> None:
+    sim = DeviceSimulator(device_id="late")
+    async with dispatching(runtime, [target("late")]) as lan:
+        now = trio.current_time()
+        short = await enqueue_many(runtime, [("late", {"n": n}) for n in range(3)], expires_at=now + 5)
+        await enqueue_many(runtime, [("late", {"n": n}) for n in range(3, 6)])
+        await wait_for(lambda: trio.current_time() > now + 6)  # unreachable past their expiry
+        lan.plug("10.0.0.5", 8081, sim.serve_stream)
+        await wait_for(lambda: len(sim.accepted) == 3)
+        await wait_for(lambda: link_board(runtime).links["late"].acked == 3)
+    assert [a.body["n"] for a in sim.accepted] == [3, 4, 5]
+    rows = {r.id: r for r in await runtime.db.read(partial(list_commands, device_id="late"))}
+    assert {rows[i].state for i in short} == {CommandState.DEAD}
+    assert {rows[i].reason for i in short} == {"expired before it could be delivered"}
+
+
+async def test_graceful_stop_waits_for_acks_in_flight_and_keeps_the_rest(clock: trio.testing.MockClock,
+                                                                         runtime: Runtime) -> None:
+    slow = DeviceSimulator(device_id="slow", delay_s=1.0)
+    async with dispatching(runtime, [target("slow")]) as lan:
+        lan.plug("10.0.0.5", 8081, slow.serve_stream)
+        await enqueue_many(runtime, [("slow", {"n": n}) for n in range(100)])
+        await wait_for(lambda: len(slow.accepted) >= 3)
+        stopped_at = trio.current_time()
+    # The window (32) was in flight: each was acked before the dispatcher returned.
+    took = trio.current_time() - stopped_at
+    by_state: dict[CommandState, int] = {}
+    for state in (await states(runtime, "slow")).values():
+        by_state[state] = by_state.get(state, 0) + 1
+    assert len(slow.accepted) == by_state[CommandState.ACKED]
+    assert 32 <= by_state[CommandState.ACKED] <= 36 and took <= 34
+    assert by_state.get(CommandState.QUEUED, 0) + by_state[CommandState.ACKED] == 100
+    assert CommandState.SENT not in by_state  # nothing sent is left unsettled
+
+
+async def test_links_follow_adoption_changes(clock: trio.testing.MockClock, runtime: Runtime) -> None:
+    targets = [target("a", "10.0.0.1")]
+    sims = {"a": DeviceSimulator(device_id="a"), "b": DeviceSimulator(device_id="b")}
+    async with dispatching(runtime, targets) as lan:
+        lan.plug("10.0.0.1", 8081, sims["a"].serve_stream)
+        lan.plug("10.0.0.2", 8081, sims["b"].serve_stream)
+        lan.plug("10.0.0.3", 8081, sims["b"].serve_stream)
+        await enqueue_many(runtime, [("a", {}), ("b", {})])
+        await wait_for(lambda: len(sims["a"].accepted) == 1)
+        assert list(link_board(runtime).links) == ["a"] and not sims["b"].accepted
+        targets.append(target("b", "10.0.0.2"))  # adopted
+        runtime.device_changes.notify()
+        await wait_for(lambda: len(sims["b"].accepted) == 1)
+        targets[:] = [target("b", "10.0.0.3")]  # a rejected, b moved
+        runtime.device_changes.notify()
+        await wait_for(lambda: list(link_board(runtime).links) == ["b"] and sims["b"].connections == 2)
+        await enqueue_many(runtime, [("a", {}), ("b", {})])
+        await wait_for(lambda: len(sims["b"].accepted) == 2)
+        assert len(sims["a"].accepted) == 1
+        checks = {c.name: c for c in await runtime.health.run_all()}
+        assert checks["dispatch.outbox"].status is Status.WARN
+        assert "a not adopted" in checks["dispatch.outbox"].message
+        assert "device.a.channel" not in checks
+
+
+# --- the simulator --------------------------------------------------------------------
+
+
+def test_simulator_dedupes_across_restarts_through_its_log(tmp_path: Path) -> None:
+    log_path = tmp_path / "dev.jsonl"
+    first = DeviceSimulator(device_id="d", log_path=log_path)
+    first.close()
+    log_path.write_text(json.dumps({"id": "c-1", "seq": 1, "kind": "print", "expires_at": None, "body": {},
+                                    "received_at": 1.0}) + "\n" + '{"id": "c-2", "se')  # torn by a crash
+    again = DeviceSimulator(device_id="d", log_path=log_path)
+    assert [a.id for a in again.accepted] == ["c-1"]
+    assert log_path.read_text().endswith("}\n")  # the torn line, never acked, is cut
+    again.close()
+
+
+async def test_simulator_refuses_a_client_without_the_subprotocol() -> None:
+    sim = DeviceSimulator(device_id="d")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1"))
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(f"http://127.0.0.1:{port}/", headers={
+                "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        assert answer.status_code == 400 and SUBPROTOCOL in answer.text
+        nursery.cancel_scope.cancel()
+
+
+# --- HTTP: the command API and the homepage, on a whole appliance -----------------------
+
+
+@asynccontextmanager
+async def appliance_with(make_config: ConfigFactory, devices: list[dict[str, Any]]) -> AsyncIterator[Runtime]:
+    runtime = await open_runtime(make_config(devices=devices))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
+                                                                  task_status=task_status))
+            yield runtime
+            runtime.stopping.set()
+    finally:
+        runtime.db.close()
+
+
+async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Path) -> None:
+    sim = DeviceSimulator(device_id="printer-1", log_path=tmp_path / "printer.jsonl")
+    async with trio.open_nursery() as sims:
+        port = await sims.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1"))
+        async with appliance_with(make_config, [{"id": "printer-1", "kind": "printer", "address": "127.0.0.1",
+                                                 "port": port, "name": "Front printer"}]) as rt:
+            api = f"http://127.0.0.1:{rt.ports['api']}"
+            admin = f"http://127.0.0.1:{rt.ports['admin']}"
+            auth = {"Authorization": "Bearer test-admin-token"}
+            async with httpx.AsyncClient(timeout=10) as client:
+                url = f"{api}/v1/devices/printer-1/commands"
+                answer = await client.post(url, json={"kind": "print", "body": {"text": "hello"}})
+                assert answer.status_code == 401
+                answer = await client.post(url, headers=auth, json={"kind": "Print!", "body": [], "expires_at": "soon",
+                                                                    "colour": "red"})
+                assert answer.status_code == 400
+                assert answer.json()["errors"] == [
+                    "(top level): unknown key(s) colour; a command has kind, body, expires_at, id",
+                    "kind: a command kind is a dotted lower-case name of at most 64 characters (e.g. order.created), "
+                    "got 'Print!'",
+                    "body: must be a JSON object, got list",
+                    "expires_at: must be a number of Unix seconds or null, got str",
+                ]
+                answer = await client.post(url, headers=auth, content=b"{not json")
+                assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]
+                answer = await client.post(f"{api}/v1/devices/nobody/commands", headers=auth,
+                                           json={"kind": "print", "body": {}})
+                assert answer.status_code == 404
+                assert (await client.get(url + "?state=queued", headers=auth)).json()["commands"] == []
+
+                answer = await client.post(url, headers=auth, json={"kind": "print", "body": {"text": "hello"},
+                                                                    "id": "till-3:receipt-881"})
+                assert answer.status_code == 201, answer.text
+                made = answer.json()
+                assert (made["id"], made["seq"], made["created"]) == ("till-3:receipt-881", 1, True)
+                assert answer.headers["location"] == "/v1/devices/printer-1/commands/till-3:receipt-881"
+                again = await client.post(url, headers=auth, json={"kind": "print", "body": {"text": "hello"},
+                                                                   "id": "till-3:receipt-881"})
+                assert again.status_code == 200 and again.json()["created"] is False
+                await bounded(lambda: len(sim.accepted) == 1)
+                one = await client.get(f"{url}/till-3:receipt-881", headers=auth)
+                await bounded(lambda: link_board(rt).links["printer-1"].acked == 1)
+                for _ in range(100):
+                    one = await client.get(f"{url}/till-3:receipt-881", headers=auth)
+                    if one.json()["command"]["state"] == "acked":
+                        break
+                    await trio.sleep(0.05)
+                assert one.json()["command"]["state"] == "acked"
+                assert one.json()["command"]["body"] == {"text": "hello"}
+                listing = await client.get(url + "?state=acked", headers=auth)
+                assert [c["id"] for c in listing.json()["commands"]] == ["till-3:receipt-881"]
+                bad = await client.get(url + "?state=lost&limit=0", headers=auth)
+                assert bad.status_code == 400 and len(bad.json()["errors"]) == 2
+
+                home = await client.get(f"{admin}/")
+                assert "Device links" in home.text and "Front printer" in home.text
+                assert "Send test command" in home.text and "connected" in home.text
+                form = await client.post(f"{admin}/devices/test-command",
+                                         data={"token": "wrong", "device": "printer-1"})
+                assert form.status_code == 401 and "nothing was sent" in form.text
+                form = await client.post(f"{admin}/devices/test-command",
+                                         data={"token": "test-admin-token", "device": "printer-1"})
+                assert form.status_code == 303 and form.headers["location"] == "/#device-links"
+                await bounded(lambda: len(sim.accepted) == 2)
+                assert sim.accepted[1].kind == "ping"
+                status = (await client.get(f"{admin}/api/status")).json()
+                assert status["device_links"][0]["device_id"] == "printer-1"
+                health = (await client.get(f"http://127.0.0.1:{rt.ports['ops']}/health")).json()
+                names = {c["name"]: c for c in health["checks"]}
+                assert names["device.printer-1.channel"]["status"] == "ok"
+                metrics = (await client.get(f"http://127.0.0.1:{rt.ports['ops']}/metrics")).text
+                assert 'appliance_device_commands_acked_total{device="printer-1"} 2' in metrics
+        sims.cancel_scope.cancel()
+    sim.close()
