@@ -334,6 +334,12 @@ class CloudConfig:
     heartbeat_interval_s: float = attrs.field(default=60.0, validator=_positive)
     page_limit: int = attrs.field(default=500, validator=_positive)
     backoff_max_s: float = attrs.field(default=300.0, validator=_positive)
+    # First retry delay after a failed call (doubling up to backoff_max_s, with jitter).
+    backoff_initial_s: float = attrs.field(default=1.0, validator=_positive)
+    # Events per upload (the platform takes at most 500).
+    push_batch: int = attrs.field(default=100, validator=_positive)
+    # Accepted events stay in the outbox this long (for diagnosis), then are dropped.
+    accepted_retention_s: float = attrs.field(default=86400.0, validator=_non_negative)
 
 
 @attrs.frozen(kw_only=True)

@@ -21,12 +21,16 @@ from appliance.health.wan import WanChecks
 from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.dispatcher import run_dispatcher
 from appliance.services.http import run_listener
+from appliance.services.pairing import run_pairing
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
+from appliance.services.sync import run_sync
 from appliance.services.web import admin, api, events, media, ops, provisioning, support
 from appliance.services.web import commands as device_commands
 from appliance.services.web.devices import admin_parts as device_admin_parts
+from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
+from appliance.services.web.store import api_parts as store_api_parts
 
 __all__ = ["listener_apps", "service_specs"]
 
@@ -35,6 +39,8 @@ def web_parts() -> dict[str, WebParts]:
     """What each feature adds to each listener, keyed by listener role."""
     parts = {role: WebParts() for role in LISTENER_ROLES}
     parts["admin"] += device_admin_parts()  # the device registry: list, adopt, reject
+    parts["admin"] += cloud_admin_parts()  # pairing form, cloud sync status
+    parts["api"] += store_api_parts()  # catalog, prices, stock; sales and orders in
     parts["api"] += device_commands.api_parts()  # device commands: enqueue and inspect
     parts["admin"] += device_commands.admin_parts()  # device links and the test-command button
     return parts
@@ -70,6 +76,8 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     # The device dispatcher first (DESIGN §3): commands flow to devices before anything
     # can enqueue more; graceful: on stop it waits for the acks of what is in flight.
     specs.append(ServiceSpec(name="dispatcher", run=run_dispatcher, core=True, graceful=True))
+    # The saved pairing is loaded into runtime.store before anything announces the box.
+    specs.append(ServiceSpec(name="cloud.pairing", run=run_pairing, core=False))
     for role, app in listener_apps(runtime).items():
         specs.append(ServiceSpec(name=f"http.{role}", run=partial(run_listener, app=app, role=role),
                                  core=True, graceful=True))
@@ -77,4 +85,7 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     specs.append(ServiceSpec(name="devices", run=run_device_registry, core=False))
     specs.append(ServiceSpec(name="discovery", run=run_discovery, core=False,
                              enabled=runtime.config.discovery.enabled))
+    # Cloud sync: pull the replica, push events, heartbeat (after the LAN is up: the shop
+    # is served whatever the WAN does).
+    specs.append(ServiceSpec(name="cloud.sync", run=run_sync, core=False))
     return specs

@@ -13,6 +13,7 @@ import trio
 
 from appliance.config import Config
 from appliance.health import HealthRegistry
+from appliance.protocol.sync import SyncStatus
 from appliance.services.board import ServiceBoard
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
@@ -48,6 +49,13 @@ class Runtime:
     # and on a 401); pairing_changes is notified every time it changes, "needs_repair" too.
     store: StoreLink | None = None
     pairing_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
+    # Notified whenever events are queued for the platform (sales, orders, statuses).
+    uplink_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
+    # What the cloud sync loops last saw (homepage, /api/status, health, heartbeat).
+    sync_status: SyncStatus = attrs.field(factory=SyncStatus)
+    # Notified when someone asks for a pull from the platform now (the remote support
+    # channel's "resync"); the sync service's pull loop wakes on it.
+    resync_requests: ChangeSignal = attrs.field(factory=ChangeSignal)
 
     def uptime_s(self) -> float:
         return max(0.0, time.time() - self.started_at)

@@ -1,0 +1,179 @@
+"""Pairing the box with its store, and keeping ``runtime.store`` up to date.
+
+- :func:`pair_box` calls ``POST /v1/appliances/pair`` and saves the answer (0600). Used by
+  ``appliance pair CODE`` (its own process) and the homepage form (in the running box).
+- :func:`run_pairing`, a service started before the listeners and discovery: loads the
+  saved pairing into ``runtime.store`` before it reports ready, then notices a pairing
+  saved by another process (``appliance pair``) within :data:`WATCH_INTERVAL_S`.
+- :func:`mark_repair_needed`: the platform refused the token (401/403); the box shows
+  "pair again", stops calling the platform, and keeps serving the LAN.
+
+Every change of ``runtime.store`` notifies ``runtime.pairing_changes``.
+
+Exceptions: :class:`PairingFailed` (message for the person pairing; ``link`` says where the
+network path broke when it did).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Final
+
+import attrs
+import httpx
+import trio
+
+from appliance import __version__
+from appliance.config import Config
+from appliance.protocol.sync import Hop, LinkError, SyncProtocolError, http_failure, parse_error, parse_pairing
+from appliance.services.runtime import Runtime
+from appliance.services.wan import WanConfigError, close_client, locate_failure, open_client, proxy_for
+from appliance.storage.pairing import PairingFileError, StoreLink, file_stamp, load_pairing, save_pairing
+
+__all__ = ["WATCH_INTERVAL_S", "PairingFailed", "describe", "mark_repair_needed", "pair_box", "pair_from_web",
+           "run_pairing", "set_store"]
+
+log = logging.getLogger(__name__)
+
+# How often the running box looks for a pairing saved by `appliance pair`.
+WATCH_INTERVAL_S: Final = 2.0
+# The contract's bound on the pairing code and ids (docs/cloud-contract.md).
+CODE_MAX_CHARS: Final = 128
+# A pairing answer is a few hundred bytes of settings.
+ANSWER_MAX_BYTES: Final = 65536
+
+
+class PairingFailed(Exception):
+    """Pairing did not happen; the message says why in words for the person pairing."""
+
+    def __init__(self, message: str, *, link: LinkError | None = None) -> None:
+        self.message, self.link = message, link
+        super().__init__(message)
+
+
+def _check_code(code: str) -> str:
+    code = code.strip()
+    if not code:
+        raise PairingFailed("enter the pairing code shown in the back office")
+    if len(code) > CODE_MAX_CHARS or not code.isprintable():
+        raise PairingFailed(f"that is not a pairing code (at most {CODE_MAX_CHARS} printable characters)")
+    return code
+
+
+async def pair_box(config: Config, *, appliance_id: str, code: str, now: float | None = None) -> StoreLink:
+    """Pair with the platform and save the pairing (replacing any earlier one).
+
+    The call runs under one deadline (connect + read timeouts). Cancellation before the
+    answer leaves the old pairing; the file is replaced atomically.
+    """
+    code = _check_code(code)
+    cloud, wan = config.cloud, config.wan
+    url = cloud.api_url.rstrip("/") + "/v1/appliances/pair"
+    try:
+        client = open_client(cloud.api_url, proxy=wan.proxy, no_proxy=wan.no_proxy, ca_file=cloud.ca_file,
+                             connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
+        proxy = proxy_for(httpx.URL(cloud.api_url).host, proxy=wan.proxy, no_proxy=wan.no_proxy)
+    except WanConfigError as exc:
+        raise PairingFailed(str(exc)) from exc
+    body = {"code": code, "appliance_id": appliance_id, "firmware": __version__}
+    try:
+        try:
+            with trio.fail_after(cloud.connect_timeout_s + cloud.read_timeout_s):
+                response = await client.post("/v1/appliances/pair", json=body)
+        finally:
+            await close_client(client)
+    except (httpx.HTTPError, trio.TooSlowError) as exc:
+        if isinstance(exc, httpx.HTTPError):
+            link = locate_failure(exc, url=url, proxy=proxy)
+        else:
+            link = LinkError.at(Hop.HTTP, httpx.URL(url).host, f"no answer from {cloud.api_url} in time")
+        raise PairingFailed(f"{link.message} ({link.fix})", link=link) from exc
+    raw = response.content[:ANSWER_MAX_BYTES]
+    if response.status_code != 200:
+        code_, reason = parse_error(raw)
+        if response.status_code in (403, 404) and code_.startswith("pair_code"):
+            raise PairingFailed(reason or f"the platform refused the code ({code_})")
+        link = http_failure(httpx.URL(url).host, response.status_code, code=code_, reason=reason)
+        raise PairingFailed(f"{link.message} ({link.fix})", link=link)
+    try:
+        answer = parse_pairing(raw)
+    except SyncProtocolError as exc:
+        raise PairingFailed(f"the platform's pairing answer is not usable: {exc}") from exc
+    link_ = StoreLink(store_id=answer.store_id, token=answer.token, services=answer.services,
+                      store_secret=answer.store_secret, paired_at=time.time() if now is None else now)
+    await trio.to_thread.run_sync(save_pairing, Path(config.storage.dir), link_)
+    log.info("paired with store %s", answer.store_id)
+    return link_
+
+
+def set_store(runtime: Runtime, link: StoreLink | None) -> None:
+    """Make ``link`` the box's pairing and tell every watcher."""
+    runtime.store = link
+    runtime.pairing_changes.notify()
+
+
+async def mark_repair_needed(runtime: Runtime, refused: StoreLink) -> None:
+    """The platform refused ``refused``'s token: remember it (across restarts) and say so.
+    A newer pairing made meanwhile is left alone."""
+    if runtime.store is None or runtime.store.token != refused.token or runtime.store.needs_repair:
+        return
+    link = attrs.evolve(refused, needs_repair=True)
+    log.warning("the platform refused the box's token for store %s: pair the box again", refused.store_id)
+    try:
+        await trio.to_thread.run_sync(save_pairing, Path(runtime.config.storage.dir), link)
+    except OSError as exc:  # the state in memory is what matters now; the next start learns it again
+        log.error("cannot save the pairing state: %s", exc)
+    if runtime.store is not None and runtime.store.token == refused.token:  # not re-paired meanwhile
+        set_store(runtime, link)
+
+
+async def pair_from_web(runtime: Runtime, code: str) -> StoreLink:
+    """Pair the running box (the homepage form): save, then switch every service over."""
+    link = await pair_box(runtime.config, appliance_id=runtime.appliance_id, code=code)
+    set_store(runtime, link)
+    return link
+
+
+def _load(state_dir: Path) -> tuple[StoreLink | None, str]:
+    try:
+        return load_pairing(state_dir), ""
+    except PairingFileError as exc:
+        return None, f"{exc}; pair the box again"
+
+
+async def run_pairing(runtime: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Load the saved pairing into ``runtime.store``, then follow changes to its file."""
+    state_dir = Path(runtime.config.storage.dir)
+    stamp = await trio.to_thread.run_sync(file_stamp, state_dir)
+    link, problem = await trio.to_thread.run_sync(_load, state_dir)
+    runtime.sync_status.pairing_problem = problem
+    if link is not None:
+        log.info("paired with store %s%s", link.store_id, " (pair again: token refused)" if link.needs_repair else "")
+    set_store(runtime, link)
+    task_status.started()
+    while True:
+        await trio.sleep(WATCH_INTERVAL_S)
+        current = await trio.to_thread.run_sync(file_stamp, state_dir)
+        if current == stamp:
+            continue
+        stamp = current
+        link, problem = await trio.to_thread.run_sync(_load, state_dir)
+        runtime.sync_status.pairing_problem = problem
+        old = runtime.store
+        if link is None and old is None:
+            continue
+        if (link is None or old is None or link.token != old.token or link.needs_repair != old.needs_repair
+                or link.services != old.services):
+            log.info("pairing file changed: %s", f"store {link.store_id}" if link else "unpaired")
+            set_store(runtime, link)
+
+
+def describe(link: StoreLink | None) -> dict[str, object]:
+    """The pairing state for /api/status (never the token or secrets)."""
+    if link is None:
+        return {"state": "unpaired", "store_id": None}
+    services = sorted(k for k, v in link.services.items() if k != "store_secret" and v)
+    return {"state": "repair_needed" if link.needs_repair else "paired", "store_id": link.store_id,
+            "paired_at": link.paired_at, "services": services}

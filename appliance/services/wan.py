@@ -1,0 +1,259 @@
+"""The box's one way out to the internet: HTTP clients for WAN hosts, and what went wrong.
+
+Every WAN user (cloud sync, media, Service Bus, logs) takes its proxy from here, so the
+box's config, not its environment, decides the path: ``[wan] proxy`` (with
+``[wan] no_proxy``) and an extra CA bundle that is *added* to the system's roots (a
+TLS-inspecting proxy's CA). TLS verification cannot be switched off: no argument here
+does it.
+
+- :func:`parse_proxy` turns ``[wan] proxy`` into :class:`ProxySettings` (also the shape the
+  Service Bus SDK wants: host, port, username, password).
+- :func:`proxy_for` says whether a host goes through the proxy (``no_proxy``).
+- :func:`open_client` builds the ``httpx.AsyncClient`` for one WAN base URL.
+- :func:`locate_failure` names the hop that broke (DNS, TCP, proxy, TLS, HTTP) in words.
+
+Exceptions: :class:`WanConfigError` (ValueError) for a proxy URL or CA file that cannot be
+used; the message is one line for a person.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import ssl
+from collections.abc import Sequence
+from typing import Final
+from urllib.parse import quote, unquote, urlsplit
+
+import attrs
+import httpx
+import trio
+
+from appliance.protocol.sync import Hop, LinkError
+
+__all__ = ["ProxySettings", "WanConfigError", "close_client", "locate_failure", "open_client", "parse_proxy",
+           "proxy_for", "ssl_context"]
+
+# Connections one WAN client keeps: the sync loops run three calls at most at once.
+MAX_CONNECTIONS: Final = 4
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+# Closing a client sends TLS close_notify on each connection; past this, give up politely.
+CLOSE_TIMEOUT_S: Final = 2.0
+
+
+class WanConfigError(ValueError):
+    """A WAN setting ([wan] proxy, a CA file) cannot be used."""
+
+
+@attrs.frozen(kw_only=True)
+class ProxySettings:
+    scheme: str  # http or https (TLS to the proxy itself)
+    host: str
+    port: int
+    username: str = attrs.field(default="", repr=False)
+    password: str = attrs.field(default="", repr=False)
+
+    @property
+    def address(self) -> str:
+        """host:port, as shown to a person (never the credentials)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The URL for httpx, with the credentials."""
+        auth = ""
+        if self.username:
+            auth = quote(self.username, safe="") + (":" + quote(self.password, safe="") if self.password else "") + "@"
+        return f"{self.scheme}://{auth}{self.address}"
+
+
+def parse_proxy(value: str) -> ProxySettings | None:
+    """``[wan] proxy`` as settings; None for "" (direct). :class:`WanConfigError` if unusable."""
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise WanConfigError(f"[wan] proxy {value!r} is not a valid URL: {exc}") from exc
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise WanConfigError(f"[wan] proxy must start with http:// or https://, got {value!r}")
+    host = parts.hostname or ""
+    if not host:
+        raise WanConfigError(f"[wan] proxy {value!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise WanConfigError(f"[wan] proxy {value!r}: a proxy URL has no path or query (http://host:port)")
+    if any(c.isspace() for c in host) or not host.isascii():
+        raise WanConfigError(f"[wan] proxy {value!r}: the host is not a valid host name")
+    return ProxySettings(scheme=parts.scheme, host=host, port=port or _DEFAULT_PORTS[parts.scheme],
+                         username=unquote(parts.username or ""), password=unquote(parts.password or ""))
+
+
+def _bypassed(host: str, no_proxy: Sequence[str]) -> bool:
+    host = host.lower().strip("[]").rstrip(".")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for raw in no_proxy:
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        entry = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry  # host:port -> host
+        domain = entry.lstrip("*").lstrip(".").rstrip(".")
+        if domain and (host == domain or host.endswith("." + domain)):
+            return True
+    return False
+
+
+def proxy_for(host: str, *, proxy: str, no_proxy: Sequence[str] = ()) -> ProxySettings | None:
+    """The proxy that connections to ``host`` go through, or None (direct).
+
+    ``no_proxy`` entries: ``*``, a host (also matching its subdomains, with or without a
+    leading dot or ``*.``), an IP address or a CIDR network.
+    """
+    settings = parse_proxy(proxy)
+    if settings is None or _bypassed(host, no_proxy):
+        return None
+    return settings
+
+
+def ssl_context(ca_file: str = "") -> ssl.SSLContext:
+    """The system's CA roots plus ``ca_file`` if given. Always verifying host names."""
+    ctx = ssl.create_default_context()
+    if ca_file:
+        try:
+            ctx.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise WanConfigError(f"cannot use CA file {ca_file}: {exc}; check [cloud] ca_file") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def open_client(
+    base_url: str,
+    *,
+    proxy: str = "",
+    no_proxy: Sequence[str] = (),
+    ca_file: str = "",
+    connect_timeout_s: float,
+    read_timeout_s: float,
+) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for one WAN base URL: the box's proxy, CAs and timeouts.
+
+    ``trust_env=False``: ``HTTPS_PROXY``, ``SSL_CERT_FILE`` and ``.netrc`` of whoever
+    started the process are ignored. The caller closes the client (``async with``).
+    """
+    host = urlsplit(base_url).hostname or ""
+    settings = proxy_for(host, proxy=proxy, no_proxy=no_proxy)
+    timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s,
+                            pool=connect_timeout_s)
+    return httpx.AsyncClient(
+        base_url=base_url,
+        proxy=settings.url if settings else None,
+        verify=ssl_context(ca_file),
+        timeout=timeout,
+        trust_env=False,
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
+    )
+
+
+async def close_client(client: httpx.AsyncClient) -> None:
+    """Close ``client`` even when the caller is being cancelled: shielded, bounded by
+    :data:`CLOSE_TIMEOUT_S`. (An unshielded close under cancellation stops at the first
+    connection and leaves the others' sockets to the garbage collector.)"""
+    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+        await client.aclose()
+
+
+# --- where it broke ----------------------------------------------------------------------
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and contexts, and the members of exception groups, in order."""
+    out: list[BaseException] = []
+    todo = [exc]
+    while todo and len(out) < 32:
+        cur = todo.pop(0)
+        if any(cur is seen for seen in out):
+            continue
+        out.append(cur)
+        if isinstance(cur, BaseExceptionGroup):
+            todo.extend(cur.exceptions)
+        for nxt in (cur.__cause__, cur.__context__):
+            if nxt is not None:
+                todo.append(nxt)
+    return out
+
+
+_ERRNO_WORDS: Final = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ETIMEDOUT: "timed out",
+}
+
+
+def _os_words(err: OSError) -> str:
+    if err.errno in _ERRNO_WORDS:
+        return _ERRNO_WORDS[err.errno]
+    return (err.strerror or str(err)).lower()
+
+
+def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None) -> LinkError:
+    """Which hop of the path to ``url`` failed, and how to say it, from an httpx error."""
+    parts = urlsplit(url)
+    target = f"{parts.hostname}:{parts.port or 443}"
+    chain = _chain(exc)
+    if any(isinstance(e, httpx.ProxyError) for e in chain):
+        answer = next(str(e) for e in chain if isinstance(e, httpx.ProxyError))
+        where = proxy.address if proxy else "the proxy"
+        return LinkError.at(Hop.PROXY, where, f"the proxy {where} could not open a tunnel to {target}: {answer}")
+    for e in chain:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return LinkError.at(Hop.TLS, target, f"TLS with {target} failed: the certificate is not trusted "
+                                f"({e.verify_message})")
+        if isinstance(e, ssl.SSLError):
+            return LinkError.at(Hop.TLS, target, f"TLS with {target} failed: {e.reason or e}")
+    connecting = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+    if connecting:
+        gai = next((e for e in chain if isinstance(e, socket.gaierror)), None)
+        os_err = next((e for e in chain if isinstance(e, OSError) and e.errno is not None
+                       and not isinstance(e, socket.gaierror)), None)
+        if isinstance(exc, httpx.ConnectTimeout):
+            words = "timed out"
+        elif gai is not None:
+            words = (gai.strerror or str(gai)).lower()
+        elif os_err is not None:
+            words = _os_words(os_err)
+        else:
+            words = str(exc) or type(exc).__name__
+        if proxy is not None:
+            what = "cannot resolve the proxy" if gai is not None else "cannot reach the proxy"
+            return LinkError.at(Hop.PROXY, proxy.address, f"{what} {proxy.address}: {words}")
+        if gai is not None:
+            return LinkError.at(Hop.DNS, parts.hostname or target, f"cannot resolve {parts.hostname}: {words}")
+        if any(isinstance(e, ssl.SSLError) for e in chain):
+            return LinkError.at(Hop.TLS, target, f"TLS with {target} failed: {words}")
+        return LinkError.at(Hop.TCP, target, f"cannot connect to {target}: {words}")
+    if isinstance(exc, httpx.TimeoutException):
+        return LinkError.at(Hop.HTTP, target, f"{target} did not answer in time ({type(exc).__name__})")
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        return LinkError.at(Hop.HTTP, target,
+                            f"the connection to {target} was cut before the answer ({exc or type(exc).__name__})")
+    return LinkError.at(Hop.HTTP, target, f"the call to {target} failed: {type(exc).__name__}: {exc}")
+

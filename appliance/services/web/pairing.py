@@ -1,0 +1,179 @@
+"""Pairing and cloud sync on the admin listener (port 80): a homepage section, a form, JSON.
+
+- Homepage "Cloud" section: unpaired / paired / "pair again", the pairing form, and the
+  sync state (cursor, lag, snapshot progress, events waiting, the failing hop and its fix,
+  the platform's latest rejections).
+- ``POST /pairing``: the form. No JavaScript, so no Authorization header: like the
+  device adoption form (``services/web/devices.py``), it carries the admin token as a
+  password field; no session, no cookie, nothing a cross-site form could forge.
+- ``POST /api/pairing`` ``{"code": ...}`` with ``Authorization: Bearer <admin token>``.
+- ``/api/status`` gets a ``cloud`` key (see ``services/sync_health.py``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.services.pairing import PairingFailed, describe, pair_from_web
+from appliance.services.runtime import Runtime
+from appliance.services.sync_health import cloud_status
+from appliance.services.web.admin import page
+from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.parts import WebParts
+
+__all__ = ["admin_parts", "cloud_section", "routes"]
+
+# The form is a code and a token: a few hundred bytes.
+MAX_FORM_BYTES: Final = 4096
+_RED, _AMBER, _GREEN = "#cf222e", "#9a6700", "#1a7f37"
+
+
+class _FormError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.message = status, message
+        super().__init__(message)
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise _FormError(415, f"Expected an HTML form, got {ctype or 'nothing'}.")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise _FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
+                                       max_num_fields=8)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _FormError(400, f"The form could not be read: {exc}.") from exc
+    return dict(pairs)
+
+
+def _not_done(status: int, message: str) -> HTMLResponse:
+    body = page("Store appliance", "pairing",
+                [f"<section><h2>Not paired</h2><p>{html.escape(message)}</p>"
+                 "<p><a href='/#cloud'>Back to the homepage</a></p></section>"])
+    return HTMLResponse(body, status_code=status)
+
+
+def routes(runtime: Runtime) -> Sequence[BaseRoute]:
+    async def form(request: Request) -> Response:
+        try:
+            fields = await _read_form(request)
+            token = fields.get("token", "")
+            if not token or not hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
+                raise _FormError(401, "The admin token is missing or wrong; nothing was changed.")
+            await pair_from_web(runtime, fields.get("code", ""))
+        except _FormError as exc:
+            return _not_done(exc.status, exc.message)
+        except PairingFailed as exc:
+            return _not_done(502 if exc.link is not None else 400, f"{exc.message}. The earlier pairing, if any, "
+                                                                      "is unchanged.")
+        return RedirectResponse("/#cloud", status_code=303)
+
+    async def api_pair(request: Request) -> Response:
+        require_admin(request, runtime)
+        body = await read_json(request, 4096)
+        code = body.get("code") if isinstance(body, dict) else None
+        if not isinstance(code, str):
+            raise ApiError(400, "expected {\"code\": \"<pairing code>\"}", ["code: required, a string"])
+        try:
+            await pair_from_web(runtime, code)
+        except PairingFailed as exc:
+            raise ApiError(502 if exc.link is not None else 400, exc.message) from exc
+        return JSONResponse({"pairing": describe(runtime.store)})
+
+    return [Route("/pairing", form, methods=["POST"]), Route("/api/pairing", api_pair, methods=["POST"])]
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s ago"
+    if s < 7200:
+        return f"{s // 60} min ago"
+    return f"{s // 3600} h ago"
+
+
+def _row(label: str, value: str, colour: str = "") -> str:
+    style = f" class=state style='color:{colour}'" if colour else ""
+    return f"<tr><td>{html.escape(label)}</td><td{style}>{value}</td></tr>"
+
+
+_FORM: Final = (
+    "<form method=post action='/pairing' style='display:block'>"
+    "<p><label>Pairing code <input name=code required maxlength=128 autocomplete=off></label> "
+    "<label>Admin token <input type=password name=token autocomplete=current-password required></label> "
+    "<button>{label}</button></p></form>"
+)
+
+
+async def cloud_section(runtime: Runtime) -> str:
+    info = await cloud_status(runtime)
+    now = time.time()
+    pairing = info["pairing"]
+    rows: list[str] = []
+    if pairing["state"] == "unpaired":
+        rows.append(_row("pairing", "not paired: enter the code from the back office", _AMBER))
+        form = _FORM.format(label="Pair")
+    elif pairing["state"] == "repair_needed":
+        rows.append(_row("pairing", f"pair again: the platform refused this box's token for store "
+                                    f"{html.escape(pairing['store_id'])} (the shop keeps working meanwhile)", _RED))
+        form = _FORM.format(label="Pair again")
+    else:
+        rows.append(_row("pairing", f"paired with store {html.escape(pairing['store_id'])}", _GREEN))
+        form = "<details><summary>Pair with another code</summary>" + _FORM.format(label="Pair again") + "</details>"
+    if info["pairing_problem"]:
+        rows.append(_row("saved pairing", html.escape(info["pairing_problem"]), _RED))
+    if info["blocked"]:
+        rows.append(_row("cannot sync", html.escape(info["blocked"]), _RED))
+    sync = info["sync"]
+    last_pull = None if sync["last_pull_at"] is None else now - sync["last_pull_at"]
+    catalog = ("not synced yet" if last_pull is None
+               else f"as of {_ago(last_pull)} · cursor {html.escape(str(sync['cursor']))}")
+    if sync["snapshot_rows"] is not None:
+        catalog += f" · reading the snapshot: {sync['snapshot_rows']} records"
+    rows.append(_row("catalog", catalog))
+    counts = sync["replica"]
+    rows.append(_row("replica", html.escape(f"{counts['product']} products, {counts['price']} prices, "
+                                            f"{counts['stock']} stock records, {counts['media']} media")))
+    outbox = info["outbox"]
+    waiting = f"{outbox['queued']} waiting"
+    if outbox["oldest_unsent_s"] is not None:
+        waiting += f" (oldest {_ago(outbox['oldest_unsent_s']).removesuffix(' ago')})"
+    waiting += f" · {outbox['rejected']} rejected"
+    rows.append(_row("events up", html.escape(waiting), _AMBER if outbox["queued"] or outbox["rejected"] else ""))
+    if info["proxy"]:
+        rows.append(_row("proxy", html.escape(str(info["proxy"]))))
+    error = info["last_error"]
+    if error:
+        retry = [loop["next_attempt_at"] for loop in info["loops"].values() if loop["last_error"]
+                 and loop["next_attempt_at"]]
+        when = f" (next try in {max(0, int(min(retry) - now))} s)" if retry else ""
+        rows.append(_row(f"failing ({error['hop']})", html.escape(error["message"] + when)
+                         + f"<br><span class=muted>fix: {html.escape(error['fix'])}</span>", _RED))
+    for rejection in outbox["recent_rejections"]:
+        rows.append(_row("rejected", html.escape(f"{rejection['id']}: {rejection['reason']}"), _RED))
+    return (f"<section id=cloud><h2>Cloud</h2><table>{''.join(rows)}</table>{form}"
+            f"<p class=muted>{html.escape(info['api_url'])}</p></section>")
+
+
+async def cloud_status_part(runtime: Runtime) -> dict[str, Any]:
+    return {"cloud": await cloud_status(runtime)}
+
+
+def admin_parts() -> WebParts:
+    return WebParts(routes=(routes,), sections=(cloud_section,), status=(cloud_status_part,))

@@ -1,0 +1,182 @@
+"""The store API on the api listener (port 8000): the replica for devices, sales and orders in.
+
+Reads (the local replica; they work with the internet down):
+
+- ``GET /v1/products/{sku}``, ``GET /v1/prices/{sku}``, ``GET /v1/stock/{sku}``
+- ``GET /v1/products?prefix=NAME&limit=N&after=TOKEN``: products whose name starts with
+  NAME (case-insensitive), by name, N per page (at most
+  :data:`~appliance.storage.catalog.PRODUCT_PAGE_MAX`); ``next`` is the token of the
+  next page (keyset paging: stable while the catalog changes).
+
+Writes (store-and-forward to the platform):
+
+- ``POST /v1/sales``, ``POST /v1/orders``: validated (422 with path-named errors),
+  durable before the 201, idempotent on the device's ``id``: the same id with the same
+  body answers 200 with the stored record and queues nothing new; the same id with
+  another body answers 409. Each new record queues its platform event in the same
+  transaction.
+- ``GET /v1/sales/{id}``, ``GET /v1/orders/{id}``: the record and where its upload stands.
+
+Devices authenticate with ``Authorization: Bearer <token>`` (the admin token for now;
+per-device tokens come with adoption). Bodies are bounded by ``[http] max_body_bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.protocol.store_api import (
+    InvalidRecord,
+    Order,
+    Sale,
+    canonical,
+    canonical_json,
+    event_id_of,
+    event_of,
+    parse_order,
+    parse_sale,
+)
+from appliance.services.runtime import Runtime
+from appliance.services.sync import rfc3339
+from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.parts import WebParts
+from appliance.storage.catalog import (
+    PRODUCT_PAGE_MAX,
+    BadPageToken,
+    decode_after,
+    get_item,
+    search_products,
+    sync_state,
+)
+from appliance.storage.events import Received, get_received, receive, upload_state
+
+__all__ = ["JsonResponse", "api_parts", "routes"]
+
+PRODUCT_PAGE_DEFAULT: Final = 50
+# A name prefix longer than any product name is a mistake, not a search.
+PREFIX_MAX_CHARS: Final = 200
+
+
+class JsonResponse(Response):
+    """JSON that is always valid UTF-8 (a lone surrogate from the platform is escaped)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(content, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _item_or_none(conn: sqlite3.Connection, entity: str, key: str) -> tuple[dict[str, Any] | None, bool]:
+    """The item, and whether the box has ever had a copy of the catalog."""
+    item = get_item(conn, entity, key)
+    synced = item is not None or sync_state(conn).last_pull_at is not None
+    return item, synced
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
+        raise ApiError(400, f"{name} must be an integer from {lo} to {hi}", [f"query.{name}: got {raw!r:.40}"])
+    return int(raw)
+
+
+def routes(runtime: Runtime) -> Sequence[BaseRoute]:
+    db = runtime.db
+    max_body = runtime.config.http.max_body_bytes
+
+    def one(entity: str, label: str) -> Any:
+        async def handler(request: Request) -> Response:
+            require_admin(request, runtime)
+            sku = request.path_params["sku"]
+            item, synced = await db.read(partial(_item_or_none, entity=entity, key=sku))
+            if item is not None:
+                return JsonResponse(item)
+            if not synced:
+                raise ApiError(503, "the box has no copy of the store's catalog yet (it syncs once paired and online)")
+            raise ApiError(404, f"no {label} for sku {sku!r}")
+
+        return handler
+
+    async def search(request: Request) -> Response:
+        require_admin(request, runtime)
+        prefix = request.query_params.get("prefix", "")
+        if len(prefix) > PREFIX_MAX_CHARS:
+            raise ApiError(400, f"prefix is longer than {PREFIX_MAX_CHARS} characters")
+        try:
+            prefix.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError(400, "prefix is not valid text") from exc
+        limit = _int_param(request, "limit", PRODUCT_PAGE_DEFAULT, 1, PRODUCT_PAGE_MAX)
+        after_raw = request.query_params.get("after")
+        try:
+            after = decode_after(after_raw) if after_raw else None
+        except BadPageToken as exc:
+            raise ApiError(400, f"after: {exc}; use the 'next' value of the previous page") from exc
+        items, token = await db.read(partial(search_products, prefix=prefix, limit=limit, after=after))
+        return JsonResponse({"items": items, "next": token})
+
+    async def post(request: Request, kind: str) -> Response:
+        require_admin(request, runtime)
+        body = await read_json(request, max_body)
+        try:
+            record: Sale | Order = parse_sale(body) if kind == "sale" else parse_order(body)
+        except InvalidRecord as exc:
+            raise ApiError(422, f"not a valid {kind}", exc.errors) from exc
+        now = time.time()
+        stored = canonical_json(canonical(record))
+        event = event_of(record, received_at=rfc3339(now))
+        receipt = await db.write(partial(receive, kind=kind, id=record.id, device_id=record.device_id, body=stored,
+                                         event_id=event["id"], event_body=canonical_json(event), now=now))
+        if receipt.outcome is Received.CONFLICT:
+            runtime.metrics.inc("store_api_conflicts", kind=kind)
+            raise ApiError(409, f"{kind} id {record.id!r} was already received with a different body; "
+                                "a new record needs a new id")
+        if receipt.outcome is Received.CREATED:
+            runtime.metrics.inc("store_api_received", kind=kind)
+            runtime.uplink_changes.notify()
+        answer = await _answer(runtime, kind, record.id, receipt.body, receipt.received_at)
+        return JsonResponse(answer, status_code=201 if receipt.outcome is Received.CREATED else 200)
+
+    async def get_record(request: Request, kind: str) -> Response:
+        require_admin(request, runtime)
+        record_id = request.path_params["id"]
+        receipt = await db.read(partial(get_received, kind=kind, id=record_id))
+        if receipt is None:
+            raise ApiError(404, f"no {kind} with id {record_id!r} on this box")
+        return JsonResponse(await _answer(runtime, kind, record_id, receipt.body, receipt.received_at))
+
+    return [
+        Route("/v1/products", search, methods=["GET"]),
+        Route("/v1/products/{sku:path}", one("product", "product"), methods=["GET"]),
+        Route("/v1/prices/{sku:path}", one("price", "price"), methods=["GET"]),
+        Route("/v1/stock/{sku:path}", one("stock", "stock record"), methods=["GET"]),
+        Route("/v1/sales", partial(post, kind="sale"), methods=["POST"]),
+        Route("/v1/sales/{id}", partial(get_record, kind="sale"), methods=["GET"]),
+        Route("/v1/orders", partial(post, kind="order"), methods=["POST"]),
+        Route("/v1/orders/{id}", partial(get_record, kind="order"), methods=["GET"]),
+    ]
+
+
+async def _answer(runtime: Runtime, kind: str, record_id: str, body: str, received_at: float) -> dict[str, Any]:
+    event_id = event_id_of(kind, record_id)
+    upload = await runtime.db.read(partial(upload_state, event_id=event_id))
+    return {kind: json.loads(body), "received_at": rfc3339(received_at), "upload": upload}
+
+
+def api_parts() -> WebParts:
+    return WebParts(routes=(routes,))

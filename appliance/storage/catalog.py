@@ -1,0 +1,309 @@
+"""The replica of the store's data (products, prices, stock, configuration, media manifest,
+devices) and the sync cursor that says how far it is.
+
+Every function takes a connection inside the caller's transaction (``Database.write`` or
+``Database.read``): :func:`apply_changes` writes a page of changes *and* the cursor that
+covers them in that one transaction, so after a crash the replica and the cursor always
+agree (CouchDB's checkpoint and PowerSync's bucket cursor keep the same rule).
+
+A snapshot is staged in ``snapshot_staging`` batch by batch and swapped into the replica
+by :func:`finish_snapshot` in one transaction; until then readers see the old replica.
+A snapshot interrupted by a crash starts again from zero (see :func:`begin_snapshot`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import attrs
+
+__all__ = [
+    "ENTITY_TABLES",
+    "PRODUCT_PAGE_MAX",
+    "BadPageToken",
+    "ReplicaWrite",
+    "SyncState",
+    "apply_changes",
+    "begin_snapshot",
+    "decode_after",
+    "encode_after",
+    "finish_snapshot",
+    "get_item",
+    "name_key",
+    "replica_counts",
+    "require_snapshot",
+    "search_products",
+    "set_store",
+    "stage_rows",
+    "sync_state",
+]
+
+# Entity name of the changes feed -> replica table (DESIGN §4). The key column of the
+# first three is the SKU; the others are keyed by the platform's key.
+ENTITY_TABLES: Final = {
+    "product": "products",
+    "price": "prices",
+    "stock": "stock",
+    "store_config": "store_config",
+    "media": "media_manifest",
+    "device": "store_devices",
+}
+_KEY_COLUMN: Final = {"products": "sku", "prices": "sku", "stock": "sku"}
+
+# The most products one search page returns: a POS screen shows tens.
+PRODUCT_PAGE_MAX: Final = 200
+# A page token is a name key and a SKU; refuse anything longer than a sane pair.
+_TOKEN_MAX_CHARS: Final = 2048
+
+
+class BadPageToken(ValueError):
+    """An ``after`` token that this box did not make."""
+
+
+@attrs.frozen(kw_only=True)
+class ReplicaWrite:
+    """One row to upsert (``data`` is JSON text) or delete (``data`` is None)."""
+
+    entity: str
+    key: str
+    data: str | None
+    seq: int = 0
+    name: str = ""  # products only: the display name, searched by prefix
+
+
+@attrs.frozen(kw_only=True)
+class SyncState:
+    store_id: str
+    cursor: str | None
+    last_pull_at: float | None
+    last_change_at: float | None
+    snapshots: int
+    staged_rows: int
+
+    @property
+    def snapshot_needed(self) -> bool:
+        return self.cursor is None
+
+
+def name_key(name: str) -> str:
+    """What a name is searched by: casefolded, so "É" finds "é" and "STRASSE" finds "straße"."""
+    return name.casefold()
+
+
+def _column(table: str) -> str:
+    return _KEY_COLUMN.get(table, "key")
+
+
+def _upsert(conn: sqlite3.Connection, table: str, write: ReplicaWrite) -> None:
+    col = _column(table)
+    if table == "products":
+        conn.execute(
+            "INSERT INTO products(sku, name, name_key, data, seq) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(sku) DO UPDATE SET name = excluded.name, name_key = excluded.name_key, "
+            "data = excluded.data, seq = excluded.seq",
+            (write.key, write.name, name_key(write.name), write.data, write.seq),
+        )
+    else:
+        conn.execute(
+            f"INSERT INTO {table}({col}, data, seq) VALUES (?, ?, ?) "
+            f"ON CONFLICT({col}) DO UPDATE SET data = excluded.data, seq = excluded.seq",
+            (write.key, write.data, write.seq),
+        )
+
+
+def apply_changes(conn: sqlite3.Connection, writes: Iterable[ReplicaWrite], *, cursor: str, now: float) -> int:
+    """Apply one page of changes and advance the cursor, in the caller's transaction.
+
+    Writes of an entity this firmware does not know are skipped (the platform may add
+    entities before the box learns them); the cursor still advances past them. Returns
+    the number of rows written or deleted.
+    """
+    done = 0
+    for write in writes:
+        table = ENTITY_TABLES.get(write.entity)
+        if table is None:
+            continue
+        if write.data is None:
+            conn.execute(f"DELETE FROM {table} WHERE {_column(table)} = ?", (write.key,))
+        else:
+            _upsert(conn, table, write)
+        done += 1
+    conn.execute(
+        "UPDATE sync_state SET cursor = ?, last_pull_at = ?, "
+        "last_change_at = CASE WHEN ? > 0 THEN ? ELSE last_change_at END WHERE id = 1",
+        (cursor, now, done, now),
+    )
+    return done
+
+
+def sync_state(conn: sqlite3.Connection) -> SyncState:
+    row = conn.execute(
+        "SELECT store_id, cursor, last_pull_at, last_change_at, snapshots, staged_rows FROM sync_state WHERE id = 1"
+    ).fetchone()
+    return SyncState(store_id=row[0], cursor=row[1], last_pull_at=row[2], last_change_at=row[3],
+                     snapshots=row[4], staged_rows=row[5])
+
+
+def require_snapshot(conn: sqlite3.Connection) -> None:
+    """Forget the cursor: the next pull reads the snapshot (after a 410 Gone)."""
+    conn.execute("UPDATE sync_state SET cursor = NULL WHERE id = 1")
+
+
+def set_store(conn: sqlite3.Connection, store_id: str) -> bool:
+    """Record which store the replica is of; a different store forgets the cursor (the
+    next pull reads that store's snapshot, which replaces the replica). True if changed."""
+    current = conn.execute("SELECT store_id FROM sync_state WHERE id = 1").fetchone()[0]
+    if current == store_id:
+        return False
+    conn.execute("UPDATE sync_state SET store_id = ?, cursor = NULL WHERE id = 1", (store_id,))
+    return True
+
+
+# --- snapshots -------------------------------------------------------------------
+
+
+def begin_snapshot(conn: sqlite3.Connection) -> None:
+    """Start a snapshot from zero, dropping whatever an interrupted one had staged.
+
+    Not resumable on purpose: §4's snapshot has no id or offset, so a new request reads
+    the store at a new point in time. Keeping the rows staged from an older read would
+    mix two points in time, and a row deleted between them would survive the swap with
+    nothing later to delete it (the new cursor is already past that delete).
+    """
+    conn.execute("DELETE FROM snapshot_staging")
+    conn.execute("UPDATE sync_state SET staged_rows = 0 WHERE id = 1")
+
+
+def stage_rows(conn: sqlite3.Connection, rows: Sequence[ReplicaWrite]) -> int:
+    """Stage one batch of snapshot rows (a later row for the same key replaces the earlier)."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO snapshot_staging(entity, key, name, name_key, data) VALUES (?, ?, ?, ?, ?)",
+        [(r.entity, r.key, r.name, name_key(r.name), r.data) for r in rows if r.data is not None],
+    )
+    conn.execute("UPDATE sync_state SET staged_rows = staged_rows + ? WHERE id = 1", (len(rows),))
+    return len(rows)
+
+
+def finish_snapshot(conn: sqlite3.Connection, *, cursor: str, now: float) -> dict[str, int]:
+    """Swap the staged snapshot into the replica and set its cursor, in one transaction.
+
+    Every replica table is replaced, including entities absent from the snapshot (the
+    store has none of them now). Returns the row count per entity.
+    """
+    counts: dict[str, int] = {}
+    for entity, table in ENTITY_TABLES.items():
+        conn.execute(f"DELETE FROM {table}")
+        if table == "products":
+            cur = conn.execute(
+                "INSERT INTO products(sku, name, name_key, data, seq) "
+                "SELECT key, name, name_key, data, 0 FROM snapshot_staging WHERE entity = ?", (entity,))
+        else:
+            cur = conn.execute(
+                f"INSERT INTO {table}({_column(table)}, data, seq) "
+                "SELECT key, data, 0 FROM snapshot_staging WHERE entity = ?", (entity,))
+        counts[entity] = cur.rowcount
+    conn.execute("DELETE FROM snapshot_staging")
+    conn.execute(
+        "UPDATE sync_state SET cursor = ?, last_pull_at = ?, last_change_at = ?, snapshots = snapshots + 1, "
+        "staged_rows = 0 WHERE id = 1",
+        (cursor, now, now),
+    )
+    return counts
+
+
+# --- reads for the store API -------------------------------------------------------
+
+
+def get_item(conn: sqlite3.Connection, entity: str, key: str) -> dict[str, Any] | None:
+    """One replica row as the platform sent it, with its key set; None if absent."""
+    table = ENTITY_TABLES[entity]
+    col = _column(table)
+    row = conn.execute(f"SELECT data FROM {table} WHERE {col} = ?", (key,)).fetchone()
+    if row is None:
+        return None
+    item: dict[str, Any] = json.loads(row[0])
+    item[col] = key
+    return item
+
+
+def encode_after(name_key_: str, sku: str) -> str:
+    raw = json.dumps([name_key_, sku], ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_after(token: str) -> tuple[str, str]:
+    """The (name key, sku) a page token stands for, or :class:`BadPageToken`."""
+    if len(token) > _TOKEN_MAX_CHARS:
+        raise BadPageToken("page token too long")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        value = json.loads(raw.decode("utf-8"))
+    except (binascii.Error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadPageToken("not a page token from this API") from exc
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise BadPageToken("not a page token from this API")
+    try:
+        value[0].encode("utf-8")
+        value[1].encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadPageToken("not a page token from this API") from exc
+    return value[0], value[1]
+
+
+def _prefix_upper(prefix: str) -> str | None:
+    """The smallest string above every string that starts with ``prefix`` (None: no bound).
+
+    SQLite's BINARY collation compares UTF-8 bytes, which orders like code points, so the
+    range ``[prefix, upper)`` is exactly the strings starting with ``prefix`` and the
+    ``products_by_name`` index serves it.
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        nxt = last + 1
+        if 0xD800 <= nxt <= 0xDFFF:  # surrogates are not characters: skip over them
+            nxt = 0xE000
+        if nxt <= 0x10FFFF:
+            return "".join(chars) + chr(nxt)
+    return None
+
+
+def search_products(
+    conn: sqlite3.Connection, prefix: str, *, limit: int, after: tuple[str, str] | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Products whose name starts with ``prefix`` (casefolded), by name then SKU, one page.
+
+    Keyset paging: the token names the last (name, sku) seen, so pages stay correct
+    while the replica changes underneath and cost the same at any depth.
+    """
+    key = name_key(prefix)
+    clauses = ["name_key >= ?"]
+    params: list[Any] = [key]
+    upper = _prefix_upper(key)
+    if upper is not None:
+        clauses.append("name_key < ?")
+        params.append(upper)
+    if after is not None:
+        clauses.append("(name_key, sku) > (?, ?)")
+        params.extend(after)
+    params.append(limit + 1)
+    rows = conn.execute(
+        f"SELECT sku, name_key, data FROM products WHERE {' AND '.join(clauses)} "
+        "ORDER BY name_key, sku LIMIT ?", params).fetchall()
+    items = []
+    for row in rows[:limit]:
+        item = json.loads(row[2])
+        item["sku"] = row[0]
+        items.append(item)
+    token = encode_after(rows[limit - 1][1], rows[limit - 1][0]) if len(rows) > limit else None
+    return items, token
+
+
+def replica_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    return {entity: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for entity, table in ENTITY_TABLES.items()}

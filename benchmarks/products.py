@@ -1,0 +1,182 @@
+"""``GET /v1/products/{sku}`` on the store API under 50 concurrent keep-alive clients, next to
+a bare hypercorn hello-world (same hypercorn, same trio worker) in the same run.
+
+    python -m benchmarks.products [--clients 50] [--seconds 5] [--products 10000]
+
+The appliance runs as ``python -m appliance run`` with a replica of N products; the
+hello-world in its own process; the load generator (raw sockets, HTTP/1.1 keep-alive, one
+trio task per client) in this one. Prints requests/s, p50 and p99 and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+TOKEN = "bench-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the servers ----------------------------------------------------------------------------
+
+
+def _prepare_box(root: Path, products: int, port: int) -> Path:
+    from appliance.storage import Database
+    from appliance.storage.catalog import ReplicaWrite, apply_changes
+
+    state = root / "state"
+    db = Database.open_sync(state / "appliance.db")
+    rng = random.Random(1)
+    writes = [ReplicaWrite(entity="product", key=f"SKU-{i:06d}", seq=i, name=f"Product {i}", data=json.dumps({
+        "sku": f"SKU-{i:06d}", "name": f"Product {i}", "category": rng.choice(["bakery", "snacks", "drinks"]),
+        "tax_rate_bp": 550, "barcode": f"{2000000000000 + i}", "image": f"products/SKU-{i:06d}.jpg",
+        "active": True})) for i in range(1, products + 1)]
+    db.write_sync(partial(apply_changes, writes=writes, cursor=str(products), now=time.time()))
+    db.close()
+    config = root / "appliance.toml"
+    ports = "\n".join(f"{r} = 0" for r in ("admin", "events", "media", "provisioning", "ops", "support", "discovery"))
+    config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\napi = {port}\n{ports}\n[storage]\ndir = "{state}"\n'
+                      f'[admin]\ntoken = "{TOKEN}"\n[discovery]\nenabled = false\n[orders]\nenabled = false\n'
+                      '[log]\nlevel = "warning"\n')
+    return config
+
+
+async def _hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = b'{"sku":"SKU-000001","name":"Product 1","category":"bakery","tax_rate_bp":550,' \
+           b'"barcode":"2000000000001","image":"products/SKU-000001.jpg","active":true}'
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _serve_hello(port: int) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    cfg = Config()
+    cfg.bind = [f"127.0.0.1:{port}"]
+    cfg.accesslog = None
+    cfg.keep_alive_timeout = 5.0
+    trio.run(partial(serve, _hello_app, cfg))  # type: ignore[arg-type]
+
+
+# --- the load -----------------------------------------------------------------------------------
+
+
+async def _client(port: int, path_of: Any, until: float, warm_until: float, latencies: list[float]) -> int:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    done = 0
+    buffer = b""
+    async with stream:
+        while True:
+            now = time.perf_counter()
+            if now >= until:
+                return done
+            request = (f"GET {path_of()} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").encode()
+            await stream.send_all(request)
+            while b"\r\n\r\n" not in buffer:
+                buffer += await stream.receive_some(65536)
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            while len(buffer) < length:
+                buffer += await stream.receive_some(65536)
+            buffer = buffer[length:]
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}")
+            if now >= warm_until:
+                latencies.append(time.perf_counter() - now)
+                done += 1
+
+
+async def _load(port: int, paths: Any, clients: int, seconds: float, warmup: float) -> dict[str, float]:
+    latencies: list[float] = []
+    start = time.perf_counter()
+    warm_until, until = start + warmup, start + warmup + seconds
+    async with trio.open_nursery() as nursery:
+        for _ in range(clients):
+            nursery.start_soon(_client, port, paths, until, warm_until, latencies)
+    latencies.sort()
+    return {"rps": len(latencies) / seconds, "p50_ms": latencies[len(latencies) // 2] * 1000,
+            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000, "requests": len(latencies)}
+
+
+async def _wait_port(port: int) -> None:
+    with trio.fail_after(30):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.products")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--products", type=int, default=10_000)
+    parser.add_argument("--hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.hello:
+        _serve_hello(opts.hello)
+        return
+    rng = random.Random(2)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        box_port, hello_port = _free_port(), _free_port()
+        config = _prepare_box(root, opts.products, box_port)
+        servers = {
+            "appliance GET /v1/products/{sku}": (box_port, [sys.executable, "-m", "appliance", "run", "--config",
+                                                            str(config)],
+                                                 lambda: f"/v1/products/SKU-{rng.randint(1, opts.products):06d}"),
+            "bare hypercorn hello-world": (hello_port, [sys.executable, "-m", "benchmarks.products", "--hello",
+                                                        str(hello_port)], lambda: "/"),
+        }
+        for name, (port, argv, paths) in servers.items():
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                trio.run(_wait_port, port)
+                results[name] = trio.run(_load, port, paths, opts.clients, opts.seconds, opts.warmup)
+            finally:
+                proc.terminate()
+                proc.wait(15)
+    print(f"{opts.clients} concurrent keep-alive clients, {opts.seconds:g} s after {opts.warmup:g} s warm-up:")
+    for name, r in results.items():
+        print(f"  {name:34} {r['rps']:8,.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms")
+    box, hello = results.values()
+    print(f"  ratio appliance / hello-world: {box['rps'] / hello['rps']:.2f}x requests/s, "
+          f"{box['p99_ms'] / hello['p99_ms']:.1f}x p99")
+
+
+if __name__ == "__main__":
+    main()
