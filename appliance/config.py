@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,11 +41,13 @@ __all__ = [
     "HttpConfig",
     "LanConfig",
     "LogConfig",
+    "OrdersConfig",
     "PortRole",
     "Ports",
     "ServiceBusConfig",
     "StorageConfig",
     "SupervisorConfig",
+    "SupportConfig",
     "WanConfig",
     "find_config_path",
     "load_config",
@@ -342,6 +345,15 @@ class CloudConfig:
     accepted_retention_s: float = attrs.field(default=86400.0, validator=_non_negative)
 
 
+def _routing(_inst: object, attr: attrs.Attribute[Any], value: Mapping[str, tuple[str, ...]]) -> None:
+    # A TOML string where a list is meant arrives split into letters: refuse those too.
+    for kind, commands in value.items():
+        bad = [c for c in commands if not re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*", c)]
+        if not kind or bad:
+            raise _FieldError(attr.name, f"{kind!r}: expected a list of command kinds such as "
+                                         f'["order.created"], got {list(commands)!r}')
+
+
 @attrs.frozen(kw_only=True)
 class ServiceBusConfig:
     """One Service Bus namespace reached by AMQP over WebSockets on 443."""
@@ -358,15 +370,29 @@ class ServiceBusConfig:
     max_wait_s: float = attrs.field(default=5.0, validator=_positive)
     # Support channel only: it turns itself off after this long.
     duration_s: float = attrs.field(default=4 * 3600.0, validator=_positive)
+    # Orders only: device kind -> command kinds it receives, used when the store's
+    # configuration (store_config.routing, synced) has none. Empty = the built-in default
+    # (docs/orders.md): order.created and order.updated to kitchen screens, order.created
+    # to printers.
+    routing: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, validator=_routing)
+    # Tests only (0 = off): pause this long between the order's commit and the message's
+    # completion, so a test can kill the process inside that window.
+    test_pause_after_commit_s: float = attrs.field(default=0.0, validator=_non_negative)
 
 
-def _support_default() -> ServiceBusConfig:
-    return ServiceBusConfig(namespace="koostodesapp-ns.servicebus.windows.net")
+@attrs.frozen(kw_only=True)
+class OrdersConfig(ServiceBusConfig):
+    """``[orders]``: on by default; it only connects once pairing (or config) gives it a
+    queue and a key. Its own class so a file that writes ``[orders]`` keeps these defaults."""
+
+    enabled: bool = True
 
 
-def _orders_default() -> ServiceBusConfig:
-    # On by default; it only connects once pairing (or config) gives it a queue and a key.
-    return ServiceBusConfig(enabled=True)
+@attrs.frozen(kw_only=True)
+class SupportConfig(ServiceBusConfig):
+    """``[support]``: the remote support namespace, off by default."""
+
+    namespace: str = "koostodesapp-ns.servicebus.windows.net"
 
 
 @attrs.frozen(kw_only=True)
@@ -382,8 +408,8 @@ class Config:
     dispatch: DispatchConfig = attrs.field(factory=DispatchConfig)
     wan: WanConfig = attrs.field(factory=WanConfig)
     cloud: CloudConfig = attrs.field(factory=CloudConfig)
-    orders: ServiceBusConfig = attrs.field(factory=_orders_default)
-    support: ServiceBusConfig = attrs.field(factory=_support_default)
+    orders: OrdersConfig = attrs.field(factory=OrdersConfig)
+    support: SupportConfig = attrs.field(factory=SupportConfig)
 
     def __attrs_post_init__(self) -> None:
         ids = [d.id for d in self.devices]

@@ -162,3 +162,12 @@ def test_ports_and_show_commands(tmp_path: Path) -> None:
     assert {r["role"]: r["port"] for r in rows}["discovery"] == 57854
     shown = run_cli("config", "show", "--config", str(cfg))
     assert shown.returncode == 0 and "abc" not in shown.stdout and '"***"' in shown.stdout
+
+
+def test_a_partial_service_bus_table_keeps_its_own_defaults() -> None:
+    """Writing [orders] or [support] must not swap in the other section's defaults."""
+    config = parse_config({"orders": {"max_wait_s": 2.0}, "support": {"enabled": True}})
+    assert config.orders.enabled is True
+    assert config.orders.namespace == "e-serversync-ns.servicebus.windows.net"
+    assert config.support.namespace == "koostodesapp-ns.servicebus.windows.net"
+    assert Config().support.enabled is False

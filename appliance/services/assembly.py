@@ -21,12 +21,15 @@ from appliance.health.wan import WanChecks
 from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.dispatcher import run_dispatcher
 from appliance.services.http import run_listener
+from appliance.services.orders import run_orders
 from appliance.services.pairing import run_pairing
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
+from appliance.services.support_channel import run_support
 from appliance.services.sync import run_sync
 from appliance.services.web import admin, api, events, media, ops, provisioning, support
 from appliance.services.web import commands as device_commands
+from appliance.services.web import orders as online_orders
 from appliance.services.web.devices import admin_parts as device_admin_parts
 from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
@@ -40,6 +43,10 @@ def web_parts() -> dict[str, WebParts]:
     parts = {role: WebParts() for role in LISTENER_ROLES}
     parts["admin"] += device_admin_parts()  # the device registry: list, adopt, reject
     parts["admin"] += cloud_admin_parts()  # pairing form, cloud sync status
+    # Online orders first: its GET /v1/orders/{id} answers for online orders and falls
+    # back to the store API's device orders (POST /v1/orders stays the store API's).
+    parts["api"] += online_orders.api_parts()
+    parts["admin"] += online_orders.admin_parts()  # online orders, the remote support switch
     parts["api"] += store_api_parts()  # catalog, prices, stock; sales and orders in
     parts["api"] += device_commands.api_parts()  # device commands: enqueue and inspect
     parts["admin"] += device_commands.admin_parts()  # device links and the test-command button
@@ -88,4 +95,8 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     # Cloud sync: pull the replica, push events, heartbeat (after the LAN is up: the shop
     # is served whatever the WAN does).
     specs.append(ServiceSpec(name="cloud.sync", run=run_sync, core=False))
+    # Online orders from Service Bus, and the remote support channel (off until switched
+    # on; it runs to serve the homepage switch). Not core: the shop sells without them.
+    specs.append(ServiceSpec(name="orders", run=run_orders, core=False, enabled=runtime.config.orders.enabled))
+    specs.append(ServiceSpec(name="support.channel", run=run_support, core=False))
     return specs

@@ -1,0 +1,240 @@
+"""The online orders receiver (DESIGN §5, docs/orders.md): Service Bus -> devices, once.
+
+One trio task (:func:`~appliance.services.queue_consumer.consume`) drives the store's
+orders queue in peek-lock. For each message, in this order:
+
+1. parse the body (:func:`appliance.protocol.orders.parse_order`); a body that is not an
+   order is dead-lettered with the reason, and the receiver goes on;
+2. in ONE SQLite transaction: the order keyed by ``message_id``, one device command per
+   device the routing names (ids derived from message id and device), and the
+   "received" event for the platform. A message taken before writes nothing;
+3. commit (durable, ``synchronous=FULL``), then wake the dispatcher and the uplink;
+4. complete the message.
+
+A crash between 3 and 4 leaves the message locked; Service Bus delivers it again once
+the lock lapses or the link closes, and step 2 recognises it: exactly one order, and
+exactly one command per device. A crash before 3 commits nothing: the message comes back
+and is taken then.
+
+Where the queue comes from: the pairing's ``services.orders`` (namespace, queue, SAS key
+name and key); each of ``[orders]`` namespace/queue/sas_key_name/sas_key set in the
+config overrides it. Routing: ``store_config.routing`` from the replica, else
+``[orders] routing``, else :data:`~appliance.protocol.orders.DEFAULT_ROUTING`.
+
+Health check ``orders.link``; metrics ``orders_*`` and ``servicebus_link_*``; the state
+for the homepage is :func:`order_link` (see ``appliance.services.web.orders``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+import weakref
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, Final
+
+import attrs
+import trio
+
+from appliance.config import Config, ServiceBusConfig
+from appliance.protocol.health import Check, Status
+from appliance.protocol.orders import OnlineOrder, OrderError, parse_order
+from appliance.services.queue_consumer import LinkPhase, LinkState, OpenLink, Settle, Verdict, consume
+from appliance.services.runtime import Runtime
+from appliance.services.servicebus import LinkOptions, ReceivedMessage, open_queue_link
+from appliance.storage.orders import RETENTION_S, Recorded, order_targets, prune_orders, record_order
+
+__all__ = ["LINK_FAIL_AFTER_S", "link_options", "order_link", "run_orders"]
+
+log = logging.getLogger(__name__)
+
+# A link failing for longer than this fails the health check (before: a warning).
+LINK_FAIL_AFTER_S: Final = 300.0
+PRUNE_INTERVAL_S: Final = 3600.0
+# How long the SDK blocks per socket poll (its default over WebSockets is 1 s): a message
+# that arrives during a poll waits for its end. 0.2 s keeps an order under a second
+# end to end (benchmarks/orders.py) for five wake-ups a second of one worker thread.
+SOCKET_POLL_S: Final = 0.2
+_FIELDS: Final = ("namespace", "queue", "sas_key_name", "sas_key")
+
+_STATES: weakref.WeakKeyDictionary[Runtime, dict[str, LinkState]] = weakref.WeakKeyDictionary()
+
+
+def order_link(runtime: Runtime, name: str = "orders") -> LinkState:
+    """The link state of ``runtime``'s ``orders`` (or ``support``) consumer."""
+    states = _STATES.setdefault(runtime, {})
+    if name not in states:
+        states[name] = LinkState(name=name)
+    return states[name]
+
+
+def link_options(runtime: Runtime, section: ServiceBusConfig, name: str) -> LinkOptions | str:
+    """The options for the ``name`` queue (``orders`` or ``support``), or why there are none.
+
+    Pairing gives the values; a config value that differs from the embedded default wins."""
+    default_namespace = getattr(Config(), name).namespace
+    store = runtime.store
+    paired: Mapping[str, Any] = {}
+    if store is not None and not store.needs_repair:
+        paired = store.service(name) or {}
+    values: dict[str, str] = {}
+    for field in _FIELDS:
+        configured = getattr(section, field)
+        default = default_namespace if field == "namespace" else ""
+        from_pairing = paired.get(field)
+        if configured and configured != default:
+            values[field] = configured
+        elif isinstance(from_pairing, str) and from_pairing:
+            values[field] = from_pairing
+        else:
+            values[field] = configured
+    missing = [f for f in ("queue", "sas_key_name", "sas_key") if not values[f]]
+    if missing:
+        if store is None:
+            return f"not paired, and [{name}] does not give {', '.join(missing)}"
+        if store.needs_repair:
+            return "the platform refused the box's token: pair the box again"
+        return f"the store has no {name} queue (pairing gives none, and [{name}] does not set {', '.join(missing)})"
+    merged = attrs.evolve(section, namespace=values["namespace"], queue=values["queue"],
+                          sas_key_name=values["sas_key_name"], sas_key=values["sas_key"])
+    return attrs.evolve(LinkOptions.from_config(merged, runtime.config.wan), socket_timeout_s=SOCKET_POLL_S)
+
+
+def _rfc3339(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class OrderReceiver:
+    """Handles one message at a time (the consumer calls it from its one task)."""
+
+    def __init__(self, runtime: Runtime, state: LinkState, *, clock: Any = time.time) -> None:
+        self.runtime = runtime
+        self.state = state
+        self.clock = clock
+        self.cfg = runtime.config.orders
+        self.duplicates = 0
+        self.orders = 0
+        self.commands = 0
+
+    def _write(self, conn: sqlite3.Connection, *, msg: ReceivedMessage, order: OnlineOrder, key: str,
+               now: float) -> Recorded:
+        return record_order(conn, message_id=key, order=order,
+                            device_ids=order_targets(conn, order.kind, self.cfg.routing),
+                            at=_rfc3339(now), now=now, delivery_count=msg.delivery_count)
+
+    async def handle(self, msg: ReceivedMessage) -> Settle:
+        metrics = self.runtime.metrics
+        try:
+            order = parse_order(msg.body)
+        except OrderError as exc:
+            metrics.inc("orders_dead_lettered")
+            log.warning("online order message %s is not an order; dead-lettered: %s", msg.message_id or "?", exc)
+            return Settle(verdict=Verdict.DEAD_LETTER, reason="not a valid order", description=str(exc))
+        # message_id is the dedup key (DESIGN §5); a sender that sets none still gets
+        # exactly-once through the order id.
+        key = msg.message_id or f"order:{order.order_id}"
+        now = self.clock()
+        recorded = await self.runtime.db.write(partial(self._write, msg=msg, order=order, key=key, now=now))
+        if recorded.created:
+            self.orders += 1
+            self.commands += len(recorded.commands)
+            metrics.inc("orders_received")
+            metrics.inc("orders_device_commands", len(recorded.commands))
+            self.runtime.outbox_changes.notify()
+            self.runtime.uplink_changes.notify()
+            log.info("online order %s (%s) -> %d device command(s)", order.order_id, key, len(recorded.commands))
+            if not recorded.commands:
+                log.warning("online order %s went to no device: no adopted device's kind receives %s",
+                            order.order_id, order.kind)
+        else:
+            self.duplicates += 1
+            metrics.inc("orders_duplicates")
+            log.info("online order message %s was taken before (delivery %d): nothing new", key,
+                     msg.delivery_count)
+        if self.cfg.test_pause_after_commit_s:
+            log.warning("orders: test pause of %g s after the commit of %s", self.cfg.test_pause_after_commit_s, key)
+            await trio.sleep(self.cfg.test_pause_after_commit_s)
+        return Settle()
+
+
+def _checks(runtime: Runtime) -> list[Check]:
+    cfg = runtime.config.orders
+    state = order_link(runtime)
+    data = state.as_dict()
+    name = "orders.link"
+    if not cfg.enabled:
+        return [Check(name=name, status=Status.OK, message="online orders are off ([orders] enabled = false)",
+                      data=data)]
+    where = f"{state.namespace} (queue {state.queue})"
+    phase = state.phase
+    if phase is LinkPhase.CONNECTED:
+        last = "no order yet" if state.last_message_at is None else \
+            f"last message {max(0, int(time.time() - state.last_message_at))} s ago"
+        return [Check(name=name, status=Status.OK, message=f"online orders: connected to {where}; {last}",
+                      data=data)]
+    if phase is LinkPhase.WAITING:
+        return [Check(name=name, status=Status.OK if runtime.store is None else Status.WARN,
+                      message=f"online orders: not receiving: {state.detail}",
+                      fix="pair the box with its store (the pairing gives the queue)", data=data)]
+    if phase is LinkPhase.AUTH_FAILED:
+        return [Check(name=name, status=Status.FAIL, message=state.last_error,
+                      fix="check the pairing: pair the box again, or fix [orders] sas_key_name / sas_key",
+                      data=data)]
+    if phase is LinkPhase.CONFIG_ERROR:
+        return [Check(name=name, status=Status.FAIL, message=f"online orders cannot start: {state.last_error}",
+                      fix="fix the [orders] or [wan] settings", data=data)]
+    if phase is LinkPhase.RETRYING:
+        long = state.failing_since is not None and time.time() - state.failing_since > LINK_FAIL_AFTER_S
+        return [Check(name=name, status=Status.FAIL if long else Status.WARN,
+                      message=f"online orders: cannot reach {where}: {state.last_error}",
+                      fix="check the internet link and the proxy (HTTPS to the namespace on port 443)", data=data)]
+    return [Check(name=name, status=Status.OK, message=f"online orders: connecting to {where}", data=data)]
+
+
+def register(runtime: Runtime) -> None:
+    """Health check and metrics of the orders receiver (once per runtime)."""
+    state = order_link(runtime)
+
+    async def checks() -> list[Check]:
+        return _checks(runtime)
+
+    runtime.health.add("orders", checks)
+    metrics = runtime.metrics
+    metrics.describe_counter("orders_received", "online orders taken (new message ids)")
+    metrics.describe_counter("orders_duplicates", "online order messages delivered again (nothing new written)")
+    metrics.describe_counter("orders_dead_lettered", "online order messages dead-lettered as not valid")
+    metrics.describe_counter("orders_device_commands", "device commands caused by online orders")
+    metrics.describe_counter("servicebus_link_failures", "Service Bus link failures, by link and kind")
+    metrics.gauge("servicebus_link_up", "1 when the Service Bus link is connected",
+                  lambda: [({"link": s.name}, 1.0 if s.phase is LinkPhase.CONNECTED else 0.0)
+                           for s in _STATES.get(runtime, {}).values()])
+    metrics.gauge("orders_last_message_age_seconds", "seconds since the last online order message (-1: none)",
+                  lambda: -1.0 if state.last_message_at is None else max(0.0, time.time() - state.last_message_at))
+
+
+async def _prune(runtime: Runtime) -> None:
+    while True:
+        await trio.sleep(PRUNE_INTERVAL_S)
+        dropped = await runtime.db.write(partial(prune_orders, before=time.time() - RETENTION_S))
+        if dropped:
+            log.info("forgot %d online orders older than %d days", dropped, RETENTION_S // 86400)
+
+
+async def run_orders(
+    runtime: Runtime,
+    *,
+    open_link: OpenLink = open_queue_link,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The orders receiver, until cancelled. Ready at once: it needs no network to start."""
+    register(runtime)
+    state = order_link(runtime)
+    receiver = OrderReceiver(runtime, state)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_prune, runtime)
+        task_status.started()
+        await consume(runtime, state, settings=lambda: link_options(runtime, runtime.config.orders, "orders"),
+                      handle=receiver.handle, open_link=open_link)

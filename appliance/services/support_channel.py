@@ -1,0 +1,276 @@
+"""The remote support channel (DESIGN §5): support staff reach the box through a Service
+Bus queue on the second namespace (koostodesapp-ns), the box answers over HTTPS.
+
+Off by default. It is switched on by ``[support] enabled = true`` (from the start) or by
+an admin on the homepage (``POST /api/support-channel``), and turns itself off after
+``[support] duration_s``; the homepage shows "enabled until HH:MM" or "off". While on,
+the same consumer machinery as online orders (:mod:`appliance.services.queue_consumer`)
+reads requests (:mod:`appliance.protocol.support`) from the queue pairing gives
+(``services.support``; ``[support]`` values override), runs them, and sends each reply to
+``POST /v1/appliances/{id}/support/{request_id}`` (docs/cloud-contract.md) through the
+box's WAN client; the message is completed once the platform took the reply. A request
+that does not parse is dead-lettered with the reason. A reply that cannot be sent is
+abandoned after :data:`REPLY_RETRY_S` (Service Bus delivers it again; a request is safe
+to run twice, and the platform keeps the first reply).
+
+Requests: ``health`` (every health check), ``diagnostics`` (versions, uptime, services,
+queue depths, last errors), ``resync`` (notifies ``runtime.resync_requests``; with
+``full`` the next pull re-reads the snapshot), ``log_level`` (the root logger's level for
+at most an hour, then back; also back when the channel turns off).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from functools import partial
+from typing import Any, Final
+
+import attrs
+import httpx
+import trio
+
+from appliance import __version__
+from appliance.protocol.health import Check, Status
+from appliance.protocol.support import SupportKind, SupportRequest, SupportRequestError, parse_request
+from appliance.services.dispatcher import link_board
+from appliance.services.orders import link_options, order_link
+from appliance.services.queue_consumer import LinkPhase, LinkState, OpenLink, Settle, Verdict, consume
+from appliance.services.runtime import Runtime
+from appliance.services.servicebus import ReceivedMessage, open_queue_link
+from appliance.services.signal import ChangeSignal
+from appliance.services.wan import WanConfigError, open_client
+from appliance.storage.catalog import require_snapshot
+from appliance.storage.events import outbox_stats
+
+__all__ = ["REPLY_RETRY_S", "SupportWindow", "run_support", "support_window"]
+
+log = logging.getLogger(__name__)
+
+# After a reply that could not be sent, wait this long before giving the request back.
+REPLY_RETRY_S: Final = 5.0
+# A reply is a health report or a summary: far under the contract's 1 MiB.
+REPLY_MAX_BYTES: Final = 512 * 1024
+
+Reply = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class ReplyFailed(Exception):
+    """The platform did not take the reply."""
+
+
+@attrs.define(kw_only=True, eq=False)
+class SupportWindow:
+    """When the channel is on: until ``until_wall`` (Unix time, for people) which is
+    ``deadline`` on trio's clock. ``changes`` wakes the service when an admin switches it."""
+
+    deadline: float | None = None
+    until_wall: float | None = None
+    changes: ChangeSignal = attrs.field(factory=ChangeSignal)
+
+    def open(self, duration_s: float) -> None:
+        self.deadline = trio.current_time() + duration_s
+        self.until_wall = time.time() + duration_s
+        self.changes.notify()
+
+    def close(self) -> None:
+        self.deadline = self.until_wall = None
+        self.changes.notify()
+
+    @property
+    def is_open(self) -> bool:
+        return self.deadline is not None and trio.current_time() < self.deadline
+
+    def describe(self) -> str:
+        if self.until_wall is None or not self.is_open:
+            return "off"
+        return f"enabled until {datetime.fromtimestamp(self.until_wall).strftime('%H:%M')}"
+
+
+_WINDOWS: weakref.WeakKeyDictionary[Runtime, SupportWindow] = weakref.WeakKeyDictionary()
+
+
+def support_window(runtime: Runtime) -> SupportWindow:
+    window = _WINDOWS.get(runtime)
+    if window is None:
+        window = _WINDOWS[runtime] = SupportWindow()
+    return window
+
+
+class _LogLevel:
+    """Raises the root logger's level for a while; :meth:`restore` puts it back."""
+
+    def __init__(self) -> None:
+        self.saved: int | None = None
+        self.scope: trio.CancelScope | None = None
+
+    def restore(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+            self.scope = None
+        if self.saved is not None:
+            logging.getLogger().setLevel(self.saved)
+            log.info("support: log level back to %s", logging.getLevelName(self.saved))
+            self.saved = None
+
+    async def hold(self, level: str, duration_s: float, *, task_status: trio.TaskStatus[None]) -> None:
+        root = logging.getLogger()
+        self.restore()
+        self.saved = root.level
+        root.setLevel(level.upper())
+        log.warning("support: log level %s for %g s", level, duration_s)
+        with trio.CancelScope() as scope:
+            self.scope = scope
+            task_status.started()
+            await trio.sleep(duration_s)
+        if self.scope is scope:
+            self.scope = None
+            self.restore()
+
+
+async def diagnostics(runtime: Runtime) -> dict[str, Any]:
+    stats = await runtime.db.read(outbox_stats)
+    board = link_board(runtime)
+    orders = order_link(runtime)
+    return {
+        "firmware": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "appliance_id": runtime.appliance_id,
+        "uptime_s": round(runtime.uptime_s(), 1),
+        "services": [s.as_dict() for s in runtime.board.all()],
+        "queues": {"events_pending": stats.queued, "events_rejected": stats.rejected,
+                   "device_commands_pending": sum(b.depth for b in board.backlog.values())},
+        "orders_link": {"phase": str(orders.phase), "last_error": orders.last_error,
+                        "received": orders.received, "dead_lettered": orders.dead_lettered},
+        "last_errors": {s.name: s.last_error for s in runtime.board.all() if s.last_error},
+    }
+
+
+def _reply_via_wan(runtime: Runtime) -> Reply:
+    async def reply(request_id: str, body: dict[str, Any]) -> None:
+        store = runtime.store
+        if store is None or store.needs_repair:
+            raise ReplyFailed("the box is not paired (or must be paired again): no way to reply")
+        cloud, wan = runtime.config.cloud, runtime.config.wan
+        try:
+            client = open_client(cloud.api_url, proxy=wan.proxy, no_proxy=wan.no_proxy, ca_file=cloud.ca_file,
+                                 connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
+        except WanConfigError as exc:
+            raise ReplyFailed(str(exc)) from exc
+        content = json.dumps(body, separators=(",", ":"), default=str).encode()
+        if len(content) > REPLY_MAX_BYTES:
+            content = json.dumps({"status": body.get("status"), "error": "the reply was too big to send"}).encode()
+        try:
+            async with client:
+                with trio.fail_after(cloud.connect_timeout_s + cloud.read_timeout_s):
+                    answer = await client.post(
+                        f"/v1/appliances/{runtime.appliance_id}/support/{request_id}", content=content,
+                        headers={"Authorization": f"Bearer {store.token}", "Content-Type": "application/json"})
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            raise ReplyFailed(f"{type(exc).__name__}: {exc}") from exc
+        if answer.status_code != 200:
+            raise ReplyFailed(f"the platform answered {answer.status_code}: {answer.text[:200]}")
+
+    return reply
+
+
+class SupportHandler:
+    def __init__(self, runtime: Runtime, nursery: trio.Nursery, reply: Reply, level: _LogLevel) -> None:
+        self.runtime, self.nursery, self.reply, self.level = runtime, nursery, reply, level
+
+    async def run(self, request: SupportRequest) -> dict[str, Any]:
+        runtime = self.runtime
+        if request.kind is SupportKind.HEALTH:
+            checks = await runtime.health.run_all()
+            return {"checks": [c.as_dict() for c in checks]}
+        if request.kind is SupportKind.DIAGNOSTICS:
+            return await diagnostics(runtime)
+        if request.kind is SupportKind.RESYNC:
+            if request.args["full"]:
+                await runtime.db.write(require_snapshot)
+            runtime.resync_requests.notify()
+            return {"requested": True, "full": request.args["full"]}
+        await self.nursery.start(partial(self.level.hold, request.args["level"], request.args["duration_s"]))
+        return {"level": request.args["level"], "for_s": request.args["duration_s"]}
+
+    async def handle(self, msg: ReceivedMessage) -> Settle:
+        try:
+            request = parse_request(msg.body)
+        except SupportRequestError as exc:
+            log.warning("support: message %s is not a request; dead-lettered: %s", msg.message_id or "?", exc)
+            return Settle(verdict=Verdict.DEAD_LETTER, reason="not a valid support request", description=str(exc))
+        log.info("support: %s request %s", request.kind, request.request_id)
+        body = {"status": "ok", "kind": str(request.kind), "body": await self.run(request)}
+        try:
+            await self.reply(request.request_id, body)
+        except ReplyFailed as exc:
+            log.warning("support: cannot send the reply to %s: %s; it will come again", request.request_id, exc)
+            await trio.sleep(REPLY_RETRY_S)
+            return Settle(verdict=Verdict.ABANDON)
+        return Settle()
+
+
+def _checks(runtime: Runtime, state: LinkState) -> list[Check]:
+    window = support_window(runtime)
+    data = {**state.as_dict(), "window": window.describe()}
+    if not window.is_open:
+        return [Check(name="support.channel", status=Status.OK, message="remote support channel: off", data=data)]
+    words = window.describe()
+    if state.phase is LinkPhase.CONNECTED:
+        return [Check(name="support.channel", status=Status.OK,
+                      message=f"remote support channel: {words}, connected to {state.namespace}", data=data)]
+    if state.phase in (LinkPhase.AUTH_FAILED, LinkPhase.CONFIG_ERROR, LinkPhase.RETRYING):
+        return [Check(name="support.channel", status=Status.WARN,
+                      message=f"remote support channel ({words}) cannot connect: {state.last_error}",
+                      fix="check the pairing and the internet link (HTTPS to the namespace on 443)", data=data)]
+    detail = f": {state.detail}" if state.detail else ""
+    return [Check(name="support.channel", status=Status.OK,
+                  message=f"remote support channel: {words}, {state.phase}{detail}", data=data)]
+
+
+async def run_support(
+    runtime: Runtime,
+    *,
+    open_link: OpenLink = open_queue_link,
+    reply: Reply | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The support channel until cancelled: consume while the window is open."""
+    cfg = runtime.config.support
+    state = order_link(runtime, "support")
+    window = support_window(runtime)
+
+    async def checks() -> list[Check]:
+        return _checks(runtime, state)
+
+    runtime.health.add("support", checks)
+    if cfg.enabled and window.deadline is None:
+        window.open(cfg.duration_s)
+        log.warning("remote support channel on for %g s ([support] enabled)", cfg.duration_s)
+    level = _LogLevel()
+    async with trio.open_nursery() as nursery:
+        handler = SupportHandler(runtime, nursery, reply or _reply_via_wan(runtime), level)
+        task_status.started()
+        while True:
+            seen = window.changes.version
+            if window.is_open and window.deadline is not None:
+                with trio.move_on_at(window.deadline) as scope:
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(partial(consume, runtime, state, handle=handler.handle, open_link=open_link,
+                                                 settings=lambda: link_options(runtime, cfg, "support")))
+                        await window.changes.wait(seen)
+                        inner.cancel_scope.cancel()  # switched on again (new deadline) or off
+                if scope.cancelled_caught:
+                    log.warning("remote support channel turned itself off (its time ended)")
+                    window.close()
+                continue
+            state.phase, state.detail = LinkPhase.OFF, ""
+            level.restore()
+            await window.changes.wait(seen)

@@ -1,0 +1,177 @@
+"""Online orders and the remote support channel on the listeners.
+
+Store API (port 8000), devices' bearer token as for the rest of the store API:
+
+- ``GET /v1/orders?limit=N&source=online|device``: the newest orders, online ones
+  (Service Bus) and those devices posted (``POST /v1/orders``), merged by time.
+- ``GET /v1/orders/{id}``: an online order (by order id or message id) with the device
+  commands it caused and their state; an id that is no online order answers as the
+  store API's device order does (``{order, received_at, upload}``), so this route can
+  sit in front of that one.
+
+Admin listener (port 80): homepage sections "Online orders" and "Remote support",
+``/api/status`` keys ``orders`` and ``support``, and ``POST /api/support-channel``
+``{"enabled": true|false}`` (admin token) to switch the support channel on for
+``[support] duration_s`` or off.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.protocol.store_api import event_id_of
+from appliance.services.orders import order_link
+from appliance.services.queue_consumer import LinkPhase, LinkState
+from appliance.services.runtime import Runtime
+from appliance.services.support_channel import support_window
+from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.parts import WebParts
+from appliance.storage.events import get_received, upload_state
+from appliance.storage.orders import LIST_MAX, get_order, list_orders, order_counts
+
+__all__ = ["admin_parts", "api_parts"]
+
+LIST_DEFAULT: Final = 50
+RECENT_SHOWN: Final = 5
+_GREEN, _AMBER, _RED = "#1a7f37", "#9a6700", "#cf222e"
+_PHASE_COLOURS: Final = {LinkPhase.CONNECTED: _GREEN, LinkPhase.CONNECTING: _AMBER, LinkPhase.RETRYING: _AMBER,
+                         LinkPhase.WAITING: _AMBER, LinkPhase.AUTH_FAILED: _RED, LinkPhase.CONFIG_ERROR: _RED}
+
+
+def _rfc3339(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json(content: Any, status_code: int = 200) -> Response:
+    return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace"),
+                    status_code=status_code, media_type="application/json")
+
+
+def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
+    db = runtime.db
+
+    async def listing(request: Request) -> Response:
+        require_admin(request, runtime)
+        raw = request.query_params.get("limit", str(LIST_DEFAULT))
+        if not raw.isdigit() or not 1 <= int(raw) <= LIST_MAX:
+            raise ApiError(400, f"limit must be an integer from 1 to {LIST_MAX}, got {raw!r}")
+        source = request.query_params.get("source", "")
+        if source not in ("", "online", "device"):
+            raise ApiError(400, f"source must be online or device, got {source!r}")
+        orders = await db.read(partial(list_orders, limit=int(raw), source=source))
+        for order in orders:
+            order["received_at"] = _rfc3339(order["received_at"])
+        return _json({"orders": orders})
+
+    async def one(request: Request) -> Response:
+        require_admin(request, runtime)
+        order_id = request.path_params["id"]
+        online = await db.read(partial(get_order, order_id=order_id))
+        if online is not None:
+            online["received_at"] = _rfc3339(online["received_at"])
+            return _json(online)
+        # Not an online order: answer as the store API answers for a device's order.
+        receipt = await db.read(partial(get_received, kind="order", id=order_id))
+        if receipt is None:
+            raise ApiError(404, f"no order with id {order_id!r} on this box")
+        upload = await db.read(partial(upload_state, event_id=event_id_of("order", order_id)))
+        return _json({"order": json.loads(receipt.body), "received_at": _rfc3339(receipt.received_at),
+                      "upload": upload})
+
+    return [Route("/v1/orders", listing, methods=["GET"]), Route("/v1/orders/{id}", one, methods=["GET"])]
+
+
+def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
+    async def switch(request: Request) -> Response:
+        require_admin(request, runtime)
+        body = await read_json(request, 1024)
+        enabled = body.get("enabled") if isinstance(body, dict) else None
+        if not isinstance(enabled, bool) or set(body) != {"enabled"}:
+            raise ApiError(400, 'expected {"enabled": true} or {"enabled": false}')
+        window = support_window(runtime)
+        if enabled:
+            window.open(runtime.config.support.duration_s)
+        else:
+            window.close()
+        return JSONResponse({"support": window.describe(), "until": window.until_wall})
+
+    return [Route("/api/support-channel", switch, methods=["POST"])]
+
+
+def _row(label: str, value: str, colour: str = "") -> str:
+    style = f" class=state style='color:{colour}'" if colour else ""
+    return f"<tr><td>{html.escape(label)}</td><td{style}>{value}</td></tr>"
+
+
+def _link_rows(state: LinkState) -> list[str]:
+    esc = html.escape
+    words = {LinkPhase.CONNECTED: f"connected to {state.namespace}", LinkPhase.CONNECTING: "connecting",
+             LinkPhase.WAITING: f"waiting: {state.detail}", LinkPhase.RETRYING: "cannot connect; retrying",
+             LinkPhase.AUTH_FAILED: "the namespace refused the key: check the pairing",
+             LinkPhase.CONFIG_ERROR: "the settings cannot work", LinkPhase.OFF: "off"}
+    rows = [_row("link", esc(words[state.phase]), _PHASE_COLOURS.get(state.phase, ""))]
+    if state.queue:
+        rows.append(_row("queue", esc(f"{state.queue} on {state.namespace}")))
+    if state.phase is not LinkPhase.CONNECTED and state.last_error:
+        rows.append(_row("last error", esc(state.last_error), _RED))
+        if state.next_try_at:
+            rows.append(_row("next try", f"in {max(0, int(state.next_try_at - time.time()))} s"))
+    return rows
+
+
+async def orders_section(runtime: Runtime) -> str:
+    esc = html.escape
+    state = order_link(runtime)
+    if not runtime.config.orders.enabled:
+        return "<section id=orders><h2>Online orders</h2><p class=muted>off ([orders] enabled = false)</p></section>"
+    rows = _link_rows(state)
+    counts = await runtime.db.read(order_counts)
+    last = "none yet" if state.last_message_at is None else \
+        datetime.fromtimestamp(state.last_message_at).strftime("%H:%M:%S")
+    rows.append(_row("orders", esc(f"{counts['online_orders']} kept · {state.received} messages since start · "
+                                   f"last at {last}")))
+    if state.dead_lettered:
+        rows.append(_row("not valid", esc(f"{state.dead_lettered} dead-lettered since start"), _AMBER))
+    recent = await runtime.db.read(partial(list_orders, limit=RECENT_SHOWN, source="online"))
+    items = "".join(
+        f"<tr><td>{esc(o['id'])}</td><td>{esc(datetime.fromtimestamp(o['received_at']).strftime('%H:%M:%S'))}</td>"
+        f"<td>{esc(', '.join(c['device_id'] + ': ' + c['state'] for c in o['commands']) or 'no device')}</td></tr>"
+        for o in recent)
+    table = f"<table><tr><th>order</th><th>at</th><th>devices</th></tr>{items}</table>" if items else ""
+    return f"<section id=orders><h2>Online orders</h2><table>{''.join(rows)}</table>{table}</section>"
+
+
+async def support_section(runtime: Runtime) -> str:
+    window = support_window(runtime)
+    words = window.describe()
+    rows = [_row("remote support", html.escape(words), _AMBER if window.is_open else "")]
+    if window.is_open:
+        rows += _link_rows(order_link(runtime, "support"))
+    return (f"<section id=support-channel><h2>Remote support</h2><table>{''.join(rows)}</table>"
+            "<p class=muted>switch on or off: POST /api/support-channel {\"enabled\": true} with the admin token"
+            "</p></section>")
+
+
+async def status_part(runtime: Runtime) -> dict[str, Any]:
+    window = support_window(runtime)
+    return {"orders": {"enabled": runtime.config.orders.enabled, **order_link(runtime).as_dict()},
+            "support": {"window": window.describe(), "until": window.until_wall,
+                        **order_link(runtime, "support").as_dict()}}
+
+
+def api_parts() -> WebParts:
+    return WebParts(routes=(api_routes,))
+
+
+def admin_parts() -> WebParts:
+    return WebParts(routes=(admin_routes,), sections=(orders_section, support_section), status=(status_part,))

@@ -1,0 +1,119 @@
+"""The remote support channel: a request on the support queue (the AMQP peer, real SDK on
+both sides), the reply to the cloud simulator over HTTPS, and the time limit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+from azure.servicebus import ServiceBusMessage
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.config import Config
+from appliance.devkit.cloud import run_cloud_simulator
+from appliance.devkit.cloud_state import QueueService, SimConfig
+from appliance.protocol.support import SupportKind, SupportRequestError, parse_request
+from appliance.services.assembly import service_specs
+from appliance.services.orders import order_link
+from appliance.services.pairing import pair_from_web
+from appliance.services.queue_consumer import LinkPhase
+from appliance.services.support_channel import support_window
+from appliance.supervisor import open_runtime, supervise_all
+from tests.amqp import fixtures
+from tests.amqp.fixtures import AmqpServer
+
+amqp_server = fixtures.amqp_server
+
+DEADLINE_S = 40.0
+DURATION_S = 6.0  # the channel's whole time in the test: it must answer, then switch off
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` (the simulator's and the runtime's memory: nothing to wait on)."""
+    with trio.fail_after(DEADLINE_S):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.05)
+
+
+def request(kind: str, **args: Any) -> tuple[str, ServiceBusMessage]:
+    rid = f"req-{uuid.uuid4().hex[:8]}"
+    body = json.dumps({"request_id": rid, "kind": kind, "args": args}).encode()
+    return rid, ServiceBusMessage(body, message_id=rid)
+
+
+async def test_answers_health_then_turns_itself_off(
+    amqp_server: AmqpServer, make_config: Callable[..., Config], tmp_path: Any
+) -> None:
+    support = QueueService(namespace=amqp_server.namespace, queue="appliance-{appliance_id}-support",
+                           sas_key_name=amqp_server.sas_key_name, sas_key=amqp_server.sas_key)
+    async with trio.open_nursery() as nursery:
+        sim = await nursery.start(run_cloud_simulator, SimConfig(products=3, tls_dir=str(tmp_path / "sim"),
+                                                                 support=support, orders=None))
+        config = make_config(
+            cloud={"api_url": sim.url, "ca_file": str(sim.ca_path)},
+            support={"enabled": True, "namespace": amqp_server.namespace, "endpoint": amqp_server.endpoint,
+                     "ca_file": amqp_server.ca_file, "max_wait_s": 1.0, "duration_s": DURATION_S})
+        runtime = await open_runtime(config)
+        try:
+            async with trio.open_nursery() as box:
+                await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
+                                                                  task_status=task_status))
+                started = time.monotonic()
+                assert support_window(runtime).describe().startswith("enabled until ")
+                await pair_from_web(runtime, sim.pair_code)  # the pairing gives the support queue
+                queue = f"appliance-{runtime.appliance_id}-support"
+                rid, msg = request("health")
+                bad = ServiceBusMessage(b'{"request_id": "x", "kind": "reboot"}', message_id="bad")
+                lid, level = request("log_level", level="debug", duration_s=60)
+                await trio.to_thread.run_sync(lambda: amqp_server.send(queue, msg, bad, level))
+                await until(lambda: {rid, lid} <= set(sim.state.support))
+                reply = sim.state.support[rid]["body"]
+                assert reply["status"] == "ok" and reply["kind"] == "health"
+                names = {c["name"] for c in reply["body"]["checks"]}
+                assert "support.channel" in names and "cloud.pairing" in names
+                assert logging.getLogger().level == logging.DEBUG
+                # Its time ends: the channel closes its link and restores the log level.
+                await until(lambda: order_link(runtime, "support").phase is LinkPhase.OFF)
+                assert time.monotonic() - started >= DURATION_S - 0.5
+                assert support_window(runtime).describe() == "off"
+                assert logging.getLogger().level != logging.DEBUG
+                [check] = [c for c in await runtime.health.run_all() if c.name == "support.channel"]
+                assert check.message == "remote support channel: off"
+                [dead] = await trio.to_thread.run_sync(lambda: amqp_server.contents(queue, dead_letter=True))
+                assert dead.properties["DeadLetterReason"] == "not a valid support request"
+                assert "kind: must be one of health" in dead.properties["DeadLetterErrorDescription"]
+                runtime.stopping.set()
+        finally:
+            runtime.db.close()
+        nursery.cancel_scope.cancel()
+
+
+def test_requests_parse_strictly() -> None:
+    req = parse_request(b'{"request_id": "r-1", "kind": "resync", "args": {"full": true}}')
+    assert (req.kind, dict(req.args)) == (SupportKind.RESYNC, {"full": True})
+    for body, words in [
+        (b"[]", "must be a JSON object"),
+        (b'{"request_id": "r 1", "kind": "health"}', "request_id"),
+        (b'{"request_id": "r", "kind": "log_level", "args": {"level": "loud"}}', "args.level"),
+        (b'{"request_id": "r", "kind": "log_level", "args": {"level": "info", "duration_s": 86400}}', "duration_s"),
+        (b'{"request_id": "r", "kind": "health", "args": {"x": 1}}', "unknown key"),
+        (b'{"request_id": "r", "kind": "health", "extra": 1}', "unknown key"),
+    ]:
+        with pytest.raises(SupportRequestError, match=words):
+            parse_request(body)
+
+
+@given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+def test_any_bytes_parse_or_raise_the_protocol_error(body: bytes) -> None:
+    with contextlib.suppress(SupportRequestError):
+        parse_request(body)
