@@ -57,7 +57,8 @@ from appliance.storage.catalog import (
     search_products,
     sync_state,
 )
-from appliance.storage.events import Received, get_received, receive, upload_state
+from appliance.storage.events import Receipt, Received, get_received, receive, upload_state
+from appliance.storage.orders import route_device_order
 
 __all__ = ["JsonResponse", "api_parts", "routes"]
 
@@ -140,8 +141,20 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         now = time.time()
         stored = canonical_json(canonical(record))
         event = event_of(record, received_at=rfc3339(now))
-        receipt = await db.write(partial(receive, kind=kind, id=record.id, device_id=record.device_id, body=stored,
-                                         event_id=event["id"], event_body=canonical_json(event), now=now))
+        routing = runtime.config.orders.routing
+
+        def write(conn: sqlite3.Connection) -> tuple[Receipt, int]:
+            # One transaction: the record, its event for the platform and, for an order,
+            # the commands that take it to the kitchen screens and printers.
+            receipt = receive(conn, kind=kind, id=record.id, device_id=record.device_id, body=stored,
+                              event_id=event["id"], event_body=canonical_json(event), now=now)
+            if kind != "order" or receipt.outcome is not Received.CREATED:
+                return receipt, 0
+            sent = route_device_order(conn, order_id=record.id, order=json.loads(stored),
+                                      from_device=record.device_id, configured=routing, now=now)
+            return receipt, len(sent)
+
+        receipt, commands = await db.write(write)
         if receipt.outcome is Received.CONFLICT:
             runtime.metrics.inc("store_api_conflicts", kind=kind)
             raise ApiError(409, f"{kind} id {record.id!r} was already received with a different body; "
@@ -149,6 +162,8 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         if receipt.outcome is Received.CREATED:
             runtime.metrics.inc("store_api_received", kind=kind)
             runtime.uplink_changes.notify()
+            if commands:
+                runtime.outbox_changes.notify()
         answer = await _answer(runtime, kind, record.id, receipt.body, receipt.received_at)
         return JsonResponse(answer, status_code=201 if receipt.outcome is Received.CREATED else 200)
 

@@ -1,0 +1,171 @@
+"""The demo: a whole shop on one machine, so a newcomer sees orders flow.
+
+One trio loop runs the cloud simulator (real HTTPS with a local CA), three simulated
+devices (a kitchen screen, a receipt printer, a POS) and the real appliance, configured
+with its embedded defaults plus what the demo needs: the simulator as its cloud, the
+devices declared, every listener on loopback. It pairs the box with the simulator's code,
+then a kiosk posts an order to the store API every few seconds: each one reaches the
+kitchen screen and the printer over the device channel and goes up to the platform as
+an event. Now and then the platform changes a price, which the box pulls down.
+
+Nothing leaves the machine: no discovery broadcast, no Service Bus, no real platform.
+Ctrl-C (SIGINT) or SIGTERM stops it all cleanly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from appliance.config import Config, DeviceDecl, parse_config
+from appliance.devkit.cloud import SimHandle, run_cloud_simulator
+from appliance.devkit.cloud_state import SimConfig
+from appliance.devkit.device import DeviceSimulator, run_device_simulator
+from appliance.services.assembly import service_specs
+from appliance.services.pairing import pair_from_web
+from appliance.services.runtime import Runtime
+from appliance.supervisor import open_runtime, supervise_all
+
+__all__ = ["DemoOptions", "run_demo"]
+
+log = logging.getLogger("appliance.demo")
+
+DEVICES = (("kitchen-1", "kds", "Kitchen screen"), ("printer-1", "printer", "Receipt printer"),
+           ("pos-1", "pos", "Till 1"))
+
+
+@attrs.frozen(kw_only=True)
+class DemoOptions:
+    state_dir: Path
+    port_offset: int = 0
+    products: int = 200
+    order_every_s: float = 5.0
+    price_change_every_s: float = 30.0
+    seed: int = 7
+
+
+def _config(options: DemoOptions, sim: SimHandle, devices: list[DeviceDecl]) -> Config:
+    return parse_config({
+        "lan": {"bind": "127.0.0.1"},
+        "storage": {"dir": str(options.state_dir / "box")},
+        "discovery": {"enabled": False},  # a demo never broadcasts on the LAN it runs in
+        "orders": {"enabled": False},  # online orders need a Service Bus namespace
+        "cloud": {"api_url": sim.url, "ca_file": str(sim.ca_path), "pull_interval_s": 5.0,
+                  "push_interval_s": 2.0, "heartbeat_interval_s": 30.0},
+        "devices": [attrs.asdict(d) for d in devices],
+    })
+
+
+async def _kiosk(runtime: Runtime, options: DemoOptions, say: Callable[[str], None]) -> None:
+    """Post an order to the store API every few seconds, as a self-order kiosk would."""
+    rng = random.Random(options.seed)
+    api = f"http://127.0.0.1:{runtime.ports['api']}"
+    headers = {"Authorization": f"Bearer {runtime.admin_token}"}
+    async with httpx.AsyncClient(base_url=api, headers=headers, timeout=10.0) as client:
+        for n in itertools.count(1):
+            await trio.sleep(options.order_every_s)
+            try:
+                page = await client.get("/v1/products", params={"limit": 50})
+            except httpx.HTTPError as exc:
+                say(f"kiosk: the box did not answer: {exc!r}")
+                continue
+            if page.status_code != 200 or not page.json().get("items"):
+                say("kiosk: waiting for the catalog to arrive from the cloud")
+                continue
+            items = rng.sample(page.json()["items"], k=min(2, len(page.json()["items"])))
+            lines = []
+            for item in items:
+                price = await client.get(f"/v1/prices/{item['sku']}")
+                cents = price.json().get("amount_cents", 100) if price.status_code == 200 else 100
+                lines.append({"sku": item["sku"], "name": item.get("name", ""), "qty": rng.randint(1, 3),
+                              "unit_price_cents": cents})
+            order = {"id": f"kiosk-{runtime.appliance_id[-6:]}-{n:05d}", "device_id": "kiosk-1", "currency": "EUR",
+                     "total_cents": sum(line["qty"] * line["unit_price_cents"] for line in lines), "lines": lines}
+            summary = ", ".join(f"{line['qty']} x {line['name'] or line['sku']}" for line in lines)
+            try:
+                answer = await client.post("/v1/orders", json=order)
+            except httpx.HTTPError as exc:
+                say(f"kiosk: order {order['id']} not taken: {exc!r}")
+                continue
+            say(f"kiosk: order {order['id']} ({summary}) -> box: HTTP {answer.status_code}")
+
+
+async def _platform_changes(sim: SimHandle, options: DemoOptions, say: Callable[[str], None]) -> None:
+    """Now and then the back office changes a price; the box pulls the change down."""
+    rng = random.Random(options.seed + 1)
+    while True:
+        await trio.sleep(options.price_change_every_s)
+        sku = sim.state.catalog.sku(rng.randrange(options.products))
+        price = sim.state.get("price", sku)
+        if price is None:
+            continue
+        cents = max(1, int(price["amount_cents"] * rng.choice((0.9, 1.1))))
+        sim.state.upsert("price", sku, {**price, "amount_cents": cents})
+        say(f"platform: the price of {sku} is now {cents / 100:.2f}; the box pulls it down")
+
+
+async def run_demo(options: DemoOptions, *, say: Callable[[str], None] = print,
+                   task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the whole shop until SIGINT/SIGTERM; ``started()`` gives the box's runtime."""
+    options.state_dir.mkdir(parents=True, exist_ok=True)
+    async with trio.open_nursery() as outer:
+        sim_config = SimConfig(host="127.0.0.1", port=0, tls_dir=str(options.state_dir / "cloud-tls"),
+                               products=options.products, seed=options.seed, orders=None, support=None,
+                               logs_url=None)
+        sim: SimHandle = await outer.start(run_cloud_simulator, sim_config)
+        declared = []
+        for device_id, kind, name in DEVICES:
+            def echo(line: str, device_id: str = device_id) -> None:
+                say(f"{device_id}: {line[:120]}")
+
+            device = DeviceSimulator(device_id=device_id, kind=kind, echo=echo,
+                                     log_path=options.state_dir / "devices" / f"{device_id}.jsonl")
+            port = await outer.start(partial(run_device_simulator, device, port=0, bind="127.0.0.1"))
+            declared.append(DeviceDecl(id=device_id, kind=kind, address="127.0.0.1", port=port, name=name))
+        runtime = await open_runtime(_config(options, sim, declared), port_offset=options.port_offset)
+        try:
+            async with trio.open_nursery() as box:
+                await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
+                                                                  task_status=task_status))
+                link = await pair_from_web(runtime, sim.pair_code)
+                _banner(runtime, sim, link.store_id, say)
+                outer.start_soon(_until_stopping, runtime, partial(_kiosk, runtime, options, say))
+                outer.start_soon(_until_stopping, runtime, partial(_platform_changes, sim, options, say))
+                task_status.started(runtime)
+        finally:
+            runtime.db.close()
+        outer.cancel_scope.cancel()
+
+
+async def _until_stopping(runtime: Runtime, task: Callable[[], Awaitable[None]]) -> None:
+    """Run ``task`` until the box is asked to stop (the box then finishes its own work)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(task)
+        await runtime.stopping.wait()
+        nursery.cancel_scope.cancel()
+
+
+def _banner(runtime: Runtime, sim: SimHandle, store_id: str, say: Callable[[str], None]) -> None:
+    p = runtime.ports
+    lines: list[Any] = [
+        "",
+        "The store appliance demo is running. Ctrl-C stops it.",
+        f"  homepage     http://127.0.0.1:{p['admin']}/",
+        f"  store API    http://127.0.0.1:{p['api']}/v1/products?limit=5   (Authorization: Bearer <admin token>)",
+        f"  health       http://127.0.0.1:{p['ops']}/health   and /metrics",
+        f"  admin token  {runtime.admin_token}",
+        f"  cloud        {sim.url} (simulated platform; paired with store {store_id})",
+        f"  devices      {', '.join(f'{d} ({k})' for d, k, _ in DEVICES)} on 127.0.0.1",
+        "",
+    ]
+    for line in lines:
+        say(str(line))
