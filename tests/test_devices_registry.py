@@ -21,7 +21,7 @@ from appliance.config import DeviceDecl
 from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState
 from appliance.services.runtime import Runtime
-from appliance.services.web.devices import FormError, parse_form
+from appliance.services.web.common import FormError, parse_form
 from appliance.storage import Database
 from appliance.storage.devices import (
     MAX_PENDING,

@@ -19,7 +19,6 @@ registry's forms in ``web/devices.py``) and the device id on the button.
 
 from __future__ import annotations
 
-import hmac
 import html
 import math
 import time
@@ -37,7 +36,7 @@ from appliance.services.device_link import LinkPhase
 from appliance.services.dispatcher import enqueue, link_board
 from appliance.services.runtime import Runtime
 from appliance.services.web.admin import page
-from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import AdoptionState, get_device
 from appliance.storage.outbox import (
@@ -55,8 +54,6 @@ _KEYS: Final = ("kind", "body", "expires_at", "id")
 # The homepage's test command: a ping that is useless after ten minutes.
 TEST_KIND: Final = "ping"
 TEST_TTL_S: Final = 600.0
-# A test-command form is a token and a device id: a few hundred bytes.
-MAX_FORM_BYTES: Final = 4096
 
 
 def parse_command_request(data: Any, now: float) -> tuple[str, dict[str, Any], float | None, str | None]:
@@ -172,45 +169,23 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
 # --- the homepage ------------------------------------------------------------------
 
 
-class _FormError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-        super().__init__(message)
-
-
-async def _read_form(request: Request) -> dict[str, str]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/x-www-form-urlencoded":
-        raise _FormError(415, f"Expected an HTML form, got {ctype or 'nothing'}.")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise _FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
-    try:
-        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True,
-                                       max_num_fields=8)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _FormError(400, f"The form could not be read: {exc}.") from exc
-    return dict(pairs)
 
 
 def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def test_command(request: Request) -> Response:
         try:
-            form = await _read_form(request)
-            token, device_id = form.get("token", ""), form.get("device", "")
-            if not token or not hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
-                raise _FormError(401, "The admin token is missing or wrong; nothing was sent.")
+            form = await read_form(request)
+            check_form_token(form, runtime, consequence="nothing was sent")
+            device_id = form.get("device", "")
             try:
                 await _adopted_or_raise(runtime, device_id, must_be_adopted=True)
             except ApiError as exc:
-                raise _FormError(exc.status, f"{exc.message}; nothing was sent.") from exc
+                raise FormError(exc.status, f"{exc.message}; nothing was sent.") from exc
             now = time.time()
             await enqueue(runtime, device_id, TEST_KIND,
                           {"text": "test command from the store appliance's homepage", "sent_at": now},
                           now + TEST_TTL_S)
-        except _FormError as exc:
+        except FormError as exc:
             body = page("Store appliance", "device links",
                         [f"<section><h2>Not sent</h2><p>{html.escape(exc.message)}</p>"
                          "<p><a href='/#device-links'>Back to the homepage</a></p></section>"])

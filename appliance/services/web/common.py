@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import urllib.parse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,7 +21,12 @@ from starlette.routing import BaseRoute, Route
 from appliance import __version__
 from appliance.services.runtime import Runtime
 
-__all__ = ["ApiError", "json_error", "read_json", "require_admin", "service_app"]
+__all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "check_form_token", "json_error", "parse_form", "read_form",
+           "read_json", "require_admin", "service_app"]
+
+# A homepage form is a token and one action or code: a few hundred bytes. Anything bigger is not ours.
+MAX_FORM_BYTES: Final = 4096
+MAX_FORM_FIELDS: Final = 8
 
 
 class ApiError(Exception):
@@ -29,6 +35,56 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, errors: Sequence[str] = ()) -> None:
         self.status, self.message, self.errors = status, message, list(errors)
         super().__init__(message)
+
+
+class FormError(Exception):
+    """A homepage form that cannot be acted on; the page says ``message`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.message = status, message
+        super().__init__(message)
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """A small urlencoded form, refused before buffering when too large or of another type.
+
+    The homepage has no JavaScript, so its buttons are plain forms that carry the admin
+    token as a password field (a browser form cannot send an Authorization header)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise FormError(415, f"Expected an HTML form (application/x-www-form-urlencoded), got {ctype or 'nothing'}.")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
+        raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    return parse_form(body)
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    """An urlencoded form body as a dict; FormError for anything else (bad UTF-8, bad
+    encoding, too many fields, a field given twice)."""
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
+                                       max_num_fields=MAX_FORM_FIELDS)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormError(400, f"The form could not be read: {exc}.") from exc
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        if key in form:
+            raise FormError(400, f"The form field {key!r} appears twice.")
+        form[key] = value
+    return form
+
+
+def check_form_token(form: dict[str, str], runtime: Runtime, *, consequence: str) -> None:
+    """Refuse (401) a form without the admin token; ``consequence`` ends the message."""
+    token = form.get("token", "")
+    if not token or not hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
+        raise FormError(401, f"The admin token is missing or wrong; {consequence}.")
 
 
 def json_error(

@@ -19,10 +19,8 @@ Every change notifies ``runtime.device_changes`` (the dispatcher starts or stops
 
 from __future__ import annotations
 
-import hmac
 import html
 import time
-import urllib.parse
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Final
@@ -33,7 +31,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.services.runtime import Runtime
 from appliance.services.web.admin import page
-from appliance.services.web.common import ApiError, require_admin
+from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, require_admin
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import (
     AdoptionState,
@@ -46,19 +44,9 @@ from appliance.storage.devices import (
     set_state,
 )
 
-__all__ = ["FormError", "admin_parts", "devices_section", "devices_status", "parse_form", "routes"]
+__all__ = ["admin_parts", "devices_section", "devices_status", "routes"]
 
-# A form post is a token and one action: a few hundred bytes. Anything bigger is not ours.
-MAX_FORM_BYTES: Final = 4096
 _ACTIONS: Final = {"adopt": AdoptionState.ADOPTED, "reject": AdoptionState.REJECTED}
-
-
-class FormError(Exception):
-    """A form post that cannot be used; ``status`` and a message for the person who sent it."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-        super().__init__(message)
 
 
 async def _change(runtime: Runtime, device_id: str, state: AdoptionState) -> tuple[Device, bool]:
@@ -95,10 +83,9 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
 
     async def form_action(request: Request) -> Response:
         try:
-            form = await _read_form(request)
-            token, action = form.get("token", ""), form.get("action", "")
-            if not token or not hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
-                raise FormError(401, "The admin token is missing or wrong; nothing was changed.")
+            form = await read_form(request)
+            check_form_token(form, runtime, consequence="nothing was changed")
+            action = form.get("action", "")
             verb, _, device_id = action.partition(":")
             if verb not in _ACTIONS or not device_id:
                 raise FormError(400, f"Unknown action {action!r}; nothing was changed.")
@@ -121,38 +108,6 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         Route("/api/devices/{device_id}/{verb}", api_action, methods=["POST"]),
         Route("/devices/action", form_action, methods=["POST"]),
     ]
-
-
-async def _read_form(request: Request) -> dict[str, str]:
-    """A small urlencoded form, refused before buffering when too large or of another type."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/x-www-form-urlencoded":
-        raise FormError(415, f"Expected an HTML form (application/x-www-form-urlencoded), got {ctype or 'nothing'}.")
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
-        raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
-    return parse_form(body)
-
-
-def parse_form(body: bytes) -> dict[str, str]:
-    """An urlencoded form body as a dict; FormError for anything else (bad UTF-8, bad
-    encoding, more than 8 fields, a field given twice)."""
-    try:
-        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True,
-                                       max_num_fields=8)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormError(400, f"The form could not be read: {exc}.") from exc
-    form: dict[str, str] = {}
-    for key, value in pairs:
-        if key in form:
-            raise FormError(400, f"The form field {key!r} appears twice.")
-        form[key] = value
-    return form
 
 
 def _ago(seconds: float | None) -> str:

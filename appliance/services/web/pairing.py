@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import hmac
 import html
 import time
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -27,37 +25,14 @@ from appliance.services.pairing import PairingFailed, describe, pair_from_web
 from appliance.services.runtime import Runtime
 from appliance.services.sync_health import cloud_status
 from appliance.services.web.admin import page
-from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
 from appliance.services.web.parts import WebParts
 
 __all__ = ["admin_parts", "cloud_section", "routes"]
 
-# The form is a code and a token: a few hundred bytes.
-MAX_FORM_BYTES: Final = 4096
 _RED, _AMBER, _GREEN = "#cf222e", "#9a6700", "#1a7f37"
 
 
-class _FormError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-        super().__init__(message)
-
-
-async def _read_form(request: Request) -> dict[str, str]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/x-www-form-urlencoded":
-        raise _FormError(415, f"Expected an HTML form, got {ctype or 'nothing'}.")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise _FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
-    try:
-        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
-                                       max_num_fields=8)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _FormError(400, f"The form could not be read: {exc}.") from exc
-    return dict(pairs)
 
 
 def _not_done(status: int, message: str) -> HTMLResponse:
@@ -70,12 +45,10 @@ def _not_done(status: int, message: str) -> HTMLResponse:
 def routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def form(request: Request) -> Response:
         try:
-            fields = await _read_form(request)
-            token = fields.get("token", "")
-            if not token or not hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
-                raise _FormError(401, "The admin token is missing or wrong; nothing was changed.")
+            fields = await read_form(request)
+            check_form_token(fields, runtime, consequence="nothing was changed")
             await pair_from_web(runtime, fields.get("code", ""))
-        except _FormError as exc:
+        except FormError as exc:
             return _not_done(exc.status, exc.message)
         except PairingFailed as exc:
             return _not_done(502 if exc.link is not None else 400, f"{exc.message}. The earlier pairing, if any, "
