@@ -4,6 +4,7 @@ and a running appliance in the test's own trio loop."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,11 @@ def make_config(tmp_path: Path) -> ConfigFactory:
     return make
 
 
-@pytest.fixture
-async def appliance(make_config: ConfigFactory) -> AsyncIterator[Runtime]:
-    """A whole appliance (every service of the assembly) running in the test's nursery."""
-    runtime = await open_runtime(make_config())
+@asynccontextmanager
+async def running_box(config: Config) -> AsyncIterator[Runtime]:
+    """A whole appliance (every service of the assembly) with ``config``, in the caller's
+    trio loop; stopped gracefully (as by SIGTERM) when the block ends."""
+    runtime = await open_runtime(config)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
@@ -75,3 +77,10 @@ async def appliance(make_config: ConfigFactory) -> AsyncIterator[Runtime]:
             runtime.stopping.set()
     finally:
         runtime.db.close()
+
+
+@pytest.fixture
+async def appliance(make_config: ConfigFactory) -> AsyncIterator[Runtime]:
+    """A whole appliance with the test configuration."""
+    async with running_box(make_config()) as runtime:
+        yield runtime

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -28,31 +27,19 @@ from typing import Any
 
 import pytest
 
+from tests.netns import IP, why_no_namespaces
+
 from .conftest import test_config_data
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-IP = shutil.which("ip") or "/usr/sbin/ip"
 BOX1, DEV1 = "10.231.1.1", "10.231.1.2"
 BOX2, DEV2 = "10.231.2.1", "192.168.77.2"  # dev2's address does not fit its link
 DISCOVERY_PORT = 57854  # the real port: nothing else lives in these namespaces
 BIN = Path(sys.executable).parent
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if not os.path.exists(IP):
-        return "needs iproute2 (scripts/setup --test installs it)"
-    probe = f"chub-probe-{secrets.token_hex(3)}"
-    made = subprocess.run([IP, "netns", "add", probe], capture_output=True, check=False)
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.decode().strip()}"
-    subprocess.run([IP, "netns", "del", probe], check=False)
-    return None
-
-
-_REASON = _why_not()
+_REASON = why_no_namespaces()
 if _REASON:
     pytestmark.append(pytest.mark.skip(reason=_REASON))
 

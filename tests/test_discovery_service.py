@@ -28,16 +28,16 @@ import trio.testing
 from appliance import __version__
 from appliance.protocol import discovery as wire
 from appliance.protocol.health import Status
-from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState
 from appliance.services.discovery import DiscoveryBindError, Limits, run_discovery
 from appliance.services.netif import Interface, beacon_interfaces, interfaces, parse_ifreq_address, route_source
 from appliance.services.runtime import Runtime
 from appliance.storage.devices import AdoptionState, get_device, list_devices
 from appliance.storage.pairing import StoreLink
-from appliance.supervisor import open_runtime, supervise_all
+from appliance.supervisor import open_runtime
 
 from .conftest import ConfigFactory
+from .conftest import running_box as box_with
 
 DEADLINE_S = 5.0
 
@@ -50,15 +50,8 @@ def discovery_on(**extra: Any) -> dict[str, Any]:
 @asynccontextmanager
 async def running_box(make_config: ConfigFactory, **sections: Any) -> AsyncIterator[Runtime]:
     """The whole appliance with discovery on, on loopback."""
-    runtime = await open_runtime(make_config(**{**discovery_on(), **sections}))
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
-                                                                  task_status=task_status))
-            yield runtime
-            runtime.stopping.set()
-    finally:
-        runtime.db.close()
+    async with box_with(make_config(**{**discovery_on(), **sections})) as runtime:
+        yield runtime
 
 
 @asynccontextmanager

@@ -28,13 +28,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
 from appliance.protocol.channel_codec import SUBPROTOCOL, Hello, encode_device_message
 from appliance.protocol.health import Status
-from appliance.services.assembly import service_specs
 from appliance.services.device_link import LinkPhase, LinkTarget
 from appliance.services.dispatcher import enqueue, link_board, run_dispatcher
 from appliance.services.runtime import Runtime
 from appliance.storage.outbox import CommandState, enqueue_in, list_commands
-from appliance.supervisor import open_runtime, supervise_all
-from tests.conftest import ConfigFactory
+from appliance.supervisor import open_runtime
+from tests.conftest import ConfigFactory, running_box
 
 Serve = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -428,15 +427,8 @@ async def test_simulator_refuses_a_client_without_the_subprotocol() -> None:
 
 @asynccontextmanager
 async def appliance_with(make_config: ConfigFactory, devices: list[dict[str, Any]]) -> AsyncIterator[Runtime]:
-    runtime = await open_runtime(make_config(devices=devices))
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
-                                                                  task_status=task_status))
-            yield runtime
-            runtime.stopping.set()
-    finally:
-        runtime.db.close()
+    async with running_box(make_config(devices=devices)) as runtime:
+        yield runtime
 
 
 async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ nothing else does. Needs root (CI runs as root); skipped otherwise.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -26,30 +25,17 @@ import pytest
 
 from appliance.config import Ports, parse_config
 from appliance.health.firewall import Loaded, differences, render_config
+from tests.netns import IP, why_no_namespaces
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-IP = shutil.which("ip") or "/usr/sbin/ip"
 NFT = shutil.which("nft") or "/usr/sbin/nft"
 BOX_LAN, PEER = "192.168.77.1", "192.168.77.2"
 BOX_WAN, INTERNET = "203.0.113.1", "203.0.113.2"  # TEST-NET-3: never routed anywhere
 PORTS = Ports()
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if not (os.path.exists(IP) and os.path.exists(NFT)):
-        return "needs iproute2 and nftables (scripts/setup --test installs them)"
-    probe = f"apl-probe-{secrets.token_hex(3)}"
-    made = subprocess.run([IP, "netns", "add", probe], capture_output=True, check=False)
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.decode().strip()}"
-    subprocess.run([IP, "netns", "del", probe], check=False)
-    return None
-
-
-_REASON = _why_not()
+_REASON = why_no_namespaces(NFT)
 if _REASON:
     pytestmark.append(pytest.mark.skip(reason=_REASON))
 

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from appliance.services.assembly import service_specs
 from appliance.services.runtime import Runtime
-from appliance.supervisor import open_runtime, supervise_all
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, running_box
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,15 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 async def box(make_config: ConfigFactory) -> AsyncIterator[Runtime]:
     # Beacons go to 127.0.0.1 (the box's own port, ignored by it): nothing is broadcast.
-    runtime = await open_runtime(make_config(discovery={"enabled": True, "broadcast": ["127.0.0.1"]}))
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
-                                                                  task_status=task_status))
-            yield runtime
-            runtime.stopping.set()
-    finally:
-        runtime.db.close()
+    async with running_box(make_config(discovery={"enabled": True, "broadcast": ["127.0.0.1"]})) as runtime:
+        yield runtime
 
 
 def lan_check(*args: str) -> subprocess.CompletedProcess[str]:
