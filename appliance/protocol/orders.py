@@ -235,10 +235,11 @@ def targets(kind: str, devices: Iterable[tuple[str, str]], routing: Routing) -> 
                    if kind in routing.get(_device_kind(device_kind), frozenset())})
 
 
-def command_id(message_id: str, device_id: str) -> str:
-    """The device command's id for this message and device (fits the outbox's 64 chars)."""
+def command_id(message_id: str, device_id: str, *, source: str = "sb") -> str:
+    """The device command's id for this message (or order) and device (fits the outbox's 64
+    chars). ``source`` says where the order came from: ``sb`` Service Bus, ``dev`` a device."""
     digest = hashlib.blake2b(f"{message_id}\x00{device_id}".encode(), digest_size=16).hexdigest()
-    return f"sb-{digest}"
+    return f"{source}-{digest}"
 
 
 def event_id(order_id: str) -> str:

@@ -59,7 +59,7 @@ def route_device_order(conn: sqlite3.Connection, *, order_id: str, order: Mappin
     print orders, in the caller's transaction; the device it came from is left out.
     Command ids derive from the order id, so writing the same order twice sends nothing more."""
     body = {"order": dict(order), "source": "device", "device_id": from_device}
-    return [enqueue_in(conn, device_id, "order.created", body, command_id=command_id(f"device:{order_id}", device_id),
+    return [enqueue_in(conn, device_id, "order.created", body, command_id=command_id(order_id, device_id, source="dev"),
                        now=now)
             for device_id in order_targets(conn, "order.created", configured, exclude=from_device)]
 
