@@ -88,16 +88,24 @@ async def test_always_crashing_service_is_marked_failed_others_keep_serving(
     from appliance.services.assembly import service_specs
 
     starts: list[float] = []
-    specs = [*service_specs(rt), ServiceSpec(name="doomed", run=crashing(10**6, starts), core=False)]
+    last_start = trio.Event()
+
+    async def doomed_run(runtime: Runtime, *, task_status: trio.TaskStatus[None]) -> None:
+        starts.append(trio.current_time())
+        task_status.started()
+        if len(starts) == 4:  # max_crashes 3: this crash is the one that marks it failed
+            last_start.set()
+        raise Crash(f"crash {len(starts)}")
+
+    specs = [*service_specs(rt), ServiceSpec(name="doomed", run=doomed_run, core=False)]
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: supervise_all(rt, specs, task_status=task_status))
             doomed = rt.board.get("doomed")
             assert doomed is not None
-            for _ in range(1000):  # the board has no change signal; poll it for up to 10 s
-                if doomed.state is ServiceState.FAILED:
-                    break
-                await trio.sleep(0.01)
+            with trio.fail_after(10):
+                await last_start.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the supervisor has handled that crash
             assert doomed.state is ServiceState.FAILED
             assert len(starts) == 4  # first start + 3 restarts, then failed
             async with httpx.AsyncClient() as client:
@@ -191,7 +199,7 @@ async def test_graceful_stop_lets_an_in_flight_request_finish(make_config: Confi
             with trio.fail_after(5):
                 await entered.wait()
             rt.stopping.set()  # what SIGTERM does
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the server has begun its graceful stop
             release.set()
     finally:
         rt.db.close()
