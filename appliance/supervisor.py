@@ -37,7 +37,7 @@ from appliance.services.board import ServiceState, ServiceStatus
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
 from appliance.services.systemd import Notifier, watchdog_interval_s
-from appliance.storage import Database
+from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.meta import appliance_id
 from appliance.storage.secrets import load_or_create_token
 
@@ -190,7 +190,7 @@ def _describe(exc: BaseException) -> str:
 async def open_runtime(config: Config, *, port_offset: int = 0) -> Runtime:
     """Open storage (creating and migrating it) and build the runtime every service shares."""
     state_dir = Path(config.storage.dir)
-    db = await Database.open(state_dir / "appliance.db")
+    db = await Database.open(state_dir / DATABASE_FILE)
     try:
         box_id = await db.write(appliance_id)
         token = config.admin.token or await trio.to_thread.run_sync(load_or_create_token, state_dir / "admin.token")

@@ -153,3 +153,32 @@ async def test_a_damaged_pairing_file_is_shown_not_fatal(start_box: StartBox, ma
     assert checks["cloud.pairing"].status == "fail"
     assert "pairing.json is not valid JSON" in checks["cloud.pairing"].message
     assert "pair the box again" in await homepage(runtime)
+
+
+async def test_pairing_with_another_store_holds_the_old_stores_events(start_sim: StartSim, tmp_path: Path) -> None:
+    """A box moved to another shop must not report the old shop's sales in the new one's books."""
+    from appliance.storage import DATABASE_FILE, Database
+    from appliance.storage.events import enqueue, outbox_stats, recent_rejected
+
+    first = await start_sim()
+    second = await start_sim(store_id="store-0002", pair_code="PAIR-0002", tls_dir=str(tmp_path / "tls2"))
+    state = tmp_path / "state"
+    paired = await appliance_cli("pair", first.pair_code, "--config", str(cli_config(tmp_path, first, state)))
+    assert paired.returncode == 0, paired.stderr.decode()
+    db = await Database.open(state / DATABASE_FILE)
+    try:
+        await db.write(lambda c: enqueue(c, id="sale:a1", kind="sale", body='{"id":"sale:a1"}', now=1.0))
+        # Pairing again with the same store keeps what waits.
+        again = await appliance_cli("pair", first.pair_code, "--config", str(cli_config(tmp_path, first, state)))
+        assert again.returncode == 0, again.stderr.decode()
+        assert (await db.read(outbox_stats)).queued == 1
+        moved = await appliance_cli("pair", second.pair_code, "--config", str(cli_config(tmp_path, second, state)))
+        assert moved.returncode == 0, moved.stderr.decode()
+        stats = await db.read(outbox_stats)
+        assert stats.queued == 0 and stats.rejected == 1
+        [held] = await db.read(lambda c: recent_rejected(c, 10))
+        assert held["id"] == "sale:a1"
+        assert "recorded for store store-0001" in str(held["reason"]) and "store-0002" in str(held["reason"])
+    finally:
+        db.close()
+    assert b"1 event(s) recorded for store store-0001 are held" in moved.stderr

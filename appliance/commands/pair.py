@@ -18,7 +18,7 @@ import trio
 
 from appliance.commands.base import EXIT_OK, EXIT_USAGE, add_config_arg, config_or_exit, fail
 from appliance.services.pairing import PairingFailed, pair_box
-from appliance.storage import Database, SchemaError, StorageError
+from appliance.storage import DATABASE_FILE, Database, SchemaError, StorageError
 from appliance.storage.meta import appliance_id
 
 __all__ = ["register"]
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _box_id(state_dir: Path) -> str:
-    db = Database.open_sync(state_dir / "appliance.db")
+    db = Database.open_sync(state_dir / DATABASE_FILE)
     try:
         return db.write_sync(appliance_id)
     finally:

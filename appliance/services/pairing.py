@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -30,6 +31,8 @@ from appliance.config import Config
 from appliance.protocol.sync import Hop, LinkError, SyncProtocolError, http_failure, parse_error, parse_pairing
 from appliance.services.runtime import Runtime
 from appliance.services.wan import WanConfigError, close_client, locate_failure, open_client, proxy_for
+from appliance.storage import DATABASE_FILE, Database
+from appliance.storage.events import hold_unsent
 from appliance.storage.pairing import PairingFileError, StoreLink, file_stamp, load_pairing, save_pairing
 
 __all__ = ["WATCH_INTERVAL_S", "PairingFailed", "describe", "mark_repair_needed", "pair_box", "pair_from_web",
@@ -103,9 +106,32 @@ async def pair_box(config: Config, *, appliance_id: str, code: str, now: float |
         raise PairingFailed(f"the platform's pairing answer is not usable: {exc}") from exc
     link_ = StoreLink(store_id=answer.store_id, token=answer.token, services=answer.services,
                       store_secret=answer.store_secret, paired_at=time.time() if now is None else now)
-    await trio.to_thread.run_sync(save_pairing, Path(config.storage.dir), link_)
+    state_dir = Path(config.storage.dir)
+    await trio.to_thread.run_sync(_hold_other_stores_events, state_dir, answer.store_id, link_.paired_at)
+    await trio.to_thread.run_sync(save_pairing, state_dir, link_)
     log.info("paired with store %s", answer.store_id)
     return link_
+
+
+def _hold_other_stores_events(state_dir: Path, new_store: str, now: float) -> None:
+    """Before the box speaks for ``new_store``: hold the events still waiting for the store
+    it was paired with before, so a box moved between shops never reports one shop's sales
+    in the other's books. They stay in the database, shown with the reason, for support."""
+    try:
+        old = load_pairing(state_dir)
+    except PairingFileError:
+        old = None  # an unreadable pairing: nothing tells which store the events were for
+    if old is None or old.store_id == new_store:
+        return
+    db = Database.open_sync(state_dir / DATABASE_FILE)
+    try:
+        held = db.write_sync(partial(hold_unsent, reason=f"held: recorded for store {old.store_id}; the box was "
+                                     f"paired with store {new_store} before it went up", now=now))
+    finally:
+        db.close()
+    if held:
+        log.warning("paired with store %s: %d event(s) recorded for store %s are held, not sent", new_store,
+                    held, old.store_id)
 
 
 def set_store(runtime: Runtime, link: StoreLink | None) -> None:

@@ -1,6 +1,6 @@
 """Storage: the SQLite schema, its migrations and every query. The only SQL in the tree."""
 
-from appliance.storage.db import Database, StorageError, connect
+from appliance.storage.db import DATABASE_FILE, Database, StorageError, connect
 from appliance.storage.schema import SchemaError, migrate
 
-__all__ = ["Database", "SchemaError", "StorageError", "connect", "migrate"]
+__all__ = ["DATABASE_FILE", "Database", "SchemaError", "StorageError", "connect", "migrate"]

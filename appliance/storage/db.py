@@ -24,7 +24,10 @@ import trio
 
 from appliance.storage.schema import migrate
 
-__all__ = ["Database", "StorageError", "connect"]
+__all__ = ["DATABASE_FILE", "Database", "StorageError", "connect"]
+
+# The database's file name inside the state directory (storage.dir).
+DATABASE_FILE: Final = "appliance.db"
 
 T = TypeVar("T")
 

@@ -145,6 +145,16 @@ def reject_batch(conn: sqlite3.Connection, *, key: str, reason: str, now: float)
         (reason, now, key)).rowcount
 
 
+def hold_unsent(conn: sqlite3.Connection, *, reason: str, now: float) -> int:
+    """Take every event not yet accepted out of the upload queue, kept with ``reason``.
+
+    Used when the box is paired with another store: those events belong to the store
+    they were recorded for and must not be counted in the new store's books."""
+    return conn.execute(
+        "UPDATE events_outbox SET state = 'rejected', reason = ?, batch_key = NULL, done_at = ? "
+        "WHERE state IN ('queued', 'sent')", (reason, now)).rowcount
+
+
 def outbox_stats(conn: sqlite3.Connection) -> OutboxStats:
     counts = dict.fromkeys(("queued", "sent", "accepted", "rejected"), 0)
     for state, n in conn.execute("SELECT state, count(*) FROM events_outbox GROUP BY state"):
