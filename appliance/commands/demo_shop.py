@@ -8,7 +8,11 @@ then a kiosk posts an order to the store API every few seconds: each one reaches
 kitchen screen and the printer over the device channel and goes up to the platform as
 an event. Now and then the platform changes a price, which the box pulls down.
 
-Nothing leaves the machine: no discovery broadcast, no Service Bus, no real platform.
+With ``--online-orders`` (from a checkout whose test extra is installed) the platform also
+takes orders online and puts them on the store's Service Bus queue, served by the test
+AMQP 1.0 peer on loopback; the box receives them as it would from Azure.
+
+Nothing leaves the machine: no discovery broadcast, no real Service Bus, no real platform.
 Ctrl-C (SIGINT) or SIGTERM stops it all cleanly.
 """
 
@@ -28,11 +32,13 @@ import trio
 
 from appliance.config import Config, DeviceDecl, parse_config
 from appliance.devkit.cloud import SimHandle, run_cloud_simulator
-from appliance.devkit.cloud_state import SimConfig
+from appliance.devkit.cloud_state import QueueService, SimConfig
 from appliance.devkit.device import DeviceSimulator, run_device_simulator
+from appliance.devkit.orders_sender import OrderSender
 from appliance.services.assembly import service_specs
 from appliance.services.pairing import pair_from_web
 from appliance.services.runtime import Runtime
+from appliance.services.servicebus import LinkOptions
 from appliance.supervisor import open_runtime, supervise_all
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -50,15 +56,34 @@ class DemoOptions:
     products: int = 200
     order_every_s: float = 5.0
     price_change_every_s: float = 30.0
+    online_order_every_s: float = 7.0
     seed: int = 7
 
 
-def _config(options: DemoOptions, sim: SimHandle, devices: list[DeviceDecl]) -> Config:
+@attrs.frozen(kw_only=True)
+class ServiceBusEndpoint:
+    """Where the demo's online orders go: a Service Bus namespace reachable from here (the
+    checkout's test AMQP peer on loopback). The platform puts orders on the store's queue;
+    the box receives them exactly as it would from Azure, over AMQP/WebSockets with TLS."""
+
+    namespace: str
+    endpoint: str  # "host:port" the TLS connection really goes to
+    ca_file: str
+    sas_key_name: str
+    sas_key: str
+
+
+def _config(options: DemoOptions, sim: SimHandle, devices: list[DeviceDecl],
+            bus: ServiceBusEndpoint | None) -> Config:
+    # Online orders need a Service Bus namespace; pairing names the queue and the key, the
+    # endpoint and CA say where the demo's namespace really is.
+    orders: dict[str, Any] = ({"enabled": True, "endpoint": bus.endpoint, "ca_file": bus.ca_file, "max_wait_s": 1.0}
+                              if bus else {"enabled": False})
     return parse_config({
         "lan": {"bind": "127.0.0.1"},
         "storage": {"dir": str(options.state_dir / "box")},
         "discovery": {"enabled": False},  # a demo never broadcasts on the LAN it runs in
-        "orders": {"enabled": False},  # online orders need a Service Bus namespace
+        "orders": orders,
         "cloud": {"api_url": sim.url, "ca_file": str(sim.ca_path), "pull_interval_s": 5.0,
                   "push_interval_s": 2.0, "heartbeat_interval_s": 30.0},
         "devices": [attrs.asdict(d) for d in devices],
@@ -99,6 +124,18 @@ async def _kiosk(runtime: Runtime, options: DemoOptions, say: Callable[[str], No
             say(f"kiosk: order {order['id']} ({summary}) -> box: HTTP {answer.status_code}")
 
 
+async def _online_orders(sim: SimHandle, options: DemoOptions, say: Callable[[str], None]) -> None:
+    """Now and then a customer orders online: the platform puts it on the store's queue."""
+    async with httpx.AsyncClient(base_url=sim.url, verify=sim.ssl_context(), timeout=30.0) as client:
+        for n in itertools.count(1):
+            await trio.sleep(options.online_order_every_s)
+            answer = await client.post("/_sim/orders", json={"count": 1, "first": n})
+            if answer.status_code == 200:
+                say(f"platform: online order {answer.json()['order_ids'][0]} put on the store's Service Bus queue")
+            else:
+                say(f"platform: online order not sent: HTTP {answer.status_code} {answer.text[:120]}")
+
+
 async def _platform_changes(sim: SimHandle, options: DemoOptions, say: Callable[[str], None]) -> None:
     """Now and then the back office changes a price; the box pulls the change down."""
     rng = random.Random(options.seed + 1)
@@ -113,15 +150,24 @@ async def _platform_changes(sim: SimHandle, options: DemoOptions, say: Callable[
         say(f"platform: the price of {sku} is now {cents / 100:.2f}; the box pulls it down")
 
 
-async def run_demo(options: DemoOptions, *, say: Callable[[str], None] = print,
+async def run_demo(options: DemoOptions, *, bus: ServiceBusEndpoint | None = None,
+                   say: Callable[[str], None] = print,
                    task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the whole shop until SIGINT/SIGTERM; ``started()`` gives the box's runtime."""
+    """Run the whole shop until SIGINT/SIGTERM; ``started()`` gives the box's runtime.
+    With ``bus``, the platform also sends online orders through that Service Bus."""
     options.state_dir.mkdir(parents=True, exist_ok=True)
     async with trio.open_nursery() as outer:
+        queue = None
+        sender = None
+        if bus is not None:
+            queue = QueueService(namespace=bus.namespace, queue="demo-store-orders", sas_key_name=bus.sas_key_name,
+                                 sas_key=bus.sas_key)
+            sender = OrderSender(LinkOptions(namespace=bus.namespace, queue=queue.queue, sas_key_name=bus.sas_key_name,
+                                             sas_key=bus.sas_key, endpoint=bus.endpoint, ca_file=bus.ca_file))
         sim_config = SimConfig(host="127.0.0.1", port=0, tls_dir=str(options.state_dir / "cloud-tls"),
-                               products=options.products, seed=options.seed, orders=None, support=None,
+                               products=options.products, seed=options.seed, orders=queue, support=None,
                                logs_url=None)
-        sim: SimHandle = await outer.start(run_cloud_simulator, sim_config)
+        sim: SimHandle = await outer.start(partial(run_cloud_simulator, sim_config, send_order=sender))
         declared = []
         for device_id, kind, name in DEVICES:
             def echo(line: str, device_id: str = device_id) -> None:
@@ -131,7 +177,7 @@ async def run_demo(options: DemoOptions, *, say: Callable[[str], None] = print,
                                      log_path=options.state_dir / "devices" / f"{device_id}.jsonl")
             port = await outer.start(partial(run_device_simulator, device, port=0, bind="127.0.0.1"))
             declared.append(DeviceDecl(id=device_id, kind=kind, address="127.0.0.1", port=port, name=name))
-        runtime = await open_runtime(_config(options, sim, declared), port_offset=options.port_offset)
+        runtime = await open_runtime(_config(options, sim, declared, bus), port_offset=options.port_offset)
         try:
             async with trio.open_nursery() as box:
                 await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
@@ -140,9 +186,14 @@ async def run_demo(options: DemoOptions, *, say: Callable[[str], None] = print,
                 _banner(runtime, sim, link.store_id, say)
                 outer.start_soon(_until_stopping, runtime, partial(_kiosk, runtime, options, say))
                 outer.start_soon(_until_stopping, runtime, partial(_platform_changes, sim, options, say))
+                if bus is not None:
+                    outer.start_soon(_until_stopping, runtime, partial(_online_orders, sim, options, say))
                 task_status.started(runtime)
         finally:
             runtime.db.close()
+            if sender is not None:
+                with trio.move_on_after(5, shield=True):
+                    await sender.aclose()
         outer.cancel_scope.cancel()
 
 
