@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from azure.servicebus import ServiceBusMessage
@@ -25,6 +26,7 @@ from appliance.services.assembly import service_specs
 from appliance.services.orders import order_link
 from appliance.services.pairing import pair_from_web
 from appliance.services.queue_consumer import LinkPhase
+from appliance.services.runtime import Runtime
 from appliance.services.support_channel import support_window
 from appliance.supervisor import open_runtime, supervise_all
 from tests.amqp import fixtures
@@ -117,3 +119,22 @@ def test_requests_parse_strictly() -> None:
 def test_any_bytes_parse_or_raise_the_protocol_error(body: bytes) -> None:
     with contextlib.suppress(SupportRequestError):
         parse_request(body)
+
+
+async def test_the_homepage_switches_remote_support_on_and_off(appliance: Runtime) -> None:
+    """A technician at the box allows remote support for a while, with the admin token."""
+    home = f"http://127.0.0.1:{appliance.ports['admin']}"
+    async with httpx.AsyncClient(base_url=home, timeout=10) as client:
+        page = (await client.get("/")).text
+        assert "Allow remote support for 4 h" in page and "action='/support-channel/action'" in page
+        refused = await client.post("/support-channel/action", data={"token": "wrong", "action": "on"})
+        assert refused.status_code == 401 and "not changed" in refused.text
+        assert not support_window(appliance).is_open
+        bad = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "maybe"})
+        assert bad.status_code == 400 and not support_window(appliance).is_open
+        on = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "on"})
+        assert on.status_code == 303 and support_window(appliance).is_open
+        page = (await client.get("/")).text
+        assert "enabled until" in page and "Switch off" in page
+        off = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "off"})
+        assert off.status_code == 303 and not support_window(appliance).is_open

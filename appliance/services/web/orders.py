@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, Final
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.protocol.store_api import event_id_of
@@ -34,7 +34,8 @@ from appliance.services.orders import order_link
 from appliance.services.queue_consumer import LinkPhase, LinkState
 from appliance.services.runtime import Runtime
 from appliance.services.support_channel import support_window
-from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.admin import page
+from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
 from appliance.services.web.parts import WebParts
 from appliance.storage.events import get_received, upload_state
 from appliance.storage.orders import LIST_MAX, get_order, list_orders, order_counts
@@ -105,7 +106,28 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
             window.close()
         return JSONResponse({"support": window.describe(), "until": window.until_wall})
 
-    return [Route("/api/support-channel", switch, methods=["POST"])]
+    async def switch_form(request: Request) -> Response:
+        """The homepage buttons (no JavaScript: a form with the admin token)."""
+        try:
+            form = await read_form(request)
+            check_form_token(form, runtime, consequence="the support channel was not changed")
+            action = form.get("action", "")
+            if action not in ("on", "off"):
+                raise FormError(400, f"Unknown action {action!r}; the support channel was not changed.")
+        except FormError as exc:
+            body = page("Store appliance", "remote support",
+                        [f"<section><h2>Not done</h2><p>{html.escape(exc.message)}</p>"
+                         "<p><a href='/#support-channel'>Back to the homepage</a></p></section>"])
+            return HTMLResponse(body, status_code=exc.status)
+        window = support_window(runtime)
+        if action == "on":
+            window.open(runtime.config.support.duration_s)
+        else:
+            window.close()
+        return RedirectResponse("/#support-channel", status_code=303)
+
+    return [Route("/api/support-channel", switch, methods=["POST"]),
+            Route("/support-channel/action", switch_form, methods=["POST"])]
 
 
 def _row(label: str, value: str, colour: str = "") -> str:
@@ -157,9 +179,13 @@ async def support_section(runtime: Runtime) -> str:
     rows = [_row("remote support", html.escape(words), _AMBER if window.is_open else "")]
     if window.is_open:
         rows += _link_rows(order_link(runtime, "support"))
+    hours = runtime.config.support.duration_s / 3600
+    button = ("<button name=action value=off>Switch off</button>" if window.is_open else
+              f"<button name=action value=on>Allow remote support for {hours:g} h</button>")
     return (f"<section id=support-channel><h2>Remote support</h2><table>{''.join(rows)}</table>"
-            "<p class=muted>switch on or off: POST /api/support-channel {\"enabled\": true} with the admin token"
-            "</p></section>")
+            "<form method=post action='/support-channel/action'><p><label>Admin token <input type=password "
+            f"name=token autocomplete=current-password required></label> {button}</p></form>"
+            "<p class=muted>or POST /api/support-channel {\"enabled\": true} with the admin token</p></section>")
 
 
 async def status_part(runtime: Runtime) -> dict[str, Any]:
