@@ -27,6 +27,8 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from appliance.protocol.errors import FieldError, flatten
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "LISTENER_ROLES",
@@ -72,39 +74,31 @@ class ConfigError(Exception):
 # --- validators ---------------------------------------------------------------
 
 
-class _FieldError(ValueError):
-    """A validator's complaint about one field, so the message can name its full path."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(message)
-
-
 def _port(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
     # 0 means "any free port": tests and side-by-side runs use it; the effective port
     # map is read back from the bound sockets.
     if not 0 <= value <= 65535:
-        raise _FieldError(attr.name, f"port must be between 0 and 65535, got {value}")
+        raise FieldError(attr.name, f"port must be between 0 and 65535, got {value}")
 
 
 def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
-        raise _FieldError(attr.name, f"must be greater than 0, got {value}")
+        raise FieldError(attr.name, f"must be greater than 0, got {value}")
 
 
 def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
-        raise _FieldError(attr.name, f"must be 0 or more, got {value}")
+        raise FieldError(attr.name, f"must be 0 or more, got {value}")
 
 
 def _https_url(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if not value.startswith("https://"):
-        raise _FieldError(attr.name, f"must be an https:// URL (TLS cannot be switched off), got {value!r}")
+        raise FieldError(attr.name, f"must be an https:// URL (TLS cannot be switched off), got {value!r}")
 
 
 def _proxy_url(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if value and not value.startswith(("http://", "https://")):
-        raise _FieldError(attr.name, f"must be an http:// or https:// proxy URL, got {value!r}")
+        raise FieldError(attr.name, f"must be an http:// or https:// proxy URL, got {value!r}")
 
 
 def _networks(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
@@ -112,7 +106,7 @@ def _networks(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tupl
         try:
             ipaddress.ip_network(item, strict=False)
         except ValueError as exc:
-            raise _FieldError(attr.name, f"not an IP network: {item!r}") from exc
+            raise FieldError(attr.name, f"not an IP network: {item!r}") from exc
 
 
 def _addresses(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
@@ -120,13 +114,13 @@ def _addresses(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tup
         try:
             ipaddress.ip_address(item)
         except ValueError as exc:
-            raise _FieldError(attr.name, f"not an IP address: {item!r}") from exc
+            raise FieldError(attr.name, f"not an IP address: {item!r}") from exc
 
 
 def _one_of(*choices: str) -> Any:
     def check(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
         if value not in choices:
-            raise _FieldError(attr.name, f"must be one of {', '.join(choices)}; got {value!r}")
+            raise FieldError(attr.name, f"must be one of {', '.join(choices)}; got {value!r}")
 
     return check
 
@@ -350,7 +344,7 @@ def _routing(_inst: object, attr: attrs.Attribute[Any], value: Mapping[str, tupl
     for kind, commands in value.items():
         bad = [c for c in commands if not re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*", c)]
         if not kind or bad:
-            raise _FieldError(attr.name, f"{kind!r}: expected a list of command kinds such as "
+            raise FieldError(attr.name, f"{kind!r}: expected a list of command kinds such as "
                                          f'["order.created"], got {list(commands)!r}')
 
 
@@ -447,43 +441,13 @@ def _converter() -> cattrs.Converter:
 _CONVERTER: Final = _converter()
 
 
-def _format(exc: BaseException, type_: type | None) -> str:
-    if isinstance(exc, ForbiddenExtraKeysError):
-        return f"unknown key(s) {', '.join(sorted(exc.extra_fields))}"
-    if isinstance(exc, KeyError):
-        return "required key is missing"
-    if isinstance(exc, (TypeError, ValueError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-
-def _errors(exc: BaseException, path: str) -> list[str]:
-    """Flatten cattrs' error tree into ``path: message`` lines, naming validator fields."""
-    if isinstance(exc, ClassValidationError | IterableValidationError):
-        out: list[str] = []
-        noted, bare = exc.group_exceptions()
-        for sub, note in noted:
-            # An attribute note has .name (attrs classes); an iterable note has .index.
-            name = getattr(note, "name", None)
-            sub_path = f"{path}.{name}" if name is not None else f"{path}[{getattr(note, 'index', '?')}]"
-            out.extend(_errors(sub, sub_path))
-        for sub in bare:
-            out.extend(_errors(sub, path))
-        return out
-    where = path.removeprefix("$").lstrip(".")
-    if isinstance(exc, _FieldError):
-        where = f"{where}.{exc.field}" if where else exc.field
-    return [f"{where or '(top level)'}: {_format(exc, None)}"]
-
-
 def parse_config(data: Mapping[str, Any], *, source: str = "config") -> Config:
     """Structure a TOML-shaped mapping into :class:`Config`, or raise :class:`ConfigError`."""
     try:
         return _CONVERTER.structure(dict(data), Config)
     except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
-        raise ConfigError(_errors(exc, "$")) from exc
-    except _FieldError as exc:
+        raise ConfigError(flatten(exc, noun="key", top="(top level)")) from exc
+    except FieldError as exc:
         raise ConfigError([f"{exc.field}: {exc}"]) from exc
     except (TypeError, ValueError) as exc:
         # Raised by a class-level check (__attrs_post_init__) after its fields were fine.

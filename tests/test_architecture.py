@@ -24,7 +24,7 @@ IO_MODULES = {
 # What each part of the package may import from the appliance (besides itself).
 ALLOWED = {
     "protocol": {"protocol"},
-    "config": set(),
+    "config": {"protocol"},
     "storage": {"protocol", "config"},
     "health": {"protocol", "storage", "config"},
     "services": {"protocol", "storage", "health", "config", "logs"},

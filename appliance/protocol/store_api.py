@@ -19,7 +19,9 @@ from typing import Any, Final, TypeVar
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
+from appliance.protocol.errors import FieldError, NestedErrors, flatten
 
 __all__ = [
     "CLIENT_ID_MAX",
@@ -63,40 +65,34 @@ class InvalidRecord(ValueError):
         super().__init__("; ".join(self.errors))
 
 
-class _FieldError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(message)
-
-
 def _text(max_chars: int, *, empty: bool = False) -> Any:
     def check(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
         if not value and not empty:
-            raise _FieldError(attr.name, "must not be empty")
+            raise FieldError(attr.name, "must not be empty")
         if len(value) > max_chars:
-            raise _FieldError(attr.name, f"at most {max_chars} characters, got {len(value)}")
+            raise FieldError(attr.name, f"at most {max_chars} characters, got {len(value)}")
 
     return check
 
 
 def _client_id(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if not 1 <= len(value) <= CLIENT_ID_MAX or not _ID.fullmatch(value):
-        raise _FieldError(attr.name, f"1 to {CLIENT_ID_MAX} characters of A-Z a-z 0-9 . _ : - (got {value!r:.40})")
+        raise FieldError(attr.name, f"1 to {CLIENT_ID_MAX} characters of A-Z a-z 0-9 . _ : - (got {value!r:.40})")
 
 
 def _between(lo: int, hi: int, *, nonzero: bool = False) -> Any:
     def check(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
         if not lo <= value <= hi:
-            raise _FieldError(attr.name, f"must be between {lo} and {hi}, got {value}")
+            raise FieldError(attr.name, f"must be between {lo} and {hi}, got {value}")
         if nonzero and value == 0:
-            raise _FieldError(attr.name, "must not be 0")
+            raise FieldError(attr.name, "must not be 0")
 
     return check
 
 
 def _currency(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if not _CURRENCY.fullmatch(value):
-        raise _FieldError(attr.name, f"must be 3 capital letters (ISO 4217, e.g. EUR), got {value!r:.20}")
+        raise FieldError(attr.name, f"must be 3 capital letters (ISO 4217, e.g. EUR), got {value!r:.20}")
 
 
 def _timestamp(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
@@ -106,14 +102,14 @@ def _timestamp(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     ok = m is not None and 1 <= int(m[2]) <= 12 and 1 <= int(m[3]) <= 31 and int(m[4]) < 24 and int(m[5]) < 60 \
         and int(m[6]) <= 60 and (m[9] is None or (int(m[9]) < 24 and int(m[10]) < 60))
     if not ok:
-        raise _FieldError(attr.name, f"must be an RFC 3339 time with an offset (2025-03-01T09:30:00Z), "
+        raise FieldError(attr.name, f"must be an RFC 3339 time with an offset (2025-03-01T09:30:00Z), "
                                      f"got {value!r:.40}")
 
 
 def _count(lo: int, hi: int) -> Any:
     def check(_inst: object, attr: attrs.Attribute[tuple[Any, ...]], value: tuple[Any, ...]) -> None:
         if not lo <= len(value) <= hi:
-            raise _FieldError(attr.name, f"must hold {lo} to {hi} items, got {len(value)}")
+            raise FieldError(attr.name, f"must hold {lo} to {hi} items, got {len(value)}")
 
     return check
 
@@ -201,9 +197,9 @@ def _tuple_of(item: type[T], converter: cattrs.Converter) -> Any:
                 out.append(converter.structure(element, item))
             except (ClassValidationError, ForbiddenExtraKeysError, TypeError, ValueError) as exc:
                 errors.extend(f"[{i}]{line.removeprefix('(body)')}" if line.startswith("(body)") else f"[{i}].{line}"
-                              for line in _lines(exc, ""))
+                              for line in flatten(exc, noun="field", top="(body)"))
         if errors:
-            raise _NestedErrors(errors)
+            raise NestedErrors(errors)
         return tuple(out)
 
     return structure
@@ -218,12 +214,6 @@ def _is_tuple_of(item: type) -> Any:
     return matches
 
 
-class _NestedErrors(ValueError):
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
-        super().__init__("; ".join(lines))
-
-
 def _converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook(int, _strict(int))
@@ -236,37 +226,13 @@ def _converter() -> cattrs.Converter:
 _CONVERTER: Final = _converter()
 
 
-def _lines(exc: BaseException, path: str) -> list[str]:
-    """Flatten cattrs' error tree into ``path: message`` lines."""
-    if isinstance(exc, ClassValidationError | IterableValidationError):
-        out: list[str] = []
-        noted, bare = exc.group_exceptions()
-        for sub, note in noted:
-            name = getattr(note, "name", None)
-            sub_path = f"{path}.{name}" if name is not None else f"{path}[{getattr(note, 'index', '?')}]"
-            out.extend(_lines(sub, sub_path))
-        for sub in bare:
-            out.extend(_lines(sub, path))
-        return out
-    where = path.lstrip(".")
-    if isinstance(exc, _NestedErrors):
-        return [f"{where}{line}" for line in exc.lines]
-    if isinstance(exc, _FieldError):
-        where = f"{where}.{exc.field}" if where else exc.field
-    if isinstance(exc, ForbiddenExtraKeysError):
-        return [f"{where or '(body)'}: unknown field(s) {', '.join(sorted(exc.extra_fields))}"]
-    if isinstance(exc, KeyError):
-        return [f"{where or '(body)'}: required field is missing"]
-    return [f"{where or '(body)'}: {exc}"]
-
-
 def _parse(value: Any, kind: type[T]) -> T:
     if not isinstance(value, dict):
         raise InvalidRecord([f"(body): expected a JSON object, got {_json_type(value)}"])
     try:
         return _CONVERTER.structure(value, kind)
     except (ClassValidationError, ForbiddenExtraKeysError, TypeError, ValueError) as exc:
-        raise InvalidRecord(_lines(exc, "")) from exc
+        raise InvalidRecord(flatten(exc, noun="field", top="(body)")) from exc
 
 
 def parse_sale(value: Any) -> Sale:
