@@ -27,7 +27,7 @@ from appliance.services.orders import order_link
 from appliance.services.pairing import pair_from_web
 from appliance.services.queue_consumer import LinkPhase
 from appliance.services.runtime import Runtime
-from appliance.services.support_channel import support_window
+from appliance.services.support_channel import support_window, switch_support
 from appliance.supervisor import open_runtime, supervise_all
 from tests.amqp import fixtures
 from tests.amqp.fixtures import AmqpServer
@@ -138,3 +138,28 @@ async def test_the_homepage_switches_remote_support_on_and_off(appliance: Runtim
         assert "enabled until" in page and "Switch off" in page
         off = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "off"})
         assert off.status_code == 303 and not support_window(appliance).is_open
+
+
+async def test_the_window_survives_a_restart_and_a_restart_never_extends_it(
+    make_config: Callable[..., Config],
+) -> None:
+    from tests.conftest import running_box
+
+    # Opened from the homepage: a restart keeps the same end.
+    async with running_box(make_config()) as box:
+        opened = await switch_support(box, True)
+        until = opened.until_wall
+    assert until is not None
+    async with running_box(make_config()) as box:
+        window = support_window(box)
+        assert window.is_open and window.until_wall == until
+        await switch_support(box, False)
+    async with running_box(make_config()) as box:
+        assert not support_window(box).is_open  # switched off stays off
+    # [support] enabled = true opens one window, not a fresh one at every start.
+    enabled = make_config(support={"enabled": True, "duration_s": 3600.0})
+    async with running_box(enabled) as box:
+        first = support_window(box).until_wall
+    assert first is not None
+    async with running_box(enabled) as box:
+        assert support_window(box).until_wall == first

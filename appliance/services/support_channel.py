@@ -48,8 +48,9 @@ from appliance.services.signal import ChangeSignal
 from appliance.services.wan import WanConfigError, open_client
 from appliance.storage.catalog import require_snapshot
 from appliance.storage.events import outbox_stats
+from appliance.storage.meta import get_meta, set_meta
 
-__all__ = ["REPLY_RETRY_S", "SupportWindow", "run_support", "support_window"]
+__all__ = ["REPLY_RETRY_S", "SupportWindow", "run_support", "support_window", "switch_support"]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,12 @@ class SupportWindow:
     changes: ChangeSignal = attrs.field(factory=ChangeSignal)
 
     def open(self, duration_s: float) -> None:
-        self.deadline = trio.current_time() + duration_s
-        self.until_wall = time.time() + duration_s
+        self.open_until(time.time() + duration_s)
+
+    def open_until(self, until_wall: float) -> None:
+        """Open until a wall-clock time (a window restored after a restart keeps its end)."""
+        self.deadline = trio.current_time() + max(0.0, until_wall - time.time())
+        self.until_wall = until_wall
         self.changes.notify()
 
     def close(self) -> None:
@@ -235,6 +240,53 @@ def _checks(runtime: Runtime, state: LinkState) -> list[Check]:
                   message=f"remote support channel: {words}, {state.phase}{detail}", data=data)]
 
 
+# Where the window is kept across restarts (meta table): its end, and whether
+# "[support] enabled = true" has already opened its one window.
+_UNTIL_KEY: Final = "support.until"
+_CONFIG_OPENED_KEY: Final = "support.config_opened"
+
+
+async def _restore_window(runtime: Runtime, window: SupportWindow) -> None:
+    """The window survives restarts and never gets longer because of one: a window opened
+    from the homepage keeps its end; ``[support] enabled = true`` opens one window, once,
+    not a fresh one at every start (switching it off in the config re-arms it)."""
+    cfg = runtime.config.support
+
+    def load(conn: Any) -> tuple[str | None, str | None]:
+        return get_meta(conn, _UNTIL_KEY), get_meta(conn, _CONFIG_OPENED_KEY)
+
+    until_raw, config_opened = await runtime.db.read(load)
+    try:
+        until = float(until_raw) if until_raw else None
+    except ValueError:
+        until = None
+    if cfg.enabled and not config_opened:
+        window.open(cfg.duration_s)
+        log.warning("remote support channel on for %g s ([support] enabled)", cfg.duration_s)
+    elif until is not None and until > time.time():
+        window.open_until(until)
+        log.warning("remote support channel still on until %s", window.describe().removeprefix("enabled until "))
+
+    await runtime.db.write(partial(set_meta, key=_CONFIG_OPENED_KEY, value="1" if cfg.enabled else ""))
+    await _save_window(runtime, window)
+
+
+async def _save_window(runtime: Runtime, window: SupportWindow) -> None:
+    until = "" if window.until_wall is None else repr(window.until_wall)
+    await runtime.db.write(partial(set_meta, key=_UNTIL_KEY, value=until))
+
+
+async def switch_support(runtime: Runtime, on: bool) -> SupportWindow:
+    """Open the window for ``[support] duration_s`` or close it; durable before it returns."""
+    window = support_window(runtime)
+    if on:
+        window.open(runtime.config.support.duration_s)
+    else:
+        window.close()
+    await _save_window(runtime, window)
+    return window
+
+
 async def run_support(
     runtime: Runtime,
     *,
@@ -251,9 +303,7 @@ async def run_support(
         return _checks(runtime, state)
 
     runtime.health.add("support", checks)
-    if cfg.enabled and window.deadline is None:
-        window.open(cfg.duration_s)
-        log.warning("remote support channel on for %g s ([support] enabled)", cfg.duration_s)
+    await _restore_window(runtime, window)
     level = _LogLevel()
     async with trio.open_nursery() as nursery:
         handler = SupportHandler(runtime, nursery, reply or _reply_via_wan(runtime), level)
@@ -270,6 +320,7 @@ async def run_support(
                 if scope.cancelled_caught:
                     log.warning("remote support channel turned itself off (its time ended)")
                     window.close()
+                    await _save_window(runtime, window)
                 continue
             state.phase, state.detail = LinkPhase.OFF, ""
             level.restore()

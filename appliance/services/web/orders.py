@@ -33,7 +33,7 @@ from appliance.protocol.store_api import event_id_of
 from appliance.services.orders import order_link
 from appliance.services.queue_consumer import LinkPhase, LinkState
 from appliance.services.runtime import Runtime
-from appliance.services.support_channel import support_window
+from appliance.services.support_channel import support_window, switch_support
 from appliance.services.web.admin import page
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
 from appliance.services.web.parts import WebParts
@@ -99,11 +99,7 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         enabled = body.get("enabled") if isinstance(body, dict) else None
         if not isinstance(enabled, bool) or set(body) != {"enabled"}:
             raise ApiError(400, 'expected {"enabled": true} or {"enabled": false}')
-        window = support_window(runtime)
-        if enabled:
-            window.open(runtime.config.support.duration_s)
-        else:
-            window.close()
+        window = await switch_support(runtime, enabled)
         return JSONResponse({"support": window.describe(), "until": window.until_wall})
 
     async def switch_form(request: Request) -> Response:
@@ -119,11 +115,7 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
                         [f"<section><h2>Not done</h2><p>{html.escape(exc.message)}</p>"
                          "<p><a href='/#support-channel'>Back to the homepage</a></p></section>"])
             return HTMLResponse(body, status_code=exc.status)
-        window = support_window(runtime)
-        if action == "on":
-            window.open(runtime.config.support.duration_s)
-        else:
-            window.close()
+        await switch_support(runtime, action == "on")
         return RedirectResponse("/#support-channel", status_code=303)
 
     return [Route("/api/support-channel", switch, methods=["POST"]),
