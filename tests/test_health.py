@@ -7,12 +7,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import trio
 
 from appliance.commands.health import collect
+from appliance.config import Config
 from appliance.health.listeners import listener_checks
 from appliance.health.system import SystemPaths, _collect
 from appliance.protocol.health import Check, Status, exit_code, worst
@@ -137,3 +139,19 @@ async def test_wan_checks_name_the_failing_hop(appliance: Runtime) -> None:
     assert [c["name"] for c in wan] == ["wan.127.0.0.1"]  # the test config's cloud: a closed port
     assert wan[0]["status"] == "fail" and wan[0]["data"]["failed_hop"] == "tcp"
     assert "sync API: tcp failed" in wan[0]["message"]
+
+
+def test_wan_targets_follow_the_pairing_and_the_endpoint(make_config: Callable[..., Config]) -> None:
+    """The WAN checks probe the namespace the box will really use, where it really connects."""
+    from appliance.health.wan import wan_targets
+    from appliance.storage.pairing import StoreLink
+
+    unpaired = wan_targets(make_config(orders={"enabled": True}))
+    assert [t.host for t in unpaired] == ["127.0.0.1", "e-serversync-ns.servicebus.windows.net"]
+    store = StoreLink(store_id="s1", token="t", services={"orders": {"namespace": "localhost", "queue": "q"}})
+    config = make_config(orders={"enabled": True, "endpoint": "localhost:4443", "ca_file": "/x/ca.pem"})
+    bus = wan_targets(config, store)[1]
+    assert (bus.host, bus.connect_to, bus.ca_file, bus.required) == ("localhost", "localhost:4443", "/x/ca.pem", True)
+    named = wan_targets(make_config(orders={"enabled": True, "namespace": "mine.servicebus.windows.net"}), store)[1]
+    assert named.host == "mine.servicebus.windows.net"  # a namespace set in the config wins over pairing
+    assert [t.host for t in wan_targets(make_config())] == ["127.0.0.1"]  # orders off in the test config

@@ -138,6 +138,11 @@ async def test_an_order_reaches_the_kitchen_screen_and_the_printer(
             metrics = (await client.get(f"http://127.0.0.1:{s.runtime.ports['ops']}/metrics")).text
             assert "appliance_orders_received_total 1" in metrics
             assert 'appliance_servicebus_link_up{link="orders"} 1' in metrics
+            # The WAN check probes the namespace the box really uses, where it connects (TLS verified).
+            report = (await client.get(f"http://127.0.0.1:{s.runtime.ports['ops']}/health")).json()
+            wan = {c["name"]: c for c in report["checks"] if c["name"].startswith("wan.")}
+            assert wan["wan.localhost"]["status"] == "ok", wan
+            assert "e-serversync-ns.servicebus.windows.net" not in str(wan)
             home = (await client.get(f"http://127.0.0.1:{s.runtime.ports['admin']}/")).text
             assert "Online orders" in home and "web-000001" in home and "Remote support" in home
         [check] = [c for c in await s.runtime.health.run_all() if c.name == "orders.link"]

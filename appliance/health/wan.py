@@ -6,6 +6,7 @@ are cached for :data:`CACHE_S` so a homepage refresh does not cost a TLS handsha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import trio
@@ -13,19 +14,31 @@ import trio
 from appliance.config import Config
 from appliance.health.wanprobe import HostReport, Proxy, Target, probe
 from appliance.protocol.health import Check, Status
+from appliance.protocol.orders import BUS_FIELDS, bus_settings
+from appliance.storage.pairing import StoreLink
 
 __all__ = ["CACHE_S", "WanChecks", "wan_targets"]
 
 CACHE_S = 60.0
 
 
-def wan_targets(config: Config) -> list[Target]:
-    """The hosts this configuration needs, each marked required or optional."""
+def wan_targets(config: Config, store: StoreLink | None = None) -> list[Target]:
+    """The hosts this configuration (and the pairing) needs, each marked required or optional.
+
+    A Service Bus namespace is the one the box will really use: pairing's unless the config
+    names another; with an ``endpoint`` override the probe goes where the box connects."""
     api = urlsplit(config.cloud.api_url)
     targets = [Target("sync API", api.hostname or "", api.port or 443)]
-    for name, bus, required in (("online orders", config.orders, True), ("remote support", config.support, False)):
-        if bus.enabled:
-            targets.append(Target(f"{name} (Service Bus)", bus.namespace, 443, required))
+    defaults = Config()
+    for name, label, required in (("orders", "online orders", True), ("support", "remote support", False)):
+        bus = getattr(config, name)
+        if not bus.enabled:
+            continue
+        paired = (store.service(name) if store is not None and not store.needs_repair else None) or {}
+        namespace = bus_settings({f: getattr(bus, f) for f in BUS_FIELDS}, getattr(defaults, name).namespace,
+                                 paired)["namespace"]
+        targets.append(Target(f"{label} (Service Bus)", namespace, 443, required, connect_to=bus.endpoint,
+                              ca_file=bus.ca_file))
     return targets
 
 
@@ -42,8 +55,12 @@ def _check(report: HostReport, via: str) -> Check:
 
 
 class WanChecks:
-    def __init__(self, config: Config, *, timeout_s: float = 4.0) -> None:
+    """``store`` gives the current pairing (its Service Bus namespaces), read at each run."""
+
+    def __init__(self, config: Config, *, store: Callable[[], StoreLink | None] = lambda: None,
+                 timeout_s: float = 4.0) -> None:
         self.config = config
+        self.store = store
         self.timeout_s = timeout_s
         self._cached: tuple[float, list[Check]] | None = None
 
@@ -54,7 +71,7 @@ class WanChecks:
         proxy = Proxy.parse(self.config.wan.proxy) if self.config.wan.proxy else None
         via = f" via the proxy {proxy.host}:{proxy.port}" if proxy else ""
         results: dict[int, Check] = {}
-        targets = wan_targets(self.config)
+        targets = wan_targets(self.config, self.store())
 
         async def one(i: int, target: Target) -> None:
             report = await trio.to_thread.run_sync(

@@ -38,7 +38,8 @@ class Target:
     host: str
     port: int = 443
     required: bool = True
-    connect_to: str = ""  # tests: connect here ("addr:port") instead of resolving host
+    connect_to: str = ""  # connect here ("addr:port") instead of resolving host (a test endpoint)
+    ca_file: str = ""  # an extra CA for this host only (else the run's --ca-file)
 
 
 # The seed's WAN openings (every one HTTPS on 443).
@@ -164,8 +165,8 @@ def probe(target: Target, *, proxy: Proxy | None = None, ca_file: str = "", time
                             f"{status_line or 'no answer'}", fix)
             done("proxy", f"CONNECT {target.host}:{target.port} accepted")
         context = ssl.create_default_context()
-        if ca_file:
-            context.load_verify_locations(cafile=ca_file)
+        if target.ca_file or ca_file:
+            context.load_verify_locations(cafile=target.ca_file or ca_file)
         try:
             tls = context.wrap_socket(sock, server_hostname=target.host)
         except ssl.SSLCertVerificationError as exc:

@@ -235,6 +235,27 @@ def targets(kind: str, devices: Iterable[tuple[str, str]], routing: Routing) -> 
                    if kind in routing.get(_device_kind(device_kind), frozenset())})
 
 
+BUS_FIELDS: Final = ("namespace", "queue", "sas_key_name", "sas_key")
+
+
+def bus_settings(configured: Mapping[str, str], default_namespace: str, paired: Mapping[str, Any]) -> dict[str, str]:
+    """A Service Bus queue's effective settings: pairing gives the values, and a config value
+    that differs from the embedded default wins (a namespace left at its default is the
+    pairing's, any other field left empty is the pairing's)."""
+    values: dict[str, str] = {}
+    for field in BUS_FIELDS:
+        mine = configured.get(field, "")
+        default = default_namespace if field == "namespace" else ""
+        theirs = paired.get(field)
+        if mine and mine != default:
+            values[field] = mine
+        elif isinstance(theirs, str) and theirs:
+            values[field] = theirs
+        else:
+            values[field] = mine
+    return values
+
+
 def command_id(message_id: str, device_id: str, *, source: str = "sb") -> str:
     """The device command's id for this message (or order) and device (fits the outbox's 64
     chars). ``source`` says where the order came from: ``sb`` Service Bus, ``dev`` a device."""

@@ -72,7 +72,7 @@ def register_checks(runtime: Runtime) -> None:
     runtime.health.add("system", partial(system_checks, Path(runtime.config.storage.dir)))
     if (check := firewall_check(runtime.config)) is not None:
         runtime.health.add("firewall", check)
-    runtime.health.add("wan", WanChecks(runtime.config))
+    runtime.health.add("wan", WanChecks(runtime.config, store=lambda: runtime.store))
     runtime.health.add("lan.listeners", lambda: listener_checks(
         runtime.config.lan.bind, {role: runtime.ports[role] for role in LISTENER_ROLES}))
 

@@ -41,7 +41,7 @@ import trio
 
 from appliance.config import Config, ServiceBusConfig
 from appliance.protocol.health import Check, Status
-from appliance.protocol.orders import OnlineOrder, OrderError, parse_order
+from appliance.protocol.orders import BUS_FIELDS, OnlineOrder, OrderError, bus_settings, parse_order
 from appliance.services.queue_consumer import LinkPhase, LinkState, OpenLink, Settle, Verdict, consume
 from appliance.services.runtime import Runtime
 from appliance.services.servicebus import LinkOptions, ReceivedMessage, open_queue_link
@@ -58,7 +58,6 @@ PRUNE_INTERVAL_S: Final = 3600.0
 # that arrives during a poll waits for its end. 0.2 s keeps an order under a second
 # end to end (benchmarks/orders.py) for five wake-ups a second of one worker thread.
 SOCKET_POLL_S: Final = 0.2
-_FIELDS: Final = ("namespace", "queue", "sas_key_name", "sas_key")
 
 _STATES: weakref.WeakKeyDictionary[Runtime, dict[str, LinkState]] = weakref.WeakKeyDictionary()
 
@@ -80,17 +79,7 @@ def link_options(runtime: Runtime, section: ServiceBusConfig, name: str) -> Link
     paired: Mapping[str, Any] = {}
     if store is not None and not store.needs_repair:
         paired = store.service(name) or {}
-    values: dict[str, str] = {}
-    for field in _FIELDS:
-        configured = getattr(section, field)
-        default = default_namespace if field == "namespace" else ""
-        from_pairing = paired.get(field)
-        if configured and configured != default:
-            values[field] = configured
-        elif isinstance(from_pairing, str) and from_pairing:
-            values[field] = from_pairing
-        else:
-            values[field] = configured
+    values = bus_settings({f: getattr(section, f) for f in BUS_FIELDS}, default_namespace, paired)
     missing = [f for f in ("queue", "sas_key_name", "sas_key") if not values[f]]
     if missing:
         if store is None:
