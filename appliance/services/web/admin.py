@@ -36,9 +36,9 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;bac
 header{background:#0b3d61;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
 header p{margin:4px 0 0;opacity:.85;font-size:14px}
 main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(380px,1fr))}
-section{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 16px}
+section{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 16px;overflow-x:auto;min-width:0}
 h2{font-size:16px;margin:4px 0 10px}table{border-collapse:collapse;width:100%;font-size:14px}
-td,th{text-align:left;padding:4px 6px;border-bottom:1px solid #eaeef2;vertical-align:top}
+td,th{text-align:left;padding:4px 6px;border-bottom:1px solid #eaeef2;vertical-align:top;overflow-wrap:break-word}
 .state{font-weight:600}.muted{color:#6e7781}form{display:inline}button{font-size:13px}
 """
 
