@@ -157,7 +157,8 @@ async def test_the_window_survives_a_restart_and_a_restart_never_extends_it(
     async with running_box(make_config()) as box:
         assert not support_window(box).is_open  # switched off stays off
     # [support] enabled = true opens one window, not a fresh one at every start.
-    enabled = make_config(support={"enabled": True, "duration_s": 3600.0})
+    # (namespace: loopback, so nothing here could ever probe a real host)
+    enabled = make_config(support={"enabled": True, "duration_s": 3600.0, "namespace": "localhost"})
     async with running_box(enabled) as box:
         first = support_window(box).until_wall
     assert first is not None
