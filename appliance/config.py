@@ -43,6 +43,7 @@ __all__ = [
     "HttpConfig",
     "LanConfig",
     "LogConfig",
+    "MediaConfig",
     "OrdersConfig",
     "PortRole",
     "Ports",
@@ -339,6 +340,34 @@ class CloudConfig:
     accepted_retention_s: float = attrs.field(default=86400.0, validator=_non_negative)
 
 
+@attrs.frozen(kw_only=True)
+class MediaConfig:
+    """``[media]``: the cache of the store's images, videos and documents (docs/media.md)."""
+
+    enabled: bool = True
+    # The cache's size limit, and the free disk the box always keeps whatever the limit.
+    max_bytes: int = attrs.field(default=2 * 1024**3, validator=_positive)
+    min_free_bytes: int = attrs.field(default=512 * 1024**2, validator=_non_negative)
+    # Download rate over all downloads (bytes/s): about 2 Mbit/s, a modest share of a shop
+    # uplink that also carries card payments. 0 = no limit.
+    max_rate: int = attrs.field(default=250_000, validator=_non_negative)
+    # Downloads at a time.
+    concurrency: int = attrs.field(default=2, validator=_positive)
+    # Who may read (docs/media.md): "lan" = anyone on the LAN, except entries the platform
+    # marks private; "device" = every read needs the admin token or a device credential.
+    access: str = attrs.field(default="lan", validator=_one_of("lan", "device"))
+    # Cache-Control max-age for served files (seconds); the ETag revalidates after it.
+    max_age_s: int = attrs.field(default=3600, validator=_non_negative)
+    # A failed download is tried again after this, doubling up to the max (with jitter).
+    backoff_initial_s: float = attrs.field(default=2.0, validator=_positive)
+    backoff_max_s: float = attrs.field(default=300.0, validator=_positive)
+    # How often the replica's media manifest is compared with the cache.
+    scan_interval_s: float = attrs.field(default=5.0, validator=_positive)
+    # Tests only (0 = off): pause this long between a file's verification and its rename,
+    # so a test can kill the process inside that window.
+    test_pause_before_rename_s: float = attrs.field(default=0.0, validator=_non_negative)
+
+
 def _routing(_inst: object, attr: attrs.Attribute[Any], value: Mapping[str, tuple[str, ...]]) -> None:
     # A TOML string where a list is meant arrives split into letters: refuse those too.
     for kind, commands in value.items():
@@ -404,6 +433,7 @@ class Config:
     cloud: CloudConfig = attrs.field(factory=CloudConfig)
     orders: OrdersConfig = attrs.field(factory=OrdersConfig)
     support: SupportConfig = attrs.field(factory=SupportConfig)
+    media: MediaConfig = attrs.field(factory=MediaConfig)
 
     def __attrs_post_init__(self) -> None:
         ids = [d.id for d in self.devices]

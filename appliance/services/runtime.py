@@ -15,6 +15,7 @@ from appliance.config import Config
 from appliance.health import HealthRegistry
 from appliance.protocol.sync import SyncStatus
 from appliance.services.board import ServiceBoard
+from appliance.services.media_files import MediaShelf
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
 from appliance.storage import Database
@@ -56,6 +57,8 @@ class Runtime:
     # Notified when someone asks for a pull from the platform now (the remote support
     # channel's "resync"); the sync service's pull loop wakes on it.
     resync_requests: ChangeSignal = attrs.field(factory=ChangeSignal)
+    # The media cache (files, status, serve times): set by the media service when it starts.
+    media: MediaShelf | None = None
 
     def uptime_s(self) -> float:
         return max(0.0, time.time() - self.started_at)
