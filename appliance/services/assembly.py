@@ -21,6 +21,7 @@ from appliance.health.wan import WanChecks
 from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.dispatcher import run_dispatcher
 from appliance.services.http import run_listener
+from appliance.services.media import run_media
 from appliance.services.orders import run_orders
 from appliance.services.pairing import run_pairing
 from appliance.services.runtime import Runtime
@@ -31,6 +32,7 @@ from appliance.services.web import admin, api, events, media, ops, provisioning,
 from appliance.services.web import commands as device_commands
 from appliance.services.web import orders as online_orders
 from appliance.services.web.devices import admin_parts as device_admin_parts
+from appliance.services.web.media_admin import admin_parts as media_admin_parts
 from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
 from appliance.services.web.store import api_parts as store_api_parts
@@ -50,6 +52,7 @@ def web_parts() -> dict[str, WebParts]:
     parts["api"] += store_api_parts()  # catalog, prices, stock; sales and orders in
     parts["api"] += device_commands.api_parts()  # device commands: enqueue and inspect
     parts["admin"] += device_commands.admin_parts()  # device links and the test-command button
+    parts["admin"] += media_admin_parts()  # the media cache: counts, what is missing, last error
     return parts
 
 
@@ -99,4 +102,6 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     # on; it runs to serve the homepage switch). Not core: the shop sells without them.
     specs.append(ServiceSpec(name="orders", run=run_orders, core=False, enabled=runtime.config.orders.enabled))
     specs.append(ServiceSpec(name="support.channel", run=run_support, core=False))
+    # The media cache's fetcher (serving on 8002 works from what is cached whatever it does).
+    specs.append(ServiceSpec(name="media", run=run_media, core=False, enabled=runtime.config.media.enabled))
     return specs

@@ -1,17 +1,140 @@
-"""The media listener: media: cached images, videos, documents.
+"""The media listener (port 8002): the store's cached images, videos and documents.
 
-Only /healthz is served for now; every other path answers a 404 JSON, not a fake feature.
+``GET``/``HEAD /media/{key}``: ``key`` is the catalog key (``products/SKU-000001.jpg``),
+looked up in the replica's manifest; the file served is the verified one named by its
+sha256, so no key can name any other path. Answers (docs/media.md):
+
+- 200 with the entry's content type, ``ETag`` (the sha256), ``Cache-Control`` and
+  ``Accept-Ranges``; 304 for a matching ``If-None-Match``; 206 for one ``Range`` (video
+  seeking), 416 for a range past the end; a list of ranges gets the whole file.
+- 404 for a key the catalog does not list; 503 with ``Retry-After`` for a listed file not
+  cached yet; 401 when a credential is needed (:func:`may_read`).
+
+Bodies are streamed in :data:`CHUNK_BYTES` pieces read in a worker thread, never whole:
+hypercorn offers neither ASGI ``zerocopysend`` nor ``pathsend``, so ``sendfile`` is not
+available on this stack. An open file keeps its bytes even if it is evicted meanwhile.
 """
 
 from __future__ import annotations
 
+import hmac
+import os
+import time
+from typing import Final
+
+import trio
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from appliance.protocol.media import ByteRange, MediaEntry, MediaEntryError, etag_matches, parse_entry, parse_range
 from appliance.services.runtime import Runtime
-from appliance.services.web.common import service_app
+from appliance.services.web.common import ApiError, bearer_token, json_error, service_app
+from appliance.storage import media as rows
 
-__all__ = ["create_app"]
+__all__ = ["CHUNK_BYTES", "create_app", "may_read"]
+
+# Bytes per read and per send: large enough that a thread hop per chunk is noise next to
+# the copy (see the media benchmark), small enough that 50 readers hold a few MB.
+CHUNK_BYTES: Final = 256 * 1024
+# Retry-After for a file not cached yet: a small image arrives within seconds.
+NOT_CACHED_RETRY_S: Final = 30
+
+
+def may_read(request: Request, runtime: Runtime, entry: MediaEntry) -> bool:
+    """Whether this request may read ``entry``: the one place that decides (docs/media.md).
+
+    ``[media] access = "lan"`` (the default): anyone on the shop's LAN reads what the
+    platform does not mark private, so a kiosk's ``<img src>`` works; private entries and
+    ``access = "device"`` need a credential: the admin token as a bearer token.
+    """
+    if runtime.config.media.access == "lan" and not entry.private:
+        return True
+    token = bearer_token(request)
+    return token is not None and hmac.compare_digest(token.encode(), runtime.admin_token.encode())
+
+
+class FileBody(Response):
+    """A slice of an open file, streamed in chunks; the file is closed at the end."""
+
+    def __init__(self, fd: int, *, span: ByteRange | None, size: int, status_code: int, headers: dict[str, str],
+                 send_body: bool) -> None:
+        super().__init__(status_code=status_code, headers=headers)
+        self.fd = fd
+        self.offset = span.start if span else 0
+        self.length = span.length if span else size
+        self.send_body = send_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            offset, remaining = self.offset, self.length if self.send_body else 0
+            while remaining > 0:
+                chunk = await trio.to_thread.run_sync(os.pread, self.fd, min(CHUNK_BYTES, remaining), offset)
+                if not chunk:
+                    break  # the file is shorter than it was: the client sees a short body and retries
+                offset += len(chunk)
+                remaining -= len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": remaining > 0})
+            if remaining or not (self.send_body and self.length):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            os.close(self.fd)
+
+
+def _open(path: str) -> tuple[int, int] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    return fd, os.fstat(fd).st_size
 
 
 def create_app(runtime: Runtime) -> Starlette:
-    return service_app("media", runtime)
+    async def serve(request: Request) -> Response:
+        key = request.path_params["key"]
+        shelf = runtime.media
+        if shelf is None or not runtime.config.media.enabled:
+            return json_error(503, "the media cache is not running", headers={"Retry-After": str(NOT_CACHED_RETRY_S)})
+        found = await runtime.db.read(lambda conn: rows.served_file(conn, key))
+        if found is None:
+            raise ApiError(404, f"no media file {key!r} in the store's catalog")
+        data, sha = found
+        try:
+            entry = parse_entry(key, data)
+        except MediaEntryError as exc:
+            raise ApiError(404, f"the catalog's entry for {key!r} cannot be used: {exc}") from exc
+        if not may_read(request, runtime, entry):
+            raise ApiError(401, "this media file needs a credential (Authorization: Bearer <token>)")
+        opened = await trio.to_thread.run_sync(_open, str(shelf.blob_path(sha))) if sha else None
+        if opened is None:
+            return json_error(503, f"{key} is not cached yet; try again shortly",
+                              headers={"Retry-After": str(NOT_CACHED_RETRY_S)})
+        fd, size = opened
+        assert sha is not None
+        etag = f'"{sha}"'
+        scope = "private" if entry.private or runtime.config.media.access != "lan" else "public"
+        headers = {"ETag": etag, "Cache-Control": f"{scope}, max-age={runtime.config.media.max_age_s}",
+                   "Accept-Ranges": "bytes", "X-Content-Type-Options": "nosniff"}
+        if etag_matches(request.headers.get("if-none-match"), etag):
+            os.close(fd)
+            return Response(status_code=304, headers=headers)
+        span = parse_range(request.headers.get("range"), size)
+        if_range = request.headers.get("if-range")
+        if if_range is not None and if_range.strip() != etag:
+            span = None  # RFC 9110 §13.1.5: the client's copy is another version: send it all
+        if span is not None and not isinstance(span, ByteRange):
+            os.close(fd)
+            return JSONResponse({"error": f"range not satisfiable: {key} has {size} bytes"}, status_code=416,
+                                headers={**headers, "Content-Range": span.content_range()})
+        shelf.note_served(sha, time.time())
+        headers["Content-Type"] = entry.content_type
+        if span is not None:
+            headers["Content-Range"] = span.content_range(size)
+        headers["Content-Length"] = str(span.length if span else size)
+        return FileBody(fd, span=span, size=size, status_code=206 if span else 200, headers=headers,
+                        send_body=request.method != "HEAD")
+
+    return service_app("media", runtime, [Route("/media/{key:path}", serve, methods=["GET", "HEAD"])])

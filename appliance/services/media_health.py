@@ -1,0 +1,84 @@
+"""How the media cache looks from outside: health checks and the words for the homepage.
+
+Checks (names are stable):
+
+- ``media.cache``: how many of the manifest's files are cached, and why the others are
+  not ("media: 312 of 2,400 files not cached: disk budget 2 GB reached").
+- ``media.link``: the last failed download, located on its hop (DNS, TCP, proxy, TLS,
+  HTTP), with the fix.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Final
+
+from appliance.protocol.health import Check, Status
+from appliance.protocol.media_cache import MediaStatus
+from appliance.services.runtime import Runtime
+
+__all__ = ["human_bytes", "media_checks", "missing_words", "register"]
+
+# A download failing for longer than this is a failure, not a blip.
+LINK_FAIL_AFTER_S: Final = 600.0
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.3g} {unit}"
+        value /= 1000
+    return f"{count} bytes"
+
+
+def missing_words(st: MediaStatus) -> str:
+    """Why files are missing, in plain words ("" when none is)."""
+    if not st.files_missing:
+        return ""
+    reasons = []
+    if st.over_budget:
+        reasons.append(f"{st.over_budget:,} over the disk budget ({human_bytes(st.budget_bytes)} reached)")
+    if st.failing:
+        reasons.append(f"{st.failing:,} failing to download")
+    rest = st.files_missing - st.over_budget - st.failing
+    if rest > 0:
+        reasons.append(f"{rest:,} waiting or downloading")
+    if st.blocked:
+        reasons = [f"downloads cannot run: {st.blocked}"]
+    return (f"media: {st.files_missing:,} of {st.files_wanted:,} files not cached: " + "; ".join(reasons))
+
+
+async def media_checks(runtime: Runtime) -> list[Check]:
+    shelf = runtime.media
+    if shelf is None:
+        return [Check(name="media.cache", status=Status.WARN, message="the media service has not started",
+                      fix="see the services table; it restarts by itself")]
+    st = shelf.status
+    data = st.as_dict()
+    checks = []
+    if st.blocked:
+        checks.append(Check(name="media.cache", status=Status.FAIL, message=missing_words(st) or st.blocked,
+                            fix="correct the setting named above, then restart the appliance", data=data))
+    elif st.files_missing:
+        status = Status.WARN
+        fix = ("raise [media] max_bytes or free disk space" if st.over_budget
+               else "nothing to do while downloads run; see media.link if they fail")
+        checks.append(Check(name="media.cache", status=status, message=missing_words(st), fix=fix, data=data))
+    else:
+        checks.append(Check(name="media.cache", status=Status.OK,
+                            message=f"{st.files_cached:,} media files cached ({human_bytes(st.bytes_cached)})",
+                            data=data))
+    if st.last_error is not None:
+        since = st.last_error_at or time.time()
+        failing_long = time.time() - since > LINK_FAIL_AFTER_S
+        checks.append(Check(name="media.link", status=Status.FAIL if failing_long else Status.WARN,
+                            message=f"last media download failed at the {st.last_error.hop} hop "
+                                    f"({st.last_error_key}): {st.last_error.message}",
+                            fix=st.last_error.fix, data=st.last_error.as_dict()))
+    return checks
+
+
+def register(runtime: Runtime) -> None:
+    runtime.health.add("media", partial(media_checks, runtime))
