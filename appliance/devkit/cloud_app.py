@@ -9,7 +9,6 @@ Thin: it checks headers and sizes, reads bodies under their limits, and hands th
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Final
@@ -22,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.devkit.cloud_blobs import blob_endpoint
 from appliance.devkit.cloud_catalog import COMPACT, Record
 from appliance.devkit.cloud_faults import parse_fault
 from appliance.devkit.cloud_orders import SendOrder, make_order, push_orders
@@ -48,7 +48,6 @@ DRAIN_MAX: Final = 32 * 1024 * 1024
 # Snapshot lines are sent in chunks of about this size: one write per chunk, bounded memory.
 SNAPSHOT_CHUNK: Final = 64 * 1024
 MAX_ORDERS_PER_CALL: Final = 1000
-_RANGE_RE: Final = re.compile(r"bytes=(\d*)-(\d*)\Z")
 
 Clock = Callable[[], float]
 
@@ -177,21 +176,6 @@ class SnapshotStream(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _range(header: str, size: int) -> tuple[int, int] | None:
-    """``(start, end_inclusive)`` of a single-range ``Range`` header; raises ApiError 416."""
-    match = _RANGE_RE.match(header.strip())
-    if match is None or match.group(1) == match.group(2) == "":
-        raise ApiError(416, "range_not_satisfiable", "only one range of the form bytes=a-b is served")
-    first, last = match.groups()
-    if first == "":
-        start, end = max(0, size - int(last)), size - 1
-    else:
-        start, end = int(first), min(size - 1, int(last)) if last else size - 1
-    if start >= size or start > end:
-        raise ApiError(416, "range_not_satisfiable", f"the file has {size} bytes")
-    return start, end
-
-
 def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOrder | None = None) -> ASGIApp:
     """The simulator's app over ``state``; ``send_order`` feeds ``POST /_sim/orders``."""
 
@@ -233,30 +217,11 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         return JSONResponse(state.support_reply(token, request_id, body, clock()))
 
     async def blob(request: Request) -> Response:
-        if request.path_params["store"] != state.store_id:
-            raise ApiError(404, "not_found", "no such container")
-        key = request.path_params["key"]
-        content = state.blob(key)
-        if content is None:
-            raise ApiError(404, "not_found", f"no media file {key!r}")
-        record = state.get("media", key)
-        assert record is not None
-        etag = f'"{record["sha256"][:32]}"'
-        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
-        if_match = request.headers.get("if-match")
-        if if_match is not None and if_match not in ("*", etag):
-            raise ApiError(412, "precondition_failed", "the file changed since that ETag")
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        if "range" in request.headers:
-            span = _range(request.headers["range"], len(content))
-            assert span is not None
-            start, end = span
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
-            return Response(content[start:end + 1], status_code=206, headers=headers,
-                            media_type=str(record.get("content_type", "application/octet-stream")))
-        return Response(content, headers=headers, media_type=str(record.get("content_type",
-                                                                            "application/octet-stream")))
+        return await blob_endpoint(state, request)
+
+    async def sim_blobs(request: Request) -> Response:
+        return JSONResponse({"bytes_sent": state.blob_bytes_sent,
+                             "requests": [{"key": k, "range": r} for k, r in state.blob_requests]})
 
     # -- /_sim: tests and the demo only ----------------------------------------------------------
 
@@ -336,6 +301,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         Route("/_sim/support", sim_support, methods=["GET"]),
         Route("/_sim/catalog", sim_catalog, methods=["GET"]),
         Route("/_sim/orders", sim_orders, methods=["POST"]),
+        Route("/_sim/blobs", sim_blobs, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})
     return FaultLayer(app, state)

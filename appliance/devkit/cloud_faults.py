@@ -5,7 +5,9 @@ Kinds (what the app does when a rule matches a request):
 - ``status``: answer ``status`` at once (429 and 503 with ``Retry-After: retry_after``);
 - ``latency``: wait ``delay_s`` before handling;
 - ``drop``: handle the request (commit it), then cut the connection before the answer's body;
-- ``cut``: cut a snapshot stream after ``after_lines`` lines.
+- ``cut``: cut a snapshot stream after ``after_lines`` lines, a blob after ``after_bytes``;
+- ``corrupt``: flip the first byte of a blob's body (``/blob/`` paths);
+- ``slow``: pace a blob's body to ``bytes_per_s``.
 
 A rule matches when the request path starts with ``path`` and, if set, the method is ``method``.
 """
@@ -20,11 +22,12 @@ from appliance.devkit.cloud_wire import ApiError, loads_strict
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultPlan", "parse_fault"]
 
-FAULT_KINDS: Final = ("status", "latency", "drop", "cut")
+FAULT_KINDS: Final = ("status", "latency", "drop", "cut", "corrupt", "slow")
 # A test that needs more rules than this is a test of something else.
 MAX_RULES: Final = 64
 MAX_DELAY_S: Final = 60.0
-_FIELDS: Final = frozenset({"kind", "path", "method", "count", "status", "retry_after", "delay_s", "after_lines"})
+_FIELDS: Final = frozenset({"kind", "path", "method", "count", "status", "retry_after", "delay_s", "after_lines",
+                               "after_bytes", "bytes_per_s"})
 
 
 @attrs.define(kw_only=True)
@@ -37,6 +40,8 @@ class Fault:
     retry_after: int = 1
     delay_s: float = 0.0
     after_lines: int = 0
+    after_bytes: int = 0
+    bytes_per_s: int = 0
 
     def matches(self, method: str, path: str) -> bool:
         return path.startswith(self.path) and (self.method is None or self.method == method)
@@ -105,4 +110,6 @@ def parse_fault(raw: bytes) -> Fault:
                  status=_int_field(body, "status", 503, 400, 599),
                  retry_after=_int_field(body, "retry_after", 1, 0, 86_400),
                  delay_s=float(delay),
-                 after_lines=_int_field(body, "after_lines", 0, 0, 10**9))
+                 after_lines=_int_field(body, "after_lines", 0, 0, 10**9),
+                 after_bytes=_int_field(body, "after_bytes", 0, 0, 10**12),
+                 bytes_per_s=_int_field(body, "bytes_per_s", 0, 0, 10**10))

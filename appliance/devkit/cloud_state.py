@@ -43,7 +43,7 @@ from appliance.devkit.cloud_wire import (
     parse_events,
 )
 
-__all__ = ["CloudState", "QueueService", "SimConfig", "Token", "catalog_digest", "rfc3339", "summarize"]
+__all__ = ["BlobSource", "CloudState", "QueueService", "SimConfig", "Token", "catalog_digest", "rfc3339", "summarize"]
 
 # Bounds on what the simulator remembers; a demo day is far below them.
 MAX_IDEMPOTENCY_KEYS: Final = 100_000
@@ -51,6 +51,10 @@ MAX_STORED_EVENTS: Final = 1_000_000
 MAX_HEARTBEATS: Final = 10_000
 MAX_SUPPORT_REPLIES: Final = 10_000
 MAX_BLOBS: Final = 1_000
+# Large media are generated in blocks of this size (each a pure function of seed, key, index).
+LARGE_BLOCK: Final = 1024 * 1024
+# Blob requests remembered for tests (key, Range header).
+MAX_BLOB_REQUESTS: Final = 100_000
 _DELETED: Final = None
 
 
@@ -110,7 +114,42 @@ class SimConfig:
     support: QueueService | None = attrs.field(default=attrs.Factory(_support_default, takes_self=True))
     media: bool = True
     media_base_url: str = ""  # "" = the simulator's own /blob/{store}/
+    # Large media: this many generated videos (promotions/video-NNN.mp4) of video_bytes
+    # each, listed after the base catalog; nothing stored, the bytes are made on demand.
+    videos: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    video_bytes: int = attrs.field(default=100 * 1024 * 1024, validator=attrs.validators.ge(0))
     logs_url: str | None = "https://api.logmatic.io/v1/input"
+
+
+def _large_block(seed: int, key: str, index: int, size: int) -> bytes:
+    return hashlib.shake_256(f"{seed}:large:{key}:{index}".encode()).digest(size)
+
+
+@attrs.frozen(kw_only=True)
+class BlobSource:
+    """The bytes of one media entry, made on demand."""
+
+    size: int
+    sha256: str
+    content_type: str
+    data: bytes | None = None  # small files: the bytes themselves
+    seed: int = 0  # large files: generated block by block from (seed, key)
+    key: str = ""
+
+    def chunks(self, start: int, end: int, chunk: int) -> Iterator[bytes]:
+        """Bytes ``start..end`` (inclusive) in pieces of at most ``chunk``."""
+        pos = start
+        while pos <= end:
+            if self.data is not None:
+                piece = self.data[pos:min(end + 1, pos + chunk)]
+            else:
+                index, offset = divmod(pos, LARGE_BLOCK)
+                block = _large_block(self.seed, self.key, index, min(LARGE_BLOCK, self.size - index * LARGE_BLOCK))
+                piece = block[offset:offset + min(chunk, end + 1 - pos)]
+            if not piece:
+                return
+            yield piece
+            pos += len(piece)
 
 
 @attrs.frozen(kw_only=True)
@@ -153,12 +192,17 @@ class CloudState:
         self._log: deque[Change] = deque(maxlen=config.retention)
         self._mutations = 0
         self._blobs: dict[str, bytes] = {}
+        self._large: dict[str, str] = {}  # key -> sha256 of a generated large file
+        self.blob_bytes_sent: dict[str, int] = {}  # body bytes really sent, per key
+        self.blob_requests: deque[tuple[str, str]] = deque(maxlen=MAX_BLOB_REQUESTS)  # (key, Range)
         self._idempotency: OrderedDict[str, _Answer] = OrderedDict()
         self.events: dict[str, StoredEvent] = {}  # by id, in arrival order
         self.idempotency_keys_seen: list[str] = []
         self.heartbeats: deque[dict[str, Any]] = deque(maxlen=MAX_HEARTBEATS)
         self.support: dict[str, dict[str, Any]] = {}
         self.snapshot_streams = 0  # snapshot responses being sent now (the app counts them)
+        for index in range(config.videos):
+            self.put_large_media(f"promotions/video-{index + 1:03d}.mp4", config.video_bytes, "video/mp4")
 
     # -- pairing and tokens --------------------------------------------------------------------
 
@@ -273,6 +317,31 @@ class CloudState:
         return self.upsert("media", key, {
             "key": key, "url": self.catalog.media_base_url + key, "sha256": hashlib.sha256(content).hexdigest(),
             "size": len(content), "content_type": "application/octet-stream"})
+
+    def put_large_media(self, key: str, size: int, content_type: str) -> int:
+        """Upsert a generated media entry of ``size`` bytes (hashed once here, never stored)."""
+        digest = hashlib.sha256()
+        for piece in BlobSource(size=size, sha256="", content_type=content_type, seed=self.catalog.seed,
+                                key=key).chunks(0, size - 1, LARGE_BLOCK):
+            digest.update(piece)
+        self._large[key] = digest.hexdigest()
+        self._blobs.pop(key, None)
+        return self.upsert("media", key, {"key": key, "url": self.catalog.media_base_url + key,
+                                          "sha256": self._large[key], "size": size, "content_type": content_type})
+
+    def blob_source(self, key: str) -> BlobSource | None:
+        """How to make the bytes of a live media entry, if the simulator has them."""
+        record = self.get("media", key)
+        if record is None:
+            return None
+        ctype = str(record.get("content_type", "application/octet-stream"))
+        if key in self._large and record.get("sha256") == self._large[key]:
+            return BlobSource(size=int(record["size"]), sha256=self._large[key], content_type=ctype,
+                              seed=self.catalog.seed, key=key)
+        content = self.blob(key)
+        if content is None:
+            return None
+        return BlobSource(size=len(content), sha256=str(record["sha256"]), content_type=ctype, data=content)
 
     def get(self, entity: str, key: str) -> dict[str, Any] | None:
         """The live record, or None."""
