@@ -1,0 +1,250 @@
+"""The media cache end to end: a whole appliance and the cloud simulator in the test's trio
+loop, over real TLS on loopback; the box's 8002 read by httpx and by curl."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from appliance.devkit.cloud import SimHandle
+from appliance.devkit.cloud_faults import Fault
+from appliance.services.pairing import pair_from_web
+from appliance.services.runtime import Runtime
+from tests.sync_helpers import ADMIN, StartBox, StartSim, api_client, fast_cloud, wait_until
+
+pytest_plugins = ["tests.sync_fixtures", "tests.proxy"]
+
+STORE = "store-0001"
+
+
+def fast_media(**extra: Any) -> dict[str, Any]:
+    return {"max_rate": 0, "concurrency": 4, "scan_interval_s": 0.1, "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.2, "min_free_bytes": 0, **extra}
+
+
+async def media_box(start_sim: StartSim, start_box: StartBox, *, sim: dict[str, Any] | None = None,
+                    media: dict[str, Any] | None = None, **sections: Any) -> tuple[SimHandle, Runtime]:
+    handle = await start_sim(**(sim or {}))
+    runtime = await start_box(cloud=fast_cloud(handle), media=fast_media(**(media or {})), **sections)
+    await pair_from_web(runtime, handle.pair_code)
+    return handle, runtime
+
+
+def sim_manifest(sim: SimHandle) -> dict[str, dict[str, Any]]:
+    _, records = sim.state.snapshot()
+    return {r.key: r.data for r in records if r.entity == "media"}
+
+
+def cached_files(runtime: Runtime) -> dict[str, str]:
+    """sha256 of the bytes of every file in the box's cache, by file name."""
+    blobs = Path(runtime.config.storage.dir) / "media" / "blobs"
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in blobs.iterdir()}
+
+
+async def all_cached(runtime: Runtime, sim: SimHandle, timeout_s: float = 30.0) -> None:
+    wanted = len(sim_manifest(sim))
+
+    def done() -> bool:
+        assert runtime.media is not None
+        st = runtime.media.status
+        return st.files_wanted == wanted and st.files_cached == wanted
+
+    await wait_until(done, timeout_s, f"all {wanted} media files cached")
+
+
+def media_client(runtime: Runtime) -> httpx.AsyncClient:
+    return api_client(runtime, "media")
+
+
+async def test_catalog_cached_verified_and_served(start_sim: StartSim, start_box: StartBox) -> None:
+    """A 1,000-file catalog: every file cached, each file's sha256 the simulator's, and
+    served by key with the entry's type, the sha256 as ETag and the exact bytes."""
+    sim, runtime = await media_box(start_sim, start_box, sim={"products": 1000})
+    await all_cached(runtime, sim, 60.0)
+    manifest = sim_manifest(sim)
+    assert len(manifest) == 1000
+    on_disk = cached_files(runtime)
+    assert sorted(on_disk) == sorted(d["sha256"] for d in manifest.values())
+    assert all(name == digest for name, digest in on_disk.items())
+    async with media_client(runtime) as client:
+        for key in ("products/SKU-000001.jpg", "products/SKU-000500.jpg", "products/SKU-001000.jpg"):
+            answer = await client.get(f"/media/{key}")
+            assert answer.status_code == 200
+            assert hashlib.sha256(answer.content).hexdigest() == manifest[key]["sha256"]
+            assert answer.headers["etag"] == f'"{manifest[key]["sha256"]}"'
+            assert answer.headers["content-type"] == manifest[key]["content_type"]
+            assert "max-age=" in answer.headers["cache-control"]
+        missing = await client.get("/media/products/SKU-009999.jpg")
+        assert missing.status_code == 404
+        traversal = await client.get("/media/..%2f..%2fappliance.db")
+        assert traversal.status_code == 404
+
+
+async def test_cut_download_resumes_with_range(start_sim: StartSim, start_box: StartBox) -> None:
+    """A download cut half-way resumes with Range and If-Match: the simulator sends under
+    1.1x the file's size in all, and the file is verified."""
+    sim = await start_sim(products=0)
+    content = hashlib.shake_256(b"video").digest(3_000_000)
+    sim.state.put_media("promotions/spring.mp4", content)
+    sim.state.faults.add(Fault(kind="cut", path=f"/blob/{STORE}/promotions/spring.mp4", after_bytes=1_200_000))
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media())
+    await pair_from_web(runtime, sim.pair_code)
+    await all_cached(runtime, sim)
+    sent = sim.state.blob_bytes_sent["promotions/spring.mp4"]
+    assert len(content) <= sent < 1.1 * len(content)
+    ranges = [r for k, r in sim.state.blob_requests if k == "promotions/spring.mp4"]
+    assert len(ranges) == 2 and ranges[0] == "" and ranges[1].startswith("bytes=") and ranges[1].endswith("-")
+    assert 1_100_000 < int(ranges[1][len("bytes="):-1]) <= 1_200_000  # what had arrived before the cut
+    assert cached_files(runtime) == {hashlib.sha256(content).hexdigest(): hashlib.sha256(content).hexdigest()}
+
+
+async def test_wrong_bytes_never_served_and_fetched_again(start_sim: StartSim, start_box: StartBox) -> None:
+    sim = await start_sim(products=0)
+    content = b"recipe card " * 5000
+    sim.state.put_media("docs/recipe.pdf", content)
+    sim.state.faults.add(Fault(kind="corrupt", path=f"/blob/{STORE}/docs/recipe.pdf", count=2))
+    sim.state.faults.add(Fault(kind="slow", path=f"/blob/{STORE}/docs/recipe.pdf", count=2, bytes_per_s=200_000))
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media())
+    await pair_from_web(runtime, sim.pair_code)
+    async with media_client(runtime) as client:
+        # Until the replica lists it, 404; until the verified copy is in place, 503; then
+        # the true bytes: never the wrong ones, whatever arrived meanwhile.
+        async def served_right() -> bool:
+            answer = await client.get("/media/docs/recipe.pdf")
+            if answer.status_code == 404:
+                return False
+            if answer.status_code == 503:
+                assert answer.headers["retry-after"]
+                return False
+            assert answer.status_code == 200 and answer.content == content
+            return True
+
+        await wait_until(served_right, 20.0, "the recipe served")
+    assert runtime.media is not None
+    assert runtime.media.status.hash_failures == 2
+    assert len([k for k, _ in sim.state.blob_requests if k == "docs/recipe.pdf"]) == 3
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    binary = shutil.which("curl")
+    if binary is None:
+        pytest.skip("curl is not installed (scripts/setup --test installs it)")
+    return subprocess.run([binary, "-s", "-S", "--noproxy", "*", *args], capture_output=True, check=True, timeout=20)
+
+
+async def test_curl_sees_304_206_and_416(start_sim: StartSim, start_box: StartBox, tmp_path: Path) -> None:
+    sim, runtime = await media_box(start_sim, start_box, sim={"products": 3})
+    await all_cached(runtime, sim)
+    key = "products/SKU-000002.jpg"
+    data = sim.state.blob(key)
+    assert data is not None
+    size, etag = len(data), f'"{hashlib.sha256(data).hexdigest()}"'
+    url = f"http://127.0.0.1:{runtime.ports['media']}/media/{key}"
+
+    def status_and_headers(*args: str) -> tuple[int, dict[str, str], bytes]:
+        head = tmp_path / "head.txt"
+        body = tmp_path / "body.bin"
+        body.write_bytes(b"")  # curl leaves the file alone when there is no body
+        result = curl("-D", str(head), "-o", str(body), "-w", "%{http_code}", *args, url)
+        headers = {}
+        for line in head.read_text().splitlines()[1:]:
+            name, _, value = line.partition(":")
+            if value:
+                headers[name.strip().lower()] = value.strip()
+        return int(result.stdout), headers, body.read_bytes()
+
+    status, headers, body = await trio.to_thread.run_sync(status_and_headers)
+    assert status == 200 and body == data and headers["etag"] == etag
+    status, headers, body = await trio.to_thread.run_sync(status_and_headers, "-H", f"If-None-Match: {etag}")
+    assert status == 304 and body == b"" and headers["etag"] == etag
+    status, headers, body = await trio.to_thread.run_sync(status_and_headers, "-r", "10-99")
+    assert status == 206 and body == data[10:100] and headers["content-range"] == f"bytes 10-99/{size}"
+    # A range running over the end is cut at the end; one starting past it is 416.
+    status, headers, body = await trio.to_thread.run_sync(status_and_headers, "-r", f"{size - 5}-{size + 100}")
+    assert status == 206 and body == data[-5:] and headers["content-range"] == f"bytes {size - 5}-{size - 1}/{size}"
+    status, headers, _ = await trio.to_thread.run_sync(status_and_headers, "-r", f"{size}-")
+    assert status == 416 and headers["content-range"] == f"bytes */{size}"
+    status, headers, body = await trio.to_thread.run_sync(status_and_headers, "-I")
+    # curl -I writes the head where the body would go: nothing of the file follows it.
+    assert status == 200 and headers["content-length"] == str(size)
+    assert body.startswith(b"HTTP/1.1 200") and body.endswith(b"\r\n\r\n") and data[:32] not in body
+
+
+async def test_wan_down_cached_still_served_uncached_503(start_sim: StartSim, start_box: StartBox) -> None:
+    sim, runtime = await media_box(start_sim, start_box, sim={"products": 5})
+    await all_cached(runtime, sim)
+    # The WAN goes down: every blob answers 503, a new file cannot arrive.
+    sim.state.faults.add(Fault(kind="status", path="/blob/", status=503, count=1_000_000))
+    sim.state.put_media("promotions/new.mp4", b"x" * 10_000)
+
+    def failing() -> bool:
+        assert runtime.media is not None
+        return runtime.media.status.last_error is not None
+
+    await wait_until(failing, 10.0, "a failed download")
+    async with media_client(runtime) as client:
+        for i in range(1, 6):
+            assert (await client.get(f"/media/products/SKU-{i:06d}.jpg")).status_code == 200
+        answer = await client.get("/media/promotions/new.mp4")
+        assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0
+    async with api_client(runtime, "admin") as admin:
+        status = (await admin.get("/api/status")).json()["media"]
+        assert status["last_error"]["hop"] == "http" and status["last_error"]["status"] == 503
+        page = (await admin.get("/")).text
+        assert "Media" in page and "1 of 6 files not cached" in page
+
+
+async def test_fetch_goes_through_the_proxy_with_tls_verified(start_sim: StartSim, start_box: StartBox,
+                                                              tinyproxy: Any, tmp_path: Path) -> None:
+    sim = await start_sim(products=3)
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media(), wan={"proxy": tinyproxy.url})
+    await pair_from_web(runtime, sim.pair_code)
+    await all_cached(runtime, sim)
+    assert tinyproxy.connects().count(f"127.0.0.1:{sim.port}") >= 1
+    assert any(k.startswith("products/") for k, _ in sim.state.blob_requests)
+
+
+async def test_untrusted_certificate_is_a_tls_error(start_sim: StartSim, start_box: StartBox,
+                                                    tinyproxy: Any, tmp_path: Path) -> None:
+    """Through the proxy, a blob host whose certificate the box does not trust is never read."""
+    sim = await start_sim(products=0)
+    other = await start_sim(products=0, tls_dir=str(tmp_path / "other-ca"), store_id=STORE)
+    # The sync API is trusted; the media URL points at a host signed by another CA.
+    sim.state.upsert("media", "x.jpg", {"key": "x.jpg", "url": f"{other.url}/blob/{STORE}/x.jpg",
+                                        "sha256": "0" * 64, "size": 1, "content_type": "image/jpeg"})
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media(), wan={"proxy": tinyproxy.url})
+    await pair_from_web(runtime, sim.pair_code)
+
+    def tls_failed() -> bool:
+        assert runtime.media is not None
+        error = runtime.media.status.last_error
+        return error is not None and error.hop == "tls"
+
+    await wait_until(tls_failed, 10.0, "a TLS failure")
+    assert f"127.0.0.1:{other.port}" in tinyproxy.connects()
+    assert other.state.blob_requests == type(other.state.blob_requests)()
+
+
+async def test_private_entry_needs_a_credential(start_sim: StartSim, start_box: StartBox) -> None:
+    sim = await start_sim(products=0)
+    sim.state.put_media("promotions/secret.mp4", b"unreleased" * 100)
+    record = dict(sim.state.get("media", "promotions/secret.mp4") or {})
+    sim.state.upsert("media", "promotions/secret.mp4", {**record, "private": True})
+    sim.state.put_media("products/open.jpg", b"public" * 100)
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media())
+    await pair_from_web(runtime, sim.pair_code)
+    await all_cached(runtime, sim)
+    url = f"http://127.0.0.1:{runtime.ports['media']}"
+    async with httpx.AsyncClient(base_url=url, trust_env=False) as anyone:
+        assert (await anyone.get("/media/products/open.jpg")).status_code == 200
+        refused = await anyone.get("/media/promotions/secret.mp4")
+        assert refused.status_code == 401
+        allowed = await anyone.get("/media/promotions/secret.mp4", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert allowed.status_code == 200 and allowed.headers["cache-control"].startswith("private")
