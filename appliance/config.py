@@ -363,9 +363,10 @@ class MediaConfig:
     backoff_max_s: float = attrs.field(default=300.0, validator=_positive)
     # How often the replica's media manifest is compared with the cache.
     scan_interval_s: float = attrs.field(default=5.0, validator=_positive)
-    # Tests only (0 = off): pause this long between a file's verification and its rename,
-    # so a test can kill the process inside that window.
-    test_pause_before_rename_s: float = attrs.field(default=0.0, validator=_non_negative)
+    # Tests only (0 = off): pause this long around a file's rename (half between its
+    # verification and the rename, half between the rename and its database row), so a
+    # test can kill the process inside those windows.
+    test_pause_at_rename_s: float = attrs.field(default=0.0, validator=_non_negative)
 
 
 def _routing(_inst: object, attr: attrs.Attribute[Any], value: Mapping[str, tuple[str, ...]]) -> None:

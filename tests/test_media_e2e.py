@@ -17,6 +17,7 @@ from appliance.devkit.cloud import SimHandle
 from appliance.devkit.cloud_faults import Fault
 from appliance.services.pairing import pair_from_web
 from appliance.services.runtime import Runtime
+from appliance.storage import media as media_rows
 from tests.sync_helpers import ADMIN, StartBox, StartSim, api_client, fast_cloud, wait_until
 
 pytest_plugins = ["tests.sync_fixtures", "tests.proxy"]
@@ -248,3 +249,66 @@ async def test_private_entry_needs_a_credential(start_sim: StartSim, start_box: 
         assert refused.status_code == 401
         allowed = await anyone.get("/media/promotions/secret.mp4", headers={"Authorization": f"Bearer {ADMIN}"})
         assert allowed.status_code == 200 and allowed.headers["cache-control"].startswith("private")
+
+
+def blob_names(runtime: Runtime) -> set[str]:
+    return {p.name for p in (Path(runtime.config.storage.dir) / "media" / "blobs").iterdir()}
+
+
+async def test_disk_budget_eviction_order(start_sim: StartSim, start_box: StartBox) -> None:
+    """Pinned files (an active product's image, the store config's banner) first, then the
+    most recently served; the least recently served is evicted when a new pinned file comes."""
+    sim = await start_sim(products=0)
+    sha = {}
+    for name in "abcde":
+        sim.state.put_media(f"p/{name}", name.encode() * 10_000)
+        sha[name] = hashlib.sha256(name.encode() * 10_000).hexdigest()
+    sim.state.upsert("product", "SKU-A", {"sku": "SKU-A", "name": "A", "image": "p/a", "active": True})
+    sim.state.upsert("product", "SKU-B", {"sku": "SKU-B", "name": "B", "image": "p/b", "active": False})
+    store = dict(sim.state.get("store_config", "store") or {})
+    sim.state.upsert("store_config", "store", {**store, "banner": "p/c"})
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media(max_bytes=40_000))
+    await pair_from_web(runtime, sim.pair_code)
+    assert runtime.media is not None
+    status = runtime.media.status
+    await wait_until(lambda: status.files_wanted == 5 and status.files_cached == 4, 20.0, "four files cached")
+    # a and c pinned; b and d by key (none served yet); e does not fit.
+    assert blob_names(runtime) == {sha["a"], sha["b"], sha["c"], sha["d"]}
+    assert status.over_budget == 1
+    checks = {c.name: c for c in await runtime.health.run_all()}
+    assert checks["media.cache"].message == (
+        "media: 1 of 5 files not cached: 1 over the disk budget (40 kB reached)")
+    async with media_client(runtime) as client:
+        assert (await client.get("/media/p/d")).status_code == 200  # d is now the most recently served
+
+    async def d_served() -> bool:
+        return (await runtime.db.read(media_rows.blobs))[sha["d"]][1] > 0
+
+    await wait_until(d_served, 5.0, "a scan writing the serve time out")
+    sim.state.put_media("p/f", b"f" * 10_000)
+    sim.state.upsert("product", "SKU-F", {"sku": "SKU-F", "name": "F", "image": "p/f", "active": True})
+    f_sha = hashlib.sha256(b"f" * 10_000).hexdigest()
+    await wait_until(lambda: f_sha in blob_names(runtime), 20.0, "the new pinned file cached")
+    await wait_until(lambda: sha["b"] not in blob_names(runtime), 5.0, "b evicted")
+    assert blob_names(runtime) == {sha["a"], sha["c"], sha["d"], f_sha}
+    async with media_client(runtime) as client:
+        evicted = await client.get("/media/p/b")
+        assert evicted.status_code == 503
+
+
+async def test_free_disk_floor_is_kept(start_sim: StartSim, start_box: StartBox, tmp_path: Path) -> None:
+    """With a free-disk floor above what the disk has, nothing is downloaded, and health says why."""
+    sim = await start_sim(products=3)
+    floor = shutil.disk_usage(tmp_path).free + 10**10
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media(min_free_bytes=floor))
+    await pair_from_web(runtime, sim.pair_code)
+    assert runtime.media is not None
+    status = runtime.media.status
+    await wait_until(lambda: status.files_wanted == 3, 20.0, "the manifest seen")
+    seen_at = status.last_scan_at or 0.0
+    await wait_until(lambda: (status.last_scan_at or 0.0) > seen_at, 5.0, "one more scan")
+    assert status.files_cached == 0 and status.over_budget == 3 and status.budget_bytes == 0
+    assert not blob_names(runtime)
+    assert not sim.state.blob_requests
+    checks = {c.name: c for c in await runtime.health.run_all()}
+    assert "3 over the disk budget" in checks["media.cache"].message

@@ -63,6 +63,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--tls-dir", default="", metavar="DIR",
                    help="where ca.pem (for clients) and the server certificate go; the CA is reused "
                         "(default: a temporary directory)")
+    p.add_argument("--videos", type=_nonnegative, default=0, metavar="N",
+                   help="large generated media files (promotions/video-NNN.mp4; default 0)")
+    p.add_argument("--video-bytes", type=_nonnegative, default=100 * 1024 * 1024, metavar="B",
+                   help="size of each large media file (default 100 MiB)")
     p.add_argument("--no-orders", action="store_true", help="pairing gives no orders queue")
     p.add_argument("--no-support", action="store_true", help="pairing gives no support queue")
     p.set_defaults(func=cmd_cloud)
@@ -73,7 +77,8 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     config = SimConfig(host=args.bind, port=args.port, tls_dir=args.tls_dir, products=args.products,
-                       seed=args.seed, store_id=args.store, pair_code=args.pair_code, retention=args.retention)
+                       seed=args.seed, store_id=args.store, pair_code=args.pair_code, retention=args.retention,
+                       videos=args.videos, video_bytes=args.video_bytes)
     if args.no_orders:
         config = attrs.evolve(config, orders=None)
     if args.no_support:

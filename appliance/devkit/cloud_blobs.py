@@ -60,6 +60,20 @@ class BlobStream(Response):
         self.start, self.end, self.faults = start, end, faults
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A reader that goes away stops the stream: the server would drop our sends silently,
+        # and they must not be counted as sent.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+            await self._stream(send)
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         cut, corrupt, slow = self.faults.get("cut"), self.faults.get("corrupt"), self.faults.get("slow")
         sent = 0

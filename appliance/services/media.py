@@ -272,12 +272,13 @@ class MediaFetcher:
         if have:
             headers["Range"] = f"bytes={have}-"
             headers["If-Match"] = etag
-        client, proxy = self._client(entry.url)
-        try:
-            async with client.stream("GET", entry.url, headers=headers) as response:
-                have = await self._receive(entry, response, have)
-        except httpx.HTTPError as exc:
-            raise _Failed(locate_failure(exc, url=entry.url, proxy=proxy)) from exc
+        if not have or have < size:  # a complete partial (a crash before its rename) is only checked
+            client, proxy = self._client(entry.url)
+            try:
+                async with client.stream("GET", entry.url, headers=headers) as response:
+                    have = await self._receive(entry, response, have)
+            except httpx.HTTPError as exc:
+                raise _Failed(locate_failure(exc, url=entry.url, proxy=proxy)) from exc
         if have != size:
             raise _Failed(_media_failure(entry.url, f"{entry.key}: the download stopped at {have} of {size} bytes",
                                          "the box resumes it by itself; check the internet link if it persists"))
@@ -288,9 +289,12 @@ class MediaFetcher:
             raise _Failed(_media_failure(entry.url, f"{entry.key}: the bytes received do not match its sha256; "
                                                     "deleted, to be fetched again",
                                          "the box fetches it again by itself; tell support if it persists"))
-        if self.config.test_pause_before_rename_s:
-            await trio.sleep(self.config.test_pause_before_rename_s)
+        pause = self.config.test_pause_at_rename_s / 2
+        if pause:
+            await trio.sleep(pause)
         await trio.to_thread.run_sync(shelf.place, sha)
+        if pause:
+            await trio.sleep(pause)
         now = self.clock()
         keys = {k: sha for k in blob.keys if k in self._entries and self._entries[k].sha256 == sha}
 
