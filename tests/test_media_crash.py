@@ -139,9 +139,9 @@ async def watch_served(box: Box, truth: dict[str, bytes], seen: list[int]) -> No
 
 async def test_sigkill_mid_download_and_around_rename(start_sim: StartSim, tmp_path: Path,
                                                       nursery: trio.Nursery) -> None:
-    sim = await start_sim(products=5, videos=1, video_bytes=8_000_000)
-    sim.state.faults.add(Fault(kind="slow", path=f"/blob/{STORE}/{VIDEO}", bytes_per_s=2_000_000, count=1))
-    video = b"".join(sim.state.blob_source(VIDEO).chunks(0, 8_000_000 - 1, 1 << 20))  # type: ignore[union-attr]
+    sim = await start_sim(products=5, videos=1, video_bytes=4_000_000)
+    sim.state.faults.add(Fault(kind="slow", path=f"/blob/{STORE}/{VIDEO}", bytes_per_s=1_000_000, count=1))
+    video = b"".join(sim.state.blob_source(VIDEO).chunks(0, 4_000_000 - 1, 1 << 20))  # type: ignore[union-attr]
     sha = hashlib.sha256(video).hexdigest()
     truth = {f"products/SKU-{i:06d}.jpg": sim.state.blob(f"products/SKU-{i:06d}.jpg") or b"" for i in range(1, 6)}
     truth[VIDEO] = video
@@ -149,35 +149,35 @@ async def test_sigkill_mid_download_and_around_rename(start_sim: StartSim, tmp_p
     served: list[int] = []
     try:
         # 1. Killed mid-download: the partial file is kept, never served.
-        await box.start(pause_s=8.0)
+        await box.start(pause_s=3.0)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{box.admin_port}", trust_env=False,
                                      headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
             assert (await admin.post("/api/pairing", json={"code": sim.pair_code})).status_code == 200
         nursery.start_soon(watch_served, box, truth, served)
         partial = box.media() / "partial" / sha
-        await wait_until(lambda: partial.exists() and 1_000_000 < partial.stat().st_size < 8_000_000, 20.0,
+        await wait_until(lambda: partial.exists() and 500_000 < partial.stat().st_size < 4_000_000, 20.0,
                          "the video half downloaded")
         await box.kill()
         # 2. Restarted: the download resumes and completes; killed between its verification and its rename.
-        await box.start(pause_s=8.0)
-        await wait_until(lambda: partial.exists() and partial.stat().st_size == 8_000_000, 20.0, "the video complete")
+        await box.start(pause_s=3.0)
+        await wait_until(lambda: partial.exists() and partial.stat().st_size == 4_000_000, 20.0, "the video complete")
         assert not (box.media() / "blobs" / sha).exists()
         await box.kill()
         # 3. Restarted: killed after the rename, before the database row.
-        await box.start(pause_s=8.0)
+        await box.start(pause_s=3.0)
         await wait_until((box.media() / "blobs" / sha).exists, 20.0, "the video renamed")
         assert sha not in box.rows()
         await box.kill()
         # 4. Restarted: the renamed file is hashed again and adopted; everything is served.
         await box.start(pause_s=0.0)
         await wait_until(lambda: sha in box.rows() and len(box.rows()) == 6, 20.0, "every file verified")
-        await wait_until(lambda: 8_000_000 in served, 10.0, "the video served")
+        await wait_until(lambda: 4_000_000 in served, 10.0, "the video served")
         for path in (box.media() / "blobs").iterdir():
             assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
         assert not list((box.media() / "partial").iterdir())
         # The resume after the first kill asked for the rest only.
         ranges = [r for k, r in sim.state.blob_requests if k == VIDEO]
         assert ranges[0] == "" and ranges[1].startswith("bytes=") and len(ranges) == 2
-        assert sim.state.blob_bytes_sent[VIDEO] < 1.1 * 8_000_000
+        assert sim.state.blob_bytes_sent[VIDEO] < 1.1 * 4_000_000
     finally:
         await box.stop()

@@ -85,6 +85,10 @@ class MediaFetcher:
         self._entries: dict[str, MediaEntry] = {}
         self._pinned: frozenset[str] = frozenset()
         self._seen_change: float | None = -1.0
+        # Verified files waiting for their database rows: written in one transaction per
+        # flush (group commit), so a fill of many small files is not one fsync per file.
+        self._unrecorded: list[tuple[str, int, dict[str, str]]] = []
+        self._record_lock = trio.Lock()
 
     async def aclose(self) -> None:
         for client, _ in self._clients.values():
@@ -258,11 +262,10 @@ class MediaFetcher:
     async def download(self, entry: MediaEntry, blob: Blob) -> None:
         """Fetch (or resume) one file, verify it and put it in place; :class:`_Failed` if not."""
         shelf, sha, size = self.shelf, entry.sha256, entry.size
-        have, etag = await trio.to_thread.run_sync(shelf.partial_state, sha)
+        have, etag, free = await trio.to_thread.run_sync(shelf.partial_state, sha)
         if have > size or (have and not etag):
             await trio.to_thread.run_sync(shelf.drop_partial, sha)
             have, etag = 0, ""
-        free = await trio.to_thread.run_sync(shelf.free_bytes)
         if free - (size - have) < self.config.min_free_bytes:
             raise _Failed(LinkError(hop=Hop.HTTP, target="disk", status=None,
                                     message=f"{entry.key} ({size} bytes) would leave less free disk than "
@@ -295,16 +298,27 @@ class MediaFetcher:
         await trio.to_thread.run_sync(shelf.place, sha)
         if pause:
             await trio.sleep(pause)
-        now = self.clock()
         keys = {k: sha for k in blob.keys if k in self._entries and self._entries[k].sha256 == sha}
-
-        def record(conn: sqlite3.Connection) -> None:
-            rows.add_blob(conn, sha, size, now=now)
-            rows.set_key_blobs(conn, keys)
-
-        await self.runtime.db.write(record)
+        self._unrecorded.append((sha, size, keys))
+        await self._record()
         self.status.fetched += 1
         log.debug("media: cached %s (%d bytes)", entry.key, size)
+
+    async def _record(self) -> None:
+        """Write the rows of every verified file waiting for one, in one transaction. A caller
+        that finds its row already written by another flush returns at once."""
+        async with self._record_lock:
+            batch, self._unrecorded = self._unrecorded, []
+            if not batch:
+                return
+            now = self.clock()
+
+            def record(conn: sqlite3.Connection) -> None:
+                for sha, size, keys in batch:
+                    rows.add_blob(conn, sha, size, now=now)
+                    rows.set_key_blobs(conn, keys)
+
+            await self.runtime.db.write(record)
 
     async def _receive(self, entry: MediaEntry, response: httpx.Response, have: int) -> int:
         """Write the answer's body after the ``have`` bytes already there; the new total."""
@@ -327,10 +341,8 @@ class MediaFetcher:
             raise _Failed(_media_failure(entry.url, f"{entry.key}: blob storage answered {words}",
                                          "the box retries by itself; if the file stays missing, tell support",
                                          status))
-        if have == 0:
-            await trio.to_thread.run_sync(shelf.save_etag, sha, response.headers.get("etag", "").strip())
-        path = shelf.partial_path(sha)
-        f = await trio.to_thread.run_sync(_open_at, path, have)
+        etag = response.headers.get("etag", "").strip() if have == 0 else None
+        f = await trio.to_thread.run_sync(_open_at, shelf, sha, have, etag)
         try:
             async for chunk in response.aiter_raw():
                 if have + len(chunk) > entry.size:
@@ -350,8 +362,11 @@ class MediaFetcher:
         return have
 
 
-def _open_at(path: Path, offset: int) -> IO[bytes]:
-    f = path.open("r+b" if offset else "wb")
+def _open_at(shelf: MediaShelf, sha: str, offset: int, etag: str | None) -> IO[bytes]:
+    """The partial file, open for writing at ``offset``; a new download's ETag saved first."""
+    if etag is not None:
+        shelf.save_etag(sha, etag)
+    f = shelf.partial_path(sha).open("r+b" if offset else "wb")
     f.seek(offset)
     f.truncate()
     return f

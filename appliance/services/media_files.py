@@ -53,14 +53,6 @@ def hash_file(path: Path, *, limit: int | None = None) -> tuple[hashlib._Hash, i
     return digest, count
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @attrs.define(kw_only=True, eq=False)
 class MediaShelf:
     root: Path
@@ -135,18 +127,20 @@ class MediaShelf:
             if entry.name.split(".", 1)[0] not in keep:
                 Path(entry.path).unlink(missing_ok=True)
 
-    def partial_state(self, sha256: str) -> tuple[int, str]:
-        """Bytes already downloaded and the ETag they came with ("" if unknown)."""
+    def partial_state(self, sha256: str) -> tuple[int, str, int]:
+        """Bytes already downloaded, the ETag they came with ("" if unknown), and the free
+        disk (one call: a download's start is one trip to a worker thread)."""
         path = self.partial_path(sha256)
+        free = self.free_bytes()
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return 0, ""
+            return 0, "", free
         try:
             etag = path.with_suffix(".etag").read_text("ascii").strip()
         except (FileNotFoundError, UnicodeDecodeError):
             etag = ""
-        return size, etag
+        return size, etag, free
 
     def save_etag(self, sha256: str, etag: str) -> None:
         tmp = self.partial_path(sha256).with_suffix(".etag.tmp")
@@ -154,7 +148,12 @@ class MediaShelf:
         tmp.replace(self.partial_path(sha256).with_suffix(".etag"))
 
     def place(self, sha256: str) -> None:
-        """Move a verified download into ``blobs/``: fsync the bytes, rename, fsync the directory."""
+        """Move a verified download into ``blobs/``: fsync the bytes, then rename.
+
+        The bytes are on disk before the name is, so a power cut never leaves a served name
+        on unwritten bytes. The directory is not fsynced: a rename lost to a power cut only
+        means the file is fetched again (start-up drops a database row without its file).
+        """
         path = self.partial_path(sha256)
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -162,7 +161,6 @@ class MediaShelf:
         finally:
             os.close(fd)
         os.replace(path, self.blob_path(sha256))
-        _fsync_dir(self.blobs)
         path.with_suffix(".etag").unlink(missing_ok=True)
 
     def free_bytes(self) -> int:
