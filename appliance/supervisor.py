@@ -36,6 +36,7 @@ from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState, ServiceStatus
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
+from appliance.services.state import BoundPorts
 from appliance.services.systemd import Notifier, watchdog_interval_s
 from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.meta import appliance_id
@@ -198,7 +199,7 @@ async def open_runtime(config: Config, *, port_offset: int = 0) -> Runtime:
         db.close()
         raise
     ports = config.lan.ports.with_offset(port_offset)
-    runtime = Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=ports.as_dict())
+    runtime = Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=BoundPorts(ports))
     _core_metrics(runtime)
     return runtime
 

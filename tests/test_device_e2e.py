@@ -34,7 +34,6 @@ from trio_websocket import open_websocket
 
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
 from appliance.services.assembly import service_specs
-from appliance.services.dispatcher import link_board
 from appliance.storage import Database
 from appliance.storage.outbox import enqueue_in
 from appliance.supervisor import open_runtime, supervise_all
@@ -148,7 +147,7 @@ async def test_2000_commands_to_20_devices_once_in_order_with_device_restarts(ma
                                     await trio.sleep(0.01)
                             await d.restart()
                 await wait_until_delivered(devices, expected)
-                board = link_board(runtime)
+                board = runtime.device_links
                 with trio.fail_after(30):
                     while sum(s.acked for s in board.all()) < COMMANDS:  # noqa: ASYNC110
                         await trio.sleep(0.05)

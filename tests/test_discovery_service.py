@@ -150,7 +150,7 @@ async def test_a_probe_gets_a_reply_with_the_effective_port_map(make_config: Con
 async def test_a_paired_box_signs_with_the_store_secret(make_config: ConfigFactory) -> None:
     async with discovery_only(make_config) as runtime, FakeDevice() as device:
         port = runtime.ports["discovery"]
-        runtime.store = StoreLink(store_id="store-42", token="t", store_secret="s3cret")
+        runtime.set_store(StoreLink(store_id="store-42", token="t", store_secret="s3cret"))
         await device.probe(port)
         announce, data, _ = await device.reply()
         assert announce.store_id == "store-42"
@@ -158,7 +158,7 @@ async def test_a_paired_box_signs_with_the_store_secret(make_config: ConfigFacto
         assert wire.verify(data, b"s3cret")
         assert not wire.verify(data, b"other")
         # A pairing the platform refused no longer vouches for the box.
-        runtime.store = StoreLink(store_id="store-42", token="t", store_secret="s3cret", needs_repair=True)
+        runtime.set_store(StoreLink(store_id="store-42", token="t", store_secret="s3cret", needs_repair=True))
         await device.probe(port)
         announce, _, _ = await device.reply()
         assert (announce.store_id, announce.sig) == (None, None)

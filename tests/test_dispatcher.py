@@ -28,8 +28,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
 from appliance.protocol.channel_codec import SUBPROTOCOL, Hello, encode_device_message
 from appliance.protocol.health import Status
-from appliance.services.device_link import LinkPhase, LinkTarget
-from appliance.services.dispatcher import enqueue, link_board, run_dispatcher
+from appliance.services.device_link import DeviceLinkPhase, LinkTarget
+from appliance.services.dispatcher import enqueue, run_dispatcher
 from appliance.services.runtime import Runtime
 from appliance.storage.outbox import CommandState, enqueue_in, list_commands
 from appliance.supervisor import open_runtime
@@ -160,7 +160,7 @@ async def test_every_command_reaches_its_device_once_in_order(clock: trio.testin
         # A second batch through the one-at-a-time path, while the first is in flight.
         ids += [(await enqueue(runtime, f"p{n % 3}", "print", {"n": n})).id for n in range(150, 180)]
         await wait_for(lambda: sum(len(s.accepted) for s in sims.values()) >= 180)
-        await wait_for(lambda: all(s.acked == 60 for s in link_board(runtime).all()))
+        await wait_for(lambda: all(s.acked == 60 for s in runtime.device_links.all()))
     for i, (device_id, sim) in enumerate(sims.items()):
         assert [a.body["n"] for a in sim.accepted] == list(range(i, 180, 3))
         assert [a.seq for a in sim.accepted] == list(range(1, 61))
@@ -179,8 +179,8 @@ async def test_unreachable_device_backs_off_with_jitter_and_says_why(clock: trio
         # 1, 2, 4, 8, 8 s (capped), each jittered down by at most 25 %.
         for gap, base in zip(gaps, [1, 2, 4, 8, 8], strict=False):
             assert base * 0.75 <= gap <= base, gaps
-        status = link_board(runtime).links["kds-1"]
-        assert status.phase is LinkPhase.WAITING and status.failures >= 5
+        status = runtime.device_links.links["kds-1"]
+        assert status.phase is DeviceLinkPhase.BACKING_OFF and status.failures >= 5
         checks = {c.name: c for c in await runtime.health.run_all()}
         link = checks["device.kds-1.channel"]
         assert link.status is Status.FAIL  # a command waits for it
@@ -193,7 +193,7 @@ async def test_unreachable_device_backs_off_with_jitter_and_says_why(clock: trio
         lan.plug("10.0.0.5", 8081, sim.serve_stream)
         await wait_for(lambda: len(sim.accepted) == 1)
         await wait_for(lambda: status.acked == 1)
-        assert status.phase is LinkPhase.CONNECTED and status.failures == 0
+        assert status.phase is DeviceLinkPhase.CONNECTED and status.failures == 0
         checks = {c.name: c for c in await runtime.health.run_all()}
         assert checks["device.kds-1.channel"].status is Status.OK
         assert checks["device.kds-1.channel"].message.startswith("device kds-1: connected to 10.0.0.5:8081")
@@ -259,7 +259,7 @@ async def test_a_misbehaving_device_is_dropped_and_backs_off_without_harming_oth
         await enqueue_many(runtime, [("bad-1", {"n": n}) for n in range(5)] + [("good-1", {"n": n}) for n in range(5)])
         await wait_for(lambda: len([a for a in lan.attempts if a[1] == "10.0.0.6"]) >= 3)
         await wait_for(lambda: len(good.accepted) == 5)
-        bad = link_board(runtime).links["bad-1"]
+        bad = runtime.device_links.links["bad-1"]
         assert words in bad.last_error
         assert bad.acked == 0 and bad.failures >= 2
         assert set((await states(runtime, "bad-1")).values()) <= {CommandState.QUEUED, CommandState.SENT}
@@ -275,7 +275,7 @@ async def test_flaky_wifi_and_a_busy_device_still_get_everything_once_in_order(
         lan.plug("10.0.0.9", 8081, busy.serve_stream)
         await enqueue_many(runtime, [(d, {"n": n}) for n in range(120) for d in ("flaky", "busy")])
         await wait_for(lambda: len(flaky.accepted) == 120 and len(busy.accepted) == 120)
-        await wait_for(lambda: all(s.acked == 120 for s in link_board(runtime).all()))
+        await wait_for(lambda: all(s.acked == 120 for s in runtime.device_links.all()))
     flaky.close()
     assert flaky.drops > 0 and flaky.connections > 1
     assert busy.nacks > 0
@@ -299,7 +299,7 @@ async def test_a_device_that_stops_acking_is_reconnected_and_gets_its_commands_a
     await enqueue(runtime, "mute", "ping", {})
     async with dispatching(runtime, [target("mute")], {"10.0.0.5": partial(misbehaving, mute)}) as lan:
         await wait_for(lambda: len(mute_connections) >= 2)
-        status = link_board(runtime).links["mute"]
+        status = runtime.device_links.links["mute"]
         assert "no ack for command seq 1 within 30 s" in status.last_error
         # Dropped 30 s after the send, back 1 s (jittered down by at most 25 %) later.
         assert 30.75 <= mute_connections[1] - received[0] <= 31.0
@@ -328,7 +328,7 @@ async def test_a_link_whose_pings_go_unanswered_is_dropped(clock: trio.testing.M
     try:
         async with dispatching(rt, [target("frozen")], {"10.0.0.5": frozen}):
             await wait_for(lambda: len(connects) >= 2)
-            assert "no answer to a WebSocket ping within 10 s" in link_board(rt).links["frozen"].last_error
+            assert "no answer to a WebSocket ping within 10 s" in rt.device_links.links["frozen"].last_error
             # A ping at 15 s, given up at 25 s, reconnect after the first backoff (0.5 s, jittered).
             assert 25.375 <= connects[1] - connects[0] <= 25.5
     finally:
@@ -344,7 +344,7 @@ async def test_expired_commands_are_never_delivered(clock: trio.testing.MockCloc
         await wait_for(lambda: trio.current_time() > now + 6)  # unreachable past their expiry
         lan.plug("10.0.0.5", 8081, sim.serve_stream)
         await wait_for(lambda: len(sim.accepted) == 3)
-        await wait_for(lambda: link_board(runtime).links["late"].acked == 3)
+        await wait_for(lambda: runtime.device_links.links["late"].acked == 3)
     assert [a.body["n"] for a in sim.accepted] == [3, 4, 5]
     rows = {r.id: r for r in await runtime.db.read(partial(list_commands, device_id="late"))}
     assert {rows[i].state for i in short} == {CommandState.DEAD}
@@ -379,13 +379,13 @@ async def test_links_follow_adoption_changes(clock: trio.testing.MockClock, runt
         lan.plug("10.0.0.3", 8081, sims["b"].serve_stream)
         await enqueue_many(runtime, [("a", {}), ("b", {})])
         await wait_for(lambda: len(sims["a"].accepted) == 1)
-        assert list(link_board(runtime).links) == ["a"] and not sims["b"].accepted
+        assert list(runtime.device_links.links) == ["a"] and not sims["b"].accepted
         targets.append(target("b", "10.0.0.2"))  # adopted
         runtime.device_changes.notify()
         await wait_for(lambda: len(sims["b"].accepted) == 1)
         targets[:] = [target("b", "10.0.0.3")]  # a rejected, b moved
         runtime.device_changes.notify()
-        await wait_for(lambda: list(link_board(runtime).links) == ["b"] and sims["b"].connections == 2)
+        await wait_for(lambda: list(runtime.device_links.links) == ["b"] and sims["b"].connections == 2)
         await enqueue_many(runtime, [("a", {}), ("b", {})])
         await wait_for(lambda: len(sims["b"].accepted) == 2)
         assert len(sims["a"].accepted) == 1
@@ -472,7 +472,7 @@ async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Pa
                 assert again.status_code == 200 and again.json()["created"] is False
                 await bounded(lambda: len(sim.accepted) == 1)
                 one = await client.get(f"{url}/till-3:receipt-881", headers=auth)
-                await bounded(lambda: link_board(rt).links["printer-1"].acked == 1)
+                await bounded(lambda: rt.device_links.links["printer-1"].acked == 1)
                 for _ in range(100):
                     one = await client.get(f"{url}/till-3:receipt-881", headers=auth)
                     if one.json()["command"]["state"] == "acked":

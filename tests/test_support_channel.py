@@ -23,11 +23,10 @@ from appliance.devkit.cloud import run_cloud_simulator
 from appliance.devkit.cloud_state import QueueService, SimConfig
 from appliance.protocol.support import SupportKind, SupportRequestError, parse_request
 from appliance.services.assembly import service_specs
-from appliance.services.orders import order_link
 from appliance.services.pairing import pair_from_web
-from appliance.services.queue_consumer import LinkPhase
 from appliance.services.runtime import Runtime
-from appliance.services.support_channel import support_window, switch_support
+from appliance.services.state import QueuePhase
+from appliance.services.support_channel import switch_support
 from appliance.supervisor import open_runtime, supervise_all
 from tests.amqp import fixtures
 from tests.amqp.fixtures import AmqpServer
@@ -71,7 +70,7 @@ async def test_answers_health_then_turns_itself_off(
                 await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
                                                                   task_status=task_status))
                 started = time.monotonic()
-                assert support_window(runtime).describe().startswith("enabled until ")
+                assert runtime.support_window.describe().startswith("enabled until ")
                 await pair_from_web(runtime, sim.pair_code)  # the pairing gives the support queue
                 queue = f"appliance-{runtime.appliance_id}-support"
                 rid, msg = request("health")
@@ -85,9 +84,9 @@ async def test_answers_health_then_turns_itself_off(
                 assert "support.channel" in names and "cloud.pairing" in names
                 assert logging.getLogger().level == logging.DEBUG
                 # Its time ends: the channel closes its link and restores the log level.
-                await until(lambda: order_link(runtime, "support").phase is LinkPhase.OFF)
+                await until(lambda: runtime.support_link.phase is QueuePhase.OFF)
                 assert time.monotonic() - started >= DURATION_S - 0.5
-                assert support_window(runtime).describe() == "off"
+                assert runtime.support_window.describe() == "off"
                 assert logging.getLogger().level != logging.DEBUG
                 [check] = [c for c in await runtime.health.run_all() if c.name == "support.channel"]
                 assert check.message == "remote support channel: off"
@@ -129,15 +128,15 @@ async def test_the_homepage_switches_remote_support_on_and_off(appliance: Runtim
         assert "Allow remote support for 4 h" in page and "action='/support-channel/action'" in page
         refused = await client.post("/support-channel/action", data={"token": "wrong", "action": "on"})
         assert refused.status_code == 401 and "not changed" in refused.text
-        assert not support_window(appliance).is_open
+        assert not appliance.support_window.is_open
         bad = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "maybe"})
-        assert bad.status_code == 400 and not support_window(appliance).is_open
+        assert bad.status_code == 400 and not appliance.support_window.is_open
         on = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "on"})
-        assert on.status_code == 303 and support_window(appliance).is_open
+        assert on.status_code == 303 and appliance.support_window.is_open
         page = (await client.get("/")).text
         assert "enabled until" in page and "Switch off" in page
         off = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "off"})
-        assert off.status_code == 303 and not support_window(appliance).is_open
+        assert off.status_code == 303 and not appliance.support_window.is_open
 
 
 async def test_the_window_survives_a_restart_and_a_restart_never_extends_it(
@@ -151,16 +150,16 @@ async def test_the_window_survives_a_restart_and_a_restart_never_extends_it(
         until = opened.until_wall
     assert until is not None
     async with running_box(make_config()) as box:
-        window = support_window(box)
+        window = box.support_window
         assert window.is_open and window.until_wall == until
         await switch_support(box, False)
     async with running_box(make_config()) as box:
-        assert not support_window(box).is_open  # switched off stays off
+        assert not box.support_window.is_open  # switched off stays off
     # [support] enabled = true opens one window, not a fresh one at every start.
     # (namespace: loopback, so nothing here could ever probe a real host)
     enabled = make_config(support={"enabled": True, "duration_s": 3600.0, "namespace": "localhost"})
     async with running_box(enabled) as box:
-        first = support_window(box).until_wall
+        first = box.support_window.until_wall
     assert first is not None
     async with running_box(enabled) as box:
-        assert support_window(box).until_wall == first
+        assert box.support_window.until_wall == first

@@ -1,15 +1,21 @@
 """The one table of what a running appliance is made of, in start order.
 
 Storage is opened before any of these (see ``appliance.supervisor.open_runtime``); then,
-per DESIGN §3: the device dispatcher, the HTTP listeners, discovery, the cloud tasks.
-Each feature adds its service(s) and its web parts here and nowhere else.
+in the start order of docs/architecture.md ("Start order"): the device dispatcher, the
+HTTP listeners, discovery, the cloud tasks. Each feature adds its service(s) and its web
+parts here and nowhere else.
+
+A listener is one entry of the port map (``appliance.config.PORT_ROLES`` and ``Ports``),
+one module under ``appliance.services.web`` and one line of :data:`LISTENER_APPS`;
+``tests/test_architecture.py`` checks that these agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
+from typing import Final
 
 from starlette.applications import Starlette
 
@@ -37,7 +43,20 @@ from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
 from appliance.services.web.store import api_parts as store_api_parts
 
-__all__ = ["listener_apps", "service_specs"]
+__all__ = ["LISTENER_APPS", "AppFactory", "listener_apps", "service_specs"]
+
+AppFactory = Callable[[Runtime, WebParts], Starlette]
+
+# The app of each listener role of the port map, beside its role.
+LISTENER_APPS: Final[Mapping[str, AppFactory]] = {
+    "admin": admin.create_app,
+    "api": api.create_app,
+    "events": events.create_app,
+    "media": media.create_app,
+    "provisioning": provisioning.create_app,
+    "ops": ops.create_app,
+    "support": support.create_app,
+}
 
 
 def web_parts() -> dict[str, WebParts]:
@@ -58,16 +77,7 @@ def web_parts() -> dict[str, WebParts]:
 
 def listener_apps(runtime: Runtime) -> dict[str, Starlette]:
     parts = web_parts()
-    makers: dict[str, Callable[[Runtime], Starlette]] = {
-        "admin": partial(admin.create_app, parts=parts["admin"]),
-        "api": partial(api.create_app, parts=parts["api"]),
-        "events": events.create_app,
-        "media": media.create_app,
-        "provisioning": provisioning.create_app,
-        "ops": ops.create_app,
-        "support": support.create_app,
-    }
-    return {role: makers[role](runtime) for role in LISTENER_ROLES}
+    return {role: LISTENER_APPS[role](runtime, parts[role]) for role in LISTENER_ROLES}
 
 
 def register_checks(runtime: Runtime) -> None:
@@ -77,13 +87,13 @@ def register_checks(runtime: Runtime) -> None:
         runtime.health.add("firewall", check)
     runtime.health.add("wan", WanChecks(runtime.config, store=lambda: runtime.store))
     runtime.health.add("lan.listeners", lambda: listener_checks(
-        runtime.config.lan.bind, {role: runtime.ports[role] for role in LISTENER_ROLES}))
+        runtime.config.lan.bind, {role: runtime.ports.of(role) for role in LISTENER_ROLES}))
 
 
 def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     register_checks(runtime)
     specs: list[ServiceSpec] = []
-    # The device dispatcher first (DESIGN §3): commands flow to devices before anything
+    # The device dispatcher first (docs/architecture.md, "Start order"): commands flow to devices before anything
     # can enqueue more; graceful: on stop it waits for the acks of what is in flight.
     specs.append(ServiceSpec(name="dispatcher", run=run_dispatcher, core=True, graceful=True))
     # The saved pairing is loaded into runtime.store before anything announces the box.

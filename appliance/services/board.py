@@ -1,6 +1,7 @@
 """The board of supervised services: what each is doing, read by the homepage and /readyz.
 
-Only the supervisor writes it; everything else reads.
+The supervisor writes each service's state, crashes and last error; a service writes only
+its own short ``detail`` word, through :meth:`ServiceBoard.say`. Everything else reads.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class ServiceBoard:
         status = ServiceStatus(name=name, core=core)
         self._services[name] = status
         return status
+
+    def say(self, name: str, detail: str) -> None:
+        """A service's own short word on the board (e.g. "bound on :8000"); ignored for a
+        service the board does not list (a service run on its own, as in tests)."""
+        if (status := self._services.get(name)) is not None:
+            status.detail = detail
 
     def get(self, name: str) -> ServiceStatus | None:
         return self._services.get(name)

@@ -54,7 +54,7 @@ from appliance.services.signal import ChangeSignal
 from appliance.storage import Database
 from appliance.storage.outbox import load_unsettled
 
-__all__ = ["DeviceLink", "LinkPhase", "LinkStatus", "LinkTarget", "OpenStream", "describe_failure", "open_tcp"]
+__all__ = ["DeviceLink", "DeviceLinkPhase", "LinkStatus", "LinkTarget", "OpenStream", "describe_failure", "open_tcp"]
 
 OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]
 Clock = Callable[[], float]
@@ -75,10 +75,10 @@ async def open_tcp(host: str, port: int) -> trio.abc.Stream:
     return await trio.open_tcp_stream(host, port)
 
 
-class LinkPhase(enum.StrEnum):
+class DeviceLinkPhase(enum.StrEnum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
-    WAITING = "waiting"  # backing off after a failure
+    BACKING_OFF = "backing_off"  # waiting out the backoff after a failure
     STOPPED = "stopped"
 
 
@@ -98,7 +98,7 @@ class LinkStatus:
     """What the homepage, /api/status and the health checks show of one link."""
 
     target: LinkTarget
-    phase: LinkPhase = LinkPhase.CONNECTING
+    phase: DeviceLinkPhase = DeviceLinkPhase.CONNECTING
     connected_since: float | None = None
     firmware: str = ""
     last_error: str = ""
@@ -116,7 +116,7 @@ class LinkStatus:
     def as_dict(self) -> dict[str, object]:
         t = self.target
         return {"device_id": t.id, "name": t.name, "kind": t.kind, "address": t.address, "port": t.port,
-                "state": str(self.phase), "connected": self.phase is LinkPhase.CONNECTED,
+                "state": str(self.phase), "connected": self.phase is DeviceLinkPhase.CONNECTED,
                 "connected_since": self.connected_since, "firmware": self.firmware,
                 "last_error": self.last_error, "last_error_at": self.last_error_at, "fix": self.last_fix,
                 "last_ack_at": self.last_ack_at, "next_attempt_at": self.next_attempt_at,
@@ -219,7 +219,7 @@ class DeviceLink:
         backoff = Backoff(self._config.backoff_initial_s, self._config.backoff_max_s, rng=self._rng)
         try:
             while not self._stop.is_set():
-                self.status.phase = LinkPhase.CONNECTING
+                self.status.phase = DeviceLinkPhase.CONNECTING
                 self.status.next_attempt_at = None
                 error: BaseException | None = None
                 try:
@@ -238,11 +238,11 @@ class DeviceLink:
                 if self._stop.is_set():
                     break
                 delay = backoff.next_delay()
-                self.status.phase = LinkPhase.WAITING
+                self.status.phase = DeviceLinkPhase.BACKING_OFF
                 self.status.next_attempt_at = self._clock() + delay
                 await self._wait(delay)
         finally:
-            self.status.phase = LinkPhase.STOPPED
+            self.status.phase = DeviceLinkPhase.STOPPED
             self.status.next_attempt_at = None
 
     # --- one connection --------------------------------------------------------------
@@ -304,7 +304,7 @@ class DeviceLink:
             acked = window.stats.acked
             window.receive(message, now)
             if isinstance(message, Hello):
-                self.status.phase = LinkPhase.CONNECTED
+                self.status.phase = DeviceLinkPhase.CONNECTED
                 self.status.connected_since = now
                 self.status.firmware = message.firmware
             if window.stats.acked > acked:

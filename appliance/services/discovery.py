@@ -395,7 +395,7 @@ async def run_discovery(
     ``store`` says whether (and as which store) the box is paired: default
     :func:`paired_store`.
     """
-    host, port = _bind_host(runtime), runtime.ports.get("discovery", runtime.config.lan.ports.discovery)
+    host, port = _bind_host(runtime), runtime.ports.of("discovery")
     sock = open_socket()
     with sock:
         try:
@@ -405,15 +405,13 @@ async def run_discovery(
         service = _Discovery(runtime, sock, beacon_send=beacon_send, interface_source=interface_source,
                              store=store or partial(paired_store, runtime), limits=limits or Limits(),
                              rng=rng or random.Random())
-        runtime.ports["discovery"] = service.port
+        runtime.ports.bind("discovery", service.port)
         runtime.health.add("discovery", service.health)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.registry_writer)
             nursery.start_soon(service.receive_loop)
             nursery.start_soon(service.beacon_loop)
-            status = runtime.board.get("discovery")
-            if status is not None:
-                status.detail = f"udp/{service.port}"
+            runtime.board.say("discovery", f"udp/{service.port}")
             log.info("discovery on udp %s:%d", host, service.port)
             task_status.started(service.port)
 
@@ -425,9 +423,7 @@ async def run_device_registry(
     declared = runtime.config.devices
     if await runtime.db.write(partial(sync_declared, declared=declared, now=time.time())):
         runtime.device_changes.notify()
-    status = runtime.board.get("devices")
-    if status is not None:
-        status.detail = f"{len(declared)} declared"
+    runtime.board.say("devices", f"{len(declared)} declared")
     task_status.started()
     while True:
         pruned = await runtime.db.write(partial(prune_pending, now=time.time(), retention_s=PENDING_RETENTION_S))

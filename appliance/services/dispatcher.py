@@ -25,7 +25,6 @@ import logging
 import random
 import sqlite3
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Final, Protocol
@@ -35,7 +34,7 @@ import trio
 
 from appliance.protocol.channel import Record
 from appliance.protocol.health import Check, Status
-from appliance.services.device_link import DeviceLink, LinkPhase, LinkStatus, LinkTarget, OpenStream, open_tcp
+from appliance.services.device_link import DeviceLink, DeviceLinkPhase, LinkStatus, LinkTarget, OpenStream, open_tcp
 from appliance.services.runtime import Runtime
 from appliance.storage import Database
 from appliance.storage.devices import list_adopted
@@ -50,7 +49,7 @@ from appliance.storage.outbox import (
     prune_settled,
 )
 
-__all__ = ["DeviceLike", "LinkBoard", "enqueue", "link_board", "run_dispatcher"]
+__all__ = ["DeviceLike", "enqueue", "run_dispatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +79,6 @@ class DeviceLike(Protocol):
 AdoptedFn = Callable[[sqlite3.Connection], Sequence[DeviceLike]]
 
 
-class LinkBoard:
-    """The links of one running appliance, by device id, for the web parts and health."""
-
-    def __init__(self) -> None:
-        self.links: dict[str, LinkStatus] = {}
-        self.backlog: dict[str, Backlog] = {}
-        self.backlog_at: float | None = None
-
-    def all(self) -> list[LinkStatus]:
-        return [self.links[k] for k in sorted(self.links)]
-
-
-_BOARDS: weakref.WeakKeyDictionary[Runtime, LinkBoard] = weakref.WeakKeyDictionary()
-
-
-def link_board(runtime: Runtime) -> LinkBoard:
-    """The link board of ``runtime`` (made on first use)."""
-    board = _BOARDS.get(runtime)
-    if board is None:
-        board = _BOARDS[runtime] = LinkBoard()
-    return board
 
 
 async def enqueue(
@@ -142,7 +120,7 @@ class _Dispatcher:
     ) -> None:
         self.runtime = runtime
         self.config = runtime.config.dispatch
-        self.board = link_board(runtime)
+        self.board = runtime.device_links
         self.records = records
         self.open_stream = open_stream
         self.adopted = adopted
@@ -264,9 +242,7 @@ async def run_dispatcher(
                     watchers.start_soon(dispatcher.watch_devices, links)
                     watchers.start_soon(dispatcher.watch_outbox)
                     watchers.start_soon(dispatcher.maintain)
-                    status = runtime.board.get("dispatcher")
-                    if status is not None:
-                        status.detail = f"{len(dispatcher.handles)} device(s)"
+                    runtime.board.say("dispatcher", f"{len(dispatcher.handles)} device(s)")
                     task_status.started()
                     await runtime.stopping.wait()
                     watchers.cancel_scope.cancel()
@@ -294,7 +270,7 @@ def link_check(status: LinkStatus, backlog: Backlog | None, now: float) -> Check
     where = f"{t.address}:{t.port}"
     waiting = backlog.depth if backlog is not None else 0
     data: dict[str, Any] = {**status.as_dict(), "waiting": waiting}
-    if status.phase is LinkPhase.CONNECTED:
+    if status.phase is DeviceLinkPhase.CONNECTED:
         last_ack = "" if status.last_ack_at is None else f"; last ack {_age(now - status.last_ack_at)} ago"
         return Check(name=name, status=Status.OK, message=f"{who}: connected to {where}{last_ack}", data=data)
     queued = f"; {waiting} command(s) wait for it" if waiting else ""
@@ -360,4 +336,4 @@ def _register(runtime: Runtime, dispatcher: _Dispatcher) -> None:
                   lambda: [({"device": d}, round(max(0.0, (board.backlog_at or 0.0) - b.oldest_created_at), 1))
                            for d, b in sorted(board.backlog.items())])
     metrics.gauge("device_link_connected", "1 while the box is connected to the device",
-                  lambda: [({"device": s.target.id}, float(s.phase is LinkPhase.CONNECTED)) for s in board.all()])
+                  lambda: [({"device": s.target.id}, float(s.phase is DeviceLinkPhase.CONNECTED)) for s in board.all()])

@@ -83,7 +83,7 @@ async def run_listener(
 ) -> None:
     """Serve ``app`` on the port of ``role`` until ``runtime.stopping``; started() gives the port."""
     host = runtime.config.lan.bind
-    port = runtime.ports[role]
+    port = runtime.ports.of(role)
     sock = bind_tcp(host, port, role=role)
     bound = sock.getsockname()[1]
     # hypercorn takes ownership of the descriptor and closes it when it stops.
@@ -99,7 +99,7 @@ async def run_listener(
         # the error ends the process or the service restarts with a fresh bind; the
         # descriptor is not closed here because hypercorn may already own it.
         await nursery.start(started_then_serve)
-        runtime.ports[role] = bound
+        runtime.ports.bind(role, bound)
         log.info("listening on %s:%d for %s", host, bound, role)
         task_status.started(bound)
 

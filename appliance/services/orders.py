@@ -22,7 +22,7 @@ config overrides it. Routing: ``store_config.routing`` from the replica, else
 ``[orders] routing``, else :data:`~appliance.protocol.orders.DEFAULT_ROUTING`.
 
 Health check ``orders.link``; metrics ``orders_*`` and ``servicebus_link_*``; the state
-for the homepage is :func:`order_link` (see ``appliance.services.web.orders``).
+for the homepage is ``runtime.orders_link`` (see ``appliance.services.web.orders``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-import weakref
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import partial
@@ -42,12 +41,13 @@ import trio
 from appliance.config import Config, ServiceBusConfig
 from appliance.protocol.health import Check, Status
 from appliance.protocol.orders import BUS_FIELDS, OnlineOrder, OrderError, bus_settings, parse_order
-from appliance.services.queue_consumer import LinkPhase, LinkState, OpenLink, Settle, Verdict, consume
+from appliance.services.queue_consumer import OpenLink, Settle, Verdict, consume
 from appliance.services.runtime import Runtime
 from appliance.services.servicebus import LinkOptions, ReceivedMessage, open_queue_link
+from appliance.services.state import QueueLinkStatus, QueuePhase
 from appliance.storage.orders import RETENTION_S, Recorded, order_targets, prune_orders, record_order
 
-__all__ = ["LINK_FAIL_AFTER_S", "link_options", "order_link", "run_orders"]
+__all__ = ["LINK_FAIL_AFTER_S", "link_options", "run_orders"]
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,6 @@ PRUNE_INTERVAL_S: Final = 3600.0
 # end to end (benchmarks/orders.py) for five wake-ups a second of one worker thread.
 SOCKET_POLL_S: Final = 0.2
 
-_STATES: weakref.WeakKeyDictionary[Runtime, dict[str, LinkState]] = weakref.WeakKeyDictionary()
-
-
-def order_link(runtime: Runtime, name: str = "orders") -> LinkState:
-    """The link state of ``runtime``'s ``orders`` (or ``support``) consumer."""
-    states = _STATES.setdefault(runtime, {})
-    if name not in states:
-        states[name] = LinkState(name=name)
-    return states[name]
 
 
 def link_options(runtime: Runtime, section: ServiceBusConfig, name: str) -> LinkOptions | str:
@@ -99,7 +90,7 @@ def _rfc3339(when: float) -> str:
 class OrderReceiver:
     """Handles one message at a time (the consumer calls it from its one task)."""
 
-    def __init__(self, runtime: Runtime, state: LinkState, *, clock: Any = time.time) -> None:
+    def __init__(self, runtime: Runtime, state: QueueLinkStatus, *, clock: Any = time.time) -> None:
         self.runtime = runtime
         self.state = state
         self.clock = clock
@@ -151,7 +142,7 @@ class OrderReceiver:
 
 def _checks(runtime: Runtime) -> list[Check]:
     cfg = runtime.config.orders
-    state = order_link(runtime)
+    state = runtime.orders_link
     data = state.as_dict()
     name = "orders.link"
     if not cfg.enabled:
@@ -159,23 +150,23 @@ def _checks(runtime: Runtime) -> list[Check]:
                       data=data)]
     where = f"{state.namespace} (queue {state.queue})"
     phase = state.phase
-    if phase is LinkPhase.CONNECTED:
+    if phase is QueuePhase.CONNECTED:
         last = "no order yet" if state.last_message_at is None else \
             f"last message {max(0, int(time.time() - state.last_message_at))} s ago"
         return [Check(name=name, status=Status.OK, message=f"online orders: connected to {where}; {last}",
                       data=data)]
-    if phase is LinkPhase.WAITING:
+    if phase is QueuePhase.UNCONFIGURED:
         return [Check(name=name, status=Status.OK if runtime.store is None else Status.WARN,
                       message=f"online orders: not receiving: {state.detail}",
                       fix="pair the box with its store (the pairing gives the queue)", data=data)]
-    if phase is LinkPhase.AUTH_FAILED:
+    if phase is QueuePhase.AUTH_FAILED:
         return [Check(name=name, status=Status.FAIL, message=state.last_error,
                       fix="check the pairing: pair the box again, or fix [orders] sas_key_name / sas_key",
                       data=data)]
-    if phase is LinkPhase.CONFIG_ERROR:
+    if phase is QueuePhase.CONFIG_ERROR:
         return [Check(name=name, status=Status.FAIL, message=f"online orders cannot start: {state.last_error}",
                       fix="fix the [orders] or [wan] settings", data=data)]
-    if phase is LinkPhase.RETRYING:
+    if phase is QueuePhase.RETRYING:
         long = state.failing_since is not None and time.time() - state.failing_since > LINK_FAIL_AFTER_S
         return [Check(name=name, status=Status.FAIL if long else Status.WARN,
                       message=f"online orders: cannot reach {where}: {state.last_error}",
@@ -185,7 +176,7 @@ def _checks(runtime: Runtime) -> list[Check]:
 
 def register(runtime: Runtime) -> None:
     """Health check and metrics of the orders receiver (once per runtime)."""
-    state = order_link(runtime)
+    state = runtime.orders_link
 
     async def checks() -> list[Check]:
         return _checks(runtime)
@@ -198,8 +189,8 @@ def register(runtime: Runtime) -> None:
     metrics.describe_counter("orders_device_commands", "device commands caused by online orders")
     metrics.describe_counter("servicebus_link_failures", "Service Bus link failures, by link and kind")
     metrics.gauge("servicebus_link_up", "1 when the Service Bus link is connected",
-                  lambda: [({"link": s.name}, 1.0 if s.phase is LinkPhase.CONNECTED else 0.0)
-                           for s in _STATES.get(runtime, {}).values()])
+                  lambda: [({"link": s.name}, 1.0 if s.phase is QueuePhase.CONNECTED else 0.0)
+                           for s in (runtime.orders_link, runtime.support_link)])
     metrics.gauge("orders_last_message_age_seconds", "seconds since the last online order message (-1: none)",
                   lambda: -1.0 if state.last_message_at is None else max(0.0, time.time() - state.last_message_at))
 
@@ -220,7 +211,7 @@ async def run_orders(
 ) -> None:
     """The orders receiver, until cancelled. Ready at once: it needs no network to start."""
     register(runtime)
-    state = order_link(runtime)
+    state = runtime.orders_link
     receiver = OrderReceiver(runtime, state)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_prune, runtime)

@@ -136,8 +136,7 @@ def _hold_other_stores_events(state_dir: Path, new_store: str, now: float) -> No
 
 def set_store(runtime: Runtime, link: StoreLink | None) -> None:
     """Make ``link`` the box's pairing and tell every watcher."""
-    runtime.store = link
-    runtime.pairing_changes.notify()
+    runtime.set_store(link)
 
 
 async def mark_repair_needed(runtime: Runtime, refused: StoreLink) -> None:

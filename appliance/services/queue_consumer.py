@@ -44,8 +44,9 @@ from appliance.services.servicebus import (
     ReceivedMessage,
     open_queue_link,
 )
+from appliance.services.state import QueueLinkStatus, QueuePhase
 
-__all__ = ["CLOSE_TIMEOUT_S", "LinkPhase", "LinkState", "OpenLink", "Settle", "Verdict", "consume"]
+__all__ = ["CLOSE_TIMEOUT_S", "OpenLink", "Settle", "Verdict", "consume"]
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,6 @@ AUTH_BACKOFF_MAX_S: Final = 600.0
 OpenLink = Callable[[LinkOptions], AsyncQueueLink]
 
 
-class LinkPhase(enum.StrEnum):
-    OFF = "off"  # switched off in the config (or the support window ended)
-    WAITING = "waiting"  # no queue or key yet (not paired, or the store has no such service)
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RETRYING = "retrying"  # the link failed; next try at next_try_at
-    AUTH_FAILED = "auth_failed"  # the namespace refused the key
-    CONFIG_ERROR = "config_error"  # the options cannot work
-
-
 class Verdict(enum.Enum):
     COMPLETE = "complete"
     DEAD_LETTER = "dead_letter"
@@ -92,37 +83,6 @@ class Settle:
     description: str = ""
 
 
-@attrs.define(kw_only=True)
-class LinkState:
-    """What one queue consumer is doing (health, /metrics, the homepage)."""
-
-    name: str
-    phase: LinkPhase = LinkPhase.OFF
-    detail: str = ""
-    namespace: str = ""
-    queue: str = ""
-    last_error: str = ""
-    last_error_at: float | None = None
-    failing_since: float | None = None
-    next_try_at: float | None = None
-    connected_at: float | None = None
-    last_message_at: float | None = None
-    received: int = 0
-    completed: int = 0
-    dead_lettered: int = 0
-    abandoned: int = 0
-    locks_lost: int = 0
-    failures: int = 0
-
-    def as_dict(self) -> dict[str, object]:
-        return attrs.asdict(self) | {"phase": str(self.phase)}
-
-    def _failed(self, phase: LinkPhase, error: str, now: float, next_try_at: float | None) -> None:
-        self.phase, self.last_error, self.last_error_at, self.next_try_at = phase, error, now, next_try_at
-        self.failing_since = self.failing_since or now
-        self.failures += 1
-
-
 async def _wait_for_change(runtime: Runtime, seen: int, delay_s: float | None = None) -> None:
     with trio.move_on_after(delay_s if delay_s is not None else float("inf")):
         await runtime.pairing_changes.wait(seen)
@@ -136,7 +96,7 @@ async def _close(link: AsyncQueueLink, name: str) -> None:
             log.info("%s: closing the Service Bus link: %s", name, exc)
 
 
-async def _settle(link: AsyncQueueLink, state: LinkState, msg: ReceivedMessage, settle: Settle) -> None:
+async def _settle(link: AsyncQueueLink, state: QueueLinkStatus, msg: ReceivedMessage, settle: Settle) -> None:
     try:
         if settle.verdict is Verdict.DEAD_LETTER:
             await link.dead_letter(msg, settle.reason, settle.description)
@@ -154,7 +114,7 @@ async def _settle(link: AsyncQueueLink, state: LinkState, msg: ReceivedMessage, 
 
 
 async def _session(
-    state: LinkState,
+    state: QueueLinkStatus,
     link: AsyncQueueLink,
     *,
     handle: Callable[[ReceivedMessage], Awaitable[Settle]],
@@ -166,9 +126,9 @@ async def _session(
     while True:
         batch = await link.receive(want)
         want = min(RECEIVE_BATCH, want * 2) if len(batch) >= want else 1
-        if state.phase is not LinkPhase.CONNECTED:
+        if state.phase is not QueuePhase.CONNECTED:
             state.phase, state.connected_at, state.failing_since, state.next_try_at = (
-                LinkPhase.CONNECTED, clock(), None, None)
+                QueuePhase.CONNECTED, clock(), None, None)
             log.info("%s: connected to %s, queue %s", state.name, state.namespace, state.queue)
         on_success()
         for msg in batch:
@@ -180,7 +140,7 @@ async def _session(
 
 async def consume(
     runtime: Runtime,
-    state: LinkState,
+    state: QueueLinkStatus,
     *,
     settings: Callable[[], LinkOptions | str],
     handle: Callable[[ReceivedMessage], Awaitable[Settle]],
@@ -199,16 +159,16 @@ async def consume(
         seen = runtime.pairing_changes.version
         options = settings()
         if isinstance(options, str):
-            state.phase, state.detail, state.next_try_at = LinkPhase.WAITING, options, None
+            state.phase, state.detail, state.next_try_at = QueuePhase.UNCONFIGURED, options, None
             await _wait_for_change(runtime, seen)
             continue
         state.namespace, state.queue, state.detail = options.namespace, options.queue, ""
-        if state.phase is not LinkPhase.RETRYING:
-            state.phase = LinkPhase.CONNECTING
+        if state.phase is not QueuePhase.RETRYING:
+            state.phase = QueuePhase.CONNECTING
         try:
             link = open_link(options)
         except LinkConfigError as exc:
-            state._failed(LinkPhase.CONFIG_ERROR, str(exc), clock(), None)
+            state.record_failure(QueuePhase.CONFIG_ERROR, str(exc), clock(), None)
             log.error("%s: the Service Bus settings cannot work: %s", state.name, exc)
             await _wait_for_change(runtime, seen)
             continue
@@ -239,12 +199,12 @@ async def consume(
             delay = auth_backoff.next_delay()
             message = (f"cannot authenticate to {options.namespace} (queue {options.queue}): the namespace "
                        f"refused the SAS key {options.sas_key_name!r}")
-            state._failed(LinkPhase.AUTH_FAILED, message, now, now + delay)
+            state.record_failure(QueuePhase.AUTH_FAILED, message, now, now + delay)
             runtime.metrics.inc("servicebus_link_failures", link=state.name, kind="auth")
             log.error("%s: %s; check the pairing; next try in %.0f s", state.name, message, delay)
         else:
             delay = backoff.next_delay()
-            state._failed(LinkPhase.RETRYING, str(error), now, now + delay)
+            state.record_failure(QueuePhase.RETRYING, str(error), now, now + delay)
             runtime.metrics.inc("servicebus_link_failures", link=state.name, kind="link")
             log.warning("%s: Service Bus link failed; next try in %.1f s: %s", state.name, delay, error)
         await _wait_for_change(runtime, seen, delay)

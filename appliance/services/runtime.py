@@ -2,6 +2,10 @@
 
 Built once by the supervisor before any service starts; services read it and register
 their own metrics and health checks on it. Nothing here does I/O by itself.
+
+Every piece of per-runtime state is a typed field here, with its one writer named beside
+it (``tests/test_architecture.py`` checks that no other module writes it); everyone else
+reads. A service that restarts resets its own record.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from appliance.services.board import ServiceBoard
 from appliance.services.media_files import MediaShelf
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
+from appliance.services.state import BoundPorts, DeviceLinkBoard, QueueLinkStatus, SupportWindow
 from appliance.storage import Database
 from appliance.storage.pairing import StoreLink
 
@@ -30,13 +35,15 @@ class Runtime:
     db: Database
     appliance_id: str
     admin_token: str
+    # Supervised services' states (the supervisor) and details (each service, its own).
     board: ServiceBoard = attrs.field(factory=ServiceBoard)
     metrics: Metrics = attrs.field(factory=Metrics)
     health: HealthRegistry = attrs.field(factory=HealthRegistry)
     started_at: float = attrs.field(factory=time.time)
-    # The effective port map: the configured one, with each listener's port as bound
-    # (differs with --port-offset or port 0). Discovery announces this one.
-    ports: dict[str, int] = attrs.field(factory=dict)
+    # The effective port map (configured, then as bound). Written by: services.http (each
+    # listener's role) and services.discovery (its UDP port). Discovery announces it.
+    ports: BoundPorts = attrs.field(default=attrs.Factory(lambda self: BoundPorts(self.config.lan.ports),
+                                                          takes_self=True))
     # Set when the box is asked to stop: listeners stop accepting and finish in-flight work.
     stopping: trio.Event = attrs.field(factory=trio.Event)
     # Notified whenever the device registry changes (a device adopted, rejected, removed,
@@ -46,19 +53,37 @@ class Runtime:
     outbox_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
     # The pairing with the store (None: not paired): store id, token, the services the
     # store has (Service Bus, media, logs, support) and the store secret (discovery HMAC).
-    # Set by the cloud.pairing service (loaded before the listeners start, then on pairing
-    # and on a 401); pairing_changes is notified every time it changes, "needs_repair" too.
-    store: StoreLink | None = None
+    # Written by: services.pairing, through set_store() (loaded before the listeners start,
+    # then on pairing and on a 401), which notifies pairing_changes, "needs_repair" too.
+    _store: StoreLink | None = attrs.field(default=None, alias="store")
     pairing_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
     # Notified whenever events are queued for the platform (sales, orders, statuses).
     uplink_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
     # What the cloud sync loops last saw (homepage, /api/status, health, heartbeat).
+    # Written by: services.sync.
     sync_status: SyncStatus = attrs.field(factory=SyncStatus)
     # Notified when someone asks for a pull from the platform now (the remote support
     # channel's "resync"); the sync service's pull loop wakes on it.
     resync_requests: ChangeSignal = attrs.field(factory=ChangeSignal)
-    # The media cache (files, status, serve times): set by the media service when it starts.
+    # The device channel's links by device id. Written by: services.dispatcher.
+    device_links: DeviceLinkBoard = attrs.field(factory=DeviceLinkBoard)
+    # The Service Bus consumers. Written by: services.queue_consumer, for services.orders
+    # and services.support_channel.
+    orders_link: QueueLinkStatus = attrs.field(factory=lambda: QueueLinkStatus(name="orders"))
+    support_link: QueueLinkStatus = attrs.field(factory=lambda: QueueLinkStatus(name="support"))
+    # When the remote support channel is open. Written by: services.support_channel.
+    support_window: SupportWindow = attrs.field(factory=SupportWindow)
+    # The media cache (files, status, serve times). Written by: services.media, when it starts.
     media: MediaShelf | None = None
+
+    @property
+    def store(self) -> StoreLink | None:
+        return self._store
+
+    def set_store(self, link: StoreLink | None) -> None:
+        """The pairing changed (paired, re-paired, needs repair, forgotten): tell everyone."""
+        self._store = link
+        self.pairing_changes.notify()
 
     def uptime_s(self) -> float:
         return max(0.0, time.time() - self.started_at)

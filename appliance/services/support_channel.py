@@ -26,31 +26,27 @@ import logging
 import platform
 import sys
 import time
-import weakref
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from functools import partial
 from typing import Any, Final
 
-import attrs
 import httpx
 import trio
 
 from appliance import __version__
 from appliance.protocol.health import Check, Status
 from appliance.protocol.support import SupportKind, SupportRequest, SupportRequestError, parse_request
-from appliance.services.dispatcher import link_board
-from appliance.services.orders import link_options, order_link
-from appliance.services.queue_consumer import LinkPhase, LinkState, OpenLink, Settle, Verdict, consume
+from appliance.services.orders import link_options
+from appliance.services.queue_consumer import OpenLink, Settle, Verdict, consume
 from appliance.services.runtime import Runtime
 from appliance.services.servicebus import ReceivedMessage, open_queue_link
-from appliance.services.signal import ChangeSignal
+from appliance.services.state import QueueLinkStatus, QueuePhase, SupportWindow
 from appliance.services.wan import WanConfigError, open_client
 from appliance.storage.catalog import require_snapshot
 from appliance.storage.events import outbox_stats
 from appliance.storage.meta import get_meta, set_meta
 
-__all__ = ["REPLY_RETRY_S", "SupportWindow", "run_support", "support_window", "switch_support"]
+__all__ = ["REPLY_RETRY_S", "run_support", "switch_support"]
 
 log = logging.getLogger(__name__)
 
@@ -64,48 +60,6 @@ Reply = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 class ReplyFailed(Exception):
     """The platform did not take the reply."""
-
-
-@attrs.define(kw_only=True, eq=False)
-class SupportWindow:
-    """When the channel is on: until ``until_wall`` (Unix time, for people) which is
-    ``deadline`` on trio's clock. ``changes`` wakes the service when an admin switches it."""
-
-    deadline: float | None = None
-    until_wall: float | None = None
-    changes: ChangeSignal = attrs.field(factory=ChangeSignal)
-
-    def open(self, duration_s: float) -> None:
-        self.open_until(time.time() + duration_s)
-
-    def open_until(self, until_wall: float) -> None:
-        """Open until a wall-clock time (a window restored after a restart keeps its end)."""
-        self.deadline = trio.current_time() + max(0.0, until_wall - time.time())
-        self.until_wall = until_wall
-        self.changes.notify()
-
-    def close(self) -> None:
-        self.deadline = self.until_wall = None
-        self.changes.notify()
-
-    @property
-    def is_open(self) -> bool:
-        return self.deadline is not None and trio.current_time() < self.deadline
-
-    def describe(self) -> str:
-        if self.until_wall is None or not self.is_open:
-            return "off"
-        return f"enabled until {datetime.fromtimestamp(self.until_wall).strftime('%H:%M')}"
-
-
-_WINDOWS: weakref.WeakKeyDictionary[Runtime, SupportWindow] = weakref.WeakKeyDictionary()
-
-
-def support_window(runtime: Runtime) -> SupportWindow:
-    window = _WINDOWS.get(runtime)
-    if window is None:
-        window = _WINDOWS[runtime] = SupportWindow()
-    return window
 
 
 class _LogLevel:
@@ -141,8 +95,8 @@ class _LogLevel:
 
 async def diagnostics(runtime: Runtime) -> dict[str, Any]:
     stats = await runtime.db.read(outbox_stats)
-    board = link_board(runtime)
-    orders = order_link(runtime)
+    board = runtime.device_links
+    orders = runtime.orders_link
     return {
         "firmware": __version__,
         "python": sys.version.split()[0],
@@ -222,16 +176,16 @@ class SupportHandler:
         return Settle()
 
 
-def _checks(runtime: Runtime, state: LinkState) -> list[Check]:
-    window = support_window(runtime)
+def _checks(runtime: Runtime, state: QueueLinkStatus) -> list[Check]:
+    window = runtime.support_window
     data = {**state.as_dict(), "window": window.describe()}
     if not window.is_open:
         return [Check(name="support.channel", status=Status.OK, message="remote support channel: off", data=data)]
     words = window.describe()
-    if state.phase is LinkPhase.CONNECTED:
+    if state.phase is QueuePhase.CONNECTED:
         return [Check(name="support.channel", status=Status.OK,
                       message=f"remote support channel: {words}, connected to {state.namespace}", data=data)]
-    if state.phase in (LinkPhase.AUTH_FAILED, LinkPhase.CONFIG_ERROR, LinkPhase.RETRYING):
+    if state.phase in (QueuePhase.AUTH_FAILED, QueuePhase.CONFIG_ERROR, QueuePhase.RETRYING):
         return [Check(name="support.channel", status=Status.WARN,
                       message=f"remote support channel ({words}) cannot connect: {state.last_error}",
                       fix="check the pairing and the internet link (HTTPS to the namespace on 443)", data=data)]
@@ -278,7 +232,7 @@ async def _save_window(runtime: Runtime, window: SupportWindow) -> None:
 
 async def switch_support(runtime: Runtime, on: bool) -> SupportWindow:
     """Open the window for ``[support] duration_s`` or close it; durable before it returns."""
-    window = support_window(runtime)
+    window = runtime.support_window
     if on:
         window.open(runtime.config.support.duration_s)
     else:
@@ -296,8 +250,8 @@ async def run_support(
 ) -> None:
     """The support channel until cancelled: consume while the window is open."""
     cfg = runtime.config.support
-    state = order_link(runtime, "support")
-    window = support_window(runtime)
+    state = runtime.support_link
+    window = runtime.support_window
 
     async def checks() -> list[Check]:
         return _checks(runtime, state)
@@ -322,6 +276,6 @@ async def run_support(
                     window.close()
                     await _save_window(runtime, window)
                 continue
-            state.phase, state.detail = LinkPhase.OFF, ""
+            state.phase, state.detail = QueuePhase.OFF, ""
             level.restore()
             await window.changes.wait(seen)

@@ -94,7 +94,7 @@ def _services_section(runtime: Runtime) -> str:
 def _ports_section(runtime: Runtime) -> str:
     rows = []
     for role in PORT_ROLES:
-        port = runtime.ports.get(role.role, getattr(runtime.config.lan.ports, role.role))
+        port = runtime.ports.of(role.role)
         rows.append(f"<tr><td>{port}/{role.transport}</td><td>{role.direction}</td>"
                     f"<td>{html.escape(role.description)}</td></tr>")
     return ("<section><h2>Ports</h2><table><tr><th>port</th><th>direction</th><th>service</th></tr>"
@@ -133,5 +133,5 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         return JSONResponse(await status(runtime, parts))
 
     routes: list[BaseRoute] = [Route("/", homepage), Route("/api/status", api_status)]
-    routes += [route for make in parts.routes for route in make(runtime)]
+    routes += parts.routes_for(runtime)
     return service_app("admin", runtime, routes)

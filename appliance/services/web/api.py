@@ -16,5 +16,4 @@ __all__ = ["create_app"]
 
 
 def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
-    routes = [route for make in parts.routes for route in make(runtime)]
-    return service_app("api", runtime, routes)
+    return service_app("api", runtime, parts.routes_for(runtime))

@@ -32,8 +32,8 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from appliance.protocol.channel_codec import ChannelProtocolError, check_command_id, check_kind, encode_body
-from appliance.services.device_link import LinkPhase
-from appliance.services.dispatcher import enqueue, link_board
+from appliance.services.device_link import DeviceLinkPhase
+from appliance.services.dispatcher import enqueue
 from appliance.services.runtime import Runtime
 from appliance.services.web.admin import page
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
@@ -202,13 +202,13 @@ def _ago(now: float, at: float | None) -> str:
     return f"{s} s ago" if s < 120 else f"{s // 60} min ago" if s < 7200 else f"{s // 3600} h ago"
 
 
-_PHASE_COLOURS: Final = {LinkPhase.CONNECTED: "#1a7f37", LinkPhase.CONNECTING: "#9a6700",
-                         LinkPhase.WAITING: "#cf222e", LinkPhase.STOPPED: "#6e7781"}
+_PHASE_COLOURS: Final = {DeviceLinkPhase.CONNECTED: "#1a7f37", DeviceLinkPhase.CONNECTING: "#9a6700",
+                         DeviceLinkPhase.BACKING_OFF: "#cf222e", DeviceLinkPhase.STOPPED: "#6e7781"}
 
 
 async def links_section(runtime: Runtime) -> str:
     """The homepage's Device links section: one row per adopted device's link."""
-    board = link_board(runtime)
+    board = runtime.device_links
     port = runtime.config.lan.ports.device
     if not board.links:
         return (f"<section id=device-links><h2>Device links (tcp/{port})</h2><p class=muted>No adopted device: "
@@ -218,9 +218,9 @@ async def links_section(runtime: Runtime) -> str:
     for s in board.all():
         t = s.target
         waiting = board.backlog.get(t.id)
-        note = s.last_error if s.phase is not LinkPhase.CONNECTED else (f"firmware {s.firmware}" if s.firmware else "")
-        fix = f"<br><span class=muted>{html.escape(s.last_fix)}</span>" if note and s.last_fix and \
-            s.phase is not LinkPhase.CONNECTED else ""
+        connected = s.phase is DeviceLinkPhase.CONNECTED
+        note = s.last_error if not connected else (f"firmware {s.firmware}" if s.firmware else "")
+        fix = f"<br><span class=muted>{html.escape(s.last_fix)}</span>" if note and s.last_fix and not connected else ""
         value = html.escape(t.id, quote=True)
         rows.append(
             f"<tr><td>{html.escape(t.name)}<br><span class=muted>{html.escape(t.id)}</span></td>"
@@ -242,7 +242,7 @@ async def links_section(runtime: Runtime) -> str:
 
 async def links_status(runtime: Runtime) -> dict[str, Any]:
     """The ``device_links`` and ``outbox`` keys of /api/status."""
-    board = link_board(runtime)
+    board = runtime.device_links
     return {"device_links": [s.as_dict() for s in board.all()],
             "outbox": {"depth": sum(b.depth for b in board.backlog.values()),
                        "devices": {d: b.depth for d, b in sorted(board.backlog.items())}}}

@@ -153,7 +153,7 @@ async def devices_section(runtime: Runtime) -> str:
             f"<td>{_ago(seen)}</td><td>{_buttons(d)}</td></tr>"
         )
     discovery = runtime.config.discovery
-    port = runtime.ports.get("discovery", runtime.config.lan.ports.discovery)
+    port = runtime.ports.of("discovery")
     how = (f"Devices appear here when they probe on udp/{port}." if discovery.enabled
            else "Discovery is off ([discovery] enabled = false): declare devices in [[devices]].")
     if not rows:

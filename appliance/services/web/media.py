@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from appliance.protocol.media import ByteRange, MediaEntry, MediaEntryError, etag_matches, parse_entry, parse_range
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, bearer_token, json_error, service_app
+from appliance.services.web.parts import WebParts
 from appliance.storage import media as rows
 
 __all__ = ["CHUNK_BYTES", "create_app", "may_read"]
@@ -92,7 +93,7 @@ def _open(path: str) -> tuple[int, int] | None:
     return fd, os.fstat(fd).st_size
 
 
-def create_app(runtime: Runtime) -> Starlette:
+def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     async def serve(request: Request) -> Response:
         key = request.path_params["key"]
         shelf = runtime.media
@@ -137,4 +138,5 @@ def create_app(runtime: Runtime) -> Starlette:
         return FileBody(fd, span=span, size=size, status_code=206 if span else 200, headers=headers,
                         send_body=request.method != "HEAD")
 
-    return service_app("media", runtime, [Route("/media/{key:path}", serve, methods=["GET", "HEAD"])])
+    return service_app("media", runtime, [Route("/media/{key:path}", serve, methods=["GET", "HEAD"]),
+                                          *parts.routes_for(runtime)])

@@ -14,11 +14,12 @@ from starlette.routing import Route
 from appliance.protocol.health import exit_code, summary, worst
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
+from appliance.services.web.parts import WebParts
 
 __all__ = ["create_app"]
 
 
-def create_app(runtime: Runtime) -> Starlette:
+def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     async def readyz(request: Request) -> Response:
         reasons = runtime.board.not_ready()
         if reasons:
@@ -41,4 +42,5 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/health", health),
+        *parts.routes_for(runtime),
     ])

@@ -30,10 +30,9 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from appliance.protocol.store_api import event_id_of
-from appliance.services.orders import order_link
-from appliance.services.queue_consumer import LinkPhase, LinkState
 from appliance.services.runtime import Runtime
-from appliance.services.support_channel import support_window, switch_support
+from appliance.services.state import QueueLinkStatus, QueuePhase
+from appliance.services.support_channel import switch_support
 from appliance.services.web.admin import page
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
 from appliance.services.web.parts import WebParts
@@ -45,8 +44,8 @@ __all__ = ["admin_parts", "api_parts"]
 LIST_DEFAULT: Final = 50
 RECENT_SHOWN: Final = 5
 _GREEN, _AMBER, _RED = "#1a7f37", "#9a6700", "#cf222e"
-_PHASE_COLOURS: Final = {LinkPhase.CONNECTED: _GREEN, LinkPhase.CONNECTING: _AMBER, LinkPhase.RETRYING: _AMBER,
-                         LinkPhase.WAITING: _AMBER, LinkPhase.AUTH_FAILED: _RED, LinkPhase.CONFIG_ERROR: _RED}
+_PHASE_COLOURS: Final = {QueuePhase.CONNECTED: _GREEN, QueuePhase.CONNECTING: _AMBER, QueuePhase.RETRYING: _AMBER,
+                         QueuePhase.UNCONFIGURED: _AMBER, QueuePhase.AUTH_FAILED: _RED, QueuePhase.CONFIG_ERROR: _RED}
 
 
 def _rfc3339(when: float) -> str:
@@ -127,16 +126,16 @@ def _row(label: str, value: str, colour: str = "") -> str:
     return f"<tr><td>{html.escape(label)}</td><td{style}>{value}</td></tr>"
 
 
-def _link_rows(state: LinkState) -> list[str]:
+def _link_rows(state: QueueLinkStatus) -> list[str]:
     esc = html.escape
-    words = {LinkPhase.CONNECTED: f"connected to {state.namespace}", LinkPhase.CONNECTING: "connecting",
-             LinkPhase.WAITING: f"waiting: {state.detail}", LinkPhase.RETRYING: "cannot connect; retrying",
-             LinkPhase.AUTH_FAILED: "the namespace refused the key: check the pairing",
-             LinkPhase.CONFIG_ERROR: "the settings cannot work", LinkPhase.OFF: "off"}
+    words = {QueuePhase.CONNECTED: f"connected to {state.namespace}", QueuePhase.CONNECTING: "connecting",
+             QueuePhase.UNCONFIGURED: f"waiting: {state.detail}", QueuePhase.RETRYING: "cannot connect; retrying",
+             QueuePhase.AUTH_FAILED: "the namespace refused the key: check the pairing",
+             QueuePhase.CONFIG_ERROR: "the settings cannot work", QueuePhase.OFF: "off"}
     rows = [_row("link", esc(words[state.phase]), _PHASE_COLOURS.get(state.phase, ""))]
     if state.queue:
         rows.append(_row("queue", esc(f"{state.queue} on {state.namespace}")))
-    if state.phase is not LinkPhase.CONNECTED and state.last_error:
+    if state.phase is not QueuePhase.CONNECTED and state.last_error:
         rows.append(_row("last error", esc(state.last_error), _RED))
         if state.next_try_at:
             rows.append(_row("next try", f"in {max(0, int(state.next_try_at - time.time()))} s"))
@@ -145,7 +144,7 @@ def _link_rows(state: LinkState) -> list[str]:
 
 async def orders_section(runtime: Runtime) -> str:
     esc = html.escape
-    state = order_link(runtime)
+    state = runtime.orders_link
     if not runtime.config.orders.enabled:
         return "<section id=orders><h2>Online orders</h2><p class=muted>off ([orders] enabled = false)</p></section>"
     rows = _link_rows(state)
@@ -166,11 +165,11 @@ async def orders_section(runtime: Runtime) -> str:
 
 
 async def support_section(runtime: Runtime) -> str:
-    window = support_window(runtime)
+    window = runtime.support_window
     words = window.describe()
     rows = [_row("remote support", html.escape(words), _AMBER if window.is_open else "")]
     if window.is_open:
-        rows += _link_rows(order_link(runtime, "support"))
+        rows += _link_rows(runtime.support_link)
     hours = runtime.config.support.duration_s / 3600
     button = ("<button name=action value=off>Switch off</button>" if window.is_open else
               f"<button name=action value=on>Allow remote support for {hours:g} h</button>")
@@ -181,10 +180,10 @@ async def support_section(runtime: Runtime) -> str:
 
 
 async def status_part(runtime: Runtime) -> dict[str, Any]:
-    window = support_window(runtime)
-    return {"orders": {"enabled": runtime.config.orders.enabled, **order_link(runtime).as_dict()},
+    window = runtime.support_window
+    return {"orders": {"enabled": runtime.config.orders.enabled, **runtime.orders_link.as_dict()},
             "support": {"window": window.describe(), "until": window.until_wall,
-                        **order_link(runtime, "support").as_dict()}}
+                        **runtime.support_link.as_dict()}}
 
 
 def api_parts() -> WebParts:

@@ -23,6 +23,9 @@ class WebParts:
     sections: tuple[Section, ...] = ()  # homepage only
     status: tuple[StatusPart, ...] = ()  # /api/status only
 
+    def routes_for(self, runtime: Runtime) -> list[BaseRoute]:
+        return [route for make in self.routes for route in make(runtime)]
+
     def __add__(self, other: WebParts) -> WebParts:
         return WebParts(routes=self.routes + other.routes, sections=self.sections + other.sections,
                         status=self.status + other.status)

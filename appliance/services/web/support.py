@@ -9,9 +9,10 @@ from starlette.applications import Starlette
 
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
+from appliance.services.web.parts import WebParts
 
 __all__ = ["create_app"]
 
 
-def create_app(runtime: Runtime) -> Starlette:
-    return service_app("support", runtime)
+def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
+    return service_app("support", runtime, parts.routes_for(runtime))
