@@ -30,8 +30,8 @@ from appliance.services.servicebus import (
     AsyncQueueLink,
     LinkAuthError,
     LinkConfigError,
-    LinkError,
     LinkOptions,
+    QueueLinkError,
     ReceivedMessage,
     open_queue_link,
     proxy_settings,
@@ -122,7 +122,7 @@ async def test_message_not_completed_comes_back_on_a_new_link(
         first = open_queue_link(_options(amqp_server, queue_name))
         msg = await _receive_one(first)
         await first.aclose()  # without settling: the lock goes with the link
-        with pytest.raises(LinkError, match="closed"):
+        with pytest.raises(QueueLinkError, match="closed"):
             await first.complete(msg)
 
         second = open_queue_link(_options(amqp_server, queue_name))
@@ -155,7 +155,7 @@ async def test_tls_is_verified_against_the_configured_ca(amqp_server: AmqpServer
     # Without the test CA, the system trust store alone must refuse the test certificate.
     link = open_queue_link(_options(amqp_server, queue_name, ca_file=""))
     with trio.fail_after(TEST_DEADLINE_S):
-        with pytest.raises(LinkError, match="CERTIFICATE_VERIFY_FAILED") as info:
+        with pytest.raises(QueueLinkError, match="CERTIFICATE_VERIFY_FAILED") as info:
             await link.receive(1)
         assert not isinstance(info.value, LinkAuthError)
         await link.aclose()
@@ -223,7 +223,7 @@ async def test_calls_run_in_order_on_one_worker_thread() -> None:
             await trio.testing.wait_all_tasks_blocked()
             fake.release.set()
         await link.aclose()
-        with pytest.raises(LinkError, match="closed"):
+        with pytest.raises(QueueLinkError, match="closed"):
             await link.receive(1)
     expected = ["receive 5", "complete m", "dead-letter m r", "abandon m", "close"]
     assert [name for name, _ in fake.calls] == expected

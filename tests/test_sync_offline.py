@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from appliance.protocol.sync import Hop
+from appliance.protocol.wan import Hop
 from appliance.services.pairing import pair_from_web
 from appliance.storage.catalog import sync_state
 from appliance.storage.events import outbox_stats

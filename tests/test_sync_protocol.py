@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from appliance.protocol.sync import (
     RETRY_AFTER_MAX_S,
-    Hop,
     LoopStatus,
     Op,
     Pacer,
@@ -35,6 +34,7 @@ from appliance.protocol.sync import (
     parse_pairing,
     parse_retry_after,
 )
+from appliance.protocol.wan import Hop
 
 # --- changes pages ---------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.protocol.sync import Hop
+from appliance.protocol.wan import Hop
 from appliance.services.pairing import pair_from_web
 from appliance.services.wan import (
     ProxySettings,

@@ -12,7 +12,7 @@ Exceptions::
     SyncProtocolError (ValueError)   an answer that breaks the contract (bad JSON, a
                                      missing field, an oversized line, a short snapshot)
 
-Failures of the network path are described by :class:`LinkError` values, not raised here.
+Failures of the network path are described by :class:`HopFailure` values, not raised here.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, Final
 import attrs
 
 from appliance.protocol.backoff import Backoff
+from appliance.protocol.wan import FIXES, Hop, HopFailure
 
 __all__ = [
     "EVENTS_PER_BATCH_MAX",
@@ -40,8 +41,6 @@ __all__ = [
     "ChangesPage",
     "Decision",
     "EventsAnswer",
-    "Hop",
-    "LinkError",
     "LoopStatus",
     "Op",
     "Pacer",
@@ -445,44 +444,7 @@ class Uplink:
 # --- where the network path broke --------------------------------------------------------
 
 
-class Hop(enum.StrEnum):
-    DNS = "dns"
-    TCP = "tcp"
-    PROXY = "proxy"
-    TLS = "tls"
-    HTTP = "http"
-
-
-_FIXES: Final[Mapping[Hop, str]] = {
-    Hop.DNS: "check the box's DNS servers and internet link (or set [wan] proxy if the shop needs one)",
-    Hop.TCP: "check the internet link and that outbound TCP 443 is allowed (or set [wan] proxy)",
-    Hop.PROXY: "check [wan] proxy (address, port, credentials) and that the proxy allows CONNECT to port 443",
-    Hop.TLS: ("check the box's clock; if the shop's proxy inspects TLS, put its CA in [cloud] ca_file "
-              "(verification stays on)"),
-    Hop.HTTP: "check [cloud] api_url; if it persists, send the logs to support",
-}
-
-
-@attrs.frozen(kw_only=True)
-class LinkError:
-    """One failed call to the platform, located on its network path, in plain words."""
-
-    hop: Hop
-    target: str  # host:port of the hop that failed (the proxy's for PROXY)
-    message: str  # what is true, for a person
-    fix: str  # what a person should do
-    status: int | None = None
-
-    @classmethod
-    def at(cls, hop: Hop, target: str, message: str, *, status: int | None = None) -> LinkError:
-        return cls(hop=hop, target=target, message=message, fix=_FIXES[hop], status=status)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"hop": str(self.hop), "target": self.target, "message": self.message, "fix": self.fix,
-                "status": self.status}
-
-
-def http_failure(target: str, status: int, *, code: str = "", reason: str = "") -> LinkError:
+def http_failure(target: str, status: int, *, code: str = "", reason: str = "") -> HopFailure:
     """A call that reached the platform and got an error status back."""
     words = f"HTTP {status}" + (f" {code}" if code else "") + (f": {reason}" if reason else "")
     if status in (401, 403):
@@ -490,8 +452,8 @@ def http_failure(target: str, status: int, *, code: str = "", reason: str = "") 
     elif status in (408, 409, 425, 429) or status >= 500:
         fix = "the platform is busy or down; the box retries by itself and keeps serving the shop"
     else:
-        fix = _FIXES[Hop.HTTP]
-    return LinkError(hop=Hop.HTTP, target=target, message=f"{target} answered {words}", fix=fix, status=status)
+        fix = FIXES[Hop.HTTP]
+    return HopFailure(hop=Hop.HTTP, target=target, message=f"{target} answered {words}", fix=fix, status=status)
 
 
 # --- what the loops last saw ------------------------------------------------------------
@@ -502,7 +464,7 @@ class LoopStatus:
     """One sync loop's latest outcome (times are the wall clock, unix seconds)."""
 
     last_ok_at: float | None = None
-    last_error: LinkError | None = None
+    last_error: HopFailure | None = None
     failing_since: float | None = None
     last_failed_at: float | None = None
     failures: int = 0
@@ -515,7 +477,7 @@ class LoopStatus:
         self.failures = 0
         self.next_attempt_at = next_at
 
-    def failed(self, error: LinkError, now: float, next_at: float | None = None) -> None:
+    def failed(self, error: HopFailure, now: float, next_at: float | None = None) -> None:
         self.last_error = error
         self.last_failed_at = now
         if self.failing_since is None:
@@ -543,7 +505,7 @@ class SyncStatus:
     # Why the saved pairing cannot be used (an unreadable pairing file).
     pairing_problem: str = ""
 
-    def last_error(self) -> LinkError | None:
+    def last_error(self) -> HopFailure | None:
         """The most recent failure among the loops still failing (None: all fine)."""
         failing = [s for s in (self.pull, self.push, self.heartbeat) if s.last_error is not None]
         if not failing:

@@ -28,9 +28,10 @@ import trio
 
 from appliance import __version__
 from appliance.config import Config
-from appliance.protocol.sync import Hop, LinkError, SyncProtocolError, http_failure, parse_error, parse_pairing
+from appliance.protocol.sync import SyncProtocolError, http_failure, parse_error, parse_pairing
+from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.runtime import Runtime
-from appliance.services.wan import WanConfigError, close_client, locate_failure, open_client, proxy_for
+from appliance.services.wan import WanConfigError, client_for, close_client, cloud_route, locate_failure
 from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.events import hold_unsent
 from appliance.storage.pairing import PairingFileError, StoreLink, file_stamp, load_pairing, save_pairing
@@ -51,7 +52,7 @@ ANSWER_MAX_BYTES: Final = 65536
 class PairingFailed(Exception):
     """Pairing did not happen; the message says why in words for the person pairing."""
 
-    def __init__(self, message: str, *, link: LinkError | None = None) -> None:
+    def __init__(self, message: str, *, link: HopFailure | None = None) -> None:
         self.message, self.link = message, link
         super().__init__(message)
 
@@ -72,12 +73,12 @@ async def pair_box(config: Config, *, appliance_id: str, code: str, now: float |
     answer leaves the old pairing; the file is replaced atomically.
     """
     code = _check_code(code)
-    cloud, wan = config.cloud, config.wan
+    cloud = config.cloud
     url = cloud.api_url.rstrip("/") + "/v1/appliances/pair"
     try:
-        client = open_client(cloud.api_url, proxy=wan.proxy, no_proxy=wan.no_proxy, ca_file=cloud.ca_file,
-                             connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
-        proxy = proxy_for(httpx.URL(cloud.api_url).host, proxy=wan.proxy, no_proxy=wan.no_proxy)
+        target = cloud_route(config)
+        client = client_for(target, connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
+        proxy = target.proxy
     except WanConfigError as exc:
         raise PairingFailed(str(exc)) from exc
     body = {"code": code, "appliance_id": appliance_id, "firmware": __version__}
@@ -91,7 +92,7 @@ async def pair_box(config: Config, *, appliance_id: str, code: str, now: float |
         if isinstance(exc, httpx.HTTPError):
             link = locate_failure(exc, url=url, proxy=proxy)
         else:
-            link = LinkError.at(Hop.HTTP, httpx.URL(url).host, f"no answer from {cloud.api_url} in time")
+            link = HopFailure.at(Hop.HTTP, httpx.URL(url).host, f"no answer from {cloud.api_url} in time")
         raise PairingFailed(f"{link.message} ({link.fix})", link=link) from exc
     raw = response.content[:ANSWER_MAX_BYTES]
     if response.status_code != 200:

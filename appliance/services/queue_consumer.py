@@ -8,7 +8,7 @@ each message to ``handle`` and settles it as ``handle`` says: complete, dead-let
 with a reason, or abandon. When the pairing changes and the options with it, the link is
 closed and reopened with the new ones.
 
-Failures: a :class:`~appliance.services.servicebus.LinkError` (network, namespace down)
+Failures: a :class:`~appliance.services.servicebus.QueueLinkError` (network, namespace down)
 closes the link and retries after a capped, jittered backoff; a refused key
 (``LinkAuthError``) does the same on a longer backoff and says so plainly; options that
 cannot work (``LinkConfigError``) wait for the pairing or the config to change. A lost
@@ -38,9 +38,9 @@ from appliance.services.servicebus import (
     AsyncQueueLink,
     LinkAuthError,
     LinkConfigError,
-    LinkError,
     LinkOptions,
     LockLostError,
+    QueueLinkError,
     ReceivedMessage,
     open_queue_link,
 )
@@ -92,7 +92,7 @@ async def _close(link: AsyncQueueLink, name: str) -> None:
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
         try:
             await link.aclose()
-        except LinkError as exc:  # the link is going away anyway; its messages come back
+        except QueueLinkError as exc:  # the link is going away anyway; its messages come back
             log.info("%s: closing the Service Bus link: %s", name, exc)
 
 
@@ -121,7 +121,7 @@ async def _session(
     on_success: Callable[[], None],
     clock: Callable[[], float],
 ) -> None:
-    """Receive and settle until cancelled or a LinkError."""
+    """Receive and settle until cancelled or a QueueLinkError."""
     want = 1
     while True:
         batch = await link.receive(want)
@@ -172,7 +172,7 @@ async def consume(
             log.error("%s: the Service Bus settings cannot work: %s", state.name, exc)
             await _wait_for_change(runtime, seen)
             continue
-        error: LinkError | None = None
+        error: QueueLinkError | None = None
         try:
             async with trio.open_nursery() as nursery:
 
@@ -187,7 +187,7 @@ async def consume(
                 nursery.start_soon(watch_settings, nursery.cancel_scope, seen, options)
                 try:
                     await _session(state, link, handle=handle, on_success=succeeded, clock=clock)
-                except LinkError as exc:
+                except QueueLinkError as exc:
                     error = exc
                     nursery.cancel_scope.cancel()
         finally:

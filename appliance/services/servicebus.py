@@ -30,7 +30,7 @@ on the async side), which releases buffered messages, detaches and closes the co
 
 Exceptions (anything else escaping is a bug)::
 
-    LinkError             the call failed; back off, then retry or reopen the link
+    QueueLinkError             the call failed; back off, then retry or reopen the link
     ├── LinkConfigError   the options cannot work (bad proxy URL, missing key): fix the config
     ├── LinkAuthError     the namespace refused the key or the queue: retrying will not help
     └── LockLostError     the message's lock is gone: it was not settled and will come back
@@ -43,7 +43,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any, Final, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import attrs
 import trio
@@ -65,15 +64,16 @@ from azure.servicebus.exceptions import (
 )
 
 from appliance.config import ServiceBusConfig, WanConfig
+from appliance.services.wan import WanConfigError, bypasses_proxy, parse_proxy, ssl_context
 
 __all__ = [
     "AsyncQueueLink",
     "LinkAuthError",
     "LinkConfigError",
-    "LinkError",
     "LinkOptions",
     "LockLostError",
     "QueueLink",
+    "QueueLinkError",
     "ReceivedMessage",
     "ServiceBusQueueLink",
     "open_queue_link",
@@ -88,26 +88,25 @@ MAX_RECEIVE_BATCH: Final = 100
 # message; the consumer's reasons are one line, and this keeps a parser error that quotes
 # the payload from bloating the message past the service's header limits.
 MAX_DEAD_LETTER_TEXT: Final = 1024
-_HTTP_PROXY_DEFAULT_PORT: Final = 80
 _REFUSED_STATUS: Final = (401, 403)  # CBS put-token: unauthorized, forbidden
 
 
 # --- errors -------------------------------------------------------------------------
 
 
-class LinkError(Exception):
+class QueueLinkError(Exception):
     """A Service Bus call failed; the link can be retried or reopened."""
 
 
-class LinkConfigError(LinkError):
+class LinkConfigError(QueueLinkError):
     """The link's options cannot work; retrying will not help."""
 
 
-class LinkAuthError(LinkError):
+class LinkAuthError(QueueLinkError):
     """The namespace refused the SAS key (or its rights on the queue)."""
 
 
-class LockLostError(LinkError):
+class LockLostError(QueueLinkError):
     """The message was not settled: its lock is gone and it will be delivered again."""
 
 
@@ -119,14 +118,14 @@ def _refused_token(exc: Exception) -> bool:
     return status in _REFUSED_STATUS
 
 
-def _translate(action: str, exc: Exception) -> LinkError:
+def _translate(action: str, exc: Exception) -> QueueLinkError:
     if isinstance(exc, ServiceBusAuthenticationError | ServiceBusAuthorizationError) or _refused_token(exc):
         return LinkAuthError(f"{action}: the namespace refused the credentials: {exc}")
     if isinstance(exc, MessageLockLostError):
         return LockLostError(f"{action}: the message's lock was lost; it will be redelivered")
     if isinstance(exc, MessageAlreadySettled):
-        return LinkError(f"{action}: the message was already settled")
-    return LinkError(f"{action} failed: {type(exc).__name__}: {exc}")
+        return QueueLinkError(f"{action}: the message was already settled")
+    return QueueLinkError(f"{action} failed: {type(exc).__name__}: {exc}")
 
 
 # --- values and options ---------------------------------------------------------------
@@ -175,11 +174,21 @@ class LinkOptions:
     # websockets). Closing a receiver drains for two idle polls; tests shorten it.
     socket_timeout_s: float | None = None
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The WAN TLS policy (``appliance.services.wan``): the system's roots plus
+        ``ca_file``, TLS 1.2 at least. (The SDK's ``connection_verify`` would *replace* its
+        bundle instead, which breaks a proxy that inspects only some hosts.)"""
+        try:
+            return ssl_context(self.ca_file)
+        except WanConfigError as exc:
+            raise LinkConfigError(str(exc)) from exc
+
     @classmethod
     def from_config(cls, sb: ServiceBusConfig, wan: WanConfig, *, queue: str = "") -> LinkOptions:
         """The options for ``sb`` (``[orders]`` or ``[support]``); ``queue`` overrides ``sb.queue``
-        (pairing gives it). The WAN proxy applies unless ``wan.no_proxy`` names the namespace."""
-        proxy = "" if _bypasses_proxy(sb.namespace, wan.no_proxy) else wan.proxy
+        (pairing gives it). The WAN proxy applies unless ``wan.no_proxy`` names the namespace
+        (the one NO_PROXY rule: ``appliance.services.wan.bypasses_proxy``)."""
+        proxy = "" if bypasses_proxy(sb.namespace, wan.no_proxy) else wan.proxy
         return cls(
             namespace=sb.namespace,
             queue=queue or sb.queue,
@@ -192,47 +201,21 @@ class LinkOptions:
         )
 
 
-def _bypasses_proxy(host: str, no_proxy: tuple[str, ...]) -> bool:
-    """curl's NO_PROXY rule: ``*``, the host itself, or a domain suffix (``.windows.net``)."""
-    host = host.lower()
-    for entry in (e.strip().lower() for e in no_proxy):
-        if entry == "*" or (entry and (host == entry.lstrip(".") or host.endswith("." + entry.lstrip(".")))):
-            return True
-    return False
-
-
 def proxy_settings(url: str) -> dict[str, Any] | None:
     """``http://[user:pass@]host:port`` -> the SDK's ``http_proxy`` dict (None for "")."""
-    if not url:
-        return None
-    parts = urlsplit(url)
-    if parts.scheme != "http":
-        # The SDK (websocket-client underneath) speaks plain HTTP CONNECT to its proxy.
-        raise LinkConfigError(f"Service Bus supports only http:// proxies, got {parts.scheme}://")
     try:
-        port = parts.port or _HTTP_PROXY_DEFAULT_PORT
-    except ValueError as exc:
-        raise LinkConfigError(f"bad port in proxy URL: {exc}") from exc
-    if not parts.hostname:
-        raise LinkConfigError("the proxy URL has no host")
-    settings: dict[str, Any] = {"proxy_hostname": parts.hostname, "proxy_port": port}
-    if parts.username is not None:
-        settings["username"] = unquote(parts.username)
-        settings["password"] = unquote(parts.password or "")
-    return settings
-
-
-def _ssl_context(ca_file: str) -> ssl.SSLContext:
-    # The system's trust store (Debian's ca-certificates on the box) plus the extra CA.
-    # ``connection_verify`` would *replace* the SDK's bundle instead, which breaks a proxy
-    # that inspects only some hosts.
-    ctx = ssl.create_default_context()
-    if ca_file:
-        try:
-            ctx.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise LinkConfigError(f"cannot load the CA bundle {ca_file}: {exc}") from exc
-    return ctx
+        settings = parse_proxy(url)
+    except WanConfigError as exc:
+        raise LinkConfigError(str(exc)) from exc
+    if settings is None:
+        return None
+    if settings.scheme != "http":
+        # The SDK (websocket-client underneath) speaks plain HTTP CONNECT to its proxy.
+        raise LinkConfigError(f"Service Bus supports only http:// proxies, got {settings.scheme}://")
+    out: dict[str, Any] = {"proxy_hostname": settings.host, "proxy_port": settings.port}
+    if settings.username:
+        out["username"], out["password"] = settings.username, settings.password
+    return out
 
 
 def _text(value: object) -> str:
@@ -308,7 +291,7 @@ class ServiceBusQueueLink:
             credential=AzureNamedKeyCredential(options.sas_key_name, options.sas_key),
             transport_type=TransportType.AmqpOverWebsocket,  # 443 only: never AMQP on 5671
             custom_endpoint_address=f"sb://{options.endpoint}" if options.endpoint else None,
-            ssl_context=_ssl_context(options.ca_file),
+            ssl_context=options.ssl_context(),
             http_proxy=proxy_settings(options.proxy),  # the SDK ignores HTTPS_PROXY
             retry_total=options.retry_total,
             retry_backoff_factor=options.retry_backoff_factor_s,
@@ -363,7 +346,7 @@ class ServiceBusQueueLink:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise LinkError("the link is closed")
+            raise QueueLinkError("the link is closed")
 
     def _settle(
         self, action: str, msg: ReceivedMessage, call: Callable[[ServiceBusReceivedMessage], None]
@@ -424,7 +407,7 @@ class AsyncQueueLink:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
-            raise LinkError("the link is closed")
+            raise QueueLinkError("the link is closed")
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         future: Future[T] = self._worker.submit(fn, *args)

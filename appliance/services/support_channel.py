@@ -41,7 +41,7 @@ from appliance.services.queue_consumer import OpenLink, Settle, Verdict, consume
 from appliance.services.runtime import Runtime
 from appliance.services.servicebus import ReceivedMessage, open_queue_link
 from appliance.services.state import QueueLinkStatus, QueuePhase, SupportWindow
-from appliance.services.wan import WanConfigError, open_client
+from appliance.services.wan import WanConfigError, client_for, cloud_route
 from appliance.storage.catalog import require_snapshot
 from appliance.storage.events import outbox_stats
 from appliance.storage.meta import get_meta, set_meta
@@ -117,10 +117,10 @@ def _reply_via_wan(runtime: Runtime) -> Reply:
         store = runtime.store
         if store is None or store.needs_repair:
             raise ReplyFailed("the box is not paired (or must be paired again): no way to reply")
-        cloud, wan = runtime.config.cloud, runtime.config.wan
+        cloud = runtime.config.cloud
         try:
-            client = open_client(cloud.api_url, proxy=wan.proxy, no_proxy=wan.no_proxy, ca_file=cloud.ca_file,
-                                 connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
+            client = client_for(cloud_route(runtime.config), connect_timeout_s=cloud.connect_timeout_s,
+                                read_timeout_s=cloud.read_timeout_s)
         except WanConfigError as exc:
             raise ReplyFailed(str(exc)) from exc
         content = json.dumps(body, separators=(",", ":"), default=str).encode()

@@ -35,8 +35,6 @@ import trio
 from appliance import __version__
 from appliance.protocol.health import Check, Status, worst
 from appliance.protocol.sync import (
-    Hop,
-    LinkError,
     LoopStatus,
     Pacer,
     SnapshotEnd,
@@ -53,6 +51,7 @@ from appliance.protocol.sync import (
     parse_events_answer,
     parse_retry_after,
 )
+from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.pairing import mark_repair_needed
 from appliance.services.runtime import Runtime
 from appliance.services.signal import ChangeSignal
@@ -60,10 +59,10 @@ from appliance.services.sync_health import register
 from appliance.services.wan import (
     ProxySettings,
     WanConfigError,
+    client_for,
     close_client,
+    cloud_route,
     locate_failure,
-    open_client,
-    proxy_for,
 )
 from appliance.storage.catalog import (
     ReplicaWrite,
@@ -147,7 +146,7 @@ def _write_of(entity: str, key: str, data: Mapping[str, Any] | None, seq: int = 
 class _CallFailed(Exception):
     """One call to the platform did not succeed; ``verdict`` says what to do about it."""
 
-    def __init__(self, error: LinkError, *, verdict: Verdict = Verdict.RETRY, retry_after_s: float | None = None,
+    def __init__(self, error: HopFailure, *, verdict: Verdict = Verdict.RETRY, retry_after_s: float | None = None,
                  code: str = "") -> None:
         self.error, self.verdict, self.retry_after_s, self.code = error, verdict, retry_after_s, code
         super().__init__(error.message)
@@ -223,10 +222,10 @@ class CloudSync:
 
     def _transport(self, exc: BaseException) -> _CallFailed:
         if isinstance(exc, trio.TooSlowError):
-            error = LinkError.at(Hop.HTTP, self.target,
+            error = HopFailure.at(Hop.HTTP, self.target,
                                  f"{self.target} did not answer within {self.call_deadline_s:g} s")
         elif isinstance(exc, SyncProtocolError):
-            error = LinkError.at(Hop.HTTP, self.target, f"the platform's answer does not follow the contract: {exc}")
+            error = HopFailure.at(Hop.HTTP, self.target, f"the platform's answer does not follow the contract: {exc}")
         else:
             error = locate_failure(exc, url=str(self.client.base_url), proxy=self.proxy)
         return _CallFailed(error)
@@ -304,7 +303,7 @@ class CloudSync:
             if cursor is None:
                 snapshots += 1
                 if snapshots > SNAPSHOTS_PER_ROUND_MAX:
-                    raise _CallFailed(LinkError.at(Hop.HTTP, self.target,
+                    raise _CallFailed(HopFailure.at(Hop.HTTP, self.target,
                                                    "the platform refused the cursor of its own snapshot"))
                 cursor = await self.read_snapshot(store)
             try:
@@ -455,7 +454,7 @@ class CloudSync:
         if not accepted and not rejected:
             # An answer about none of the batch: back off instead of resending at once.
             self.uplink.unanswered()
-            raise _CallFailed(LinkError.at(Hop.HTTP, self.target, f"the platform's answer named none of the "
+            raise _CallFailed(HopFailure.at(Hop.HTTP, self.target, f"the platform's answer named none of the "
                                                                   f"{len(batch.events)} events sent"))
         self.uplink.sent()
         self.runtime.metrics.inc("sync_events_accepted", accepted)
@@ -516,12 +515,12 @@ def _brief_checks(checks: Sequence[Check]) -> list[dict[str, Any]]:
 async def run_sync(runtime: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """The sync service: the three loops until cancelled. Ready at once (it needs no
     network to start); a WAN setting that cannot be used is shown, not raised."""
-    cloud, wan = runtime.config.cloud, runtime.config.wan
+    cloud = runtime.config.cloud
     register(runtime)
     try:
-        client = open_client(cloud.api_url, proxy=wan.proxy, no_proxy=wan.no_proxy, ca_file=cloud.ca_file,
-                             connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
-        proxy = proxy_for(httpx.URL(cloud.api_url).host, proxy=wan.proxy, no_proxy=wan.no_proxy)
+        target = cloud_route(runtime.config)
+        client = client_for(target, connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
+        proxy = target.proxy
     except WanConfigError as exc:
         runtime.sync_status.blocked = str(exc)
         log.error("cloud sync cannot start: %s", exc)

@@ -6,11 +6,21 @@ box's config, not its environment, decides the path: ``[wan] proxy`` (with
 TLS-inspecting proxy's CA). TLS verification cannot be switched off: no argument here
 does it.
 
+The API for a WAN path (sync and Service Bus use it; media blobs and logs are to):
+
+- :func:`route` says how one WAN URL is reached (:class:`Route`: the proxy or None, the
+  extra CA); :func:`cloud_route` is the sync API's.
+- :func:`client_for` builds the ``httpx.AsyncClient`` for a route (:func:`open_client`
+  does both steps from loose settings).
+- :func:`ssl_context` is the one TLS policy (system roots plus the extra CA, host names
+  verified, TLS 1.2 at least); the Service Bus SDK gets it as ``ssl_context=``.
+- :func:`bypasses_proxy` is the one NO_PROXY rule (``*``, hosts and ``*.domain``,
+  ``host:port``, IP addresses and CIDR networks); :func:`proxy_for` applies it.
 - :func:`parse_proxy` turns ``[wan] proxy`` into :class:`ProxySettings` (also the shape the
   Service Bus SDK wants: host, port, username, password).
-- :func:`proxy_for` says whether a host goes through the proxy (``no_proxy``).
-- :func:`open_client` builds the ``httpx.AsyncClient`` for one WAN base URL.
 - :func:`locate_failure` names the hop that broke (DNS, TCP, proxy, TLS, HTTP) in words.
+
+``tests/test_wan_paths.py`` runs one test over every WAN path: a new path adds its line there.
 
 Exceptions: :class:`WanConfigError` (ValueError) for a proxy URL or CA file that cannot be
 used; the message is one line for a person.
@@ -30,10 +40,11 @@ import attrs
 import httpx
 import trio
 
-from appliance.protocol.sync import Hop, LinkError
+from appliance.config import Config, WanConfig
+from appliance.protocol.wan import Hop, HopFailure
 
-__all__ = ["ProxySettings", "WanConfigError", "close_client", "locate_failure", "open_client", "parse_proxy",
-           "proxy_for", "ssl_context"]
+__all__ = ["ProxySettings", "Route", "WanConfigError", "bypasses_proxy", "client_for", "close_client", "cloud_route",
+           "locate_failure", "open_client", "parse_proxy", "proxy_for", "route", "ssl_context"]
 
 # Connections one WAN client keeps: the sync loops run three calls at most at once.
 MAX_CONNECTIONS: Final = 4
@@ -92,7 +103,12 @@ def parse_proxy(value: str) -> ProxySettings | None:
                          username=unquote(parts.username or ""), password=unquote(parts.password or ""))
 
 
-def _bypassed(host: str, no_proxy: Sequence[str]) -> bool:
+def bypasses_proxy(host: str, no_proxy: Sequence[str]) -> bool:
+    """Whether ``[wan] no_proxy`` sends ``host`` direct: the one NO_PROXY rule of every WAN
+    path (sync, Service Bus, media blobs, logs). Entries: ``*``; a host, also matching its
+    subdomains (with or without a leading ``.`` or ``*.``); ``host:port`` (the port is not
+    looked at: every WAN call is on 443); an IP address or a CIDR network (``10.0.0.0/8``),
+    which match IP-literal hosts only."""
     host = host.lower().strip("[]").rstrip(".")
     try:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
@@ -125,13 +141,14 @@ def proxy_for(host: str, *, proxy: str, no_proxy: Sequence[str] = ()) -> ProxySe
     leading dot or ``*.``), an IP address or a CIDR network.
     """
     settings = parse_proxy(proxy)
-    if settings is None or _bypassed(host, no_proxy):
+    if settings is None or bypasses_proxy(host, no_proxy):
         return None
     return settings
 
 
 def ssl_context(ca_file: str = "") -> ssl.SSLContext:
-    """The system's CA roots plus ``ca_file`` if given. Always verifying host names."""
+    """The TLS policy of every WAN path: the system's CA roots plus ``ca_file`` if given,
+    host names always verified, TLS 1.2 at least."""
     ctx = ssl.create_default_context()
     if ca_file:
         try:
@@ -140,6 +157,54 @@ def ssl_context(ca_file: str = "") -> ssl.SSLContext:
             raise WanConfigError(f"cannot use CA file {ca_file}: {exc}; check [cloud] ca_file") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+@attrs.frozen(kw_only=True)
+class Route:
+    """How the box reaches one WAN base URL: through ``proxy`` (None: direct), trusting
+    the system's roots plus ``ca_file``."""
+
+    url: str
+    proxy: ProxySettings | None
+    ca_file: str = ""
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl_context(self.ca_file)
+
+
+def route(url: str, wan: WanConfig, *, ca_file: str = "") -> Route:
+    """The route to ``url`` under ``[wan]``. :class:`WanConfigError` if the proxy is unusable."""
+    host = urlsplit(url).hostname or ""
+    return Route(url=url, proxy=proxy_for(host, proxy=wan.proxy, no_proxy=wan.no_proxy), ca_file=ca_file)
+
+
+def cloud_route(config: Config) -> Route:
+    """The route to the sync API (pairing, the sync loops, the support channel's replies)."""
+    return route(config.cloud.api_url, config.wan, ca_file=config.cloud.ca_file)
+
+
+def client_for(target: Route, *, connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for one WAN route: its proxy, CAs and the timeouts given.
+
+    ``trust_env=False``: ``HTTPS_PROXY``, ``SSL_CERT_FILE`` and ``.netrc`` of whoever
+    started the process are ignored. The caller closes the client (``async with``, or
+    :func:`close_client`). :class:`WanConfigError` if the CA file cannot be used.
+    """
+    timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s,
+                            pool=connect_timeout_s)
+    return httpx.AsyncClient(
+        base_url=target.url,
+        proxy=target.proxy.url if target.proxy else None,
+        verify=target.ssl_context(),
+        timeout=timeout,
+        trust_env=False,
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
+    )
 
 
 def open_client(
@@ -151,24 +216,10 @@ def open_client(
     connect_timeout_s: float,
     read_timeout_s: float,
 ) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` for one WAN base URL: the box's proxy, CAs and timeouts.
-
-    ``trust_env=False``: ``HTTPS_PROXY``, ``SSL_CERT_FILE`` and ``.netrc`` of whoever
-    started the process are ignored. The caller closes the client (``async with``).
-    """
+    """:func:`client_for` the route to ``base_url`` with these loose settings."""
     host = urlsplit(base_url).hostname or ""
-    settings = proxy_for(host, proxy=proxy, no_proxy=no_proxy)
-    timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s,
-                            pool=connect_timeout_s)
-    return httpx.AsyncClient(
-        base_url=base_url,
-        proxy=settings.url if settings else None,
-        verify=ssl_context(ca_file),
-        timeout=timeout,
-        trust_env=False,
-        follow_redirects=False,
-        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
-    )
+    target = Route(url=base_url, proxy=proxy_for(host, proxy=proxy, no_proxy=no_proxy), ca_file=ca_file)
+    return client_for(target, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
 
 
 async def close_client(client: httpx.AsyncClient) -> None:
@@ -214,7 +265,7 @@ def _os_words(err: OSError) -> str:
     return (err.strerror or str(err)).lower()
 
 
-def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None) -> LinkError:
+def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None) -> HopFailure:
     """Which hop of the path to ``url`` failed, and how to say it, from an httpx error."""
     parts = urlsplit(url)
     target = f"{parts.hostname}:{parts.port or 443}"
@@ -222,13 +273,13 @@ def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None)
     if any(isinstance(e, httpx.ProxyError) for e in chain):
         answer = next(str(e) for e in chain if isinstance(e, httpx.ProxyError))
         where = proxy.address if proxy else "the proxy"
-        return LinkError.at(Hop.PROXY, where, f"the proxy {where} could not open a tunnel to {target}: {answer}")
+        return HopFailure.at(Hop.PROXY, where, f"the proxy {where} could not open a tunnel to {target}: {answer}")
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
-            return LinkError.at(Hop.TLS, target, f"TLS with {target} failed: the certificate is not trusted "
+            return HopFailure.at(Hop.TLS, target, f"TLS with {target} failed: the certificate is not trusted "
                                 f"({e.verify_message})")
         if isinstance(e, ssl.SSLError):
-            return LinkError.at(Hop.TLS, target, f"TLS with {target} failed: {e.reason or e}")
+            return HopFailure.at(Hop.TLS, target, f"TLS with {target} failed: {e.reason or e}")
     connecting = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
     if connecting:
         gai = next((e for e in chain if isinstance(e, socket.gaierror)), None)
@@ -244,16 +295,16 @@ def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None)
             words = str(exc) or type(exc).__name__
         if proxy is not None:
             what = "cannot resolve the proxy" if gai is not None else "cannot reach the proxy"
-            return LinkError.at(Hop.PROXY, proxy.address, f"{what} {proxy.address}: {words}")
+            return HopFailure.at(Hop.PROXY, proxy.address, f"{what} {proxy.address}: {words}")
         if gai is not None:
-            return LinkError.at(Hop.DNS, parts.hostname or target, f"cannot resolve {parts.hostname}: {words}")
+            return HopFailure.at(Hop.DNS, parts.hostname or target, f"cannot resolve {parts.hostname}: {words}")
         if any(isinstance(e, ssl.SSLError) for e in chain):
-            return LinkError.at(Hop.TLS, target, f"TLS with {target} failed: {words}")
-        return LinkError.at(Hop.TCP, target, f"cannot connect to {target}: {words}")
+            return HopFailure.at(Hop.TLS, target, f"TLS with {target} failed: {words}")
+        return HopFailure.at(Hop.TCP, target, f"cannot connect to {target}: {words}")
     if isinstance(exc, httpx.TimeoutException):
-        return LinkError.at(Hop.HTTP, target, f"{target} did not answer in time ({type(exc).__name__})")
+        return HopFailure.at(Hop.HTTP, target, f"{target} did not answer in time ({type(exc).__name__})")
     if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
-        return LinkError.at(Hop.HTTP, target,
+        return HopFailure.at(Hop.HTTP, target,
                             f"the connection to {target} was cut before the answer ({exc or type(exc).__name__})")
-    return LinkError.at(Hop.HTTP, target, f"the call to {target} failed: {type(exc).__name__}: {exc}")
+    return HopFailure.at(Hop.HTTP, target, f"the call to {target} failed: {type(exc).__name__}: {exc}")
 
