@@ -34,6 +34,7 @@ __all__ = [
     "LISTENER_ROLES",
     "PORT_ROLES",
     "AdminConfig",
+    "BusTestSeams",
     "CloudConfig",
     "Config",
     "ConfigError",
@@ -379,6 +380,19 @@ def _routing(_inst: object, attr: attrs.Attribute[Any], value: Mapping[str, tupl
 
 
 @attrs.frozen(kw_only=True)
+class BusTestSeams:
+    """``[orders.testing]`` / ``[support.testing]``: seams for tests and the demo only, off
+    by default. A box in a shop never sets them."""
+
+    # Where the TLS connection really goes ("host:port": a local AMQP peer); the AMQP
+    # host and the token audience stay the namespace's. Empty: the namespace on 443.
+    endpoint: str = ""
+    # Pause this long between an order's commit and the message's completion, so a test
+    # can kill the process inside that window (0 = off).
+    pause_after_commit_s: float = attrs.field(default=0.0, validator=_non_negative)
+
+
+@attrs.frozen(kw_only=True)
 class ServiceBusConfig:
     """One Service Bus namespace reached by AMQP over WebSockets on 443."""
 
@@ -387,9 +401,6 @@ class ServiceBusConfig:
     queue: str = ""  # empty = from pairing
     sas_key_name: str = ""
     sas_key: str = ""
-    # Tests only: where the TLS connection really goes ("host:port"); the AMQP host and
-    # token audience stay the namespace's.
-    endpoint: str = ""
     ca_file: str = ""
     max_wait_s: float = attrs.field(default=5.0, validator=_positive)
     # Support channel only: it turns itself off after this long.
@@ -399,9 +410,8 @@ class ServiceBusConfig:
     # (docs/orders.md): order.created and order.updated to kitchen screens, order.created
     # to printers.
     routing: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, validator=_routing)
-    # Tests only (0 = off): pause this long between the order's commit and the message's
-    # completion, so a test can kill the process inside that window.
-    test_pause_after_commit_s: float = attrs.field(default=0.0, validator=_non_negative)
+    # Seams for tests and the demo, fenced off in their own table.
+    testing: BusTestSeams = attrs.field(factory=BusTestSeams)
 
 
 @attrs.frozen(kw_only=True)

@@ -28,7 +28,7 @@ import trio
 
 async def _run(orders: int, max_wait_s: float, tmp: Path, server: Any) -> dict[str, Any]:
     from appliance.config import parse_config
-    from appliance.devkit.cloud_orders import OnlineOrder
+    from appliance.devkit.cloud_orders import OrderMessage
     from appliance.devkit.device import DeviceSimulator, run_device_simulator
     from appliance.devkit.orders_sender import OrderSender
     from appliance.services.assembly import service_specs
@@ -57,18 +57,18 @@ async def _run(orders: int, max_wait_s: float, tmp: Path, server: Any) -> dict[s
                 await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
                                                                   task_status=task_status))
                 # One order first: connections open (not measured).
-                await sender(OnlineOrder(order_id="warm-up", body=_body("warm-up")))
+                await sender(OrderMessage(order_id="warm-up", body=_body("warm-up")))
                 await _arrived(kds, 1)
                 # Latency: one order at a time, the next sent once the last one is on the device.
                 for i in range(orders):
                     oid = f"web-{i:06d}"
                     sent_at[oid] = time.time()
-                    await sender(OnlineOrder(order_id=oid, body=_body(oid)))
+                    await sender(OrderMessage(order_id=oid, body=_body(oid)))
                     await _arrived(kds, i + 2)
                 # Throughput: a burst of orders sent as fast as the SDK sends them.
                 start = time.perf_counter()
                 for i in range(orders):
-                    await sender(OnlineOrder(order_id=f"burst-{i:06d}", body=_body(f"burst-{i:06d}")))
+                    await sender(OrderMessage(order_id=f"burst-{i:06d}", body=_body(f"burst-{i:06d}")))
                 await _arrived(kds, 2 * orders + 1)
                 elapsed = time.perf_counter() - start
                 runtime.stopping.set()

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from appliance.protocol.channel import TRANSITIONS, Acked, Dead, LinkState, SendWindow, Sent
+from appliance.protocol.channel import TRANSITIONS, Acked, ChannelState, Dead, SendWindow, Sent
 from appliance.protocol.channel_codec import (
     MAX_BODY_BYTES,
     MAX_DEVICE_MESSAGE_BYTES,
@@ -145,8 +145,8 @@ def drain_transmits(window: SendWindow, now: float) -> list[int]:
 
 
 def test_transition_table_is_complete_for_what_devices_may_send() -> None:
-    assert TRANSITIONS[(LinkState.DISCONNECTED, next(k for s, k in TRANSITIONS if s is LinkState.DISCONNECTED
-                                                     and k.value == "connect"))] is LinkState.GREETING
+    assert TRANSITIONS[(ChannelState.DISCONNECTED, next(k for s, k in TRANSITIONS if s is ChannelState.DISCONNECTED
+                                                     and k.value == "connect"))] is ChannelState.GREETING
     window = SendWindow(device_id="d1")
     with pytest.raises(RuntimeError):
         window.receive(Ack(id="x"), 0)  # not connected: a driver bug, not a device's fault
@@ -327,7 +327,7 @@ class WindowMachine(RuleBasedStateMachine):
         self.offered.update((c.id, c) for c in batch)
         self.w.offer(batch)
 
-    @precondition(lambda self: self.w.state is LinkState.DISCONNECTED)
+    @precondition(lambda self: self.w.state is ChannelState.DISCONNECTED)
     @rule()
     def connect_and_hello(self) -> None:
         self.w.connection_made(self.now)
@@ -392,7 +392,7 @@ class WindowMachine(RuleBasedStateMachine):
             self.last_tx = self.offered[reply.id].seq - 1
         self.collect()
 
-    @precondition(lambda self: self.w.state is not LinkState.DISCONNECTED)
+    @precondition(lambda self: self.w.state is not ChannelState.DISCONNECTED)
     @rule()
     def link_drops(self) -> None:
         self.disconnect()

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.devkit.cloud import (
-    OnlineOrder,
+    OrderMessage,
     SimConfig,
     SimHandle,
     catalog_digest,
@@ -31,7 +31,7 @@ from appliance.devkit.cloud import (
 from appliance.devkit.cloud_faults import parse_fault
 from appliance.devkit.cloud_state import CloudState
 from appliance.devkit.cloud_wire import (
-    ApiError,
+    CloudApiError,
     Event,
     Rejection,
     parse_cursor,
@@ -666,9 +666,9 @@ async def test_media_urls_serve_their_bytes_with_etag_and_range(sim: SimHandle,
 
 
 async def test_online_orders_go_to_the_injected_sender(nursery: trio.Nursery, tmp_path: Path) -> None:
-    sent: list[OnlineOrder] = []
+    sent: list[OrderMessage] = []
 
-    async def send_order(order: OnlineOrder) -> None:
+    async def send_order(order: OrderMessage) -> None:
         sent.append(order)
 
     sim = await nursery.start(partial(run_cloud_simulator, SimConfig(products=5, tls_dir=str(tmp_path)),
@@ -815,7 +815,7 @@ ids = st.from_regex(r"[A-Za-z0-9._:-]{1,40}", fullmatch=True)
 def test_parse_events_on_any_bytes_parses_or_refuses_cleanly(raw: bytes) -> None:
     try:
         outcomes = parse_events(raw)
-    except ApiError as exc:
+    except CloudApiError as exc:
         assert exc.status == 400 and exc.error == "invalid_body"
     else:
         assert all(isinstance(o, Event | Rejection) for o in outcomes)
@@ -827,7 +827,7 @@ def test_parse_events_on_any_json_parses_or_refuses_cleanly(value: Any) -> None:
                 json.dumps({"events": [value]}).encode()):
         try:
             parse_events(raw)
-        except ApiError as exc:
+        except CloudApiError as exc:
             assert exc.status == 400
 
 
@@ -864,7 +864,7 @@ def test_other_parsers_parse_or_refuse_cleanly(value: Any) -> None:
     for parser in (parse_pair, parse_heartbeat, parse_mutation, parse_fault):
         try:
             parser(raw)
-        except ApiError as exc:
+        except CloudApiError as exc:
             assert exc.status == 400
 
 
@@ -873,7 +873,7 @@ def test_cursor_and_limit_parse_or_refuse(text: str) -> None:
     for parser, error in ((parse_cursor, "invalid_cursor"), (parse_limit, "invalid_limit")):
         try:
             value = parser(text)
-        except ApiError as exc:
+        except CloudApiError as exc:
             assert (exc.status, exc.error) == (400, error)
         else:
             assert str(value) == text.lstrip("0") or (value == 0 and set(text) == {"0"})
@@ -905,7 +905,7 @@ def test_snapshot_plus_feed_always_equals_the_live_catalog(ops: list[tuple[str, 
     assert digest(replica) == reference.summary()["digest"] and reference.cursor == cursor
     position = int(cursor)
     if position < state.oldest_cursor:
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(CloudApiError) as info:
             state.changes(position, limit)
         assert info.value.status == 410
         return

@@ -14,7 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from appliance.protocol import discovery as wire
-from appliance.protocol.ratelimit import RateLimiter, Verdict
+from appliance.protocol.ratelimit import RateLimiter, RateVerdict
 
 HEADER = b"CHUB\x01"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "discovery.md"
@@ -268,20 +268,20 @@ def test_the_example_in_the_docs_verifies() -> None:
 
 def test_one_source_gets_its_burst_then_its_rate() -> None:
     limiter = RateLimiter(rate_per_s=0.5, burst=3, global_rate_per_s=100, global_burst=100)
-    assert [limiter.allow("a", 0.0) for _ in range(4)] == [Verdict.ALLOWED] * 3 + [Verdict.SOURCE_LIMITED]
-    assert limiter.allow("b", 0.0) is Verdict.ALLOWED  # another source is not affected
-    assert limiter.allow("a", 1.9) is Verdict.SOURCE_LIMITED
-    assert limiter.allow("a", 2.0) is Verdict.ALLOWED
-    assert limiter.allow("a", 1.0) is Verdict.SOURCE_LIMITED  # the clock going back refills nothing
+    assert [limiter.allow("a", 0.0) for _ in range(4)] == [RateVerdict.ALLOWED] * 3 + [RateVerdict.SOURCE_LIMITED]
+    assert limiter.allow("b", 0.0) is RateVerdict.ALLOWED  # another source is not affected
+    assert limiter.allow("a", 1.9) is RateVerdict.SOURCE_LIMITED
+    assert limiter.allow("a", 2.0) is RateVerdict.ALLOWED
+    assert limiter.allow("a", 1.0) is RateVerdict.SOURCE_LIMITED  # the clock going back refills nothing
 
 
 def test_the_global_cap_holds_whatever_the_number_of_sources() -> None:
     limiter = RateLimiter(rate_per_s=1, burst=5, global_rate_per_s=2, global_burst=10)
     verdicts = [limiter.allow(f"10.0.{i // 250}.{i % 250}", 0.0) for i in range(100)]
-    assert verdicts.count(Verdict.ALLOWED) == 10
-    assert verdicts.count(Verdict.GLOBAL_LIMITED) == 90
-    assert limiter.allow("10.9.9.9", 0.5) is Verdict.ALLOWED  # 2/s: one token back after 0.5 s
-    assert limiter.allow("10.9.9.8", 0.5) is Verdict.GLOBAL_LIMITED
+    assert verdicts.count(RateVerdict.ALLOWED) == 10
+    assert verdicts.count(RateVerdict.GLOBAL_LIMITED) == 90
+    assert limiter.allow("10.9.9.9", 0.5) is RateVerdict.ALLOWED  # 2/s: one token back after 0.5 s
+    assert limiter.allow("10.9.9.8", 0.5) is RateVerdict.GLOBAL_LIMITED
 
 
 def test_the_source_table_is_bounded() -> None:
@@ -297,7 +297,7 @@ def test_no_source_and_no_total_ever_exceed_their_rate(events: list[tuple[str, f
     now, allowed, total = 0.0, {s: 0 for s in "abcd"}, 0
     for source, step in events:
         now += step
-        if limiter.allow(source, now) is Verdict.ALLOWED:
+        if limiter.allow(source, now) is RateVerdict.ALLOWED:
             allowed[source] += 1
             total += 1
         assert allowed[source] <= 3 + 0.5 * now + 1e-9

@@ -149,7 +149,7 @@ def test_wan_targets_follow_the_pairing_and_the_endpoint(make_config: Callable[.
     unpaired = wan_targets(make_config(orders={"enabled": True}))
     assert [t.host for t in unpaired] == ["127.0.0.1", "e-serversync-ns.servicebus.windows.net"]
     store = StoreLink(store_id="s1", token="t", services={"orders": {"namespace": "localhost", "queue": "q"}})
-    config = make_config(orders={"enabled": True, "endpoint": "localhost:4443", "ca_file": "/x/ca.pem"})
+    config = make_config(orders={"enabled": True, "testing": {"endpoint": "localhost:4443"}, "ca_file": "/x/ca.pem"})
     bus = wan_targets(config, store)[1]
     assert (bus.host, bus.connect_to, bus.ca_file, bus.required) == ("localhost", "localhost:4443", "/x/ca.pem", True)
     named = wan_targets(make_config(orders={"enabled": True, "namespace": "mine.servicebus.windows.net"}), store)[1]

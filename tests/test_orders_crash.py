@@ -2,7 +2,7 @@
 completion: the message comes back, and there is still one order and one device command.
 
 The window is a few milliseconds in production; the test-only ``[orders]
-test_pause_after_commit_s`` (off by default) holds the receiver inside it, so the kill
+testing.pause_after_commit_s`` (off by default) holds the receiver inside it, so the kill
 lands there every time. The test checks it did: the order is on disk AND the message is
 still on the queue when the process dies.
 """
@@ -51,8 +51,9 @@ def write_config(path: Path, state: Path, server: AmqpServer, queue: str, device
         "cloud": {"api_url": "https://127.0.0.1:9"},
         "discovery": {"enabled": False},
         "orders": {"enabled": True, "namespace": server.namespace, "queue": queue,
-                   "sas_key_name": server.sas_key_name, "sas_key": server.sas_key, "endpoint": server.endpoint,
-                   "ca_file": server.ca_file, "max_wait_s": 1.0, "test_pause_after_commit_s": pause_s},
+                   "sas_key_name": server.sas_key_name, "sas_key": server.sas_key,
+                   "ca_file": server.ca_file, "max_wait_s": 1.0},
+        "orders.testing": {"endpoint": server.endpoint, "pause_after_commit_s": pause_s},
     }
     text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()) + "\n"
                    for name, values in sections.items())

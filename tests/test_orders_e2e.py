@@ -17,7 +17,7 @@ import trio
 from azure.servicebus import ServiceBusMessage
 
 from appliance.config import Config
-from appliance.devkit.cloud_orders import OnlineOrder
+from appliance.devkit.cloud_orders import OrderMessage
 from appliance.devkit.device import DeviceSimulator, run_device_simulator
 from appliance.devkit.orders_sender import OrderSender
 from appliance.services.assembly import service_specs
@@ -36,16 +36,17 @@ T = TypeVar("T")
 AUTH = {"Authorization": "Bearer test-admin-token"}
 
 
-def order(number: int, **extra: Any) -> OnlineOrder:
+def order(number: int, **extra: Any) -> OrderMessage:
     body = {"order_id": f"web-{number:06d}", "channel": "click_and_collect", "created_at": "2025-03-01T09:30:00Z",
             "customer": {"name": f"Customer {number}"}, "currency": "EUR", "total_cents": 698,
             "lines": [{"sku": "SKU-000007", "name": "Croissant", "qty": 2, "unit_price_cents": 349}], **extra}
-    return OnlineOrder(order_id=body["order_id"], body=body)
+    return OrderMessage(order_id=body["order_id"], body=body)
 
 
 def orders_section(server: AmqpServer, queue: str, **extra: Any) -> dict[str, Any]:
     return {"enabled": True, "namespace": server.namespace, "queue": queue, "sas_key_name": server.sas_key_name,
-            "sas_key": server.sas_key, "endpoint": server.endpoint, "ca_file": server.ca_file, "max_wait_s": 1.0,
+            "sas_key": server.sas_key, "testing": {"endpoint": server.endpoint}, "ca_file": server.ca_file,
+            "max_wait_s": 1.0,
             **extra}
 
 
@@ -210,11 +211,11 @@ amqp_server_on_443 = test_servicebus_link.amqp_server_on_443
 
 
 async def test_orders_through_a_real_proxy(
-    amqp_server_on_443: AmqpServer, tinyproxy: test_servicebus_link.Proxy, queue_name: str,
+    amqp_server_on_443: AmqpServer, tinyproxy: test_servicebus_link.ConnectProxy, queue_name: str,
     make_config: Callable[..., Config], tmp_path: Path,
 ) -> None:
     server = amqp_server_on_443
-    section = orders_section(server, queue_name, endpoint="")  # as in production: <namespace>:443
+    section = orders_section(server, queue_name, testing={})  # as in production: <namespace>:443
     sims_cfg = make_config  # the proxy applies to every WAN path: [wan] proxy
 
     def with_proxy(**sections: Any) -> Config:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from appliance.health.wanprobe import Proxy, Target, exit_code, probe
+from appliance.health.wanprobe import ProbeProxy, Target, exit_code, probe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,16 +114,16 @@ def test_proxy_down_names_the_proxy() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    report = probe(Target("sync", "localhost", 443), proxy=Proxy("127.0.0.1", port), timeout=2)
+    report = probe(Target("sync", "localhost", 443), proxy=ProbeProxy("127.0.0.1", port), timeout=2)
     assert report.failed_hop is not None and report.failed_hop.hop == "proxy"
     assert f"127.0.0.1:{port}" in report.failed_hop.message
 
 
 def test_proxy_url_parsing() -> None:
-    assert Proxy.parse("http://u:p@10.0.0.1:8080") == Proxy("10.0.0.1", 8080, "u", "p")
-    assert Proxy.parse("proxy.lan") == Proxy("proxy.lan", 3128)
+    assert ProbeProxy.parse("http://u:p@10.0.0.1:8080") == ProbeProxy("10.0.0.1", 8080, "u", "p")
+    assert ProbeProxy.parse("proxy.lan") == ProbeProxy("proxy.lan", 3128)
     with pytest.raises(ValueError, match="proxy must look like"):
-        Proxy.parse("socks5://x:1")
+        ProbeProxy.parse("socks5://x:1")
 
 
 @pytest.mark.skipif(shutil.which("tinyproxy") is None, reason="tinyproxy is not installed (scripts/setup --test)")

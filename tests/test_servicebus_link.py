@@ -296,7 +296,7 @@ def _fields(options: LinkOptions) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Proxy:
+class ConnectProxy:
     port: int
     log: Path
     user: str
@@ -323,7 +323,7 @@ def _accepts(port: int) -> bool:
 
 
 @pytest.fixture
-def tinyproxy(tmp_path: Path) -> Iterator[Proxy]:
+def tinyproxy(tmp_path: Path) -> Iterator[ConnectProxy]:
     """Debian's tinyproxy on a free loopback port, with basic auth, its own config and log."""
     binary = shutil.which("tinyproxy") or shutil.which("tinyproxy", path="/usr/bin:/usr/sbin")
     if binary is None:
@@ -355,7 +355,7 @@ def tinyproxy(tmp_path: Path) -> Iterator[Proxy]:
     else:
         pytest.fail(f"tinyproxy did not start:\n{log.read_text(errors='replace') if log.exists() else ''}")
     try:
-        yield Proxy(port=port, log=log, user=user, password=password)
+        yield ConnectProxy(port=port, log=log, user=user, password=password)
     finally:
         proc.terminate()
         proc.wait(PROXY_START_S)
@@ -379,7 +379,7 @@ def amqp_server_on_443(tmp_path: Path) -> Iterator[AmqpServer]:
 
 
 async def test_through_a_real_proxy_to_the_namespace_on_443(
-    amqp_server_on_443: AmqpServer, tinyproxy: Proxy, queue_name: str
+    amqp_server_on_443: AmqpServer, tinyproxy: ConnectProxy, queue_name: str
 ) -> None:
     server = amqp_server_on_443
     assert (server.namespace, server.port) == ("localhost", 443)

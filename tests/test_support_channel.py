@@ -62,7 +62,7 @@ async def test_answers_health_then_turns_itself_off(
                                                                  support=support, orders=None))
         config = make_config(
             cloud={"api_url": sim.url, "ca_file": str(sim.ca_path)},
-            support={"enabled": True, "namespace": amqp_server.namespace, "endpoint": amqp_server.endpoint,
+            support={"enabled": True, "namespace": amqp_server.namespace, "testing": {"endpoint": amqp_server.endpoint},
                      "ca_file": amqp_server.ca_file, "max_wait_s": 1.0, "duration_s": DURATION_S})
         runtime = await open_runtime(config)
         try:

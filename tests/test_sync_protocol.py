@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from appliance.protocol.sync import (
     RETRY_AFTER_MAX_S,
+    CallVerdict,
     LoopStatus,
     Op,
     Pacer,
@@ -24,7 +25,6 @@ from appliance.protocol.sync import (
     SyncProtocolError,
     SyncStatus,
     Uplink,
-    Verdict,
     batch_key,
     http_failure,
     judge,
@@ -204,15 +204,17 @@ def test_events_answer() -> None:
 
 
 @pytest.mark.parametrize(("status", "verdict"), [
-    (200, Verdict.OK), (201, Verdict.OK), (401, Verdict.REPAIR), (403, Verdict.REPAIR), (410, Verdict.GONE),
-    (429, Verdict.RETRY), (503, Verdict.RETRY), (500, Verdict.RETRY), (502, Verdict.RETRY), (504, Verdict.RETRY),
-    (409, Verdict.RETRY), (408, Verdict.RETRY), (400, Verdict.REFUSED), (413, Verdict.REFUSED),
-    (422, Verdict.REFUSED), (404, Verdict.REFUSED), (415, Verdict.REFUSED),
+    (200, CallVerdict.OK), (201, CallVerdict.OK), (401, CallVerdict.REPAIR), (403, CallVerdict.REPAIR),
+    (410, CallVerdict.GONE),
+    (429, CallVerdict.RETRY), (503, CallVerdict.RETRY), (500, CallVerdict.RETRY), (502, CallVerdict.RETRY),
+    (504, CallVerdict.RETRY),
+    (409, CallVerdict.RETRY), (408, CallVerdict.RETRY), (400, CallVerdict.REFUSED), (413, CallVerdict.REFUSED),
+    (422, CallVerdict.REFUSED), (404, CallVerdict.REFUSED), (415, CallVerdict.REFUSED),
 ])
-def test_status_table(status: int, verdict: Verdict) -> None:
+def test_status_table(status: int, verdict: CallVerdict) -> None:
     decision = judge(status, retry_after_s=7.0)
     assert decision.verdict is verdict
-    assert decision.delay_s == (7.0 if verdict is Verdict.RETRY else None)
+    assert decision.delay_s == (7.0 if verdict is CallVerdict.RETRY else None)
 
 
 def test_retry_after_forms() -> None:

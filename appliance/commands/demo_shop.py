@@ -77,7 +77,8 @@ def _config(options: DemoOptions, sim: SimHandle, devices: list[DeviceDecl],
             bus: ServiceBusEndpoint | None) -> Config:
     # Online orders need a Service Bus namespace; pairing names the queue and the key, the
     # endpoint and CA say where the demo's namespace really is.
-    orders: dict[str, Any] = ({"enabled": True, "endpoint": bus.endpoint, "ca_file": bus.ca_file, "max_wait_s": 1.0}
+    orders: dict[str, Any] = ({"enabled": True, "testing": {"endpoint": bus.endpoint}, "ca_file": bus.ca_file,
+                               "max_wait_s": 1.0}
                               if bus else {"enabled": False})
     return parse_config({
         "lan": {"bind": "127.0.0.1"},

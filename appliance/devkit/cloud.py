@@ -36,7 +36,7 @@ from hypercorn.trio import serve
 
 from appliance.devkit.cloud_app import build_app
 from appliance.devkit.cloud_catalog import catalog_digest
-from appliance.devkit.cloud_orders import OnlineOrder, SendOrder, make_order, push_orders
+from appliance.devkit.cloud_orders import OrderMessage, SendOrder, make_order, push_orders
 from appliance.devkit.cloud_state import CloudState, QueueService, SimConfig
 from appliance.services.http import BindError, bind_tcp
 
@@ -44,7 +44,7 @@ __all__ = [
     "API_HOST",
     "BindError",
     "CloudState",
-    "OnlineOrder",
+    "OrderMessage",
     "QueueService",
     "SendOrder",
     "SimConfig",

@@ -25,9 +25,9 @@ from appliance.devkit.cloud_blobs import blob_endpoint
 from appliance.devkit.cloud_catalog import COMPACT, Record
 from appliance.devkit.cloud_faults import parse_fault
 from appliance.devkit.cloud_orders import SendOrder, make_order, push_orders
-from appliance.devkit.cloud_state import CloudState, rfc3339, summarize
+from appliance.devkit.cloud_state import CloudState, summarize
 from appliance.devkit.cloud_wire import (
-    ApiError,
+    CloudApiError,
     is_id,
     loads_strict,
     parse_cursor,
@@ -36,6 +36,7 @@ from appliance.devkit.cloud_wire import (
     parse_mutation,
     parse_pair,
 )
+from appliance.services.timestamps import rfc3339
 
 __all__ = ["FaultLayer", "build_app"]
 
@@ -52,7 +53,7 @@ MAX_ORDERS_PER_CALL: Final = 1000
 Clock = Callable[[], float]
 
 
-def _error(exc: ApiError) -> JSONResponse:
+def _error(exc: CloudApiError) -> JSONResponse:
     headers = dict(exc.headers)
     if exc.status in (429, 503) and "Retry-After" not in headers:
         headers["Retry-After"] = "1"
@@ -68,7 +69,8 @@ async def read_json_body(request: Request, limit: int) -> bytes:
     """
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
-        raise ApiError(415, "unsupported_media_type", f"the body must be application/json, got {ctype or 'none'!r}")
+        raise CloudApiError(415, "unsupported_media_type",
+                            f"the body must be application/json, got {ctype or 'none'!r}")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -78,7 +80,7 @@ async def read_json_body(request: Request, limit: int) -> bytes:
         if size <= limit:
             chunks.append(chunk)
     if size > limit:
-        raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+        raise CloudApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
     return b"".join(chunks)
 
 
@@ -210,10 +212,10 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         appliance_id, request_id = request.path_params["appliance"], request.path_params["request_id"]
         token = state.authenticate(request.headers.get("authorization"), appliance_id=appliance_id)
         if not is_id(request_id):
-            raise ApiError(404, "not_found", "request ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -")
+            raise CloudApiError(404, "not_found", "request ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -")
         body = loads_strict(await read_json_body(request, LARGE_BODY))
         if not isinstance(body, dict):
-            raise ApiError(400, "invalid_body", "a support reply is a JSON object")
+            raise CloudApiError(400, "invalid_body", "a support reply is a JSON object")
         return JSONResponse(state.support_reply(token, request_id, body, clock()))
 
     async def blob(request: Request) -> Response:
@@ -239,7 +241,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
     async def sim_revoke(request: Request) -> Response:
         body = loads_strict(await read_json_body(request, SMALL_BODY))
         if not isinstance(body, dict) or set(body) - {"token"} or not isinstance(body.get("token", ""), str):
-            raise ApiError(400, "invalid_body", 'the body is {} (every token) or {"token": "..."}')
+            raise CloudApiError(400, "invalid_body", 'the body is {} (every token) or {"token": "..."}')
         return JSONResponse({"revoked": state.revoke(body.get("token"))})
 
     async def sim_events(request: Request) -> Response:
@@ -265,16 +267,16 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         first = body.get("first", 1) if isinstance(body, dict) else None
         if (not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_ORDERS_PER_CALL
                 or not isinstance(first, int) or isinstance(first, bool) or first < 1):
-            raise ApiError(400, "invalid_body", f'the body is {{"count": 1..{MAX_ORDERS_PER_CALL}, "first": n}}')
+            raise CloudApiError(400, "invalid_body", f'the body is {{"count": 1..{MAX_ORDERS_PER_CALL}, "first": n}}')
         if send_order is None:
-            raise ApiError(409, "no_order_sink", "this simulator was started without a Service Bus sender")
+            raise CloudApiError(409, "no_order_sink", "this simulator was started without a Service Bus sender")
         now = rfc3339(clock())
         orders = [make_order(state.catalog, n, created_at=now) for n in range(first, first + count)]
         sent = await push_orders(send_order, orders)
         return JSONResponse({"sent": sent, "order_ids": [o.order_id for o in orders]})
 
     async def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
+        assert isinstance(exc, CloudApiError)
         await drain_request(request)
         return _error(exc)
 
@@ -303,7 +305,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         Route("/_sim/orders", sim_orders, methods=["POST"]),
         Route("/_sim/blobs", sim_blobs, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={CloudApiError: api_error, HTTPException: http_error})
     return FaultLayer(app, state)
 
 
@@ -325,7 +327,7 @@ class FaultLayer:
         if status is not None:
             names = {429: "rate_limited", 503: "unavailable"}
             headers = {"Retry-After": str(status.retry_after)} if status.status in (429, 503) else {}
-            exc = ApiError(status.status, names.get(status.status, "injected_fault"),
+            exc = CloudApiError(status.status, names.get(status.status, "injected_fault"),
                            f"injected fault: {status.status}", headers=headers)
             await drain_receive(receive)
             await _error(exc)(scope, receive, send)

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from appliance.devkit.cloud_faults import Fault
 from appliance.devkit.cloud_state import BlobSource, CloudState
-from appliance.devkit.cloud_wire import ApiError
+from appliance.devkit.cloud_wire import CloudApiError
 
 __all__ = ["BLOB_CHUNK", "BlobStream", "blob_endpoint"]
 
@@ -33,19 +33,19 @@ BLOB_CHUNK: Final = 64 * 1024
 
 
 def _range(header: str, size: int) -> tuple[int, int]:
-    """``(start, end_inclusive)`` of a single-range ``Range`` header; ApiError 416 otherwise."""
+    """``(start, end_inclusive)`` of a single-range ``Range`` header; CloudApiError 416 otherwise."""
     spec = header.strip()
     if not spec.startswith("bytes=") or "," in spec:
-        raise ApiError(416, "range_not_satisfiable", "only one range of the form bytes=a-b is served")
+        raise CloudApiError(416, "range_not_satisfiable", "only one range of the form bytes=a-b is served")
     first, sep, last = spec[len("bytes="):].partition("-")
     if not sep or not (first or last) or not (first.isdigit() or not first) or not (last.isdigit() or not last):
-        raise ApiError(416, "range_not_satisfiable", "only one range of the form bytes=a-b is served")
+        raise CloudApiError(416, "range_not_satisfiable", "only one range of the form bytes=a-b is served")
     if first == "":
         start, end = max(0, size - int(last)), size - 1
     else:
         start, end = int(first), min(size - 1, int(last)) if last else size - 1
     if start >= size or start > end:
-        raise ApiError(416, "range_not_satisfiable", f"the file has {size} bytes")
+        raise CloudApiError(416, "range_not_satisfiable", f"the file has {size} bytes")
     return start, end
 
 
@@ -98,16 +98,16 @@ class BlobStream(Response):
 
 async def blob_endpoint(state: CloudState, request: Request) -> Response:
     if request.path_params["store"] != state.store_id:
-        raise ApiError(404, "not_found", "no such container")
+        raise CloudApiError(404, "not_found", "no such container")
     key = request.path_params["key"]
     source = state.blob_source(key)
     if source is None:
-        raise ApiError(404, "not_found", f"no media file {key!r}")
+        raise CloudApiError(404, "not_found", f"no media file {key!r}")
     etag = f'"{source.sha256[:32]}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes"}
     if_match = request.headers.get("if-match")
     if if_match is not None and if_match not in ("*", etag):
-        raise ApiError(412, "precondition_failed", "the file changed since that ETag")
+        raise CloudApiError(412, "precondition_failed", "the file changed since that ETag")
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     state.blob_requests.append((key, request.headers.get("range", "")))

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import attrs
 
-from appliance.devkit.cloud_wire import ApiError, loads_strict
+from appliance.devkit.cloud_wire import CloudApiError, loads_strict
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultPlan", "parse_fault"]
 
@@ -58,7 +58,7 @@ class FaultPlan:
 
     def add(self, fault: Fault) -> None:
         if len(self._rules) >= MAX_RULES:
-            raise ApiError(400, "invalid_body", f"at most {MAX_RULES} fault rules; DELETE /_sim/faults first")
+            raise CloudApiError(400, "invalid_body", f"at most {MAX_RULES} fault rules; DELETE /_sim/faults first")
         self._rules.append(fault)
 
     def clear(self) -> None:
@@ -81,7 +81,7 @@ class FaultPlan:
 def _int_field(body: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     value = body.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ApiError(400, "invalid_body", f"{key}: must be an integer from {lo} to {hi}")
+        raise CloudApiError(400, "invalid_body", f"{key}: must be an integer from {lo} to {hi}")
     return value
 
 
@@ -89,22 +89,22 @@ def parse_fault(raw: bytes) -> Fault:
     """``POST /_sim/faults``. ``{"status": 503, ...}`` without ``kind`` is a status rule."""
     body = loads_strict(raw)
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "the body must be an object")
+        raise CloudApiError(400, "invalid_body", "the body must be an object")
     extra = sorted(set(body) - _FIELDS)
     if extra:
-        raise ApiError(400, "invalid_body", f"unknown fields: {', '.join(extra)}")
+        raise CloudApiError(400, "invalid_body", f"unknown fields: {', '.join(extra)}")
     kind = body.get("kind", "status" if "status" in body else None)
     if kind not in FAULT_KINDS:
-        raise ApiError(400, "invalid_body", f"kind: must be one of {', '.join(FAULT_KINDS)}")
+        raise CloudApiError(400, "invalid_body", f"kind: must be one of {', '.join(FAULT_KINDS)}")
     path = body.get("path", "/v1/")
     if not isinstance(path, str) or not path.startswith("/") or path.startswith("/_sim"):
-        raise ApiError(400, "invalid_body", "path: must be a path prefix outside /_sim, like /v1/stores/")
+        raise CloudApiError(400, "invalid_body", "path: must be a path prefix outside /_sim, like /v1/stores/")
     method = body.get("method")
     if method is not None and (not isinstance(method, str) or method.upper() != method or not method.isalpha()):
-        raise ApiError(400, "invalid_body", "method: must be an HTTP method in capitals, like POST")
+        raise CloudApiError(400, "invalid_body", "method: must be an HTTP method in capitals, like POST")
     delay = body.get("delay_s", 0.0)
     if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY_S:
-        raise ApiError(400, "invalid_body", f"delay_s: must be a number from 0 to {MAX_DELAY_S}")
+        raise CloudApiError(400, "invalid_body", f"delay_s: must be a number from 0 to {MAX_DELAY_S}")
     return Fault(kind=kind, path=path, method=method,
                  count=_int_field(body, "count", 1, 1, 1_000_000),
                  status=_int_field(body, "status", 503, 400, 599),

@@ -17,23 +17,23 @@ import attrs
 
 from appliance.devkit.cloud_catalog import Catalog
 
-__all__ = ["OnlineOrder", "SendOrder", "make_order", "push_orders"]
+__all__ = ["OrderMessage", "SendOrder", "make_order", "push_orders"]
 
 CHANNELS = ("click_and_collect", "delivery")
 
 
 @attrs.frozen(kw_only=True)
-class OnlineOrder:
+class OrderMessage:
     """One message: ``message_id`` is the order id (the receiver dedupes by it)."""
 
     order_id: str
     body: dict[str, Any]
 
 
-SendOrder = Callable[[OnlineOrder], Awaitable[None]]
+SendOrder = Callable[[OrderMessage], Awaitable[None]]
 
 
-def make_order(catalog: Catalog, number: int, *, created_at: str) -> OnlineOrder:
+def make_order(catalog: Catalog, number: int, *, created_at: str) -> OrderMessage:
     """Order ``number`` of the store: 1 to 3 lines of generated products."""
     if catalog.products == 0:
         raise ValueError("the catalog has no products to order")
@@ -51,10 +51,10 @@ def make_order(catalog: Catalog, number: int, *, created_at: str) -> OnlineOrder
             "customer": {"name": f"Customer {number}"}, "currency": catalog.currency,
             "total_cents": sum(line["qty"] * line["unit_price_cents"] for line in lines), "lines": lines,
             "pickup_at": created_at}
-    return OnlineOrder(order_id=order_id, body=body)
+    return OrderMessage(order_id=order_id, body=body)
 
 
-async def push_orders(send_order: SendOrder, orders: Iterable[OnlineOrder]) -> int:
+async def push_orders(send_order: SendOrder, orders: Iterable[OrderMessage]) -> int:
     """Send each order in turn; an error from ``send_order`` stops here and propagates."""
     sent = 0
     for order in orders:

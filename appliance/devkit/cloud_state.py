@@ -2,7 +2,7 @@
 
 Pure and synchronous: the app (:mod:`appliance.devkit.cloud_app`) moves bytes and passes
 ``now``; tests in the same trio loop may call these methods directly (one thread, so no
-locks). Every refusal is an :class:`~appliance.devkit.cloud_wire.ApiError`.
+locks). Every refusal is an :class:`~appliance.devkit.cloud_wire.CloudApiError`.
 
 The feed is the generated base catalog (seq 1 .. base_count, generated on demand) followed
 by the mutations; it keeps the last ``retention`` changes, and a cursor older than that gets
@@ -18,7 +18,6 @@ import hashlib
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import attrs
@@ -34,16 +33,17 @@ from appliance.devkit.cloud_catalog import (
 )
 from appliance.devkit.cloud_faults import FaultPlan
 from appliance.devkit.cloud_wire import (
-    ApiError,
-    Change,
+    CloudApiError,
     Event,
+    FeedChange,
     PairRequest,
     is_id,
     loads_strict,
     parse_events,
 )
+from appliance.services.timestamps import rfc3339
 
-__all__ = ["BlobSource", "CloudState", "QueueService", "SimConfig", "Token", "catalog_digest", "rfc3339", "summarize"]
+__all__ = ["BlobSource", "CloudState", "QueueService", "SimConfig", "Token", "catalog_digest", "summarize"]
 
 # Bounds on what the simulator remembers; a demo day is far below them.
 MAX_IDEMPOTENCY_KEYS: Final = 100_000
@@ -60,10 +60,6 @@ _DELETED: Final = None
 
 def _derived(seed: int, label: str, size: int = 32) -> bytes:
     return hashlib.blake2b(f"{seed}:{label}".encode(), digest_size=size).digest()
-
-
-def rfc3339(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @attrs.frozen(kw_only=True)
@@ -189,7 +185,7 @@ class CloudState:
         self._pair_bound: dict[str, str] = {}  # code -> appliance_id
         self._tokens: dict[str, Token] = {}
         self._overrides: dict[tuple[str, str], dict[str, Any] | None] = {}
-        self._log: deque[Change] = deque(maxlen=config.retention)
+        self._log: deque[FeedChange] = deque(maxlen=config.retention)
         self._mutations = 0
         self._blobs: dict[str, bytes] = {}
         self._large: dict[str, str] = {}  # key -> sha256 of a generated large file
@@ -208,11 +204,11 @@ class CloudState:
 
     def pair(self, request: PairRequest) -> dict[str, Any]:
         if request.code != self.config.pair_code:
-            raise ApiError(404, "pair_code_unknown", "no store has this pairing code (or it expired); check the "
+            raise CloudApiError(404, "pair_code_unknown", "no store has this pairing code (or it expired); check the "
                            "code shown in the back office")
         bound = self._pair_bound.get(request.code)
         if bound is not None and bound != request.appliance_id:
-            raise ApiError(403, "pair_code_used", "this pairing code was already used by another appliance; "
+            raise CloudApiError(403, "pair_code_used", "this pairing code was already used by another appliance; "
                            "ask the back office for a new code")
         self._pair_bound[request.code] = request.appliance_id
         for value, token in list(self._tokens.items()):
@@ -237,21 +233,22 @@ class CloudState:
                      appliance_id: str | None = None) -> Token:
         challenge = {"WWW-Authenticate": 'Bearer realm="sync"'}
         if not authorization:
-            raise ApiError(401, "unauthorized", "missing bearer token; pair the appliance", headers=challenge)
+            raise CloudApiError(401, "unauthorized", "missing bearer token; pair the appliance", headers=challenge)
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise ApiError(401, "unauthorized", "the Authorization header must be 'Bearer <token>'",
+            raise CloudApiError(401, "unauthorized", "the Authorization header must be 'Bearer <token>'",
                            headers=challenge)
         token = self._tokens.get(value.strip())
         if token is None:
-            raise ApiError(401, "unauthorized", "unknown token; pair the appliance again", headers=challenge)
+            raise CloudApiError(401, "unauthorized", "unknown token; pair the appliance again", headers=challenge)
         if token.revoked:
-            raise ApiError(401, "unauthorized", "this token was revoked; pair the appliance again",
+            raise CloudApiError(401, "unauthorized", "this token was revoked; pair the appliance again",
                            headers=challenge)
         if store_id is not None and store_id != token.store_id:
-            raise ApiError(403, "forbidden", f"this token is for store {token.store_id}, not {store_id}")
+            raise CloudApiError(403, "forbidden", f"this token is for store {token.store_id}, not {store_id}")
         if appliance_id is not None and appliance_id != token.appliance_id:
-            raise ApiError(403, "forbidden", f"this token is for appliance {token.appliance_id}, not {appliance_id}")
+            raise CloudApiError(403, "forbidden",
+                                f"this token is for appliance {token.appliance_id}, not {appliance_id}")
         return token
 
     def revoke(self, token: str | None = None) -> int:
@@ -277,16 +274,16 @@ class CloudState:
     def oldest_cursor(self) -> int:
         return max(0, self.head - self.config.retention)
 
-    def _change(self, seq: int) -> Change:
+    def _change(self, seq: int) -> FeedChange:
         if seq <= self.catalog.base_count:
             record = self.catalog.record(seq)
-            return Change(seq=seq, entity=record.entity, key=record.key, data=record.data)
+            return FeedChange(seq=seq, entity=record.entity, key=record.key, data=record.data)
         return self._log[seq - (self.head - len(self._log)) - 1]
 
     def changes(self, cursor: int, limit: int) -> dict[str, Any]:
         if cursor > self.head or cursor < self.oldest_cursor:
             why = "is from the future of this feed" if cursor > self.head else "is older than the feed's retention"
-            raise ApiError(410, "cursor_expired", f"cursor {cursor} {why}; read the snapshot, then continue from "
+            raise CloudApiError(410, "cursor_expired", f"cursor {cursor} {why}; read the snapshot, then continue from "
                            "its cursor", extra={"oldest_cursor": str(self.oldest_cursor)})
         end = min(self.head, cursor + limit)
         changes = [self._change(seq).as_json() for seq in range(cursor + 1, end + 1)]
@@ -300,9 +297,9 @@ class CloudState:
 
     def _append(self, entity: str, key: str, data: dict[str, Any] | None) -> int:
         if entity not in ENTITIES:
-            raise ApiError(400, "invalid_body", f"entity: must be one of {', '.join(ENTITIES)}")
+            raise CloudApiError(400, "invalid_body", f"entity: must be one of {', '.join(ENTITIES)}")
         self._mutations += 1
-        self._log.append(Change(seq=self.head, entity=entity, key=key, data=data))
+        self._log.append(FeedChange(seq=self.head, entity=entity, key=key, data=data))
         self._overrides[(entity, key)] = data
         return self.head
 
@@ -312,7 +309,7 @@ class CloudState:
     def put_media(self, key: str, content: bytes) -> int:
         """Upsert a media entry with these bytes (served at its URL); returns its seq."""
         if len(self._blobs) >= MAX_BLOBS and key not in self._blobs:
-            raise ApiError(400, "invalid_body", f"at most {MAX_BLOBS} custom media files")
+            raise CloudApiError(400, "invalid_body", f"at most {MAX_BLOBS} custom media files")
         self._blobs[key] = content
         return self.upsert("media", key, {
             "key": key, "url": self.catalog.media_base_url + key, "sha256": hashlib.sha256(content).hexdigest(),
@@ -391,26 +388,27 @@ class CloudState:
     def post_events(self, token: Token, key: str | None, raw: bytes, now: float) -> tuple[dict[str, Any], bool]:
         """``(answer, replayed)`` for ``POST .../events``."""
         if not key:
-            raise ApiError(400, "idempotency_key_missing", "the Idempotency-Key header is required: one key per "
+            raise CloudApiError(400, "idempotency_key_missing", "the Idempotency-Key header is required: one key per "
                            "batch, the same key on every retry of that batch")
         if not is_id(key):
-            raise ApiError(400, "idempotency_key_invalid", "Idempotency-Key: 1 to 128 characters of "
+            raise CloudApiError(400, "idempotency_key_invalid", "Idempotency-Key: 1 to 128 characters of "
                            "A-Z a-z 0-9 . _ : -")
         try:
             body_hash = hashlib.sha256(canonical_json(loads_strict(raw)).encode()).hexdigest()
-        except ApiError:
+        except CloudApiError:
             body_hash = hashlib.sha256(raw).hexdigest()
         scoped = f"{token.store_id}\n{key}"
         previous = self._idempotency.get(scoped)
         if previous is not None:
             if previous.body_hash != body_hash:
-                raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with another body; "
+                raise CloudApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with another body; "
                                "a new batch needs a new key")
             return previous.body, True
         outcomes = parse_events(raw)
         fresh = [o for o in outcomes if isinstance(o, Event) and o.id not in self.events]
         if len(self.events) + len(fresh) > MAX_STORED_EVENTS:
-            raise ApiError(503, "unavailable", "the simulator's event store is full", headers={"Retry-After": "60"})
+            raise CloudApiError(503, "unavailable", "the simulator's event store is full",
+                                headers={"Retry-After": "60"})
         accepted: list[str] = []
         rejected: list[dict[str, Any]] = []
         received_at = rfc3339(now)
@@ -438,14 +436,14 @@ class CloudState:
     def heartbeat(self, token: Token, body: dict[str, Any], now: float) -> dict[str, Any]:
         claimed = body.get("appliance_id")
         if claimed is not None and claimed != token.appliance_id:
-            raise ApiError(400, "invalid_body", f"appliance_id: {claimed!r} is not this token's appliance")
+            raise CloudApiError(400, "invalid_body", f"appliance_id: {claimed!r} is not this token's appliance")
         self.heartbeats.append({"received_at": rfc3339(now), "appliance_id": token.appliance_id, "body": body})
         return {"server_time": rfc3339(now)}
 
     def support_reply(self, token: Token, request_id: str, body: dict[str, Any], now: float) -> dict[str, Any]:
         if request_id not in self.support:
             if len(self.support) >= MAX_SUPPORT_REPLIES:
-                raise ApiError(503, "unavailable", "the simulator's support store is full",
+                raise CloudApiError(503, "unavailable", "the simulator's support store is full",
                                headers={"Retry-After": "60"})
             self.support[request_id] = {"appliance_id": token.appliance_id, "received_at": rfc3339(now),
                                         "body": body}

@@ -2,7 +2,7 @@
 
 Exceptions::
 
-    ApiError            an answer other than 200: status, error code, reason, headers, extra
+    CloudApiError            an answer other than 200: status, error code, reason, headers, extra
     └── (raised with status 400 for a body that is not what docs/cloud-contract.md says)
 
 A single event that fails validation is not an exception: :func:`parse_events` returns a
@@ -21,14 +21,15 @@ from typing import Any, Final, NoReturn
 import attrs
 
 from appliance.devkit.cloud_catalog import ENTITIES, canonical_json
+from appliance.protocol.events import EventType
 
 __all__ = [
     "EVENT_TYPES",
     "MAX_EVENTS",
     "MAX_LIMIT",
-    "ApiError",
-    "Change",
+    "CloudApiError",
     "Event",
+    "FeedChange",
     "PairRequest",
     "Rejection",
     "is_id",
@@ -53,13 +54,13 @@ ORDER_STATUSES: Final = ("received", "accepted", "preparing", "ready", "collecte
                          "cancelled", "rejected")
 DEVICE_STATUSES: Final = ("online", "offline", "degraded")
 HEALTH_STATUSES: Final = ("ok", "warn", "fail")
-EVENT_TYPES: Final = ("sale", "order.status", "device.status")
+EVENT_TYPES: Final = tuple(str(t) for t in EventType)
 _EVENT_FIELDS: Final = frozenset({"id", "type", "at", "data"})
 _HEARTBEAT_REQUIRED: Final = frozenset({"firmware", "uptime_s", "health", "queues"})
 _HEARTBEAT_FIELDS: Final = _HEARTBEAT_REQUIRED | {"at", "appliance_id", "sync"}
 
 
-class ApiError(Exception):
+class CloudApiError(Exception):
     """An error answer: ``{"error": error, "reason": reason, **extra}`` with ``status``."""
 
     def __init__(self, status: int, error: str, reason: str, *,
@@ -85,8 +86,8 @@ def _invalid(path: str, message: str) -> NoReturn:
     raise _Invalid(path, message)
 
 
-def _bad_body(reason: str) -> ApiError:
-    return ApiError(400, "invalid_body", reason)
+def _bad_body(reason: str) -> CloudApiError:
+    return CloudApiError(400, "invalid_body", reason)
 
 
 def is_id(value: object) -> bool:
@@ -108,7 +109,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads_strict(raw: bytes) -> Any:
-    """JSON as RFC 8259 says: UTF-8, no NaN/Infinity, no duplicate keys. Raises ApiError 400."""
+    """JSON as RFC 8259 says: UTF-8, no NaN/Infinity, no duplicate keys. Raises CloudApiError 400."""
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
                           object_pairs_hook=_no_duplicates)
@@ -292,7 +293,7 @@ def validate_event(value: Any, index: int) -> Event | Rejection:
 
 
 def parse_events(raw: bytes) -> list[Event | Rejection]:
-    """The body of ``POST .../events``. Raises ApiError 400 when the request as a whole is bad."""
+    """The body of ``POST .../events``. Raises CloudApiError 400 when the request as a whole is bad."""
     obj = loads_strict(raw)
     if not isinstance(obj, dict):
         raise _bad_body("the body must be an object {\"events\": [...]}")
@@ -350,11 +351,11 @@ def parse_heartbeat(raw: bytes) -> dict[str, Any]:
 
 
 def parse_cursor(value: str | None) -> int:
-    """The feed position a cursor names; ``None`` (omitted) is the start. Raises ApiError 400."""
+    """The feed position a cursor names; ``None`` (omitted) is the start. Raises CloudApiError 400."""
     if value is None:
         return 0
     if not value.isascii() or not value.isdigit() or len(value) > 18:
-        raise ApiError(400, "invalid_cursor", f"not a cursor from this API: {value[:40]!r}")
+        raise CloudApiError(400, "invalid_cursor", f"not a cursor from this API: {value[:40]!r}")
     return int(value)
 
 
@@ -362,12 +363,12 @@ def parse_limit(value: str | None) -> int:
     if value is None:
         return DEFAULT_LIMIT
     if not value.isascii() or not value.isdigit() or len(value) > 4 or not 1 <= int(value) <= MAX_LIMIT:
-        raise ApiError(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}, got {value[:40]!r}")
+        raise CloudApiError(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}, got {value[:40]!r}")
     return int(value)
 
 
 @attrs.frozen(kw_only=True)
-class Change:
+class FeedChange:
     """One entry of the feed; ``data`` is None for a delete."""
 
     seq: int

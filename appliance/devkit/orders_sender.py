@@ -19,7 +19,7 @@ import trio
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSender, TransportType
 
-from appliance.devkit.cloud_orders import OnlineOrder
+from appliance.devkit.cloud_orders import OrderMessage
 from appliance.services.servicebus import LinkOptions, proxy_settings
 from appliance.services.wan import ssl_context
 
@@ -51,7 +51,7 @@ class OrderSender:
         return self._sender
 
     @staticmethod
-    def message(order: OnlineOrder) -> ServiceBusMessage:
+    def message(order: OrderMessage) -> ServiceBusMessage:
         return ServiceBusMessage(json.dumps(order.body, separators=(",", ":")).encode(), message_id=order.order_id,
                                  content_type="application/json")
 
@@ -67,10 +67,10 @@ class OrderSender:
             await done.wait()
         future.result()
 
-    async def __call__(self, order: OnlineOrder) -> None:
+    async def __call__(self, order: OrderMessage) -> None:
         await self._run([self.message(order)])
 
-    async def send_many(self, orders: list[OnlineOrder]) -> None:
+    async def send_many(self, orders: list[OrderMessage]) -> None:
         await self._run([self.message(o) for o in orders])
 
     def _close(self) -> None:

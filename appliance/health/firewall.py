@@ -25,7 +25,7 @@ import attrs
 from appliance import __version__
 from appliance.config import PORT_ROLES, Config, Direction
 from appliance.health.registry import CheckFn
-from appliance.protocol.firewall import DeviceRule, FirewallError, Policy, Proxy, Service, build, render
+from appliance.protocol.firewall import DeviceRule, FirewallError, FirewallProxy, Policy, Service, build, render
 from appliance.protocol.firewall_compare import RulesetParseError, compare, counter_values, parse
 from appliance.protocol.health import Check, Status
 
@@ -69,7 +69,7 @@ def policy_from_config(config: Config) -> Policy:
             raise FirewallError(f"wan.proxy: cannot read the proxy's port in {config.wan.proxy!r}") from exc
         if not url.hostname:
             raise FirewallError(f"wan.proxy: no host in {config.wan.proxy!r}")
-        proxy = Proxy(host=url.hostname, port=port)
+        proxy = FirewallProxy(host=url.hostname, port=port)
     devices = tuple(DeviceRule(name=d.id, address=d.address, port=d.port)
                     for d in config.devices if d.port != ports.device)
     return Policy(services=services, lan_prefixes=config.lan.prefixes, dns_servers=config.wan.dns_servers,

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import trio
 
 from appliance.config import Config
-from appliance.health.wanprobe import HostReport, Proxy, Target, probe
+from appliance.health.wanprobe import HostReport, ProbeProxy, Target, probe
 from appliance.protocol.health import Check, Status
 from appliance.protocol.orders import BUS_FIELDS, bus_settings
 from appliance.storage.pairing import StoreLink
@@ -37,7 +37,7 @@ def wan_targets(config: Config, store: StoreLink | None = None) -> list[Target]:
         paired = (store.service(name) if store is not None and not store.needs_repair else None) or {}
         namespace = bus_settings({f: getattr(bus, f) for f in BUS_FIELDS}, getattr(defaults, name).namespace,
                                  paired)["namespace"]
-        targets.append(Target(f"{label} (Service Bus)", namespace, 443, required, connect_to=bus.endpoint,
+        targets.append(Target(f"{label} (Service Bus)", namespace, 443, required, connect_to=bus.testing.endpoint,
                               ca_file=bus.ca_file))
     return targets
 
@@ -68,7 +68,7 @@ class WanChecks:
         now = trio.current_time()
         if self._cached is not None and now - self._cached[0] < CACHE_S:
             return self._cached[1]
-        proxy = Proxy.parse(self.config.wan.proxy) if self.config.wan.proxy else None
+        proxy = ProbeProxy.parse(self.config.wan.proxy) if self.config.wan.proxy else None
         via = f" via the proxy {proxy.host}:{proxy.port}" if proxy else ""
         results: dict[int, Check] = {}
         targets = wan_targets(self.config, self.store())

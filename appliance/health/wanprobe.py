@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_HOSTS", "HopResult", "HostReport", "Proxy", "Target", "main", "probe"]
+__all__ = ["DEFAULT_HOSTS", "HopResult", "HostReport", "ProbeProxy", "Target", "main", "probe"]
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,14 @@ DEFAULT_HOSTS: tuple[Target, ...] = (
 
 
 @dataclass(frozen=True)
-class Proxy:
+class ProbeProxy:
     host: str
     port: int
     username: str = ""
     password: str = ""
 
     @classmethod
-    def parse(cls, url: str) -> Proxy:
+    def parse(cls, url: str) -> ProbeProxy:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "") or not parts.hostname:
             raise ValueError(f"proxy must look like http://[user:pass@]host:port, got {url!r}")
@@ -121,7 +121,7 @@ def _read_head(sock: socket.socket | ssl.SSLSocket, limit: int = 16384) -> bytes
     return data
 
 
-def probe(target: Target, *, proxy: Proxy | None = None, ca_file: str = "", timeout: float = 5.0) -> HostReport:
+def probe(target: Target, *, proxy: ProbeProxy | None = None, ca_file: str = "", timeout: float = 5.0) -> HostReport:
     """Try each hop to ``target``; the report ends at the first that fails."""
     report = HostReport(target)
     started = time.monotonic()
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        proxy = Proxy.parse(args.proxy) if args.proxy else None
+        proxy = ProbeProxy.parse(args.proxy) if args.proxy else None
     except ValueError as exc:
         parser.error(str(exc))
     targets = args.host or list(DEFAULT_HOSTS)

@@ -5,7 +5,7 @@ The driver (``appliance.services.dispatcher``) feeds it commands from the outbox
 asks it what to send next (:meth:`SendWindow.next_transmit`). What must be made durable
 comes out of :meth:`SendWindow.take_records` (sent, acked, dead).
 
-Rules (DESIGN §7, docs/device-channel.md):
+Rules (docs/architecture.md §7, docs/device-channel.md):
 
 - At most ``window`` commands are unacknowledged on a connection; commands go out in seq
   order, and a command is never sent while a lower one is waiting to be (re)sent, so the
@@ -50,14 +50,14 @@ from appliance.protocol.channel_codec import (
     Nack,
 )
 
-__all__ = ["TRANSITIONS", "Acked", "Dead", "LinkState", "Record", "SendWindow", "Sent", "WindowStats"]
+__all__ = ["TRANSITIONS", "Acked", "ChannelState", "Dead", "Record", "SendWindow", "Sent", "WindowStats"]
 
 DEFAULT_WINDOW: Final = 32
 # How many acked ids are remembered to tell a duplicate ack from an unknown one (stats only).
 _REMEMBERED_ACKS: Final = 1024
 
 
-class LinkState(enum.StrEnum):
+class ChannelState(enum.StrEnum):
     DISCONNECTED = "disconnected"
     GREETING = "greeting"  # connected; waiting for the device's hello
     OPEN = "open"
@@ -71,14 +71,14 @@ class _Input(enum.Enum):
     DISCONNECT = "disconnect"
 
 
-TRANSITIONS: Final[dict[tuple[LinkState, _Input], LinkState]] = {
-    (LinkState.DISCONNECTED, _Input.CONNECT): LinkState.GREETING,
-    (LinkState.DISCONNECTED, _Input.DISCONNECT): LinkState.DISCONNECTED,
-    (LinkState.GREETING, _Input.HELLO): LinkState.OPEN,
-    (LinkState.GREETING, _Input.DISCONNECT): LinkState.DISCONNECTED,
-    (LinkState.OPEN, _Input.ACK): LinkState.OPEN,
-    (LinkState.OPEN, _Input.NACK): LinkState.OPEN,
-    (LinkState.OPEN, _Input.DISCONNECT): LinkState.DISCONNECTED,
+TRANSITIONS: Final[dict[tuple[ChannelState, _Input], ChannelState]] = {
+    (ChannelState.DISCONNECTED, _Input.CONNECT): ChannelState.GREETING,
+    (ChannelState.DISCONNECTED, _Input.DISCONNECT): ChannelState.DISCONNECTED,
+    (ChannelState.GREETING, _Input.HELLO): ChannelState.OPEN,
+    (ChannelState.GREETING, _Input.DISCONNECT): ChannelState.DISCONNECTED,
+    (ChannelState.OPEN, _Input.ACK): ChannelState.OPEN,
+    (ChannelState.OPEN, _Input.NACK): ChannelState.OPEN,
+    (ChannelState.OPEN, _Input.DISCONNECT): ChannelState.DISCONNECTED,
 }
 _INPUT_OF: Final = {Hello: _Input.HELLO, Ack: _Input.ACK, Nack: _Input.NACK}
 
@@ -158,7 +158,7 @@ class SendWindow:
         self.ack_timeout_s = ack_timeout_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
-        self.state = LinkState.DISCONNECTED
+        self.state = ChannelState.DISCONNECTED
         self.stats = WindowStats()
         self.hello: Hello | None = None
         self.last_seq = 0  # the highest seq ever offered
@@ -236,9 +236,9 @@ class SendWindow:
         """A message from the device. Raises :class:`ChannelProtocolError` if v1 forbids it here."""
         step = _INPUT_OF[type(message)]
         if (self.state, step) not in TRANSITIONS:
-            if self.state is LinkState.GREETING:
+            if self.state is ChannelState.GREETING:
                 raise ChannelProtocolError(f"the device sent {step.value} before its hello")
-            if self.state is LinkState.OPEN:
+            if self.state is ChannelState.OPEN:
                 raise ChannelProtocolError("the device sent a second hello on one connection")
             raise RuntimeError(f"receive() while {self.state}")
         if isinstance(message, Hello):
@@ -264,7 +264,7 @@ class SendWindow:
         self._expire(now)
         if now >= self._hold_until:
             self._hold_until = 0.0
-        if self.state is not LinkState.OPEN or self._draining or self._hold_until:
+        if self.state is not ChannelState.OPEN or self._draining or self._hold_until:
             return None
         if len(self._in_flight) >= self.window:
             return None
@@ -289,7 +289,7 @@ class SendWindow:
             times.append(self._hello_deadline)
         if self._in_flight:
             times.append(self._ack_deadline())
-        if self._hold_until and self.state is LinkState.OPEN and self._next_unsent() is not None:
+        if self._hold_until and self.state is ChannelState.OPEN and self._next_unsent() is not None:
             times.append(self._hold_until)
         expiry = self._next_expiry()
         if expiry is not None:

@@ -6,7 +6,7 @@ table, ``table inet appliance``, laid out the way ``nft list table`` prints it.
 :mod:`appliance.protocol.firewall_compare` reads that layout back (from the rendered text
 or from ``nft list``) and says, in words, how a loaded table differs from the rendered one.
 
-What the table allows, and nothing else (DESIGN §2, §9):
+What the table allows, and nothing else (docs/architecture.md §2, §9):
 
 - in: loopback; replies (established/related); DHCP and DHCPv6 replies; ICMP errors and
   the ICMPv6 needed for neighbour discovery; ping from the LAN; each TCP listener of the
@@ -39,8 +39,8 @@ __all__ = [
     "Chain",
     "DeviceRule",
     "FirewallError",
+    "FirewallProxy",
     "Policy",
-    "Proxy",
     "Rule",
     "Ruleset",
     "Service",
@@ -79,7 +79,7 @@ class Service:
 
 
 @attrs.frozen(kw_only=True)
-class Proxy:
+class FirewallProxy:
     """The HTTP proxy every WAN path goes through. ``host`` is an address or a name."""
 
     host: str
@@ -101,7 +101,7 @@ class Policy:
     lan_prefixes: tuple[str, ...]
     dns_servers: tuple[str, ...] = ()  # empty: DNS to any address
     ntp_servers: tuple[str, ...] = ()  # empty: NTP to any address
-    proxy: Proxy | None = None  # None: HTTPS 443 to any address
+    proxy: FirewallProxy | None = None  # None: HTTPS 443 to any address
     devices: tuple[DeviceRule, ...] = ()
 
 
@@ -270,7 +270,7 @@ def build(policy: Policy) -> Ruleset:
     return Ruleset(counters=COUNTERS, sets=dict(b.sets), chains=chains)
 
 
-def _proxy_rules(b: _Builder, proxy: Proxy, lan_sets: Mapping[Family, str | None]) -> None:
+def _proxy_rules(b: _Builder, proxy: FirewallProxy, lan_sets: Mapping[Family, str | None]) -> None:
     _port_ok(proxy.port, "wan.proxy")
     comment = f"wan out: proxy {proxy.host}:{proxy.port}"
     try:

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 
 from appliance.protocol.media import MediaEntry
-from appliance.protocol.sync import LinkError
+from appliance.protocol.wan import HopFailure
 
 __all__ = ["Blob", "CachePlan", "MediaStatus", "budget_bytes", "plan"]
 
@@ -116,7 +116,7 @@ class MediaStatus:
     fill_done_bytes: int = 0
     fill_total_bytes: int = 0
     downloading: list[str] = attrs.field(factory=list)  # keys being fetched now
-    last_error: LinkError | None = None
+    last_error: HopFailure | None = None
     last_error_key: str = ""
     last_error_at: float | None = None
     failing: int = 0  # files whose last attempt failed

@@ -36,6 +36,7 @@ from typing import Any, Final
 import attrs
 
 from appliance.protocol.channel_codec import ChannelProtocolError, check_kind
+from appliance.protocol.events import online_order_event_id
 
 __all__ = [
     "DEFAULT_ROUTING",
@@ -265,4 +266,4 @@ def command_id(message_id: str, device_id: str, *, source: str = "sb") -> str:
 
 def event_id(order_id: str) -> str:
     """The platform event saying the shop received the order (docs/cloud-contract.md)."""
-    return f"online:{order_id}:received"
+    return online_order_event_id(order_id)

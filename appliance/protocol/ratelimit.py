@@ -17,12 +17,12 @@ import enum
 from collections import OrderedDict
 from typing import Final
 
-__all__ = ["RateLimiter", "TokenBucket", "Verdict"]
+__all__ = ["RateLimiter", "RateVerdict", "TokenBucket"]
 
 DEFAULT_MAX_SOURCES: Final = 1024
 
 
-class Verdict(enum.StrEnum):
+class RateVerdict(enum.StrEnum):
     ALLOWED = "allowed"
     SOURCE_LIMITED = "source"  # this source is over its own rate
     GLOBAL_LIMITED = "global"  # every source together is over the global cap
@@ -79,7 +79,7 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._sources)
 
-    def allow(self, source: str, now: float) -> Verdict:
+    def allow(self, source: str, now: float) -> RateVerdict:
         """Whether ``source`` may have one more reply at ``now``; a token is spent if so."""
         bucket = self._sources.get(source)
         if bucket is None:
@@ -92,9 +92,9 @@ class RateLimiter:
         if self._global is None:
             self._global = TokenBucket(rate_per_s=self.global_rate_per_s, burst=self.global_burst, now=now)
         if not bucket.has_token(now):
-            return Verdict.SOURCE_LIMITED
+            return RateVerdict.SOURCE_LIMITED
         if not self._global.has_token(now):
-            return Verdict.GLOBAL_LIMITED
+            return RateVerdict.GLOBAL_LIMITED
         bucket.take()
         self._global.take()
-        return Verdict.ALLOWED
+        return RateVerdict.ALLOWED

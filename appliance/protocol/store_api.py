@@ -22,6 +22,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from appliance.protocol.errors import FieldError, NestedErrors, flatten
+from appliance.protocol.events import EVENT_TYPE_OF, RecordKind, event, order_received, record_event_id
 
 __all__ = [
     "CLIENT_ID_MAX",
@@ -257,7 +258,7 @@ def canonical(record: Sale | Order) -> dict[str, Any]:
 
 def event_id_of(kind: str, record_id: str) -> str:
     """The platform event id of a device's sale or order (``sale-<id>``, ``order-<id>``)."""
-    return f"{kind}-{record_id}"
+    return record_event_id(kind, record_id)
 
 
 def event_of(record: Sale | Order, *, received_at: str) -> dict[str, Any]:
@@ -267,11 +268,10 @@ def event_of(record: Sale | Order, *, received_at: str) -> dict[str, Any]:
     del body["id"]
     body.pop("at", None)
     if isinstance(record, Sale):
-        return {"id": event_id_of("sale", record.id), "type": "sale", "at": at, "data": body}
+        return event(id=event_id_of(RecordKind.SALE, record.id), type=EVENT_TYPE_OF[RecordKind.SALE], at=at, data=body)
     # The contract has no event for an order taken on a device: it goes up as its first
     # status, "received", carrying the order itself (the platform keeps unknown fields).
-    return {"id": event_id_of("order", record.id), "type": "order.status", "at": at,
-            "data": {"order_id": record.id, "status": "received", **body}}
+    return order_received(id=event_id_of(RecordKind.ORDER, record.id), order_id=record.id, at=at, **body)
 
 
 def canonical_json(value: Any) -> str:

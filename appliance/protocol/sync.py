@@ -1,4 +1,4 @@
-"""The cloud sync protocol (DESIGN §4, docs/cloud-contract.md), sans-I/O.
+"""The cloud sync protocol (docs/architecture.md §4, docs/cloud-contract.md), sans-I/O.
 
 What is here: the parsers of the platform's answers (a changes page, the NDJSON snapshot
 fed in any chunks, the pairing answer, the events answer, an error body), the table of
@@ -37,6 +37,7 @@ __all__ = [
     "ID_PATTERN",
     "MAX_SNAPSHOT_LINE_BYTES",
     "RETRY_AFTER_MAX_S",
+    "CallVerdict",
     "Change",
     "ChangesPage",
     "Decision",
@@ -51,7 +52,6 @@ __all__ = [
     "SyncProtocolError",
     "SyncStatus",
     "Uplink",
-    "Verdict",
     "batch_key",
     "http_failure",
     "judge",
@@ -326,7 +326,7 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
 # --- what an answer means ----------------------------------------------------------------
 
 
-class Verdict(enum.StrEnum):
+class CallVerdict(enum.StrEnum):
     OK = "ok"
     RETRY = "retry"  # try again later (after delay_s if given, else the backoff)
     REPAIR = "repair"  # the token is refused: the box must be paired again
@@ -336,19 +336,19 @@ class Verdict(enum.StrEnum):
 
 @attrs.frozen(kw_only=True)
 class Decision:
-    verdict: Verdict
+    verdict: CallVerdict
     delay_s: float | None = None
 
 
 # The table: status -> verdict. Anything not listed: 2xx OK, 5xx RETRY, other 4xx REFUSED.
-_STATUS_TABLE: Final[Mapping[int, Verdict]] = {
-    401: Verdict.REPAIR,  # token unknown or revoked
-    403: Verdict.REPAIR,  # token of another store or appliance: a configuration error
-    408: Verdict.RETRY,  # request timeout
-    409: Verdict.RETRY,  # idempotency key still in flight (with Retry-After)
-    410: Verdict.GONE,  # cursor expired
-    425: Verdict.RETRY,  # too early
-    429: Verdict.RETRY,  # rate limited (with Retry-After)
+_STATUS_TABLE: Final[Mapping[int, CallVerdict]] = {
+    401: CallVerdict.REPAIR,  # token unknown or revoked
+    403: CallVerdict.REPAIR,  # token of another store or appliance: a configuration error
+    408: CallVerdict.RETRY,  # request timeout
+    409: CallVerdict.RETRY,  # idempotency key still in flight (with Retry-After)
+    410: CallVerdict.GONE,  # cursor expired
+    425: CallVerdict.RETRY,  # too early
+    429: CallVerdict.RETRY,  # rate limited (with Retry-After)
 }
 
 
@@ -357,12 +357,12 @@ def judge(status: int, *, retry_after_s: float | None = None) -> Decision:
     verdict = _STATUS_TABLE.get(status)
     if verdict is None:
         if 200 <= status < 300:
-            verdict = Verdict.OK
+            verdict = CallVerdict.OK
         elif status >= 500:
-            verdict = Verdict.RETRY
+            verdict = CallVerdict.RETRY
         else:
-            verdict = Verdict.REFUSED
-    return Decision(verdict=verdict, delay_s=retry_after_s if verdict is Verdict.RETRY else None)
+            verdict = CallVerdict.REFUSED
+    return Decision(verdict=verdict, delay_s=retry_after_s if verdict is CallVerdict.RETRY else None)
 
 
 class Pacer:

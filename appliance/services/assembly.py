@@ -64,9 +64,7 @@ def web_parts() -> dict[str, WebParts]:
     parts = {role: WebParts() for role in LISTENER_ROLES}
     parts["admin"] += device_admin_parts()  # the device registry: list, adopt, reject
     parts["admin"] += cloud_admin_parts()  # pairing form, cloud sync status
-    # Online orders first: its GET /v1/orders/{id} answers for online orders and falls
-    # back to the store API's device orders (POST /v1/orders stays the store API's).
-    parts["api"] += online_orders.api_parts()
+    parts["api"] += online_orders.api_parts()  # online orders: GET /v1/orders (the list)
     parts["admin"] += online_orders.admin_parts()  # online orders, the remote support switch
     parts["api"] += store_api_parts()  # catalog, prices, stock; sales and orders in
     parts["api"] += device_commands.api_parts()  # device commands: enqueue and inspect

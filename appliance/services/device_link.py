@@ -12,8 +12,8 @@ the reader (device messages into the window) and the pinger (a WebSocket ping ev
 ``ping_interval_s``; no pong within ``ping_timeout_s`` drops the link).
 
 Teardown: on any error or cancellation the TCP stream itself is closed, never the polite
-WebSocket close (a close after a send cancelled mid-frame corrupts the stream: FINDINGS,
-trio-websocket 0.12). Only a graceful stop, after the writer has finished every send and
+WebSocket close (a close after a send cancelled mid-frame corrupts the stream with
+trio-websocket 0.12: docs/architecture.md §7). Only a graceful stop, after the writer has finished every send and
 every command in flight is settled, closes politely, within a short bound.
 
 A device that sends garbage, the wrong hello, or nothing at all is disconnected and backs
@@ -38,7 +38,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError,
 
 from appliance.config import DispatchConfig
 from appliance.protocol.backoff import Backoff
-from appliance.protocol.channel import Acked, Dead, LinkState, Record, SendWindow, Sent
+from appliance.protocol.channel import Acked, ChannelState, Dead, Record, SendWindow, Sent
 from appliance.protocol.channel_codec import (
     MAX_DEVICE_MESSAGE_BYTES,
     SUBPROTOCOL,
@@ -229,7 +229,7 @@ class DeviceLink:
                     error = _first_leaf(group)
                 finally:
                     self._session_scope = None
-                if self.window.state is not LinkState.DISCONNECTED:
+                if self.window.state is not ChannelState.DISCONNECTED:
                     self.window.connection_lost(self._clock())
                 self.status.connected_since = None
                 await self._flush(force=True)
@@ -320,7 +320,7 @@ class DeviceLink:
                 await ws.ping()
             if scope.cancelled_caught:
                 raise LinkStalled(f"no answer to a WebSocket ping within {cfg.ping_timeout_s:g} s")
-            if self.window.state is LinkState.OPEN:
+            if self.window.state is ChannelState.OPEN:
                 self._proved(backoff)
 
     # --- helpers ---------------------------------------------------------------------

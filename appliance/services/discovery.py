@@ -48,7 +48,7 @@ import trio
 from appliance import __version__
 from appliance.protocol import discovery as wire
 from appliance.protocol.health import Check, Status
-from appliance.protocol.ratelimit import RateLimiter, Verdict
+from appliance.protocol.ratelimit import RateLimiter, RateVerdict
 from appliance.services.http import BindError
 from appliance.services.netif import Interface, beacon_interfaces, interfaces, route_source
 from appliance.services.runtime import Runtime
@@ -263,7 +263,7 @@ class _Discovery:
             return
         metrics.inc("discovery_probes")
         verdict = self._limiter.allow(source[0], trio.current_time())
-        if verdict is not Verdict.ALLOWED:
+        if verdict is not RateVerdict.ALLOWED:
             metrics.inc("discovery_rate_limited", scope=str(verdict))
             return
         await self._reply(message, ancdata, source)

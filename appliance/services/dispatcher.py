@@ -1,4 +1,4 @@
-"""The device dispatcher: pushes each adopted device's outbox to it on TCP 8081 (DESIGN §7).
+"""The device dispatcher: pushes each adopted device's outbox to it on TCP 8081 (docs/architecture.md §7).
 
 One :class:`~appliance.services.device_link.DeviceLink` task per adopted device, started
 and stopped as ``runtime.device_changes`` says the registry changed (a device adopted,

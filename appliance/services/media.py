@@ -30,21 +30,23 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from appliance.config import Config
 from appliance.protocol.backoff import Backoff
 from appliance.protocol.media import MediaEntry, MediaEntryError, RateLimit, parse_entry
 from appliance.protocol.media_cache import Blob, CachePlan, budget_bytes, plan
-from appliance.protocol.sync import Hop, LinkError
+from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.media_files import MediaShelf, hash_file
 from appliance.services.media_health import register
 from appliance.services.runtime import Runtime
 from appliance.services.wan import (
     ProxySettings,
+    Route,
     WanConfigError,
+    client_for,
     close_client,
     locate_failure,
-    open_client,
     parse_proxy,
-    proxy_for,
+    route,
     ssl_context,
 )
 from appliance.storage import media as rows
@@ -60,14 +62,19 @@ RATE_BURST_BYTES: Final = 64 * 1024
 
 
 class _Failed(Exception):
-    def __init__(self, error: LinkError, *, retry_now: bool = False) -> None:
+    def __init__(self, error: HopFailure, *, retry_now: bool = False) -> None:
         self.error, self.retry_now = error, retry_now
         super().__init__(error.message)
 
 
-def _media_failure(url: str, message: str, fix: str, status: int | None = None) -> LinkError:
+def blob_route(config: Config, url: str) -> Route:
+    """The WAN route to a blob storage origin (``https://account.blob.core.windows.net``)."""
+    return route(url, config.wan, ca_file=config.cloud.ca_file)
+
+
+def _media_failure(url: str, message: str, fix: str, status: int | None = None) -> HopFailure:
     parts = urlsplit(url)
-    return LinkError(hop=Hop.HTTP, target=f"{parts.hostname}:{parts.port or 443}", message=message, fix=fix,
+    return HopFailure(hop=Hop.HTTP, target=f"{parts.hostname}:{parts.port or 443}", message=message, fix=fix,
                      status=status)
 
 
@@ -236,7 +243,7 @@ class MediaFetcher:
             finally:
                 self.status.downloading.remove(entry.key)
 
-    def _failed(self, entry: MediaEntry, blob: Blob, error: LinkError) -> None:
+    def _failed(self, entry: MediaEntry, blob: Blob, error: HopFailure) -> None:
         backoff, _ = self._backoff.get(blob.sha256, (None, 0.0))
         if backoff is None:
             backoff = Backoff(self.config.backoff_initial_s, max(self.config.backoff_initial_s,
@@ -253,10 +260,10 @@ class MediaFetcher:
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         if origin not in self._clients:
-            wan, cloud = self.runtime.config.wan, self.runtime.config.cloud
-            client = open_client(origin, proxy=wan.proxy, no_proxy=wan.no_proxy, ca_file=cloud.ca_file,
-                                 connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
-            self._clients[origin] = (client, proxy_for(parts.hostname or "", proxy=wan.proxy, no_proxy=wan.no_proxy))
+            cloud = self.runtime.config.cloud
+            target = blob_route(self.runtime.config, origin)
+            client = client_for(target, connect_timeout_s=cloud.connect_timeout_s, read_timeout_s=cloud.read_timeout_s)
+            self._clients[origin] = (client, target.proxy)
         return self._clients[origin]
 
     async def download(self, entry: MediaEntry, blob: Blob) -> None:
@@ -267,7 +274,7 @@ class MediaFetcher:
             await trio.to_thread.run_sync(shelf.drop_partial, sha)
             have, etag = 0, ""
         if free - (size - have) < self.config.min_free_bytes:
-            raise _Failed(LinkError(hop=Hop.HTTP, target="disk", status=None,
+            raise _Failed(HopFailure(hop=Hop.HTTP, target="disk", status=None,
                                     message=f"{entry.key} ({size} bytes) would leave less free disk than "
                                             f"{self.config.min_free_bytes} bytes",
                                     fix="free disk space, or lower [media] max_bytes"))

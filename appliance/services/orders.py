@@ -1,4 +1,4 @@
-"""The online orders receiver (DESIGN §5, docs/orders.md): Service Bus -> devices, once.
+"""The online orders receiver (docs/architecture.md §5, docs/orders.md): Service Bus -> devices, once.
 
 One trio task (:func:`~appliance.services.queue_consumer.consume`) drives the store's
 orders queue in peek-lock. For each message, in this order:
@@ -31,7 +31,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final
 
@@ -41,10 +40,11 @@ import trio
 from appliance.config import Config, ServiceBusConfig
 from appliance.protocol.health import Check, Status
 from appliance.protocol.orders import BUS_FIELDS, OnlineOrder, OrderError, bus_settings, parse_order
-from appliance.services.queue_consumer import OpenLink, Settle, Verdict, consume
+from appliance.services.queue_consumer import Disposition, OpenLink, Settle, consume
 from appliance.services.runtime import Runtime
 from appliance.services.servicebus import LinkOptions, ReceivedMessage, open_queue_link
 from appliance.services.state import QueueLinkStatus, QueuePhase
+from appliance.services.timestamps import rfc3339
 from appliance.storage.orders import RETENTION_S, Recorded, order_targets, prune_orders, record_order
 
 __all__ = ["LINK_FAIL_AFTER_S", "link_options", "run_orders"]
@@ -83,10 +83,6 @@ def link_options(runtime: Runtime, section: ServiceBusConfig, name: str) -> Link
     return attrs.evolve(LinkOptions.from_config(merged, runtime.config.wan), socket_timeout_s=SOCKET_POLL_S)
 
 
-def _rfc3339(when: float) -> str:
-    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class OrderReceiver:
     """Handles one message at a time (the consumer calls it from its one task)."""
 
@@ -103,7 +99,7 @@ class OrderReceiver:
                now: float) -> Recorded:
         return record_order(conn, message_id=key, order=order,
                             device_ids=order_targets(conn, order.kind, self.cfg.routing),
-                            at=_rfc3339(now), now=now, delivery_count=msg.delivery_count)
+                            at=rfc3339(now), now=now, delivery_count=msg.delivery_count)
 
     async def handle(self, msg: ReceivedMessage) -> Settle:
         metrics = self.runtime.metrics
@@ -112,8 +108,8 @@ class OrderReceiver:
         except OrderError as exc:
             metrics.inc("orders_dead_lettered")
             log.warning("online order message %s is not an order; dead-lettered: %s", msg.message_id or "?", exc)
-            return Settle(verdict=Verdict.DEAD_LETTER, reason="not a valid order", description=str(exc))
-        # message_id is the dedup key (DESIGN §5); a sender that sets none still gets
+            return Settle(verdict=Disposition.DEAD_LETTER, reason="not a valid order", description=str(exc))
+        # message_id is the dedup key (docs/architecture.md §5); a sender that sets none still gets
         # exactly-once through the order id.
         key = msg.message_id or f"order:{order.order_id}"
         now = self.clock()
@@ -134,9 +130,9 @@ class OrderReceiver:
             metrics.inc("orders_duplicates")
             log.info("online order message %s was taken before (delivery %d): nothing new", key,
                      msg.delivery_count)
-        if self.cfg.test_pause_after_commit_s:
-            log.warning("orders: test pause of %g s after the commit of %s", self.cfg.test_pause_after_commit_s, key)
-            await trio.sleep(self.cfg.test_pause_after_commit_s)
+        if pause_s := self.cfg.testing.pause_after_commit_s:
+            log.warning("orders: test pause of %g s after the commit of %s", pause_s, key)
+            await trio.sleep(pause_s)
         return Settle()
 
 

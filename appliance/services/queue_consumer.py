@@ -46,7 +46,7 @@ from appliance.services.servicebus import (
 )
 from appliance.services.state import QueueLinkStatus, QueuePhase
 
-__all__ = ["CLOSE_TIMEOUT_S", "OpenLink", "Settle", "Verdict", "consume"]
+__all__ = ["CLOSE_TIMEOUT_S", "Disposition", "OpenLink", "Settle", "consume"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ AUTH_BACKOFF_MAX_S: Final = 600.0
 OpenLink = Callable[[LinkOptions], AsyncQueueLink]
 
 
-class Verdict(enum.Enum):
+class Disposition(enum.Enum):
     COMPLETE = "complete"
     DEAD_LETTER = "dead_letter"
     ABANDON = "abandon"
@@ -78,7 +78,7 @@ class Verdict(enum.Enum):
 class Settle:
     """What to do with a message once handled."""
 
-    verdict: Verdict = Verdict.COMPLETE
+    verdict: Disposition = Disposition.COMPLETE
     reason: str = ""
     description: str = ""
 
@@ -98,10 +98,10 @@ async def _close(link: AsyncQueueLink, name: str) -> None:
 
 async def _settle(link: AsyncQueueLink, state: QueueLinkStatus, msg: ReceivedMessage, settle: Settle) -> None:
     try:
-        if settle.verdict is Verdict.DEAD_LETTER:
+        if settle.verdict is Disposition.DEAD_LETTER:
             await link.dead_letter(msg, settle.reason, settle.description)
             state.dead_lettered += 1
-        elif settle.verdict is Verdict.ABANDON:
+        elif settle.verdict is Disposition.ABANDON:
             await link.abandon(msg)
             state.abandoned += 1
         else:

@@ -4,7 +4,7 @@ Service Bus is reached only by AMQP over WebSockets (``wss://<namespace>:443/$se
 websocket``), optionally through the box's HTTP proxy, with TLS always verified. The link
 receives in peek-lock: a message stays locked (invisible to others) until it is completed,
 abandoned or dead-lettered; one still locked when the link closes comes back later with its
-delivery count raised, so the consumer must be idempotent on ``message_id`` (DESIGN §5).
+delivery count raised, so the consumer must be idempotent on ``message_id`` (docs/architecture.md §5).
 
 Two layers:
 
@@ -194,7 +194,7 @@ class LinkOptions:
             queue=queue or sb.queue,
             sas_key_name=sb.sas_key_name,
             sas_key=sb.sas_key,
-            endpoint=sb.endpoint,
+            endpoint=sb.testing.endpoint,
             ca_file=sb.ca_file,
             proxy=proxy,
             max_wait_s=sb.max_wait_s,

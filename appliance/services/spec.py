@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 import attrs
+import trio
 
-__all__ = ["ServiceSpec"]
+from appliance.services.runtime import Runtime
+
+__all__ = ["ServiceRun", "ServiceSpec"]
+
+
+class ServiceRun(Protocol):
+    """A service's task: ``run(runtime, *, task_status)``; mypy refuses another signature."""
+
+    def __call__(self, runtime: Runtime, *, task_status: trio.TaskStatus[Any] = ...) -> Awaitable[None]: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -20,7 +30,7 @@ class ServiceSpec:
     """
 
     name: str
-    run: Callable[..., Awaitable[None]]
+    run: ServiceRun
     core: bool = True
     graceful: bool = False
     enabled: bool = True

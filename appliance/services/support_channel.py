@@ -1,4 +1,4 @@
-"""The remote support channel (DESIGN §5): support staff reach the box through a Service
+"""The remote support channel (docs/architecture.md §5): support staff reach the box through a Service
 Bus queue on the second namespace (koostodesapp-ns), the box answers over HTTPS.
 
 Off by default. It is switched on by ``[support] enabled = true`` (from the start) or by
@@ -37,7 +37,7 @@ from appliance import __version__
 from appliance.protocol.health import Check, Status
 from appliance.protocol.support import SupportKind, SupportRequest, SupportRequestError, parse_request
 from appliance.services.orders import link_options
-from appliance.services.queue_consumer import OpenLink, Settle, Verdict, consume
+from appliance.services.queue_consumer import Disposition, OpenLink, Settle, consume
 from appliance.services.runtime import Runtime
 from appliance.services.servicebus import ReceivedMessage, open_queue_link
 from appliance.services.state import QueueLinkStatus, QueuePhase, SupportWindow
@@ -164,7 +164,7 @@ class SupportHandler:
             request = parse_request(msg.body)
         except SupportRequestError as exc:
             log.warning("support: message %s is not a request; dead-lettered: %s", msg.message_id or "?", exc)
-            return Settle(verdict=Verdict.DEAD_LETTER, reason="not a valid support request", description=str(exc))
+            return Settle(verdict=Disposition.DEAD_LETTER, reason="not a valid support request", description=str(exc))
         log.info("support: %s request %s", request.kind, request.request_id)
         body = {"status": "ok", "kind": str(request.kind), "body": await self.run(request)}
         try:
@@ -172,7 +172,7 @@ class SupportHandler:
         except ReplyFailed as exc:
             log.warning("support: cannot send the reply to %s: %s; it will come again", request.request_id, exc)
             await trio.sleep(REPLY_RETRY_S)
-            return Settle(verdict=Verdict.ABANDON)
+            return Settle(verdict=Disposition.ABANDON)
         return Settle()
 
 

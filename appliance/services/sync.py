@@ -1,4 +1,4 @@
-"""The cloud sync service (DESIGN §4, docs/cloud-contract.md): three loops on one client.
+"""The cloud sync service (docs/architecture.md §4, docs/cloud-contract.md): three loops on one client.
 
 - pull: pages of changes, each applied in one transaction together with its cursor; a
   410 (or no cursor yet) reads the snapshot, streamed into a staging table in batches
@@ -25,7 +25,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final
 
@@ -35,6 +34,7 @@ import trio
 from appliance import __version__
 from appliance.protocol.health import Check, Status, worst
 from appliance.protocol.sync import (
+    CallVerdict,
     LoopStatus,
     Pacer,
     SnapshotEnd,
@@ -42,7 +42,6 @@ from appliance.protocol.sync import (
     SnapshotRecord,
     SyncProtocolError,
     Uplink,
-    Verdict,
     batch_key,
     http_failure,
     judge,
@@ -56,6 +55,7 @@ from appliance.services.pairing import mark_repair_needed
 from appliance.services.runtime import Runtime
 from appliance.services.signal import ChangeSignal
 from appliance.services.sync_health import register
+from appliance.services.timestamps import rfc3339
 from appliance.services.wan import (
     ProxySettings,
     WanConfigError,
@@ -86,7 +86,7 @@ from appliance.storage.events import (
 )
 from appliance.storage.pairing import StoreLink
 
-__all__ = ["SNAPSHOT_BATCH_ROWS", "CloudSync", "json_text", "rfc3339", "run_sync"]
+__all__ = ["SNAPSHOT_BATCH_ROWS", "CloudSync", "json_text", "run_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,6 @@ SNAPSHOT_BATCHES_QUEUED: Final = 2
 # A snapshot whose cursor is refused right away again means something is wrong on the
 # platform; stop and back off instead of reading snapshots in a loop.
 SNAPSHOTS_PER_ROUND_MAX: Final = 2
-
-
-def rfc3339(when: float) -> str:
-    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def json_text(value: Any) -> str:
@@ -146,8 +142,8 @@ def _write_of(entity: str, key: str, data: Mapping[str, Any] | None, seq: int = 
 class _CallFailed(Exception):
     """One call to the platform did not succeed; ``verdict`` says what to do about it."""
 
-    def __init__(self, error: HopFailure, *, verdict: Verdict = Verdict.RETRY, retry_after_s: float | None = None,
-                 code: str = "") -> None:
+    def __init__(self, error: HopFailure, *, verdict: CallVerdict = CallVerdict.RETRY,
+                 retry_after_s: float | None = None, code: str = "") -> None:
         self.error, self.verdict, self.retry_after_s, self.code = error, verdict, retry_after_s, code
         super().__init__(error.message)
 
@@ -249,7 +245,7 @@ class CloudSync:
 
     async def _on_failure(self, store: StoreLink, loop: LoopStatus, pacer: Pacer, failed: _CallFailed,
                           name: str, *, paired_seen: int) -> None:
-        if failed.verdict is Verdict.REPAIR:
+        if failed.verdict is CallVerdict.REPAIR:
             loop.failed(failed.error, self.clock())
             await mark_repair_needed(self.runtime, store)
             return
@@ -310,7 +306,7 @@ class CloudSync:
                 page_body = await self.call(store, "GET", f"/v1/stores/{store.store_id}/changes",
                                             params={"cursor": cursor, "limit": str(min(self.cfg.page_limit, 1000))})
             except _CallFailed as failed:
-                if failed.verdict is Verdict.GONE or failed.code == "invalid_cursor":
+                if failed.verdict is CallVerdict.GONE or failed.code == "invalid_cursor":
                     log.info("cursor %s refused (%s): reading the snapshot", cursor, failed.code or "410")
                     await db.write(require_snapshot)
                     cursor = None
@@ -436,7 +432,7 @@ class CloudSync:
             body = await self.call(store, "POST", f"/v1/stores/{store.store_id}/events", content=content,
                                    headers={"Idempotency-Key": batch.key})
         except _CallFailed as failed:
-            if failed.verdict is not Verdict.REFUSED:
+            if failed.verdict is not CallVerdict.REFUSED:
                 raise
             if self.uplink.refused(len(batch.events), status=failed.error.status or 0, code=failed.code):
                 await db.write(partial(reject_batch, key=batch.key, reason=failed.error.message, now=self.clock()))

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import attrs
 
+from appliance.protocol.events import RecordKind, order_received
 from appliance.protocol.orders import OnlineOrder, canonical_json, choose_routing, command_id, event_id, targets
 from appliance.storage.catalog import get_item
 from appliance.storage.devices import list_adopted
@@ -92,9 +93,8 @@ def record_order(
                      "VALUES (?, ?, ?, ?)", (message_id, cid, device_id, order.kind))
     if order.kind == "order.created":
         eid = event_id(order.order_id)
-        event = {"id": eid, "type": "order.status", "at": at,
-                 "data": {"order_id": order.order_id, "status": "received", "source": "online"}}
-        enqueue_event(conn, id=eid, kind="order", body=canonical_json(event), now=now)
+        event = order_received(id=eid, order_id=order.order_id, at=at, source="online")
+        enqueue_event(conn, id=eid, kind=RecordKind.ORDER, body=canonical_json(event), now=now)
     return Recorded(created=True, commands=tuple(made))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
@@ -22,25 +22,15 @@ from appliance.config import PORT_ROLES
 from appliance.protocol.health import Check, Status, summary
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
+from appliance.services.web.kit import AMBER, GREEN, GREY, RED, TEXT, JsonResponse, page
 from appliance.services.web.parts import WebParts
 
-__all__ = ["create_app", "page", "status"]
+__all__ = ["create_app", "status"]
 
-_STATE_COLOURS = {"running": "#1a7f37", "starting": "#9a6700", "restarting": "#9a6700",
-                  "failed": "#cf222e", "disabled": "#6e7781", "stopped": "#6e7781"}
+_STATE_COLOURS = {"running": GREEN, "starting": AMBER, "restarting": AMBER, "failed": RED, "disabled": GREY,
+                  "stopped": GREY}
 
-_CHECK_COLOURS = {Status.OK: "#1a7f37", Status.WARN: "#9a6700", Status.FAIL: "#cf222e"}
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f8fa;color:#1f2328}
-header{background:#0b3d61;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
-header p{margin:4px 0 0;opacity:.85;font-size:14px}
-main{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(380px,1fr))}
-section{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 16px;overflow-x:auto;min-width:0}
-h2{font-size:16px;margin:4px 0 10px}table{border-collapse:collapse;width:100%;font-size:14px}
-td,th{text-align:left;padding:4px 6px;border-bottom:1px solid #eaeef2;vertical-align:top;overflow-wrap:break-word}
-.state{font-weight:600}.muted{color:#6e7781}form{display:inline}button{font-size:13px}
-"""
+_CHECK_COLOURS = {Status.OK: GREEN, Status.WARN: AMBER, Status.FAIL: RED}
 
 
 def uptime_text(seconds: float) -> str:
@@ -67,20 +57,10 @@ async def status(runtime: Runtime, parts: WebParts) -> dict[str, Any]:
     return data
 
 
-def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        "<meta name=viewport content='width=device-width,initial-scale=1'>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p></header>"
-        f"<main>{''.join(sections)}</main></body></html>"
-    )
-
-
 def _services_section(runtime: Runtime) -> str:
     rows = []
     for s in runtime.board.all():
-        colour = _STATE_COLOURS.get(str(s.state), "#1f2328")
+        colour = _STATE_COLOURS.get(str(s.state), TEXT)
         note = s.last_error if s.last_error else s.detail
         rows.append(
             f"<tr><td>{html.escape(s.name)}{' <span class=muted>(core)</span>' if s.core else ''}</td>"
@@ -130,7 +110,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         return HTMLResponse(body)
 
     async def api_status(request: Request) -> Response:
-        return JSONResponse(await status(runtime, parts))
+        return JsonResponse(await status(runtime, parts))
 
     routes: list[BaseRoute] = [Route("/", homepage), Route("/api/status", api_status)]
     routes += parts.routes_for(runtime)

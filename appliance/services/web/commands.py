@@ -28,15 +28,15 @@ from functools import partial
 from typing import Any, Final, cast
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.protocol.channel_codec import ChannelProtocolError, check_command_id, check_kind, encode_body
 from appliance.services.device_link import DeviceLinkPhase
 from appliance.services.dispatcher import enqueue
 from appliance.services.runtime import Runtime
-from appliance.services.web.admin import page
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.kit import AMBER, GREEN, GREY, RED, JsonResponse, ago, not_done
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import AdoptionState, get_device
 from appliance.storage.outbox import (
@@ -129,7 +129,7 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         answer = {"id": done.id, "device_id": device_id, "seq": done.seq,
                   "state": str(row.state) if row is not None else "queued", "created": done.created}
         location = f"/v1/devices/{urllib.parse.quote(device_id)}/commands/{done.id}"
-        return JSONResponse(answer, status_code=201 if done.created else 200, headers={"Location": location})
+        return JsonResponse(answer, status_code=201 if done.created else 200, headers={"Location": location})
 
     async def listing(request: Request) -> Response:
         require_admin(request, runtime)
@@ -149,7 +149,7 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
             raise ApiError(400, "bad query", errors)
         await _adopted_or_raise(runtime, device_id, must_be_adopted=False)
         rows = await runtime.db.read(partial(list_commands, device_id=device_id, state=state, limit=int(limit_text)))
-        return JSONResponse({"device_id": device_id, "commands": [r.as_dict() for r in rows]})
+        return JsonResponse({"device_id": device_id, "commands": [r.as_dict() for r in rows]})
 
     async def one(request: Request) -> Response:
         require_admin(request, runtime)
@@ -157,7 +157,7 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         row = await runtime.db.read(partial(get_command, command_id=command_id))
         if row is None or row.device_id != device_id:
             raise ApiError(404, f"no command {command_id!r} for device {device_id!r}")
-        return JSONResponse({"command": row.as_dict()})
+        return JsonResponse({"command": row.as_dict()})
 
     return [
         Route("/v1/devices/{device_id}/commands", post, methods=["POST"]),
@@ -186,24 +186,14 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
                           {"text": "test command from the store appliance's homepage", "sent_at": now},
                           now + TEST_TTL_S)
         except FormError as exc:
-            body = page("Store appliance", "device links",
-                        [f"<section><h2>Not sent</h2><p>{html.escape(exc.message)}</p>"
-                         "<p><a href='/#device-links'>Back to the homepage</a></p></section>"])
-            return HTMLResponse(body, status_code=exc.status)
+            return not_done(exc.status, exc.message, subtitle="device links", anchor="device-links", heading="Not sent")
         return RedirectResponse("/#device-links", status_code=303)
 
     return [Route("/devices/test-command", test_command, methods=["POST"])]
 
 
-def _ago(now: float, at: float | None) -> str:
-    if at is None:
-        return "never"
-    s = max(0, int(now - at))
-    return f"{s} s ago" if s < 120 else f"{s // 60} min ago" if s < 7200 else f"{s // 3600} h ago"
-
-
-_PHASE_COLOURS: Final = {DeviceLinkPhase.CONNECTED: "#1a7f37", DeviceLinkPhase.CONNECTING: "#9a6700",
-                         DeviceLinkPhase.BACKING_OFF: "#cf222e", DeviceLinkPhase.STOPPED: "#6e7781"}
+_PHASE_COLOURS: Final = {DeviceLinkPhase.CONNECTED: GREEN, DeviceLinkPhase.CONNECTING: AMBER,
+                         DeviceLinkPhase.BACKING_OFF: RED, DeviceLinkPhase.STOPPED: GREY}
 
 
 async def links_section(runtime: Runtime) -> str:
@@ -226,7 +216,8 @@ async def links_section(runtime: Runtime) -> str:
             f"<tr><td>{html.escape(t.name)}<br><span class=muted>{html.escape(t.id)}</span></td>"
             f"<td>{html.escape(t.address)}:{t.port}</td>"
             f"<td class=state style='color:{_PHASE_COLOURS[s.phase]}'>{s.phase}</td>"
-            f"<td>{_ago(now, s.last_ack_at)}</td><td>{waiting.depth if waiting else 0}</td>"
+            f"<td>{ago(None if s.last_ack_at is None else now - s.last_ack_at)}</td>"
+            f"<td>{waiting.depth if waiting else 0}</td>"
             f"<td>{html.escape(note)}{fix}</td>"
             f"<td><button name=device value='{value}'>Send test command</button></td></tr>"
         )

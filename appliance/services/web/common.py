@@ -15,11 +15,12 @@ from typing import Any, Final
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.services.runtime import Runtime
+from appliance.services.web.kit import JsonResponse
 
 __all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "check_form_token", "json_error", "parse_form", "read_form",
            "read_json", "require_admin", "service_app"]
@@ -89,11 +90,11 @@ def check_form_token(form: dict[str, str], runtime: Runtime, *, consequence: str
 
 def json_error(
     status: int, message: str, errors: Sequence[str] = (), headers: dict[str, str] | None = None
-) -> JSONResponse:
+) -> JsonResponse:
     body: dict[str, Any] = {"error": message}
     if errors:
         body["errors"] = list(errors)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JsonResponse(body, status_code=status, headers=headers)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -134,7 +135,7 @@ def service_app(name: str, runtime: Runtime, routes: Sequence[BaseRoute] = ()) -
     """A Starlette app for listener ``name`` with /healthz and JSON errors."""
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"service": name, "status": "ok", "version": __version__})
+        return JsonResponse({"service": name, "status": "ok", "version": __version__})
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

@@ -26,12 +26,12 @@ from functools import partial
 from typing import Any, Final
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.services.runtime import Runtime
-from appliance.services.web.admin import page
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, require_admin
+from appliance.services.web.kit import AMBER, GREEN, GREY, JsonResponse, ago, not_done
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import (
     AdoptionState,
@@ -59,14 +59,14 @@ async def _change(runtime: Runtime, device_id: str, state: AdoptionState) -> tup
 def routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def api_list(request: Request) -> Response:
         devices = await runtime.db.read(list_devices)
-        return JSONResponse({"devices": [d.as_dict() for d in devices]})
+        return JsonResponse({"devices": [d.as_dict() for d in devices]})
 
     async def api_one(request: Request) -> Response:
         device_id = request.path_params["device_id"]
         device = await runtime.db.read(partial(get_device, device_id=device_id))
         if device is None:
             raise ApiError(404, f"no device {device_id!r} in the registry")
-        return JSONResponse({"device": device.as_dict()})
+        return JsonResponse({"device": device.as_dict()})
 
     async def api_action(request: Request) -> Response:
         require_admin(request, runtime)
@@ -79,7 +79,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             raise ApiError(404, str(exc)) from exc
         except DeclaredInConfig as exc:
             raise ApiError(409, str(exc)) from exc
-        return JSONResponse({"device": device.as_dict(), "changed": changed})
+        return JsonResponse({"device": device.as_dict(), "changed": changed})
 
     async def form_action(request: Request) -> Response:
         try:
@@ -96,10 +96,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             except DeclaredInConfig as exc:
                 raise FormError(409, f"{exc}.") from exc
         except FormError as exc:
-            body = page("Store appliance", "device adoption",
-                        [f"<section><h2>Not done</h2><p>{html.escape(exc.message)}</p>"
-                         "<p><a href='/#devices'>Back to the homepage</a></p></section>"])
-            return HTMLResponse(body, status_code=exc.status)
+            return not_done(exc.status, exc.message, subtitle="device adoption", anchor="devices")
         return RedirectResponse("/#devices", status_code=303)
 
     return [
@@ -110,21 +107,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
     ]
 
 
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s} s ago"
-    if s < 7200:
-        return f"{s // 60} min ago"
-    if s < 172800:
-        return f"{s // 3600} h ago"
-    return f"{s // 86400} days ago"
-
-
-_STATE_COLOURS: Final = {AdoptionState.ADOPTED: "#1a7f37", AdoptionState.PENDING: "#9a6700",
-                         AdoptionState.REJECTED: "#6e7781"}
+_STATE_COLOURS: Final = {AdoptionState.ADOPTED: GREEN, AdoptionState.PENDING: AMBER, AdoptionState.REJECTED: GREY}
 
 
 def _buttons(device: Device) -> str:
@@ -150,7 +133,7 @@ async def devices_section(runtime: Runtime) -> str:
             f"<tr><td>{html.escape(d.name or d.id)}<br><span class=muted>{html.escape(d.id)}</span></td>"
             f"<td>{html.escape(d.kind)}</td><td>{html.escape(d.address)}:{d.port}</td>"
             f"<td class=state style='color:{_STATE_COLOURS[d.state]}'>{d.state}</td>"
-            f"<td>{_ago(seen)}</td><td>{_buttons(d)}</td></tr>"
+            f"<td>{ago(seen)}</td><td>{_buttons(d)}</td></tr>"
         )
     discovery = runtime.config.discovery
     port = runtime.ports.of("discovery")

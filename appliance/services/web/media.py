@@ -25,13 +25,14 @@ from typing import Final
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from appliance.protocol.media import ByteRange, MediaEntry, MediaEntryError, etag_matches, parse_entry, parse_range
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, bearer_token, json_error, service_app
+from appliance.services.web.kit import JsonResponse
 from appliance.services.web.parts import WebParts
 from appliance.storage import media as rows
 
@@ -128,7 +129,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
             span = None  # RFC 9110 §13.1.5: the client's copy is another version: send it all
         if span is not None and not isinstance(span, ByteRange):
             os.close(fd)
-            return JSONResponse({"error": f"range not satisfiable: {key} has {size} bytes"}, status_code=416,
+            return JsonResponse({"error": f"range not satisfiable: {key} has {size} bytes"}, status_code=416,
                                 headers={**headers, "Content-Range": span.content_range()})
         shelf.note_served(sha, time.time())
         headers["Content-Type"] = entry.content_type

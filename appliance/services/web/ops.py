@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from appliance.protocol.health import exit_code, summary, worst
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
+from appliance.services.web.kit import JsonResponse
 from appliance.services.web.parts import WebParts
 
 __all__ = ["create_app"]
@@ -23,15 +24,15 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     async def readyz(request: Request) -> Response:
         reasons = runtime.board.not_ready()
         if reasons:
-            return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
-        return JSONResponse({"ready": True, "reasons": []})
+            return JsonResponse({"ready": False, "reasons": reasons}, status_code=503)
+        return JsonResponse({"ready": True, "reasons": []})
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def health(request: Request) -> Response:
         checks = await runtime.health.run_all()
-        return JSONResponse({
+        return JsonResponse({
             "status": str(worst(checks)),
             "exit_code": exit_code(checks),
             "summary": summary(checks),

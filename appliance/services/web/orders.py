@@ -18,43 +18,31 @@ Admin listener (port 80): homepage sections "Online orders" and "Remote support"
 from __future__ import annotations
 
 import html
-import json
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any, Final
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from appliance.protocol.store_api import event_id_of
 from appliance.services.runtime import Runtime
 from appliance.services.state import QueueLinkStatus, QueuePhase
 from appliance.services.support_channel import switch_support
-from appliance.services.web.admin import page
+from appliance.services.timestamps import rfc3339
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.kit import AMBER, GREEN, RED, JsonResponse, not_done, row
 from appliance.services.web.parts import WebParts
-from appliance.storage.events import get_received, upload_state
-from appliance.storage.orders import LIST_MAX, get_order, list_orders, order_counts
+from appliance.storage.orders import LIST_MAX, list_orders, order_counts
 
 __all__ = ["admin_parts", "api_parts"]
 
 LIST_DEFAULT: Final = 50
 RECENT_SHOWN: Final = 5
-_GREEN, _AMBER, _RED = "#1a7f37", "#9a6700", "#cf222e"
-_PHASE_COLOURS: Final = {QueuePhase.CONNECTED: _GREEN, QueuePhase.CONNECTING: _AMBER, QueuePhase.RETRYING: _AMBER,
-                         QueuePhase.UNCONFIGURED: _AMBER, QueuePhase.AUTH_FAILED: _RED, QueuePhase.CONFIG_ERROR: _RED}
-
-
-def _rfc3339(when: float) -> str:
-    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _json(content: Any, status_code: int = 200) -> Response:
-    return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace"),
-                    status_code=status_code, media_type="application/json")
+_PHASE_COLOURS: Final = {QueuePhase.CONNECTED: GREEN, QueuePhase.CONNECTING: AMBER, QueuePhase.RETRYING: AMBER,
+                         QueuePhase.UNCONFIGURED: AMBER, QueuePhase.AUTH_FAILED: RED, QueuePhase.CONFIG_ERROR: RED}
 
 
 def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
@@ -70,25 +58,12 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
             raise ApiError(400, f"source must be online or device, got {source!r}")
         orders = await db.read(partial(list_orders, limit=int(raw), source=source))
         for order in orders:
-            order["received_at"] = _rfc3339(order["received_at"])
-        return _json({"orders": orders})
+            order["received_at"] = rfc3339(order["received_at"])
+        return JsonResponse({"orders": orders})
 
-    async def one(request: Request) -> Response:
-        require_admin(request, runtime)
-        order_id = request.path_params["id"]
-        online = await db.read(partial(get_order, order_id=order_id))
-        if online is not None:
-            online["received_at"] = _rfc3339(online["received_at"])
-            return _json(online)
-        # Not an online order: answer as the store API answers for a device's order.
-        receipt = await db.read(partial(get_received, kind="order", id=order_id))
-        if receipt is None:
-            raise ApiError(404, f"no order with id {order_id!r} on this box")
-        upload = await db.read(partial(upload_state, event_id=event_id_of("order", order_id)))
-        return _json({"order": json.loads(receipt.body), "received_at": _rfc3339(receipt.received_at),
-                      "upload": upload})
-
-    return [Route("/v1/orders", listing, methods=["GET"]), Route("/v1/orders/{id}", one, methods=["GET"])]
+    # GET /v1/orders/{id} is the store API's (appliance.services.web.store): it answers for
+    # online orders and devices' orders alike.
+    return [Route("/v1/orders", listing, methods=["GET"])]
 
 
 def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
@@ -99,7 +74,7 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         if not isinstance(enabled, bool) or set(body) != {"enabled"}:
             raise ApiError(400, 'expected {"enabled": true} or {"enabled": false}')
         window = await switch_support(runtime, enabled)
-        return JSONResponse({"support": window.describe(), "until": window.until_wall})
+        return JsonResponse({"support": window.describe(), "until": window.until_wall})
 
     async def switch_form(request: Request) -> Response:
         """The homepage buttons (no JavaScript: a form with the admin token)."""
@@ -110,20 +85,12 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
             if action not in ("on", "off"):
                 raise FormError(400, f"Unknown action {action!r}; the support channel was not changed.")
         except FormError as exc:
-            body = page("Store appliance", "remote support",
-                        [f"<section><h2>Not done</h2><p>{html.escape(exc.message)}</p>"
-                         "<p><a href='/#support-channel'>Back to the homepage</a></p></section>"])
-            return HTMLResponse(body, status_code=exc.status)
+            return not_done(exc.status, exc.message, subtitle="remote support", anchor="support-channel")
         await switch_support(runtime, action == "on")
         return RedirectResponse("/#support-channel", status_code=303)
 
     return [Route("/api/support-channel", switch, methods=["POST"]),
             Route("/support-channel/action", switch_form, methods=["POST"])]
-
-
-def _row(label: str, value: str, colour: str = "") -> str:
-    style = f" class=state style='color:{colour}'" if colour else ""
-    return f"<tr><td>{html.escape(label)}</td><td{style}>{value}</td></tr>"
 
 
 def _link_rows(state: QueueLinkStatus) -> list[str]:
@@ -132,13 +99,13 @@ def _link_rows(state: QueueLinkStatus) -> list[str]:
              QueuePhase.UNCONFIGURED: f"waiting: {state.detail}", QueuePhase.RETRYING: "cannot connect; retrying",
              QueuePhase.AUTH_FAILED: "the namespace refused the key: check the pairing",
              QueuePhase.CONFIG_ERROR: "the settings cannot work", QueuePhase.OFF: "off"}
-    rows = [_row("link", esc(words[state.phase]), _PHASE_COLOURS.get(state.phase, ""))]
+    rows = [row("link", esc(words[state.phase]), _PHASE_COLOURS.get(state.phase, ""))]
     if state.queue:
-        rows.append(_row("queue", esc(f"{state.queue} on {state.namespace}")))
+        rows.append(row("queue", esc(f"{state.queue} on {state.namespace}")))
     if state.phase is not QueuePhase.CONNECTED and state.last_error:
-        rows.append(_row("last error", esc(state.last_error), _RED))
+        rows.append(row("last error", esc(state.last_error), RED))
         if state.next_try_at:
-            rows.append(_row("next try", f"in {max(0, int(state.next_try_at - time.time()))} s"))
+            rows.append(row("next try", f"in {max(0, int(state.next_try_at - time.time()))} s"))
     return rows
 
 
@@ -151,10 +118,10 @@ async def orders_section(runtime: Runtime) -> str:
     counts = await runtime.db.read(order_counts)
     last = "none yet" if state.last_message_at is None else \
         datetime.fromtimestamp(state.last_message_at).strftime("%H:%M:%S")
-    rows.append(_row("orders", esc(f"{counts['online_orders']} kept · {state.received} messages since start · "
+    rows.append(row("orders", esc(f"{counts['online_orders']} kept · {state.received} messages since start · "
                                    f"last at {last}")))
     if state.dead_lettered:
-        rows.append(_row("not valid", esc(f"{state.dead_lettered} dead-lettered since start"), _AMBER))
+        rows.append(row("not valid", esc(f"{state.dead_lettered} dead-lettered since start"), AMBER))
     recent = await runtime.db.read(partial(list_orders, limit=RECENT_SHOWN, source="online"))
     items = "".join(
         f"<tr><td>{esc(o['id'])}</td><td>{esc(datetime.fromtimestamp(o['received_at']).strftime('%H:%M:%S'))}</td>"
@@ -167,7 +134,7 @@ async def orders_section(runtime: Runtime) -> str:
 async def support_section(runtime: Runtime) -> str:
     window = runtime.support_window
     words = window.describe()
-    rows = [_row("remote support", html.escape(words), _AMBER if window.is_open else "")]
+    rows = [row("remote support", html.escape(words), AMBER if window.is_open else "")]
     if window.is_open:
         rows += _link_rows(runtime.support_link)
     hours = runtime.config.support.duration_s / 3600

@@ -18,28 +18,24 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.services.pairing import PairingFailed, describe, pair_from_web
 from appliance.services.runtime import Runtime
 from appliance.services.sync_health import cloud_status
-from appliance.services.web.admin import page
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.kit import AMBER, GREEN, RED, JsonResponse, ago, not_done, row
 from appliance.services.web.parts import WebParts
 
 __all__ = ["admin_parts", "cloud_section", "routes"]
 
-_RED, _AMBER, _GREEN = "#cf222e", "#9a6700", "#1a7f37"
 
 
 
 
-def _not_done(status: int, message: str) -> HTMLResponse:
-    body = page("Store appliance", "pairing",
-                [f"<section><h2>Not paired</h2><p>{html.escape(message)}</p>"
-                 "<p><a href='/#cloud'>Back to the homepage</a></p></section>"])
-    return HTMLResponse(body, status_code=status)
+def _not_paired(status: int, message: str) -> Response:
+    return not_done(status, message, subtitle="pairing", anchor="cloud", heading="Not paired")
 
 
 def routes(runtime: Runtime) -> Sequence[BaseRoute]:
@@ -49,10 +45,10 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             check_form_token(fields, runtime, consequence="nothing was changed")
             await pair_from_web(runtime, fields.get("code", ""))
         except FormError as exc:
-            return _not_done(exc.status, exc.message)
+            return _not_paired(exc.status, exc.message)
         except PairingFailed as exc:
-            return _not_done(502 if exc.link is not None else 400, f"{exc.message}. The earlier pairing, if any, "
-                                                                      "is unchanged.")
+            return _not_paired(502 if exc.link is not None else 400,
+                               f"{exc.message}. The earlier pairing, if any, is unchanged.")
         return RedirectResponse("/#cloud", status_code=303)
 
     async def api_pair(request: Request) -> Response:
@@ -65,25 +61,9 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             await pair_from_web(runtime, code)
         except PairingFailed as exc:
             raise ApiError(502 if exc.link is not None else 400, exc.message) from exc
-        return JSONResponse({"pairing": describe(runtime.store)})
+        return JsonResponse({"pairing": describe(runtime.store)})
 
     return [Route("/pairing", form, methods=["POST"]), Route("/api/pairing", api_pair, methods=["POST"])]
-
-
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s} s ago"
-    if s < 7200:
-        return f"{s // 60} min ago"
-    return f"{s // 3600} h ago"
-
-
-def _row(label: str, value: str, colour: str = "") -> str:
-    style = f" class=state style='color:{colour}'" if colour else ""
-    return f"<tr><td>{html.escape(label)}</td><td{style}>{value}</td></tr>"
 
 
 _FORM: Final = (
@@ -100,46 +80,46 @@ async def cloud_section(runtime: Runtime) -> str:
     pairing = info["pairing"]
     rows: list[str] = []
     if pairing["state"] == "unpaired":
-        rows.append(_row("pairing", "not paired: enter the code from the back office", _AMBER))
+        rows.append(row("pairing", "not paired: enter the code from the back office", AMBER))
         form = _FORM.format(label="Pair")
     elif pairing["state"] == "repair_needed":
-        rows.append(_row("pairing", f"pair again: the platform refused this box's token for store "
-                                    f"{html.escape(pairing['store_id'])} (the shop keeps working meanwhile)", _RED))
+        rows.append(row("pairing", f"pair again: the platform refused this box's token for store "
+                                    f"{html.escape(pairing['store_id'])} (the shop keeps working meanwhile)", RED))
         form = _FORM.format(label="Pair again")
     else:
-        rows.append(_row("pairing", f"paired with store {html.escape(pairing['store_id'])}", _GREEN))
+        rows.append(row("pairing", f"paired with store {html.escape(pairing['store_id'])}", GREEN))
         form = "<details><summary>Pair with another code</summary>" + _FORM.format(label="Pair again") + "</details>"
     if info["pairing_problem"]:
-        rows.append(_row("saved pairing", html.escape(info["pairing_problem"]), _RED))
+        rows.append(row("saved pairing", html.escape(info["pairing_problem"]), RED))
     if info["blocked"]:
-        rows.append(_row("cannot sync", html.escape(info["blocked"]), _RED))
+        rows.append(row("cannot sync", html.escape(info["blocked"]), RED))
     sync = info["sync"]
     last_pull = None if sync["last_pull_at"] is None else now - sync["last_pull_at"]
     catalog = ("not synced yet" if last_pull is None
-               else f"as of {_ago(last_pull)} · cursor {html.escape(str(sync['cursor']))}")
+               else f"as of {ago(last_pull)} · cursor {html.escape(str(sync['cursor']))}")
     if sync["snapshot_rows"] is not None:
         catalog += f" · reading the snapshot: {sync['snapshot_rows']} records"
-    rows.append(_row("catalog", catalog))
+    rows.append(row("catalog", catalog))
     counts = sync["replica"]
-    rows.append(_row("replica", html.escape(f"{counts['product']} products, {counts['price']} prices, "
+    rows.append(row("replica", html.escape(f"{counts['product']} products, {counts['price']} prices, "
                                             f"{counts['stock']} stock records, {counts['media']} media")))
     outbox = info["outbox"]
     waiting = f"{outbox['queued']} waiting"
     if outbox["oldest_unsent_s"] is not None:
-        waiting += f" (oldest {_ago(outbox['oldest_unsent_s']).removesuffix(' ago')})"
+        waiting += f" (oldest {ago(outbox['oldest_unsent_s']).removesuffix(' ago')})"
     waiting += f" · {outbox['rejected']} rejected"
-    rows.append(_row("events up", html.escape(waiting), _AMBER if outbox["queued"] or outbox["rejected"] else ""))
+    rows.append(row("events up", html.escape(waiting), AMBER if outbox["queued"] or outbox["rejected"] else ""))
     if info["proxy"]:
-        rows.append(_row("proxy", html.escape(str(info["proxy"]))))
+        rows.append(row("proxy", html.escape(str(info["proxy"]))))
     error = info["last_error"]
     if error:
         retry = [loop["next_attempt_at"] for loop in info["loops"].values() if loop["last_error"]
                  and loop["next_attempt_at"]]
         when = f" (next try in {max(0, int(min(retry) - now))} s)" if retry else ""
-        rows.append(_row(f"failing ({error['hop']})", html.escape(error["message"] + when)
-                         + f"<br><span class=muted>fix: {html.escape(error['fix'])}</span>", _RED))
+        rows.append(row(f"failing ({error['hop']})", html.escape(error["message"] + when)
+                         + f"<br><span class=muted>fix: {html.escape(error['fix'])}</span>", RED))
     for rejection in outbox["recent_rejections"]:
-        rows.append(_row("rejected", html.escape(f"{rejection['id']}: {rejection['reason']}"), _RED))
+        rows.append(row("rejected", html.escape(f"{rejection['id']}: {rejection['reason']}"), RED))
     return (f"<section id=cloud><h2>Cloud</h2><table>{''.join(rows)}</table>{form}"
             f"<p class=muted>{html.escape(info['api_url'])}</p></section>")
 

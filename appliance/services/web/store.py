@@ -46,8 +46,9 @@ from appliance.protocol.store_api import (
     parse_sale,
 )
 from appliance.services.runtime import Runtime
-from appliance.services.sync import rfc3339
+from appliance.services.timestamps import rfc3339
 from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.kit import JsonResponse
 from appliance.services.web.parts import WebParts
 from appliance.storage.catalog import (
     PRODUCT_PAGE_MAX,
@@ -58,26 +59,13 @@ from appliance.storage.catalog import (
     sync_state,
 )
 from appliance.storage.events import Receipt, Received, get_received, receive, upload_state
-from appliance.storage.orders import route_device_order
+from appliance.storage.orders import get_order, route_device_order
 
 __all__ = ["JsonResponse", "api_parts", "routes"]
 
 PRODUCT_PAGE_DEFAULT: Final = 50
 # A name prefix longer than any product name is a mistake, not a search.
 PREFIX_MAX_CHARS: Final = 200
-
-
-class JsonResponse(Response):
-    """JSON that is always valid UTF-8 (a lone surrogate from the platform is escaped)."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        text = json.dumps(content, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        try:
-            return text.encode("utf-8")
-        except UnicodeEncodeError:
-            return json.dumps(content, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def _item_or_none(conn: sqlite3.Connection, entity: str, key: str) -> tuple[dict[str, Any] | None, bool]:
@@ -170,6 +158,9 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def get_record(request: Request, kind: str) -> Response:
         require_admin(request, runtime)
         record_id = request.path_params["id"]
+        if kind == "order" and (online := await db.read(partial(get_order, order_id=record_id))) is not None:
+            # An order placed online (Service Bus): answered as GET /v1/orders lists it.
+            return JsonResponse(online | {"received_at": rfc3339(online["received_at"])})
         receipt = await db.read(partial(get_received, kind=kind, id=record_id))
         if receipt is None:
             raise ApiError(404, f"no {kind} with id {record_id!r} on this box")
