@@ -43,7 +43,7 @@ __all__ = [
     "sync_state",
 ]
 
-# Entity name of the changes feed -> replica table (DESIGN §4). The key column of the
+# Entity name of the changes feed -> replica table (docs/architecture.md §4). The key column of the
 # first three is the SKU; the others are keyed by the platform's key.
 ENTITY_TABLES: Final = {
     "product": "products",

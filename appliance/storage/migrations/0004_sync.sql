@@ -1,4 +1,4 @@
--- Cloud sync (DESIGN §4): the replica of the store's data pulled from the platform, the
+-- Cloud sync (docs/architecture.md §4): the replica of the store's data pulled from the platform, the
 -- sync cursor (committed in the same transaction as the changes it covers), the outbox of
 -- events pushed to the platform, and the sales and orders the shop's devices post to the
 -- store API. Online orders (Service Bus) live in their own table, so `GET /v1/orders` can

@@ -1,4 +1,4 @@
--- Online orders received through Service Bus (DESIGN §5), keyed by the message's
+-- Online orders received through Service Bus (docs/architecture.md §5), keyed by the message's
 -- message_id: a redelivered message finds its row and changes nothing. The order and the
 -- device commands it caused are written in one transaction, before the message is
 -- completed. `body` is the parsed order as canonical JSON (sorted keys, no spaces).
