@@ -230,7 +230,7 @@ _nets = st.one_of(
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
-@given(ports=st.lists(st.integers(1, 65535), min_size=9, max_size=9, unique=True),
+@given(ports=st.lists(st.integers(1, 65535), min_size=len(PORT_ROLES), max_size=len(PORT_ROLES), unique=True),
        prefixes=st.lists(_nets, min_size=1, max_size=6),
        dns=st.lists(st.sampled_from(["192.168.1.1", "fd00::53", "10.0.0.53"]), max_size=3, unique=True))
 def test_render_then_parse_round_trips(ports: list[int], prefixes: list[str], dns: list[str]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from appliance.config import LISTENER_ROLES
 from appliance.services.runtime import Runtime
 from tests.conftest import ConfigFactory, running_box
 
@@ -38,7 +39,7 @@ async def test_finds_the_box_and_every_port_answers(box: Runtime) -> None:
     report = json.loads(result.stdout)
     (found,) = report["boxes"]
     assert found["announce"]["appliance_id"] == box.appliance_id
-    assert found["ports"] == dict.fromkeys(["admin", "api", "events", "media", "provisioning", "ops", "support"], "ok")
+    assert found["ports"] == dict.fromkeys(LISTENER_ROLES, "ok")
     # A technician's probe is answered but does not become a device to adopt.
     devices = await box.db.read(lambda c: c.execute("SELECT count(*) FROM devices").fetchone()[0])
     assert devices == 0
@@ -46,7 +47,7 @@ async def test_finds_the_box_and_every_port_answers(box: Runtime) -> None:
 
 async def test_a_dead_listener_is_named(box: Runtime) -> None:
     # The box announces its ports; make one of them point at a port nobody listens on.
-    box.ports["media"] = 9
+    box.ports.bind("media", 9)
     result = await trio.to_thread.run_sync(
         lambda: lan_check("--target", "127.0.0.1", "--port", str(box.ports["discovery"])))
     assert result.returncode == 1
