@@ -45,6 +45,7 @@ __all__ = [
     "LanConfig",
     "LogConfig",
     "MediaConfig",
+    "MediaTestSeams",
     "OrdersConfig",
     "PortRole",
     "Ports",
@@ -342,6 +343,16 @@ class CloudConfig:
 
 
 @attrs.frozen(kw_only=True)
+class MediaTestSeams:
+    """``[media.testing]``: seams for tests only, off by default; a box never sets them."""
+
+    # Pause this long around a file's rename (half between its verification and the
+    # rename, half between the rename and its database row), so a test can kill the
+    # process inside those windows (0 = off).
+    pause_at_rename_s: float = attrs.field(default=0.0, validator=_non_negative)
+
+
+@attrs.frozen(kw_only=True)
 class MediaConfig:
     """``[media]``: the cache of the store's images, videos and documents (docs/media.md)."""
 
@@ -364,10 +375,8 @@ class MediaConfig:
     backoff_max_s: float = attrs.field(default=300.0, validator=_positive)
     # How often the replica's media manifest is compared with the cache.
     scan_interval_s: float = attrs.field(default=5.0, validator=_positive)
-    # Tests only (0 = off): pause this long around a file's rename (half between its
-    # verification and the rename, half between the rename and its database row), so a
-    # test can kill the process inside those windows.
-    test_pause_at_rename_s: float = attrs.field(default=0.0, validator=_non_negative)
+    # Seams for tests, fenced off in their own table.
+    testing: MediaTestSeams = attrs.field(factory=MediaTestSeams)
 
 
 def _routing(_inst: object, attr: attrs.Attribute[Any], value: Mapping[str, tuple[str, ...]]) -> None:

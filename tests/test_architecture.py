@@ -118,13 +118,14 @@ def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
 # import only each other.
 SERVICES_PLUMBING = {
     "runtime", "state", "board", "metrics", "signal", "spec", "timestamps", "http", "netif", "systemd",
-    "wan", "servicebus", "queue_consumer", "device_link",
+    "wan", "servicebus", "queue_consumer", "device_link", "media_files",
 }
 # The services a feature service is built on (besides the plumbing).
 BUILT_ON = {
     "sync": {"pairing", "sync_health"},
     "sync_health": {"pairing"},
     "support_channel": {"orders"},
+    "media": {"media_health"},
 }
 # What every web module may import, besides the plumbing and the services it is the face of.
 WEB_SHARED = {"web.kit", "web.common", "web.parts"}
@@ -213,6 +214,7 @@ STATE_WRITERS = {
     "orders_link": {"services.orders", "services.queue_consumer"},
     "support_link": {"services.support_channel", "services.queue_consumer"},
     "support_window": {"services.support_channel"},
+    "media": {"services.media"},
 }
 # Methods that change a record (reading methods are free to call).
 MUTATORS = {"bind", "set_store", "open", "open_until", "close", "record_failure", "clear", "pop", "update",

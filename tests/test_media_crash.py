@@ -71,7 +71,8 @@ min_free_bytes = 0
 scan_interval_s = 0.1
 backoff_initial_s = 0.05
 backoff_max_s = 0.3
-test_pause_at_rename_s = {pause_s}
+[media.testing]
+pause_at_rename_s = {pause_s}
 """)
         return config
 

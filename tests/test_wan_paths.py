@@ -2,8 +2,8 @@
 
 Each path is one line of :data:`PATHS`: how to point it at a host in a config, and what
 it then does (the proxy it goes through, or None, and its TLS context), read from the
-objects the path itself builds in production. Media blobs and log shipping add their
-line here when they land.
+objects the path itself builds in production. Log shipping adds its line here when it
+lands.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import attrs
 import pytest
 
 from appliance.config import Config, WanConfig
+from appliance.services.media import blob_route
 from appliance.services.servicebus import LinkOptions, proxy_settings
 from appliance.services.wan import cloud_route
 
@@ -28,6 +29,11 @@ class Outbound(NamedTuple):
 def _sync(config: Config, host: str) -> Outbound:
     config = attrs.evolve(config, cloud=attrs.evolve(config.cloud, api_url=f"https://{host}"))
     target = cloud_route(config)
+    return Outbound(target.proxy.host if target.proxy else None, target.ssl_context())
+
+
+def _blob(config: Config, host: str) -> Outbound:
+    target = blob_route(config, f"https://{host}")
     return Outbound(target.proxy.host if target.proxy else None, target.ssl_context())
 
 
@@ -44,7 +50,8 @@ PATHS: dict[str, Callable[[Config, str], Outbound]] = {
     "sync": _sync,
     "servicebus.orders": _servicebus("orders"),
     "servicebus.support": _servicebus("support"),
-    # "blob": ..., "logs": ...  (with their modules)
+    "blob": _blob,
+    # "logs": ...  (with its module)
 }
 
 WAN = WanConfig(proxy="http://proxy.shop.lan:3128", no_proxy=("*.windows.net", "10.0.0.0/8"))

@@ -299,7 +299,7 @@ class MediaFetcher:
             raise _Failed(_media_failure(entry.url, f"{entry.key}: the bytes received do not match its sha256; "
                                                     "deleted, to be fetched again",
                                          "the box fetches it again by itself; tell support if it persists"))
-        pause = self.config.test_pause_at_rename_s / 2
+        pause = self.config.testing.pause_at_rename_s / 2
         if pause:
             await trio.sleep(pause)
         await trio.to_thread.run_sync(shelf.place, sha)

@@ -6,7 +6,7 @@ box's config, not its environment, decides the path: ``[wan] proxy`` (with
 TLS-inspecting proxy's CA). TLS verification cannot be switched off: no argument here
 does it.
 
-The API for a WAN path (sync and Service Bus use it; media blobs and logs are to):
+The API for a WAN path (sync, Service Bus and media blobs use it; log shipping is to):
 
 - :func:`route` says how one WAN URL is reached (:class:`Route`: the proxy or None, the
   extra CA); :func:`cloud_route` is the sync API's.
