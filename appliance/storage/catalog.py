@@ -22,6 +22,9 @@ from typing import Any, Final
 
 import attrs
 
+from appliance.storage.event_log import append as log_event
+from appliance.storage.event_log import replica_changed
+
 __all__ = [
     "ENTITY_TABLES",
     "PRODUCT_PAGE_MAX",
@@ -132,7 +135,10 @@ def apply_changes(conn: sqlite3.Connection, writes: Iterable[ReplicaWrite], *, c
             conn.execute(f"DELETE FROM {table} WHERE {_column(table)} = ?", (write.key,))
         else:
             _upsert(conn, table, write)
+        replica_changed(conn, entity=write.entity, key=write.key, data=write.data, name=write.name, now=now)
         done += 1
+    if done:
+        log_event(conn, "sync.pulled", {"changes": done}, now=now)
     conn.execute(
         "UPDATE sync_state SET cursor = ?, last_pull_at = ?, "
         "last_change_at = CASE WHEN ? > 0 THEN ? ELSE last_change_at END WHERE id = 1",
@@ -213,6 +219,9 @@ def finish_snapshot(conn: sqlite3.Connection, *, cursor: str, now: float) -> dic
         "staged_rows = 0 WHERE id = 1",
         (cursor, now, now),
     )
+    # Clients drop what they hold of the catalog and read it again (docs/events.md).
+    log_event(conn, "catalog.replaced", {"counts": counts}, now=now)
+    log_event(conn, "sync.snapshot", {"counts": counts}, now=now)
     return counts
 
 

@@ -72,6 +72,9 @@ class Database:
         self._reader_slots = trio.Semaphore(len(readers))
         self._reader_pick = threading.Lock()
         self.schema_version: int = writer.execute("PRAGMA user_version").fetchone()[0]
+        # Called (in trio, not the worker thread) after each commit of :meth:`write`: the
+        # event-log service wakes on it to push what the transaction logged.
+        self._commit_hooks: list[Callable[[], None]] = []
 
     @classmethod
     def open_sync(cls, path: Path) -> Database:
@@ -104,8 +107,19 @@ class Database:
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in a worker thread inside one transaction, committed on return."""
-        async with self._write_lock:
-            return await trio.to_thread.run_sync(self.write_sync, fn)
+        try:
+            async with self._write_lock:
+                return await trio.to_thread.run_sync(self.write_sync, fn)
+        finally:
+            # Also after a cancelled wait: the thread may have committed before it returned.
+            for hook in self._commit_hooks:
+                hook()
+
+    def on_commit(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call ``hook()`` after every committed :meth:`write`; returns the remover.
+        Hooks must be quick and must not raise (they run in the writer's task)."""
+        self._commit_hooks.append(hook)
+        return lambda: self._commit_hooks.remove(hook)
 
     def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._reader_pick:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import enum
 import sqlite3
+import time
 from collections.abc import Iterable
 from typing import Any, Final
 
 import attrs
 
 from appliance.config import DeviceDecl
+from appliance.storage.event_log import append as log_event
 
 __all__ = [
     "MAX_PENDING",
@@ -152,6 +154,12 @@ def _insert(conn: sqlite3.Connection, device: Device) -> None:
     )
 
 
+def _log(conn: sqlite3.Connection, type: str, device_id: str, data: dict[str, Any], *,
+         now: float | None = None) -> None:
+    log_event(conn, type, {"device_id": device_id, **data}, now=time.time() if now is None else now,
+              device_id=device_id)
+
+
 def _make_room(conn: sqlite3.Connection) -> tuple[str, ...]:
     count = conn.execute("SELECT count(*) FROM devices WHERE state = 'pending'").fetchone()[0]
     excess = count - MAX_PENDING + 1
@@ -161,6 +169,8 @@ def _make_room(conn: sqlite3.Connection) -> tuple[str, ...]:
                         (excess,)).fetchall()
     ids = tuple(r["id"] for r in rows)
     conn.executemany("DELETE FROM devices WHERE id = ?", [(i,) for i in ids])
+    for device_id in ids:
+        _log(conn, "device.removed", device_id, {"reason": "too many pending devices"})
     return ids
 
 
@@ -175,6 +185,7 @@ def record_probe(
                         state=AdoptionState.PENDING, source=DeviceSource.DISCOVERY,
                         first_seen=now, last_seen=now, state_changed=now)
         _insert(conn, device)
+        _log(conn, "device.discovered", device_id, {"kind": kind, "name": name, "address": address})
         return ProbeResult(device=device, created=True, changed=True, evicted=evicted)
     if old.source is DeviceSource.CONFIG:
         # The config is the source of truth for a declared device's address and port.
@@ -198,6 +209,7 @@ def set_state(conn: sqlite3.Connection, device_id: str, state: AdoptionState, no
     if old.state is state:
         return old, False
     conn.execute("UPDATE devices SET state = ?, state_changed = ? WHERE id = ?", (str(state), now, device_id))
+    _log(conn, f"device.{state}", device_id, {"kind": old.kind, "name": old.name}, now=now)
     return attrs.evolve(old, state=state, state_changed=now), True
 
 
@@ -213,6 +225,7 @@ def sync_declared(conn: sqlite3.Connection, declared: Iterable[DeviceDecl], now:
     for device_id in [r["id"] for r in conn.execute("SELECT id FROM devices WHERE source = 'config'")]:
         if device_id not in wanted:
             conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+            _log(conn, "device.removed", device_id, {"reason": "no longer declared in the configuration"}, now=now)
             changed = True
     for decl in wanted.values():
         old = get_device(conn, decl.id)
@@ -221,6 +234,7 @@ def sync_declared(conn: sqlite3.Connection, declared: Iterable[DeviceDecl], now:
             _insert(conn, Device(id=decl.id, kind=decl.kind, name=name, address=decl.address, port=decl.port,
                                  state=AdoptionState.ADOPTED, source=DeviceSource.CONFIG,
                                  first_seen=now, last_seen=None, state_changed=now))
+            _log(conn, "device.adopted", decl.id, {"kind": decl.kind, "name": name, "source": "config"}, now=now)
             changed = True
             continue
         new = attrs.evolve(old, kind=decl.kind, name=name, address=decl.address, port=decl.port,
@@ -232,6 +246,8 @@ def sync_declared(conn: sqlite3.Connection, declared: Iterable[DeviceDecl], now:
                 "source = 'config', state_changed = ? WHERE id = ?",
                 (new.kind, new.name, new.address, new.port, new.state_changed, new.id),
             )
+            if old.state is not AdoptionState.ADOPTED:
+                _log(conn, "device.adopted", decl.id, {"kind": decl.kind, "name": name, "source": "config"}, now=now)
             changed = True
     return changed
 
@@ -243,4 +259,6 @@ def prune_pending(conn: sqlite3.Connection, now: float, retention_s: float = PEN
                         (cutoff,)).fetchall()
     ids = [r["id"] for r in rows]
     conn.executemany("DELETE FROM devices WHERE id = ?", [(i,) for i in ids])
+    for device_id in ids:
+        _log(conn, "device.removed", device_id, {"reason": "pending and not heard from"}, now=now)
     return ids

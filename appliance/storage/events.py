@@ -13,11 +13,14 @@ without the other.
 from __future__ import annotations
 
 import enum
+import json
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import attrs
+
+from appliance.storage.event_log import append as log_event
 
 __all__ = [
     "RECEIVED_TABLES",
@@ -214,6 +217,8 @@ def receive(
         return Receipt(outcome=Received.CONFLICT, body="", received_at=now)
     conn.execute(f"INSERT INTO {table}(id, device_id, body, received_at) VALUES (?, ?, ?, ?)",
                  (id, device_id, body, now))
+    log_event(conn, f"{kind}.received", {"id": id, "source": "device", "device_id": device_id, kind: json.loads(body)},
+              now=now, subject=id, optional=kind)
     return Receipt(outcome=Received.CREATED, body=body, received_at=now)
 
 

@@ -25,6 +25,7 @@ from appliance.protocol.events import RecordKind, order_received
 from appliance.protocol.orders import OnlineOrder, canonical_json, choose_routing, command_id, event_id, targets
 from appliance.storage.catalog import get_item
 from appliance.storage.devices import list_adopted
+from appliance.storage.event_log import append as log_event
 from appliance.storage.events import enqueue as enqueue_event
 from appliance.storage.outbox import Enqueued, enqueue_in
 
@@ -91,6 +92,9 @@ def record_order(
         made.append(enqueue_in(conn, device_id, order.kind, body, command_id=cid, now=now))
         conn.execute("INSERT INTO online_order_commands (message_id, command_id, device_id, kind) "
                      "VALUES (?, ?, ?, ?)", (message_id, cid, device_id, order.kind))
+    log_event(conn, "order.received", {"id": order.order_id, "source": "online", "kind": order.kind,
+                                       "message_id": message_id, "devices": list(device_ids),
+                                       "order": order.as_dict()}, now=now, subject=order.order_id, optional="order")
     if order.kind == "order.created":
         eid = event_id(order.order_id)
         event = order_received(id=eid, order_id=order.order_id, at=at, source="online")

@@ -42,6 +42,7 @@ import attrs
 
 from appliance.protocol.channel import Acked, Dead, Record, Sent
 from appliance.protocol.channel_codec import ChannelProtocolError, Command, check_command_id, check_kind, encode_body
+from appliance.storage.event_log import command_changed
 
 __all__ = [
     "MAX_LIST",
@@ -179,6 +180,7 @@ def enqueue_in(
         (new_id, device_id, seq, kind, body_text, None if expires_at is None else float(expires_at),
          time.time() if now is None else now),
     )
+    command_changed(conn, "command.queued", new_id, now=time.time() if now is None else now)
     return Enqueued(id=new_id, device_id=device_id, seq=seq, created=True)
 
 
@@ -220,14 +222,25 @@ def _params(record: Record) -> tuple[Any, ...]:
 def apply_records(conn: sqlite3.Connection, records: Iterable[Record]) -> None:
     """Make what the send windows report durable, in order: sends, acks, deaths."""
     for kind, run in itertools.groupby(records, key=type):
-        conn.executemany(_APPLY[kind], [_params(r) for r in run])
+        if kind is Sent:
+            conn.executemany(_APPLY[kind], [_params(r) for r in run])
+            continue
+        # Acks and deaths one by one: each that changes a row is logged for the event stream.
+        settled = "command.acked" if kind is Acked else "command.dead"
+        for record in run:
+            if conn.execute(_APPLY[kind], _params(record)).rowcount:
+                command_changed(conn, settled, record.id, now=record.at)
 
 
 def expire_due(conn: sqlite3.Connection, now: float) -> int:
     """Every unsettled command past its expiry becomes dead (devices offline, or not
     adopted, never see them); returns how many."""
+    due = [r[0] for r in conn.execute("SELECT id FROM outbox WHERE state IN ('queued', 'sent') AND expires_at <= ?",
+                                      (now,))]
     cur = conn.execute("UPDATE outbox SET state = 'dead', reason = 'expired before it could be delivered', "
                        "settled_at = ? WHERE state IN ('queued', 'sent') AND expires_at <= ?", (now, now))
+    for command_id in due:
+        command_changed(conn, "command.dead", command_id, now=now)
     return cur.rowcount
 
 
