@@ -38,9 +38,11 @@ __all__ = [
     "CloudConfig",
     "Config",
     "ConfigError",
+    "CorsConfig",
     "DeviceDecl",
     "DiscoveryConfig",
     "DispatchConfig",
+    "EventsConfig",
     "HttpConfig",
     "LanConfig",
     "LogConfig",
@@ -438,6 +440,48 @@ class SupportConfig(ServiceBusConfig):
     namespace: str = "koostodesapp-ns.servicebus.windows.net"
 
 
+def _origins(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    for item in value:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", item):
+            raise FieldError(attr.name, f"expected an origin such as \"https://pos.example.com\" (scheme, host, "
+                                        f"optional port; no path, no trailing slash), got {item!r}")
+
+
+@attrs.frozen(kw_only=True)
+class CorsConfig:
+    """``[cors]``: web apps (served from these origins) that may call the box from a browser
+    on the store API, events and media ports; docs/events.md says what a browser can do."""
+
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), validator=_origins)
+    # How long a browser may cache a preflight's answer.
+    max_age_s: int = attrs.field(default=600, validator=_non_negative)
+
+
+@attrs.frozen(kw_only=True)
+class EventsConfig:
+    """``[events]``: the event log and the live stream on port 8001 (docs/events.md)."""
+
+    # The log keeps at most this many events, none older than retention_s; a client whose
+    # last id is older gets "resync".
+    retention_rows: int = attrs.field(default=100_000, validator=_positive)
+    retention_s: float = attrs.field(default=7 * 86400.0, validator=_positive)
+    prune_interval_s: float = attrs.field(default=300.0, validator=_positive)
+    # The newest events held in memory for live subscribers (about 300 bytes each). A
+    # subscriber further behind than this, or behind by more than max_lag_s, is told to
+    # resume from its last id and disconnected.
+    ring_events: int = attrs.field(default=16_384, validator=_positive)
+    max_lag_s: float = attrs.field(default=30.0, validator=_positive)
+    # A send that makes no progress for this long (a stalled reader, dead Wi-Fi) ends the
+    # connection (TCP_USER_TIMEOUT on the listener's sockets).
+    send_timeout_s: float = attrs.field(default=20.0, validator=_positive)
+    # The box sends a ping this often; a WebSocket client that sends nothing (a pong, or
+    # any message) for idle_timeout_s is disconnected.
+    ping_interval_s: float = attrs.field(default=15.0, validator=_positive)
+    idle_timeout_s: float = attrs.field(default=45.0, validator=_positive)
+    # Subscribers at once (WebSocket and SSE together); more are refused with 503.
+    max_subscribers: int = attrs.field(default=256, validator=_positive)
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     lan: LanConfig = attrs.field(factory=LanConfig)
@@ -454,6 +498,8 @@ class Config:
     orders: OrdersConfig = attrs.field(factory=OrdersConfig)
     support: SupportConfig = attrs.field(factory=SupportConfig)
     media: MediaConfig = attrs.field(factory=MediaConfig)
+    events: EventsConfig = attrs.field(factory=EventsConfig)
+    cors: CorsConfig = attrs.field(factory=CorsConfig)
 
     def __attrs_post_init__(self) -> None:
         ids = [d.id for d in self.devices]

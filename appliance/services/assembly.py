@@ -26,6 +26,7 @@ from appliance.health.system import system_checks
 from appliance.health.wan import WanChecks
 from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.dispatcher import run_dispatcher
+from appliance.services.event_log import run_event_log
 from appliance.services.http import run_listener
 from appliance.services.media import run_media
 from appliance.services.orders import run_orders
@@ -37,13 +38,14 @@ from appliance.services.sync import run_sync
 from appliance.services.web import admin, api, events, media, ops, provisioning, support
 from appliance.services.web import commands as device_commands
 from appliance.services.web import orders as online_orders
+from appliance.services.web.cors import CorsMiddleware
 from appliance.services.web.devices import admin_parts as device_admin_parts
 from appliance.services.web.media_admin import admin_parts as media_admin_parts
 from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
 from appliance.services.web.store import api_parts as store_api_parts
 
-__all__ = ["LISTENER_APPS", "AppFactory", "listener_apps", "service_specs"]
+__all__ = ["CORS_ROLES", "LISTENER_APPS", "AppFactory", "listener_apps", "service_specs"]
 
 AppFactory = Callable[[Runtime, WebParts], Starlette]
 
@@ -57,6 +59,8 @@ LISTENER_APPS: Final[Mapping[str, AppFactory]] = {
     "ops": ops.create_app,
     "support": support.create_app,
 }
+# The listeners a point-of-sale web app may call from a browser (store API, events, media).
+CORS_ROLES = ("api", "events", "media")
 
 
 def web_parts() -> dict[str, WebParts]:
@@ -75,7 +79,11 @@ def web_parts() -> dict[str, WebParts]:
 
 def listener_apps(runtime: Runtime) -> dict[str, Starlette]:
     parts = web_parts()
-    return {role: LISTENER_APPS[role](runtime, parts[role]) for role in LISTENER_ROLES}
+    apps = {role: LISTENER_APPS[role](runtime, parts[role]) for role in LISTENER_ROLES}
+    cors = runtime.config.cors
+    for role in CORS_ROLES:  # browser apps from [cors] allowed_origins reach these three
+        apps[role].add_middleware(CorsMiddleware, origins=cors.allowed_origins, max_age_s=cors.max_age_s)
+    return apps
 
 
 def register_checks(runtime: Runtime) -> None:
@@ -96,8 +104,13 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     specs.append(ServiceSpec(name="dispatcher", run=run_dispatcher, core=True, graceful=True))
     # The saved pairing is loaded into runtime.store before anything announces the box.
     specs.append(ServiceSpec(name="cloud.pairing", run=run_pairing, core=False))
+    # The event log's reader before the listeners: the events listener serves from it.
+    specs.append(ServiceSpec(name="events.log", run=run_event_log, core=False))
     for role, app in listener_apps(runtime).items():
-        specs.append(ServiceSpec(name=f"http.{role}", run=partial(run_listener, app=app, role=role),
+        # A subscriber that stops reading is cut by the kernel (docs/events.md).
+        user_timeout = runtime.config.events.send_timeout_s if role == "events" else None
+        specs.append(ServiceSpec(name=f"http.{role}", run=partial(run_listener, app=app, role=role,
+                                                                  user_timeout_s=user_timeout),
                                  core=True, graceful=True))
     # The device registry ([[devices]] at start, pruning), then discovery on UDP 57854.
     specs.append(ServiceSpec(name="devices", run=run_device_registry, core=False))

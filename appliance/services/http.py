@@ -48,11 +48,16 @@ class BindError(Exception):
                          f"{cause.strerror or cause}; {fix}")
 
 
-def bind_tcp(host: str, port: int, *, role: str) -> socket.socket:
+def bind_tcp(host: str, port: int, *, role: str, user_timeout_s: float | None = None) -> socket.socket:
+    """``user_timeout_s``: TCP_USER_TIMEOUT, inherited by accepted sockets: the kernel drops
+    a connection whose sent data stays unacknowledged that long, a peer that stopped
+    reading included (a send blocked in hypercorn cannot be cancelled: it is shielded)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if user_timeout_s is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(user_timeout_s * 1000)))
         sock.bind((host, port))
         sock.listen(BACKLOG)
     except OSError as exc:
@@ -79,12 +84,13 @@ async def run_listener(
     app: ASGIApp,
     *,
     role: str,
+    user_timeout_s: float | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on the port of ``role`` until ``runtime.stopping``; started() gives the port."""
     host = runtime.config.lan.bind
     port = runtime.ports.of(role)
-    sock = bind_tcp(host, port, role=role)
+    sock = bind_tcp(host, port, role=role, user_timeout_s=user_timeout_s)
     bound = sock.getsockname()[1]
     # hypercorn takes ownership of the descriptor and closes it when it stops.
     fd = sock.detach()

@@ -19,6 +19,7 @@ from appliance.config import Config
 from appliance.health import HealthRegistry
 from appliance.protocol.sync import SyncStatus
 from appliance.services.board import ServiceBoard
+from appliance.services.event_hub import EventHub
 from appliance.services.media_files import MediaShelf
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
@@ -75,6 +76,10 @@ class Runtime:
     support_window: SupportWindow = attrs.field(factory=SupportWindow)
     # The media cache (files, status, serve times). Written by: services.media, when it starts.
     media: MediaShelf | None = None
+    # The live side of the event log (port 8001): fed by the event-log service, read by
+    # the events listener's connections. Written by: services.event_log.
+    event_hub: EventHub = attrs.field(
+        default=attrs.Factory(lambda self: EventHub(ring_events=self.config.events.ring_events), takes_self=True))
 
     @property
     def store(self) -> StoreLink | None:

@@ -1,0 +1,168 @@
+"""The live side of the event log: one reader, a ring of recent events, many followers.
+
+The event-log service (``appliance.services.event_log``) reads each committed event once
+(:meth:`EventHub.load`), makes its message text once, and keeps the newest
+``ring_events`` in memory. Each subscriber is a :class:`Follower`: a cursor (the last id
+it was given) into that ring, so 200 subscribers share one copy of every message and no
+subscriber is ever waited for. A follower resuming from an id older than the ring reads
+the log itself (:meth:`Follower.next_batch`), page by page.
+
+A follower's backlog is bounded: once it has caught up after connecting, falling out of
+the ring (more than ``ring_events`` behind) or staying behind for longer than
+``max_lag_s`` makes it :class:`TooSlow`; the connection then tells the client to resume
+from its last id and closes. An id older than the log keeps, or newer than anything the
+box ever wrote, is a ``resync`` (:meth:`EventHub.start`), never a silent gap.
+
+Cancellation: followers hold no resources; a cancelled wait loses nothing (the cursor
+only moves once a batch has been handed over).
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Final
+
+import attrs
+import trio
+
+from appliance.protocol.event_stream import StoredEvent, Subscription, encode_event
+from appliance.services.signal import ChangeSignal
+from appliance.storage import Database
+from appliance.storage.event_log import LogBounds, LogRow, page_after
+
+__all__ = ["CATCH_UP_PAGE", "EventHub", "Follower", "TooSlow", "stored_event"]
+
+# Events read from the log per query when a follower catches up from disk.
+CATCH_UP_PAGE: Final = 500
+# The most events one batch hands to a connection (it sends them, then asks again).
+BATCH_MAX: Final = 1000
+
+
+class TooSlow(Exception):
+    """The follower fell too far behind; ``resume_after`` is the last id it was given."""
+
+    def __init__(self, reason: str, resume_after: int) -> None:
+        self.reason, self.resume_after = reason, resume_after
+        super().__init__(reason)
+
+
+def rfc3339(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def stored_event(row: LogRow) -> StoredEvent:
+    text = encode_event(id=row.id, type=row.type, topic=row.topic, at_text=rfc3339(row.at), body=row.body)
+    return StoredEvent(id=row.id, topic=row.topic, type=row.type, device_id=row.device_id, subject=row.subject,
+                       at=row.at, text=text)
+
+
+class EventHub:
+    """The newest events in memory and where the log stands. One per running appliance."""
+
+    def __init__(self, *, ring_events: int) -> None:
+        self.ring_events = ring_events
+        self._ids: list[int] = []
+        self._events: list[StoredEvent] = []
+        self.head = 0  # the highest id read from the log
+        self.oldest = 1  # the first id the log still keeps
+        self.changed = ChangeSignal()  # new events in the ring, or the box is stopping
+        self.stopping = False
+        self.subscribers = 0
+
+    def load(self, rows: Sequence[LogRow]) -> None:
+        """Add events read from the log (in id order, all above :attr:`head`)."""
+        for row in rows:
+            event = stored_event(row)
+            self._ids.append(event.id)
+            self._events.append(event)
+        if rows:
+            self.head = rows[-1].id
+            extra = len(self._ids) - self.ring_events
+            # Trim in chunks: amortised O(1) per event instead of a shift per event.
+            if extra > self.ring_events // 4:
+                del self._ids[:extra]
+                del self._events[:extra]
+            self.changed.notify()
+
+    def set_bounds(self, bounds: LogBounds) -> None:
+        self.oldest = bounds.oldest
+        self.head = max(self.head, bounds.head)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.changed.notify()
+
+    @property
+    def ring_start(self) -> int:
+        """The first id the ring can serve (events after ``ring_start - 1``)."""
+        start = max(0, len(self._ids) - self.ring_events)
+        return self._ids[start] if start < len(self._ids) else self.head + 1
+
+    def from_ring(self, cursor: int, limit: int) -> list[StoredEvent] | None:
+        """Events after ``cursor`` from memory (at most ``limit``); None if some of them
+        are no longer in memory (read the log instead)."""
+        if cursor >= self.head:
+            return []
+        if cursor < self.ring_start - 1:
+            return None
+        i = bisect.bisect_right(self._ids, cursor)
+        return self._events[i:i + limit]
+
+    def start(self, sub: Subscription) -> tuple[int, bool]:
+        """Where a new subscriber starts: (cursor, resync). ``after`` None means live only."""
+        after = sub.after
+        if after is None:
+            return self.head, False
+        if after > self.head or after < self.oldest - 1:
+            return self.head, True
+        return after, False
+
+
+@attrs.define(eq=False)
+class Follower:
+    """One subscriber's position. ``next_batch`` waits for events it may see."""
+
+    hub: EventHub
+    db: Database
+    sub: Subscription
+    cursor: int
+    max_lag_s: float
+    clock: Callable[[], float] = trio.current_time
+    caught_up: bool = False  # has been at the head once since it connected
+    behind_since: float | None = None
+
+    async def next_batch(self) -> list[StoredEvent]:
+        """The next events for this subscriber (possibly none, when all were filtered out);
+        waits while there is nothing new. Raises :class:`TooSlow` if it fell behind."""
+        hub = self.hub
+        seen = hub.changed.version
+        if self.cursor >= hub.head:
+            self.caught_up = True
+            self.behind_since = None
+            if hub.stopping:
+                return []
+            await hub.changed.wait(seen)
+        now = self.clock()
+        if self.behind_since is None:
+            self.behind_since = now
+        elif self.caught_up and now - self.behind_since > self.max_lag_s:
+            raise TooSlow(f"this connection has been behind for over {self.max_lag_s:g} s", self.cursor)
+        events = hub.from_ring(self.cursor, BATCH_MAX)
+        if events is None:
+            if self.caught_up:
+                raise TooSlow(f"this connection fell more than {hub.ring_events} events behind", self.cursor)
+            events = await self._from_log()
+        if events:
+            self.cursor = events[-1].id
+        sub = self.sub
+        return [e for e in events if sub.matches(topic=e.topic, device_id=e.device_id, subject=e.subject)]
+
+    async def _from_log(self) -> list[StoredEvent]:
+        rows, bounds = await self.db.read(partial(page_after, after=self.cursor, limit=CATCH_UP_PAGE))
+        if self.cursor < bounds.oldest - 1:
+            # Pruned while this subscriber was catching up: a gap it must not get silently.
+            raise TooSlow("events it had not yet been sent were pruned from the log", self.cursor)
+        return [stored_event(r) for r in rows]
