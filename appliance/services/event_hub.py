@@ -88,8 +88,8 @@ class EventHub:
             self.changed.notify()
 
     def set_bounds(self, bounds: LogBounds) -> None:
+        """The log's first id after a prune (the head moves only with :meth:`load`)."""
         self.oldest = bounds.oldest
-        self.head = max(self.head, bounds.head)
 
     def stop(self) -> None:
         self.stopping = True
@@ -157,6 +157,9 @@ class Follower:
             events = await self._from_log()
         if events:
             self.cursor = events[-1].id
+        if self.cursor >= hub.head:
+            self.caught_up = True
+            self.behind_since = None
         sub = self.sub
         return [e for e in events if sub.matches(topic=e.topic, device_id=e.device_id, subject=e.subject)]
 
@@ -165,4 +168,5 @@ class Follower:
         if self.cursor < bounds.oldest - 1:
             # Pruned while this subscriber was catching up: a gap it must not get silently.
             raise TooSlow("events it had not yet been sent were pruned from the log", self.cursor)
-        return [stored_event(r) for r in rows]
+        # Only up to what the hub has: past it, the ring takes over (same events, made once).
+        return [stored_event(r) for r in rows if r.id <= self.hub.head]
