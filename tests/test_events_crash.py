@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -96,3 +98,28 @@ async def test_no_id_reused_and_no_change_missing_across_sigkill(tmp_path: Path)
     finally:
         box.proc.terminate()
         box.proc.wait(timeout=15)
+
+
+def test_appliance_events_tails_the_stream_for_a_technician(tmp_path: Path) -> None:
+    cfg = box_toml(tmp_path)
+    box = start_box(cfg, tmp_path / "box.log")
+    try:
+        trio.run(post_sales, box.url("api"), ["t-1", "t-2"])
+        base = [sys.executable, "-m", "appliance", "events", "--config", str(cfg), "--host", "127.0.0.1",
+                "--port", str(box.ports["events"]), "--topics", "orders", "--after", "0", "--count", "2"]
+        as_json = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=60, check=False)
+        assert as_json.returncode == 0, as_json.stderr
+        lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+        assert lines[0]["type"] == "subscribed"
+        assert [m["data"]["id"] for m in lines[1:]] == ["t-1", "t-2"]
+        text = subprocess.run(base, capture_output=True, text=True, timeout=60, check=False)
+        assert text.returncode == 0, text.stderr
+        rows = text.stdout.splitlines()
+        assert rows[0].startswith("-- subscribed")
+        assert "sale.received" in rows[1] and "id=t-1" in rows[1] and "source=device" in rows[1]
+    finally:
+        box.proc.terminate()
+        box.proc.wait(timeout=15)
+    refused = subprocess.run([sys.executable, "-m", "appliance", "events", "--config", str(cfg), "--port",
+                              str(box.ports["events"])], capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and "cannot reach the event stream" in refused.stderr
