@@ -167,3 +167,14 @@ async def test_a_follower_behind_for_too_long_is_too_slow(db: Database, autojump
         await follower.next_batch()
     assert hub.start(Subscription.parse({"after": "99"})) == (3, True)  # never written here: resync
     assert hub.start(Subscription.parse({})) == (3, False)
+
+
+def test_docs_show_every_event_type_with_an_example() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "events.md").read_text("utf-8")
+    shown = set(re.findall(r'\{"type": "([a-z_]+\.[a-z_]+)", "data": \{', text))
+    assert shown == set(EVENT_TYPES), (set(EVENT_TYPES) - shown, shown - set(EVENT_TYPES))
+    for line in text.splitlines():
+        if line.startswith('{"type": "') and '"data"' in line:
+            json.loads(line)  # every example is valid JSON

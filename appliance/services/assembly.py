@@ -37,6 +37,7 @@ from appliance.services.support_channel import run_support
 from appliance.services.sync import run_sync
 from appliance.services.web import admin, api, events, media, ops, provisioning, support
 from appliance.services.web import commands as device_commands
+from appliance.services.web import live as live_events
 from appliance.services.web import orders as online_orders
 from appliance.services.web.cors import CorsMiddleware
 from appliance.services.web.devices import admin_parts as device_admin_parts
@@ -74,6 +75,7 @@ def web_parts() -> dict[str, WebParts]:
     parts["api"] += device_commands.api_parts()  # device commands: enqueue and inspect
     parts["admin"] += device_commands.admin_parts()  # device links and the test-command button
     parts["admin"] += media_admin_parts()  # the media cache: counts, what is missing, last error
+    parts["admin"] += live_events.admin_parts()  # the latest events, followed live with JavaScript
     return parts
 
 

@@ -1,7 +1,8 @@
 """CORS for the store API, events and media listeners: one middleware for all three.
 
 A point-of-sale web app served from the platform (``[cors] allowed_origins``) may call the
-box from a browser. Preflights (``OPTIONS`` with ``Access-Control-Request-Method``) from
+box from a browser, and so may the box's own pages (its homepage on port 80 follows the
+event stream on 8001). Preflights (``OPTIONS`` with ``Access-Control-Request-Method``) from
 a configured origin are answered 204 with the methods and headers the box accepts, and
 ``Access-Control-Allow-Private-Network: true`` when the browser asks for it (Chromium's
 Private Network Access: a public site reaching a private address). A preflight from any
@@ -61,7 +62,7 @@ class CorsMiddleware:
         if scope["method"] == "OPTIONS" and origin is not None and "access-control-request-method" in headers:
             await self._preflight(origin, headers, send)
             return
-        if origin is None or origin not in self.origins:
+        if origin is None or not self._allowed(origin, headers):
             await self.app(scope, receive, send)
             return
 
@@ -75,11 +76,14 @@ class CorsMiddleware:
 
         await self.app(scope, receive, send_with_cors)
 
+    def _allowed(self, origin: str, headers: Headers) -> bool:
+        return origin_allowed(origin, host=headers.get("host", ""), allowed=tuple(self.origins))
+
     async def _preflight(self, origin: str, headers: Headers, send: Send) -> None:
         method = headers["access-control-request-method"].strip().upper()
         wanted = [h.strip().lower() for h in headers.get("access-control-request-headers", "").split(",") if h.strip()]
         refusal = ""
-        if origin not in self.origins:
+        if not self._allowed(origin, headers):
             refusal = f"origin {origin} is not allowed here; add it to [cors] allowed_origins"
         elif method not in ALLOWED_METHODS:
             refusal = f"method {method} is not allowed from a browser"
