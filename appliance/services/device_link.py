@@ -52,6 +52,7 @@ from appliance.protocol.channel_codec import (
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
 from appliance.storage import Database
+from appliance.storage.event_log import append as log_event
 from appliance.storage.outbox import load_unsettled
 
 __all__ = ["DeviceLink", "DeviceLinkPhase", "LinkStatus", "LinkTarget", "OpenStream", "describe_failure", "open_tcp"]
@@ -166,7 +167,8 @@ def _first_leaf(exc: BaseException) -> BaseException:
 class DeviceLink:
     """The link to one device. :meth:`run` until cancelled, or until :meth:`stop` and the
     commands in flight are settled. Records go to ``records`` (the recorder's channel);
-    the link never writes the database itself."""
+    the link writes the database itself only to log its going up and down (the event
+    stream's ``device.link_up`` and ``device.link_down``)."""
 
     def __init__(
         self,
@@ -231,10 +233,14 @@ class DeviceLink:
                     self._session_scope = None
                 if self.window.state is not ChannelState.DISCONNECTED:
                     self.window.connection_lost(self._clock())
+                was_up = self.status.connected_since is not None
                 self.status.connected_since = None
                 await self._flush(force=True)
                 if error is not None:
                     self._failed(error)
+                if was_up:
+                    await self._log_link("device.link_down",
+                                         reason=self.status.last_error if error is not None else "closed by the box")
                 if self._stop.is_set():
                     break
                 delay = backoff.next_delay()
@@ -307,6 +313,7 @@ class DeviceLink:
                 self.status.phase = DeviceLinkPhase.CONNECTED
                 self.status.connected_since = now
                 self.status.firmware = message.firmware
+                await self._log_link("device.link_up", firmware=message.firmware)
             if window.stats.acked > acked:
                 self.status.last_ack_at = now
                 self._proved(backoff)
@@ -377,6 +384,11 @@ class DeviceLink:
         if at is None:
             return math.inf
         return trio.current_time() + max(0.0, at - self._clock())
+
+    async def _log_link(self, type: str, **data: str) -> None:
+        t = self.target
+        await self._db.write(partial(log_event, type=type, data={"device_id": t.id, "address": t.address, **data},
+                                     now=self._clock(), device_id=t.id))
 
     def _proved(self, backoff: Backoff) -> None:
         backoff.reset()

@@ -31,7 +31,7 @@ import trio.lowlevel
 from appliance.services.runtime import Runtime
 from appliance.services.signal import ChangeSignal
 from appliance.storage import connect
-from appliance.storage.event_log import bounds, prune, read_after
+from appliance.storage.event_log import append_if_changed, bounds, prune, read_after
 
 __all__ = ["run_event_log"]
 
@@ -87,6 +87,17 @@ async def run_event_log(runtime: Runtime, *, task_status: trio.TaskStatus[None] 
             with trio.move_on_after(cfg.prune_interval_s):
                 await prune_now.wait(seen)
 
+    async def pairing_watcher() -> None:
+        # The pairing lives in a file, not the database: its changes are logged as seen.
+        seen = 0
+        while True:
+            seen = await runtime.pairing_changes.wait(seen)
+            store = runtime.store
+            state = {"paired": store is not None and not store.needs_repair,
+                     "store_id": store.store_id if store is not None else None,
+                     "needs_repair": bool(store is not None and store.needs_repair)}
+            await db.write(partial(append_if_changed, type="pairing.changed", data=state, now=time.time()))
+
     async def stop_watcher() -> None:
         await runtime.stopping.wait()
         hub.stop()
@@ -96,6 +107,7 @@ async def run_event_log(runtime: Runtime, *, task_status: trio.TaskStatus[None] 
             nursery.start_soon(reader)
             nursery.start_soon(pruner)
             nursery.start_soon(stop_watcher)
+            nursery.start_soon(pairing_watcher)
             task_status.started()
     finally:
         remove_hook()

@@ -22,8 +22,8 @@ import attrs
 
 from appliance.protocol.event_stream import small_body, topic_of
 
-__all__ = ["LogBounds", "LogRow", "append", "bounds", "command_changed", "page_after", "prune", "read_after", "recent",
-           "replica_changed"]
+__all__ = ["LogBounds", "LogRow", "append", "append_if_changed", "bounds", "command_changed", "page_after", "prune",
+           "read_after", "recent", "replica_changed"]
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -148,3 +148,13 @@ def command_changed(conn: sqlite3.Connection, type: str, command_id: str, *, now
     if type == "command.dead":
         body["reason"] = row[3]
     append(conn, type, body, now=now, device_id=row[0], subject=row[4] or "")
+
+
+def append_if_changed(conn: sqlite3.Connection, type: str, data: Mapping[str, Any], *, now: float) -> int | None:
+    """Log ``data`` as ``type`` unless the last event of that type said the same (a state
+    kept outside the database, such as the pairing file, logged when it changes)."""
+    body = small_body(data)
+    last = conn.execute("SELECT body FROM event_log WHERE type = ? ORDER BY id DESC LIMIT 1", (type,)).fetchone()
+    if last is not None and last[0] == body:
+        return None
+    return append(conn, type, data, now=now)
