@@ -29,6 +29,8 @@ SHOWN: Final = 15
 LIST_MAX: Final = 50
 # What the homepage follows: device links, orders and their acks, sync.
 TOPICS: Final = ("orders", "devices", "commands", "sync")
+# While live, the other sections are also re-read this often (health has no events).
+REREAD_MS: Final = 30_000
 
 _SCRIPT = """
 (function () {
@@ -74,6 +76,8 @@ _SCRIPT = """
     source = new EventSource(url);
     state.textContent = 'connecting';
     source.addEventListener('subscribed', function () { state.textContent = 'live'; form.hidden = true; });
+    // Health and sync state change without events of their own: re-read them now and then.
+    if (!window.liveTimer) window.liveTimer = setInterval(refresh, %(every)d);
     source.addEventListener('resync', function () { refresh(); });
     source.onmessage = function (m) {
       var e = JSON.parse(m.data); add(e); box.dataset.head = e.id;
@@ -112,7 +116,7 @@ async def section(runtime: Runtime) -> str:
     head = runtime.event_hub.head
     body = "".join(_row(r) for r in rows) or ""
     empty = "" if rows else "<p class=muted id=live-empty>No events yet.</p>"
-    script = _SCRIPT % {"max": LIST_MAX}
+    script = _SCRIPT % {"max": LIST_MAX, "every": REREAD_MS}
     return (
         f"<section id=live data-port={runtime.ports['events']} data-head={head} data-topics={','.join(TOPICS)}>"
         "<h2>Live events</h2>"
