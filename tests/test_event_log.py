@@ -47,7 +47,7 @@ def test_a_subscription_reads_its_parameters() -> None:
     assert sub.topics == {Topic.CATALOG, Topic.ORDERS} and sub.after == 42 and sub.coalesce
     assert Subscription.parse({}).topics == frozenset(Topic) and Subscription.parse({}).after is None
     assert Subscription.parse({}, last_event_id="7").after == 7
-    assert Subscription.parse({"after": "3"}, last_event_id="7").after == 3  # the query wins
+    assert Subscription.parse({"after": "3"}, last_event_id="7").after == 7  # a reconnecting EventSource
     with pytest.raises(SubscriptionError, match="unknown topic"):
         Subscription.parse({"topics": "catalog,weather"})
 

@@ -160,8 +160,9 @@ class Subscription:
 
     @classmethod
     def parse(cls, params: Mapping[str, str], *, last_event_id: str | None = None) -> Subscription:
-        """From the query string (``topics``, ``device``, ``sku_prefix``, ``after``); an
-        SSE client's ``Last-Event-ID`` header stands for ``after`` when that is absent."""
+        """From the query string (``topics``, ``device``, ``sku_prefix``, ``after``). An SSE
+        client's ``Last-Event-ID`` header wins over ``after``: ``EventSource`` reconnects
+        to the same URL and says in that header how far it got since."""
         unknown = sorted(set(params) - {"topics", "device", "sku_prefix", "after", "coalesce", "token"})
         if unknown:
             raise SubscriptionError(f"unknown parameter(s) {', '.join(unknown)}; "
@@ -184,7 +185,7 @@ class Subscription:
             if len(value) > _FILTER_MAX_CHARS or any(ord(c) < 32 for c in value):
                 raise SubscriptionError(f"{name}: not a valid value")
         raw_after = params.get("after")
-        if raw_after is None and last_event_id:
+        if last_event_id:
             raw_after = last_event_id.strip()
         after: int | None = None
         if raw_after is not None:
