@@ -22,12 +22,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Mapping
 from typing import Final
 
 import trio
 from starlette.applications import Starlette
-from starlette.datastructures import Headers, QueryParams
+from starlette.requests import HTTPConnection
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -67,11 +66,13 @@ CLIENT_MESSAGE_MAX_CHARS: Final = 1024
 SSE_RETRY_MS: Final = 2000
 
 
-def subscriber_grant(runtime: Runtime, headers: Headers, query: Mapping[str, str]) -> Grant:
-    """What the credential of a subscription request may read; ApiError 401 if none.
+async def subscriber_grant(conn: HTTPConnection, runtime: Runtime) -> Grant:
+    """What the credential of a subscription request (a WebSocket handshake or an SSE
+    GET) may read; ApiError 401 if none.
 
     The one place that decides who may subscribe (the admin token for now: the homepage,
     a technician's ``appliance events``)."""
+    headers, query = conn.headers, conn.query_params
     scheme, _, value = headers.get("authorization", "").partition(" ")
     token = value.strip() if scheme.lower() == "bearer" else query.get("token", "")
     if token and hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
@@ -80,17 +81,16 @@ def subscriber_grant(runtime: Runtime, headers: Headers, query: Mapping[str, str
                         "(or token=<admin token> in the query for a browser)")
 
 
-def _subscription(runtime: Runtime, scope: Scope) -> Subscription:
+async def _subscription(runtime: Runtime, conn: HTTPConnection) -> Subscription:
     """The request's subscription as its credential may have it; raises ApiError."""
-    headers = Headers(scope=scope)
-    query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
+    headers, query = conn.headers, conn.query_params
     if len(query.multi_items()) != len(query):
         raise ApiError(400, "a query parameter is given twice")
     origin = headers.get("origin")
     if origin is not None and not origin_allowed(origin, host=headers.get("host", ""),
                                                  allowed=runtime.config.cors.allowed_origins):
         raise ApiError(403, f"origin {origin} may not open the event stream; add it to [cors] allowed_origins")
-    grant = subscriber_grant(runtime, headers, query)
+    grant = await subscriber_grant(conn, runtime)
     try:
         sub = Subscription.parse(dict(query), last_event_id=headers.get("last-event-id"))
         return sub.limited_to(grant)
@@ -121,7 +121,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
 
     async def websocket_stream(ws: WebSocket) -> None:
         try:
-            sub = _subscription(runtime, ws.scope)
+            sub = await _subscription(runtime, ws)
             _take_slot(runtime)
         except ApiError as exc:
             await ws.accept()
@@ -189,7 +189,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
 
     async def sse_stream(scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            sub = _subscription(runtime, scope)
+            sub = await _subscription(runtime, HTTPConnection(scope))
             _take_slot(runtime)
         except ApiError as exc:
             body = json.dumps({"error": exc.message}).encode()
