@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from appliance.storage.event_log import append as log_event
 
 __all__ = ["add_blob", "blobs", "forget_blobs", "key_blobs", "manifest", "mark_served", "pinned_keys",
            "replica_changed_at", "served_file", "set_key_blobs"]
@@ -38,10 +41,22 @@ def key_blobs(conn: sqlite3.Connection) -> dict[str, str]:
 
 
 def set_key_blobs(conn: sqlite3.Connection, serve: Mapping[str, str], *, drop: Iterable[str] = ()) -> None:
-    """Serve each key of ``serve`` from its sha256; stop serving the keys in ``drop``."""
+    """Serve each key of ``serve`` from its sha256; stop serving the keys in ``drop``.
+    Each key that now serves a new file is logged (``media.cached``) for the event stream."""
+    fresh = [k for k, sha in sorted(serve.items())
+             if (row := conn.execute("SELECT sha256 FROM media_keys WHERE key = ?", (k,)).fetchone()) is None
+             or row[0] != sha]
     conn.executemany("DELETE FROM media_keys WHERE key = ?", [(k,) for k in drop])
     conn.executemany("INSERT INTO media_keys(key, sha256) VALUES (?, ?) "
                      "ON CONFLICT(key) DO UPDATE SET sha256 = excluded.sha256", list(serve.items()))
+    if fresh:
+        cached = conn.execute("SELECT count(*) FROM media_keys").fetchone()[0]
+        total = conn.execute("SELECT count(*) FROM media_manifest").fetchone()[0]
+        now = time.time()
+        for key in fresh:
+            size = conn.execute("SELECT size FROM media_blobs WHERE sha256 = ?", (serve[key],)).fetchone()
+            log_event(conn, "media.cached", {"key": key, "sha256": serve[key], "size": size[0] if size else None,
+                                             "cached": cached, "total": total}, now=now, subject=key)
 
 
 def replica_changed_at(conn: sqlite3.Connection) -> float | None:
