@@ -26,10 +26,13 @@ from typing import Any, Final
 
 import attrs
 
+from appliance.protocol.events import RecordKind
+
 __all__ = [
     "BODY_MAX_BYTES",
     "EVENT_TYPES",
     "REBUILD",
+    "RECEIVED_TYPE",
     "Forbidden",
     "Grant",
     "StoredEvent",
@@ -92,6 +95,9 @@ EVENT_TYPES: Final[Mapping[str, Topic]] = {
     "media.deleted": Topic.MEDIA,
     "media.cached": Topic.MEDIA,
 }
+
+# The event a device's record (a vocabulary of ``protocol.events``) is announced as.
+RECEIVED_TYPE: Final[Mapping[RecordKind, str]] = {RecordKind.SALE: "sale.received", RecordKind.ORDER: "order.received"}
 
 # What a client calls to rebuild a topic's state after a ``resync`` (the events it missed
 # are gone from the log). Ports are the box's port map: 8000 store API, 80 admin.

@@ -7,6 +7,10 @@ Two vocabularies meet here, and this module is where one becomes the other:
 - :class:`EventType`: the platform's ``type`` of an uploaded event (``sale``,
   ``order.status``, ``device.status``), the only list of them in the tree.
 
+The box's own stream to the shop's devices and browsers (port 8001) has a third
+vocabulary, local state changes (``order.received``, ``device.link_up``, ...), listed in
+``protocol.event_stream.EVENT_TYPES`` with their topics.
+
 Every uploaded event is ``{id, type, at, data}`` and is built by :func:`event`; its id
 is client-made and stable, so a retried upload is deduplicated by the platform.
 """

@@ -20,6 +20,8 @@ from typing import Final
 
 import attrs
 
+from appliance.protocol.event_stream import RECEIVED_TYPE
+from appliance.protocol.events import RecordKind
 from appliance.storage.event_log import append as log_event
 
 __all__ = [
@@ -217,8 +219,8 @@ def receive(
         return Receipt(outcome=Received.CONFLICT, body="", received_at=now)
     conn.execute(f"INSERT INTO {table}(id, device_id, body, received_at) VALUES (?, ?, ?, ?)",
                  (id, device_id, body, now))
-    log_event(conn, f"{kind}.received", {"id": id, "source": "device", "device_id": device_id, kind: json.loads(body)},
-              now=now, subject=id, optional=kind)
+    data = {"id": id, "source": "device", "device_id": device_id, kind: json.loads(body)}
+    log_event(conn, RECEIVED_TYPE[RecordKind(kind)], data, now=now, subject=id, optional=kind)
     return Receipt(outcome=Received.CREATED, body=body, received_at=now)
 
 

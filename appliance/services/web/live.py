@@ -118,7 +118,7 @@ async def section(runtime: Runtime) -> str:
     empty = "" if rows else "<p class=muted id=live-empty>No events yet.</p>"
     script = _SCRIPT % {"max": LIST_MAX, "every": REREAD_MS}
     return (
-        f"<section id=live data-port={runtime.ports['events']} data-head={head} data-topics={','.join(TOPICS)}>"
+        f"<section id=live data-port={runtime.ports.of('events')} data-head={head} data-topics={','.join(TOPICS)}>"
         "<h2>Live events</h2>"
         "<p>Stream: <span id=live-state class=state>as of this page"
         "<noscript> (live updates need JavaScript; reload to refresh)</noscript></span></p>"
