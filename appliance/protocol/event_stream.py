@@ -232,6 +232,7 @@ class StoredEvent:
     subject: str
     at: float
     text: str  # the whole message, as sent
+    loaded_at: float = 0.0  # when the box read it after its commit (its monotonic clock); 0: read back later
 
 
 def encode_event(*, id: int, type: str, topic: str, at_text: str, body: str) -> str:

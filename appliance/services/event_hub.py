@@ -20,6 +20,7 @@ only moves once a batch has been handed over).
 from __future__ import annotations
 
 import bisect
+import collections
 import datetime
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -39,6 +40,8 @@ __all__ = ["CATCH_UP_PAGE", "EventHub", "Follower", "TooSlow", "stored_event"]
 CATCH_UP_PAGE: Final = 500
 # The most events one batch hands to a connection (it sends them, then asks again).
 BATCH_MAX: Final = 1000
+# Hand-over times kept for /metrics (the newest ones).
+HANDOFFS_KEPT: Final = 4096
 
 
 class TooSlow(Exception):
@@ -53,10 +56,10 @@ def rfc3339(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def stored_event(row: LogRow) -> StoredEvent:
+def stored_event(row: LogRow, loaded_at: float = 0.0) -> StoredEvent:
     text = encode_event(id=row.id, type=row.type, topic=row.topic, at_text=rfc3339(row.at), body=row.body)
     return StoredEvent(id=row.id, topic=row.topic, type=row.type, device_id=row.device_id, subject=row.subject,
-                       at=row.at, text=text)
+                       at=row.at, text=text, loaded_at=loaded_at)
 
 
 class EventHub:
@@ -71,11 +74,16 @@ class EventHub:
         self.changed = ChangeSignal()  # new events in the ring, or the box is stopping
         self.stopping = False
         self.subscribers = 0
+        # Seconds from an event's load (just after its commit) to the moment a subscriber's
+        # connection takes it to send, for the newest ones (/metrics shows p50 and p99). The
+        # send itself is left out: a stalled reader's would say nothing about the others.
+        self.handoffs: collections.deque[float] = collections.deque(maxlen=HANDOFFS_KEPT)
 
     def load(self, rows: Sequence[LogRow]) -> None:
         """Add events read from the log (in id order, all above :attr:`head`)."""
+        now = trio.current_time()
         for row in rows:
-            event = stored_event(row)
+            event = stored_event(row, now)
             self._ids.append(event.id)
             self._events.append(event)
         if rows:
@@ -90,6 +98,17 @@ class EventHub:
     def set_bounds(self, bounds: LogBounds) -> None:
         """The log's first id after a prune (the head moves only with :meth:`load`)."""
         self.oldest = bounds.oldest
+
+    def dispatched(self, events: Sequence[StoredEvent]) -> None:
+        """A connection took ``events`` to send them now."""
+        now = trio.current_time()
+        self.handoffs.extend(now - e.loaded_at for e in events if e.loaded_at)
+
+    def handoff_quantiles(self) -> list[tuple[dict[str, str], float]]:
+        ordered = sorted(self.handoffs)
+        if not ordered:
+            return []
+        return [({"quantile": str(q)}, ordered[min(len(ordered) - 1, int(len(ordered) * q))]) for q in (0.5, 0.99)]
 
     def stop(self) -> None:
         self.stopping = True
