@@ -52,10 +52,10 @@ from appliance.protocol.channel_codec import (
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
 from appliance.storage import Database
-from appliance.storage.event_log import append as log_event
 from appliance.storage.outbox import load_unsettled
 
-__all__ = ["DeviceLink", "DeviceLinkPhase", "LinkStatus", "LinkTarget", "OpenStream", "describe_failure", "open_tcp"]
+__all__ = ["DeviceLink", "DeviceLinkPhase", "LinkNote", "LinkStatus", "LinkTarget", "OpenStream", "describe_failure",
+           "open_tcp"]
 
 OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]
 Clock = Callable[[], float]
@@ -164,11 +164,22 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+@attrs.frozen(kw_only=True)
+class LinkNote:
+    """The link went up or down: logged by the recorder for the event stream (its ``type``
+    is ``device.link_up`` or ``device.link_down``)."""
+
+    type: str
+    device_id: str
+    at: float
+    data: dict[str, str]
+
+
 class DeviceLink:
     """The link to one device. :meth:`run` until cancelled, or until :meth:`stop` and the
-    commands in flight are settled. Records go to ``records`` (the recorder's channel);
-    the link writes the database itself only to log its going up and down (the event
-    stream's ``device.link_up`` and ``device.link_down``)."""
+    commands in flight are settled. Records go to ``records`` (the recorder's channel),
+    and so do its :class:`LinkNote` s (going up and down, for the event stream); the link
+    never writes the database itself."""
 
     def __init__(
         self,
@@ -176,7 +187,7 @@ class DeviceLink:
         *,
         config: DispatchConfig,
         db: Database,
-        records: trio.MemorySendChannel[list[Record]],
+        records: trio.MemorySendChannel[list[Record | LinkNote]],
         metrics: Metrics,
         open_stream: OpenStream = open_tcp,
         clock: Clock = time.time,
@@ -194,6 +205,7 @@ class DeviceLink:
         self._clock = clock
         self._rng = rng or random.Random()
         self._cursor = 0  # outbox rows up to this seq were read already
+        self._notes: list[LinkNote] = []  # going up or down, for the recorder to log
         self._stop = trio.Event()
         self._session_scope: trio.CancelScope | None = None
         self.window = SendWindow(device_id=target.id, window=config.window, hello_timeout_s=config.hello_timeout_s,
@@ -235,12 +247,12 @@ class DeviceLink:
                     self.window.connection_lost(self._clock())
                 was_up = self.status.connected_since is not None
                 self.status.connected_since = None
-                await self._flush(force=True)
                 if error is not None:
                     self._failed(error)
                 if was_up:
-                    await self._log_link("device.link_down",
-                                         reason=self.status.last_error if error is not None else "closed by the box")
+                    self._note("device.link_down",
+                               reason=self.status.last_error if error is not None else "closed by the box")
+                await self._flush(force=True)
                 if self._stop.is_set():
                     break
                 delay = backoff.next_delay()
@@ -313,7 +325,7 @@ class DeviceLink:
                 self.status.phase = DeviceLinkPhase.CONNECTED
                 self.status.connected_since = now
                 self.status.firmware = message.firmware
-                await self._log_link("device.link_up", firmware=message.firmware)
+                self._note("device.link_up", firmware=message.firmware)
             if window.stats.acked > acked:
                 self.status.last_ack_at = now
                 self._proved(backoff)
@@ -350,10 +362,11 @@ class DeviceLink:
         """Hand the window's records to the recorder (a batch at a time; bounded channel)."""
         window = self.window
         self.status.in_flight, self.status.held = window.in_flight, window.pending
-        if not force and window.unrecorded < _RECORD_BATCH:
+        if not force and window.unrecorded < _RECORD_BATCH and not self._notes:
             return
-        records = window.take_records()
-        if not records:
+        records: list[Record | LinkNote] = list(window.take_records())
+        notes, self._notes = self._notes, []
+        if not records and not notes:
             return
         device = self.target.id
         for record in records:
@@ -366,7 +379,7 @@ class DeviceLink:
             elif isinstance(record, Dead):
                 self.status.dead += 1
                 self._metrics.inc("device_commands_dead", device=device)
-        await self._records.send(records)
+        await self._records.send([*records, *notes])
 
     async def _wait(self, delay: float) -> None:
         """Back off for ``delay`` seconds, still expiring held commands; a stop ends it."""
@@ -385,10 +398,10 @@ class DeviceLink:
             return math.inf
         return trio.current_time() + max(0.0, at - self._clock())
 
-    async def _log_link(self, type: str, **data: str) -> None:
+    def _note(self, type: str, **data: str) -> None:
         t = self.target
-        await self._db.write(partial(log_event, type=type, data={"device_id": t.id, "address": t.address, **data},
-                                     now=self._clock(), device_id=t.id))
+        self._notes.append(LinkNote(type=type, device_id=t.id, at=self._clock(),
+                                    data={"device_id": t.id, "address": t.address, **data}))
 
     def _proved(self, backoff: Backoff) -> None:
         backoff.reset()

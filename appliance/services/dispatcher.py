@@ -34,10 +34,19 @@ import trio
 
 from appliance.protocol.channel import Record
 from appliance.protocol.health import Check, Status
-from appliance.services.device_link import DeviceLink, DeviceLinkPhase, LinkStatus, LinkTarget, OpenStream, open_tcp
+from appliance.services.device_link import (
+    DeviceLink,
+    DeviceLinkPhase,
+    LinkNote,
+    LinkStatus,
+    LinkTarget,
+    OpenStream,
+    open_tcp,
+)
 from appliance.services.runtime import Runtime
 from appliance.storage import Database
 from appliance.storage.devices import list_adopted
+from appliance.storage.event_log import append as log_event
 from appliance.storage.outbox import (
     Backlog,
     Enqueued,
@@ -102,7 +111,7 @@ async def enqueue(
 @attrs.define(eq=False)
 class _Handle:
     link: DeviceLink
-    records: trio.MemorySendChannel[list[Record]]  # the link's clone of the recorder's channel
+    records: trio.MemorySendChannel[list[Record | LinkNote]]  # the link's clone of the recorder's channel
     scope: trio.CancelScope
     done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -111,7 +120,7 @@ class _Dispatcher:
     def __init__(
         self,
         runtime: Runtime,
-        records: trio.MemorySendChannel[list[Record]],
+        records: trio.MemorySendChannel[list[Record | LinkNote]],
         *,
         open_stream: OpenStream,
         adopted: AdoptedFn,
@@ -201,7 +210,15 @@ class _Dispatcher:
             await handle.done.wait()
 
 
-async def _record(db: Database, receive: trio.MemoryReceiveChannel[list[Record]]) -> None:
+def _apply(conn: sqlite3.Connection, items: list[Record | LinkNote]) -> None:
+    """The links' records, and their going up and down logged for the event stream."""
+    apply_records(conn, [r for r in items if not isinstance(r, LinkNote)])
+    for note in items:
+        if isinstance(note, LinkNote):
+            log_event(conn, note.type, note.data, now=note.at, device_id=note.device_id)
+
+
+async def _record(db: Database, receive: trio.MemoryReceiveChannel[list[Record | LinkNote]]) -> None:
     """Write the links' records, everything waiting in one transaction, until every link
     and the dispatcher have closed their ends of the channel."""
     async with receive:
@@ -212,7 +229,7 @@ async def _record(db: Database, receive: trio.MemoryReceiveChannel[list[Record]]
                     records.extend(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await db.write(partial(apply_records, records=records))
+            await db.write(partial(_apply, items=records))
 
 
 async def run_dispatcher(
@@ -228,7 +245,7 @@ async def run_dispatcher(
 
     ``open_stream(host, port)`` makes the byte stream to a device (TCP by default; tests
     pass memory streams); ``adopted(conn)`` lists the devices to push to."""
-    send, receive = trio.open_memory_channel[list[Record]](_RECORDER_QUEUE)
+    send, receive = trio.open_memory_channel[list[Record | LinkNote]](_RECORDER_QUEUE)
     dispatcher = _Dispatcher(runtime, send, open_stream=open_stream, adopted=adopted, clock=clock,
                              rng=rng or random.Random())
     dispatcher.board.links.clear()  # a restart after a crash starts from what the registry says
