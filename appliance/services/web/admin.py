@@ -1,7 +1,8 @@
 """The admin listener (port 80): the status homepage and its JSON twin, /api/status.
 
-The homepage is plain HTML with no JavaScript: a technician's phone or an old POS browser
-shows it. Features contribute routes, homepage sections (HTML fragments) and keys of the
+The homepage is plain HTML that works fully without JavaScript: a technician's phone or an
+old POS browser shows it (the live-events section's small script only adds live updates).
+Features contribute routes, homepage sections (HTML fragments) and keys of the
 status JSON through :class:`~appliance.services.web.parts.WebParts`, assembled in
 ``appliance.services.assembly``.
 """

@@ -1,7 +1,8 @@
 """The page kit of the admin pages, and the one JSON response type of every listener.
 
-The homepage is plain HTML with no JavaScript: a technician's phone or an old POS browser
-shows it. Features build their homepage sections and form answers from these pieces, so
+The homepage is plain HTML that works fully without JavaScript: a technician's phone or an
+old POS browser shows it (the live-events section's small script only adds live updates).
+Features build their homepage sections and form answers from these pieces, so
 every page looks and words alike:
 
 - :func:`page`: a whole page (title, subtitle, sections);
