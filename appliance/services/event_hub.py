@@ -152,13 +152,15 @@ class Follower:
     clock: Callable[[], float] = trio.current_time
     caught_up: bool = False  # has been at the head once since it connected
     behind_since: float | None = None
+    waited: bool = False  # the last batch is what it waited for at the head (not a backlog)
 
     async def next_batch(self) -> list[StoredEvent]:
         """The next events for this subscriber (possibly none, when all were filtered out);
         waits while there is nothing new. Raises :class:`TooSlow` if it fell behind."""
         hub = self.hub
         seen = hub.changed.version
-        if self.cursor >= hub.head:
+        self.waited = self.cursor >= hub.head
+        if self.waited:
             self.caught_up = True
             self.behind_since = None
             if hub.stopping:

@@ -59,8 +59,8 @@ async def run_event_log(runtime: Runtime, *, task_status: trio.TaskStatus[None] 
     m.gauge("event_log_head", "the highest event id written", lambda: float(hub.head))
     m.gauge("event_subscribers", "clients following the event stream on port 8001", lambda: float(hub.subscribers))
     m.gauge("event_log_oldest", "the first event id the log still keeps", lambda: float(hub.oldest))
-    m.gauge("event_dispatch_seconds", "from an event's commit to a subscriber's connection taking it to send "
-            "(newest 4096)", hub.handoff_quantiles)
+    m.gauge("event_dispatch_seconds", "from an event's commit to a subscriber's connection taking it to send, "
+            "for subscribers keeping up (newest 4096)", hub.handoff_quantiles)
     m.describe_counter("event_messages_sent", "events handed to subscribers on port 8001")
     m.describe_counter("event_subscribers_evicted", "subscribers told to resume because they fell behind")
     prune_now = ChangeSignal()

@@ -174,7 +174,8 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
                     if timer.cancelled_caught:
                         await ws.send_text(ping_message(head=hub.head))
                         continue
-                    hub.dispatched(batch)
+                    if f.waited:  # a subscriber's own backlog says nothing of the box's pace
+                        hub.dispatched(batch)
                     texts = [e.text for e in batch]
                     for text in coalesced(texts) if sub.coalesce and len(texts) > 1 else texts:
                         await ws.send({"type": "websocket.send", "text": text})
@@ -239,7 +240,8 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
                         continue
                     if batch:
                         # One write for the whole batch: SSE frames simply follow each other.
-                        hub.dispatched(batch)
+                        if f.waited:
+                            hub.dispatched(batch)
                         await body(b"".join(sse_frame(e.text, event="message", id=e.id) for e in batch))
                         runtime.metrics.inc("event_messages_sent", len(batch))
             except TooSlow as exc:
