@@ -249,7 +249,7 @@ class DeviceLink:
                 self.status.connected_since = None
                 if error is not None:
                     self._failed(error)
-                if was_up:
+                if was_up and not self._stop.is_set():  # the box stopping says so itself ("closing")
                     self._note("device.link_down",
                                reason=self.status.last_error if error is not None else "closed by the box")
                 await self._flush(force=True)
