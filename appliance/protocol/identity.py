@@ -1,0 +1,330 @@
+"""Device identity on the shop LAN: keys, the comparison code, signed requests, the hello.
+
+Pure and synchronous: the caller gives every nonce and every ``now``; nothing here reads a
+clock, a socket or the OS's randomness (except :func:`new_private_key`, which asks the
+``cryptography`` package for a key). docs/device-api.md is the device maker's side of it.
+
+- **Device key** (:func:`derive_device_key`): X25519 between the device's key pair and the
+  box's, then HKDF-SHA256 (salt: both public keys, info: a label and the device id) to 32
+  bytes. Both ends compute it; it never crosses the LAN. A third party that saw both public
+  keys cannot (that is X25519's job; the hypothesis tests check the plumbing).
+- **Comparison code** (:func:`comparison_code`): 6 digits from both public keys and two
+  nonces. The device commits to its nonce (:func:`commitment`) before it learns the box's,
+  and reveals it after, as Bluetooth's numeric comparison does: a man in the middle who
+  swaps keys cannot grind a key pair whose code matches, he gets one guess in a million.
+- **Signed requests** (:func:`sign_request`, :func:`parse_signature`,
+  :func:`verify_request`): RFC 9421 HTTP Message Signatures with a fixed profile: the
+  components ``"@method" "@path" "@query" "content-digest"`` (RFC 9530 ``sha-256``), the
+  parameters ``created``, ``nonce``, ``keyid`` (the device id) and ``alg="hmac-sha256"``,
+  the label ``chub``. :class:`ReplayGuard` refuses a ``created`` outside the window and a
+  nonce seen before, with a bounded memory.
+- **The hello** (:func:`box_proof`, :func:`device_proof`): on the device channel each side
+  proves the key by an HMAC over both sides' fresh nonces, under distinct labels so one
+  side's proof is never the other's.
+
+Errors::
+
+    IdentityError
+    ├── BadKey             a key or nonce that is not the right size or encoding
+    ├── SignatureError     a device request not signed as the profile says   (``reason``)
+    │   └── Replayed       outside the window, a nonce seen before, or refused under load
+    └── HelloFailed        the other side of the hello did not prove the key
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import hmac
+import re
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "COMPONENTS",
+    "KEY_BYTES",
+    "LABEL",
+    "NONCE_BYTES",
+    "BadKey",
+    "HelloFailed",
+    "IdentityError",
+    "ReplayGuard",
+    "Replayed",
+    "SignatureError",
+    "SignedRequest",
+    "box_proof",
+    "check_proof",
+    "commitment",
+    "comparison_code",
+    "content_digest",
+    "derive_device_key",
+    "device_proof",
+    "key_from_hex",
+    "new_private_key",
+    "parse_signature",
+    "private_from_hex",
+    "private_hex",
+    "public_bytes",
+    "sign_request",
+    "signature_base",
+    "verify_request",
+]
+
+KEY_BYTES: Final = 32
+# Nonces are 16 random bytes, written as 32 lowercase hex characters.
+NONCE_BYTES: Final = 16
+LABEL: Final = "chub"
+ALG: Final = "hmac-sha256"
+COMPONENTS: Final = ('"@method"', '"@path"', '"@query"', '"content-digest"')
+_KEY_INFO: Final = b"chub device key v1\x00"
+_COMMIT: Final = b"chub commit v1\x00"
+_CODE: Final = b"chub code v1\x00"
+_HELLO_BOX: Final = b"chub hello v1 box\x00"
+_HELLO_DEVICE: Final = b"chub hello v1 device\x00"
+_HEX = re.compile(r"[0-9a-f]*")
+_KEYID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # the device ids discovery allows
+_SIG_INPUT = re.compile(
+    r'chub=\("@method" "@path" "@query" "content-digest"\)'
+    r';created=(?P<created>[0-9]{1,12});nonce="(?P<nonce>[0-9a-f]{32})"'
+    r';keyid="(?P<keyid>[A-Za-z0-9][A-Za-z0-9._:-]{0,63})";alg="hmac-sha256"'
+)
+_SIGNATURE = re.compile(r"chub=:(?P<b64>[A-Za-z0-9+/]{43}=):")
+_DIGEST = re.compile(r"sha-256=:(?P<b64>[A-Za-z0-9+/]{43}=):")
+# The longest Signature-Input the profile allows, checked before any regex runs.
+_MAX_HEADER: Final = 256
+
+
+class IdentityError(Exception):
+    """Base of the identity errors; the message is for a person (a device developer)."""
+
+
+class BadKey(IdentityError, ValueError):
+    pass
+
+
+class SignatureError(IdentityError):
+    """``reason`` is a short, bounded word for metrics; ``status`` the HTTP answer."""
+
+    def __init__(self, message: str, *, reason: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.reason, self.status = reason, status
+
+
+class Replayed(SignatureError):
+    pass
+
+
+class HelloFailed(IdentityError):
+    pass
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def new_private_key() -> X25519PrivateKey:
+    return X25519PrivateKey.generate()
+
+
+def public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes_raw()
+
+
+def private_hex(private: X25519PrivateKey) -> str:
+    return private.private_bytes_raw().hex()
+
+
+def private_from_hex(text: str) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(key_from_hex(text, "private key"))
+
+
+def key_from_hex(text: object, what: str = "key", size: int = KEY_BYTES) -> bytes:
+    """``size`` bytes from ``2 * size`` lowercase hex characters, or :class:`BadKey`."""
+    if not isinstance(text, str) or len(text) != 2 * size or _HEX.fullmatch(text) is None:
+        raise BadKey(f"{what}: must be {2 * size} lowercase hex characters ({size} bytes)")
+    return bytes.fromhex(text)
+
+
+def derive_device_key(
+    private: X25519PrivateKey, peer_public: bytes, *, device_id: str, device_public: bytes, box_public: bytes
+) -> bytes:
+    """The 32-byte device key, the same on both ends: the device passes its private key and
+    the box's public key, the box its private key and the device's public key."""
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:  # a wrong size, or a low-order point giving an all-zero secret
+        raise BadKey(f"public key refused: {exc}") from None
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=device_public + box_public,
+                info=_KEY_INFO + device_id.encode("utf-8"))
+    return hkdf.derive(shared)
+
+
+def commitment(device_public: bytes, device_nonce: bytes) -> bytes:
+    """What the device sends before it knows the box's nonce: SHA-256 over a label, its
+    public key and its nonce."""
+    return hashlib.sha256(_COMMIT + device_public + device_nonce).digest()
+
+
+def comparison_code(device_public: bytes, box_public: bytes, device_nonce: bytes, box_nonce: bytes) -> str:
+    """Six digits both screens show; a person checks they are the same before adopting."""
+    digest = hashlib.sha256(_CODE + device_public + box_public + device_nonce + box_nonce).digest()
+    return f"{int.from_bytes(digest[:8], 'big') % 1_000_000:06d}"
+
+
+# --- signed requests ---------------------------------------------------------------------------
+
+
+def content_digest(body: bytes) -> str:
+    """The RFC 9530 ``Content-Digest`` value of ``body``: ``sha-256=:<base64>:``."""
+    return f"sha-256=:{base64.b64encode(hashlib.sha256(body).digest()).decode('ascii')}:"
+
+
+def _params(created: int, nonce: str, keyid: str) -> str:
+    return f'({" ".join(COMPONENTS)});created={created};nonce="{nonce}";keyid="{keyid}";alg="{ALG}"'
+
+
+def signature_base(method: str, path: str, query: str, digest: str, params: str) -> bytes:
+    """The RFC 9421 signature base: one line per component, then ``@signature-params``.
+
+    ``path`` is the request target's path as sent (percent-encoding kept); ``query`` is the
+    query string without its ``?`` (empty for none: the component is then ``?``)."""
+    lines = (f'"@method": {method.upper()}', f'"@path": {path}', f'"@query": ?{query}',
+             f'"content-digest": {digest}', f'"@signature-params": {params}')
+    return "\n".join(lines).encode("utf-8")
+
+
+def sign_request(
+    key: bytes, *, device_id: str, method: str, path: str, query: str, body: bytes, created: int, nonce: str
+) -> dict[str, str]:
+    """The three headers that sign a request: Content-Digest, Signature-Input, Signature."""
+    digest = content_digest(body)
+    params = _params(created, nonce, device_id)
+    mac = hmac.new(key, signature_base(method, path, query, digest, params), hashlib.sha256).digest()
+    return {"Content-Digest": digest, "Signature-Input": f"{LABEL}={params}",
+            "Signature": f"{LABEL}=:{base64.b64encode(mac).decode('ascii')}:"}
+
+
+@attrs.frozen(kw_only=True)
+class SignedRequest:
+    """The signature headers of a request, read but not yet checked."""
+
+    keyid: str
+    created: int
+    nonce: str
+    digest: str
+    mac: bytes = attrs.field(repr=False)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    value = headers.get(name)
+    if value is None:
+        raise SignatureError(f"the {name} header is missing (see docs/device-api.md)", reason="unsigned")
+    if len(value) > _MAX_HEADER:
+        raise SignatureError(f"the {name} header is longer than {_MAX_HEADER} characters", reason="malformed")
+    return value.strip()
+
+
+def parse_signature(headers: Mapping[str, str]) -> SignedRequest:
+    """The device signature of a request (``headers`` looked up by lower-case name), or
+    :class:`SignatureError`. Only the profile's exact form is accepted."""
+    raw_input = _header(headers, "signature-input")
+    match = _SIG_INPUT.fullmatch(raw_input)
+    if match is None:
+        raise SignatureError('Signature-Input must be chub=("@method" "@path" "@query" "content-digest");'
+                             'created=<unix seconds>;nonce="<32 hex>";keyid="<device id>";alg="hmac-sha256"',
+                             reason="malformed")
+    sig = _SIGNATURE.fullmatch(_header(headers, "signature"))
+    if sig is None:
+        raise SignatureError("Signature must be chub=:<base64 of the 32-byte HMAC-SHA256>:", reason="malformed")
+    digest = _header(headers, "content-digest")
+    if _DIGEST.fullmatch(digest) is None:
+        raise SignatureError("Content-Digest must be sha-256=:<base64 of the body's SHA-256>:", reason="malformed")
+    return SignedRequest(keyid=match["keyid"], created=int(match["created"]), nonce=match["nonce"], digest=digest,
+                         mac=base64.b64decode(sig["b64"]))
+
+
+def verify_request(key: bytes, signed: SignedRequest, *, method: str, path: str, query: str, body: bytes) -> None:
+    """Raise :class:`SignatureError` unless ``signed`` is the device's HMAC of this request."""
+    if not hmac.compare_digest(signed.digest, content_digest(body)):
+        raise SignatureError("Content-Digest does not match the body", reason="digest")
+    params = _params(signed.created, signed.nonce, signed.keyid)
+    expected = hmac.new(key, signature_base(method, path, query, signed.digest, params), hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, signed.mac):
+        raise SignatureError(f"the signature is not device {signed.keyid}'s signature of this request",
+                             reason="bad_signature")
+
+
+class ReplayGuard:
+    """Refuses a signed request outside ``window_s`` of now or with a nonce already seen.
+
+    One guard per key. It remembers at most ``max_nonces`` nonces; when full it forgets the
+    oldest and refuses anything created at or before it (``floor``), so forgetting never
+    lets a replay through: under a flood, old requests are refused, never accepted twice.
+    A nonce is remembered only after its signature verified, so strangers fill nothing.
+    """
+
+    def __init__(self, *, window_s: float, max_nonces: int) -> None:
+        if window_s <= 0 or max_nonces < 1:
+            raise ValueError("window_s must be > 0 and max_nonces >= 1")
+        self.window_s, self.max_nonces = window_s, max_nonces
+        self.floor: float = float("-inf")
+        self._seen: set[str] = set()
+        self._by_age: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, nonce: str, created: float, now: float) -> None:
+        """Accept (and remember) ``nonce`` or raise :class:`Replayed`."""
+        self._expire(now)
+        if abs(now - created) > self.window_s:
+            raise Replayed(f"created={created:.0f} is {now - created:+.0f} s from the box's clock ({now:.0f}); "
+                           f"a request must be signed within {self.window_s:g} s (set the clock from the Date "
+                           "header or the discovery announce)", reason="stale")
+        if created <= self.floor:
+            raise Replayed("too many requests in the window: this one is older than the oldest nonce the box "
+                           "still remembers; sign it again", reason="flood", status=429)
+        if nonce in self._seen:
+            raise Replayed("this nonce was used already: a replayed request", reason="replayed")
+        if len(self._seen) >= self.max_nonces:
+            old_created, old_nonce = heapq.heappop(self._by_age)
+            self._seen.discard(old_nonce)
+            self.floor = max(self.floor, old_created)
+            if created <= self.floor:
+                raise Replayed("too many requests in the window; sign it again", reason="flood", status=429)
+        self._seen.add(nonce)
+        heapq.heappush(self._by_age, (created, nonce))
+
+    def _expire(self, now: float) -> None:
+        # Anything created before now - window is refused by the window check: forget it.
+        while self._by_age and self._by_age[0][0] < now - self.window_s:
+            self._seen.discard(heapq.heappop(self._by_age)[1])
+
+
+# --- the hello on the device channel -----------------------------------------------------------
+
+
+def _proof(label: bytes, key: bytes, device_id: str, first: bytes, second: bytes) -> str:
+    return hmac.new(key, label + device_id.encode("utf-8") + b"\x00" + first + second, hashlib.sha256).hexdigest()
+
+
+def box_proof(key: bytes, device_id: str, device_nonce: bytes, box_nonce: bytes) -> str:
+    """What the box sends after the device's hello: it holds the key (over the device's
+    fresh nonce, so it cannot be replayed to another device connection)."""
+    return _proof(_HELLO_BOX, key, device_id, device_nonce, box_nonce)
+
+
+def device_proof(key: bytes, device_id: str, device_nonce: bytes, box_nonce: bytes) -> str:
+    """What the device answers once the box proved itself (over the box's fresh nonce)."""
+    return _proof(_HELLO_DEVICE, key, device_id, device_nonce, box_nonce)
+
+
+def check_proof(expected: str, got: object, who: str) -> None:
+    """Raise :class:`HelloFailed` unless ``got`` is ``expected`` (compared in constant time)."""
+    if not isinstance(got, str) or not hmac.compare_digest(expected.encode("ascii"), got.encode("utf-8")):
+        raise HelloFailed(f"{who} did not prove it holds the device key")

@@ -1,0 +1,181 @@
+"""The identity core: key derivation, comparison code, request signatures, replay, hello."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from appliance.protocol import identity as idp
+
+_keys = st.binary(min_size=32, max_size=32).map(lambda b: idp.private_from_hex(b.hex()))
+_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,20}", fullmatch=True)
+_nonces = st.binary(min_size=16, max_size=16).map(bytes.hex)
+_methods = st.sampled_from(["GET", "POST", "PUT", "DELETE"])
+_paths = st.from_regex(r"/[A-Za-z0-9/%._-]{0,30}", fullmatch=True)
+_queries = st.from_regex(r"([a-z]{1,5}=[A-Za-z0-9%]{0,8}(&[a-z]{1,5}=[a-z0-9]{0,4}){0,2})?", fullmatch=True)
+_fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_fast
+@given(device=_keys, box=_keys, third=_keys, device_id=_ids)
+def test_both_ends_derive_the_same_key_and_a_third_party_does_not(device, box, third, device_id) -> None:
+    dpub, bpub = idp.public_bytes(device), idp.public_bytes(box)
+    assume(len({dpub, bpub, idp.public_bytes(third)}) == 3)
+    on_device = idp.derive_device_key(device, bpub, device_id=device_id, device_public=dpub, box_public=bpub)
+    on_box = idp.derive_device_key(box, dpub, device_id=device_id, device_public=dpub, box_public=bpub)
+    assert on_device == on_box and len(on_box) == 32
+    # A third party knows both public keys, and has a key pair of its own: with it, paired
+    # with either public key, it gets another key.
+    for peer in (dpub, bpub):
+        guess = idp.derive_device_key(third, peer, device_id=device_id, device_public=dpub, box_public=bpub)
+        assert guess != on_box
+    # Bound to the device id and both public keys (HKDF info and salt).
+    other_id = idp.derive_device_key(box, dpub, device_id=device_id + "x", device_public=dpub, box_public=bpub)
+    assert other_id != on_box
+
+
+def test_a_low_order_public_key_is_refused() -> None:
+    with pytest.raises(idp.BadKey):
+        idp.derive_device_key(idp.new_private_key(), bytes(32), device_id="d", device_public=bytes(32),
+                              box_public=bytes(32))
+
+
+@_fast
+@given(device=_keys, box=_keys, dn=st.binary(min_size=16, max_size=16), bn=st.binary(min_size=16, max_size=16))
+def test_the_comparison_code_is_six_digits_and_depends_on_everything(device, box, dn, bn) -> None:
+    dpub, bpub = idp.public_bytes(device), idp.public_bytes(box)
+    code = idp.comparison_code(dpub, bpub, dn, bn)
+    assert len(code) == 6 and code.isdigit()
+    assert idp.comparison_code(dpub, bpub, dn, bn) == code
+    assert idp.commitment(dpub, dn) != idp.commitment(dpub, bytes(b ^ 1 for b in dn))
+
+
+def test_the_code_spreads_over_all_six_digits() -> None:
+    # A man in the middle gets one guess: the code must not favour a few values.
+    pub = idp.public_bytes(idp.new_private_key())
+    codes = {idp.comparison_code(pub, pub, n.to_bytes(16, "big"), bytes(16)) for n in range(2000)}
+    assert len(codes) > 1950
+
+
+def _sign(key: bytes, **kw: object) -> dict[str, str]:
+    return idp.sign_request(key, **kw)  # type: ignore[arg-type]
+
+
+def _lower(headers: dict[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+@_fast
+@given(key=st.binary(min_size=32, max_size=32), device_id=_ids, method=_methods, path=_paths, query=_queries,
+       body=st.binary(max_size=200), created=st.integers(0, 2**40), nonce=_nonces)
+def test_a_signature_verifies(key, device_id, method, path, query, body, created, nonce) -> None:
+    headers = _sign(key, device_id=device_id, method=method, path=path, query=query, body=body, created=created,
+                    nonce=nonce)
+    signed = idp.parse_signature(_lower(headers))
+    assert (signed.keyid, signed.created, signed.nonce) == (device_id, created, nonce)
+    idp.verify_request(key, signed, method=method, path=path, query=query, body=body)
+
+
+@_fast
+@given(key=st.binary(min_size=32, max_size=32), other_key=st.binary(min_size=32, max_size=32), method=_methods,
+       path=_paths, query=_queries, body=st.binary(max_size=100), created=st.integers(0, 2**40), nonce=_nonces,
+       change=st.sampled_from(["method", "path", "query", "body", "created", "nonce", "key", "keyid"]),
+       data=st.data())
+def test_any_change_fails_the_signature(key, other_key, method, path, query, body, created, nonce, change,
+                                        data) -> None:
+    request = {"method": method, "path": path, "query": query, "body": body}
+    headers = _lower(_sign(key, device_id="pos-1", created=created, nonce=nonce, **request))
+    verify_key = key
+    if change == "method":
+        request["method"] = data.draw(_methods.filter(lambda m: m != method))
+    elif change == "path":
+        request["path"] = data.draw(_paths.filter(lambda p: p != path))
+    elif change == "query":
+        request["query"] = data.draw(_queries.filter(lambda q: q != query))
+    elif change == "body":
+        request["body"] = data.draw(st.binary(max_size=100).filter(lambda b: b != body))
+    elif change == "created":
+        new = data.draw(st.integers(0, 2**40).filter(lambda c: c != created))
+        headers["signature-input"] = headers["signature-input"].replace(f"created={created};", f"created={new};")
+    elif change == "nonce":
+        new_nonce = data.draw(_nonces.filter(lambda n: n != nonce))
+        headers["signature-input"] = headers["signature-input"].replace(nonce, new_nonce)
+    elif change == "keyid":
+        headers["signature-input"] = headers["signature-input"].replace('keyid="pos-1"', 'keyid="pos-2"')
+    else:
+        assume(other_key != key)
+        verify_key = other_key
+    with pytest.raises(idp.SignatureError):
+        signed = idp.parse_signature(headers)
+        idp.verify_request(verify_key, signed, **request)  # type: ignore[arg-type]
+
+
+@_fast
+@given(headers=st.dictionaries(st.sampled_from(["signature-input", "signature", "content-digest"]),
+                               st.text(max_size=300)))
+def test_any_header_text_parses_or_raises_signature_error(headers) -> None:
+    try:
+        idp.parse_signature(headers)
+    except idp.SignatureError as exc:
+        assert exc.reason in ("unsigned", "malformed")
+
+
+def test_the_base_is_rfc_9421_shaped() -> None:
+    base = idp.signature_base("post", "/v1/sales", "", idp.content_digest(b"{}"),
+                              '("@method" "@path" "@query" "content-digest");created=1;nonce="n";keyid="k";'
+                              'alg="hmac-sha256"')
+    assert base.decode().splitlines() == [
+        '"@method": POST', '"@path": /v1/sales', '"@query": ?',
+        '"content-digest": sha-256=:RBNvo1WzZ4oRRq0W9+hknpT7T8If536DEMBg9hyq/4o=:',
+        '"@signature-params": ("@method" "@path" "@query" "content-digest");created=1;nonce="n";keyid="k";'
+        'alg="hmac-sha256"']
+
+
+def test_replays_and_stale_requests_are_refused() -> None:
+    guard = idp.ReplayGuard(window_s=30, max_nonces=100)
+    guard.check("a", created=1000, now=1000.5)
+    with pytest.raises(idp.Replayed, match="used already"):
+        guard.check("a", created=1000, now=1001)
+    with pytest.raises(idp.Replayed, match="within 30 s"):
+        guard.check("b", created=960, now=1000)
+    with pytest.raises(idp.Replayed, match="within 30 s"):
+        guard.check("b", created=1040, now=1000)
+    # Once out of the window the nonce is forgotten, and the window refuses it anyway.
+    with pytest.raises(idp.Replayed, match="within 30 s"):
+        guard.check("a", created=1000, now=1031)
+    assert len(guard) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(events=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 60)), max_size=200))
+def test_the_replay_guard_is_bounded_and_never_accepts_a_nonce_twice(events) -> None:
+    guard = idp.ReplayGuard(window_s=10, max_nonces=8)
+    accepted: set[tuple[str, float]] = set()
+    now = 1000.0
+    for nonce, step in events:
+        now += step / 10
+        created = now - (nonce % 5)
+        try:
+            guard.check(str(nonce), created=created, now=now)
+        except idp.Replayed:
+            continue
+        # A replay is the same signed request: the same nonce with the same created.
+        assert (str(nonce), created) not in accepted
+        accepted.add((str(nonce), created))
+        assert len(guard) <= 8
+
+
+def test_the_hello_proofs_differ_by_side_and_check_in_constant_time() -> None:
+    key, dn, bn = bytes(range(32)), b"d" * 16, b"b" * 16
+    box, device = idp.box_proof(key, "kds-1", dn, bn), idp.device_proof(key, "kds-1", dn, bn)
+    assert box != device
+    idp.check_proof(box, box, "the box")
+    with pytest.raises(idp.HelloFailed):
+        idp.check_proof(box, device, "the box")
+    with pytest.raises(idp.HelloFailed):
+        idp.check_proof(box, idp.box_proof(bytes(32), "kds-1", dn, bn), "the box")
+    assert box == hmac.new(key, b"chub hello v1 box\x00kds-1\x00" + dn + bn, hashlib.sha256).hexdigest()
