@@ -278,6 +278,12 @@ class DiscoveryConfig:
     name: str = ""  # announced name; empty = the hostname
 
 
+def _device_key(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+        raise ValueError(f"{attr.name}: must be 64 lowercase hex characters (run `appliance device-key` to make one)"
+                         f", got {len(value)} characters")
+
+
 @attrs.frozen(kw_only=True)
 class DeviceDecl:
     """A device declared in config: adopted from the start (for stores without discovery)."""
@@ -287,6 +293,9 @@ class DeviceDecl:
     address: str = attrs.field(validator=lambda i, a, v: _addresses(i, a, (v,)))
     port: int = attrs.field(default=8081, validator=_port)
     name: str = ""
+    # The device's pre-shared key: 64 hex characters (``appliance device-key`` makes one
+    # and prints it once). Empty: the device is listed but gets no commands until it has one.
+    key: str = attrs.field(default="", validator=_device_key, repr=False)
 
 
 @attrs.frozen(kw_only=True)

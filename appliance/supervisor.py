@@ -34,6 +34,7 @@ from appliance.config import Config
 from appliance.protocol.restart import RestartPolicy
 from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState, ServiceStatus
+from appliance.services.keyring import KeyRing, load_box_key
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
 from appliance.services.state import BoundPorts
@@ -195,11 +196,13 @@ async def open_runtime(config: Config, *, port_offset: int = 0) -> Runtime:
     try:
         box_id = await db.write(appliance_id)
         token = config.admin.token or await trio.to_thread.run_sync(load_or_create_token, state_dir / "admin.token")
+        box_key = await trio.to_thread.run_sync(load_box_key, state_dir)
     except BaseException:
         db.close()
         raise
     ports = config.lan.ports.with_offset(port_offset)
-    runtime = Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=BoundPorts(ports))
+    runtime = Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=BoundPorts(ports),
+                      keys=KeyRing(box_key, declared={d.id: d.key for d in config.devices}))
     _core_metrics(runtime)
     return runtime
 

@@ -3,6 +3,7 @@ and a running appliance in the test's own trio loop."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,11 @@ ConfigFactory = Callable[..., Config]
 # wall-clock deadlines flaky without saying anything about correctness.
 settings.register_profile("appliance", deadline=None)
 settings.load_profile("appliance")
+
+
+def device_key(device_id: str) -> bytes:
+    """A test device's pre-shared key ([[devices]] key), the same wherever a test asks."""
+    return hashlib.sha256(b"test device key\x00" + device_id.encode()).digest()
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from appliance.services.assembly import service_specs
 from appliance.storage import Database
 from appliance.storage.outbox import enqueue_in
 from appliance.supervisor import open_runtime, supervise_all
-from tests.conftest import ConfigFactory
+from tests.conftest import ConfigFactory, device_key
 
 DEVICES = 20
 COMMANDS = 2000
@@ -54,7 +54,7 @@ class SimulatedDevice:
         self._scope: trio.CancelScope | None = None
 
     async def start(self) -> None:
-        self.sim = DeviceSimulator(device_id=self.device_id, log_path=self.log_path)
+        self.sim = DeviceSimulator(device_id=self.device_id, log_path=self.log_path, key=device_key(self.device_id))
         self._scope = trio.CancelScope()
 
         async def serve(task_status: trio.TaskStatus[int]) -> None:
@@ -98,7 +98,8 @@ async def simulated_devices(tmp_path: Path, count: int) -> AsyncIterator[list[Si
 
 
 def declared(devices: list[SimulatedDevice]) -> list[dict[str, Any]]:
-    return [{"id": d.device_id, "kind": "printer", "address": "127.0.0.1", "port": d.port} for d in devices]
+    return [{"id": d.device_id, "kind": "printer", "address": "127.0.0.1", "port": d.port,
+             "key": device_key(d.device_id).hex()} for d in devices]
 
 
 def check_exactly_once_in_order(device: SimulatedDevice, expected_ids: list[str], *, exact: bool = True) -> None:
@@ -261,7 +262,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(tmp_path: Pa
         ports = "\n".join(f"{r} = 0" for r in ("admin", "api", "events", "media", "provisioning", "ops", "support",
                                                  "discovery"))
         decls = "\n".join(f'[[devices]]\nid = "{d.device_id}"\nkind = "printer"\naddress = "127.0.0.1"\n'
-                          f"port = {d.port}\n" for d in devices)
+                          f'port = {d.port}\nkey = "{device_key(d.device_id).hex()}"\n' for d in devices)
         config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{state}"\n'
                           '[admin]\ntoken = "e2e-token"\n[supervisor]\nshutdown_deadline_s = 5.0\n'
                           "[discovery]\nenabled = false\n[orders]\nenabled = false\n"

@@ -25,6 +25,7 @@ from appliance.services.web.common import FormError, parse_form
 from appliance.storage import Database
 from appliance.storage.devices import (
     MAX_PENDING,
+    MAX_PENDING_PER_ADDRESS,
     AdoptionState,
     DeclaredInConfig,
     DeviceSource,
@@ -56,9 +57,9 @@ def db(tmp_path: Path) -> Iterator[Database]:
 
 
 def probe(db: Database, device_id: str = "pos-1", *, now: float = 100.0, address: str = "10.0.0.5",
-          port: int = 8081, name: str = "Till", kind: str = "pos") -> Any:
+          port: int = 8081, name: str = "Till", kind: str = "pos", signed: bool = False) -> Any:
     return db.write_sync(partial(record_probe, device_id=device_id, kind=kind, name=name, address=address,
-                                 port=port, now=now))
+                                 port=port, now=now, signed=signed))
 
 
 def test_a_probe_creates_a_pending_device_then_refreshes_it(db: Database) -> None:
@@ -67,11 +68,14 @@ def test_a_probe_creates_a_pending_device_then_refreshes_it(db: Database) -> Non
     assert first.device.state is AdoptionState.PENDING and first.device.source is DeviceSource.DISCOVERY
     again = probe(db, now=160.0)
     assert (again.created, again.changed) == (False, False)  # only last_seen moved
-    moved = probe(db, now=200.0, address="10.0.0.6")
-    assert (moved.created, moved.changed) == (False, True)
+    # Anyone can send an unsigned probe with this id: it moves nothing, and says so.
+    spoofed = probe(db, now=200.0, address="10.0.0.66", name="Evil")
+    assert (spoofed.created, spoofed.changed, spoofed.ignored) == (False, False, True)
+    moved = probe(db, now=210.0, address="10.0.0.6", signed=True)
+    assert (moved.created, moved.changed, moved.ignored) == (False, True, False)
     device = db.read_sync(partial(get_device, device_id="pos-1"))
     assert device is not None
-    assert (device.address, device.first_seen, device.last_seen) == ("10.0.0.6", 100.0, 200.0)
+    assert (device.address, device.name, device.first_seen, device.last_seen) == ("10.0.0.6", "Till", 100.0, 210.0)
 
 
 def test_adoption_survives_probes_and_only_adopted_devices_are_listed_as_such(db: Database) -> None:
@@ -82,7 +86,8 @@ def test_adoption_survives_probes_and_only_adopted_devices_are_listed_as_such(db
     assert changed and device.state is AdoptionState.ADOPTED and device.state_changed == 150.0
     assert db.write_sync(partial(set_state, device_id="pos-1", state=AdoptionState.ADOPTED, now=151.0))[1] is False
     db.write_sync(partial(set_state, device_id="bad-1", state=AdoptionState.REJECTED, now=150.0))
-    probe(db, "pos-1", now=300.0, address="10.0.0.9")  # a new DHCP lease
+    probe(db, "pos-1", now=300.0, address="10.0.0.9", signed=True)  # a new DHCP lease, said with its key
+    probe(db, "pos-1", now=301.0, address="10.0.0.66")  # a spoofed probe
     probe(db, "bad-1", now=300.0)
     adopted = db.read_sync(list_adopted)
     assert [(d.id, d.address) for d in adopted] == [("pos-1", "10.0.0.9")]
@@ -92,15 +97,18 @@ def test_adoption_survives_probes_and_only_adopted_devices_are_listed_as_such(db
         db.write_sync(partial(set_state, device_id="nope", state=AdoptionState.ADOPTED, now=1.0))
 
 
-def test_pending_devices_are_bounded_and_the_stalest_goes_first(db: Database) -> None:
+def test_pending_devices_are_bounded_per_address_and_in_all_and_never_evicted(db: Database) -> None:
     probe(db, "keep", now=0.0)
     db.write_sync(partial(set_state, device_id="keep", state=AdoptionState.ADOPTED, now=0.0))
-    for i in range(MAX_PENDING):
-        probe(db, f"dev-{i:03d}", now=float(i + 1))
-    result = probe(db, "newcomer", now=10_000.0)
-    assert result.evicted == ("dev-000",)
+    probe(db, "genuine", now=0.5, address="10.0.0.200")
+    refused = [probe(db, f"same-{i}", address="10.0.0.9", now=1.0).refused for i in range(MAX_PENDING_PER_ADDRESS + 2)]
+    assert refused == [None] * MAX_PENDING_PER_ADDRESS + ["address_full"] * 2
+    for i in range(MAX_PENDING * 2):
+        probe(db, f"dev-{i:03d}", now=float(i + 2), address=f"10.1.{i // 200}.{i % 200}")
+    result = probe(db, "newcomer", now=10_000.0, address="10.2.0.1")
+    assert (result.refused, result.device, result.created) == ("full", None, False)
     ids = {d.id for d in db.read_sync(list_devices)}
-    assert len(ids) == MAX_PENDING + 1 and "keep" in ids and "newcomer" in ids and "dev-000" not in ids
+    assert len(ids) == MAX_PENDING + 1 and {"keep", "genuine", "same-0"} <= ids and "newcomer" not in ids
 
 
 def test_silent_pending_devices_are_pruned(db: Database) -> None:
@@ -137,10 +145,10 @@ def test_declared_devices_are_adopted_and_the_config_stays_their_source_of_truth
 def test_the_schema_refuses_bad_rows(db: Database) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         db.write_sync(lambda c: c.execute(
-            "INSERT INTO devices VALUES ('x', 'k', '', '10.0.0.1', 8081, 'maybe', 'discovery', 0, 0, 0)"))
+            "INSERT INTO devices VALUES ('x', 'k', '', '10.0.0.1', 8081, 'maybe', 'discovery', 0, 0, 0, NULL, 0)"))
     with pytest.raises(sqlite3.IntegrityError):
         db.write_sync(lambda c: c.execute(
-            "INSERT INTO devices VALUES ('x', 'k', '', '10.0.0.1', 0, 'pending', 'discovery', 0, 0, 0)"))
+            "INSERT INTO devices VALUES ('x', 'k', '', '10.0.0.1', 0, 'pending', 'discovery', 0, 0, 0, NULL, 0)"))
 
 
 # --- through the admin listener -------------------------------------------------------------
@@ -229,7 +237,7 @@ async def test_the_homepage_lists_devices_and_its_buttons_work_with_the_token(ma
         assert await state_of(runtime, "pos-1") is AdoptionState.ADOPTED
         assert runtime.device_changes.version == version + 1
         page = (await client.get("/")).text
-        assert "value='adopt:pos-1'" not in page and "value='reject:pos-1'" in page
+        assert "value='adopt:pos-1'" not in page and "value='revoke:pos-1'" in page
 
         bad = [
             ({"token": TOKEN, "action": "destroy:pos-1"}, 400, "Unknown action"),

@@ -251,16 +251,19 @@ async def test_the_registry_sees_the_device(make_config: ConfigFactory) -> None:
             "kds", "Kitchen", "127.0.0.1", 9100, AdoptionState.PENDING)
         assert found.first_seen == found.last_seen
         # The same probe again changes nothing a dispatcher cares about: no notification;
-        # a new command port is a change. The first notification must be the second probe's.
+        # an unsigned probe asking for a new command port is ignored and counted (anyone can
+        # send one). The first notification must be the next new device's.
         await device.probe(port, device_id="kds-1", kind="kds", name="Kitchen", device_port=9100)
         await device.probe(port, device_id="kds-1", kind="kds", name="Kitchen", device_port=9200)
+        await device.probe(port, device_id="kds-2", kind="kds", name="Kitchen 2", device_port=9100)
         with trio.fail_after(DEADLINE_S):
             version = await runtime.device_changes.wait(seen)
         found = await runtime.db.read(partial(get_device, device_id="kds-1"))
-        assert found is not None and found.port == 9200
+        assert found is not None and found.port == 9100
         assert version == seen + 1
+        assert runtime.metrics.value("discovery_moves_refused", reason="unsigned") == 1
         rendered = runtime.metrics.render()
-        assert 'appliance_discovery_probes_total 4' in rendered
+        assert 'appliance_discovery_probes_total 5' in rendered
 
 
 async def test_the_registry_queue_is_bounded(make_config: ConfigFactory) -> None:

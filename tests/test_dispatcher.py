@@ -33,7 +33,7 @@ from appliance.services.dispatcher import enqueue, run_dispatcher
 from appliance.services.runtime import Runtime
 from appliance.storage.outbox import CommandState, enqueue_in, list_commands
 from appliance.supervisor import open_runtime
-from tests.conftest import ConfigFactory, running_box
+from tests.conftest import ConfigFactory, device_key, running_box
 
 Serve = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -432,11 +432,12 @@ async def appliance_with(make_config: ConfigFactory, devices: list[dict[str, Any
 
 
 async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Path) -> None:
-    sim = DeviceSimulator(device_id="printer-1", log_path=tmp_path / "printer.jsonl")
+    sim = DeviceSimulator(device_id="printer-1", log_path=tmp_path / "printer.jsonl", key=device_key("printer-1"))
     async with trio.open_nursery() as sims:
         port = await sims.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1"))
         async with appliance_with(make_config, [{"id": "printer-1", "kind": "printer", "address": "127.0.0.1",
-                                                 "port": port, "name": "Front printer"}]) as rt:
+                                                 "port": port, "name": "Front printer",
+                                                 "key": device_key("printer-1").hex()}]) as rt:
             api = f"http://127.0.0.1:{rt.ports['api']}"
             admin = f"http://127.0.0.1:{rt.ports['admin']}"
             auth = {"Authorization": "Bearer test-admin-token"}

@@ -23,6 +23,7 @@ import trio
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
 from tests.amqp import fixtures
 from tests.amqp.fixtures import AmqpServer
+from tests.conftest import device_key
 from tests.test_orders_e2e import order, sender_for
 
 amqp_server = fixtures.amqp_server
@@ -58,7 +59,7 @@ def write_config(path: Path, state: Path, server: AmqpServer, queue: str, device
     text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()) + "\n"
                    for name, values in sections.items())
     text += ("[[devices]]\nid = \"kds-1\"\nkind = \"kds\"\naddress = \"127.0.0.1\"\n"
-             f"port = {device_port}\n")
+             f'port = {device_port}\nkey = "{device_key("kds-1").hex()}"\n')
     path.write_text(text)
 
 
@@ -89,7 +90,7 @@ async def poll(fetch: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> 
 async def test_sigkill_between_commit_and_complete(amqp_server: AmqpServer, queue_name: str, tmp_path: Path) -> None:
     state, cfg, log_path = tmp_path / "state", tmp_path / "appliance.toml", tmp_path / "kds.jsonl"
     db = state / "appliance.db"
-    sim = DeviceSimulator(device_id="kds-1", kind="kds", log_path=log_path, fsync=True)
+    sim = DeviceSimulator(device_id="kds-1", kind="kds", log_path=log_path, fsync=True, key=device_key("kds-1"))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1"))
         sender = sender_for(amqp_server, queue_name)

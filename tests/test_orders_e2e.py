@@ -27,6 +27,7 @@ from appliance.supervisor import open_runtime, supervise_all
 from tests import test_servicebus_link
 from tests.amqp import fixtures
 from tests.amqp.fixtures import AmqpServer
+from tests.conftest import device_key
 
 amqp_server = fixtures.amqp_server
 queue_name = fixtures.queue_name
@@ -71,12 +72,14 @@ class Shop:
 @asynccontextmanager
 async def shop(make_config: Callable[..., Config], tmp_path: Path, **orders: Any) -> AsyncIterator[Shop]:
     """Three device simulators (kds, printer, pos) and a whole appliance adopting them."""
-    sims = {kind: DeviceSimulator(device_id=f"{kind}-1", kind=kind, log_path=tmp_path / f"{kind}.jsonl")
+    sims = {kind: DeviceSimulator(device_id=f"{kind}-1", kind=kind, log_path=tmp_path / f"{kind}.jsonl",
+                                  key=device_key(f"{kind}-1"))
             for kind in ("kds", "printer", "pos")}
     async with trio.open_nursery() as nursery:
         ports = {k: await nursery.start(partial(run_device_simulator, s, port=0, bind="127.0.0.1"))
                  for k, s in sims.items()}
-        devices = [{"id": f"{k}-1", "kind": k, "address": "127.0.0.1", "port": p} for k, p in ports.items()]
+        devices = [{"id": f"{k}-1", "kind": k, "address": "127.0.0.1", "port": p, "key": device_key(f"{k}-1").hex()}
+                   for k, p in ports.items()]
         runtime = await open_runtime(make_config(devices=devices, orders=orders))
         try:
             async with trio.open_nursery() as box:

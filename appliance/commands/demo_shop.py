@@ -21,10 +21,11 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import secrets
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import httpx
@@ -34,6 +35,7 @@ from appliance.config import Config, DeviceDecl, parse_config
 from appliance.devkit.cloud import SimHandle, run_cloud_simulator
 from appliance.devkit.cloud_state import QueueService, SimConfig
 from appliance.devkit.device import DeviceSimulator, run_device_simulator
+from appliance.devkit.device_client import DeviceAuth
 from appliance.devkit.orders_sender import OrderSender
 from appliance.services.assembly import service_specs
 from appliance.services.pairing import pair_from_web
@@ -46,7 +48,9 @@ __all__ = ["DemoOptions", "run_demo"]
 log = logging.getLogger("appliance.demo")
 
 DEVICES = (("kitchen-1", "kds", "Kitchen screen"), ("printer-1", "printer", "Receipt printer"),
-           ("pos-1", "pos", "Till 1"))
+           ("pos-1", "pos", "Till 1"), ("kiosk-1", "pos", "Self-order kiosk"))
+# The kiosk posts orders to the store API, signed with its own key (docs/device-api.md).
+KIOSK: Final = "kiosk-1"
 
 
 @attrs.frozen(kw_only=True)
@@ -91,12 +95,12 @@ def _config(options: DemoOptions, sim: SimHandle, devices: list[DeviceDecl],
     })
 
 
-async def _kiosk(runtime: Runtime, options: DemoOptions, say: Callable[[str], None]) -> None:
-    """Post an order to the store API every few seconds, as a self-order kiosk would."""
+async def _kiosk(runtime: Runtime, options: DemoOptions, key: bytes, say: Callable[[str], None]) -> None:
+    """Post an order to the store API every few seconds, as a self-order kiosk would: each
+    request signed with the kiosk's key (it never holds the admin token)."""
     rng = random.Random(options.seed)
     api = f"http://127.0.0.1:{runtime.ports['api']}"
-    headers = {"Authorization": f"Bearer {runtime.admin_token}"}
-    async with httpx.AsyncClient(base_url=api, headers=headers, timeout=10.0) as client:
+    async with httpx.AsyncClient(base_url=api, auth=DeviceAuth(KIOSK, key), timeout=10.0) as client:
         for n in itertools.count(1):
             await trio.sleep(options.order_every_s)
             try:
@@ -114,7 +118,7 @@ async def _kiosk(runtime: Runtime, options: DemoOptions, say: Callable[[str], No
                 cents = price.json().get("amount_cents", 100) if price.status_code == 200 else 100
                 lines.append({"sku": item["sku"], "name": item.get("name", ""), "qty": rng.randint(1, 3),
                               "unit_price_cents": cents})
-            order = {"id": f"kiosk-{runtime.appliance_id[-6:]}-{n:05d}", "device_id": "kiosk-1", "currency": "EUR",
+            order = {"id": f"kiosk-{runtime.appliance_id[-6:]}-{n:05d}", "device_id": KIOSK, "currency": "EUR",
                      "total_cents": sum(line["qty"] * line["unit_price_cents"] for line in lines), "lines": lines}
             summary = ", ".join(f"{line['qty']} x {line['name'] or line['sku']}" for line in lines)
             try:
@@ -170,14 +174,18 @@ async def run_demo(options: DemoOptions, *, bus: ServiceBusEndpoint | None = Non
                                logs_url=None)
         sim: SimHandle = await outer.start(partial(run_cloud_simulator, sim_config, send_order=sender))
         declared = []
+        # Devices declared with pre-shared keys: adopted from the start, in the demo only
+        # (a shop's devices enroll and a manager adopts them on the homepage).
+        keys = {device_id: secrets.token_bytes(32) for device_id, _, _ in DEVICES}
         for device_id, kind, name in DEVICES:
             def echo(line: str, device_id: str = device_id) -> None:
                 say(f"{device_id}: {line[:120]}")
 
-            device = DeviceSimulator(device_id=device_id, kind=kind, echo=echo,
+            device = DeviceSimulator(device_id=device_id, kind=kind, echo=echo, key=keys[device_id],
                                      log_path=options.state_dir / "devices" / f"{device_id}.jsonl")
             port = await outer.start(partial(run_device_simulator, device, port=0, bind="127.0.0.1"))
-            declared.append(DeviceDecl(id=device_id, kind=kind, address="127.0.0.1", port=port, name=name))
+            declared.append(DeviceDecl(id=device_id, kind=kind, address="127.0.0.1", port=port, name=name,
+                                       key=keys[device_id].hex()))
         runtime = await open_runtime(_config(options, sim, declared, bus), port_offset=options.port_offset)
         try:
             async with trio.open_nursery() as box:
@@ -185,7 +193,7 @@ async def run_demo(options: DemoOptions, *, bus: ServiceBusEndpoint | None = Non
                                                                   task_status=task_status))
                 link = await pair_from_web(runtime, sim.pair_code)
                 _banner(runtime, sim, link.store_id, say)
-                outer.start_soon(_until_stopping, runtime, partial(_kiosk, runtime, options, say))
+                outer.start_soon(_until_stopping, runtime, partial(_kiosk, runtime, options, keys[KIOSK], say))
                 outer.start_soon(_until_stopping, runtime, partial(_platform_changes, sim, options, say))
                 if bus is not None:
                     outer.start_soon(_until_stopping, runtime, partial(_online_orders, sim, options, say))
@@ -212,7 +220,7 @@ def _banner(runtime: Runtime, sim: SimHandle, store_id: str, say: Callable[[str]
         "",
         "The store appliance demo is running. Ctrl-C stops it.",
         f"  homepage     http://127.0.0.1:{p['admin']}/",
-        f"  store API    http://127.0.0.1:{p['api']}/v1/products?limit=5   (Authorization: Bearer <admin token>)",
+        f"  store API    http://127.0.0.1:{p['api']}/v1/products?limit=5   (signed by a device, or the admin token)",
         f"  health       http://127.0.0.1:{p['ops']}/health   and /metrics",
         f"  admin token  {runtime.admin_token}",
         f"  cloud        {sim.url} (simulated platform; paired with store {store_id})",

@@ -7,6 +7,12 @@ to a log file as one JSON line, flushed (and fsync'd with ``fsync=True``) before
 goes out, so the log is exactly what the device acknowledged. At start it reads the log
 back, so a restarted simulator still deduplicates what it took before.
 
+With a device ``key`` (pre-shared, or derived at enrollment: ``appliance.devkit.enroll``)
+it takes part in the hello (docs/device-api.md): a nonce in its hello, the box's proof
+checked before anything else (a box that cannot prove the key gets no proof back and no
+command is taken: ``refused_boxes`` counts them), then its own proof. ``impostor=True``
+plays an attacker at a device's address: it claims the id but does not hold the key.
+
 It can misbehave on purpose: ``nack_rate`` (a nack with ``retry: true``, "busy"),
 ``delay_s`` (time to process each command before answering), ``drop_rate`` (the TCP
 connection cut with no close frame, like a Wi-Fi drop, before taking a command).
@@ -26,6 +32,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,15 +45,18 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from appliance import __version__
+from appliance.protocol import identity as idp
 from appliance.protocol.channel_codec import (
     MAX_COMMAND_BYTES,
     SUBPROTOCOL,
     Ack,
+    Auth,
     ChannelProtocolError,
     Command,
     Hello,
     Nack,
     encode_device_message,
+    parse_box_auth,
     parse_command,
 )
 
@@ -118,6 +128,8 @@ class DeviceSimulator:
         seed: int | None = None,
         echo: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        key: bytes | None = None,
+        impostor: bool = False,
     ) -> None:
         for name, rate in (("nack_rate", nack_rate), ("drop_rate", drop_rate)):
             if not 0.0 <= rate <= 1.0:
@@ -125,6 +137,10 @@ class DeviceSimulator:
         if delay_s < 0:
             raise ValueError(f"delay must be 0 or more, got {delay_s}")
         self.hello = Hello(device_id=device_id, kind=kind, firmware=firmware)
+        # An impostor has a key, just not the device's: its proofs are wrong.
+        self.key = secrets.token_bytes(32) if impostor and key is None else key
+        self.impostor = impostor
+        self.refused_boxes = 0
         self.nack_rate, self.delay_s, self.drop_rate = nack_rate, delay_s, drop_rate
         self.fsync = fsync
         self.echo = echo
@@ -188,8 +204,32 @@ class DeviceSimulator:
         self.connected = trio.Event()
         await self._converse(ws)
 
+    async def _hello(self, ws: WebSocketConnection) -> bool:
+        """Say hello; with a key, check the box's proof and give ours. False: the box did
+        not prove the key (the connection is closed, nothing taken)."""
+        if self.key is None:
+            await ws.send_message(encode_device_message(self.hello))
+            return True
+        device_nonce = secrets.token_bytes(idp.NONCE_BYTES)
+        await ws.send_message(encode_device_message(attrs.evolve(self.hello, nonce=device_nonce.hex())))
+        try:
+            auth = parse_box_auth(await ws.get_message())
+            assert auth.nonce is not None  # parse_box_auth checks it
+            box_nonce = bytes.fromhex(auth.nonce)
+            idp.check_proof(idp.box_proof(self.key, self.device_id, device_nonce, box_nonce), auth.proof, "the box")
+        except (ChannelProtocolError, idp.HelloFailed) as exc:
+            self.refused_boxes += 1
+            if self.echo is not None:
+                self.echo(f"refused the box: {exc}")
+            await ws.aclose(1008, "the box did not prove the device key")
+            return False
+        proof = idp.device_proof(self.key, self.device_id, device_nonce, box_nonce)
+        await ws.send_message(encode_device_message(Auth(proof=proof)))
+        return True
+
     async def _converse(self, ws: WebSocketConnection) -> None:
-        await ws.send_message(encode_device_message(self.hello))
+        if not await self._hello(ws):
+            return
         barrier: int | None = None  # while set: refusing every seq above it (after a retry nack)
         while True:
             data = await ws.get_message()

@@ -42,6 +42,7 @@ import attrs
 
 from appliance.protocol.channel_codec import (
     Ack,
+    Auth,
     ChannelProtocolError,
     Command,
     DeviceMessage,
@@ -234,6 +235,8 @@ class SendWindow:
 
     def receive(self, message: DeviceMessage, now: float) -> None:
         """A message from the device. Raises :class:`ChannelProtocolError` if v1 forbids it here."""
+        if isinstance(message, Auth):  # the hello's proofs are the driver's, before the window opens
+            raise ChannelProtocolError("the device sent auth outside the hello")
         step = _INPUT_OF[type(message)]
         if (self.state, step) not in TRANSITIONS:
             if self.state is ChannelState.GREETING:

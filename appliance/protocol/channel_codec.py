@@ -6,9 +6,15 @@ Box to device::
 
 Device to box::
 
-    {"t": "hello", "device_id": str, "kind": str, "firmware": str}   (first message)
+    {"t": "hello", "device_id": str, "kind": str, "firmware": str, "nonce": hex32}   (first message)
+    {"t": "auth", "proof": hex64}                     (second, answering the box's auth)
     {"t": "ack", "id": str}
     {"t": "nack", "id": str, "reason": str, "retry": bool}
+
+The hello (docs/device-api.md): a device with a key sends a fresh ``nonce`` in its hello;
+the box answers ``{"t": "auth", "nonce": hex32, "proof": hex64}`` (it holds the key), the
+device checks it and answers its own ``auth`` (it holds the key too); only then does the
+box send commands. A device without a key (adopted before enrollment) sends no nonce.
 
 Parsing is strict about what v1 defines (types, sizes, the set of message types: a newer
 protocol is a new subprotocol name) and ignores keys it does not know, so a device can
@@ -18,6 +24,7 @@ Exceptions::
 
     ChannelError                  (appliance.protocol.channel_codec)
      ├── ChannelProtocolError     the peer sent something v1 does not allow
+     ├── HelloRefused             the peer did not prove it holds the device key
      └── LinkStalled              the peer stopped answering in time (raised by the window)
 """
 
@@ -38,19 +45,23 @@ __all__ = [
     "MAX_DEVICE_MESSAGE_BYTES",
     "SUBPROTOCOL",
     "Ack",
+    "Auth",
     "ChannelError",
     "ChannelProtocolError",
     "Command",
     "DeviceMessage",
     "Hello",
+    "HelloRefused",
     "LinkStalled",
     "MessageType",
     "Nack",
     "check_command_id",
     "check_kind",
     "encode_body",
+    "encode_box_auth",
     "encode_command",
     "encode_device_message",
+    "parse_box_auth",
     "parse_command",
     "parse_device_message",
 ]
@@ -75,6 +86,8 @@ MAX_REASON_CHARS: Final = 500
 _ID: Final = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
 # Kinds are dotted lower-case names: order.created, print, display, config, ping.
 _KIND: Final = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
+_NONCE: Final = re.compile(r"[0-9a-f]{32}")
+_PROOF: Final = re.compile(r"[0-9a-f]{64}")
 
 
 class ChannelError(Exception):
@@ -85,6 +98,10 @@ class ChannelProtocolError(ChannelError):
     """The peer sent something ``chub.device.v1`` does not allow. The message says what."""
 
 
+class HelloRefused(ChannelError):
+    """The other end of the device channel did not prove it holds the device key."""
+
+
 class LinkStalled(ChannelError):
     """The device stopped answering (no hello, or no ack, within its deadline)."""
 
@@ -92,6 +109,7 @@ class LinkStalled(ChannelError):
 class MessageType(enum.StrEnum):
     CMD = "cmd"
     HELLO = "hello"
+    AUTH = "auth"
     ACK = "ack"
     NACK = "nack"
 
@@ -101,6 +119,15 @@ class Hello:
     device_id: str
     kind: str
     firmware: str
+    nonce: str | None = None  # 32 hex: the device's challenge to the box (devices with a key)
+
+
+@attrs.frozen(kw_only=True)
+class Auth:
+    """The hello's proof: box -> device carries the box's ``nonce`` too; device -> box not."""
+
+    proof: str
+    nonce: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -115,7 +142,7 @@ class Nack:
     retry: bool
 
 
-DeviceMessage = Hello | Ack | Nack
+DeviceMessage = Hello | Auth | Ack | Nack
 
 
 @attrs.frozen(kw_only=True)
@@ -169,6 +196,10 @@ def encode_device_message(message: DeviceMessage) -> str:
     data: dict[str, Any]
     if isinstance(message, Hello):
         data = {"t": "hello", "device_id": message.device_id, "kind": message.kind, "firmware": message.firmware}
+        if message.nonce is not None:
+            data["nonce"] = message.nonce
+    elif isinstance(message, Auth):
+        data = {"t": "auth", "proof": message.proof}
     elif isinstance(message, Ack):
         data = {"t": "ack", "id": message.id}
     else:
@@ -181,9 +212,14 @@ def parse_device_message(data: str | bytes) -> DeviceMessage:
     obj = _load(data, MAX_DEVICE_MESSAGE_BYTES, "device message")
     t = obj.get("t")
     if t == MessageType.HELLO:
+        nonce = obj.get("nonce")
+        if nonce is not None and (not isinstance(nonce, str) or _NONCE.fullmatch(nonce) is None):
+            raise ChannelProtocolError(f"hello: 'nonce' must be 32 lowercase hex characters, got {_show(nonce)}")
         return Hello(device_id=_text(obj, "device_id", t, 1, MAX_DEVICE_ID_CHARS),
                      kind=_text(obj, "kind", t, 1, MAX_KIND_CHARS),
-                     firmware=_text(obj, "firmware", t, 0, MAX_FIRMWARE_CHARS))
+                     firmware=_text(obj, "firmware", t, 0, MAX_FIRMWARE_CHARS), nonce=nonce)
+    if t == MessageType.AUTH:
+        return Auth(proof=_proof(obj, t))
     if t == MessageType.ACK:
         return Ack(id=_text(obj, "id", t, 1, MAX_ID_CHARS))
     if t == MessageType.NACK:
@@ -192,7 +228,30 @@ def parse_device_message(data: str | bytes) -> DeviceMessage:
             raise ChannelProtocolError(f"nack: 'retry' must be true or false, got {_show(retry)}")
         return Nack(id=_text(obj, "id", t, 1, MAX_ID_CHARS), reason=_text(obj, "reason", t, 0, MAX_REASON_CHARS),
                     retry=retry)
-    raise ChannelProtocolError(f"'t' must be one of hello, ack, nack from a device, got {_show(t)}")
+    raise ChannelProtocolError(f"'t' must be one of hello, auth, ack, nack from a device, got {_show(t)}")
+
+
+def _proof(obj: Mapping[str, Any], t: str) -> str:
+    proof = obj.get("proof")
+    if not isinstance(proof, str) or _PROOF.fullmatch(proof) is None:
+        raise ChannelProtocolError(f"{t}: 'proof' must be 64 lowercase hex characters, got {_show(proof)}")
+    return proof
+
+
+def encode_box_auth(nonce: str, proof: str) -> str:
+    """The box's half of the hello: its nonce and its proof of the key."""
+    return json.dumps({"t": "auth", "nonce": nonce, "proof": proof}, separators=(",", ":"))
+
+
+def parse_box_auth(data: str | bytes) -> Auth:
+    """The box's ``auth`` message, as a device reads it."""
+    obj = _load(data, MAX_DEVICE_MESSAGE_BYTES, "box auth")
+    if obj.get("t") != MessageType.AUTH:
+        raise ChannelProtocolError(f"'t' must be auth from the box before any command, got {_show(obj.get('t'))}")
+    nonce = obj.get("nonce")
+    if not isinstance(nonce, str) or _NONCE.fullmatch(nonce) is None:
+        raise ChannelProtocolError(f"auth: 'nonce' must be 32 lowercase hex characters, got {_show(nonce)}")
+    return Auth(proof=_proof(obj, "auth"), nonce=nonce)
 
 
 def parse_command(data: str | bytes) -> Command:

@@ -218,6 +218,10 @@ class Probe:
     name: str = attrs.field(validator=_text)
     port: int = attrs.field(validator=_port)
     nonce: str = attrs.field(validator=_matches(_NONCE, f"0-{MAX_NONCE} visible ASCII characters"))
+    # A signed probe (the device's key; see :func:`sign`) carries its time and its HMAC; only
+    # a signed probe may move an adopted device to another address or port.
+    ts: float | None = attrs.field(default=None, converter=_as_float, validator=_optional(_timestamp))
+    sig: str | None = attrs.field(default=None, validator=_optional(_matches(_SIG, "64 lowercase hex or null")))
 
 
 @attrs.frozen(kw_only=True)
@@ -264,8 +268,11 @@ def clean_name(text: str) -> str:
 
 def _fields(message: Message) -> dict[str, Any]:
     if isinstance(message, Probe):
-        return {"type": "probe", "device_id": message.device_id, "kind": message.kind, "name": message.name,
-                "port": message.port, "nonce": message.nonce}
+        fields = {"type": "probe", "device_id": message.device_id, "kind": message.kind, "name": message.name,
+                  "port": message.port, "nonce": message.nonce}
+        if message.ts is not None or message.sig is not None:  # a signed probe: sig last, as in an announce
+            fields.update(ts=message.ts, sig=message.sig)
+        return fields
     # sig last: a signed datagram then ends with it (see the module docstring).
     return {"type": "announce", "appliance_id": message.appliance_id, "store_id": message.store_id,
             "name": message.name, "firmware": message.firmware, "address": message.address,
@@ -285,9 +292,14 @@ def _mac(key: bytes, unsigned: bytes) -> str:
     return hmac.new(key, unsigned, hashlib.sha256).hexdigest()
 
 
-def sign(announce: Announce, key: bytes) -> bytes:
-    """The datagram for ``announce`` with ``sig`` = HMAC-SHA256(key, datagram with sig null)."""
-    unsigned = encode(attrs.evolve(announce, sig=None))
+def sign(message: Message, key: bytes) -> bytes:
+    """The datagram for ``message`` with ``sig`` = HMAC-SHA256(key, datagram with sig null).
+
+    An announce is signed with the store secret; a probe with the device's key, and it
+    must carry ``ts`` (the device's clock, so the box can refuse an old one replayed)."""
+    if isinstance(message, Probe) and message.ts is None:
+        raise InvalidMessage("a signed probe needs ts")
+    unsigned = encode(attrs.evolve(message, sig=None))
     signed = unsigned[: -len(b"null}")] + b'"' + _mac(key, unsigned).encode("ascii") + b'"}'
     if len(signed) > MAX_DATAGRAM:
         raise DatagramTooLarge(f"signed datagram would be {len(signed)} bytes; the limit is {MAX_DATAGRAM}")
@@ -295,13 +307,14 @@ def sign(announce: Announce, key: bytes) -> bytes:
 
 
 def verify(datagram: bytes, key: bytes) -> bool:
-    """True only for a valid announce whose ``sig`` is the HMAC of its body under ``key``."""
+    """True only for a valid announce (or signed probe) whose ``sig`` is the HMAC of its
+    body under ``key``."""
     try:
         message = decode(datagram)
     except DiscoveryError:
         return False
     tail = _SIG_TAIL.search(datagram)
-    if not isinstance(message, Announce) or message.sig is None or tail is None:
+    if message.sig is None or tail is None:
         return False
     if tail[1].decode("ascii") != message.sig:
         return False  # the tail is not the top-level sig
@@ -331,6 +344,9 @@ _REQUIRED: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
+_PROBE_SIGNED: Final = ("ts", "sig")
+
+
 def decode(datagram: bytes) -> Message:
     """The message in ``datagram``, or :class:`DiscoveryError` (and nothing else)."""
     if len(datagram) > MAX_DATAGRAM:
@@ -358,6 +374,8 @@ def decode(datagram: bytes) -> Message:
     if missing:
         raise InvalidMessage(f"{kind}: missing key(s) {', '.join(missing)}")
     fields = {key: obj[key] for key in _REQUIRED[kind]}
+    if kind == "probe":
+        fields.update({key: obj[key] for key in _PROBE_SIGNED if key in obj})
     try:
         return Probe(**fields) if kind == "probe" else Announce(**fields)
     except (TypeError, ValueError) as exc:  # a converter on a mistyped value

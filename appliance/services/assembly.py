@@ -41,6 +41,7 @@ from appliance.services.web import live as live_events
 from appliance.services.web import orders as online_orders
 from appliance.services.web.cors import CorsMiddleware
 from appliance.services.web.devices import admin_parts as device_admin_parts
+from appliance.services.web.enrollment import provisioning_parts as enrollment_parts
 from appliance.services.web.media_admin import admin_parts as media_admin_parts
 from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
@@ -76,6 +77,7 @@ def web_parts() -> dict[str, WebParts]:
     parts["admin"] += device_commands.admin_parts()  # device links and the test-command button
     parts["admin"] += media_admin_parts()  # the media cache: counts, what is missing, last error
     parts["admin"] += live_events.admin_parts()  # the latest events, followed live with JavaScript
+    parts["provisioning"] += enrollment_parts()  # device enrollment: keys, the comparison code
     return parts
 
 

@@ -19,6 +19,12 @@ every command in flight is settled, closes politely, within a short bound.
 A device that sends garbage, the wrong hello, or nothing at all is disconnected and backs
 off like a device that cannot be reached; nothing it does raises out of :meth:`DeviceLink.run`
 except a bug.
+
+The hello (docs/device-api.md): for a device with a key (``LinkTarget.key``), the box
+answers the device's hello with its nonce and its proof of the key, then waits for the
+device's proof; no command goes out before it checks. An impostor at the device's address
+fails there (``HelloRefused``: "failed authentication ... (impostor or wrong key)") and
+gets nothing. Only a device adopted before enrollment (``key`` None) skips the proofs.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import enum
 import errno
 import math
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -37,15 +44,19 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
 
 from appliance.config import DispatchConfig
+from appliance.protocol import identity as idp
 from appliance.protocol.backoff import Backoff
 from appliance.protocol.channel import Acked, ChannelState, Dead, Record, SendWindow, Sent
 from appliance.protocol.channel_codec import (
     MAX_DEVICE_MESSAGE_BYTES,
     SUBPROTOCOL,
+    Auth,
     ChannelError,
     ChannelProtocolError,
     Hello,
+    HelloRefused,
     LinkStalled,
+    encode_box_auth,
     encode_command,
     parse_device_message,
 )
@@ -92,6 +103,8 @@ class LinkTarget:
     name: str
     address: str
     port: int
+    # The device key the hello proves; None only for a device adopted before enrollment.
+    key: bytes | None = attrs.field(default=None, repr=False)
 
 
 @attrs.define(kw_only=True)
@@ -146,6 +159,10 @@ def describe_failure(exc: BaseException, address: str, port: int, connect_timeou
     if isinstance(exc, ConnectionRejected):
         return (f"{where} refused the device channel (HTTP {exc.status_code})",
                 f"the app at that address does not speak {SUBPROTOCOL}; check the device's address and app version")
+    if isinstance(exc, HelloRefused):
+        return (f"failed authentication at {where} (impostor or wrong key)",
+                "check that the device at that address is the one adopted; a device that was reset must enroll "
+                "again and its new key be accepted on the homepage")
     if isinstance(exc, ChannelProtocolError):
         return (f"{where} broke the device protocol: {exc}",
                 "update the device's app, or check that the address belongs to this device")
@@ -282,7 +299,18 @@ class DeviceLink:
                 if ws.subprotocol != SUBPROTOCOL:
                     raise ChannelProtocolError(f"the device did not accept the subprotocol {SUBPROTOCOL} "
                                                f"(it answered {ws.subprotocol or 'none'})")
-                self.window.connection_made(self._clock())
+                hello: Hello | None = None
+                with trio.move_on_after(cfg.hello_timeout_s):
+                    hello = await self._hello(ws)
+                if hello is None:
+                    raise LinkStalled(f"no hello within {cfg.hello_timeout_s:g} s of connecting")
+                now = self._clock()
+                self.window.connection_made(now)
+                self.window.receive(hello, now)
+                self.status.phase = DeviceLinkPhase.CONNECTED
+                self.status.connected_since = now
+                self.status.firmware = hello.firmware
+                self._note("device.link_up", firmware=hello.firmware)
                 async with trio.open_nursery() as tasks:
                     tasks.start_soon(self._reader, ws, backoff)
                     tasks.start_soon(self._pinger, ws, backoff)
@@ -295,6 +323,28 @@ class DeviceLink:
         finally:
             with trio.move_on_after(_STREAM_CLOSE_S, shield=True):
                 await stream.aclose()
+
+    async def _hello(self, ws: WebSocketConnection) -> Hello:
+        """The device's hello and, for a device with a key, both proofs of it."""
+        t = self.target
+        hello = parse_device_message(await ws.get_message())
+        if not isinstance(hello, Hello):
+            raise ChannelProtocolError("the device's first message must be its hello")
+        if hello.device_id != t.id:
+            raise ChannelProtocolError(f"the device at this address says it is {hello.device_id!r}, not {t.id!r}")
+        if t.key is None:
+            return hello
+        if hello.nonce is None:
+            raise HelloRefused("the device sent no nonce in its hello: it did not take part in the key proof")
+        device_nonce, box_nonce = bytes.fromhex(hello.nonce), secrets.token_bytes(idp.NONCE_BYTES)
+        await ws.send_message(encode_box_auth(box_nonce.hex(), idp.box_proof(t.key, t.id, device_nonce, box_nonce)))
+        answer = parse_device_message(await ws.get_message())
+        expected = idp.device_proof(t.key, t.id, device_nonce, box_nonce)
+        try:
+            idp.check_proof(expected, answer.proof if isinstance(answer, Auth) else None, "the device")
+        except idp.HelloFailed as exc:
+            raise HelloRefused(str(exc)) from None
+        return hello
 
     async def _writer(self, ws: WebSocketConnection) -> None:
         window, seen = self.window, self.poke.version
@@ -321,11 +371,6 @@ class DeviceLink:
             now = self._clock()
             acked = window.stats.acked
             window.receive(message, now)
-            if isinstance(message, Hello):
-                self.status.phase = DeviceLinkPhase.CONNECTED
-                self.status.connected_since = now
-                self.status.firmware = message.firmware
-                self._note("device.link_up", firmware=message.firmware)
             if window.stats.acked > acked:
                 self.status.last_ack_at = now
                 self._proved(backoff)

@@ -48,11 +48,12 @@ import trio
 from appliance import __version__
 from appliance.protocol import discovery as wire
 from appliance.protocol.health import Check, Status
+from appliance.protocol.identity import Replayed
 from appliance.protocol.ratelimit import RateLimiter, RateVerdict
 from appliance.services.http import BindError
 from appliance.services.netif import Interface, beacon_interfaces, interfaces, route_source
 from appliance.services.runtime import Runtime
-from appliance.storage.devices import PENDING_RETENTION_S, prune_pending, record_probe, sync_declared
+from appliance.storage.devices import PENDING_RETENTION_S, get_device, prune_pending, record_probe, sync_declared
 
 __all__ = [
     "DiscoveryBindError",
@@ -153,6 +154,11 @@ class _Sighting:
     name: str
     address: str
     port: int
+    # A signed probe's datagram and its ts and nonce, checked against the device's key by
+    # the registry writer (which reads the registry); None for an unsigned probe.
+    signed: bytes | None = attrs.field(default=None, eq=False)
+    ts: float | None = None
+    nonce: str = ""
 
 
 def _bind_host(runtime: Runtime) -> str:
@@ -218,6 +224,9 @@ class _Discovery:
         m.describe_counter("discovery_announces_seen", "announces received (own beacons, other boxes)")
         m.describe_counter("discovery_send_errors", "discovery datagrams the kernel refused to send")
         m.describe_counter("discovery_registry_dropped", "probes not recorded because the registry queue was full")
+        m.describe_counter("discovery_moves_refused",
+                           "probes that asked to move a known device and were not signed with its key, by reason")
+        m.describe_counter("discovery_pending_refused", "new devices not recorded: pending list full, by scope")
 
     # --- the announce --------------------------------------------------------------
 
@@ -268,7 +277,7 @@ class _Discovery:
             return
         await self._reply(message, ancdata, source)
         if message.kind != TOOL_KIND and message.port != 0:
-            self._record(message, source[0])
+            self._record(message, source[0], data if message.sig is not None else None)
 
     async def _reply(self, probe: wire.Probe, ancdata: list[tuple[int, int, bytes]], source: tuple[str, int]) -> None:
         info = _pktinfo(ancdata)
@@ -286,9 +295,9 @@ class _Discovery:
             return
         self.runtime.metrics.inc("discovery_replies")
 
-    def _record(self, probe: wire.Probe, address: str) -> None:
+    def _record(self, probe: wire.Probe, address: str, signed: bytes | None) -> None:
         sighting = _Sighting(device_id=probe.device_id, kind=probe.kind, name=probe.name, address=address,
-                             port=probe.port)
+                             port=probe.port, signed=signed, ts=probe.ts, nonce=probe.nonce)
         try:
             self._send.send_nowait(sighting)
         except trio.WouldBlock:
@@ -300,19 +309,40 @@ class _Discovery:
             seen = recent.get(s.device_id)
             if seen is not None and seen[0] == s and trio.current_time() - seen[1] < REFRESH_EVERY_S:
                 continue
+            signed = await self._signed_by_device(s) if s.signed is not None else False
             result = await self.runtime.db.write(partial(
                 record_probe, device_id=s.device_id, kind=s.kind, name=s.name, address=s.address, port=s.port,
-                now=time.time()))
+                now=time.time(), signed=signed))
+            if result.refused is not None:
+                self.runtime.metrics.inc("discovery_pending_refused", scope=result.refused)
+                log.debug("new device %s from %s not recorded: pending list %s", s.device_id, s.address,
+                          result.refused)
+                continue
+            if result.ignored:
+                self.runtime.metrics.inc("discovery_moves_refused",
+                                         reason="unsigned" if s.signed is None else "bad_signature")
+                log.info("device %s: a probe from %s:%d asked to move it and was not signed with its key; ignored",
+                         s.device_id, s.address, s.port)
             if len(recent) >= _RECENT_MAX:
                 recent.clear()
             recent[s.device_id] = (s, trio.current_time())
-            for evicted in result.evicted:
-                recent.pop(evicted, None)
             if result.created:
                 log.info("new device %s (%s, %r) at %s:%d: pending adoption", s.device_id, s.kind, s.name,
                          s.address, s.port)
             if result.changed:
                 self.runtime.device_changes.notify()
+
+    async def _signed_by_device(self, s: _Sighting) -> bool:
+        """Whether a signed probe is signed with the device's own key, fresh and not replayed."""
+        device = await self.runtime.db.read(partial(get_device, device_id=s.device_id))
+        key = self.runtime.keys.key_of(device) if device is not None else None
+        if key is None or s.signed is None or s.ts is None or not wire.verify(s.signed, key):
+            return False
+        try:
+            self.runtime.keys.guard(s.device_id).check(f"probe:{s.nonce}", s.ts, time.time())
+        except Replayed:
+            return False
+        return True
 
     # --- beacons -------------------------------------------------------------------
 
@@ -421,7 +451,9 @@ async def run_device_registry(
 ) -> None:
     """Make the registry match ``[[devices]]`` at start, then prune stale pending devices."""
     declared = runtime.config.devices
-    if await runtime.db.write(partial(sync_declared, declared=declared, now=time.time())):
+    changed = await runtime.db.write(partial(sync_declared, declared=declared, now=time.time()))
+    runtime.keys.set_declared({d.id: d.key for d in declared})
+    if changed:
         runtime.device_changes.notify()
     runtime.board.say("devices", f"{len(declared)} declared")
     task_status.started()

@@ -45,7 +45,7 @@ from appliance.services.device_link import (
 )
 from appliance.services.runtime import Runtime
 from appliance.storage import Database
-from appliance.storage.devices import list_adopted
+from appliance.storage.devices import Device, DeviceSource, list_adopted
 from appliance.storage.event_log import append as log_event
 from appliance.storage.outbox import (
     Backlog,
@@ -139,12 +139,11 @@ class _Dispatcher:
 
     async def refresh(self, nursery: trio.Nursery) -> None:
         """Make the running links match the adopted devices."""
-        wanted = {d.id: LinkTarget(id=d.id, kind=d.kind, name=d.name or d.id, address=d.address, port=d.port)
-                  for d in await self.runtime.db.read(self.adopted)}
+        wanted = {t.id: t for t in map(self._target, await self.runtime.db.read(self.adopted)) if t is not None}
         for device_id, handle in list(self.handles.items()):
             target = wanted.get(device_id)
-            if target is None or (target.address, target.port) != (handle.link.target.address,
-                                                                    handle.link.target.port):
+            if target is None or (target.address, target.port, target.key) != (
+                    handle.link.target.address, handle.link.target.port, handle.link.target.key):
                 handle.scope.cancel()
                 await handle.done.wait()
                 del self.handles[device_id]
@@ -164,6 +163,16 @@ class _Dispatcher:
                 self.board.links[device_id] = link.status
                 nursery.start_soon(self._run_link, handle)
                 log.info("device %s: link started to %s:%d", device_id, target.address, target.port)
+
+    def _target(self, d: DeviceLike) -> LinkTarget | None:
+        """The link to ``d``, or None: a registry device with no key gets no commands,
+        unless it was adopted before enrollment existed (``legacy``)."""
+        key = None
+        if isinstance(d, Device):
+            key = self.runtime.keys.key_of(d)
+            if key is None and not d.legacy:
+                return None
+        return LinkTarget(id=d.id, kind=d.kind, name=d.name or d.id, address=d.address, port=d.port, key=key)
 
     async def _run_link(self, handle: _Handle) -> None:
         try:
@@ -329,6 +338,23 @@ def outbox_check(backlog: Sequence[Backlog], adopted: set[str], now: float, warn
     return Check(name=name, status=status, message=message, fix=fix, data=data)
 
 
+def key_check(runtime: Runtime, d: DeviceLike) -> Check | None:
+    """``device.<id>.key``: an adopted device the box cannot authenticate (no key yet)."""
+    if not isinstance(d, Device) or runtime.keys.key_of(d) is not None:
+        return None
+    name, who = f"device.{d.id}.key", f"device {d.id}"
+    if d.legacy:
+        return Check(name=name, status=Status.WARN, data={"device_id": d.id, "legacy": True},
+                     message=f"{who}: adopted before enrollment; commands go to it unauthenticated until it enrolls",
+                     fix="update the device's app so it enrolls (docs/device-api.md) and accept its key on the "
+                         "homepage, or press 'Require enrollment' to stop sending to it unauthenticated")
+    declared = d.source is DeviceSource.CONFIG
+    return Check(name=name, status=Status.WARN, data={"device_id": d.id, "legacy": False},
+                 message=f"{who}: adopted but has no key: it gets no commands",
+                 fix="set key in its [[devices]] entry (`appliance device-key` makes one)" if declared else
+                     "have the device enroll on the provisioning port and accept it on the homepage")
+
+
 def _register(runtime: Runtime, dispatcher: _Dispatcher) -> None:
     board, cfg, clock = dispatcher.board, dispatcher.config, dispatcher.clock
 
@@ -339,6 +365,7 @@ def _register(runtime: Runtime, dispatcher: _Dispatcher) -> None:
         by_device = {b.device_id: b for b in backlog}
         out = [outbox_check(backlog, adopted, now, cfg.warn_age_s, cfg.fail_age_s)]
         out += [link_check(s, by_device.get(s.target.id), now) for s in board.all()]
+        out += [c for d in await runtime.db.read(dispatcher.adopted) if (c := key_check(runtime, d)) is not None]
         return out
 
     runtime.health.add("dispatch", checks)

@@ -20,6 +20,7 @@ from appliance.health import HealthRegistry
 from appliance.protocol.sync import SyncStatus
 from appliance.services.board import ServiceBoard
 from appliance.services.event_hub import EventHub
+from appliance.services.keyring import KeyRing
 from appliance.services.media_files import MediaShelf
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
@@ -36,6 +37,8 @@ class Runtime:
     db: Database
     appliance_id: str
     admin_token: str
+    # The box's key pair and the device keys (enrollment, signed requests, the 8081 hello).
+    keys: KeyRing
     # Supervised services' states (the supervisor) and details (each service, its own).
     board: ServiceBoard = attrs.field(factory=ServiceBoard)
     metrics: Metrics = attrs.field(factory=Metrics)

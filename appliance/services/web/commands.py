@@ -1,7 +1,8 @@
 """Device commands over HTTP: enqueue and inspect (store API, port 8000), and the homepage's
 device links section with a "send test command" button (admin, port 80).
 
-Store API, ``Authorization: Bearer <admin token>``:
+Store API; enqueueing takes ``Authorization: Bearer <admin token>``, reading also takes
+the signature of the device in the path (a device reads its own commands only):
 
 - ``POST /v1/devices/{device_id}/commands`` ``{"kind", "body", "expires_at"?, "id"?}`` ->
   201 ``{"id", "device_id", "seq", "state"}`` once the command is durable. ``id`` is an
@@ -36,6 +37,7 @@ from appliance.services.device_link import DeviceLinkPhase
 from appliance.services.dispatcher import enqueue
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.device_auth import authenticate
 from appliance.services.web.kit import AMBER, GREEN, GREY, RED, JsonResponse, ago, not_done
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import AdoptionState, get_device
@@ -132,8 +134,9 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return JsonResponse(answer, status_code=201 if done.created else 200, headers={"Location": location})
 
     async def listing(request: Request) -> Response:
-        require_admin(request, runtime)
+        caller = await authenticate(request, runtime)
         device_id = request.path_params["device_id"]
+        caller.require(device_id, "the device in the path")
         errors = []
         state_text = request.query_params.get("state")
         state: CommandState | None = None
@@ -152,8 +155,9 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return JsonResponse({"device_id": device_id, "commands": [r.as_dict() for r in rows]})
 
     async def one(request: Request) -> Response:
-        require_admin(request, runtime)
+        caller = await authenticate(request, runtime)
         device_id, command_id = request.path_params["device_id"], request.path_params["command_id"]
+        caller.require(device_id, "the device in the path")
         row = await runtime.db.read(partial(get_command, command_id=command_id))
         if row is None or row.device_id != device_id:
             raise ApiError(404, f"no command {command_id!r} for device {device_id!r}")

@@ -22,8 +22,8 @@ from appliance import __version__
 from appliance.services.runtime import Runtime
 from appliance.services.web.kit import JsonResponse
 
-__all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "check_form_token", "json_error", "parse_form", "read_form",
-           "read_json", "require_admin", "service_app"]
+__all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "check_form_token", "json_error", "parse_form", "parse_json",
+           "read_body", "read_form", "read_json", "require_admin", "service_app"]
 
 # A homepage form is a token and one action or code: a few hundred bytes. Anything bigger is not ours.
 MAX_FORM_BYTES: Final = 4096
@@ -112,6 +112,18 @@ def require_admin(request: Request, runtime: Runtime) -> None:
 
 async def read_json(request: Request, limit: int) -> Any:
     """The request's JSON body, refusing more than ``limit`` bytes before buffering them."""
+    return parse_json(await read_body(request, limit))
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refusing more than ``limit`` bytes before buffering them."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -125,10 +137,7 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise ApiError(413, f"body too large: over the limit of {limit} bytes")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from exc
+    return b"".join(chunks)
 
 
 def service_app(name: str, runtime: Runtime, routes: Sequence[BaseRoute] = ()) -> Starlette:

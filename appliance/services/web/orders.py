@@ -1,14 +1,9 @@
 """Online orders and the remote support channel on the listeners.
 
-Store API (port 8000), devices' bearer token as for the rest of the store API:
+Store API (port 8000):
 
-- ``GET /v1/orders?limit=N&source=online|device``: the newest orders, online ones
-  (Service Bus) and those devices posted (``POST /v1/orders``), merged by time.
-- ``GET /v1/orders/{id}``: an online order (by order id or message id) with the device
-  commands it caused and their state; an id that is no online order answers as the
-  store API's device order does (``{order, received_at, upload}``), so this route can
-  sit in front of that one.
-
+- ``GET /v1/orders?limit=N&source=online|device`` (admin token): the newest orders, online
+  ones (Service Bus) and those devices posted (``POST /v1/orders``), merged by time.
 Admin listener (port 80): homepage sections "Online orders" and "Remote support",
 ``/api/status`` keys ``orders`` and ``support``, and ``POST /api/support-channel``
 ``{"enabled": true|false}`` (admin token) to switch the support channel on for

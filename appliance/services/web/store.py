@@ -17,8 +17,11 @@ Writes (store-and-forward to the platform):
   transaction.
 - ``GET /v1/sales/{id}``, ``GET /v1/orders/{id}``: the record and where its upload stands.
 
-Devices authenticate with ``Authorization: Bearer <token>`` (the admin token for now;
-per-device tokens come with adoption). Bodies are bounded by ``[http] max_body_bytes``.
+Devices sign each request with their own key (docs/device-api.md; checked by
+:func:`~appliance.services.web.device_auth.authenticate`): an adopted device may read the
+catalog and post and read its own sales and orders; a record whose ``device_id`` is not
+the signer's is refused (403). The admin bearer token is accepted too, for back-office
+tools; devices never need it. Bodies are bounded by ``[http] max_body_bytes``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from appliance.protocol.store_api import (
 )
 from appliance.services.runtime import Runtime
 from appliance.services.timestamps import rfc3339
-from appliance.services.web.common import ApiError, read_json, require_admin
+from appliance.services.web.common import ApiError, parse_json
+from appliance.services.web.device_auth import authenticate
 from appliance.services.web.kit import JsonResponse
 from appliance.services.web.parts import WebParts
 from appliance.storage.catalog import (
@@ -90,7 +94,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
 
     def one(entity: str, label: str) -> Any:
         async def handler(request: Request) -> Response:
-            require_admin(request, runtime)
+            await authenticate(request, runtime)
             sku = request.path_params["sku"]
             item, synced = await db.read(partial(_item_or_none, entity=entity, key=sku))
             if item is not None:
@@ -102,7 +106,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return handler
 
     async def search(request: Request) -> Response:
-        require_admin(request, runtime)
+        await authenticate(request, runtime)
         prefix = request.query_params.get("prefix", "")
         if len(prefix) > PREFIX_MAX_CHARS:
             raise ApiError(400, f"prefix is longer than {PREFIX_MAX_CHARS} characters")
@@ -120,12 +124,13 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return JsonResponse({"items": items, "next": token})
 
     async def post(request: Request, kind: str) -> Response:
-        require_admin(request, runtime)
-        body = await read_json(request, max_body)
+        caller = await authenticate(request, runtime, body_limit=max_body)
+        body = parse_json(caller.body)
         try:
             record: Sale | Order = parse_sale(body) if kind == "sale" else parse_order(body)
         except InvalidRecord as exc:
             raise ApiError(422, f"not a valid {kind}", exc.errors) from exc
+        caller.require(record.device_id, f"a {kind}'s device_id")
         now = time.time()
         stored = canonical_json(canonical(record))
         event = event_of(record, received_at=rfc3339(now))
@@ -156,14 +161,18 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return JsonResponse(answer, status_code=201 if receipt.outcome is Received.CREATED else 200)
 
     async def get_record(request: Request, kind: str) -> Response:
-        require_admin(request, runtime)
+        caller = await authenticate(request, runtime)
         record_id = request.path_params["id"]
         if kind == "order" and (online := await db.read(partial(get_order, order_id=record_id))) is not None:
-            # An order placed online (Service Bus): answered as GET /v1/orders lists it.
+            # An order placed online (Service Bus): answered as GET /v1/orders lists it. It
+            # reaches devices as commands; this route gives it to the admin's tools only.
+            if not caller.is_admin:
+                raise ApiError(403, "an online order is for the admin's tools; devices get it as a command")
             return JsonResponse(online | {"received_at": rfc3339(online["received_at"])})
         receipt = await db.read(partial(get_received, kind=kind, id=record_id))
         if receipt is None:
             raise ApiError(404, f"no {kind} with id {record_id!r} on this box")
+        caller.require(json.loads(receipt.body).get("device_id"), f"the {kind}'s device_id")
         return JsonResponse(await _answer(runtime, kind, record_id, receipt.body, receipt.received_at))
 
     return [
