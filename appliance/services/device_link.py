@@ -338,7 +338,10 @@ class DeviceLink:
             raise HelloRefused("the device sent no nonce in its hello: it did not take part in the key proof")
         device_nonce, box_nonce = bytes.fromhex(hello.nonce), secrets.token_bytes(idp.NONCE_BYTES)
         await ws.send_message(encode_box_auth(box_nonce.hex(), idp.box_proof(t.key, t.id, device_nonce, box_nonce)))
-        answer = parse_device_message(await ws.get_message())
+        try:
+            answer = parse_device_message(await ws.get_message())
+        except ConnectionClosed:
+            raise HelloRefused("the device closed the connection instead of proving the key") from None
         expected = idp.device_proof(t.key, t.id, device_nonce, box_nonce)
         try:
             idp.check_proof(expected, answer.proof if isinstance(answer, Auth) else None, "the device")
