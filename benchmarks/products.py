@@ -1,5 +1,7 @@
 """``GET /v1/products/{sku}`` on the store API under 50 concurrent keep-alive clients, next to
-a bare hypercorn hello-world (same hypercorn, same trio worker) in the same run.
+a bare hypercorn hello-world (same hypercorn, same trio worker) in the same run; the same
+lookups signed by a device (docs/device-api.md) next to the admin bearer token, on the same
+appliance process.
 
     python -m benchmarks.products [--clients 50] [--seconds 5] [--products 10000]
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -25,6 +28,7 @@ from typing import Any
 import trio
 
 TOKEN = "bench-token"
+DEVICE, DEVICE_KEY = "bench-pos", bytes(range(32))
 
 
 def _free_port() -> int:
@@ -53,7 +57,9 @@ def _prepare_box(root: Path, products: int, port: int) -> Path:
     ports = "\n".join(f"{r} = 0" for r in ("admin", "events", "media", "provisioning", "ops", "support", "discovery"))
     config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\napi = {port}\n{ports}\n[storage]\ndir = "{state}"\n'
                       f'[admin]\ntoken = "{TOKEN}"\n[discovery]\nenabled = false\n[orders]\nenabled = false\n'
-                      '[log]\nlevel = "warning"\n')
+                      '[log]\nlevel = "warning"\n'
+                      f'[[devices]]\nid = "{DEVICE}"\nkind = "pos"\naddress = "127.0.0.1"\nport = 9\n'
+                      f'key = "{DEVICE_KEY.hex()}"\n')
     return config
 
 
@@ -87,7 +93,21 @@ def _serve_hello(port: int) -> None:
 # --- the load -----------------------------------------------------------------------------------
 
 
-async def _client(port: int, path_of: Any, until: float, warm_until: float, latencies: list[float]) -> int:
+def _bearer(path: str) -> str:
+    return f"Authorization: Bearer {TOKEN}\r\n"
+
+
+def _signed(path: str) -> str:
+    from appliance.protocol import identity as idp
+
+    target, _, query = path.partition("?")
+    headers = idp.sign_request(DEVICE_KEY, device_id=DEVICE, method="GET", path=target, query=query, body=b"",
+                               created=int(time.time()), nonce=secrets.token_hex(16))
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+
+async def _client(port: int, path_of: Any, until: float, warm_until: float, latencies: list[float], *,
+                  auth: Any = _bearer) -> int:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     done = 0
     buffer = b""
@@ -96,7 +116,8 @@ async def _client(port: int, path_of: Any, until: float, warm_until: float, late
             now = time.perf_counter()
             if now >= until:
                 return done
-            request = (f"GET {path_of()} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").encode()
+            path = path_of()
+            request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n{auth(path)}\r\n".encode()
             await stream.send_all(request)
             while b"\r\n\r\n" not in buffer:
                 buffer += await stream.receive_some(65536)
@@ -114,13 +135,14 @@ async def _client(port: int, path_of: Any, until: float, warm_until: float, late
                 done += 1
 
 
-async def _load(port: int, paths: Any, clients: int, seconds: float, warmup: float) -> dict[str, float]:
+async def _load(port: int, paths: Any, clients: int, seconds: float, warmup: float, *,
+                auth: Any = _bearer) -> dict[str, float]:
     latencies: list[float] = []
     start = time.perf_counter()
     warm_until, until = start + warmup, start + warmup + seconds
     async with trio.open_nursery() as nursery:
         for _ in range(clients):
-            nursery.start_soon(_client, port, paths, until, warm_until, latencies)
+            nursery.start_soon(partial(_client, port, paths, until, warm_until, latencies, auth=auth))
     latencies.sort()
     return {"rps": len(latencies) / seconds, "p50_ms": latencies[len(latencies) // 2] * 1000,
             "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000, "requests": len(latencies)}
@@ -167,15 +189,20 @@ def main() -> None:
             try:
                 trio.run(_wait_port, port)
                 results[name] = trio.run(_load, port, paths, opts.clients, opts.seconds, opts.warmup)
+                if port == box_port:  # the same process, the same lookups, signed by a device
+                    results["  ... signed by a device"] = trio.run(partial(
+                        _load, port, paths, opts.clients, opts.seconds, opts.warmup, auth=_signed))
             finally:
                 proc.terminate()
                 proc.wait(15)
     print(f"{opts.clients} concurrent keep-alive clients, {opts.seconds:g} s after {opts.warmup:g} s warm-up:")
     for name, r in results.items():
         print(f"  {name:34} {r['rps']:8,.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms")
-    box, hello = results.values()
+    box, signed, hello = results.values()
     print(f"  ratio appliance / hello-world: {box['rps'] / hello['rps']:.2f}x requests/s, "
           f"{box['p99_ms'] / hello['p99_ms']:.1f}x p99")
+    print(f"  ratio signed / bearer token:   {signed['rps'] / box['rps']:.2f}x requests/s, "
+          f"{signed['p99_ms'] / box['p99_ms']:.1f}x p99 (the load generator signs on the same cores)")
 
 
 if __name__ == "__main__":
