@@ -219,6 +219,7 @@ async def test_the_homepage_lists_devices_and_its_buttons_work_with_the_token(ma
         await seen(runtime, "pos-1", name="Till <1>")
         page = (await client.get("/")).text
         assert "Till &lt;1&gt;" in page  # escaped
+        assert "came from 10.0.0.5:8081" in page  # where the probe came from
         assert "<form method=post action='/devices/action'" in page
         assert "value='adopt:pos-1'" in page and "value='reject:pos-1'" in page
         assert "type=password name=token" in page
