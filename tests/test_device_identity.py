@@ -262,8 +262,7 @@ async def test_revoking_a_device_shuts_it_out_at_once(make_config: ConfigFactory
 
 
 def _links(rt: Runtime) -> set[str]:
-    from appliance.services.dispatcher import link_board
-    return set(link_board(rt).links)
+    return set(rt.device_links.links)
 
 
 async def test_a_reset_device_enrolling_again_changes_nothing_until_accepted(make_config: ConfigFactory) -> None:

@@ -38,6 +38,8 @@ class Runtime:
     appliance_id: str
     admin_token: str
     # The box's key pair and the device keys (enrollment, signed requests, the 8081 hello).
+    # Made by the supervisor; its caches change only through its own methods (forget() on
+    # every change of a device's key or state).
     keys: KeyRing
     # Supervised services' states (the supervisor) and details (each service, its own).
     board: ServiceBoard = attrs.field(factory=ServiceBoard)
