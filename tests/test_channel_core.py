@@ -92,8 +92,10 @@ def test_unknown_keys_are_ignored_and_types_are_strict() -> None:
     cases = {
         '{"t":"nack","id":"c-1","reason":"x","retry":"false"}': "'retry' must be true or false",
         '{"t":"ack","id":7}': "'id' must be a string",
-        '{"t":"status"}': "'t' must be one of hello, ack, nack",
+        '{"t":"status"}': "'t' must be one of hello, auth, ack, nack",
         '[1,2]': "must be a JSON object",
+        '{"t":"hello","device_id":"d","kind":"k","firmware":"1","nonce":"XYZ"}': "'nonce' must be 32 lowercase hex",
+        '{"t":"auth","proof":"00"}': "'proof' must be 64 lowercase hex",
         '{"t":"ack","id":"c-1"': "must be JSON",
         '{"t":"ack","id":NaN}': "must be JSON",
         "[" * 3000: "must be JSON",
