@@ -12,13 +12,13 @@ import trio
 
 from appliance.devkit.device import DeviceSimulator, run_device_simulator
 from appliance.storage.catalog import ReplicaWrite, apply_changes
-from tests.conftest import ConfigFactory, running_box
+from tests.conftest import ConfigFactory, device_key, running_box
 from tests.event_clients import AUTH, TOKEN, next_event, next_message, ws_connect
 
 
 async def test_devices_commands_sync_and_pairing_reach_the_stream(make_config: ConfigFactory) -> None:
     async with trio.open_nursery() as nursery:
-        sim = DeviceSimulator(device_id="kds-1")
+        sim = DeviceSimulator(device_id="kds-1", key=device_key("kds-1"))
         scope = trio.CancelScope()
 
         async def device(*, task_status: trio.TaskStatus[int]) -> None:
@@ -26,7 +26,8 @@ async def test_devices_commands_sync_and_pairing_reach_the_stream(make_config: C
                 await run_device_simulator(sim, port=0, bind="127.0.0.1", task_status=task_status)
 
         port = await nursery.start(device)
-        config = make_config(devices=[{"id": "kds-1", "kind": "kds", "address": "127.0.0.1", "port": port}],
+        config = make_config(devices=[{"id": "kds-1", "kind": "kds", "address": "127.0.0.1", "port": port,
+                                       "key": device_key("kds-1").hex()}],
                              dispatch={"ping_interval_s": 60.0})
         async with running_box(config) as runtime:
             events_port = runtime.ports["events"]
