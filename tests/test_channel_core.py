@@ -269,6 +269,23 @@ def test_a_slow_device_that_keeps_answering_is_not_stalled() -> None:
         window.handle_timer(28)
 
 
+def test_answers_about_commands_not_in_flight_are_not_progress() -> None:
+    # A device that holds its commands and keeps the link "alive" with acks and nacks of
+    # ids it was never sent (or already acked) is stalled all the same.
+    window = opened(SendWindow(device_id="d1", window=2, ack_timeout_s=10), 0)
+    window.offer(cmd(s) for s in range(1, 5))
+    assert drain_transmits(window, 0) == [1, 2]
+    window.receive(Ack(id="c1"), 1)
+    drain_transmits(window, 1)
+    for t in (3, 6, 9, 10.5):
+        window.receive(Ack(id="never-sent"), t)
+        window.receive(Ack(id="c1"), t)  # settled already
+        window.receive(Nack(id="c4", reason="", retry=True), t)  # held, not in flight
+    assert window.get_timer() == 11
+    with pytest.raises(LinkStalled, match="no ack for command seq 2"):
+        window.handle_timer(11)
+
+
 def test_draining_sends_nothing_new_and_reports_idle() -> None:
     window = opened(SendWindow(device_id="d1"))
     window.offer([cmd(1), cmd(2)])

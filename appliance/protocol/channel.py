@@ -18,7 +18,8 @@ Rules (docs/architecture.md §7, docs/device-channel.md):
   they are sent again in order (at-least-once; the device dedupes by id).
 - A command whose ``expires_at`` has passed is never sent: it becomes dead ("expired").
 - No hello within ``hello_timeout_s`` of connecting, or commands in flight and no answer
-  (ack or nack) for ``ack_timeout_s`` since the oldest was sent or the last answer came,
+  (ack or nack of a command in flight: answers about unknown or settled ids are not
+  progress) for ``ack_timeout_s`` since the oldest was sent or the last answer came,
   raises :class:`LinkStalled`: the driver drops the connection and reconnects with
   backoff. (A slow device that keeps answering is busy, not stalled.)
 - The first message must be a hello from the expected device; anything else raises
@@ -250,12 +251,15 @@ class SendWindow:
                                            f"not {self.device_id!r}")
             self.hello = message
             self._hello_deadline = None
-        elif isinstance(message, Ack):
-            self._last_answer = now
-            self._on_ack(message.id, now)
         else:
-            self._last_answer = now
-            self._on_nack(message, now)
+            # Only an answer about a command in flight is progress: acks of unknown or
+            # already settled ids must not hold the stall timer off for ever.
+            if message.id in self._in_flight:
+                self._last_answer = now
+            if isinstance(message, Ack):
+                self._on_ack(message.id, now)
+            else:
+                self._on_nack(message, now)
         self._move(step)
 
     def drain(self) -> None:

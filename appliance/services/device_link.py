@@ -18,7 +18,11 @@ every command in flight is settled, closes politely, within a short bound.
 
 A device that sends garbage, the wrong hello, or nothing at all is disconnected and backs
 off like a device that cannot be reached; nothing it does raises out of :meth:`DeviceLink.run`
-except a bug.
+except a bug. trio-websocket parses the device's handshake and frames in a reader task of
+its own, in the nursery we hand it, and some malformed answers make that task raise h11's or
+wsproto's errors (a ``101`` without ``Upgrade``, a wrong accept key, an HTTP response that is
+not one): :class:`_ContainedNursery` turns whatever that task raises into
+:class:`ChannelProtocolError`, so a device's bytes can never reach the supervisor's crash count.
 
 The hello (docs/device-api.md): for a device with a key (``LinkTarget.key``), the box
 answers the device's hello with its nonce and its proof of the key, then waits for the
@@ -40,7 +44,9 @@ from functools import partial
 from typing import Final
 
 import attrs
+import h11
 import trio
+import wsproto.utilities
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
 
 from appliance.config import DispatchConfig
@@ -78,8 +84,32 @@ _POLITE_CLOSE_S: Final = 2.0
 # Closing a stream is local; the bound only guards against a stuck transport.
 _STREAM_CLOSE_S: Final = 1.0
 # What a failed connection may raise; anything else is a bug and crashes the dispatcher.
+# h11's and wsproto's protocol errors come from parsing what the device sent (our own calls
+# can meet them too when the device's bytes left the connection in a state it cannot leave).
 EXPECTED: Final = (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionClosed, HandshakeError,
-                   ChannelError)
+                   ChannelError, h11.ProtocolError, wsproto.utilities.ProtocolError)
+
+
+class _ContainedNursery:
+    """The nursery handed to trio-websocket: its tasks (the reader that parses the device's
+    handshake and frames) raise nothing but the library's own ``HandshakeError`` (which
+    includes ``ConnectionRejected``) and ``ConnectionClosed``, or :class:`ChannelProtocolError`
+    for anything else; cancellation passes through. The tasks run in, and are cancelled with, the wrapped nursery."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object, name: object = None) -> None:
+        async def contained() -> None:
+            try:
+                await fn(*args)
+            except (HandshakeError, ConnectionClosed):
+                raise  # the library's own words for a refused or closed connection: kept as they are
+            except Exception as exc:  # the library's reader parses the peer's bytes: any failure is the peer's
+                raise ChannelProtocolError(f"its WebSocket handshake or frames could not be read "
+                                           f"({type(exc).__name__}: {exc})") from exc
+
+        self._nursery.start_soon(contained, name=name or fn)
 
 
 async def open_tcp(host: str, port: int) -> trio.abc.Stream:
@@ -165,6 +195,9 @@ def describe_failure(exc: BaseException, address: str, port: int, connect_timeou
                 "again and its new key be accepted on the homepage")
     if isinstance(exc, ChannelProtocolError):
         return (f"{where} broke the device protocol: {exc}",
+                "update the device's app, or check that the address belongs to this device")
+    if isinstance(exc, h11.ProtocolError | wsproto.utilities.ProtocolError):
+        return (f"{where} broke the WebSocket protocol: {exc}",
                 "update the device's app, or check that the address belongs to this device")
     if isinstance(exc, LinkStalled):
         return f"{where} stopped answering: {exc}", "check the device's app is not frozen and its Wi-Fi signal"
@@ -290,7 +323,9 @@ class DeviceLink:
             async with trio.open_nursery() as nursery:
                 ws: WebSocketConnection | None = None
                 with trio.move_on_after(cfg.connect_timeout_s):
-                    ws = await wrap_client_stream(nursery, stream, _endpoint(t.address, t.port), "/",  # type: ignore[arg-type]
+                    # The shim and a generic stream stand in for trio's own types.
+                    ws = await wrap_client_stream(_ContainedNursery(nursery), stream,  # type: ignore[arg-type]
+                                                  _endpoint(t.address, t.port), "/",
                                                   subprotocols=[SUBPROTOCOL], message_queue_size=cfg.window,
                                                   max_message_size=MAX_DEVICE_MESSAGE_BYTES)
                 if ws is None:
