@@ -239,17 +239,44 @@ class StorageConfig:
     dir: str = "/var/lib/appliance"
 
 
+# A token anyone on the LAN could guess in a day is no token (generated ones have 43).
+ADMIN_TOKEN_MIN: Final = 24
+
+
+def _admin_token(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if value and len(value) < ADMIN_TOKEN_MIN:
+        raise FieldError(attr.name, f"must be at least {ADMIN_TOKEN_MIN} characters (it has {len(value)}); "
+                                    "leave it empty and the box makes one")
+
+
 @attrs.frozen(kw_only=True)
 class AdminConfig:
     # Bearer token for admin endpoints; empty = generated at first start, stored 0600.
-    token: str = ""
+    token: str = attrs.field(default="", validator=_admin_token)
 
 
 @attrs.frozen(kw_only=True)
 class HttpConfig:
+    """Bounds of every LAN listener (docs/hardening.md)."""
+
     # Bodies above this are refused with 413 before they are buffered.
     max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive)
+    # Idle time allowed between requests, and for a new connection's request head.
     keep_alive_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    # No byte from the client for this long closes the connection.
+    read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    # A request body must have arrived whole within this long of the app asking for it.
+    body_timeout_s: float = attrs.field(default=15.0, validator=_positive)
+    # Open connections per listener (lowered at start if the descriptor limit is short),
+    # and from one address; over a cap a connection is reset at once.
+    max_connections: int = attrs.field(default=512, validator=_positive)
+    max_connections_per_source: int = attrs.field(default=32, validator=_positive)
+    # Bytes of request bodies being handled at once, process-wide (a parsed JSON body takes
+    # up to about 20 times its size); a request that finds no room within body_timeout_s gets 503.
+    body_budget_bytes: int = attrs.field(default=2 * 1_048_576, validator=_positive)
+    # Host names served besides IP literals, localhost and this machine's own names
+    # (DNS rebinding); "*" serves any.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123456789abcdef"
 DEVICE, DEVICE_KEY = "bench-pos", bytes(range(32))
 
 

@@ -47,7 +47,7 @@ def test_config_data(state_dir: Path) -> dict[str, Any]:
     return {
         "lan": {"bind": "127.0.0.1", "ports": {**ports, "discovery": 0}},
         "storage": {"dir": str(state_dir)},
-        "admin": {"token": "test-admin-token"},
+        "admin": {"token": "test-admin-token-0123456789"},
         "supervisor": {"shutdown_deadline_s": 5.0},
         # Nothing in a test may reach a real host or broadcast on a real LAN: the cloud is
         # a closed port on loopback unless a test points it at its simulator.

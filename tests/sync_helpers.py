@@ -19,7 +19,7 @@ from appliance.storage.catalog import ENTITY_TABLES
 __all__ = ["ADMIN", "StartBox", "StartSim", "api_client", "fast_cloud", "free_port", "replica_digest", "sim_digest",
            "wait_until"]
 
-ADMIN = "test-admin-token"
+ADMIN = "test-admin-token-0123456789"
 StartSim = Callable[..., Awaitable[SimHandle]]
 StartBox = Callable[..., Awaitable[Runtime]]
 

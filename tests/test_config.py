@@ -125,7 +125,7 @@ def test_load_reports_bad_toml_with_the_file(tmp_path: Path) -> None:
 
 
 def test_secrets_are_masked() -> None:
-    shown = to_toml_dict(parse_config({"admin": {"token": "s3cret"}, "orders": {"sas_key": "k"}}))
+    shown = to_toml_dict(parse_config({"admin": {"token": "s3cret-s3cret-s3cret-s3cret"}, "orders": {"sas_key": "k"}}))
     assert shown["admin"]["token"] == "***"
     assert shown["orders"]["sas_key"] == "***"
     assert "s3cret" not in json.dumps(shown)
@@ -157,11 +157,11 @@ def test_ports_and_show_commands(tmp_path: Path) -> None:
     result = run_cli("ports", "--json", "--config", str(tmp_path / "none.toml"))
     assert result.returncode == 2  # a named file that does not exist is an error, not the defaults
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[admin]\ntoken = "abc"\n')
+    cfg.write_text('[admin]\ntoken = "abcdefghijklmnopqrstuvwxyz"\n')
     rows = json.loads(run_cli("ports", "--json", "--config", str(cfg)).stdout)
     assert {r["role"]: r["port"] for r in rows}["discovery"] == 57854
     shown = run_cli("config", "show", "--config", str(cfg))
-    assert shown.returncode == 0 and "abc" not in shown.stdout and '"***"' in shown.stdout
+    assert shown.returncode == 0 and "abcdefgh" not in shown.stdout and '"***"' in shown.stdout
 
 
 def test_a_partial_service_bus_table_keeps_its_own_defaults() -> None:

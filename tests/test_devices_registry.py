@@ -42,7 +42,7 @@ from appliance.supervisor import open_runtime, supervise_all
 
 from .conftest import ConfigFactory
 
-TOKEN = "test-admin-token"  # conftest's admin token
+TOKEN = "test-admin-token-0123456789"  # conftest's admin token
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -440,7 +440,7 @@ async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Pa
                                                  "key": device_key("printer-1").hex()}]) as rt:
             api = f"http://127.0.0.1:{rt.ports['api']}"
             admin = f"http://127.0.0.1:{rt.ports['admin']}"
-            auth = {"Authorization": "Bearer test-admin-token"}
+            auth = {"Authorization": "Bearer test-admin-token-0123456789"}
             async with httpx.AsyncClient(timeout=10) as client:
                 url = f"{api}/v1/devices/printer-1/commands"
                 answer = await client.post(url, json={"kind": "print", "body": {"text": "hello"}})
@@ -493,7 +493,7 @@ async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Pa
                                          data={"token": "wrong", "device": "printer-1"})
                 assert form.status_code == 401 and "nothing was sent" in form.text
                 form = await client.post(f"{admin}/devices/test-command",
-                                         data={"token": "test-admin-token", "device": "printer-1"})
+                                         data={"token": "test-admin-token-0123456789", "device": "printer-1"})
                 assert form.status_code == 303 and form.headers["location"] == "/#device-links"
                 await bounded(lambda: len(sim.accepted) == 2)
                 assert sim.accepted[1].kind == "ping"

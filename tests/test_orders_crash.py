@@ -48,7 +48,7 @@ def write_config(path: Path, state: Path, server: AmqpServer, queue: str, device
         "lan.ports": dict.fromkeys(["admin", "api", "events", "media", "provisioning", "ops", "support",
                                     "discovery"], 0),
         "storage": {"dir": str(state)},
-        "admin": {"token": "test-admin-token"},
+        "admin": {"token": "test-admin-token-0123456789"},
         "cloud": {"api_url": "https://127.0.0.1:9"},
         "discovery": {"enabled": False},
         "orders": {"enabled": True, "namespace": server.namespace, "queue": queue,

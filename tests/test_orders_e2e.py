@@ -34,7 +34,7 @@ queue_name = fixtures.queue_name
 
 DEADLINE_S = 40.0
 T = TypeVar("T")
-AUTH = {"Authorization": "Bearer test-admin-token"}
+AUTH = {"Authorization": "Bearer test-admin-token-0123456789"}
 
 
 def order(number: int, **extra: Any) -> OrderMessage:

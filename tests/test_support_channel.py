@@ -36,6 +36,8 @@ amqp_server = fixtures.amqp_server
 DEADLINE_S = 40.0
 DURATION_S = 6.0  # the channel's whole time in the test: it must answer, then switch off
 
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
 
 async def until(predicate: Callable[[], bool]) -> None:
     """Poll ``predicate`` (the simulator's and the runtime's memory: nothing to wait on)."""
@@ -129,13 +131,13 @@ async def test_the_homepage_switches_remote_support_on_and_off(appliance: Runtim
         refused = await client.post("/support-channel/action", data={"token": "wrong", "action": "on"})
         assert refused.status_code == 401 and "not changed" in refused.text
         assert not appliance.support_window.is_open
-        bad = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "maybe"})
+        bad = await client.post("/support-channel/action", data={"token": ADMIN_TOKEN, "action": "maybe"})
         assert bad.status_code == 400 and not appliance.support_window.is_open
-        on = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "on"})
+        on = await client.post("/support-channel/action", data={"token": ADMIN_TOKEN, "action": "on"})
         assert on.status_code == 303 and appliance.support_window.is_open
         page = (await client.get("/")).text
         assert "enabled until" in page and "Switch off" in page
-        off = await client.post("/support-channel/action", data={"token": "test-admin-token", "action": "off"})
+        off = await client.post("/support-channel/action", data={"token": ADMIN_TOKEN, "action": "off"})
         assert off.status_code == 303 and not appliance.support_window.is_open
 
 

@@ -14,7 +14,7 @@ from appliance import supervisor
 from appliance.commands.base import EXIT_OK, EXIT_USAGE, add_config_arg, config_or_exit
 from appliance.config import ConfigError
 from appliance.logs import setup_logging
-from appliance.services.http import BindError
+from appliance.services.http import BindError, raise_descriptor_limit
 from appliance.storage import SchemaError, StorageError
 
 __all__ = ["register"]
@@ -37,6 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.state_dir:
         config = attrs.evolve(config, storage=attrs.evolve(config.storage, dir=args.state_dir))
     setup_logging(config.log.level, args.log_format or config.log.format)
+    raise_descriptor_limit()  # the listeners' connection caps are sized from it
     try:
         trio.run(partial(supervisor.run, config, port_offset=args.port_offset))
     except Exception as exc:  # noqa: BLE001  # the process boundary: one line and an exit code

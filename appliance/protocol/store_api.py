@@ -27,6 +27,7 @@ from appliance.protocol.events import EVENT_TYPE_OF, RecordKind, event, order_re
 __all__ = [
     "CLIENT_ID_MAX",
     "LINES_MAX",
+    "RECORD_MAX_BYTES",
     "InvalidRecord",
     "Order",
     "OrderLine",
@@ -50,6 +51,9 @@ _ID: Final = re.compile(r"[A-Za-z0-9._:-]+")
 TEXT_MAX: Final = 128  # the platform's bound on a string field
 NOTE_MAX: Final = 1000
 LINES_MAX: Final = 500  # the platform's bound on sale lines
+# The largest sale or order body taken: 500 lines of a few fields of at most 128 characters
+# fit in far less; anything bigger is refused (413) before it is read.
+RECORD_MAX_BYTES: Final = 512 * 1024
 # Beyond these, a number is a bug on the device (a price in cents above 10 million euros).
 QTY_MAX: Final = 1_000_000
 CENTS_MAX: Final = 10**12

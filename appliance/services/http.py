@@ -1,32 +1,75 @@
-"""One HTTP listener: a socket bound by us, served by hypercorn's trio worker.
+"""One HTTP listener: a socket bound by us, served by hypercorn's trio worker, within bounds.
 
 We bind the socket ourselves (rather than letting hypercorn do it) so a port that cannot
 be bound stops start-up with one clear :class:`BindError` naming the port, the service and
 the fix, instead of an exception group from deep inside the server.
 
-Graceful stop: when ``runtime.stopping`` is set hypercorn stops accepting, lets in-flight
-requests finish for up to ``supervisor.shutdown_deadline_s``, then cancels them.
+Bounds (docs/hardening.md), so that nothing a LAN client does can stop the box:
+
+- **Connections**: at most ``[http] max_connections`` per listener (fewer if the process's
+  descriptor limit cannot hold them all) and ``max_connections_per_source`` from one
+  address. A connection over a cap is accepted and closed at once (a reset), so the
+  backlog never fills with it. ``accept`` failing for want of descriptors (EMFILE...)
+  pauses that listener briefly, logged once a minute, and never raises.
+- **Time**: the request head must arrive within ``keep_alive_timeout_s`` (hypercorn's idle
+  timer runs from accept until the head is complete, and between requests); no byte for
+  ``read_timeout_s`` closes the connection; bodies are bounded by the apps' readers.
+- **Protocol**: HTTP/1.1 only. An ``Upgrade: h2c`` request or the HTTP/2 preface closes
+  the connection unanswered: hypercorn would otherwise switch to HTTP/2, which no client
+  of the box needs and which multiplies what one connection can ask for.
+
+Graceful stop: when ``runtime.stopping`` is set we stop accepting, let in-flight requests
+finish for up to ``supervisor.shutdown_deadline_s``, then cancel them. The serving loop is
+hypercorn's ``worker_serve`` less what the box does not use (TLS, QUIC, statsd, request
+recycling), so that the listener it serves is ours.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import logging
+import re
+import resource
 import socket
+import struct
+import time
+from functools import partial
+from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import ShutdownError, raise_shutdown, wrap_app
 from starlette.types import ASGIApp
 
+from appliance.config import LISTENER_ROLES
 from appliance.services.runtime import Runtime
+from appliance.services.web.guard import allowed_host_names, guard
 
-__all__ = ["BindError", "bind_tcp", "run_listener"]
+__all__ = ["BindError", "ConnectionCaps", "bind_tcp", "effective_connection_cap", "raise_descriptor_limit",
+           "run_listener"]
 
 log = logging.getLogger(__name__)
 
 # Connections waiting for accept(); the shop's devices are tens, not thousands.
 BACKLOG = 128
+# Descriptors kept back from the listeners' caps for everything else (database, sockets to
+# devices and the cloud, discovery, logs, subprocesses).
+RESERVED_DESCRIPTORS: Final = 256
+# The soft descriptor limit the process asks for at start (the unit sets LimitNOFILE to it).
+WANTED_DESCRIPTORS: Final = 8192
+# accept() without descriptors: wait this long before trying again.
+_ACCEPT_PAUSE_S: Final = 0.1
+_LOG_EVERY_S: Final = 60.0
+_NO_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# HTTP/2 by upgrade (RFC 7540 §3.2) or by prior knowledge (§3.4), anywhere in the stream.
+_HTTP2: Final = re.compile(rb"(?i)\nupgrade:[^\r\n]*h2c|(?:^|\n)PRI \* HTTP/2")
+_HTTP2_TAIL: Final = 64  # bytes kept between reads so a match split by a read is seen
 
 
 class BindError(Exception):
@@ -66,17 +109,179 @@ def bind_tcp(host: str, port: int, *, role: str, user_timeout_s: float | None = 
     return sock
 
 
-def hypercorn_config(runtime: Runtime, fd: int) -> HypercornConfig:
+def raise_descriptor_limit(wanted: int = WANTED_DESCRIPTORS) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (never above the hard limit, never
+    down); returns the soft limit in force. systemd's default soft limit is 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+def effective_connection_cap(configured: int, listeners: int = len(LISTENER_ROLES)) -> int:
+    """``configured``, lowered so every listener at its cap still leaves descriptors over."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(8, min(configured, (soft - RESERVED_DESCRIPTORS) // max(1, listeners)))
+
+
+class ConnectionCaps:
+    """Open connections of one listener: in all, and by source address."""
+
+    def __init__(self, *, total: int, per_source: int) -> None:
+        self.total, self.per_source = total, per_source
+        self.open = 0
+        self.by_source: collections.Counter[str] = collections.Counter()
+        self.refused = 0
+
+    def admit(self, source: str) -> bool:
+        if self.open >= self.total or self.by_source[source] >= self.per_source:
+            self.refused += 1
+            return False
+        self.open += 1
+        self.by_source[source] += 1
+        return True
+
+    def release(self, source: str) -> None:
+        self.open -= 1
+        self.by_source[source] -= 1
+        if self.by_source[source] <= 0:
+            del self.by_source[source]
+
+
+class _Connection(trio.abc.HalfCloseableStream):
+    """An admitted connection: gives its place back when closed; refuses HTTP/2."""
+
+    def __init__(self, stream: trio.SocketStream, caps: ConnectionCaps, source: str) -> None:
+        self.socket = stream.socket  # hypercorn reads the addresses from it
+        self._stream, self._caps, self._source = stream, caps, source
+        self._released = False
+        self._tail = b"\n"  # as if a line had just ended: the first request line is checked too
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self._stream.receive_some(max_bytes)
+        seen = self._tail + data
+        if _HTTP2.search(seen):
+            raise trio.BrokenResourceError("HTTP/2 is not served here")
+        self._tail = seen[-_HTTP2_TAIL:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        if not self._released:
+            self._released = True
+            self._caps.release(self._source)
+        await self._stream.aclose()
+
+
+class _CappedListener(trio.abc.Listener[_Connection]):
+    def __init__(self, inner: trio.SocketListener, caps: ConnectionCaps, *, role: str) -> None:
+        self._inner, self._caps, self._role = inner, caps, role
+        self._last_log = -_LOG_EVERY_S
+        self._quiet = 0
+
+    async def accept(self) -> _Connection:
+        while True:
+            try:
+                stream = await self._inner.accept()
+            except OSError as exc:
+                if exc.errno not in _NO_DESCRIPTORS:
+                    raise
+                self._note(f"out of descriptors ({exc.strerror}); pausing accept for {_ACCEPT_PAUSE_S:g} s")
+                await trio.sleep(_ACCEPT_PAUSE_S)
+                continue
+            source = _source_of(stream)
+            if self._caps.admit(source):
+                return _Connection(stream, self._caps, source)
+            _reset(stream)
+            self._note(f"connection from {source} refused: {self._caps.open} open "
+                       f"(cap {self._caps.total}, {self._caps.by_source[source]} from that address, "
+                       f"cap {self._caps.per_source})")
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def _note(self, message: str) -> None:
+        # One line a minute at most, with how many were not logged: an attack must not fill the log.
+        now = time.monotonic()
+        if now - self._last_log < _LOG_EVERY_S:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more like it in the last minute)" if self._quiet else ""
+        log.warning("%s listener: %s%s", self._role, message, more)
+        self._last_log, self._quiet = now, 0
+
+
+def _source_of(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    # SO_LINGER 0: the close sends a reset at once and leaves no TIME_WAIT behind.
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+def hypercorn_config(runtime: Runtime) -> HypercornConfig:
+    http = runtime.config.http
     cfg = HypercornConfig()
-    cfg.bind = [f"fd://{fd}"]
     cfg.graceful_timeout = runtime.config.supervisor.shutdown_deadline_s
-    cfg.keep_alive_timeout = runtime.config.http.keep_alive_timeout_s
+    cfg.keep_alive_timeout = http.keep_alive_timeout_s
+    cfg.read_timeout = http.read_timeout_s  # type: ignore[assignment]  # a float works: it feeds trio.fail_after
+    cfg.h11_max_incomplete_size = 16 * 1024  # the request line and headers, together
+    cfg.max_app_queue_size = 10  # body chunks queued for the app
+    cfg.alpn_protocols = ["http/1.1"]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("appliance.http")
     # The apps enforce body limits per route; this bounds a single WebSocket message.
-    cfg.websocket_max_message_size = runtime.config.http.max_body_bytes
+    cfg.websocket_max_message_size = http.max_body_bytes
     cfg.backlog = BACKLOG
     return cfg
+
+
+async def _serve(app: ASGIApp, cfg: HypercornConfig, listener: _CappedListener, stopping: trio.Event, *,
+                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    wrapped = wrap_app(app, cfg.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(wrapped, cfg, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as connections:
+            task_status.started()
+            try:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(raise_shutdown, stopping.wait)
+                    accepting.start_soon(partial(
+                        trio.serve_listeners,
+                        partial(TCPServer, wrapped, cfg, context, ConnectionState(lifespan_state.copy())),
+                        [listener], handler_nursery=connections))
+            except* ShutdownError:
+                pass
+            finally:
+                await context.terminated.set()
+                connections.cancel_scope.deadline = trio.current_time() + cfg.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
 
 
 async def run_listener(
@@ -92,20 +297,19 @@ async def run_listener(
     port = runtime.ports.of(role)
     sock = bind_tcp(host, port, role=role, user_timeout_s=user_timeout_s)
     bound = sock.getsockname()[1]
-    # hypercorn takes ownership of the descriptor and closes it when it stops.
-    fd = sock.detach()
-    cfg = hypercorn_config(runtime, fd)
-
-    async def started_then_serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(app, cfg,  # type: ignore[arg-type]  # hypercorn's ASGI types are narrower than Starlette's
-                    shutdown_trigger=runtime.stopping.wait, task_status=task_status)
-
-    async with trio.open_nursery() as nursery:
-        # If hypercorn fails before adopting the descriptor (the app's startup raised),
-        # the error ends the process or the service restarts with a fresh bind; the
-        # descriptor is not closed here because hypercorn may already own it.
-        await nursery.start(started_then_serve)
-        runtime.ports.bind(role, bound)
-        log.info("listening on %s:%d for %s", host, bound, role)
-        task_status.started(bound)
-
+    http = runtime.config.http
+    caps = ConnectionCaps(total=effective_connection_cap(http.max_connections),
+                          per_source=http.max_connections_per_source)
+    listener = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role=role)
+    guarded = guard(app, names=allowed_host_names(http.allowed_hosts), budget=runtime.body_budget,
+                    max_body_bytes=http.max_body_bytes, wait_s=http.body_timeout_s)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_serve, guarded, hypercorn_config(runtime), listener, runtime.stopping)
+            runtime.ports.bind(role, bound)
+            log.info("listening on %s:%d for %s (at most %d connections, %d per address)", host, bound, role,
+                     caps.total, caps.per_source)
+            task_status.started(bound)
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()

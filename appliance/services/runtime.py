@@ -20,6 +20,7 @@ from appliance.health import HealthRegistry
 from appliance.protocol.sync import SyncStatus
 from appliance.services.board import ServiceBoard
 from appliance.services.event_hub import EventHub
+from appliance.services.budget import BodyBudget
 from appliance.services.keyring import KeyRing
 from appliance.services.media_files import MediaShelf
 from appliance.services.metrics import Metrics
@@ -85,6 +86,9 @@ class Runtime:
     # the events listener's connections. Written by: services.event_log.
     event_hub: EventHub = attrs.field(
         default=attrs.Factory(lambda self: EventHub(ring_events=self.config.events.ring_events), takes_self=True))
+    # Bytes of request bodies the LAN listeners handle at once. Written by: services.web.guard.
+    body_budget: BodyBudget = attrs.field(default=attrs.Factory(
+        lambda self: BodyBudget(self.config.http.body_budget_bytes), takes_self=True))
 
     @property
     def store(self) -> StoreLink | None:

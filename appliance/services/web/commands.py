@@ -32,7 +32,13 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from appliance.protocol.channel_codec import ChannelProtocolError, check_command_id, check_kind, encode_body
+from appliance.protocol.channel_codec import (
+    MAX_BODY_BYTES,
+    ChannelProtocolError,
+    check_command_id,
+    check_kind,
+    encode_body,
+)
 from appliance.services.device_link import DeviceLinkPhase
 from appliance.services.dispatcher import enqueue
 from appliance.services.runtime import Runtime
@@ -118,7 +124,9 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def post(request: Request) -> Response:
         require_admin(request, runtime)
         device_id = request.path_params["device_id"]
-        data = await read_json(request, runtime.config.http.max_body_bytes)
+        # The command's body is bounded by the channel (MAX_BODY_BYTES); twice that leaves
+        # room for the request's own fields and the client's whitespace.
+        data = await read_json(request, min(runtime.config.http.max_body_bytes, 2 * MAX_BODY_BYTES))
         kind, body, expires_at, command_id = parse_command_request(data, time.time())
         await _adopted_or_raise(runtime, device_id, must_be_adopted=True)
         try:

@@ -12,6 +12,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final
 
+import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -19,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
+from appliance.protocol.json_bounds import JsonBoundsError, loads_bounded
 from appliance.services.runtime import Runtime
 from appliance.services.web.kit import JsonResponse
 
@@ -47,22 +49,33 @@ class FormError(Exception):
 
 
 async def read_form(request: Request) -> dict[str, str]:
-    """A small urlencoded form, refused before buffering when too large or of another type.
+    """A small urlencoded form, refused before buffering when too large or of another type,
+    and with 408 when it has not arrived whole within ``[http] body_timeout_s``.
 
     The homepage has no JavaScript, so its buttons are plain forms that carry the admin
-    token as a password field (a browser form cannot send an Authorization header)."""
+    token as a password field (a browser form cannot send an Authorization header): the
+    token can only be checked once this small, time-bounded body is in."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
         raise FormError(415, f"Expected an HTML form (application/x-www-form-urlencoded), got {ctype or 'nothing'}.")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
         raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    timeout = _body_timeout_s(request)
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    with trio.move_on_after(timeout) as scope:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    if scope.cancelled_caught:
+        raise FormError(408, f"The form did not arrive within {timeout:g} s.")
     return parse_form(body)
+
+
+def _body_timeout_s(request: Request) -> float:
+    runtime: Runtime = request.app.state.runtime
+    return runtime.config.http.body_timeout_s
 
 
 def parse_form(body: bytes) -> dict[str, str]:
@@ -111,19 +124,27 @@ def require_admin(request: Request, runtime: Runtime) -> None:
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body, refusing more than ``limit`` bytes before buffering them."""
+    """The request's JSON body, refusing more than ``limit`` bytes before buffering them
+    (413), a body that has not arrived whole within ``[http] body_timeout_s`` (408), and
+    JSON beyond the reader's bounds (400 naming the path: nesting, integer size, NaN)."""
     return parse_json(await read_body(request, limit))
 
 
 def parse_json(body: bytes) -> Any:
+    """``body`` as JSON within the reader's bounds (appliance/protocol/json_bounds.py), or
+    ApiError(400) naming the path of the value at fault."""
     try:
-        return json.loads(body)
+        return loads_bounded(body)
+    except JsonBoundsError as exc:
+        raise ApiError(400, f"body is beyond the box's JSON bounds at {exc.path}: {exc.reason}",
+                       [f"{exc.path}: {exc.reason}"]) from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}") from exc
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body, refusing more than ``limit`` bytes before buffering them."""
+    """The request's body, refusing more than ``limit`` bytes before buffering them (413)
+    and a body that has not arrived whole within ``[http] body_timeout_s`` (408)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -132,11 +153,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"body too large: {declared} bytes, the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body too large: over the limit of {limit} bytes")
-        chunks.append(chunk)
+    timeout = _body_timeout_s(request)
+    with trio.move_on_after(timeout) as scope:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body too large: over the limit of {limit} bytes")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise ApiError(408, f"the body did not arrive within {timeout:g} s")
     return b"".join(chunks)
 
 

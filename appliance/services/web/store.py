@@ -38,6 +38,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.protocol.store_api import (
+    RECORD_MAX_BYTES,
     InvalidRecord,
     Order,
     Sale,
@@ -124,7 +125,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return JsonResponse({"items": items, "next": token})
 
     async def post(request: Request, kind: str) -> Response:
-        caller = await authenticate(request, runtime, body_limit=max_body)
+        caller = await authenticate(request, runtime, body_limit=min(max_body, RECORD_MAX_BYTES))
         body = parse_json(caller.body)
         try:
             record: Sale | Order = parse_sale(body) if kind == "sale" else parse_order(body)

@@ -1,0 +1,135 @@
+"""What every listener's app is wrapped in: allowed Host values, security headers, and a
+process-wide budget for request bodies in memory.
+
+- **Hosts** (DNS rebinding): a page on a hostile site whose name the attacker re-points at
+  the box's address would reach the admin pages with the attacker's ``Host``. Only IP
+  literals (a rebinding needs a name), ``localhost``, the box's own names (hostname,
+  ``hostname.local``, its FQDN) and ``[http] allowed_hosts`` are served; anything else gets
+  421 before the app runs. A request without ``Host`` (HTTP/1.0) cannot come from a browser
+  and is served.
+- **Headers** on every response: ``X-Frame-Options: DENY`` and a CSP that allows no script,
+  no framing and forms to this origin only; ``Referrer-Policy: no-referrer``;
+  ``X-Content-Type-Options: nosniff``.
+- **Bodies**: a parsed 1 MiB JSON body can take 20 MB of objects, so the bytes of request
+  bodies being handled at once are capped by a :class:`~appliance.services.budget.BodyBudget`; a request with a body
+  holds its declared size (or the listener's limit, if it declares none) from its start to
+  its response. A request that cannot get room within ``wait_s`` is answered 503 with
+  ``Retry-After`` (its body read and dropped, so the client can read the answer); nothing
+  is buffered meanwhile.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from collections.abc import Iterable
+from typing import Final
+
+import trio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.services.budget import BodyBudget
+
+__all__ = ["SECURITY_HEADERS", "allowed_host_names", "guard", "host_allowed"]
+
+SECURITY_HEADERS: Final[tuple[tuple[bytes, bytes], ...]] = (
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy",
+     b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; media-src 'self'; "
+     b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-content-type-options", b"nosniff"),
+)
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def allowed_host_names(configured: Iterable[str]) -> frozenset[str]:
+    """The names served besides IP literals: localhost, this machine's names, ``configured``."""
+    names = {"localhost", *(n.lower().rstrip(".") for n in configured)}
+    host = socket.gethostname().lower()
+    if host:
+        names.update({host, f"{host}.local", socket.getfqdn().lower()})
+    return frozenset(names)
+
+
+def _host_of(value: str) -> str:
+    value = value.strip().lower()
+    if value.startswith("["):  # [v6]:port
+        return value[1:value.find("]")] if "]" in value else value
+    host, _, port = value.rpartition(":")
+    return host if host and port.isdigit() else value
+
+
+def host_allowed(value: str | None, names: frozenset[str]) -> bool:
+    if value is None or "*" in names:
+        return True
+    host = _host_of(value).rstrip(".")
+    if host in names:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _plain(send: Send, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *SECURITY_HEADERS, *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def guard(app: ASGIApp, *, names: frozenset[str], budget: BodyBudget, max_body_bytes: int,
+          wait_s: float) -> ASGIApp:
+    """``app`` behind the Host check, the security headers and the body budget."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        raw_host = headers.get(b"host")
+        if not host_allowed(raw_host.decode("latin-1") if raw_host is not None else None, names):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await _plain(send, 421, "this box does not answer to that host name; use its address or its name "
+                                    "(or add the name to [http] allowed_hosts)")
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *(h for h in SECURITY_HEADERS if h[0] not in present)]}
+            await send(message)
+
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await app(scope, receive, send_with_headers)
+            return
+        declared = headers.get(b"content-length", b"")
+        size = int(declared) if declared.isdigit() and len(declared) < 12 else max_body_bytes
+        if size == 0:
+            await app(scope, receive, send_with_headers)
+            return
+        held = 0
+        with trio.move_on_after(wait_s):
+            held = await budget.acquire(min(size, max_body_bytes))
+        if not held:
+            # The client is still sending: take the body (a chunk at a time, nothing kept,
+            # within wait_s again) so it can read the answer instead of stalling on its write.
+            with trio.move_on_after(wait_s):
+                while (await receive()).get("more_body", False):
+                    pass
+            await _plain(send, 503, "the box is busy with other requests' bodies; try again shortly",
+                         ((b"retry-after", b"1"),))
+            return
+        try:
+            await app(scope, receive, send_with_headers)
+        finally:
+            budget.release(held)
+
+    return guarded
