@@ -20,6 +20,7 @@ import trio
 from appliance.commands.base import add_config_arg, config_or_exit
 from appliance.health.system import system_checks
 from appliance.protocol.health import Check, Status, exit_code, summary, worst
+from appliance.storage.secrets import read_secret
 
 __all__ = ["register"]
 
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port-offset", type=int, default=0, metavar="N", help="as given to `appliance run`")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="list passing checks too")
+    p.add_argument("--refresh", action="store_true",
+                   help="run the checks now instead of reading the last results (a few seconds old at most); "
+                        "needs the admin token (from the config or the state directory)")
     p.set_defaults(func=cmd_health)
 
 
@@ -40,10 +44,13 @@ def _from_json(items: list[dict[str, Any]]) -> list[Check]:
                   data=i.get("data", {})) for i in items]
 
 
-def collect(host: str, ops_port: int, state_dir: Path) -> list[Check]:
+def collect(host: str, ops_port: int, state_dir: Path, *, refresh_token: str | None = None) -> list[Check]:
     url = f"http://{host}:{ops_port}/health"
     try:
-        answer = httpx.get(url, timeout=15.0)
+        if refresh_token is None:
+            answer = httpx.get(url, timeout=15.0)
+        else:
+            answer = httpx.post(url, timeout=15.0, headers={"Authorization": f"Bearer {refresh_token}"})
         answer.raise_for_status()
         return _from_json(answer.json()["checks"])
     except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -57,7 +64,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     config = config_or_exit(args)
     host = config.lan.bind if config.lan.bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
     ops_port = config.lan.ports.with_offset(args.port_offset).ops
-    checks = collect(host, ops_port, Path(config.storage.dir))
+    token = None
+    if args.refresh:
+        try:
+            token = config.admin.token or read_secret(Path(config.storage.dir) / "admin.token")
+        except OSError:
+            token = None  # not readable by this user: said below
+        if not token:
+            print(f"appliance health --refresh: no admin token in the config nor readable in {config.storage.dir}; "
+                  "run it as root or the appliance user, or without --refresh", file=sys.stderr)
+            return 2
+    checks = collect(host, ops_port, Path(config.storage.dir), refresh_token=token)
     if args.json:
         print(json.dumps({"status": str(worst(checks)), "summary": summary(checks),
                           "checks": [c.as_dict() for c in checks]}, indent=2))

@@ -147,7 +147,7 @@ class SupportHandler:
     async def run(self, request: SupportRequest) -> dict[str, Any]:
         runtime = self.runtime
         if request.kind is SupportKind.HEALTH:
-            checks = await runtime.health.run_all()
+            checks = await runtime.health.latest()
             return {"checks": [c.as_dict() for c in checks]}
         if request.kind is SupportKind.DIAGNOSTICS:
             return await diagnostics(runtime)

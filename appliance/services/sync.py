@@ -469,7 +469,7 @@ class CloudSync:
 
     async def heartbeat_body(self) -> bytes:
         runtime = self.runtime
-        checks = await runtime.health.run_all()
+        checks = await runtime.health.latest()
         stats = await runtime.db.read(outbox_stats)
         state = await runtime.db.read(sync_state)
         now = self.clock()

@@ -105,7 +105,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         subtitle = (f"{runtime.appliance_id} · firmware {__version__} · up {uptime_text(runtime.uptime_s())}"
                     f" · {state}")
         extra = [await section(runtime) for section in parts.sections]
-        health = _health_section(await runtime.health.run_all())
+        health = _health_section(await runtime.health.latest())
         body = page("Store appliance", subtitle,
                     [health, _services_section(runtime), *extra, _ports_section(runtime)])
         return HTMLResponse(body)

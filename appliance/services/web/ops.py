@@ -1,5 +1,9 @@
 """The ops listener (port 8004): /healthz, /readyz, /metrics, /health (the health report).
 
+``GET /health`` answers with results at most a few seconds old (the checks run once at a
+time, see ``appliance.health.registry``); ``POST /health`` with the admin bearer token runs
+them now.
+
 /readyz answers 503 with its reasons while any core service is not running or any service
 has failed; load balancers, systemd's watchdog logic and technicians read the same words.
 """
@@ -13,7 +17,7 @@ from starlette.routing import Route
 
 from appliance.protocol.health import exit_code, summary, worst
 from appliance.services.runtime import Runtime
-from appliance.services.web.common import service_app
+from appliance.services.web.common import require_admin, service_app
 from appliance.services.web.kit import JsonResponse
 from appliance.services.web.parts import WebParts
 
@@ -31,7 +35,11 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         return PlainTextResponse(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def health(request: Request) -> Response:
-        checks = await runtime.health.run_all()
+        if request.method == "POST":  # the admin's forced run; readers get results a few seconds old
+            require_admin(request, runtime)
+            checks = await runtime.health.refresh()
+        else:
+            checks = await runtime.health.latest()
         return JsonResponse({
             "status": str(worst(checks)),
             "exit_code": exit_code(checks),
@@ -42,6 +50,6 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     return service_app("ops", runtime, [
         Route("/readyz", readyz),
         Route("/metrics", metrics),
-        Route("/health", health),
+        Route("/health", health, methods=["GET", "POST"]),
         *parts.routes_for(runtime),
     ])
