@@ -148,7 +148,7 @@ async def test_a_sale_is_durable_queued_and_idempotent(box: Runtime, api: httpx.
     assert box.uplink_changes.version == seen + 1
     assert await count(box, "events_outbox") == 1
     # The same id with another body: 409, nothing changes.
-    conflict = await api.post("/v1/sales", json={**SALE, "total_cents": 1})
+    conflict = await api.post("/v1/sales", json={**SALE, "payments": [{"method": "cash", "amount_cents": 698}]})
     assert conflict.status_code == 409 and "different body" in conflict.json()["error"]
     assert (await api.get("/v1/sales/6f1c0c2e")).json()["sale"]["total_cents"] == 698
     assert (await api.get("/v1/sales/nope")).status_code == 404
@@ -182,6 +182,16 @@ async def test_an_order_goes_up_as_its_first_status(box: Runtime, api: httpx.Asy
     ({k: v for k, v in SALE.items() if k != "device_id"}, ["device_id: required field is missing"]),
     ({**SALE, "payments": [{"method": "card"}]}, ["payments[0].amount_cents: required field is missing"]),
     ({**SALE, "device_id": "\ud800"}, ["device_id: not valid Unicode text (a lone surrogate)"]),
+    ({**SALE, "total_cents": 699},
+     ["total_cents: must be the sum of the lines (qty x unit_price_cents), 698; got 699"]),
+    ({**SALE, "lines": [{"sku": "A\u0000", "qty": 2, "unit_price_cents": 349}]},
+     ["lines[0].sku: printable characters only (docs/hardening.md); character 1 is U+0000 "
+      "(a control or unassigned character)"]),
+    ({**SALE, "lines": [{"sku": "gpj.\u202eexe", "qty": 2, "unit_price_cents": 349}]},
+     ["lines[0].sku: printable characters only (docs/hardening.md); character 4 is U+202E "
+      "(RIGHT-TO-LEFT OVERRIDE)"]),
+    ({**SALE, "device_id": " pos-1"}, ["device_id: printable characters only (docs/hardening.md); "
+                                       "leading or trailing spaces"]),
     ([SALE], ["(body): expected a JSON object, got list"]),
 ])
 async def test_invalid_sales_are_refused_with_their_paths(box: Runtime, api: httpx.AsyncClient, body: Any,
@@ -247,10 +257,11 @@ def test_any_body_parses_or_raises_invalid_record(body: dict[str, Any]) -> None:
 
 ids = st.text(alphabet="abcXYZ019._:-", min_size=1, max_size=120)
 valid_sales = st.builds(
-    lambda i, dev, cur, total, lines, pays: {"id": i, "device_id": dev, "currency": cur, "total_cents": total,
-                                             "lines": lines, "payments": pays},
-    ids, st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1, max_size=128),
-    st.from_regex(r"[A-Z]{3}", fullmatch=True), st.integers(-(10**9), 10**9),
+    lambda i, dev, cur, lines, pays: {"id": i, "device_id": dev, "currency": cur, "lines": lines, "payments": pays,
+                                      "total_cents": sum(x["qty"] * x["unit_price_cents"] for x in lines)},
+    ids, st.text(alphabet=st.characters(exclude_categories=["Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"]),
+                 min_size=1, max_size=128).filter(lambda t: t == t.strip()),
+    st.from_regex(r"[A-Z]{3}", fullmatch=True),
     st.lists(st.fixed_dictionaries({"sku": st.text(alphabet="ABC-0123", min_size=1, max_size=20),
                                     "qty": st.integers(-50, 50).filter(bool),
                                     "unit_price_cents": st.integers(0, 10**6)}), min_size=1, max_size=5),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, Final, TypeVar
 
@@ -70,12 +71,33 @@ class InvalidRecord(ValueError):
         super().__init__("; ".join(self.errors))
 
 
-def _text(max_chars: int, *, empty: bool = False) -> Any:
+# Text from devices is shown on the homepage, printed on tickets and sent to the platform:
+# no control characters (NUL...), no invisible formatting (bidi overrides such as U+202E,
+# zero-width characters), no unassigned or private-use code points. A note may have line
+# breaks and tabs; names and codes may not, nor leading or trailing spaces.
+_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _bad_character(value: str, *, multiline: bool) -> str | None:
+    for i, ch in enumerate(value):
+        if multiline and ch in "\n\t":
+            continue
+        if unicodedata.category(ch) in _REFUSED_CATEGORIES:
+            return f"character {i} is U+{ord(ch):04X} ({unicodedata.name(ch, 'a control or unassigned character')})"
+    if not multiline and value != value.strip():
+        return "leading or trailing spaces"
+    return None
+
+
+def _text(max_chars: int, *, empty: bool = False, multiline: bool = False) -> Any:
     def check(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
         if not value and not empty:
             raise FieldError(attr.name, "must not be empty")
         if len(value) > max_chars:
             raise FieldError(attr.name, f"at most {max_chars} characters, got {len(value)}")
+        bad = _bad_character(value, multiline=multiline)
+        if bad is not None:
+            raise FieldError(attr.name, f"printable characters only (docs/hardening.md); {bad}")
 
     return check
 
@@ -119,6 +141,15 @@ def _count(lo: int, hi: int) -> Any:
     return check
 
 
+def _check_total(total_cents: int, lines: Sequence[SaleLine | OrderLine]) -> None:
+    """The total is the sum of the lines (qty x unit price): a till that sends another
+    figure has a bug, and the platform would book the wrong amount."""
+    expected = sum(line.qty * line.unit_price_cents for line in lines)
+    if total_cents != expected:
+        raise FieldError("total_cents", f"must be the sum of the lines (qty x unit_price_cents), {expected}; "
+                                        f"got {total_cents}")
+
+
 @attrs.frozen(kw_only=True)
 class SaleLine:
     sku: str = attrs.field(validator=_text(TEXT_MAX))
@@ -142,6 +173,9 @@ class Sale:
     payments: tuple[Payment, ...] = attrs.field(default=(), validator=_count(0, LINES_MAX))
     at: str = attrs.field(default="", validator=_timestamp)
 
+    def __attrs_post_init__(self) -> None:
+        _check_total(self.total_cents, self.lines)
+
 
 @attrs.frozen(kw_only=True)
 class OrderLine:
@@ -160,8 +194,11 @@ class Order:
     currency: str = attrs.field(validator=_currency)
     total_cents: int = attrs.field(validator=_between(0, CENTS_MAX))
     lines: tuple[OrderLine, ...] = attrs.field(validator=_count(1, LINES_MAX))
-    note: str = attrs.field(default="", validator=_text(NOTE_MAX, empty=True))
+    note: str = attrs.field(default="", validator=_text(NOTE_MAX, empty=True, multiline=True))
     at: str = attrs.field(default="", validator=_timestamp)
+
+    def __attrs_post_init__(self) -> None:
+        _check_total(self.total_cents, self.lines)
 
 
 # --- the converter ---------------------------------------------------------------------------
