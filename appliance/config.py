@@ -28,6 +28,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from appliance.protocol.errors import FieldError, flatten
+from appliance.protocol.redact import redact_url
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -103,7 +104,7 @@ def _https_url(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
 
 def _proxy_url(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if value and not value.startswith(("http://", "https://")):
-        raise FieldError(attr.name, f"must be an http:// or https:// proxy URL, got {value!r}")
+        raise FieldError(attr.name, f"must be an http:// or https:// proxy URL, got {redact_url(value)!r}")
 
 
 def _networks(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
@@ -271,6 +272,8 @@ class HttpConfig:
     # and from one address; over a cap a connection is reset at once.
     max_connections: int = attrs.field(default=512, validator=_positive)
     max_connections_per_source: int = attrs.field(default=32, validator=_positive)
+    # Requests one listener handles at once (the rest wait their turn; /healthz is exempt).
+    max_requests_in_progress: int = attrs.field(default=32, validator=_positive)
     # Bytes of request bodies being handled at once, process-wide (a parsed JSON body takes
     # up to about 20 times its size); a request that finds no room within body_timeout_s gets 503.
     body_budget_bytes: int = attrs.field(default=2 * 1_048_576, validator=_positive)
@@ -614,16 +617,23 @@ def load_config(explicit: str | None = None, env: Mapping[str, str] = os.environ
 
 
 _SECRET_KEYS: Final = frozenset({"token", "sas_key"})
+_URL_KEYS: Final = frozenset({"proxy"})  # may hold user:password@
 
 
 def to_toml_dict(config: Config, *, mask_secrets: bool = True) -> dict[str, Any]:
-    """The configuration as plain data (for ``config show``), secrets masked."""
+    """The configuration as plain data (for ``config show``), secrets masked (and the
+    credentials of a proxy URL)."""
+
+    def mask_one(key: str, value: Any) -> Any:
+        if mask_secrets and key in _SECRET_KEYS and value:
+            return "***"
+        if mask_secrets and key in _URL_KEYS and isinstance(value, str):
+            return redact_url(value)
+        return mask(value)
 
     def mask(value: Any) -> Any:
         if isinstance(value, dict):
-            return {
-                k: ("***" if mask_secrets and k in _SECRET_KEYS and v else mask(v)) for k, v in value.items()
-            }
+            return {k: mask_one(k, v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [mask(v) for v in value]
         return value

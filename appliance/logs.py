@@ -6,6 +6,8 @@
 - json (``--log-format json``, for shipping): one JSON object per line.
 
 Tracebacks stay on the same line (newlines escaped) so one event is one line everywhere.
+Credentials in URLs (``http://user:pass@proxy:3128``) are masked in every line, whatever
+logged them (``appliance.protocol.redact``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+
+from appliance.protocol.redact import redact_text
 
 __all__ = ["setup_logging"]
 
@@ -35,7 +39,7 @@ class _TextFormatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info:
             message += " " + self.formatException(record.exc_info)
-        message = _one_line(message)
+        message = redact_text(_one_line(message))
         if self.journal:
             return f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {message}"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
@@ -48,10 +52,10 @@ class _JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_text(record.getMessage()),
         }
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+            data["exc"] = redact_text(self.formatException(record.exc_info))
         return json.dumps(data, ensure_ascii=False)
 
 

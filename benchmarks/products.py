@@ -117,7 +117,7 @@ async def _client(port: int, path_of: Any, until: float, warm_until: float, late
             if now >= until:
                 return done
             path = path_of()
-            request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n{auth(path)}\r\n".encode()
+            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth(path)}\r\n".encode()
             await stream.send_all(request)
             while b"\r\n\r\n" not in buffer:
                 buffer += await stream.receive_some(65536)

@@ -6,11 +6,12 @@ the fix, instead of an exception group from deep inside the server.
 
 Bounds (docs/hardening.md), so that nothing a LAN client does can stop the box:
 
-- **Connections**: at most ``[http] max_connections`` per listener (fewer if the process's
-  descriptor limit cannot hold them all) and ``max_connections_per_source`` from one
-  address. A connection over a cap is accepted and closed at once (a reset), so the
-  backlog never fills with it. ``accept`` failing for want of descriptors (EMFILE...)
-  pauses that listener briefly, logged once a minute, and never raises.
+- **Connections**: at most ``max_connections_per_source`` from one address: one more is
+  accepted and reset at once, so it takes nothing and the backlog never fills with it. At
+  most ``[http] max_connections`` per listener (fewer if the process's descriptor limit
+  cannot hold them all): at that cap the listener stops accepting until one closes, and new
+  connections wait in the kernel's backlog. ``accept`` failing for want of descriptors
+  (EMFILE...) pauses that listener briefly, logged once a minute, and never raises.
 - **Time**: the request head must arrive within ``keep_alive_timeout_s`` (hypercorn's idle
   timer runs from accept until the head is complete, and between requests); no byte for
   ``read_timeout_s`` closes the connection; bodies are bounded by the apps' readers.
@@ -139,9 +140,16 @@ class ConnectionCaps:
         self.open = 0
         self.by_source: collections.Counter[str] = collections.Counter()
         self.refused = 0
+        self._room = trio.lowlevel.ParkingLot()
+
+    async def wait_for_room(self) -> None:
+        """Until a connection may be accepted: at the cap, new ones wait in the kernel's
+        backlog (and clients retry their SYNs) instead of being refused."""
+        while self.open >= self.total:
+            await self._room.park()
 
     def admit(self, source: str) -> bool:
-        if self.open >= self.total or self.by_source[source] >= self.per_source:
+        if self.by_source[source] >= self.per_source:
             self.refused += 1
             return False
         self.open += 1
@@ -153,6 +161,7 @@ class ConnectionCaps:
         self.by_source[source] -= 1
         if self.by_source[source] <= 0:
             del self.by_source[source]
+        self._room.unpark_all()
 
 
 class _Connection(trio.abc.HalfCloseableStream):
@@ -196,6 +205,7 @@ class _CappedListener(trio.abc.Listener[_Connection]):
 
     async def accept(self) -> _Connection:
         while True:
+            await self._caps.wait_for_room()
             try:
                 stream = await self._inner.accept()
             except OSError as exc:
@@ -208,9 +218,8 @@ class _CappedListener(trio.abc.Listener[_Connection]):
             if self._caps.admit(source):
                 return _Connection(stream, self._caps, source)
             _reset(stream)
-            self._note(f"connection from {source} refused: {self._caps.open} open "
-                       f"(cap {self._caps.total}, {self._caps.by_source[source]} from that address, "
-                       f"cap {self._caps.per_source})")
+            self._note(f"connection from {source} refused: {self._caps.by_source[source]} open from that address "
+                       f"(cap {self._caps.per_source})")
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -302,7 +311,8 @@ async def run_listener(
                           per_source=http.max_connections_per_source)
     listener = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role=role)
     guarded = guard(app, names=allowed_host_names(http.allowed_hosts), budget=runtime.body_budget,
-                    max_body_bytes=http.max_body_bytes, wait_s=http.body_timeout_s)
+                    max_body_bytes=http.max_body_bytes, wait_s=http.body_timeout_s,
+                    requests=trio.CapacityLimiter(http.max_requests_in_progress))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve, guarded, hypercorn_config(runtime), listener, runtime.stopping)

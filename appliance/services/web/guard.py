@@ -10,6 +10,9 @@ process-wide budget for request bodies in memory.
 - **Headers** on every response: ``X-Frame-Options: DENY`` and a CSP that allows no script,
   no framing and forms to this origin only; ``Referrer-Policy: no-referrer``;
   ``X-Content-Type-Options: nosniff``.
+- **Work**: each listener handles at most ``[http] max_requests_in_progress`` requests at
+  once; the others wait, not runnable, so a crowd on the homepage cannot fill the event
+  loop's run queue and delay everything else (``/healthz`` and WebSockets are exempt).
 - **Bodies**: a parsed 1 MiB JSON body can take 20 MB of objects, so the bytes of request
   bodies being handled at once are capped by a :class:`~appliance.services.budget.BodyBudget`; a request with a body
   holds its declared size (or the listener's limit, if it declares none) from its start to
@@ -83,8 +86,10 @@ async def _plain(send: Send, status: int, message: str, extra: tuple[tuple[bytes
 
 
 def guard(app: ASGIApp, *, names: frozenset[str], budget: BodyBudget, max_body_bytes: int,
-          wait_s: float) -> ASGIApp:
-    """``app`` behind the Host check, the security headers and the body budget."""
+          wait_s: float, requests: trio.CapacityLimiter) -> ASGIApp:
+    """``app`` behind the Host check, the security headers, the listener's limit on
+    requests handled at once (``/healthz`` is exempt: it must answer under any load) and the
+    body budget."""
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -107,7 +112,15 @@ def guard(app: ASGIApp, *, names: frozenset[str], budget: BodyBudget, max_body_b
                                                   *(h for h in SECURITY_HEADERS if h[0] not in present)]}
             await send(message)
 
-        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+        if scope["type"] != "http" or scope.get("path") == "/healthz":
+            await app(scope, receive, send_with_headers)
+            return
+        async with requests:
+            await _with_body_budget(scope, receive, send_with_headers, headers)
+
+    async def _with_body_budget(scope: Scope, receive: Receive, send_with_headers: Send,
+                                headers: dict[bytes, bytes]) -> None:
+        if scope["method"] not in _BODY_METHODS:
             await app(scope, receive, send_with_headers)
             return
         declared = headers.get(b"content-length", b"")
@@ -124,7 +137,7 @@ def guard(app: ASGIApp, *, names: frozenset[str], budget: BodyBudget, max_body_b
             with trio.move_on_after(wait_s):
                 while (await receive()).get("more_body", False):
                     pass
-            await _plain(send, 503, "the box is busy with other requests' bodies; try again shortly",
+            await _plain(send_with_headers, 503, "the box is busy with other requests' bodies; try again shortly",
                          ((b"retry-after", b"1"),))
             return
         try:
