@@ -273,7 +273,7 @@ class HttpConfig:
     max_connections: int = attrs.field(default=512, validator=_positive)
     max_connections_per_source: int = attrs.field(default=32, validator=_positive)
     # Requests one listener handles at once (the rest wait their turn; /healthz is exempt).
-    max_requests_in_progress: int = attrs.field(default=32, validator=_positive)
+    max_requests_in_progress: int = attrs.field(default=16, validator=_positive)
     # Bytes of request bodies being handled at once, process-wide (a parsed JSON body takes
     # up to about 20 times its size); a request that finds no room within body_timeout_s gets 503.
     body_budget_bytes: int = attrs.field(default=2 * 1_048_576, validator=_positive)

@@ -48,15 +48,18 @@ DEVICES = 3
 # --- the box and its devices -------------------------------------------------------------
 
 
-def start_box(root: Path, devices: list[tuple[str, int]]) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+def start_box(root: Path, devices: list[tuple[str, int]], *, token: str = TOKEN,
+              extra: str = "") -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+    """``python -m appliance run`` on loopback ports chosen by the kernel, with ``devices``
+    declared; returns the process, the bound ports by role and its log file."""
     ports = "\n".join(f"{r} = 0" for r in (*LISTENER_ROLES, "discovery"))
     declared = "".join(f'[[devices]]\nid = "{d}"\nkind = "kds"\naddress = "127.0.0.1"\nport = {p}\n'
                        for d, p in devices)
     config = root / "appliance.toml"
     config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{root / "state"}"\n'
-                      f'[admin]\ntoken = "{TOKEN}"\n[discovery]\nenabled = false\n[orders]\nenabled = false\n'
+                      f'[admin]\ntoken = "{token}"\n[discovery]\nenabled = false\n[orders]\nenabled = false\n'
                       f'[cloud]\napi_url = "https://127.0.0.1:9"\n[log]\nlevel = "info"\n'
-                      f'[dispatch]\nbackoff_max_s = 2.0\n{declared}')
+                      f'[supervisor]\nshutdown_deadline_s = 3.0\n[dispatch]\nbackoff_max_s = 2.0\n{extra}{declared}')
     log = root / "stderr.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(config)], stderr=stderr)

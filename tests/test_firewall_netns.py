@@ -44,7 +44,8 @@ def run(*args: str, check: bool = True, input: str | None = None) -> subprocess.
     return subprocess.run(list(args), capture_output=True, text=True, check=check, input=input, timeout=30)
 
 
-# Runs in a namespace: listen on TCP and UDP ports; TCP accepts and closes, UDP echoes.
+# Runs in a namespace: listen on TCP and UDP ports; TCP accepts and closes, UDP echoes (when
+# the namespace's firewall lets the echo out).
 SERVER = textwrap.dedent("""
     import socket, sys, threading
     tcp = [int(p) for p in sys.argv[1].split(",") if p]
@@ -54,7 +55,11 @@ SERVER = textwrap.dedent("""
             c, _ = s.accept(); c.sendall(b"hi"); c.close()
     def serve_udp(s):
         while True:
-            data, peer = s.recvfrom(100); s.sendto(data, peer)
+            data, peer = s.recvfrom(100)
+            try:
+                s.sendto(data, peer)
+            except OSError:  # the box's own firewall refused the answer (EPERM)
+                pass
     for p in tcp:
         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("0.0.0.0", p)); s.listen(8); threading.Thread(target=serve_tcp, args=(s,), daemon=True).start()
@@ -197,3 +202,60 @@ def test_with_a_proxy_only_the_proxy_port_goes_out(nets: Namespaces, tmp_path: P
         assert got == {f"tcp:{PEER}:3128": True, f"tcp:{INTERNET}:3128": False, f"tcp:{INTERNET}:443": False}
     finally:
         nets.load({}, tmp_path)
+
+
+# Runs in a namespace: ``count`` TCP connections to host:port, each kept open; how many got in.
+HOLD = textwrap.dedent("""
+    import socket, sys
+    host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    held, got = [], 0
+    for _ in range(count):
+        try:
+            c = socket.create_connection((host, port), timeout=1)
+            held.append(c)
+            got += c.recv(2) == b"hi"
+        except OSError:
+            pass
+    print(got)
+""")
+
+# Runs in a namespace: a broadcast probe from each source port; which ports heard the box.
+BROADCAST = textwrap.dedent("""
+    import json, socket, sys
+    box, target, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out = {}
+    for sport in (161, 40000):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.bind(("0.0.0.0", sport)); s.settimeout(1)
+        s.sendto(b"probe", (target, port))
+        out[sport] = False
+        try:
+            while True:
+                data, peer = s.recvfrom(100)
+                out[sport] = out[sport] or peer[0] == box
+        except OSError:
+            pass
+        s.close()
+    print(json.dumps(out))
+""")
+
+
+def test_one_address_over_its_connection_limit_is_dropped(nets: Namespaces, tmp_path: Path) -> None:
+    try:
+        # One per listener from one address: 7 in all across the TCP listeners.
+        nets.load({"http": {"max_connections_per_source": 1}}, tmp_path)
+        got = run(IP, "netns", "exec", nets.lan, sys.executable, "-c", HOLD, BOX_LAN, str(PORTS.api), "10").stdout
+        assert int(got) == len(LAN_IN_OPEN)
+    finally:
+        nets.load({}, tmp_path)
+    again = run(IP, "netns", "exec", nets.lan, sys.executable, "-c", HOLD, BOX_LAN, str(PORTS.api), "10").stdout
+    assert int(again) == 10  # the default limit (32 per listener) is far above
+
+
+def test_discovery_replies_never_go_to_a_privileged_port(nets: Namespaces) -> None:
+    # A reply to a broadcast probe matches no conntrack entry: only the reply rule lets it
+    # out, and a forged probe "from" port 161 (SNMP) must not make the box a reflector onto a service.
+    out = run(IP, "netns", "exec", nets.lan, sys.executable, "-c", BROADCAST, BOX_LAN, "192.168.77.255",
+              str(PORTS.discovery)).stdout
+    assert json.loads(out) == {"161": False, "40000": True}

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -377,3 +378,42 @@ def test_ports_validation_still_guards_the_renderer() -> None:
     with pytest.raises(ConfigError):
         parse_config({"lan": {"ports": {"admin": 8000}}})
     assert Ports().admin == 80
+
+
+def test_one_address_is_limited_across_the_listeners() -> None:
+    ruleset = build(policy_from_config(parse_config({"http": {"max_connections_per_source": 10}})))
+    rule = next(r for r in ruleset.chains[0].rules if r.comment == "lan in: over 70 connections from one address")
+    assert rule.text == ('ip saddr @lan_v4 tcp dport { 80, 8000, 8001, 8002, 8003, 8004, 8005 } ct state new '
+                         'add @per_source_v4 { ip saddr ct count over 70 } counter name "dropped_in" drop')
+    assert ruleset.dynamic_sets == {"per_source_v4": "ipv4_addr", "per_source_v6": "ipv6_addr"}
+    comments = [r.comment for r in ruleset.chains[0].rules]
+    assert comments.index("lan in: over 70 connections from one address") < comments.index("lan in: api 8000/tcp")
+
+
+def test_discovery_replies_are_datagram_sized_and_to_unprivileged_ports() -> None:
+    text = render_config(parse_config({}), "x")
+    assert "ip daddr @lan_v4 udp sport 57854 udp dport 1024-65535 udp length <= 1208 accept" in text
+    assert "ip daddr 255.255.255.255 udp dport 57854 udp length <= 1208 accept" in text
+
+
+def test_dns_and_ntp_go_to_the_servers_dhcp_gave(tmp_path: Path) -> None:
+    (tmp_path / "2").write_text("# This is private data. Do not parse.\nADDRESS=192.168.1.20\n"
+                                "DNS=192.168.1.1 2001:db8::53\nNTP=192.168.1.1 ntp.example.org\n")
+    policy = policy_from_config(parse_config({}), leases=tmp_path)
+    assert policy.dns_servers == ("192.168.1.1", "2001:db8::53") and policy.ntp_servers == ("192.168.1.1",)
+    configured = policy_from_config(parse_config({"wan": {"dns_servers": ["10.0.0.53"]}}), leases=tmp_path)
+    assert configured.dns_servers == ("10.0.0.53",)  # the configuration wins
+    text = render(policy)
+    assert "ip daddr @dns_v4 udp dport 53 accept" in text and "ip6 daddr @dns_v6 tcp dport 53 accept" in text
+    assert "\t\tudp dport 53 accept" not in text and "\t\tudp dport 123 accept" not in text
+    nothing = policy_from_config(parse_config({}), leases=tmp_path / "none")
+    assert nothing.dns_servers == () and nothing.ntp_servers == ()  # no lease yet: DNS and NTP anywhere
+
+
+def test_a_loaded_connection_counter_set_with_elements_compares_equal(tmp_path: Path) -> None:
+    expected = build(policy_from_config(parse_config({})))
+    listing = format_ruleset(expected).replace(
+        "\t\tflags dynamic\n", "\t\tflags dynamic\n\t\telements = { 192.168.1.7 ct count over 224 }\n", 1)
+    assert compare(expected, parse(listing)) == []
+    missing = format_ruleset(attrs.evolve(expected, dynamic_sets={}))
+    assert "set per_source_v4 is missing (it counts connections per address)" in compare(expected, parse(missing))

@@ -11,10 +11,8 @@ running afterwards), and 50 concurrent 1 MiB bodies (peak RSS under 200 MB).
 
 from __future__ import annotations
 
-import re
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -28,6 +26,7 @@ from appliance.config import LISTENER_ROLES, ConfigError, parse_config
 from appliance.services.budget import BodyBudget
 from appliance.services.runtime import Runtime
 from appliance.services.web.guard import host_allowed
+from benchmarks.soak import rss_mb, start_box
 from tests.conftest import ConfigFactory, running_box
 
 TOKEN = "test-admin-token-0123456789"
@@ -200,32 +199,16 @@ async def test_the_body_budget_waits_for_room_and_gives_it_back() -> None:
 
 @contextmanager
 def real_box(tmp_path: Path, extra: str = "") -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
-    cfg = tmp_path / "appliance.toml"
-    ports = "\n".join(f"{r} = 0" for r in (*LISTENER_ROLES, "discovery"))
-    cfg.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{tmp_path / "state"}"\n'
-                   f'[admin]\ntoken = "{TOKEN}"\n[supervisor]\nshutdown_deadline_s = 3.0\n'
-                   f'[discovery]\nenabled = false\n[orders]\nenabled = false\n'
-                   f'[cloud]\napi_url = "https://127.0.0.1:9"\n{extra}')
-    log = tmp_path / "stderr.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(cfg)], stderr=stderr)
+    proc, ports, _log = start_box(tmp_path, [], token=TOKEN, extra=extra)
     try:
-        deadline = time.monotonic() + 30
-        while not (found := re.search(r"ready: (.*)", log.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
-        bound = {k: int(v) for k, v in (item.split("=") for item in found.group(1).strip().split(", "))}
-        yield proc, bound
+        yield proc, ports
     finally:
         proc.terminate()
         proc.wait(10)
 
 
 def peak_rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmHWM:\s+(\d+) kB", status)
-    assert match is not None
-    return int(match.group(1)) / 1024
+    return rss_mb(pid, "VmHWM")
 
 
 SLOW_CONNECTIONS = 1100

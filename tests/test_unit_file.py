@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = REPO / "image" / "files"
-UNITS = sorted((FILES / "etc/systemd/system").glob("*.service"))
+UNITS = sorted([*(FILES / "etc/systemd/system").glob("*.service"), *(FILES / "etc/systemd/system").glob("*.path")])
 ANALYZE = shutil.which("systemd-analyze")
 HOST_UNITS = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
                    if (p / "sysinit.target").exists()), None)
@@ -40,6 +40,10 @@ def root(tmp_path: Path) -> Path:
     assert script.is_file(), "the appliance console script is not installed in this environment"
     (tmp_path / "usr/local/bin").mkdir(parents=True)
     shutil.copy2(script, tmp_path / "usr/local/bin/appliance")
+    systemctl = shutil.which("systemctl")
+    if systemctl is not None:  # the firewall's DHCP watcher restarts a unit with it
+        (tmp_path / "usr/bin").mkdir(parents=True)
+        shutil.copy2(systemctl, tmp_path / "usr/bin/systemctl")  # a symlink would point outside --root
     return tmp_path
 
 
@@ -51,7 +55,8 @@ def verify(root: Path, *units: Path) -> subprocess.CompletedProcess[str]:
 
 def test_units_exist() -> None:
     assert {u.name for u in UNITS} == {"appliance.service", "appliance-firstboot.service",
-                                       "appliance-firewall.service"}
+                                       "appliance-firewall.service", "appliance-firewall-dhcp.path",
+                                       "appliance-firewall-dhcp.service"}
 
 
 def test_systemd_analyze_verify_accepts_the_units(root: Path) -> None:

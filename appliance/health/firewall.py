@@ -13,6 +13,7 @@ there by the image), so a developer's machine without the firewall does not warn
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import subprocess
 import urllib.parse
@@ -28,11 +29,14 @@ from appliance.health.registry import CheckFn
 from appliance.protocol.firewall import DeviceRule, FirewallError, FirewallProxy, Policy, Service, build, render
 from appliance.protocol.firewall_compare import RulesetParseError, compare, counter_values, parse
 from appliance.protocol.health import Check, Status
+from appliance.protocol.redact import redact_url
 
 __all__ = [
+    "DHCP_LEASES",
     "RENDERED_PATH",
     "SNAPSHOT_PATH",
     "Loaded",
+    "dhcp_servers",
     "firewall_check",
     "firewall_checks",
     "policy_from_config",
@@ -47,10 +51,43 @@ RENDERED_PATH: Final = Path("/etc/nftables.d/appliance.nft")
 SNAPSHOT_PATH: Final = Path("/run/appliance-firewall/loaded.nft")
 NFT_LIST: Final = ("list", "table", "inet", "appliance")
 _DEFAULT_PROXY_PORTS: Final = {"http": 80, "https": 443}
+# Where systemd-networkd records each interface's DHCP lease (DNS=, NTP= lines): the image's
+# network stack. The image renders the ruleset again when a lease changes.
+DHCP_LEASES: Final = Path("/run/systemd/netif/leases")
 
 
-def policy_from_config(config: Config) -> Policy:
-    """The firewall policy of ``config``; raises FirewallError for a proxy URL it cannot use."""
+def dhcp_servers(leases: Path | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(dns, ntp)``: the server addresses DHCP gave, in lease order (names are skipped:
+    nft needs addresses). Empty when there is no lease (at boot, or another network stack)."""
+    dns: dict[str, None] = {}
+    ntp: dict[str, None] = {}
+    try:
+        files = sorted((leases or DHCP_LEASES).iterdir())
+    except OSError:
+        return (), ()
+    for lease in files:
+        try:
+            text = lease.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key not in ("DNS", "NTP"):
+                continue
+            for item in value.split():
+                try:
+                    ipaddress.ip_address(item)
+                except ValueError:
+                    continue
+                (dns if key == "DNS" else ntp)[item] = None
+    return tuple(dns), tuple(ntp)
+
+
+def policy_from_config(config: Config, *, leases: Path | None = None) -> Policy:
+    """The firewall policy of ``config``; raises FirewallError for a proxy URL it cannot use.
+
+    DNS and NTP go to ``[wan] dns_servers``/``ntp_servers``, else to the servers DHCP gave
+    (:func:`dhcp_servers`), else anywhere (a box whose time comes from a pool by name)."""
     ports = config.lan.ports
     services = tuple(
         Service(role=r.role, transport="tcp" if r.transport == "tcp" else "udp", port=getattr(ports, r.role),
@@ -66,14 +103,20 @@ def policy_from_config(config: Config) -> Policy:
         try:
             port = url.port or _DEFAULT_PROXY_PORTS[url.scheme]
         except (ValueError, KeyError) as exc:
-            raise FirewallError(f"wan.proxy: cannot read the proxy's port in {config.wan.proxy!r}") from exc
+            raise FirewallError(f"wan.proxy: cannot read the proxy's port in {redact_url(config.wan.proxy)!r}") \
+                from exc
         if not url.hostname:
-            raise FirewallError(f"wan.proxy: no host in {config.wan.proxy!r}")
+            raise FirewallError(f"wan.proxy: no host in {redact_url(config.wan.proxy)!r}")
         proxy = FirewallProxy(host=url.hostname, port=port)
     devices = tuple(DeviceRule(name=d.id, address=d.address, port=d.port)
                     for d in config.devices if d.port != ports.device)
-    return Policy(services=services, lan_prefixes=config.lan.prefixes, dns_servers=config.wan.dns_servers,
-                  ntp_servers=config.wan.ntp_servers, proxy=proxy, devices=devices)
+    dhcp_dns, dhcp_ntp = dhcp_servers(leases)
+    listeners = sum(1 for s in services if s.inbound and s.transport == "tcp")
+    return Policy(services=services, lan_prefixes=config.lan.prefixes,
+                  dns_servers=config.wan.dns_servers or dhcp_dns, ntp_servers=config.wan.ntp_servers or dhcp_ntp,
+                  proxy=proxy, devices=devices,
+                  # Never below what the listeners admit from one address, all together.
+                  max_connections_per_source=config.http.max_connections_per_source * listeners)
 
 
 def render_config(config: Config, source: str) -> str:

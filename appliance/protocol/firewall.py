@@ -10,10 +10,15 @@ What the table allows, and nothing else (docs/architecture.md §2, §9):
 
 - in: loopback; replies (established/related); DHCP and DHCPv6 replies; ICMP errors and
   the ICMPv6 needed for neighbour discovery; ping from the LAN; each TCP listener of the
-  port map and UDP discovery, from the LAN prefixes only;
-- out: loopback; replies; DHCP; DNS and NTP (to the configured servers, else anywhere);
-  HTTPS on 443 anywhere, or, with a proxy, only the proxy's address and port; the
-  device port, UDP discovery (and its broadcast) to the LAN only;
+  port map and UDP discovery, from the LAN prefixes only; new TCP connections to the
+  listeners beyond ``max_connections_per_source`` open from one address are dropped
+  (``ct count``, kept in the dynamic sets ``per_source_v4``/``_v6``) before they cost the
+  process a descriptor;
+- out: loopback; replies; DHCP; DNS and NTP (to the configured or DHCP-given servers, else
+  anywhere); HTTPS on 443 anywhere, or, with a proxy, only the proxy's address and port;
+  the device port, UDP discovery (and its broadcast) to the LAN only; a discovery reply
+  only to an unprivileged port (no reflection onto a LAN service) and no longer than a
+  discovery datagram;
 - forward: nothing.
 
 Everything else is dropped and counted in the named counters ``dropped_in``,
@@ -51,6 +56,10 @@ __all__ = [
 
 TABLE: Final = "appliance"  # always family inet: one table for IPv4 and IPv6
 COUNTERS: Final = ("dropped_in", "dropped_out", "dropped_forward")
+# A discovery datagram is at most 1,200 bytes (docs/discovery.md) plus the 8-byte UDP header.
+_DISCOVERY_UDP_LENGTH: Final = 1208
+# Addresses tracked at once by a ct count set (one element per LAN address with connections).
+_DYNAMIC_SET_SIZE: Final = 65535
 # Well-known ports of the base protocols (not the appliance's own: those come from the map).
 _HTTPS: Final = 443
 _DNS: Final = 53
@@ -103,6 +112,9 @@ class Policy:
     ntp_servers: tuple[str, ...] = ()  # empty: NTP to any address
     proxy: FirewallProxy | None = None  # None: HTTPS 443 to any address
     devices: tuple[DeviceRule, ...] = ()
+    # New TCP connections to the listeners from one LAN address beyond this many open are
+    # dropped (0: no limit).
+    max_connections_per_source: int = 0
 
 
 # --- the ruleset: what nft lists -------------------------------------------------------
@@ -132,6 +144,8 @@ class Ruleset:
     chains: tuple[Chain, ...]
     # Anything else a listing holds (table flags, maps, quotas...): never rendered.
     extras: tuple[str, ...] = ()
+    # Sets the rules fill (ct count per source): name -> type; their elements come and go.
+    dynamic_sets: Mapping[str, str] = attrs.field(factory=dict)
 
     def chain(self, name: str) -> Chain | None:
         return next((c for c in self.chains if c.name == name), None)
@@ -166,6 +180,7 @@ def _port_ok(port: int, what: str) -> None:
 class _Builder:
     def __init__(self) -> None:
         self.sets: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.dynamic_sets: dict[str, str] = {}
         self.rules: dict[str, list[Rule]] = {"input": [], "output": [], "forward": []}
         self._comments: set[tuple[str, str]] = set()
 
@@ -211,6 +226,18 @@ def build(policy: Policy) -> Ruleset:
            "icmpv6 errors and neighbour discovery")
     b.per_family("input", "saddr", {"ip": lan_sets["ip"]}, "icmp type echo-request accept", "lan in: ping")
     b.per_family("input", "saddr", {"ip6": lan_sets["ip6"]}, "icmpv6 type echo-request accept", "lan in: ping")
+    tcp_in = [svc.port for svc in policy.services if svc.inbound and svc.transport == "tcp"]
+    if policy.max_connections_per_source and tcp_in:
+        limit = policy.max_connections_per_source
+        ports = ", ".join(str(p) for p in tcp_in)
+        for fam, ref in lan_sets.items():
+            if ref is None:
+                continue
+            name = f"per_source_{_SUFFIX[fam]}"
+            b.dynamic_sets[name] = "ipv4_addr" if fam == "ip" else "ipv6_addr"
+            b.rule("input", f"{fam} saddr {ref} tcp dport {{ {ports} }} ct state new add @{name} "
+                   f"{{ {fam} saddr ct count over {limit} }} counter name \"dropped_in\" drop",
+                   f"lan in: over {limit} connections from one address" + (" (IPv6)" if fam == "ip6" else ""))
     for svc in policy.services:
         if svc.inbound:
             _port_ok(svc.port, f"lan.ports.{svc.role}")
@@ -250,10 +277,13 @@ def build(policy: Policy) -> Ruleset:
         if svc.transport == "udp" and svc.inbound and svc.outbound:
             # A reply to a probe sent to a broadcast address matches no conntrack entry
             # (the probe's destination was the broadcast): allow it by its source port.
-            b.per_family("output", "daddr", lan_sets, f"udp sport {svc.port} accept",
+            # Only to an unprivileged port (a probe comes from one; a forged probe must not
+            # turn the box into a reflector onto LAN services) and only datagram-sized.
+            b.per_family("output", "daddr", lan_sets,
+                         f"udp sport {svc.port} udp dport 1024-65535 udp length <= {_DISCOVERY_UDP_LENGTH} accept",
                          f"lan out: {svc.role} replies from {svc.port}/udp")
-            b.rule("output", f"ip daddr 255.255.255.255 udp dport {svc.port} accept",
-                   f"lan out: {svc.role} broadcast {svc.port}/udp")
+            b.rule("output", f"ip daddr 255.255.255.255 udp dport {svc.port} udp length <= "
+                   f"{_DISCOVERY_UDP_LENGTH} accept", f"lan out: {svc.role} broadcast {svc.port}/udp")
     for dev in policy.devices:
         _port_ok(dev.port, f"devices.{dev.name}.port")
         nets = _networks([dev.address], f"devices.{dev.name}.address")
@@ -267,7 +297,7 @@ def build(policy: Policy) -> Ruleset:
 
     chains = tuple(Chain(name=name, hook=f"type filter hook {name} priority filter", policy="drop",
                          rules=tuple(rules)) for name, rules in b.rules.items())
-    return Ruleset(counters=COUNTERS, sets=dict(b.sets), chains=chains)
+    return Ruleset(counters=COUNTERS, sets=dict(b.sets), chains=chains, dynamic_sets=dict(b.dynamic_sets))
 
 
 def _proxy_rules(b: _Builder, proxy: FirewallProxy, lan_sets: Mapping[Family, str | None]) -> None:
@@ -294,6 +324,9 @@ def format_ruleset(ruleset: Ruleset, *, header: Sequence[str] = ()) -> str:
     for name, (type_, elements) in ruleset.sets.items():
         blocks.append([f"\tset {name} {{", f"\t\ttype {type_}", "\t\tflags interval",
                        f"\t\telements = {{ {', '.join(elements)} }}", "\t}"])
+    for name, type_ in ruleset.dynamic_sets.items():
+        blocks.append([f"\tset {name} {{", f"\t\ttype {type_}", f"\t\tsize {_DYNAMIC_SET_SIZE}",
+                       "\t\tflags dynamic", "\t}"])
     for chain in ruleset.chains:
         blocks.append([f"\tchain {chain.name} {{", f"\t\t{chain.hook}; policy {chain.policy};",
                        *(f"\t\t{rule.line()}" for rule in chain.rules), "\t}"])

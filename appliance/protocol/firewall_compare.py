@@ -78,6 +78,7 @@ def parse(text: str) -> Ruleset:
         raise RulesetParseError(f"no 'table inet {TABLE} {{' in the text")
     counters: list[str] = []
     sets: dict[str, tuple[str, tuple[str, ...]]] = {}
+    dynamic_sets: dict[str, str] = {}
     chains: list[Chain] = []
     extras: list[str] = []
     i = start + 1
@@ -99,13 +100,16 @@ def parse(text: str) -> Ruleset:
         body, i = _block(lines, i + 1, f"{kind} {name}")
         if kind == "counter":
             counters.append(name)
+        elif kind == "set" and "flags dynamic" in body:
+            dynamic_sets[name] = _set(body, name)[0]  # its elements are the connections of the moment
         elif kind == "set":
             sets[name] = _set(body, name)
         elif kind == "chain":
             chains.append(_chain(body, name))
         else:
             extras.append(f"{kind} {name}")
-    return Ruleset(counters=tuple(counters), sets=sets, chains=tuple(chains), extras=tuple(extras))
+    return Ruleset(counters=tuple(counters), sets=sets, chains=tuple(chains), extras=tuple(extras),
+                   dynamic_sets=dynamic_sets)
 
 
 def _block(lines: list[str], i: int, what: str) -> tuple[list[str], int]:
@@ -182,6 +186,12 @@ def compare(expected: Ruleset, loaded: Ruleset) -> list[str]:
         if have - want:
             out.append(f"set {name} also holds {', '.join(sorted(have - want))}")
     out.extend(f"unexpected set {n}" for n in loaded.sets if n not in expected.sets)
+    for name, type_ in expected.dynamic_sets.items():
+        if name not in loaded.dynamic_sets:
+            out.append(f"set {name} is missing (it counts connections per address)")
+        elif loaded.dynamic_sets[name] != type_:
+            out.append(f"set {name} holds {loaded.dynamic_sets[name] or 'nothing typed'}, expected {type_}")
+    out.extend(f"unexpected set {n}" for n in loaded.dynamic_sets if n not in expected.dynamic_sets)
     for chain in expected.chains:
         other = loaded.chain(chain.name)
         if other is None:
