@@ -118,7 +118,8 @@ def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
 # import only each other.
 SERVICES_PLUMBING = {
     "runtime", "state", "board", "metrics", "signal", "spec", "timestamps", "http", "netif", "systemd",
-    "wan", "servicebus", "queue_consumer", "device_link", "media_files", "event_hub", "keyring",
+    "wan", "servicebus", "queue_consumer", "device_link", "media_files", "event_hub", "keyring", "guard",
+    "budget",
 }
 # The services a feature service is built on (besides the plumbing).
 BUILT_ON = {

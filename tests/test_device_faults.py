@@ -27,7 +27,7 @@ from pathlib import Path
 import trio
 
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
-from appliance.services.dispatcher import enqueue, link_board
+from appliance.services.dispatcher import enqueue
 from tests.conftest import ConfigFactory, running_box
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
@@ -198,7 +198,7 @@ async def test_every_device_fault_stays_on_its_link_and_good_devices_get_every_c
             "connect_timeout_s": 1.0, "hello_timeout_s": 1.0, "ack_timeout_s": 1.0,
             "backoff_initial_s": 0.05, "backoff_max_s": 0.3})
         async with running_box(config) as runtime:
-            board = link_board(runtime)
+            board = runtime.device_links
             for n in range(PER_GOOD):
                 for d in declared:
                     await enqueue(runtime, d["id"], "print", {"n": n})

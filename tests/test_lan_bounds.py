@@ -24,8 +24,8 @@ import trio
 
 from appliance.config import LISTENER_ROLES, ConfigError, parse_config
 from appliance.services.budget import BodyBudget
+from appliance.services.guard import host_allowed
 from appliance.services.runtime import Runtime
-from appliance.services.web.guard import host_allowed
 from benchmarks.soak import rss_mb, start_box
 from tests.conftest import ConfigFactory, running_box
 

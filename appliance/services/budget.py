@@ -1,4 +1,4 @@
-"""The process-wide budget of request-body bytes in memory (see ``services.web.guard``)."""
+"""The process-wide budget of request-body bytes in memory (see ``services.guard``)."""
 
 from __future__ import annotations
 

@@ -49,8 +49,8 @@ from hypercorn.utils import ShutdownError, raise_shutdown, wrap_app
 from starlette.types import ASGIApp
 
 from appliance.config import LISTENER_ROLES
+from appliance.services.guard import allowed_host_names, guard
 from appliance.services.runtime import Runtime
-from appliance.services.web.guard import allowed_host_names, guard
 
 __all__ = ["BindError", "ConnectionCaps", "bind_tcp", "effective_connection_cap", "raise_descriptor_limit",
            "run_listener"]

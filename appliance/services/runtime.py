@@ -86,7 +86,7 @@ class Runtime:
     # the events listener's connections. Written by: services.event_log.
     event_hub: EventHub = attrs.field(
         default=attrs.Factory(lambda self: EventHub(ring_events=self.config.events.ring_events), takes_self=True))
-    # Bytes of request bodies the LAN listeners handle at once. Written by: services.web.guard.
+    # Bytes of request bodies the LAN listeners handle at once. Written by: services.guard.
     body_budget: BodyBudget = attrs.field(default=attrs.Factory(
         lambda self: BodyBudget(self.config.http.body_budget_bytes), takes_self=True))
 
