@@ -17,6 +17,7 @@ from typing import Any, Final
 import httpx
 
 from appliance.protocol.health import Check, Status
+from appliance.protocol.redact import redact_url
 from appliance.services.pairing import describe
 from appliance.services.runtime import Runtime
 from appliance.services.wan import WanConfigError, proxy_for
@@ -51,7 +52,7 @@ def proxy_address(runtime: Runtime) -> str | None:
     try:
         settings = proxy_for(httpx.URL(runtime.config.cloud.api_url).host, proxy=wan.proxy, no_proxy=wan.no_proxy)
     except WanConfigError:
-        return wan.proxy
+        return redact_url(wan.proxy)
     return settings.address if settings else None
 
 

@@ -41,6 +41,7 @@ import httpx
 import trio
 
 from appliance.config import Config, WanConfig
+from appliance.protocol.redact import redact_url
 from appliance.protocol.wan import Hop, HopFailure
 
 __all__ = ["ProxySettings", "Route", "WanConfigError", "bypasses_proxy", "client_for", "close_client", "cloud_route",
@@ -85,20 +86,21 @@ def parse_proxy(value: str) -> ProxySettings | None:
     value = value.strip()
     if not value:
         return None
+    shown = redact_url(value)  # error messages reach the log and the homepage
     try:
         parts = urlsplit(value)
         port = parts.port
     except ValueError as exc:
-        raise WanConfigError(f"[wan] proxy {value!r} is not a valid URL: {exc}") from exc
+        raise WanConfigError(f"[wan] proxy {shown!r} is not a valid URL: {exc}") from exc
     if parts.scheme not in _DEFAULT_PORTS:
-        raise WanConfigError(f"[wan] proxy must start with http:// or https://, got {value!r}")
+        raise WanConfigError(f"[wan] proxy must start with http:// or https://, got {shown!r}")
     host = parts.hostname or ""
     if not host:
-        raise WanConfigError(f"[wan] proxy {value!r} has no host")
+        raise WanConfigError(f"[wan] proxy {shown!r} has no host")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise WanConfigError(f"[wan] proxy {value!r}: a proxy URL has no path or query (http://host:port)")
+        raise WanConfigError(f"[wan] proxy {shown!r}: a proxy URL has no path or query (http://host:port)")
     if any(c.isspace() for c in host) or not host.isascii():
-        raise WanConfigError(f"[wan] proxy {value!r}: the host is not a valid host name")
+        raise WanConfigError(f"[wan] proxy {shown!r}: the host is not a valid host name")
     return ProxySettings(scheme=parts.scheme, host=host, port=port or _DEFAULT_PORTS[parts.scheme],
                          username=unquote(parts.username or ""), password=unquote(parts.password or ""))
 
