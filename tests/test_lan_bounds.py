@@ -11,6 +11,9 @@ running afterwards), and 50 concurrent 1 MiB bodies (peak RSS under 200 MB).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 import socket
 import subprocess
 import time
@@ -85,6 +88,15 @@ async def test_every_response_carries_the_security_headers(make_config: ConfigFa
                 assert answer.headers["referrer-policy"] == "no-referrer"
         home = await client.get(url(runtime, "admin", "/"))
         assert home.status_code == 200 and home.headers["x-frame-options"] == "DENY"
+        # The page's own inline scripts run (each by its hash), nothing else does.
+        scripts = re.findall(r"<script>(.*?)</script>", home.text, re.S)
+        csp = home.headers["content-security-policy"]
+        for script in scripts:
+            digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in csp
+        assert "'unsafe-inline'" not in csp.split("script-src", 1)[1].split(";", 1)[0]
+        assert (await client.get(url(runtime, "ops", "/health"))).headers["content-security-policy"].count(
+            "script-src 'none'") == 1
 
 
 async def test_only_the_box_s_own_host_names_are_served(make_config: ConfigFactory) -> None:

@@ -7,12 +7,13 @@ process-wide budget for request bodies in memory.
   ``hostname.local``, its FQDN) and ``[http] allowed_hosts`` are served; anything else gets
   421 before the app runs. A request without ``Host`` (HTTP/1.0) cannot come from a browser
   and is served.
-- **Headers** on every response: ``X-Frame-Options: DENY`` and a CSP that allows no script,
-  no framing and forms to this origin only; ``Referrer-Policy: no-referrer``;
+- **Headers** on every response: ``X-Frame-Options: DENY`` and a CSP that allows no framing,
+  forms to this origin only and no script but an HTML page's own inline ones, by hash; ``Referrer-Policy: no-referrer``;
   ``X-Content-Type-Options: nosniff``.
 - **Work**: each listener handles at most ``[http] max_requests_in_progress`` requests at
   once; the others wait, not runnable, so a crowd on the homepage cannot fill the event
-  loop's run queue and delay everything else (``/healthz`` and WebSockets are exempt).
+  loop's run queue and delay everything else (``/healthz`` and WebSockets are exempt, and
+  the listeners whose requests are long streams, events and media, have no such limit).
 - **Bodies**: a parsed 1 MiB JSON body can take 20 MB of objects, so the bytes of request
   bodies being handled at once are capped by a :class:`~appliance.services.budget.BodyBudget`; a request with a body
   holds its declared size (or the listener's limit, if it declares none) from its start to
@@ -23,8 +24,11 @@ process-wide budget for request bodies in memory.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import json
+import re
 import socket
 from collections.abc import Iterable
 from typing import Final
@@ -36,14 +40,26 @@ from appliance.services.budget import BodyBudget
 
 __all__ = ["SECURITY_HEADERS", "allowed_host_names", "guard", "host_allowed"]
 
+# Scripts: only the inline ones of the page itself, each allowed by its hash (computed from
+# the page as it is sent), so an injected script never runs. The homepage's live part
+# follows the event stream on another port: connections may go to any http(s) origin.
+_CSP: Final = ("default-src 'none'; script-src {scripts}; connect-src 'self' http: https:; "
+               "style-src 'unsafe-inline'; img-src 'self' data:; media-src 'self'; form-action 'self'; "
+               "frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b"x-frame-options", b"DENY"),
-    (b"content-security-policy",
-     b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; media-src 'self'; "
-     b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    (b"content-security-policy", _CSP.format(scripts="'none'").encode()),
     (b"referrer-policy", b"no-referrer"),
     (b"x-content-type-options", b"nosniff"),
 )
+_INLINE_SCRIPT: Final = re.compile(rb"<script>(.*?)</script>", re.S)
+
+
+def content_security_policy(html: bytes) -> bytes:
+    """The CSP for a page: its own inline scripts (``<script>`` without attributes) by hash."""
+    hashes = [f"'sha256-{base64.b64encode(hashlib.sha256(m.group(1)).digest()).decode()}'"
+              for m in _INLINE_SCRIPT.finditer(html)]
+    return _CSP.format(scripts=" ".join(hashes) or "'none'").encode()
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -77,6 +93,17 @@ def host_allowed(value: str | None, names: frozenset[str]) -> bool:
     return True
 
 
+def _with_headers(start: Message, extra: Iterable[tuple[bytes, bytes]]) -> Message:
+    """``start`` with each of ``extra`` it does not set itself (the first of a name wins)."""
+    present = {k.lower() for k, _ in start.get("headers", [])}
+    added = []
+    for name, value in extra:
+        if name not in present:
+            added.append((name, value))
+            present.add(name)
+    return {**start, "headers": [*start.get("headers", []), *added]}
+
+
 async def _plain(send: Send, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     body = json.dumps({"error": message}).encode()
     await send({"type": "http.response.start", "status": status,
@@ -86,7 +113,7 @@ async def _plain(send: Send, status: int, message: str, extra: tuple[tuple[bytes
 
 
 def guard(app: ASGIApp, *, names: frozenset[str], budget: BodyBudget, max_body_bytes: int,
-          wait_s: float, requests: trio.CapacityLimiter) -> ASGIApp:
+          wait_s: float, requests: trio.CapacityLimiter | None) -> ASGIApp:
     """``app`` behind the Host check, the security headers, the listener's limit on
     requests handled at once (``/healthz`` is exempt: it must answer under any load) and the
     body budget."""
@@ -105,15 +132,28 @@ def guard(app: ASGIApp, *, names: frozenset[str], budget: BodyBudget, max_body_b
                                     "(or add the name to [http] allowed_hosts)")
             return
 
+        held: list[Message] = []
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {k.lower() for k, _ in message.get("headers", [])}
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  *(h for h in SECURITY_HEADERS if h[0] not in present)]}
+                ctype = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
+                if ctype.startswith(b"text/html"):
+                    held.append(message)  # its CSP depends on the page's scripts: sent with the body
+                    return
+                await send(_with_headers(message, SECURITY_HEADERS))
+                return
+            if held and message["type"] == "http.response.body":
+                start = held.pop()
+                body = message.get("body", b"") if not message.get("more_body", False) else b""
+                csp = ((b"content-security-policy", content_security_policy(body)),)
+                await send(_with_headers(start, csp + SECURITY_HEADERS))
             await send(message)
 
         if scope["type"] != "http" or scope.get("path") == "/healthz":
             await app(scope, receive, send_with_headers)
+            return
+        if requests is None:
+            await _with_body_budget(scope, receive, send_with_headers, headers)
             return
         async with requests:
             await _with_body_budget(scope, receive, send_with_headers, headers)

@@ -67,6 +67,9 @@ WANTED_DESCRIPTORS: Final = 8192
 # accept() without descriptors: wait this long before trying again.
 _ACCEPT_PAUSE_S: Final = 0.1
 _LOG_EVERY_S: Final = 60.0
+# Listeners whose requests are long streams (event subscriptions, media downloads): a limit on
+# requests in progress would make the next subscriber wait for another to leave.
+_STREAMING_ROLES: Final = frozenset({"events", "media"})
 _NO_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # HTTP/2 by upgrade (RFC 7540 §3.2) or by prior knowledge (§3.4), anywhere in the stream.
 _HTTP2: Final = re.compile(rb"(?i)\nupgrade:[^\r\n]*h2c|(?:^|\n)PRI \* HTTP/2")
@@ -312,7 +315,7 @@ async def run_listener(
     listener = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role=role)
     guarded = guard(app, names=allowed_host_names(http.allowed_hosts), budget=runtime.body_budget,
                     max_body_bytes=http.max_body_bytes, wait_s=http.body_timeout_s,
-                    requests=trio.CapacityLimiter(http.max_requests_in_progress))
+                    requests=None if role in _STREAMING_ROLES else trio.CapacityLimiter(http.max_requests_in_progress))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve, guarded, hypercorn_config(runtime), listener, runtime.stopping)
