@@ -21,7 +21,7 @@ import httpx
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
-TOKEN = "test-admin-token"
+TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

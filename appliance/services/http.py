@@ -6,8 +6,9 @@ the fix, instead of an exception group from deep inside the server.
 
 Bounds (docs/hardening.md), so that nothing a LAN client does can stop the box:
 
-- **Connections**: at most ``max_connections_per_source`` from one address: one more is
-  accepted and reset at once, so it takes nothing and the backlog never fills with it. At
+- **Connections**: at most ``max_connections_per_source`` from one address (the box's own
+  127.0.0.1 and ::1 excepted): one more is accepted and reset at once, so it takes nothing
+  and the backlog never fills with it. At
   most ``[http] max_connections`` per listener (fewer if the process's descriptor limit
   cannot hold them all): at that cap the listener stops accepting until one closes, and new
   connections wait in the kernel's backlog. ``accept`` failing for want of descriptors
@@ -70,6 +71,9 @@ _LOG_EVERY_S: Final = 60.0
 # Listeners whose requests are long streams (event subscriptions, media downloads): a limit on
 # requests in progress would make the next subscriber wait for another to leave.
 _STREAMING_ROLES: Final = frozenset({"events", "media"})
+# The box's own loopback address: its health checks, a technician's tools on the box. No
+# LAN peer can send from it, so the per-address cap (a defence against LAN peers) spares it.
+_THE_BOX_ITSELF: Final = frozenset({"127.0.0.1", "::1"})
 _NO_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # HTTP/2 by upgrade (RFC 7540 §3.2) or by prior knowledge (§3.4), anywhere in the stream.
 _HTTP2: Final = re.compile(rb"(?i)\nupgrade:[^\r\n]*h2c|(?:^|\n)PRI \* HTTP/2")
@@ -152,7 +156,7 @@ class ConnectionCaps:
             await self._room.park()
 
     def admit(self, source: str) -> bool:
-        if self.by_source[source] >= self.per_source:
+        if self.by_source[source] >= self.per_source and source not in _THE_BOX_ITSELF:
             self.refused += 1
             return False
         self.open += 1
