@@ -20,8 +20,8 @@ from appliance.health import HealthRegistry
 from appliance.protocol.sync import SyncStatus
 from appliance.services.board import ServiceBoard
 from appliance.services.budget import BodyBudget
-from appliance.services.keyring import KeyRing
 from appliance.services.event_hub import EventHub
+from appliance.services.keyring import KeyRing
 from appliance.services.media_files import MediaShelf
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
