@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import re
 import signal
@@ -48,13 +49,18 @@ DEVICES = 3
 # --- the box and its devices -------------------------------------------------------------
 
 
+def device_key(device_id: str) -> bytes:
+    """The soak's pre-shared key of a simulated device ([[devices]] key)."""
+    return hashlib.sha256(b"soak device key\x00" + device_id.encode()).digest()
+
+
 def start_box(root: Path, devices: list[tuple[str, int]], *, token: str = TOKEN,
               extra: str = "") -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
     """``python -m appliance run`` on loopback ports chosen by the kernel, with ``devices``
     declared; returns the process, the bound ports by role and its log file."""
     ports = "\n".join(f"{r} = 0" for r in (*LISTENER_ROLES, "discovery"))
     declared = "".join(f'[[devices]]\nid = "{d}"\nkind = "kds"\naddress = "127.0.0.1"\nport = {p}\n'
-                       for d, p in devices)
+                       f'key = "{device_key(d).hex()}"\n' for d, p in devices)
     config = root / "appliance.toml"
     config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{root / "state"}"\n'
                       f'[admin]\ntoken = "{token}"\n[discovery]\nenabled = false\n[orders]\nenabled = false\n'
@@ -298,8 +304,8 @@ class Canary:
 
 async def soak(minutes: float) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="appliance-soak-"))
-    sims = {f"kds-{i}": DeviceSimulator(device_id=f"kds-{i}", log_path=root / f"kds-{i}.jsonl")
-            for i in range(DEVICES)}
+    sims = {f"kds-{i}": DeviceSimulator(device_id=f"kds-{i}", log_path=root / f"kds-{i}.jsonl",
+                                        key=device_key(f"kds-{i}")) for i in range(DEVICES)}
     report: dict[str, Any] = {"minutes": minutes}
     async with trio.open_nursery() as nursery:
         declared = [(d, await nursery.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1")))

@@ -28,7 +28,7 @@ import trio
 
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
 from appliance.services.dispatcher import enqueue
-from tests.conftest import ConfigFactory, running_box
+from tests.conftest import ConfigFactory, device_key, running_box
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
 
@@ -186,14 +186,16 @@ async def test_every_device_fault_stays_on_its_link_and_good_devices_get_every_c
         declared = []
         for name, make in kinds.items():
             port = await devices.start(serve_behaviour, make(f"bad-{name}"))
-            declared.append({"id": f"bad-{name}", "kind": "printer", "address": "127.0.0.1", "port": port})
+            declared.append({"id": f"bad-{name}", "kind": "printer", "address": "127.0.0.1", "port": port,
+                             "key": device_key(f"bad-{name}").hex()})
         logs = {f"good-{i}": tmp_path / f"good-{i}.jsonl" for i in range(GOOD)}
         sims = []
         for device_id, log_path in logs.items():
-            sim = DeviceSimulator(device_id=device_id, log_path=log_path)
+            sim = DeviceSimulator(device_id=device_id, log_path=log_path, key=device_key(device_id))
             sims.append(sim)
             port = await devices.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1"))
-            declared.append({"id": device_id, "kind": "printer", "address": "127.0.0.1", "port": port})
+            declared.append({"id": device_id, "kind": "printer", "address": "127.0.0.1", "port": port,
+                             "key": device_key(device_id).hex()})
         config = make_config(devices=declared, dispatch={
             "connect_timeout_s": 1.0, "hello_timeout_s": 1.0, "ack_timeout_s": 1.0,
             "backoff_initial_s": 0.05, "backoff_max_s": 0.3})
