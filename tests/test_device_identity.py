@@ -32,7 +32,7 @@ from .conftest import ConfigFactory, device_key
 from .conftest import running_box as box_with
 
 DEADLINE_S = 10.0
-TOKEN = "test-admin-token"
+TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 

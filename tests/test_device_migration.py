@@ -19,7 +19,7 @@ from appliance.storage.schema import load_migrations, migrate
 from .conftest import ConfigFactory, device_key, running_box
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN = {"Authorization": "Bearer test-admin-token"}
+ADMIN = {"Authorization": "Bearer test-admin-token-0123456789"}
 IDENTITY = next(m.version for m in load_migrations() if m.name == "identity")
 
 
@@ -53,7 +53,8 @@ async def test_an_upgraded_box_keeps_pushing_to_its_adopted_devices_until_they_e
             with trio.fail_after(10):
                 while not legacy.accepted:  # noqa: ASYNC110  # the simulator's memory: nothing to wait on
                     await trio.sleep(0.02)
-            health = {c["name"]: c for c in (await client.get(f"http://127.0.0.1:{rt.ports['ops']}/health"))
+            health = {c["name"]: c for c in (await client.post(f"http://127.0.0.1:{rt.ports['ops']}/health",
+                                                                  headers=ADMIN))
                       .json()["checks"]}
             check = health["device.kds-1.key"]
             assert check["status"] == "warn" and "adopted before enrollment" in check["message"]
@@ -69,7 +70,8 @@ async def test_an_upgraded_box_keeps_pushing_to_its_adopted_devices_until_they_e
             with trio.fail_after(10):
                 while (await client.get(f"{admin}/api/status")).json()["device_links"]:  # noqa: ASYNC110
                     await trio.sleep(0.05)
-            health = {c["name"]: c for c in (await client.get(f"http://127.0.0.1:{rt.ports['ops']}/health"))
+            health = {c["name"]: c for c in (await client.post(f"http://127.0.0.1:{rt.ports['ops']}/health",
+                                                                  headers=ADMIN))
                       .json()["checks"]}
             assert health["device.kds-1.key"]["message"] == "device kds-1: adopted but has no key: it gets no commands"
         sims.cancel_scope.cancel()
@@ -87,7 +89,8 @@ async def test_a_declared_device_without_a_key_is_listed_and_gets_nothing(make_c
             assert listed["printer-1"]["gets_commands"] is False and "set key" in listed["printer-1"]["key"]
             assert listed["kds-2"]["gets_commands"] is True and listed["kds-2"]["key"] == "pre-shared key (config)"
             assert "set key in its [[devices]] entry" in (await client.get(f"{admin}/")).text
-            health = {c["name"]: c for c in (await client.get(f"http://127.0.0.1:{rt.ports['ops']}/health"))
+            health = {c["name"]: c for c in (await client.post(f"http://127.0.0.1:{rt.ports['ops']}/health",
+                                                                  headers=ADMIN))
                       .json()["checks"]}
             assert "appliance device-key" in health["device.printer-1.key"]["fix"]
             assert "device.kds-2.key" not in health
