@@ -104,6 +104,11 @@ async def test_cut_download_resumes_with_range(start_sim: StartSim, start_box: S
     assert len(ranges) == 2 and ranges[0] == "" and ranges[1].startswith("bytes=") and ranges[1].endswith("-")
     assert 1_100_000 < int(ranges[1][len("bytes="):-1]) <= 1_200_000  # what had arrived before the cut
     assert cached_files(runtime) == {hashlib.sha256(content).hexdigest(): hashlib.sha256(content).hexdigest()}
+    async with media_client(runtime) as client:  # served in several chunks, whole and in a range across chunks
+        whole = await client.get("/media/promotions/spring.mp4")
+        assert whole.status_code == 200 and whole.content == content
+        part = await client.get("/media/promotions/spring.mp4", headers={"Range": "bytes=1048000-2097999"})
+        assert part.status_code == 206 and part.content == content[1048000:2098000]
 
 
 async def test_wrong_bytes_never_served_and_fetched_again(start_sim: StartSim, start_box: StartBox) -> None:

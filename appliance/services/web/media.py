@@ -10,9 +10,11 @@ sha256, so no key can name any other path. Answers (docs/media.md):
 - 404 for a key the catalog does not list; 503 with ``Retry-After`` for a listed file not
   cached yet; 401 when a credential is needed (:func:`may_read`).
 
-Bodies are streamed in :data:`CHUNK_BYTES` pieces read in a worker thread, never whole:
-hypercorn offers neither ASGI ``zerocopysend`` nor ``pathsend``, so ``sendfile`` is not
-available on this stack. An open file keeps its bytes even if it is evicted meanwhile.
+Bodies are streamed in :data:`CHUNK_BYTES` pieces read in a worker thread into buffers
+of a shared pool (:class:`ReadBuffers`), never whole: memory stays bounded whatever the
+number of readers. hypercorn offers neither ASGI ``zerocopysend`` nor ``pathsend``, so
+``sendfile`` is not available on this stack. An open file keeps its bytes even if it is
+evicted meanwhile.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ from appliance.services.web.kit import JsonResponse
 from appliance.services.web.parts import WebParts
 from appliance.storage import media as rows
 
-__all__ = ["CHUNK_BYTES", "create_app", "may_read"]
+__all__ = ["CHUNK_BYTES", "ReadBuffers", "create_app", "may_read"]
 
-# Bytes per read and per send: large enough that a thread hop per chunk is noise next to
-# the copy (see the media benchmark), small enough that 50 readers hold a few MB.
-CHUNK_BYTES: Final = 256 * 1024
+# Bytes per read and per send: large enough that the worker-thread trip per chunk is
+# noise next to the copy (measured with ``scripts/bench media``: 128 KiB chunks served
+# half as fast as 1 MiB).
+CHUNK_BYTES: Final = 1024 * 1024
+# Chunks being read or sent at once, over all readers: bounds the memory a crowd of
+# readers can take (about 12 MB) whatever its size; the others wait their turn.
+BUFFERS: Final = 12
 # Retry-After for a file not cached yet: a small image arrives within seconds.
 NOT_CACHED_RETRY_S: Final = 30
 
@@ -58,13 +64,37 @@ def may_read(request: Request, runtime: Runtime, entry: MediaEntry) -> bool:
     return token is not None and hmac.compare_digest(token.encode(), runtime.admin_token.encode())
 
 
+class ReadBuffers:
+    """A pool of :data:`BUFFERS` reusable read buffers: a chunk is read into one (no new
+    allocation per chunk, in whatever thread) and it is given back once the chunk is sent."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._slots = trio.Semaphore(BUFFERS)
+
+    async def read_and_send(self, fd: int, offset: int, length: int, send: Send, *, more: bool) -> int:
+        """Read up to ``length`` bytes at ``offset`` and send them as one body message; the count."""
+        async with self._slots:
+            buf = self._free.pop() if self._free else bytearray(CHUNK_BYTES)
+            try:
+                view = memoryview(buf)[:length]
+                count = await trio.to_thread.run_sync(os.preadv, fd, [view], offset)
+                if count:
+                    # hypercorn copies the body into bytes before send() returns: the buffer is free after.
+                    await send({"type": "http.response.body", "body": view[:count], "more_body": more})
+                view.release()
+            finally:
+                self._free.append(buf)
+        return count
+
+
 class FileBody(Response):
     """A slice of an open file, streamed in chunks; the file is closed at the end."""
 
-    def __init__(self, fd: int, *, span: ByteRange | None, size: int, status_code: int, headers: dict[str, str],
-                 send_body: bool) -> None:
+    def __init__(self, fd: int, buffers: ReadBuffers, *, span: ByteRange | None, size: int, status_code: int,
+                 headers: dict[str, str], send_body: bool) -> None:
         super().__init__(status_code=status_code, headers=headers)
-        self.fd = fd
+        self.fd, self.buffers = fd, buffers
         self.offset = span.start if span else 0
         self.length = span.length if span else size
         self.send_body = send_body
@@ -74,12 +104,12 @@ class FileBody(Response):
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             offset, remaining = self.offset, self.length if self.send_body else 0
             while remaining > 0:
-                chunk = await trio.to_thread.run_sync(os.pread, self.fd, min(CHUNK_BYTES, remaining), offset)
-                if not chunk:
+                step = min(CHUNK_BYTES, remaining)
+                count = await self.buffers.read_and_send(self.fd, offset, step, send, more=remaining > step)
+                if count < step:
                     break  # the file is shorter than it was: the client sees a short body and retries
-                offset += len(chunk)
-                remaining -= len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": remaining > 0})
+                offset += count
+                remaining -= count
             if remaining or not (self.send_body and self.length):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -95,6 +125,8 @@ def _open(path: str) -> tuple[int, int] | None:
 
 
 def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
+    buffers = ReadBuffers()
+
     async def serve(request: Request) -> Response:
         key = request.path_params["key"]
         shelf = runtime.media
@@ -136,7 +168,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         if span is not None:
             headers["Content-Range"] = span.content_range(size)
         headers["Content-Length"] = str(span.length if span else size)
-        return FileBody(fd, span=span, size=size, status_code=206 if span else 200, headers=headers,
+        return FileBody(fd, buffers, span=span, size=size, status_code=206 if span else 200, headers=headers,
                         send_body=request.method != "HEAD")
 
     return service_app("media", runtime, [Route("/media/{key:path}", serve, methods=["GET", "HEAD"]),
