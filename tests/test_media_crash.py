@@ -158,6 +158,12 @@ async def test_sigkill_mid_download_and_around_rename(start_sim: StartSim, tmp_p
         partial = box.media() / "partial" / sha
         await wait_until(lambda: partial.exists() and 500_000 < partial.stat().st_size < 4_000_000, 20.0,
                          "the video half downloaded")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{box.admin_port}", trust_env=False,
+                                     headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
+            # The homepage and /api/status show the fill's progress.
+            media = (await admin.get("/api/status")).json()["media"]
+            assert VIDEO in media["downloading"] and 0 < media["fill_done_bytes"] < media["fill_total_bytes"]
+            assert "downloading" in (await admin.get("/")).text
         await box.kill()
         # 2. Restarted: the download resumes and completes; killed between its verification and its rename.
         await box.start(pause_s=3.0)
