@@ -317,3 +317,28 @@ async def test_free_disk_floor_is_kept(start_sim: StartSim, start_box: StartBox,
     assert not sim.state.blob_requests
     checks = {c.name: c for c in await runtime.health.run_all()}
     assert "3 over the disk budget" in checks["media.cache"].message
+
+
+async def test_long_fill_resumes_round_by_round_and_sees_changes(start_sim: StartSim, start_box: StartBox,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long download is cut at each round's end and resumed with Range (no byte fetched
+    twice to speak of); a file added meanwhile arrives before the long one is done."""
+    monkeypatch.setattr("appliance.services.media.ROUND_MAX_S", 0.4)
+    sim = await start_sim(products=0)
+    big = hashlib.shake_256(b"big").digest(2_000_000)
+    sim.state.put_media("promotions/big.mp4", big)
+    sim.state.faults.add(Fault(kind="slow", path=f"/blob/{STORE}/promotions/big.mp4", bytes_per_s=1_000_000,
+                               count=1_000))
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media())
+    await pair_from_web(runtime, sim.pair_code)
+    await wait_until(lambda: len(sim.state.blob_requests) >= 2, 20.0, "a second round")
+    sim.state.put_media("products/late.jpg", b"late" * 100)
+    small_sha = hashlib.sha256(b"late" * 100).hexdigest()
+    big_sha = hashlib.sha256(big).hexdigest()
+    await wait_until(lambda: small_sha in blob_names(runtime), 20.0, "the late file cached")
+    assert big_sha not in blob_names(runtime)
+    await all_cached(runtime, sim)
+    ranges = [r for k, r in sim.state.blob_requests if k == "promotions/big.mp4"]
+    assert len(ranges) >= 3 and ranges[0] == "" and all(r.startswith("bytes=") for r in ranges[1:])
+    assert sim.state.blob_bytes_sent["promotions/big.mp4"] < 1.1 * len(big)
+    assert cached_files(runtime)[big_sha] == big_sha

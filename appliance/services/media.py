@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 # Blob storage's REST version; without it an anonymous read may get an old, Range-less API.
 X_MS_VERSION: Final = "2021-08-06"
+# A fill round ends after this long (downloads in progress are cut and resumed with Range
+# in the next round), so a long first fill still sees the catalog's changes, evicts and
+# writes out serve times every minute.
+ROUND_MAX_S: Final = 60.0
 # Rate-limit burst: one read's worth, so the average holds from the first second.
 RATE_BURST_BYTES: Final = 64 * 1024
 
@@ -212,16 +216,23 @@ class MediaFetcher:
         soonest = min((at for _, at in self._backoff.values()), default=float("inf"))
         return max(0.0, min(self.config.scan_interval_s, soonest - trio.current_time()))
 
-    async def fill(self, blobs: list[Blob]) -> None:
-        """Download ``blobs``, ``concurrency`` at a time."""
+    async def fill(self, blobs: list[Blob], *, round_s: float | None = None) -> None:
+        """Download ``blobs``, ``concurrency`` at a time, for at most ``round_s``; what is
+        left resumes in the next round. The progress counts on over rounds until a scan
+        finds nothing to do (:meth:`idle`)."""
         st = self.status
-        st.fill_total_bytes = sum(b.size for b in blobs)
-        st.fill_done_bytes = 0
+        if not st.fill_total_bytes:
+            st.fill_total_bytes = sum(b.size for b in blobs)
+            st.fill_done_bytes = 0
         slots = trio.CapacityLimiter(self.config.concurrency)
-        async with trio.open_nursery() as nursery:
-            for blob in blobs:
-                nursery.start_soon(self._fetch_one, blob, slots)
-        st.fill_total_bytes = st.fill_done_bytes = 0
+        with trio.move_on_after(ROUND_MAX_S if round_s is None else round_s):
+            async with trio.open_nursery() as nursery:
+                for blob in blobs:
+                    nursery.start_soon(self._fetch_one, blob, slots)
+
+    def idle(self) -> None:
+        """Nothing to download now: the fill is over."""
+        self.status.fill_total_bytes = self.status.fill_done_bytes = 0
 
     async def _fetch_one(self, blob: Blob, slots: trio.CapacityLimiter) -> None:
         entry = next((self._entries[k] for k in blob.keys if k in self._entries), None)
@@ -299,17 +310,23 @@ class MediaFetcher:
             raise _Failed(_media_failure(entry.url, f"{entry.key}: the bytes received do not match its sha256; "
                                                     "deleted, to be fetched again",
                                          "the box fetches it again by itself; tell support if it persists"))
+        # From here the file is put in place and recorded even if the round ends meanwhile.
+        with trio.CancelScope(shield=True):
+            await self._place(entry, blob, sha, size)
+        self.status.fetched += 1
+        log.debug("media: cached %s (%d bytes)", entry.key, size)
+
+    async def _place(self, entry: MediaEntry, blob: Blob, sha: str, size: int) -> None:
+        """Rename the verified file into place and write its rows (bounded: an fsync and a write)."""
         pause = self.config.testing.pause_at_rename_s / 2
         if pause:
             await trio.sleep(pause)
-        await trio.to_thread.run_sync(shelf.place, sha)
+        await trio.to_thread.run_sync(self.shelf.place, sha)
         if pause:
             await trio.sleep(pause)
         keys = {k: sha for k in blob.keys if k in self._entries and self._entries[k].sha256 == sha}
         self._unrecorded.append((sha, size, keys))
         await self._record()
-        self.status.fetched += 1
-        log.debug("media: cached %s (%d bytes)", entry.key, size)
 
     async def _record(self) -> None:
         """Write the rows of every verified file waiting for one, in one transaction. A caller
@@ -401,6 +418,8 @@ async def run_media(runtime: Runtime, *, task_status: trio.TaskStatus[None] = tr
             if due:
                 await fetcher.fill(due)
                 continue
+            if not shelf.status.failing:
+                fetcher.idle()
             await trio.sleep(fetcher.next_wake())
     finally:
         await fetcher.aclose()

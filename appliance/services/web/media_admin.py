@@ -28,9 +28,9 @@ async def media_section(runtime: Runtime) -> str:
     if st.files_missing:
         rows.append(("missing", missing_words(st).removeprefix("media: ")))
     if st.fill_total_bytes:
-        percent = 100 * st.fill_done_bytes // max(1, st.fill_total_bytes)
-        rows.append(("downloading", f"{percent}% of {human_bytes(st.fill_total_bytes)}"
-                                    f" ({len(st.downloading)} file(s) now)"))
+        percent = min(100, 100 * st.fill_done_bytes // max(1, st.fill_total_bytes))
+        rows.append(("downloading", f"{human_bytes(st.fill_done_bytes)} of {human_bytes(st.fill_total_bytes)}"
+                                    f" received ({percent}%), {len(st.downloading)} file(s) now"))
     if st.last_error is not None:
         rows.append(("last error", f"{st.last_error.hop} hop, {st.last_error_key}: {st.last_error.message}"
                                    f" (fix: {st.last_error.fix})"))
