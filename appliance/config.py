@@ -409,6 +409,9 @@ class MediaConfig:
     # Who may read (docs/media.md): "lan" = anyone on the LAN, except entries the platform
     # marks private; "device" = every read needs the admin token or a device credential.
     access: str = attrs.field(default="lan", validator=_one_of("lan", "device"))
+    # A file not cached yet: false = 503 with Retry-After; true = streamed to the reader while
+    # it is downloaded and cached (the last chunk only once verified; docs/media.md).
+    pass_through: bool = False
     # Cache-Control max-age for served files (seconds); the ETag revalidates after it.
     max_age_s: int = attrs.field(default=3600, validator=_non_negative)
     # A failed download is tried again after this, doubling up to the max (with jitter).

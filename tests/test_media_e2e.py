@@ -342,3 +342,35 @@ async def test_long_fill_resumes_round_by_round_and_sees_changes(start_sim: Star
     assert len(ranges) >= 3 and ranges[0] == "" and all(r.startswith("bytes=") for r in ranges[1:])
     assert sim.state.blob_bytes_sent["promotions/big.mp4"] < 1.1 * len(big)
     assert cached_files(runtime)[big_sha] == big_sha
+
+
+async def test_pass_through_streams_a_missing_file_and_caches_it(start_sim: StartSim, start_box: StartBox) -> None:
+    """[media] pass_through: a file the fetcher could not get yet is streamed to the reader
+    and cached; a file whose bytes are wrong is cut before its end and never cached."""
+    sim = await start_sim(products=0)
+    good = hashlib.shake_256(b"good").digest(300_000)
+    bad = hashlib.shake_256(b"bad").digest(300_000)
+    sim.state.put_media("promotions/good.mp4", good)
+    sim.state.put_media("promotions/bad.mp4", bad)
+    # The fetcher's first tries fail, and it then waits a long backoff: the readers come first.
+    sim.state.faults.add(Fault(kind="status", path=f"/blob/{STORE}/promotions/", status=503, count=2))
+    sim.state.faults.add(Fault(kind="corrupt", path=f"/blob/{STORE}/promotions/bad.mp4", count=1))
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media(pass_through=True, backoff_initial_s=60.0,
+                                                                      backoff_max_s=60.0))
+    await pair_from_web(runtime, sim.pair_code)
+    assert runtime.media is not None
+    status = runtime.media.status
+    await wait_until(lambda: status.failing == 2, 20.0, "both first tries failed")
+    async with media_client(runtime) as client:
+        answer = await client.get("/media/promotions/good.mp4", headers={"Range": "bytes=0-"})
+        assert answer.status_code == 200 and answer.content == good
+        assert answer.headers["etag"] == f'"{hashlib.sha256(good).hexdigest()}"'
+        assert hashlib.sha256(good).hexdigest() in blob_names(runtime)
+        cached = await client.get("/media/promotions/good.mp4", headers={"Range": "bytes=0-9"})
+        assert cached.status_code == 206 and cached.content == good[:10]
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/media/promotions/bad.mp4")
+    assert hashlib.sha256(bad).hexdigest() not in blob_names(runtime)
+    async with media_client(runtime) as client:
+        again = await client.get("/media/promotions/bad.mp4")  # the fault is used up: the true bytes
+        assert again.status_code == 200 and again.content == bad

@@ -23,6 +23,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import IO, Final
 from urllib.parse import urlsplit
@@ -37,6 +38,7 @@ from appliance.protocol.media_cache import Blob, CachePlan, budget_bytes, plan
 from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.media_files import MediaShelf, hash_file
 from appliance.services.media_health import register
+from appliance.services.media_through import pass_through
 from appliance.services.runtime import Runtime
 from appliance.services.wan import (
     ProxySettings,
@@ -239,6 +241,9 @@ class MediaFetcher:
         if entry is None:
             return
         async with slots:
+            if blob.sha256 in self.shelf.busy:  # a reader's pass-through is fetching it now
+                return
+            self.shelf.busy.add(blob.sha256)
             self.status.downloading.append(entry.key)
             try:
                 for attempt in range(2):  # a 412 (the file changed) starts again from 0 once, at once
@@ -253,6 +258,7 @@ class MediaFetcher:
                         return
             finally:
                 self.status.downloading.remove(entry.key)
+                self.shelf.busy.discard(blob.sha256)
 
     def _failed(self, entry: MediaEntry, blob: Blob, error: HopFailure) -> None:
         backoff, _ = self._backoff.get(blob.sha256, (None, 0.0))
@@ -267,7 +273,7 @@ class MediaFetcher:
 
     # --- one download ----------------------------------------------------------------------
 
-    def _client(self, url: str) -> tuple[httpx.AsyncClient, ProxySettings | None]:
+    def client(self, url: str) -> tuple[httpx.AsyncClient, ProxySettings | None]:
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         if origin not in self._clients:
@@ -294,7 +300,7 @@ class MediaFetcher:
             headers["Range"] = f"bytes={have}-"
             headers["If-Match"] = etag
         if not have or have < size:  # a complete partial (a crash before its rename) is only checked
-            client, proxy = self._client(entry.url)
+            client, proxy = self.client(entry.url)
             try:
                 async with client.stream("GET", entry.url, headers=headers) as response:
                     have = await self._receive(entry, response, have)
@@ -312,11 +318,11 @@ class MediaFetcher:
                                          "the box fetches it again by itself; tell support if it persists"))
         # From here the file is put in place and recorded even if the round ends meanwhile.
         with trio.CancelScope(shield=True):
-            await self._place(entry, blob, sha, size)
+            await self.place(entry, blob, sha, size)
         self.status.fetched += 1
         log.debug("media: cached %s (%d bytes)", entry.key, size)
 
-    async def _place(self, entry: MediaEntry, blob: Blob, sha: str, size: int) -> None:
+    async def place(self, entry: MediaEntry, blob: Blob, sha: str, size: int) -> None:
         """Rename the verified file into place and write its rows (bounded: an fsync and a write)."""
         pause = self.config.testing.pause_at_rename_s / 2
         if pause:
@@ -403,6 +409,8 @@ async def run_media(runtime: Runtime, *, task_status: trio.TaskStatus[None] = tr
     runtime.media = shelf
     register(runtime)
     fetcher = MediaFetcher(runtime, shelf)
+    if runtime.config.media.pass_through:
+        shelf.pass_through = partial(pass_through, fetcher)
     try:
         # A proxy or CA file that cannot be used: say so, keep serving what is cached.
         parse_proxy(runtime.config.wan.proxy)

@@ -23,11 +23,14 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
 import attrs
+from starlette.types import Send
 
+from appliance.protocol.media import MediaEntry
 from appliance.protocol.media_cache import MediaStatus
 
 __all__ = ["MediaShelf", "hash_file"]
@@ -59,6 +62,12 @@ class MediaShelf:
     status: MediaStatus = attrs.field(factory=MediaStatus)
     # sha256 -> when it was last served; the fetcher writes them out on each scan.
     served: dict[str, float] = attrs.field(factory=dict)
+    # sha256 of the files being downloaded now (by the fetcher or a reader's pass-through):
+    # one download per file, so two never write the same partial file.
+    busy: set[str] = attrs.field(factory=set)
+    # Set by the media service when [media] pass_through is on: streams a file not cached
+    # yet to a reader while caching it (``appliance.services.media_through``).
+    pass_through: Callable[[MediaEntry, Send, list[tuple[bytes, bytes]]], Awaitable[None]] | None = None
 
     @property
     def blobs(self) -> Path:

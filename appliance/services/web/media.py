@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -116,6 +117,29 @@ class FileBody(Response):
             os.close(self.fd)
 
 
+def _headers(runtime: Runtime, entry: MediaEntry) -> dict[str, str]:
+    scope = "private" if entry.private or runtime.config.media.access != "lan" else "public"
+    return {"ETag": entry.etag, "Cache-Control": f"{scope}, max-age={runtime.config.media.max_age_s}",
+            "Accept-Ranges": "bytes", "X-Content-Type-Options": "nosniff", "Content-Type": entry.content_type}
+
+
+def _without_type(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k != "Content-Type"}
+
+
+class PassThrough(Response):
+    """A file not cached yet, streamed through while it is cached (``[media] pass_through``)."""
+
+    def __init__(self, through: Callable[[MediaEntry, Send, list[tuple[bytes, bytes]]], Awaitable[None]],
+                 entry: MediaEntry, headers: dict[str, str]) -> None:
+        super().__init__(status_code=200)
+        self.through, self.entry = through, entry
+        self.head = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.through(self.entry, send, self.head)
+
+
 def _open(path: str) -> tuple[int, int] | None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -143,18 +167,19 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         if not may_read(request, runtime, entry):
             raise ApiError(401, "this media file needs a credential (Authorization: Bearer <token>)")
         opened = await trio.to_thread.run_sync(_open, str(shelf.blob_path(sha))) if sha else None
+        if opened is None and shelf.pass_through is not None and request.method == "GET":
+            return PassThrough(shelf.pass_through, entry, _headers(runtime, entry))
         if opened is None:
             return json_error(503, f"{key} is not cached yet; try again shortly",
                               headers={"Retry-After": str(NOT_CACHED_RETRY_S)})
         fd, size = opened
         assert sha is not None
         etag = f'"{sha}"'
-        scope = "private" if entry.private or runtime.config.media.access != "lan" else "public"
-        headers = {"ETag": etag, "Cache-Control": f"{scope}, max-age={runtime.config.media.max_age_s}",
-                   "Accept-Ranges": "bytes", "X-Content-Type-Options": "nosniff"}
+        headers = _headers(runtime, entry)
+        headers["ETag"] = etag
         if etag_matches(request.headers.get("if-none-match"), etag):
             os.close(fd)
-            return Response(status_code=304, headers=headers)
+            return Response(status_code=304, headers=_without_type(headers))
         span = parse_range(request.headers.get("range"), size)
         if_range = request.headers.get("if-range")
         if if_range is not None and if_range.strip() != etag:
@@ -162,9 +187,8 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         if span is not None and not isinstance(span, ByteRange):
             os.close(fd)
             return JsonResponse({"error": f"range not satisfiable: {key} has {size} bytes"}, status_code=416,
-                                headers={**headers, "Content-Range": span.content_range()})
+                                headers={**_without_type(headers), "Content-Range": span.content_range()})
         shelf.note_served(sha, time.time())
-        headers["Content-Type"] = entry.content_type
         if span is not None:
             headers["Content-Range"] = span.content_range(size)
         headers["Content-Length"] = str(span.length if span else size)
