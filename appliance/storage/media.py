@@ -66,12 +66,12 @@ def replica_changed_at(conn: sqlite3.Connection) -> float | None:
 
 
 def pinned_keys(conn: sqlite3.Connection) -> frozenset[str]:
-    """Media keys referenced by an active product (``active`` not false) or by the store's
-    configuration: any string value of their JSON that is a key of the manifest."""
+    """Media keys the shop is using: an active product's ``image`` (``active`` not false), or
+    any string of the store's configuration that is a key of the manifest."""
     rows = conn.execute(
-        "SELECT DISTINCT t.value FROM products AS p, json_tree(p.data) AS t "
-        "WHERE coalesce(json_extract(p.data, '$.active'), 1) != 0 AND t.type = 'text' "
-        "AND t.value IN (SELECT key FROM media_manifest) "
+        "SELECT DISTINCT json_extract(p.data, '$.image') FROM products AS p "
+        "WHERE coalesce(json_extract(p.data, '$.active'), 1) != 0 "
+        "AND json_extract(p.data, '$.image') IN (SELECT key FROM media_manifest) "
         "UNION SELECT DISTINCT t.value FROM store_config AS c, json_tree(c.data) AS t "
         "WHERE t.type = 'text' AND t.value IN (SELECT key FROM media_manifest)")
     return frozenset(row[0] for row in rows)
