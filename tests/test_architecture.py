@@ -126,7 +126,7 @@ BUILT_ON = {
     "sync": {"pairing", "sync_health"},
     "sync_health": {"pairing"},
     "support_channel": {"orders"},
-    "media": {"media_health"},
+    "media": {"media_health", "media_through"},
 }
 # What every web module may import, besides the plumbing and the services it is the face of.
 WEB_SHARED = {"web.kit", "web.common", "web.parts", "web.cors", "web.device_auth"}

@@ -20,25 +20,34 @@ import json
 import logging
 import math
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import httpx
 import trio
 from starlette.types import Send
 
 from appliance.protocol.media import MediaEntry
-from appliance.protocol.media_cache import Blob
+from appliance.protocol.media_cache import Blob, MediaStatus
+from appliance.services.media_files import MediaShelf
 
-if TYPE_CHECKING:
-    from appliance.services.media import MediaFetcher
-
-__all__ = ["ANSWER_TIMEOUT_S", "pass_through"]
+__all__ = ["ANSWER_TIMEOUT_S", "MediaFetcher", "pass_through"]
 
 log = logging.getLogger(__name__)
 
 # How long a reader waits for blob storage's answer before getting a 503.
 ANSWER_TIMEOUT_S: Final = 5.0
 RETRY_AFTER_S: Final = 10
+
+
+class MediaFetcher(Protocol):
+    """What pass-through needs of the fetcher (``appliance.services.media.MediaFetcher``)."""
+
+    shelf: MediaShelf
+    status: MediaStatus
+
+    def client(self, url: str) -> tuple[httpx.AsyncClient, Any]: ...
+
+    async def place(self, entry: MediaEntry, blob: Blob, sha: str, size: int) -> None: ...
 
 
 async def _unavailable(send: Send, message: str) -> None:
