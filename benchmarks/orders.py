@@ -60,8 +60,8 @@ async def _run(orders: int, max_wait_s: float, tmp: Path, server: Any, *, sim: d
             "discovery": {"enabled": False}, "log": {"level": "warning"},
             "devices": [{"id": "kds-1", "kind": "kds", "address": "127.0.0.1", "port": port}],
             "orders": {"enabled": True, "namespace": server.namespace, "queue": queue,
-                       "sas_key_name": server.sas_key_name, "sas_key": server.sas_key, "endpoint": server.endpoint,
-                       "ca_file": server.ca_file, "max_wait_s": max_wait_s},
+                       "sas_key_name": server.sas_key_name, "sas_key": server.sas_key,
+                       "testing": {"endpoint": server.endpoint}, "ca_file": server.ca_file, "max_wait_s": max_wait_s},
             **({"cloud": {"api_url": sim["url"], "ca_file": sim["ca"], "pull_interval_s": 1.0}} if sim else {}),
             **({"media": {"max_rate": media_rate}} if media_rate is not None else {})})
         runtime = await open_runtime(config)
@@ -104,7 +104,7 @@ async def _run(orders: int, max_wait_s: float, tmp: Path, server: Any, *, sim: d
 async def _during_download(runtime: Any, sender: Any, kds: Any, orders: int, sim: dict[str, Any]) -> dict[str, Any]:
     """Pair with the simulator, wait for the large file's download to start, then send
     ``orders`` one at a time again while it runs."""
-    from appliance.devkit.cloud_orders import OnlineOrder
+    from appliance.devkit.cloud_orders import OrderMessage
     from appliance.services.pairing import pair_from_web
 
     await pair_from_web(runtime, sim["pair_code"])
@@ -118,7 +118,7 @@ async def _during_download(runtime: Any, sender: Any, kds: Any, orders: int, sim
     for i in range(orders):
         oid = f"media-{i:06d}"
         sent_at[oid] = time.time()
-        await sender(OnlineOrder(order_id=oid, body=_body(oid)))
+        await sender(OrderMessage(order_id=oid, body=_body(oid)))
         await _arrived(kds, first + i + 1)
     elapsed = time.perf_counter() - start
     still = bool(status.downloading)
