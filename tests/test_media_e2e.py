@@ -374,3 +374,39 @@ async def test_pass_through_streams_a_missing_file_and_caches_it(start_sim: Star
     async with media_client(runtime) as client:
         again = await client.get("/media/promotions/bad.mp4")  # the fault is used up: the true bytes
         assert again.status_code == 200 and again.content == bad
+
+
+async def test_changed_entry_keeps_its_file_until_the_new_one_is_verified(start_sim: StartSim,
+                                                                          start_box: StartBox) -> None:
+    sim = await start_sim(products=0)
+    old, new = b"old menu " * 20_000, b"new menu " * 20_000
+    sim.state.put_media("docs/menu.pdf", old)
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media())
+    await pair_from_web(runtime, sim.pair_code)
+    await all_cached(runtime, sim)
+    old_sha, new_sha = hashlib.sha256(old).hexdigest(), hashlib.sha256(new).hexdigest()
+    # The new version arrives slowly and wrong first: the old one is served all along.
+    sim.state.faults.add(Fault(kind="slow", path=f"/blob/{STORE}/docs/menu.pdf", bytes_per_s=400_000, count=2))
+    sim.state.faults.add(Fault(kind="corrupt", path=f"/blob/{STORE}/docs/menu.pdf", count=1))
+    sim.state.put_media("docs/menu.pdf", new)
+    async with media_client(runtime) as client:
+        async def switched() -> bool:
+            answer = await client.get("/media/docs/menu.pdf")
+            assert answer.status_code == 200
+            if answer.headers["etag"] == f'"{old_sha}"':
+                assert answer.content == old
+                return False
+            assert answer.headers["etag"] == f'"{new_sha}"' and answer.content == new
+            return True
+
+        await wait_until(switched, 20.0, "the new version served")
+        assert runtime.media is not None and runtime.media.status.hash_failures == 1
+        await wait_until(lambda: old_sha not in blob_names(runtime), 5.0, "the old version evicted")
+        # A deleted entry is no longer served, and its file goes.
+        sim.state.delete("media", "docs/menu.pdf")
+
+        async def gone() -> bool:
+            return (await client.get("/media/docs/menu.pdf")).status_code == 404
+
+        await wait_until(gone, 10.0, "the deleted entry gone")
+        await wait_until(lambda: new_sha not in blob_names(runtime), 5.0, "its file deleted")
