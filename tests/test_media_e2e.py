@@ -15,9 +15,11 @@ import trio
 
 from appliance.devkit.cloud import SimHandle
 from appliance.devkit.cloud_faults import Fault
+from appliance.devkit.device_client import DeviceAuth
 from appliance.services.pairing import pair_from_web
 from appliance.services.runtime import Runtime
 from appliance.storage import media as media_rows
+from tests.conftest import device_key
 from tests.sync_helpers import ADMIN, StartBox, StartSim, api_client, fast_cloud, wait_until
 
 pytest_plugins = ["tests.sync_fixtures", "tests.proxy"]
@@ -239,21 +241,42 @@ async def test_untrusted_certificate_is_a_tls_error(start_sim: StartSim, start_b
 
 
 async def test_private_entry_needs_a_credential(start_sim: StartSim, start_box: StartBox) -> None:
+    """Public files for anyone on the LAN; a private one only for an adopted device's signed
+    request or the admin; a stranger's or a wrong key's request is refused."""
     sim = await start_sim(products=0)
     sim.state.put_media("promotions/secret.mp4", b"unreleased" * 100)
     record = dict(sim.state.get("media", "promotions/secret.mp4") or {})
     sim.state.upsert("media", "promotions/secret.mp4", {**record, "private": True})
     sim.state.put_media("products/open.jpg", b"public" * 100)
-    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media())
+    kiosk = {"id": "kiosk-1", "kind": "kiosk", "address": "127.0.0.1", "port": 9, "key": device_key("kiosk-1").hex()}
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media(), devices=[kiosk])
     await pair_from_web(runtime, sim.pair_code)
     await all_cached(runtime, sim)
-    url = f"http://127.0.0.1:{runtime.ports['media']}"
+    url = f"http://127.0.0.1:{runtime.ports.of('media')}"
     async with httpx.AsyncClient(base_url=url, trust_env=False) as anyone:
         assert (await anyone.get("/media/products/open.jpg")).status_code == 200
         refused = await anyone.get("/media/promotions/secret.mp4")
         assert refused.status_code == 401
         allowed = await anyone.get("/media/promotions/secret.mp4", headers={"Authorization": f"Bearer {ADMIN}"})
         assert allowed.status_code == 200 and allowed.headers["cache-control"].startswith("private")
+    async with httpx.AsyncClient(base_url=url, trust_env=False, auth=DeviceAuth("kiosk-1", device_key("kiosk-1"))) \
+            as device:
+        signed = await device.get("/media/promotions/secret.mp4")
+        assert signed.status_code == 200 and signed.content == b"unreleased" * 100
+    async with httpx.AsyncClient(base_url=url, trust_env=False, auth=DeviceAuth("kiosk-1", b"k" * 32)) as forger:
+        assert (await forger.get("/media/promotions/secret.mp4")).status_code == 401
+
+
+async def test_device_access_needs_a_credential_for_every_file(start_sim: StartSim, start_box: StartBox) -> None:
+    sim = await start_sim(products=1)
+    runtime = await start_box(cloud=fast_cloud(sim), media=fast_media(access="device"))
+    await pair_from_web(runtime, sim.pair_code)
+    await all_cached(runtime, sim)
+    async with media_client(runtime) as admin:  # the admin token
+        assert (await admin.get("/media/products/SKU-000001.jpg")).status_code == 200
+    url = f"http://127.0.0.1:{runtime.ports.of('media')}"
+    async with httpx.AsyncClient(base_url=url, trust_env=False) as anyone:
+        assert (await anyone.get("/media/products/SKU-000001.jpg")).status_code == 401
 
 
 def blob_names(runtime: Runtime) -> set[str]:

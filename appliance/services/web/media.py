@@ -8,7 +8,8 @@ sha256, so no key can name any other path. Answers (docs/media.md):
   ``Accept-Ranges``; 304 for a matching ``If-None-Match``; 206 for one ``Range`` (video
   seeking), 416 for a range past the end; a list of ranges gets the whole file.
 - 404 for a key the catalog does not list; 503 with ``Retry-After`` for a listed file not
-  cached yet; 401 when a credential is needed (:func:`may_read`).
+  cached yet; 401 when a credential (a device signature or the admin token) is needed
+  (:func:`may_read`).
 
 Bodies are streamed in :data:`CHUNK_BYTES` pieces read in a worker thread into buffers
 of a shared pool (:class:`ReadBuffers`), never whole: memory stays bounded whatever the
@@ -19,7 +20,6 @@ evicted meanwhile.
 
 from __future__ import annotations
 
-import hmac
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +34,8 @@ from starlette.types import Receive, Scope, Send
 
 from appliance.protocol.media import ByteRange, MediaEntry, MediaEntryError, etag_matches, parse_entry, parse_range
 from appliance.services.runtime import Runtime
-from appliance.services.web.common import ApiError, bearer_token, json_error, service_app
+from appliance.services.web.common import ApiError, json_error, service_app
+from appliance.services.web.device_auth import authenticate
 from appliance.services.web.kit import JsonResponse
 from appliance.services.web.parts import WebParts
 from appliance.storage import media as rows
@@ -52,17 +53,17 @@ BUFFERS: Final = 12
 NOT_CACHED_RETRY_S: Final = 30
 
 
-def may_read(request: Request, runtime: Runtime, entry: MediaEntry) -> bool:
+async def may_read(request: Request, runtime: Runtime, entry: MediaEntry) -> None:
     """Whether this request may read ``entry``: the one place that decides (docs/media.md).
 
     ``[media] access = "lan"`` (the default): anyone on the shop's LAN reads what the
-    platform does not mark private, so a kiosk's ``<img src>`` works; private entries and
-    ``access = "device"`` need a credential: the admin token as a bearer token.
+    platform does not mark private, so a kiosk's ``<img src>`` works. Private entries, and
+    every entry with ``access = "device"``, need a credential: an adopted device's signed
+    request or the admin token. Raises ApiError (401, 403, 429) otherwise.
     """
     if runtime.config.media.access == "lan" and not entry.private:
-        return True
-    token = bearer_token(request)
-    return token is not None and hmac.compare_digest(token.encode(), runtime.admin_token.encode())
+        return
+    await authenticate(request, runtime)
 
 
 class ReadBuffers:
@@ -164,8 +165,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
             entry = parse_entry(key, data)
         except MediaEntryError as exc:
             raise ApiError(404, f"the catalog's entry for {key!r} cannot be used: {exc}") from exc
-        if not may_read(request, runtime, entry):
-            raise ApiError(401, "this media file needs a credential (Authorization: Bearer <token>)")
+        await may_read(request, runtime, entry)
         opened = await trio.to_thread.run_sync(_open, str(shelf.blob_path(sha))) if sha else None
         if opened is None and shelf.pass_through is not None and request.method == "GET":
             return PassThrough(shelf.pass_through, entry, _headers(runtime, entry))
