@@ -207,3 +207,28 @@ def test_the_snippets_in_docs_device_api_agree_with_the_box() -> None:
     assert hmac.new(key, b"chub hello v1 box\x00" + label, hashlib.sha256).hexdigest() == \
         idp.box_proof(key, "kds-1", dn, bn)
     assert "b\"chub hello v1 box\\0\" + label" in blocks[3] and "b\"chub hello v1 device\\0\" + label" in blocks[3]
+
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=70)
+_json_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
+_offer_fields = st.fixed_dictionaries({}, optional={
+    "device_id": st.one_of(_ids, _json_values), "kind": st.one_of(st.just("kds"), _json_values),
+    "name": st.one_of(st.just("Kitchen"), _json_values), "port": st.one_of(st.integers(-5, 70000), _json_values),
+    "public_key": st.one_of(st.binary(min_size=32, max_size=32).map(bytes.hex), _json_values),
+    "commitment": st.one_of(st.binary(min_size=32, max_size=32).map(bytes.hex), _json_values)})
+
+
+@_fast
+@given(data=st.one_of(_offer_fields, _json_values))
+def test_any_enrollment_body_is_an_enrollment_or_a_400_naming_the_fields(data: object) -> None:
+    from appliance.services.web.common import ApiError
+    from appliance.services.web.enrollment import _parse_offer
+
+    try:
+        enrollment = _parse_offer(data, "10.0.0.5", "0" * 32, 1.0)
+    except ApiError as exc:
+        assert exc.status == 400 and exc.errors
+        return
+    assert isinstance(data, dict)
+    assert 1 <= enrollment.port <= 65535 and len(enrollment.public_key) == 64 and enrollment.address == "10.0.0.5"
