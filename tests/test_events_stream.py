@@ -5,6 +5,7 @@ keep up, idle clients dropped, credentials and subscriptions checked, SSE."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from appliance.protocol import identity as idp
+from tests.conftest import device_key
 from tests.event_clients import (
     AUTH,
     TOKEN,
@@ -200,6 +203,57 @@ async def test_refused_subscriptions_say_why(box: BoxProcess) -> None:
         assert message["status"] == 403 and "[cors] allowed_origins" in message["error"]
 
 
-@pytest.mark.skip(reason="device credentials (signed requests) are not on main yet; enabled once they land")
-async def test_a_device_cannot_subscribe_to_another_devices_commands(box: BoxProcess) -> None:
-    raise AssertionError("enable with the device credential")
+DEVICES = "".join(f"""
+[[devices]]
+id = "{device_id}"
+kind = "{kind}"
+address = "127.0.0.1"
+port = 9
+key = "{device_key(device_id).hex()}"
+""" for device_id, kind in (("till-1", "pos"), ("kds-1", "kds")))
+
+
+def signed(device_id: str, query: str, *, key: bytes | None = None) -> list[tuple[str, str]]:
+    """The headers of a WebSocket handshake (or SSE GET) signed by ``device_id``."""
+    headers = idp.sign_request(device_key(device_id) if key is None else key, device_id=device_id, method="GET",
+                               path="/v1/events", query=query, body=b"", created=int(time.time()),
+                               nonce=secrets.token_hex(idp.NONCE_BYTES))
+    return list(headers.items())
+
+
+async def test_a_device_cannot_subscribe_to_another_devices_commands(tmp_path: Path) -> None:
+    with box_process(tmp_path, DEVICES) as box:
+        async with httpx.AsyncClient(base_url=box.url("api"), headers=AUTH, timeout=10) as client:
+            for device_id in ("kds-1", "till-1"):
+                answer = await client.post(f"/v1/devices/{device_id}/commands",
+                                           json={"kind": "display", "body": {"text": f"for {device_id}"}})
+                assert answer.status_code in (200, 201, 202), answer.text
+        # Asking for another device's events: refused, whatever the topic.
+        query = "topics=commands&device=kds-1&after=0"
+        async with box.stream(query, extra_headers=signed("till-1", query)) as ws:
+            refused = await next_message(ws)
+            assert refused["status"] == 403 and "till-1" in refused["error"] and "kds-1" in refused["error"]
+        status, _ = await sse_read(box.ports["events"], f"/v1/events?{query}", dict(signed("till-1", query)),
+                                   count=1)
+        assert status == 403
+        # Without a filter: its own commands and the store's events, never kds-1's.
+        query = "topics=commands,devices&after=0"
+        async with box.stream(query, extra_headers=signed("till-1", query)) as ws:
+            hello = await next_message(ws)
+            assert hello["type"] == "subscribed" and hello["device"] == "till-1"
+            mine = None
+            with trio.move_on_after(3):
+                while True:
+                    event = await next_event(ws)
+                    assert event["data"]["device_id"] == "till-1", event
+                    if event["type"] == "command.queued":
+                        mine = event
+            assert mine is not None and mine["data"]["kind"] == "display"
+        # The admin sees both; a wrong key sees nothing.
+        async with box.stream(f"topics=commands&after=0&token={TOKEN}") as ws:
+            await next_message(ws)
+            both = {(await next_event(ws))["data"]["device_id"] for _ in range(2)}
+            assert both == {"kds-1", "till-1"}
+        query = "topics=commands"
+        async with box.stream(query, extra_headers=signed("till-1", query, key=bytes(32))) as ws:
+            assert (await next_message(ws))["status"] == 401

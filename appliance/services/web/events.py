@@ -50,6 +50,7 @@ from appliance.services.event_hub import Follower, TooSlow
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, service_app
 from appliance.services.web.cors import origin_allowed
+from appliance.services.web.device_auth import authenticate_device
 from appliance.services.web.parts import WebParts
 
 __all__ = ["WS_CLOSE", "create_app", "subscriber_grant"]
@@ -68,21 +69,26 @@ SSE_RETRY_MS: Final = 2000
 
 async def subscriber_grant(conn: HTTPConnection, runtime: Runtime) -> Grant:
     """What the credential of a subscription request (a WebSocket handshake or an SSE
-    GET) may read; ApiError 401 if none.
+    GET) may read; ApiError 401 (or 403, 429) if none.
 
-    The one place that decides who may subscribe (the admin token for now: the homepage,
-    a technician's ``appliance events``)."""
+    The one place that decides who may subscribe: an adopted device by its signature
+    (docs/device-api.md), limited to its own device's events and store-wide ones; the
+    admin token (the homepage, a technician's ``appliance events``) to everything."""
     headers, query = conn.headers, conn.query_params
+    if "signature-input" in headers:
+        device_id = await authenticate_device(conn, runtime)
+        return Grant(admin=False, device_id=device_id, who=f"device {device_id}")
     scheme, _, value = headers.get("authorization", "").partition(" ")
     token = value.strip() if scheme.lower() == "bearer" else query.get("token", "")
     if token and hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
         return Grant(admin=True, who="admin")
-    raise ApiError(401, "a credential is required: Authorization: Bearer <admin token> "
-                        "(or token=<admin token> in the query for a browser)")
+    raise ApiError(401, "a credential is required: a device signature (docs/device-api.md), or "
+                        "Authorization: Bearer <admin token> (token=<admin token> in the query for a browser)")
 
 
-async def _subscription(runtime: Runtime, conn: HTTPConnection) -> Subscription:
-    """The request's subscription as its credential may have it; raises ApiError."""
+async def _subscription(runtime: Runtime, conn: HTTPConnection) -> tuple[Subscription, trio.Event | None]:
+    """The request's subscription as its credential may have it, and for a device the
+    event set when its key is revoked (taken right after it was checked); raises ApiError."""
     headers, query = conn.headers, conn.query_params
     if len(query.multi_items()) != len(query):
         raise ApiError(400, "a query parameter is given twice")
@@ -91,9 +97,10 @@ async def _subscription(runtime: Runtime, conn: HTTPConnection) -> Subscription:
                                                  allowed=runtime.config.cors.allowed_origins):
         raise ApiError(403, f"origin {origin} may not open the event stream; add it to [cors] allowed_origins")
     grant = await subscriber_grant(conn, runtime)
+    revoked = None if grant.admin else runtime.keys.revoked(grant.device_id)
     try:
         sub = Subscription.parse(dict(query), last_event_id=headers.get("last-event-id"))
-        return sub.limited_to(grant)
+        return sub.limited_to(grant), revoked
     except SubscriptionError as exc:
         raise ApiError(400, str(exc)) from exc
     except Forbidden as exc:
@@ -119,9 +126,15 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         await runtime.stopping.wait()
         hub.stop()
 
+    async def revoke_watch(revoked: trio.Event | None, scope: trio.CancelScope) -> None:
+        """A device's stream ends the moment its key is revoked, replaced or rejected."""
+        if revoked is not None:
+            await revoked.wait()
+            scope.cancel()
+
     async def websocket_stream(ws: WebSocket) -> None:
         try:
-            sub = await _subscription(runtime, ws)
+            sub, revoked = await _subscription(runtime, ws)
             _take_slot(runtime)
         except ApiError as exc:
             await ws.accept()
@@ -130,13 +143,13 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
             return
         try:
             await ws.accept()
-            await _serve_websocket(ws, sub)
+            await _serve_websocket(ws, sub, revoked)
         except WebSocketDisconnect:
             pass
         finally:
             hub.subscribers -= 1
 
-    async def _serve_websocket(ws: WebSocket, sub: Subscription) -> None:
+    async def _serve_websocket(ws: WebSocket, sub: Subscription, revoked: trio.Event | None) -> None:
         f, resync = follower(sub)
         await ws.send_text(subscribed_message(sub, head=hub.head, oldest=hub.oldest))
         if resync:
@@ -160,6 +173,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(listen, nursery.cancel_scope)
             nursery.start_soon(stop_watch)
+            nursery.start_soon(revoke_watch, revoked, nursery.cancel_scope)
             try:
                 while True:
                     if trio.current_time() - last_heard > cfg.idle_timeout_s:
@@ -191,7 +205,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
 
     async def sse_stream(scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            sub = await _subscription(runtime, HTTPConnection(scope))
+            sub, revoked = await _subscription(runtime, HTTPConnection(scope))
             _take_slot(runtime)
         except ApiError as exc:
             body = json.dumps({"error": exc.message}).encode()
@@ -202,11 +216,11 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
             await send({"type": "http.response.body", "body": body})
             return
         try:
-            await _serve_sse(sub, receive, send)
+            await _serve_sse(sub, revoked, receive, send)
         finally:
             hub.subscribers -= 1
 
-    async def _serve_sse(sub: Subscription, receive: Receive, send: Send) -> None:
+    async def _serve_sse(sub: Subscription, revoked: trio.Event | None, receive: Receive, send: Send) -> None:
         f, resync = follower(sub)
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
@@ -227,6 +241,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(until_disconnect, nursery.cancel_scope)
             nursery.start_soon(stop_watch)
+            nursery.start_soon(revoke_watch, revoked, nursery.cancel_scope)
             await body(first)
             try:
                 while True:
