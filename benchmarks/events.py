@@ -11,11 +11,14 @@ so their own cost is not charged to the event loop being measured:
   the event log in transactions of ``--batch`` events (each one durable, as sync pages
   are), and the subscribers follow ``ws://127.0.0.1:<events>/v1/events``.
 
-Every message carries the wall-clock time just before its commit (baseline: before it is
-handed over); a subscriber records when it arrived. Printed: deliveries/s (messages
-times subscribers, from the first commit to the last arrival) and commit-to-delivery p50
-and p99, for both phases, and their ratio. Goal: at least 0.5x the raw throughput and p99
-under 100 ms at 200 subscribers.
+Every message carries the wall-clock time just before its commit (so the commit's fsync
+is counted; baseline: before it is handed over); a subscriber records when it arrived.
+Printed: deliveries/s (messages times subscribers, from the first commit to the last
+arrival) and write-to-delivery p50 and p99, and their ratio. A burst committed as fast
+as possible is delivered at the subscribers' pace, so its latency is its drain time; a
+paced phase (``--rate`` events/s) gives the latency a device sees, and the box's own
+figure from commit to each subscriber's connection taking the event. Goal: at least
+0.5x the raw throughput and p99 under 100 ms at 200 subscribers.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ async def subscribe(url: str, *, count: int, expect: int, ready: trio.Event, con
                     latencies: list[float], done: list[float], resumes: list[int]) -> None:
     """One subscriber, as a device would be written: told it is too slow, it reconnects
     from the last id it got (the stream sends what it missed first)."""
-    last = 0
+    last = 0  # the last id got: a resumed stream starts after it
+    got: set[int] = set()  # which of the burst's messages arrived (ids also count the box's own events)
     first = True
-    while last < expect:
+    while len(got) < expect:
         target = url if first else f"{url}&after={last}"
         try:
             async with open_websocket_url(target, message_queue_size=4096, max_message_size=1 << 22) as ws:
@@ -57,14 +61,15 @@ async def subscribe(url: str, *, count: int, expect: int, ready: trio.Event, con
                     connected[0] += 1
                     if connected[0] == count:
                         ready.set()
-                while last < expect:
+                while len(got) < expect:
                     decoded = json.loads(await ws.get_message())
                     arrived = time.time()
                     for message in decoded if isinstance(decoded, list) else [decoded]:
                         data = message.get("data")
                         if isinstance(data, dict) and "t" in data:
-                            if message["id"] > last:  # a resumed stream starts after the last one got
-                                last = message["id"]
+                            last = max(last, message["id"])
+                            if data["n"] not in got:
+                                got.add(data["n"])
                                 latencies.append(arrived - data["t"])
                         elif message.get("type") == "ping":
                             await ws.send_message('{"op":"pong"}')
@@ -185,6 +190,8 @@ async def through_the_log(events: int, subscribers: int, batch: int, state: Path
 
                 await runtime.db.write(write)
             result = await trio.to_thread.run_sync(finish, proc, started, events, subscribers)
+            dispatch = dict((labels["quantile"], v) for labels, v in runtime.event_hub.handoff_quantiles())
+            result["dispatch_p50_ms"], result["dispatch_p99_ms"] = dispatch["0.5"] * 1000, dispatch["0.99"] * 1000
             runtime.stopping.set()
     finally:
         runtime.db.close()
@@ -229,8 +236,10 @@ def main() -> None:
           f"to {args.subscribers} subscribers")
     show("raw trio-websocket, packed per commit", paced_raw)
     show("event log on 8001 (coalesce=1)", paced_log)
-    print(f"  commit-to-delivery p99: {paced_log['p99_ms']:.1f} ms (goal < 100 ms), "
-          f"baseline {paced_raw['p99_ms']:.1f} ms")
+    print(f"  write-to-delivery p99: {paced_log['p99_ms']:.1f} ms (goal < 100 ms; counted from before the "
+          f"commit's fsync), baseline {paced_raw['p99_ms']:.1f} ms; in the box, commit to each subscriber's "
+          f"connection taking the event: p50 {paced_log['dispatch_p50_ms']:.1f} ms, "
+          f"p99 {paced_log['dispatch_p99_ms']:.1f} ms")
 
 
 if __name__ == "__main__":
