@@ -70,6 +70,25 @@ async def test_sse_resumes_from_last_event_id(box: BoxProcess) -> None:
     assert [json.loads(data)["data"]["id"] for kind, data in frames if kind == "message"] == ["b", "c"]
 
 
+async def test_a_quiet_sse_subscriber_outlives_the_read_timeout(tmp_path: Path) -> None:
+    # An EventSource sends nothing after its request: the listeners' read timeout (1 s
+    # here) must not cut it; pings keep coming and so do events.
+    with box_process(tmp_path, "[http]\nread_timeout_s = 1.0\n[events]\nping_interval_s = 0.5\n") as box:
+        port = box.ports["events"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_post_later, box.url("api"), 3.0)
+            started = trio.current_time()
+            status, frames = await sse_read(port, "/v1/events?topics=orders", AUTH, count=2)
+        # One connection throughout: a cut one would have ended the read with one frame.
+        assert status == 200 and [kind for kind, _ in frames] == ["subscribed", "message"], frames
+        assert json.loads(frames[1][1])["data"]["id"] == "late" and trio.current_time() - started >= 3.0
+
+
+async def _post_later(api: str, delay_s: float) -> None:
+    await trio.sleep(delay_s)
+    await post_sales(api, ["late"])
+
+
 async def test_an_id_older_than_the_log_gets_resync(tmp_path: Path) -> None:
     with box_process(tmp_path, "[events]\nretention_rows = 20\n") as box:
         await post_sales(box.url("api"), [f"r-{i}" for i in range(40)])

@@ -114,7 +114,8 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
         # A subscriber that stops reading is cut by the kernel (docs/events.md).
         user_timeout = runtime.config.events.send_timeout_s if role == "events" else None
         specs.append(ServiceSpec(name=f"http.{role}", run=partial(run_listener, app=app, role=role,
-                                                                  user_timeout_s=user_timeout),
+                                                                  user_timeout_s=user_timeout,
+                                                                  quiet_clients=role == "events"),
                                  core=True, graceful=True))
     # The device registry ([[devices]] at start, pruning), then discovery on UDP 57854.
     specs.append(ServiceSpec(name="devices", run=run_device_registry, core=False))

@@ -306,9 +306,14 @@ async def run_listener(
     *,
     role: str,
     user_timeout_s: float | None = None,
+    quiet_clients: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on the port of ``role`` until ``runtime.stopping``; started() gives the port."""
+    """Serve ``app`` on the port of ``role`` until ``runtime.stopping``; started() gives the port.
+
+    ``quiet_clients``: a client may rightly send nothing for long (an event-stream
+    subscriber over SSE), so ``read_timeout_s`` does not apply; the app bounds its idle
+    connections itself and ``user_timeout_s`` cuts the dead ones."""
     host = runtime.config.lan.bind
     port = runtime.ports.of(role)
     sock = bind_tcp(host, port, role=role, user_timeout_s=user_timeout_s)
@@ -322,7 +327,10 @@ async def run_listener(
                     requests=None if role in _STREAMING_ROLES else trio.CapacityLimiter(http.max_requests_in_progress))
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(_serve, guarded, hypercorn_config(runtime), listener, runtime.stopping)
+            cfg = hypercorn_config(runtime)
+            if quiet_clients:
+                cfg.read_timeout = None
+            await nursery.start(_serve, guarded, cfg, listener, runtime.stopping)
             runtime.ports.bind(role, bound)
             log.info("listening on %s:%d for %s (at most %d connections, %d per address)", host, bound, role,
                      caps.total, caps.per_source)
