@@ -47,6 +47,7 @@ __all__ = [
     "HttpConfig",
     "LanConfig",
     "LogConfig",
+    "LogsConfig",
     "MediaConfig",
     "MediaTestSeams",
     "OrdersConfig",
@@ -299,6 +300,44 @@ class LogConfig:
     format: str = attrs.field(default="text", validator=_one_of("text", "json"))
 
 
+def _optional_https_url(inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if value:
+        _https_url(inst, attr, value)
+
+
+def _share(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    if not 0 < value <= 1:
+        raise FieldError(attr.name, f"must be a share of the uplink in (0, 1], got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class LogsConfig:
+    """``[logs]``: the on-disk log ring and shipping to the log intake (docs/support.md)."""
+
+    # The ring in <storage.dir>/logs: its cap, and how often buffered records are written
+    # (no fsync per record: a crash loses at most this long; the SD card's wear matters).
+    ring_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=attrs.validators.ge(64 * 1024))
+    flush_interval_s: float = attrs.field(default=1.0, validator=_positive)
+    # Shipping: the intake's URL and key from here, else from pairing's `logs`; off when
+    # neither gives one, or with ship = false.
+    ship: bool = True
+    url: str = attrs.field(default="", validator=_optional_https_url)
+    api_key: str = ""
+    ca_file: str = ""
+    interval_s: float = attrs.field(default=10.0, validator=_positive)
+    batch_records: int = attrs.field(default=1000, validator=_positive)
+    batch_bytes: int = attrs.field(default=512 * 1024, validator=_positive)
+    # The uplink the shop has (bytes/s) and the share of it logs may use, averaged.
+    uplink_bytes_per_s: int = attrs.field(default=125_000, validator=_positive)
+    uplink_share: float = attrs.field(default=0.05, validator=_share)
+    backoff_initial_s: float = attrs.field(default=2.0, validator=_positive)
+    backoff_max_s: float = attrs.field(default=300.0, validator=_positive)
+    connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    # Tests and measurements only (0 = off): log this many synthetic records per second.
+    test_flood_per_s: float = attrs.field(default=0.0, validator=_non_negative)
+
+
 @attrs.frozen(kw_only=True)
 class DiscoveryConfig:
     enabled: bool = True
@@ -532,6 +571,7 @@ class Config:
     http: HttpConfig = attrs.field(factory=HttpConfig)
     supervisor: SupervisorConfig = attrs.field(factory=SupervisorConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
+    logs: LogsConfig = attrs.field(factory=LogsConfig)
     discovery: DiscoveryConfig = attrs.field(factory=DiscoveryConfig)
     devices: tuple[DeviceDecl, ...] = ()
     dispatch: DispatchConfig = attrs.field(factory=DispatchConfig)
@@ -619,7 +659,7 @@ def load_config(explicit: str | None = None, env: Mapping[str, str] = os.environ
     return parse_config(data, source=str(path)), path
 
 
-_SECRET_KEYS: Final = frozenset({"token", "sas_key"})
+_SECRET_KEYS: Final = frozenset({"token", "sas_key", "api_key"})
 _URL_KEYS: Final = frozenset({"proxy"})  # may hold user:password@
 
 

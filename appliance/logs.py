@@ -70,3 +70,6 @@ def setup_logging(level: str, fmt: str, env: Mapping[str, str] = os.environ) -> 
     root.setLevel(level.upper())
     # hypercorn logs every connection error at INFO; keep the journal for what matters.
     logging.getLogger("appliance.http").setLevel(max(logging.WARNING, root.level))
+    # httpx logs every request at INFO: a line per sync poll and per shipped log batch
+    # (which would then be shipped in turn). The services log what matters themselves.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

@@ -40,6 +40,7 @@ from appliance.services.spec import ServiceSpec
 from appliance.services.state import BoundPorts
 from appliance.services.systemd import Notifier, watchdog_interval_s
 from appliance.storage import DATABASE_FILE, Database
+from appliance.storage.logring import LogRing
 from appliance.storage.meta import appliance_id
 from appliance.storage.secrets import load_or_create_token
 
@@ -189,7 +190,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def open_runtime(config: Config, *, port_offset: int = 0) -> Runtime:
+async def open_runtime(config: Config, *, port_offset: int = 0, log_ring: LogRing | None = None) -> Runtime:
     """Open storage (creating and migrating it) and build the runtime every service shares."""
     state_dir = Path(config.storage.dir)
     db = await Database.open(state_dir / DATABASE_FILE)
@@ -202,7 +203,7 @@ async def open_runtime(config: Config, *, port_offset: int = 0) -> Runtime:
         raise
     ports = config.lan.ports.with_offset(port_offset)
     runtime = Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=BoundPorts(ports),
-                      keys=KeyRing(box_key, declared={d.id: d.key for d in config.devices}))
+                      keys=KeyRing(box_key, declared={d.id: d.key for d in config.devices}), log_ring=log_ring)
     _core_metrics(runtime)
     return runtime
 
@@ -231,10 +232,13 @@ async def run(
     config: Config,
     *,
     port_offset: int = 0,
+    log_ring: LogRing | None = None,
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The whole appliance: open storage, run every service, stop cleanly. ``trio.run`` this."""
-    runtime = await open_runtime(config, port_offset=port_offset)
+    """The whole appliance: open storage, run every service, stop cleanly. ``trio.run`` this.
+    ``log_ring``: the log ring the caller opened (it closes it); None: the logs.ring service
+    opens one."""
+    runtime = await open_runtime(config, port_offset=port_offset, log_ring=log_ring)
     try:
         await supervise_all(runtime, service_specs(runtime), notifier=Notifier(), task_status=task_status)
     finally:

@@ -170,8 +170,7 @@ async def run_demo(options: DemoOptions, *, bus: ServiceBusEndpoint | None = Non
             sender = OrderSender(LinkOptions(namespace=bus.namespace, queue=queue.queue, sas_key_name=bus.sas_key_name,
                                              sas_key=bus.sas_key, endpoint=bus.endpoint, ca_file=bus.ca_file))
         sim_config = SimConfig(host="127.0.0.1", port=0, tls_dir=str(options.state_dir / "cloud-tls"),
-                               products=options.products, seed=options.seed, orders=queue, support=None,
-                               logs_url=None)
+                               products=options.products, seed=options.seed, orders=queue, support=None)
         sim: SimHandle = await outer.start(partial(run_cloud_simulator, sim_config, send_order=sender))
         declared = []
         # Devices declared with pre-shared keys: adopted from the start, in the demo only

@@ -60,7 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 API_HOST: Final = "api.server.commerce-hub.io"
-CERT_NAMES: Final = ("localhost", "127.0.0.1", "::1", API_HOST)
+LOGS_HOST: Final = "api.logmatic.io"
+CERT_NAMES: Final = ("localhost", "127.0.0.1", "::1", API_HOST, LOGS_HOST)
 
 
 @attrs.frozen(kw_only=True)

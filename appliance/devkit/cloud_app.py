@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.devkit.cloud_blobs import blob_endpoint
 from appliance.devkit.cloud_catalog import COMPACT, Record
 from appliance.devkit.cloud_faults import parse_fault
+from appliance.devkit.cloud_logs import MAX_BATCH_BYTES as MAX_LOG_BATCH
 from appliance.devkit.cloud_orders import SendOrder, make_order, push_orders
 from appliance.devkit.cloud_state import CloudState, summarize
 from appliance.devkit.cloud_wire import (
@@ -67,10 +68,14 @@ async def read_json_body(request: Request, limit: int) -> bytes:
     413 goes out: answering while the client is still sending would reset the connection,
     and the client would see a transport error instead of the reason.
     """
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise CloudApiError(415, "unsupported_media_type",
-                            f"the body must be application/json, got {ctype or 'none'!r}")
+    return await read_body(request, limit)
+
+
+async def read_body(request: Request, limit: int, ctype: str = "application/json") -> bytes:
+    """:func:`read_json_body` for a body of type ``ctype``."""
+    got = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if got != ctype:
+        raise CloudApiError(415, "unsupported_media_type", f"the body must be {ctype}, got {got or 'none'!r}")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -218,6 +223,11 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
             raise CloudApiError(400, "invalid_body", "a support reply is a JSON object")
         return JSONResponse(state.support_reply(token, request_id, body, clock()))
 
+    async def log_input(request: Request) -> Response:
+        raw = await read_body(request, MAX_LOG_BATCH)
+        return JSONResponse(state.logs.take(request.headers.get("x-api-key"),
+                                            request.headers.get("content-encoding", ""), raw))
+
     async def blob(request: Request) -> Response:
         return await blob_endpoint(state, request)
 
@@ -255,6 +265,9 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
 
     async def sim_support(request: Request) -> Response:
         return JSONResponse({"count": len(state.support), "replies": state.support})
+
+    async def sim_logs(request: Request) -> Response:
+        return JSONResponse(state.logs.summary())
 
     async def sim_catalog(request: Request) -> Response:
         # Digesting a large catalog takes a while: do it off the event loop.
@@ -294,6 +307,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         Route("/v1/stores/{store}/events", events, methods=["POST"]),
         Route("/v1/stores/{store}/heartbeat", heartbeat, methods=["POST"]),
         Route("/v1/appliances/{appliance}/support/{request_id}", support, methods=["POST"]),
+        Route("/v1/input", log_input, methods=["POST"]),
         Route("/blob/{store}/{key:path}", blob, methods=["GET"]),
         Route("/_sim/mutate", sim_mutate, methods=["POST"]),
         Route("/_sim/faults", sim_faults, methods=["GET", "POST", "DELETE"]),
@@ -301,6 +315,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         Route("/_sim/events", sim_events, methods=["GET"]),
         Route("/_sim/heartbeats", sim_heartbeats, methods=["GET"]),
         Route("/_sim/support", sim_support, methods=["GET"]),
+        Route("/_sim/logs", sim_logs, methods=["GET"]),
         Route("/_sim/catalog", sim_catalog, methods=["GET"]),
         Route("/_sim/orders", sim_orders, methods=["POST"]),
         Route("/_sim/blobs", sim_blobs, methods=["GET"]),

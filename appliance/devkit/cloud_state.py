@@ -32,6 +32,7 @@ from appliance.devkit.cloud_catalog import (
     media_bytes,
 )
 from appliance.devkit.cloud_faults import FaultPlan
+from appliance.devkit.cloud_logs import LogIntake
 from appliance.devkit.cloud_wire import (
     CloudApiError,
     Event,
@@ -114,7 +115,8 @@ class SimConfig:
     # each, listed after the base catalog; nothing stored, the bytes are made on demand.
     videos: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     video_bytes: int = attrs.field(default=100 * 1024 * 1024, validator=attrs.validators.ge(0))
-    logs_url: str | None = "https://api.logmatic.io/v1/input"
+    # The log intake pairing hands out: "" = the simulator's own /v1/input; None = no logs service.
+    logs_url: str | None = ""
 
 
 def _large_block(seed: int, key: str, index: int, size: int) -> bytes:
@@ -224,8 +226,8 @@ class CloudState:
             "orders": cfg.orders.as_json(appliance_id) if cfg.orders else None,
             "support": cfg.support.as_json(appliance_id) if cfg.support else None,
             "media": {"base_url": self.catalog.media_base_url} if cfg.media else None,
-            "logs": ({"url": cfg.logs_url, "api_key": _derived(cfg.seed, "logs", 16).hex()}
-                     if cfg.logs_url else None),
+            "logs": ({"url": cfg.logs_url or f"{self.url}/v1/input", "api_key": self.logs.api_key}
+                     if cfg.logs_url is not None else None),
             "store_secret": self.store_secret,
         }
 

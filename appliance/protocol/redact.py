@@ -1,19 +1,91 @@
-"""Credentials out of URLs before they are shown or logged (sans-I/O).
+"""Redaction: the one function that keeps secrets on the box, sans I/O.
 
-A proxy is often configured as ``http://user:password@proxy:3128/``. Everything that shows
-or logs a URL (the homepage, ``/api/status``, ``/health``, the log, ``config show``, error
-messages) passes it through :func:`redact_url` first; :func:`redact_text` does the same
-for every URL inside a line of text (the log formatter applies it to each line).
+Everything that leaves the box or a technician may copy (shipped log batches, the
+diagnostics bundle, the live log tail) goes through :meth:`Redactor.redact`, and so does
+every record before it is written to the log ring. It removes:
+
+- every *known* secret, verbatim (the list is assembled in one place,
+  ``appliance.storage.known_secrets``: admin token, platform token, Service Bus SAS keys,
+  the log intake key, the store secret, proxy passwords, device keys), also in its
+  URL-encoded form (a proxy password inside a URL);
+- secrets by *shape*, for values this box was never told about: ``Bearer ...``,
+  ``SharedAccessKey=...``, ``sig=...``, the password of ``scheme://user:password@host``,
+  JSON or ``key=value`` pairs whose key names a secret (``"token": "..."``), and raw
+  32-byte keys in hex or base64 (device keys look like that).
+
+Known secrets shorter than :data:`MIN_SECRET_LEN` are not replaced verbatim (a three-letter
+"password" would shred every line); the shape rules still catch them as values.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
 from typing import Final
 
-__all__ = ["MASK", "redact_text", "redact_url"]
+__all__ = ["MASK", "MIN_SECRET_LEN", "Redactor", "redact_text", "redact_url"]
 
 MASK: Final = "***"
+MIN_SECRET_LEN: Final = 6
+
+_KEY_WORDS: Final = (r"(?:token|password|passwd|secret|sas_key|api_key|apikey|private_key|device_key"
+                     r"|authorization)")
+_SHAPES: Final = (
+    re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)(SharedAccessKey\s*=\s*)[^;\s\"']+"),
+    re.compile(r"(?i)(\bsig=)[^&\s\"']+"),
+    re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/\s:@\"']*:)[^@/\s\"']+(?=@)"),
+    re.compile(r"(?i)(\"[a-z_]*" + _KEY_WORDS + r"[a-z_]*\"\s*:\s*\")(?:[^\"\\]|\\.)+(?=\")"),
+    re.compile(r"(?i)(\b[a-z_]*" + _KEY_WORDS + r"[a-z_]*\s*[=:]\s*)[^\s,;&\"'}]+"),
+    # Raw 32-byte keys (device keys, X25519 private keys, SAS keys): 64 hex or 44 base64
+    # characters. A SHA-256 digest is masked too: over-masking is the safe side.
+    re.compile(r"()(?<![0-9A-Za-z])[0-9a-fA-F]{64}(?![0-9A-Za-z])"),
+    re.compile(r"()(?<![0-9A-Za-z+/])[0-9A-Za-z+/]{43}=(?![0-9A-Za-z+/=])"),
+)
+
+
+class Redactor:
+    """Masks ``secrets`` (verbatim) and secret-shaped values in text.
+
+    Immutable; build a new one when the set of secrets changes (pairing, a new device
+    key). Known secrets are one compiled alternation, longest first.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            if len(secret) >= MIN_SECRET_LEN:
+                forms.add(secret)
+                forms.add(_percent_encoded(secret))
+                forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+        self.count = len(forms)
+        ordered = sorted(forms, key=len, reverse=True)
+        self._known = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+
+    def redact(self, text: str) -> str:
+        """``text`` with every known secret and secret-shaped value replaced by ``***``."""
+        if self._known is not None:
+            text = self._known.sub(MASK, text)
+        for shape in _SHAPES:
+            text = shape.sub(_keep_prefix, text)
+        return text
+
+    def redact_bytes(self, data: bytes) -> bytes:
+        """:meth:`redact` for UTF-8 bytes (invalid bytes are replaced, never passed through)."""
+        return self.redact(data.decode("utf-8", "replace")).encode("utf-8")
+
+
+def _percent_encoded(text: str) -> str:
+    """``text`` as in a URL's userinfo (RFC 3986 unreserved characters kept)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-._~") else
+                   "".join(f"%{b:02X}" for b in c.encode()) for c in text)
+
+
+def _keep_prefix(match: re.Match[str]) -> str:
+    return match.group(1) + MASK
+
+
 # scheme://userinfo@ — the userinfo runs to the last "@" before the next "/", space or quote,
 # so a password holding "@" or ":" is hidden whole.
 _USERINFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s'\"<>/]*@)")

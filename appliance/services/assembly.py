@@ -28,6 +28,8 @@ from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.dispatcher import run_dispatcher
 from appliance.services.event_log import run_event_log
 from appliance.services.http import run_listener
+from appliance.services.log_ring import run_log_ring
+from appliance.services.log_shipping import run_log_shipping
 from appliance.services.media import run_media
 from appliance.services.orders import run_orders
 from appliance.services.pairing import run_pairing
@@ -103,6 +105,8 @@ def register_checks(runtime: Runtime) -> None:
 def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     register_checks(runtime)
     specs: list[ServiceSpec] = []
+    # The log ring first, so every other service's records reach it (docs/support.md).
+    specs.append(ServiceSpec(name="logs.ring", run=run_log_ring, core=False))
     # The device dispatcher first (docs/architecture.md, "Start order"): commands flow to devices before anything
     # can enqueue more; graceful: on stop it waits for the acks of what is in flight.
     specs.append(ServiceSpec(name="dispatcher", run=run_dispatcher, core=True, graceful=True))
@@ -130,4 +134,6 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     specs.append(ServiceSpec(name="support.channel", run=run_support, core=False))
     # The media cache's fetcher (serving on 8002 works from what is cached whatever it does).
     specs.append(ServiceSpec(name="media", run=run_media, core=False, enabled=runtime.config.media.enabled))
+    # Logs to the log intake: optional, after everything that serves the shop.
+    specs.append(ServiceSpec(name="logs.shipping", run=run_log_shipping, core=False))
     return specs

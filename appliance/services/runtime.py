@@ -17,6 +17,7 @@ import trio
 
 from appliance.config import Config
 from appliance.health import HealthRegistry
+from appliance.protocol.logship import ShippingStatus
 from appliance.protocol.sync import SyncStatus
 from appliance.services.board import ServiceBoard
 from appliance.services.budget import BodyBudget
@@ -27,6 +28,7 @@ from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
 from appliance.services.state import BoundPorts, DeviceLinkBoard, QueueLinkStatus, SupportWindow
 from appliance.storage import Database
+from appliance.storage.logring import LogRing
 from appliance.storage.pairing import StoreLink
 
 __all__ = ["Runtime"]
@@ -89,6 +91,10 @@ class Runtime:
     # Bytes of request bodies the LAN listeners handle at once. Written by: services.guard.
     body_budget: BodyBudget = attrs.field(default=attrs.Factory(
         lambda self: BodyBudget(self.config.http.body_budget_bytes), takes_self=True))
+    # The on-disk log ring (opened by `appliance run` before anything logs, else by the
+    # logs.ring service) and what the log shipper is doing (docs/support.md).
+    log_ring: LogRing | None = None
+    log_shipping: ShippingStatus = attrs.field(factory=ShippingStatus)
 
     @property
     def store(self) -> StoreLink | None:
