@@ -11,13 +11,25 @@ import sys
 from collections.abc import Sequence
 
 from appliance import __version__
-from appliance.commands import demo, devkit_cloud, devkit_device, discover, events, firewall, health, info, pair, run
+from appliance.commands import (
+    bundle,
+    demo,
+    devkit_cloud,
+    devkit_device,
+    discover,
+    events,
+    firewall,
+    health,
+    info,
+    pair,
+    run,
+)
 from appliance.commands.base import CommandFailed
 
 __all__ = ["main", "parser"]
 
 # Each module adds its subcommands; the order is the order of `appliance --help`.
-COMMAND_MODULES = (run, demo, info, health, events, firewall, devkit_cloud, devkit_device, discover, pair)
+COMMAND_MODULES = (run, demo, info, health, bundle, events, firewall, devkit_cloud, devkit_device, discover, pair)
 
 
 def parser() -> argparse.ArgumentParser:

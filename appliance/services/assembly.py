@@ -48,6 +48,7 @@ from appliance.services.web.media_admin import admin_parts as media_admin_parts
 from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
 from appliance.services.web.store import api_parts as store_api_parts
+from appliance.services.web.support import admin_parts as support_admin_parts
 
 __all__ = ["CORS_ROLES", "LISTENER_APPS", "AppFactory", "listener_apps", "service_specs"]
 
@@ -80,6 +81,7 @@ def web_parts() -> dict[str, WebParts]:
     parts["admin"] += media_admin_parts()  # the media cache: counts, what is missing, last error
     parts["admin"] += live_events.admin_parts()  # the latest events, followed live with JavaScript
     parts["provisioning"] += enrollment_parts()  # device enrollment: keys, the comparison code
+    parts["admin"] += support_admin_parts()  # links to the bundle and the live log tail on 8005
     return parts
 
 
