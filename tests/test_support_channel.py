@@ -4,8 +4,10 @@ both sides), the reply to the cloud simulator over HTTPS, and the time limit."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import tarfile
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from appliance.devkit.cloud import run_cloud_simulator
 from appliance.devkit.cloud_state import QueueService, SimConfig
 from appliance.protocol.support import SupportKind, SupportRequestError, parse_request
 from appliance.services.assembly import service_specs
+from appliance.services.bundle import PARTS
 from appliance.services.pairing import pair_from_web
 from appliance.services.runtime import Runtime
 from appliance.services.state import QueuePhase
@@ -101,9 +104,52 @@ async def test_answers_health_then_turns_itself_off(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_bundle_request_uploads_the_bundle_through_the_sync_api(
+    amqp_server: AmqpServer, make_config: Callable[..., Config], tmp_path: Any
+) -> None:
+    support = QueueService(namespace=amqp_server.namespace, queue="appliance-{appliance_id}-support",
+                           sas_key_name=amqp_server.sas_key_name, sas_key=amqp_server.sas_key)
+    async with trio.open_nursery() as nursery:
+        sim = await nursery.start(run_cloud_simulator, SimConfig(products=3, tls_dir=str(tmp_path / "sim"),
+                                                                 support=support, orders=None))
+        config = make_config(
+            cloud={"api_url": sim.url, "ca_file": str(sim.ca_path)},
+            support={"enabled": True, "namespace": amqp_server.namespace, "endpoint": amqp_server.endpoint,
+                     "ca_file": amqp_server.ca_file, "max_wait_s": 1.0})
+        runtime = await open_runtime(config)
+        try:
+            async with trio.open_nursery() as box:
+                await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
+                                                                  task_status=task_status))
+                await pair_from_web(runtime, sim.pair_code)
+                assert runtime.store is not None
+                logging.getLogger("appliance.test").warning("token in a record: %s", runtime.store.token)
+                rid, msg = request("bundle", logs=200)
+                queue = f"appliance-{runtime.appliance_id}-support"
+                await trio.to_thread.run_sync(lambda: amqp_server.send(queue, msg))
+                await until(lambda: rid in sim.state.support)
+                reply = sim.state.support[rid]["body"]
+                assert reply["kind"] == "bundle" and reply["body"]["uploaded"] is True
+                stored = sim.state.bundles[rid]
+                assert stored["sha256"] == reply["body"]["sha256"] and stored["size"] == reply["body"]["bytes"]
+                with tarfile.open(fileobj=io.BytesIO(stored["data"])) as tar:
+                    names = {n.removeprefix("appliance-bundle/") for n in tar.getnames()}
+                    logs = tar.extractfile("appliance-bundle/logs.ndjson")
+                    assert logs is not None
+                    content = logs.read()
+                assert names == {"manifest.json", *PARTS}
+                assert b"token in a record" in content and runtime.store.token.encode() not in content
+                runtime.stopping.set()
+        finally:
+            runtime.db.close()
+        nursery.cancel_scope.cancel()
+
+
 def test_requests_parse_strictly() -> None:
     req = parse_request(b'{"request_id": "r-1", "kind": "resync", "args": {"full": true}}')
     assert (req.kind, dict(req.args)) == (SupportKind.RESYNC, {"full": True})
+    req = parse_request(b'{"request_id": "r-2", "kind": "bundle"}')
+    assert (req.kind, dict(req.args)) == (SupportKind.BUNDLE, {"logs": 5000})
     for body, words in [
         (b"[]", "must be a JSON object"),
         (b'{"request_id": "r 1", "kind": "health"}', "request_id"),
@@ -111,6 +157,8 @@ def test_requests_parse_strictly() -> None:
         (b'{"request_id": "r", "kind": "log_level", "args": {"level": "info", "duration_s": 86400}}', "duration_s"),
         (b'{"request_id": "r", "kind": "health", "args": {"x": 1}}', "unknown key"),
         (b'{"request_id": "r", "kind": "health", "extra": 1}', "unknown key"),
+        (b'{"request_id": "r", "kind": "bundle", "args": {"logs": -1}}', "args.logs"),
+        (b'{"request_id": "r", "kind": "bundle", "args": {"logs": true}}', "args.logs"),
     ]:
         with pytest.raises(SupportRequestError, match=words):
             parse_request(body)

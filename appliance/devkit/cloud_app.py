@@ -43,6 +43,8 @@ __all__ = ["FaultLayer", "build_app"]
 
 SMALL_BODY: Final = 64 * 1024
 LARGE_BODY: Final = 1024 * 1024
+# A support bundle (docs/cloud-contract.md, "Support bundles").
+BUNDLE_BODY: Final = 8 * 1024 * 1024
 # Test-only bodies (mutations of a big catalog) may be larger than the contract's.
 SIM_BODY: Final = 16 * 1024 * 1024
 # An oversized body is drained up to this before the 413 (see read_json_body).
@@ -223,6 +225,14 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
             raise CloudApiError(400, "invalid_body", "a support reply is a JSON object")
         return JSONResponse(state.support_reply(token, request_id, body, clock()))
 
+    async def support_bundle(request: Request) -> Response:
+        appliance_id, request_id = request.path_params["appliance"], request.path_params["request_id"]
+        token = state.authenticate(request.headers.get("authorization"), appliance_id=appliance_id)
+        if not is_id(request_id):
+            raise ApiError(404, "not_found", "request ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -")
+        data = await read_body(request, BUNDLE_BODY, "application/gzip")
+        return JSONResponse(state.support_bundle(token, request_id, data, clock()))
+
     async def log_input(request: Request) -> Response:
         raw = await read_body(request, MAX_LOG_BATCH)
         return JSONResponse(state.logs.take(request.headers.get("x-api-key"),
@@ -266,6 +276,9 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
     async def sim_support(request: Request) -> Response:
         return JSONResponse({"count": len(state.support), "replies": state.support})
 
+    async def sim_bundles(request: Request) -> Response:
+        return JSONResponse({rid: {k: v for k, v in b.items() if k != "data"} for rid, b in state.bundles.items()})
+
     async def sim_logs(request: Request) -> Response:
         return JSONResponse(state.logs.summary())
 
@@ -307,6 +320,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         Route("/v1/stores/{store}/events", events, methods=["POST"]),
         Route("/v1/stores/{store}/heartbeat", heartbeat, methods=["POST"]),
         Route("/v1/appliances/{appliance}/support/{request_id}", support, methods=["POST"]),
+        Route("/v1/appliances/{appliance}/support/{request_id}/bundle", support_bundle, methods=["PUT"]),
         Route("/v1/input", log_input, methods=["POST"]),
         Route("/blob/{store}/{key:path}", blob, methods=["GET"]),
         Route("/_sim/mutate", sim_mutate, methods=["POST"]),
@@ -316,6 +330,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         Route("/_sim/heartbeats", sim_heartbeats, methods=["GET"]),
         Route("/_sim/support", sim_support, methods=["GET"]),
         Route("/_sim/logs", sim_logs, methods=["GET"]),
+        Route("/_sim/bundles", sim_bundles, methods=["GET"]),
         Route("/_sim/catalog", sim_catalog, methods=["GET"]),
         Route("/_sim/orders", sim_orders, methods=["POST"]),
         Route("/_sim/blobs", sim_blobs, methods=["GET"]),

@@ -51,6 +51,7 @@ MAX_IDEMPOTENCY_KEYS: Final = 100_000
 MAX_STORED_EVENTS: Final = 1_000_000
 MAX_HEARTBEATS: Final = 10_000
 MAX_SUPPORT_REPLIES: Final = 10_000
+MAX_BUNDLES: Final = 20
 MAX_BLOBS: Final = 1_000
 # Large media are generated in blocks of this size (each a pure function of seed, key, index).
 LARGE_BLOCK: Final = 1024 * 1024
@@ -201,6 +202,8 @@ class CloudState:
         self.snapshot_streams = 0  # snapshot responses being sent now (the app counts them)
         for index in range(config.videos):
             self.put_large_media(f"promotions/video-{index + 1:03d}.mp4", config.video_bytes, "video/mp4")
+        self.logs = LogIntake(_derived(config.seed, "logs", 16).hex())
+        self.bundles: dict[str, dict[str, Any]] = {}  # support bundles by request id ("data": the bytes)
 
     # -- pairing and tokens --------------------------------------------------------------------
 
@@ -450,6 +453,18 @@ class CloudState:
             self.support[request_id] = {"appliance_id": token.appliance_id, "received_at": rfc3339(now),
                                         "body": body}
         return {"received": True}
+
+    def support_bundle(self, token: Token, request_id: str, data: bytes, now: float) -> dict[str, Any]:
+        """Keep the first bundle uploaded for ``request_id`` (a retry changes nothing)."""
+        if not data.startswith(b"\x1f\x8b"):
+            raise ApiError(400, "invalid_body", "a bundle is a gzip file (.tar.gz)")
+        if request_id not in self.bundles:
+            if len(self.bundles) >= MAX_BUNDLES:
+                raise ApiError(503, "unavailable", "the simulator's bundle store is full",
+                               headers={"Retry-After": "60"})
+            self.bundles[request_id] = {"appliance_id": token.appliance_id, "received_at": rfc3339(now),
+                                        "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}
+        return {"received": True, "size": self.bundles[request_id]["size"]}
 
 
 def summarize(cursor: str, records: Iterator[Record]) -> dict[str, Any]:

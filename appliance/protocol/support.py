@@ -8,6 +8,7 @@ A request is a JSON object ``{"request_id": "...", "kind": "...", "args": {...}}
 | ``diagnostics`` | none | versions, uptime, services, queue depths, last errors |
 | ``resync`` | ``full`` (bool, default false) | asks the sync service to pull now; ``full`` re-reads the snapshot |
 | ``log_level`` | ``level`` (debug ... error), ``duration_s`` (<= 1 h) | that level for that long, then back |
+| ``bundle`` | ``logs`` (records, default 5000, <= 100000) | uploads the diagnostics bundle (size-capped) |
 
 Exceptions: :class:`SupportRequestError` (the reason says what is wrong; the message is
 dead-lettered with it).
@@ -23,14 +24,16 @@ from typing import Any, Final
 
 import attrs
 
-__all__ = ["LOG_LEVEL_MAX_S", "MAX_REQUEST_BYTES", "SupportKind", "SupportRequest", "SupportRequestError",
-           "parse_request"]
+__all__ = ["BUNDLE_LOGS_DEFAULT", "BUNDLE_LOGS_MAX", "LOG_LEVEL_MAX_S", "MAX_REQUEST_BYTES", "SupportKind",
+           "SupportRequest", "SupportRequestError", "parse_request"]
 
 MAX_REQUEST_BYTES: Final = 16 * 1024
 # A raised log level is for a session, not for good: one hour at most.
 LOG_LEVEL_MAX_S: Final = 3600.0
 LOG_LEVEL_DEFAULT_S: Final = 600.0
 LEVELS: Final = ("debug", "info", "warning", "error")
+BUNDLE_LOGS_DEFAULT: Final = 5000
+BUNDLE_LOGS_MAX: Final = 100_000
 # The reply path's rule (docs/cloud-contract.md, "Support replies").
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -44,6 +47,7 @@ class SupportKind(enum.StrEnum):
     DIAGNOSTICS = "diagnostics"
     RESYNC = "resync"
     LOG_LEVEL = "log_level"
+    BUNDLE = "bundle"
 
 
 @attrs.frozen(kw_only=True)
@@ -54,7 +58,8 @@ class SupportRequest:
 
 
 def _check_args(kind: SupportKind, args: Mapping[str, Any]) -> dict[str, Any]:
-    allowed = {SupportKind.RESYNC: {"full"}, SupportKind.LOG_LEVEL: {"level", "duration_s"}}.get(kind, set())
+    allowed = {SupportKind.RESYNC: {"full"}, SupportKind.LOG_LEVEL: {"level", "duration_s"},
+               SupportKind.BUNDLE: {"logs"}}.get(kind, set())
     extra = sorted(set(args) - allowed)
     if extra:
         raise SupportRequestError(f"args: unknown key(s) {', '.join(extra)} for {kind}")
@@ -73,6 +78,12 @@ def _check_args(kind: SupportKind, args: Mapping[str, Any]) -> dict[str, Any]:
             raise SupportRequestError(f"args.duration_s: must be a number of seconds in (0, {LOG_LEVEL_MAX_S:g}], "
                                       f"got {duration!r}")
         return {"level": level, "duration_s": float(duration)}
+    if kind is SupportKind.BUNDLE:
+        logs = args.get("logs", BUNDLE_LOGS_DEFAULT)
+        if isinstance(logs, bool) or not isinstance(logs, int) or not 0 <= logs <= BUNDLE_LOGS_MAX:
+            raise SupportRequestError(f"args.logs: a whole number of records from 0 to {BUNDLE_LOGS_MAX}, "
+                                      f"got {logs!r}")
+        return {"logs": logs}
     return {}
 
 

@@ -16,11 +16,16 @@ to run twice, and the platform keeps the first reply).
 Requests: ``health`` (every health check), ``diagnostics`` (versions, uptime, services,
 queue depths, last errors), ``resync`` (notifies ``runtime.resync_requests``; with
 ``full`` the next pull re-reads the snapshot), ``log_level`` (the root logger's level for
-at most an hour, then back; also back when the channel turns off).
+at most an hour, then back; also back when the channel turns off), ``bundle`` (the
+diagnostics bundle of :mod:`appliance.services.bundle`, uploaded with ``PUT
+/v1/appliances/{id}/support/{request_id}/bundle``; at most :data:`BUNDLE_MAX_BYTES`: a
+larger one is built again with half the log records until it fits; the reply then says
+what was uploaded).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -36,6 +41,7 @@ import trio
 from appliance import __version__
 from appliance.protocol.health import Check, Status
 from appliance.protocol.support import SupportKind, SupportRequest, SupportRequestError, parse_request
+from appliance.services.bundle import bundle_of
 from appliance.services.orders import link_options
 from appliance.services.queue_consumer import Disposition, OpenLink, Settle, consume
 from appliance.services.runtime import Runtime
@@ -54,8 +60,13 @@ log = logging.getLogger(__name__)
 REPLY_RETRY_S: Final = 5.0
 # A reply is a health report or a summary: far under the contract's 1 MiB.
 REPLY_MAX_BYTES: Final = 512 * 1024
+# The contract's cap on an uploaded bundle (docs/cloud-contract.md, "Support bundles").
+BUNDLE_MAX_BYTES: Final = 8 * 1024 * 1024
+# A bundle upload may take a while on a slow uplink: 8 MiB at 1 Mbit/s is about 70 s.
+BUNDLE_UPLOAD_TIMEOUT_S: Final = 300.0
 
 Reply = Callable[[str, dict[str, Any]], Awaitable[None]]
+Upload = Callable[[str, bytes], Awaitable[None]]
 
 
 class ReplyFailed(Exception):
@@ -112,37 +123,70 @@ async def diagnostics(runtime: Runtime) -> dict[str, Any]:
     }
 
 
+async def _call_platform(runtime: Runtime, method: str, path: str, *, content: bytes, content_type: str,
+                         timeout_s: float) -> None:
+    """One call to the sync API with the pairing's token; :class:`ReplyFailed` unless 200."""
+    store = runtime.store
+    if store is None or store.needs_repair:
+        raise ReplyFailed("the box is not paired (or must be paired again): no way to reply")
+    cloud = runtime.config.cloud
+    try:
+        client = client_for(cloud_route(runtime.config), connect_timeout_s=cloud.connect_timeout_s,
+                            read_timeout_s=cloud.read_timeout_s)
+    except WanConfigError as exc:
+        raise ReplyFailed(str(exc)) from exc
+    try:
+        async with client:
+            with trio.fail_after(timeout_s):
+                answer = await client.request(method, path, content=content, headers={
+                    "Authorization": f"Bearer {store.token}", "Content-Type": content_type})
+    except (httpx.HTTPError, trio.TooSlowError) as exc:
+        raise ReplyFailed(f"{type(exc).__name__}: {exc}") from exc
+    if answer.status_code != 200:
+        raise ReplyFailed(f"the platform answered {answer.status_code}: {answer.text[:200]}")
+
+
 def _reply_via_wan(runtime: Runtime) -> Reply:
     async def reply(request_id: str, body: dict[str, Any]) -> None:
-        store = runtime.store
-        if store is None or store.needs_repair:
-            raise ReplyFailed("the box is not paired (or must be paired again): no way to reply")
-        cloud = runtime.config.cloud
-        try:
-            client = client_for(cloud_route(runtime.config), connect_timeout_s=cloud.connect_timeout_s,
-                                read_timeout_s=cloud.read_timeout_s)
-        except WanConfigError as exc:
-            raise ReplyFailed(str(exc)) from exc
         content = json.dumps(body, separators=(",", ":"), default=str).encode()
         if len(content) > REPLY_MAX_BYTES:
             content = json.dumps({"status": body.get("status"), "error": "the reply was too big to send"}).encode()
-        try:
-            async with client:
-                with trio.fail_after(cloud.connect_timeout_s + cloud.read_timeout_s):
-                    answer = await client.post(
-                        f"/v1/appliances/{runtime.appliance_id}/support/{request_id}", content=content,
-                        headers={"Authorization": f"Bearer {store.token}", "Content-Type": "application/json"})
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
-            raise ReplyFailed(f"{type(exc).__name__}: {exc}") from exc
-        if answer.status_code != 200:
-            raise ReplyFailed(f"the platform answered {answer.status_code}: {answer.text[:200]}")
+        cloud = runtime.config.cloud
+        await _call_platform(runtime, "POST", f"/v1/appliances/{runtime.appliance_id}/support/{request_id}",
+                             content=content, content_type="application/json",
+                             timeout_s=cloud.connect_timeout_s + cloud.read_timeout_s)
 
     return reply
 
 
+def _upload_via_wan(runtime: Runtime) -> Upload:
+    async def upload(request_id: str, data: bytes) -> None:
+        await _call_platform(runtime, "PUT", f"/v1/appliances/{runtime.appliance_id}/support/{request_id}/bundle",
+                             content=data, content_type="application/gzip", timeout_s=BUNDLE_UPLOAD_TIMEOUT_S)
+
+    return upload
+
+
+async def upload_bundle(runtime: Runtime, request_id: str, logs: int, upload: Upload) -> dict[str, Any]:
+    """Build the bundle (halving the log records until it fits), upload it, say what went."""
+    while True:
+        data, manifest = await bundle_of(runtime, log_records=logs)
+        if len(data) <= BUNDLE_MAX_BYTES or logs == 0:
+            break
+        logs //= 2
+    if len(data) > BUNDLE_MAX_BYTES:
+        return {"uploaded": False, "error": f"the bundle is {len(data)} bytes even without logs; the cap is "
+                                            f"{BUNDLE_MAX_BYTES}"}
+    await upload(request_id, data)
+    return {"uploaded": True, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "log_records": logs,
+            "parts": {name: part["status"] for name, part in manifest["parts"].items()}}
+
+
 class SupportHandler:
-    def __init__(self, runtime: Runtime, nursery: trio.Nursery, reply: Reply, level: _LogLevel) -> None:
+    def __init__(self, runtime: Runtime, nursery: trio.Nursery, reply: Reply, level: _LogLevel,
+                 upload: Upload) -> None:
         self.runtime, self.nursery, self.reply, self.level = runtime, nursery, reply, level
+        self.upload = upload
 
     async def run(self, request: SupportRequest) -> dict[str, Any]:
         runtime = self.runtime
@@ -156,6 +200,8 @@ class SupportHandler:
                 await runtime.db.write(require_snapshot)
             runtime.resync_requests.notify()
             return {"requested": True, "full": request.args["full"]}
+        if request.kind is SupportKind.BUNDLE:
+            return await upload_bundle(runtime, request.request_id, request.args["logs"], self.upload)
         await self.nursery.start(partial(self.level.hold, request.args["level"], request.args["duration_s"]))
         return {"level": request.args["level"], "for_s": request.args["duration_s"]}
 
@@ -166,7 +212,13 @@ class SupportHandler:
             log.warning("support: message %s is not a request; dead-lettered: %s", msg.message_id or "?", exc)
             return Settle(verdict=Disposition.DEAD_LETTER, reason="not a valid support request", description=str(exc))
         log.info("support: %s request %s", request.kind, request.request_id)
-        body = {"status": "ok", "kind": str(request.kind), "body": await self.run(request)}
+        try:
+            result = await self.run(request)
+        except ReplyFailed as exc:  # the bundle upload failed: the request comes again
+            log.warning("support: cannot upload the bundle for %s: %s; it will come again", request.request_id, exc)
+            await trio.sleep(REPLY_RETRY_S)
+            return Settle(verdict=Disposition.ABANDON)
+        body = {"status": "ok", "kind": str(request.kind), "body": result}
         try:
             await self.reply(request.request_id, body)
         except ReplyFailed as exc:
@@ -246,6 +298,7 @@ async def run_support(
     *,
     open_link: OpenLink = open_queue_link,
     reply: Reply | None = None,
+    upload: Upload | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The support channel until cancelled: consume while the window is open."""
@@ -260,7 +313,8 @@ async def run_support(
     await _restore_window(runtime, window)
     level = _LogLevel()
     async with trio.open_nursery() as nursery:
-        handler = SupportHandler(runtime, nursery, reply or _reply_via_wan(runtime), level)
+        handler = SupportHandler(runtime, nursery, reply or _reply_via_wan(runtime), level,
+                                 upload or _upload_via_wan(runtime))
         task_status.started()
         while True:
             seen = window.changes.version
