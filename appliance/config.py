@@ -334,8 +334,12 @@ class LogsConfig:
     backoff_max_s: float = attrs.field(default=300.0, validator=_positive)
     connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
     read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
-    # Tests and measurements only (0 = off): log this many synthetic records per second.
+    # Tests and measurements only (0 = off): log this many synthetic records per second,
+    # starting test_flood_after_s after start, and stop after test_flood_records of them
+    # (0 = never stop).
     test_flood_per_s: float = attrs.field(default=0.0, validator=_non_negative)
+    test_flood_after_s: float = attrs.field(default=0.0, validator=_non_negative)
+    test_flood_records: int = attrs.field(default=0, validator=_non_negative)
 
 
 @attrs.frozen(kw_only=True)

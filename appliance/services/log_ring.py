@@ -51,17 +51,18 @@ def detach_ring(handler: RingHandler) -> None:
     logging.getLogger().removeHandler(handler)
 
 
-async def _flood(per_s: float) -> None:
+async def _flood(per_s: float, records: int, after_s: float) -> None:
+    await trio.sleep(after_s)
     flood = logging.getLogger("appliance.flood")
     per_tick = per_s * FLOOD_TICK_S
     owed = 0.0
     n = 0
-    while True:
+    while not records or n < records:
         owed += per_tick
-        while owed >= 1:
+        while owed >= 1 and (not records or n < records):
             owed -= 1
             n += 1
-            flood.info("synthetic record %d: order web-%06d sent to the kitchen screen, 2 lines", n, n % 1_000_000)
+            flood.warning("synthetic record %d: order web-%06d sent to the kitchen screen, 2 lines", n, n % 1_000_000)
         await trio.sleep(FLOOD_TICK_S)
 
 
@@ -79,7 +80,7 @@ async def run_log_ring(runtime: Runtime, *, task_status: trio.TaskStatus[None] =
         async with trio.open_nursery() as nursery:
             ring.set_redactor(current_redactor(runtime))
             if cfg.test_flood_per_s > 0:
-                nursery.start_soon(_flood, cfg.test_flood_per_s)
+                nursery.start_soon(_flood, cfg.test_flood_per_s, cfg.test_flood_records, cfg.test_flood_after_s)
             task_status.started()
             seen = runtime.pairing_changes.version
             while True:
