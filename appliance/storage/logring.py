@@ -165,9 +165,8 @@ class RingReader:
         lines: list[bytes] = []
         size = 0
         first = last = 0
-        for line in self._lines_from(after + 1):
-            seq = seq_of(line)
-            if seq is None or seq <= after:
+        for line, seq, path, offset in self._lines_from(after + 1):
+            if seq <= after:
                 continue
             if lines and (len(lines) >= max_records or size + len(line) > max_bytes):
                 break
@@ -175,21 +174,24 @@ class RingReader:
             size += len(line) + 1
             first = first or seq
             last = seq
+            # Remember where the next read starts: just after the last line taken.
+            self._path, self._offset, self._next = path, offset, seq + 1
         return Batch(lines=tuple(lines), first=first, last=last, size=size)
 
-    def _lines_from(self, wanted: int) -> Iterator[bytes]:
+    def _lines_from(self, wanted: int) -> Iterator[tuple[bytes, int, Path, int]]:
+        """``(line, seq, segment, offset just after the line)`` from the segment holding
+        ``wanted`` (or the oldest), resuming at the remembered offset when it fits."""
         segments = _segments(self.directory)
-        if not segments:
-            return
         start = 0
         for i, (first, _) in enumerate(segments):
             if first <= wanted:
                 start = i
-        resume = self._path is not None and self._next == wanted and any(p == self._path for _, p in segments)
+        resume = self._next == wanted and any(p == self._path for _, p in segments)
         for first, path in segments[start:]:
-            offset = self._offset if resume and path == self._path else 0
-            if resume and self._path is not None and path != self._path and first < wanted:
+            if resume and path != self._path and first < wanted:
                 continue  # an earlier segment than the one we stopped in
+            offset = self._offset if resume and path == self._path else 0
+            resume = False
             try:
                 with path.open("rb") as f:
                     f.seek(offset)
@@ -198,14 +200,11 @@ class RingReader:
                         if not raw.endswith(b"\n"):
                             break  # the end, or a line still being written
                         offset += len(raw)
-                        line = raw[:-1]
-                        seq = seq_of(line)
+                        seq = seq_of(raw[:-1])
                         if seq is not None:
-                            self._path, self._offset, self._next = path, offset, seq + 1
-                        yield line
+                            yield raw[:-1], seq, path, offset
             except FileNotFoundError:
                 continue  # deleted by the writer while we read: the next one follows
-            resume = False
 
 
 def read_after(directory: Path, after: int, *, max_records: int, max_bytes: int) -> Batch:
