@@ -182,15 +182,16 @@ SECRET_CONFIG = {
 }
 
 
-def test_every_known_secret_comes_from_the_one_list() -> None:
-    config = parse_config(SECRET_CONFIG)
+def test_every_known_secret_comes_from_the_one_list(tmp_path: Path) -> None:
+    config = parse_config({**SECRET_CONFIG, "storage": {"dir": str(tmp_path)}})
+    (tmp_path / "box.key").write_text("b0" * 32 + "\n")
     store = StoreLink(store_id="s", token="platform-token-abcdef", store_secret="ab" * 32, services={
         "orders": {"sas_key": "paired-orders-key"}, "support": {"sas_key": "paired-support-key"},
         "logs": {"url": "https://x", "api_key": "paired-logs-key"}})
     found = known_secrets(SecretContext(config=config, admin_token="generated-admin-token", store=store))
     assert found == {"admin-token-0123456789", "generated-admin-token", "orders-sas-key-abcdef",
                      "support-sas-key-abcdef", "logs-api-key-abcdef", "pr@xy-pass-123", "platform-token-abcdef",
-                     "ab" * 32, "paired-orders-key", "paired-support-key", "paired-logs-key"}
+                     "ab" * 32, "paired-orders-key", "paired-support-key", "paired-logs-key", "b0" * 32}
 
 
 def test_redaction_by_value_and_by_shape() -> None:

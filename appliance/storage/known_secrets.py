@@ -56,8 +56,10 @@ SOURCES: Final[tuple[Callable[[SecretContext], Iterable[str]], ...]] = (
     lambda ctx: _service(ctx.store, "orders", "sas_key") + _service(ctx.store, "support", "sas_key"),
     lambda ctx: [ctx.config.logs.api_key, *_service(ctx.store, "logs", "api_key")],
     lambda ctx: _proxy_password(ctx.config.wan.proxy),
-    # Device keys and the box's private key: 32 bytes, masked by shape (64 hex or 44
-    # base64 characters) until their store is read here with one more line.
+    # The box's X25519 private key (the device keys are derived from it).
+    lambda ctx: [read_secret(Path(ctx.config.storage.dir) / "box.key") or ""],
+    # Derived device keys are never stored; like any raw 32-byte key they are masked by
+    # shape (64 hex or 44 base64 characters) wherever they would appear.
 )
 
 
