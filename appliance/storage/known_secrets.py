@@ -57,7 +57,7 @@ SOURCES: Final[tuple[Callable[[SecretContext], Iterable[str]], ...]] = (
     lambda ctx: [ctx.config.logs.api_key, *_service(ctx.store, "logs", "api_key")],
     lambda ctx: _proxy_password(ctx.config.wan.proxy),
     # The box's X25519 private key (the device keys are derived from it).
-    lambda ctx: [read_secret(Path(ctx.config.storage.dir) / "box.key") or ""],
+    lambda ctx: [_read(Path(ctx.config.storage.dir) / "box.key")],
     # Derived device keys are never stored; like any raw 32-byte key they are masked by
     # shape (64 hex or 44 base64 characters) wherever they would appear.
 )
@@ -76,4 +76,11 @@ def secret_context(config: Config) -> SecretContext:
         store = load_pairing(state)
     except PairingFileError:
         store = None
-    return SecretContext(config=config, admin_token=read_secret(state / "admin.token") or "", store=store)
+    return SecretContext(config=config, admin_token=_read(state / "admin.token"), store=store)
+
+
+def _read(path: Path) -> str:
+    try:
+        return read_secret(path) or ""
+    except (OSError, UnicodeDecodeError):
+        return ""
