@@ -28,13 +28,14 @@ Reading (:func:`read_after`, :func:`last_lines`) works on the directory alone, s
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, Final
 
@@ -165,20 +166,21 @@ class RingReader:
         lines: list[bytes] = []
         size = 0
         first = last = 0
-        for line, seq, path, offset in self._lines_from(after + 1):
-            if seq <= after:
-                continue
-            if lines and (len(lines) >= max_records or size + len(line) > max_bytes):
-                break
-            lines.append(line)
-            size += len(line) + 1
-            first = first or seq
-            last = seq
-            # Remember where the next read starts: just after the last line taken.
-            self._path, self._offset, self._next = path, offset, seq + 1
+        with contextlib.closing(self._lines_from(after + 1)) as found:  # closes its file at once
+            for line, seq, path, offset in found:
+                if seq <= after:
+                    continue
+                if lines and (len(lines) >= max_records or size + len(line) > max_bytes):
+                    break
+                lines.append(line)
+                size += len(line) + 1
+                first = first or seq
+                last = seq
+                # Remember where the next read starts: just after the last line taken.
+                self._path, self._offset, self._next = path, offset, seq + 1
         return Batch(lines=tuple(lines), first=first, last=last, size=size)
 
-    def _lines_from(self, wanted: int) -> Iterator[tuple[bytes, int, Path, int]]:
+    def _lines_from(self, wanted: int) -> Generator[tuple[bytes, int, Path, int]]:
         """``(line, seq, segment, offset just after the line)`` from the segment holding
         ``wanted`` (or the oldest), resuming at the remembered offset when it fits."""
         segments = _segments(self.directory)
