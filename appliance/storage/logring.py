@@ -294,7 +294,10 @@ class LogRing:
         self._next = next_seq
         self._closing = False
         self._queued = self._flushed = next_seq - 1  # the last seq queued; the last written
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        # The last records, redacted, for the live tail; the writer appends under the lock
+        # (copying a deque while another thread appends raises).
+        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        self._recent_lock = threading.Lock()
         self._records = self._bytes = self._dropped = self._errors = 0
         self._last_error = ""
         self._fd: int | None = None
@@ -311,7 +314,7 @@ class LogRing:
                    next_seq=max(last, shipped) + 1, ring=ring_id(directory))
         for line in last_lines(directory, RECENT):
             try:
-                ring.recent.append(json.loads(line))
+                ring._recent.append(json.loads(line))
             except ValueError:
                 continue
         ring._thread.start()
@@ -359,6 +362,7 @@ class LogRing:
                 self._pending.clear()
                 closing = self._closing
             redactor = self.redactor
+            done: list[dict[str, Any]] = []
             for item in items:
                 item["msg"] = redactor.redact(item["msg"])
                 if "exc" in item:
@@ -372,7 +376,9 @@ class LogRing:
                 buffer.append((item["seq"], line))
                 buffered += len(line)
                 last_seq = item["seq"]
-                self.recent.append(item)
+                done.append(item)
+            with self._recent_lock:
+                self._recent.extend(done)
             if buffer and (closing or buffered >= FLUSH_BYTES or time.monotonic() - since >= self.flush_interval_s):
                 self._write(buffer)
                 buffer, buffered = [], 0
@@ -461,7 +467,8 @@ class LogRing:
 
     def recent_after(self, seq: int, limit: int = RECENT) -> list[dict[str, Any]]:
         """Records in memory with a seq above ``seq`` (redacted), oldest first."""
-        items = list(self.recent)  # a copy: the writer appends meanwhile
+        with self._recent_lock:
+            items = list(self._recent)
         out = [item for item in items if item["seq"] > seq]
         return out[-limit:]
 
