@@ -311,6 +311,18 @@ def _share(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
 
 
 @attrs.frozen(kw_only=True)
+class LogsTestSeams:
+    """``[logs.testing]``: seams for tests and measurements only, off by default; a box
+    never sets them."""
+
+    # Log this many synthetic records per second (0 = off), starting flood_after_s after
+    # the start, stopping after flood_records of them (0 = never).
+    flood_per_s: float = attrs.field(default=0.0, validator=_non_negative)
+    flood_after_s: float = attrs.field(default=0.0, validator=_non_negative)
+    flood_records: int = attrs.field(default=0, validator=_non_negative)
+
+
+@attrs.frozen(kw_only=True)
 class LogsConfig:
     """``[logs]``: the on-disk log ring and shipping to the log intake (docs/support.md)."""
 
@@ -334,12 +346,7 @@ class LogsConfig:
     backoff_max_s: float = attrs.field(default=300.0, validator=_positive)
     connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
     read_timeout_s: float = attrs.field(default=30.0, validator=_positive)
-    # Tests and measurements only (0 = off): log this many synthetic records per second,
-    # starting test_flood_after_s after start, and stop after test_flood_records of them
-    # (0 = never stop).
-    test_flood_per_s: float = attrs.field(default=0.0, validator=_non_negative)
-    test_flood_after_s: float = attrs.field(default=0.0, validator=_non_negative)
-    test_flood_records: int = attrs.field(default=0, validator=_non_negative)
+    testing: LogsTestSeams = attrs.field(factory=LogsTestSeams)
 
 
 @attrs.frozen(kw_only=True)

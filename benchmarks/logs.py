@@ -192,8 +192,8 @@ def flood_latency(root: Path, seconds: float, rate: float) -> dict[str, Any]:
     config = root / "flood.toml"
     config.write_text(f"""[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{root / 'flood'}"
 [discovery]\nenabled = false\n[orders]\nenabled = false\n[cloud]\napi_url = "https://127.0.0.1:9"
-[logs]\nurl = "https://127.0.0.1:9/v1/input"\napi_key = "k"\nring_bytes = 4194304\ntest_flood_per_s = {rate}
-test_flood_after_s = {seconds + 3}\n""")
+[logs]\nurl = "https://127.0.0.1:9/v1/input"\napi_key = "k"\nring_bytes = 4194304
+[logs.testing]\nflood_per_s = {rate}\nflood_after_s = {seconds + 3}\n""")
     err = root / "flood.err"
     with err.open("w") as stderr, subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config",
                                                     str(config)], stderr=stderr) as box:

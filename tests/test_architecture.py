@@ -125,7 +125,9 @@ SERVICES_PLUMBING = {
 BUILT_ON = {
     "sync": {"pairing", "sync_health"},
     "sync_health": {"pairing"},
-    "support_channel": {"orders"},
+    "support_channel": {"orders", "bundle"},
+    "bundle": {"log_ring"},
+    "log_shipping": {"log_ring"},
     "media": {"media_health", "media_through"},
 }
 # What every web module may import, besides the plumbing and the services it is the face of.
@@ -220,6 +222,8 @@ STATE_WRITERS = {
     "media": {"services.media"},
     # The hub's ring by the event-log service; its subscriber count by the events listener.
     "event_hub": {"services.event_log", "services.web.events"},
+    "log_ring": {"services.log_ring"},
+    "log_shipping": {"services.log_shipping"},
 }
 # Methods that change a record (reading methods are free to call).
 MUTATORS = {"bind", "set_store", "open", "open_until", "close", "record_failure", "clear", "pop", "update",

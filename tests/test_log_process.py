@@ -37,7 +37,8 @@ FLOOD_AFTER_S = 3.0
 def config_file(tmp_path: Path, sim: SimHandle, *, logs: dict[str, Any], proxy: str = "") -> Path:
     ports = "\n".join(f"{role} = 0" for role in ("admin", "api", "events", "media", "provisioning", "ops",
                                                   "support"))
-    logs_lines = "\n".join(f"{k} = {v}" for k, v in logs.items())  # numbers only
+    logs_lines = "\n".join(f"{k} = {v}" for k, v in logs.items() if k != "testing")  # numbers only
+    seams = "\n".join(f"{k} = {v}" for k, v in logs.get("testing", {}).items())
     path = tmp_path / "appliance.toml"
     path.write_text(f"""
 [lan]
@@ -64,6 +65,8 @@ url = "{sim.url}/v1/input"
 api_key = "{sim.state.logs.api_key}"
 ca_file = "{sim.ca_path}"
 {logs_lines}
+[logs.testing]
+{seams}
 """)
     return path
 
@@ -107,7 +110,7 @@ async def test_records_ship_exactly_once_across_a_sigkill_through_the_proxy(
     sim = await start_sim()
     cfg = config_file(tmp_path, sim, proxy=tinyproxy.url, logs={
         "interval_s": 0.05, "flush_interval_s": 0.05, "batch_records": 100, "uplink_bytes_per_s": 10_000_000,
-        "backoff_initial_s": 0.05, "backoff_max_s": 0.5, "test_flood_per_s": 500.0})
+        "backoff_initial_s": 0.05, "backoff_max_s": 0.5, "testing": {"flood_per_s": 500.0}})
     intake = sim.state.logs
     box = Box(cfg, tmp_path / "stderr.log")
     try:
@@ -141,8 +144,8 @@ async def test_a_week_offline_keeps_the_ring_capped_and_the_loop_responsive_then
     sim.state.faults.add(Fault(kind="status", path="/v1/input", status=503, retry_after=1, count=1_000_000))
     cfg = config_file(tmp_path, sim, logs={
         "ring_bytes": ring_cap, "interval_s": 0.1, "batch_records": 1000, "uplink_bytes_per_s": 10_000_000,
-        "backoff_initial_s": 0.1, "backoff_max_s": 1.0, "test_flood_per_s": 2000.0,
-        "test_flood_after_s": FLOOD_AFTER_S, "test_flood_records": WEEK_RECORDS})
+        "backoff_initial_s": 0.1, "backoff_max_s": 1.0,
+        "testing": {"flood_per_s": 2000.0, "flood_after_s": FLOOD_AFTER_S, "flood_records": WEEK_RECORDS}})
     box = Box(cfg, tmp_path / "stderr.log")
     baseline: list[float] = []
     latencies: list[float] = []

@@ -114,7 +114,7 @@ async def test_a_bundle_request_uploads_the_bundle_through_the_sync_api(
                                                                  support=support, orders=None))
         config = make_config(
             cloud={"api_url": sim.url, "ca_file": str(sim.ca_path)},
-            support={"enabled": True, "namespace": amqp_server.namespace, "endpoint": amqp_server.endpoint,
+            support={"enabled": True, "namespace": amqp_server.namespace, "testing": {"endpoint": amqp_server.endpoint},
                      "ca_file": amqp_server.ca_file, "max_wait_s": 1.0})
         runtime = await open_runtime(config)
         try:

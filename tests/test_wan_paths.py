@@ -2,8 +2,7 @@
 
 Each path is one line of :data:`PATHS`: how to point it at a host in a config, and what
 it then does (the proxy it goes through, or None, and its TLS context), read from the
-objects the path itself builds in production. Log shipping adds its line here when it
-lands.
+objects the path itself builds in production.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import attrs
 import pytest
 
 from appliance.config import Config, WanConfig
+from appliance.services.log_shipping import intake_route
 from appliance.services.media import blob_route
 from appliance.services.servicebus import LinkOptions, proxy_settings
 from appliance.services.wan import cloud_route
@@ -37,6 +37,11 @@ def _blob(config: Config, host: str) -> Outbound:
     return Outbound(target.proxy.host if target.proxy else None, target.ssl_context())
 
 
+def _logs(config: Config, host: str) -> Outbound:
+    target = intake_route(config, f"https://{host}/v1/input")
+    return Outbound(target.proxy.host if target.proxy else None, target.ssl_context())
+
+
 def _servicebus(section: str) -> Callable[[Config, str], Outbound]:
     def outbound(config: Config, host: str) -> Outbound:
         sb = attrs.evolve(getattr(config, section), namespace=host)
@@ -51,7 +56,7 @@ PATHS: dict[str, Callable[[Config, str], Outbound]] = {
     "servicebus.orders": _servicebus("orders"),
     "servicebus.support": _servicebus("support"),
     "blob": _blob,
-    # "logs": ...  (with its module)
+    "logs": _logs,
 }
 
 WAN = WanConfig(proxy="http://proxy.shop.lan:3128", no_proxy=("*.windows.net", "10.0.0.0/8"))

@@ -229,7 +229,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         appliance_id, request_id = request.path_params["appliance"], request.path_params["request_id"]
         token = state.authenticate(request.headers.get("authorization"), appliance_id=appliance_id)
         if not is_id(request_id):
-            raise ApiError(404, "not_found", "request ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -")
+            raise CloudApiError(404, "not_found", "request ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -")
         data = await read_body(request, BUNDLE_BODY, "application/gzip")
         return JSONResponse(state.support_bundle(token, request_id, data, clock()))
 

@@ -15,7 +15,7 @@ import collections
 import zlib
 from typing import Any, Final
 
-from appliance.devkit.cloud_wire import ApiError, loads_strict
+from appliance.devkit.cloud_wire import CloudApiError, loads_strict
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_EXPANDED_BYTES", "LogIntake"]
 
@@ -34,16 +34,16 @@ def _expand(raw: bytes, encoding: str) -> bytes:
     if encoding in ("", "identity"):
         return raw
     if encoding != "gzip":
-        raise ApiError(415, "unsupported_encoding", f"Content-Encoding must be gzip or absent, got {encoding!r}")
+        raise CloudApiError(415, "unsupported_encoding", f"Content-Encoding must be gzip or absent, got {encoding!r}")
     inflater = zlib.decompressobj(31)
     try:
         out = inflater.decompress(raw, MAX_EXPANDED_BYTES + 1)
     except zlib.error as exc:
-        raise ApiError(400, "invalid_body", f"the body is not valid gzip: {exc}") from exc
+        raise CloudApiError(400, "invalid_body", f"the body is not valid gzip: {exc}") from exc
     if len(out) > MAX_EXPANDED_BYTES or inflater.unconsumed_tail:
-        raise ApiError(413, "body_too_large", f"the body expands past {MAX_EXPANDED_BYTES} bytes")
+        raise CloudApiError(413, "body_too_large", f"the body expands past {MAX_EXPANDED_BYTES} bytes")
     if not inflater.eof:
-        raise ApiError(400, "invalid_body", "the gzip body is cut short")
+        raise CloudApiError(400, "invalid_body", "the gzip body is cut short")
     return out
 
 
@@ -62,28 +62,28 @@ class LogIntake:
 
     def take(self, api_key: str | None, encoding: str, raw: bytes) -> dict[str, Any]:
         if not api_key:
-            raise ApiError(401, "unauthorized", "missing X-Api-Key")
+            raise CloudApiError(401, "unauthorized", "missing X-Api-Key")
         if api_key != self.api_key:
-            raise ApiError(403, "forbidden", "this X-Api-Key is not the store's")
+            raise CloudApiError(403, "forbidden", "this X-Api-Key is not the store's")
         text = _expand(raw, encoding.strip().lower())
         body = loads_strict(text)
         if not isinstance(body, dict) or set(body) - _ENVELOPE or "records" not in body:
-            raise ApiError(400, "invalid_body", "a batch is {appliance_id, ring, dropped, records}")
+            raise CloudApiError(400, "invalid_body", "a batch is {appliance_id, ring, dropped, records}")
         ring, dropped, records = body.get("ring"), body.get("dropped", 0), body["records"]
         if not isinstance(ring, str) or not ring or not isinstance(body.get("appliance_id"), str):
-            raise ApiError(400, "invalid_body", "appliance_id and ring: non-empty strings")
+            raise CloudApiError(400, "invalid_body", "appliance_id and ring: non-empty strings")
         if not isinstance(dropped, int) or isinstance(dropped, bool) or dropped < 0:
-            raise ApiError(400, "invalid_body", "dropped: an integer >= 0")
+            raise CloudApiError(400, "invalid_body", "dropped: an integer >= 0")
         if not isinstance(records, list) or len(records) > MAX_RECORDS_PER_BATCH:
-            raise ApiError(400, "invalid_body", f"records: a list of at most {MAX_RECORDS_PER_BATCH}")
+            raise CloudApiError(400, "invalid_body", f"records: a list of at most {MAX_RECORDS_PER_BATCH}")
         for i, record in enumerate(records):
             seq = record.get("seq") if isinstance(record, dict) else None
             if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-                raise ApiError(400, "invalid_body", f"records[{i}].seq: an integer >= 1")
+                raise CloudApiError(400, "invalid_body", f"records[{i}].seq: an integer >= 1")
             if not all(isinstance(record.get(k), str) for k in ("level", "logger", "msg")):
-                raise ApiError(400, "invalid_body", f"records[{i}]: level, logger and msg are strings")
+                raise CloudApiError(400, "invalid_body", f"records[{i}]: level, logger and msg are strings")
         if len(self.records) + len(records) > MAX_KEPT_RECORDS:
-            raise ApiError(503, "unavailable", "the simulator's log store is full", headers={"Retry-After": "60"})
+            raise CloudApiError(503, "unavailable", "the simulator's log store is full", headers={"Retry-After": "60"})
         self.batches += 1
         self.bodies.append(text)
         self.appliances.add(body["appliance_id"])

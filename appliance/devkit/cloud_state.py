@@ -457,10 +457,10 @@ class CloudState:
     def support_bundle(self, token: Token, request_id: str, data: bytes, now: float) -> dict[str, Any]:
         """Keep the first bundle uploaded for ``request_id`` (a retry changes nothing)."""
         if not data.startswith(b"\x1f\x8b"):
-            raise ApiError(400, "invalid_body", "a bundle is a gzip file (.tar.gz)")
+            raise CloudApiError(400, "invalid_body", "a bundle is a gzip file (.tar.gz)")
         if request_id not in self.bundles:
             if len(self.bundles) >= MAX_BUNDLES:
-                raise ApiError(503, "unavailable", "the simulator's bundle store is full",
+                raise CloudApiError(503, "unavailable", "the simulator's bundle store is full",
                                headers={"Retry-After": "60"})
             self.bundles[request_id] = {"appliance_id": token.appliance_id, "received_at": rfc3339(now),
                                         "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "data": data}

@@ -38,9 +38,7 @@ from appliance import __version__
 from appliance.config import Config, find_config_path, to_toml_dict
 from appliance.health.firewall import read_loaded, read_snapshot, render_config
 from appliance.protocol.redact import Redactor
-from appliance.services.dispatcher import link_board
 from appliance.services.log_ring import current_redactor
-from appliance.services.orders import order_link
 from appliance.services.runtime import Runtime
 from appliance.storage import DATABASE_FILE, connect
 from appliance.storage.devices import list_devices
@@ -274,13 +272,13 @@ async def bundle_of(runtime: Runtime, *, log_records: int = DEFAULT_LOG_RECORDS)
         "services": [s.as_dict() for s in runtime.board.all()],
         "sync": {"pull": runtime.sync_status.pull.as_dict(), "push": runtime.sync_status.push.as_dict(),
                  "heartbeat": runtime.sync_status.heartbeat.as_dict(), "blocked": runtime.sync_status.blocked},
-        "orders_link": order_link(runtime).as_dict(),
-        "support_link": order_link(runtime, "support").as_dict(),
+        "orders_link": runtime.orders_link.as_dict(),
+        "support_link": runtime.support_link.as_dict(),
         "log_shipping": runtime.log_shipping.as_dict(),
         "log_ring": ring.stats().as_dict() if ring else None,
         "paired_store": runtime.store.store_id if runtime.store else None,
     }
-    links = [link.as_dict() for link in link_board(runtime).all()]
+    links = [link.as_dict() for link in runtime.device_links.all()]
     if ring is not None:
         await trio.to_thread.run_sync(ring.flush, 2.0)
     inp = BundleInput(config=runtime.config, redactor=current_redactor(runtime), log_records=log_records,

@@ -6,7 +6,7 @@ service stops. Either way this service keeps the ring's redaction up to date: th
 known secrets (``appliance.storage.known_secrets``) is read again at start and whenever
 the pairing changes (a new token, new Service Bus keys, a new intake key).
 
-Tests and measurements only: ``[logs] test_flood_per_s`` logs that many synthetic records
+Tests and measurements only: ``[logs.testing] flood_per_s`` logs that many synthetic records
 per second, in ticks of :data:`FLOOD_TICK_S`, from the event loop (as a busy service would).
 """
 
@@ -79,8 +79,9 @@ async def run_log_ring(runtime: Runtime, *, task_status: trio.TaskStatus[None] =
     try:
         async with trio.open_nursery() as nursery:
             ring.set_redactor(current_redactor(runtime))
-            if cfg.test_flood_per_s > 0:
-                nursery.start_soon(_flood, cfg.test_flood_per_s, cfg.test_flood_records, cfg.test_flood_after_s)
+            seams = cfg.testing
+            if seams.flood_per_s > 0:
+                nursery.start_soon(_flood, seams.flood_per_s, seams.flood_records, seams.flood_after_s)
             task_status.started()
             seen = runtime.pairing_changes.version
             while True:

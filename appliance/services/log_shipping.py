@@ -27,15 +27,16 @@ from typing import Final
 import httpx
 import trio
 
+from appliance.config import Config
 from appliance.protocol.backoff import Backoff
 from appliance.protocol.health import Check, Status
 from appliance.protocol.logship import Outcome, Pacer, ShippingPhase, classify, encode_batch, retry_after_s
 from appliance.services.log_ring import current_redactor
 from appliance.services.runtime import Runtime
-from appliance.services.wan import WanConfigError, close_client, open_client
+from appliance.services.wan import Route, WanConfigError, client_for, close_client, route
 from appliance.storage.logring import RingReader, load_cursor, save_cursor
 
-__all__ = ["intake_target", "run_log_shipping"]
+__all__ = ["intake_route", "intake_target", "run_log_shipping"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ def intake_target(runtime: Runtime) -> tuple[str, str] | None:
     if isinstance(url, str) and url.startswith("https://") and isinstance(key, str) and key:
         return url, key
     return None
+
+
+def intake_route(config: Config, url: str) -> Route:
+    """The WAN route to the log intake: ``[wan]``'s proxy and NO_PROXY, ``[logs] ca_file``
+    (else ``[cloud] ca_file``) added to the system's roots."""
+    return route(url, config.wan, ca_file=config.logs.ca_file or config.cloud.ca_file)
 
 
 def _checks(runtime: Runtime) -> list[Check]:
@@ -147,9 +154,8 @@ class _Shipper:
                 await close_client(self.client)
                 self.client = None
             try:
-                self.client = open_client(url, proxy=runtime.config.wan.proxy, no_proxy=runtime.config.wan.no_proxy,
-                                          ca_file=cfg.ca_file or runtime.config.cloud.ca_file,
-                                          connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s)
+                self.client = client_for(intake_route(runtime.config, url), connect_timeout_s=cfg.connect_timeout_s,
+                                         read_timeout_s=cfg.read_timeout_s)
             except WanConfigError as exc:
                 self._failed(str(exc))
                 await self._idle(ShippingPhase.RETRYING, cfg.backoff_max_s)

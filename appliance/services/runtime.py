@@ -91,9 +91,10 @@ class Runtime:
     # Bytes of request bodies the LAN listeners handle at once. Written by: services.guard.
     body_budget: BodyBudget = attrs.field(default=attrs.Factory(
         lambda self: BodyBudget(self.config.http.body_budget_bytes), takes_self=True))
-    # The on-disk log ring (opened by `appliance run` before anything logs, else by the
-    # logs.ring service) and what the log shipper is doing (docs/support.md).
+    # The on-disk log ring (docs/support.md): opened by `appliance run` before anything
+    # logs and given to the constructor, else written by: services.log_ring.
     log_ring: LogRing | None = None
+    # What the log shipper is doing. Written by: services.log_shipping.
     log_shipping: ShippingStatus = attrs.field(factory=ShippingStatus)
 
     @property
