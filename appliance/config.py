@@ -670,7 +670,7 @@ def load_config(explicit: str | None = None, env: Mapping[str, str] = os.environ
     return parse_config(data, source=str(path)), path
 
 
-_SECRET_KEYS: Final = frozenset({"token", "sas_key", "api_key"})
+_SECRET_KEYS: Final = frozenset({"token", "sas_key", "api_key", "key"})
 _URL_KEYS: Final = frozenset({"proxy"})  # may hold user:password@
 
 

@@ -183,7 +183,8 @@ SECRET_CONFIG = {
 
 
 def test_every_known_secret_comes_from_the_one_list(tmp_path: Path) -> None:
-    config = parse_config({**SECRET_CONFIG, "storage": {"dir": str(tmp_path)}})
+    config = parse_config({**SECRET_CONFIG, "storage": {"dir": str(tmp_path)},
+                           "devices": [{"id": "kds-1", "kind": "kds", "address": "10.0.0.7", "key": "d1" * 32}]})
     (tmp_path / "box.key").write_text("b0" * 32 + "\n")
     store = StoreLink(store_id="s", token="platform-token-abcdef", store_secret="ab" * 32, services={
         "orders": {"sas_key": "paired-orders-key"}, "support": {"sas_key": "paired-support-key"},
@@ -191,7 +192,8 @@ def test_every_known_secret_comes_from_the_one_list(tmp_path: Path) -> None:
     found = known_secrets(SecretContext(config=config, admin_token="generated-admin-token", store=store))
     assert found == {"admin-token-0123456789", "generated-admin-token", "orders-sas-key-abcdef",
                      "support-sas-key-abcdef", "logs-api-key-abcdef", "pr@xy-pass-123", "platform-token-abcdef",
-                     "ab" * 32, "paired-orders-key", "paired-support-key", "paired-logs-key", "b0" * 32}
+                     "ab" * 32, "paired-orders-key", "paired-support-key", "paired-logs-key", "b0" * 32,
+                     "d1" * 32}
 
 
 def test_redaction_by_value_and_by_shape() -> None:

@@ -56,8 +56,10 @@ SOURCES: Final[tuple[Callable[[SecretContext], Iterable[str]], ...]] = (
     lambda ctx: _service(ctx.store, "orders", "sas_key") + _service(ctx.store, "support", "sas_key"),
     lambda ctx: [ctx.config.logs.api_key, *_service(ctx.store, "logs", "api_key")],
     lambda ctx: _proxy_password(ctx.config.wan.proxy),
-    # The box's X25519 private key (the device keys are derived from it).
+    # The box's X25519 private key (enrolled devices' keys are derived from it).
     lambda ctx: [_read(Path(ctx.config.storage.dir) / "box.key")],
+    # Pre-shared keys of devices declared in [[devices]].
+    lambda ctx: [d.key for d in ctx.config.devices],
     # Derived device keys are never stored; like any raw 32-byte key they are masked by
     # shape (64 hex or 44 base64 characters) wherever they would appear.
 )
