@@ -9,9 +9,13 @@ every record before it is written to the log ring. It removes:
   the log intake key, the store secret, proxy passwords, device keys), also in its
   URL-encoded form (a proxy password inside a URL);
 - secrets by *shape*, for values this box was never told about: ``Bearer ...``,
-  ``SharedAccessKey=...``, ``sig=...``, the password of ``scheme://user:password@host``,
+  ``SharedAccessKey=...``, ``sig=...``, the credentials of ``scheme://user:password@host``
+  (:func:`redact_text`, which the stderr log formatter applies to every line too),
   JSON or ``key=value`` pairs whose key names a secret (``"token": "..."``), and raw
   32-byte keys in hex or base64 (device keys look like that).
+
+:func:`redact_url` masks the credentials of one URL before it is shown (the homepage,
+``config show``, error messages).
 
 Known secrets shorter than :data:`MIN_SECRET_LEN` are not replaced verbatim (a three-letter
 "password" would shred every line); the shape rules still catch them as values.
@@ -39,7 +43,6 @@ _SHAPES: Final[tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]] = (
     (re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"), ("bearer",)),
     (re.compile(r"(?i)(SharedAccessKey\s*=\s*)[^;\s\"'\\]+"), ("sharedaccesskey",)),
     (re.compile(r"(?i)(\bsig=)[^&\s\"'\\]+"), ("sig=",)),
-    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/\s:@\"']*:)[^@/\s\"'\\]+(?=@)"), ("://",)),
     (re.compile(r"(?i)(\"[a-z_]*" + _KEY_WORDS + r"[a-z_]*\"\s*:\s*\")(?:[^\"\\]|\\.)+(?=\")"), _WORDS),
     (re.compile(r"(?i)(\b[a-z_]*" + _KEY_WORDS + r"[a-z_]*\s*[=:]\s*)[^\s,;&\"'}\\]+"), _WORDS),
     # Raw 32-byte keys (device keys, X25519 private keys, SAS keys): 64 hex or 44 base64
@@ -71,6 +74,7 @@ class Redactor:
         """``text`` with every known secret and secret-shaped value replaced by ``***``."""
         if self._known is not None:
             text = self._known.sub(MASK, text)
+        text = redact_text(text)
         lower = text.lower()
         for shape, words in _SHAPES:
             if not words or any(word in lower for word in words):
