@@ -48,7 +48,7 @@ bind = "127.0.0.1"
 [storage]
 dir = "{tmp_path / 'state'}"
 [admin]
-token = "process-admin-token"
+token = "process-admin-token-0123456789"
 [supervisor]
 shutdown_deadline_s = 5.0
 [discovery]

@@ -174,7 +174,7 @@ def test_the_cursor_survives_and_seqs_never_go_back_below_it(tmp_path: Path) -> 
 
 
 SECRET_CONFIG = {
-    "admin": {"token": "admin-token-0123456789"},
+    "admin": {"token": "admin-token-0123456789-abcdef"},
     "orders": {"sas_key": "orders-sas-key-abcdef"},
     "support": {"sas_key": "support-sas-key-abcdef"},
     "logs": {"api_key": "logs-api-key-abcdef"},
@@ -190,7 +190,7 @@ def test_every_known_secret_comes_from_the_one_list(tmp_path: Path) -> None:
         "orders": {"sas_key": "paired-orders-key"}, "support": {"sas_key": "paired-support-key"},
         "logs": {"url": "https://x", "api_key": "paired-logs-key"}})
     found = known_secrets(SecretContext(config=config, admin_token="generated-admin-token", store=store))
-    assert found == {"admin-token-0123456789", "generated-admin-token", "orders-sas-key-abcdef",
+    assert found == {"admin-token-0123456789-abcdef", "generated-admin-token", "orders-sas-key-abcdef",
                      "support-sas-key-abcdef", "logs-api-key-abcdef", "pr@xy-pass-123", "platform-token-abcdef",
                      "ab" * 32, "paired-orders-key", "paired-support-key", "paired-logs-key", "b0" * 32,
                      "d1" * 32}

@@ -106,8 +106,9 @@ async def test_the_tail_streams_a_new_record_within_a_second(appliance: Runtime)
     # A bare HTTP/1.1 client on a socket: what arrives, when it arrives, nothing buffered.
     stream = await trio.open_tcp_stream("127.0.0.1", appliance.ports["support"])
     async with stream:
+        host = f"127.0.0.1:{appliance.ports['support']}".encode()
         await stream.send_all(b"GET /v1/logs/tail?level=info&logger=appliance.test&backlog=5 HTTP/1.1\r\n"
-                              b"Host: box\r\nAuthorization: Bearer " + ADMIN.encode() + b"\r\n\r\n")
+                              b"Host: " + host + b"\r\nAuthorization: Bearer " + ADMIN.encode() + b"\r\n\r\n")
         received = everything = b""
 
         async def next_record() -> dict[str, Any]:
