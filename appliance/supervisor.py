@@ -42,7 +42,7 @@ from appliance.services.systemd import Notifier, watchdog_interval_s
 from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.logring import LogRing
 from appliance.storage.meta import appliance_id
-from appliance.storage.secrets import load_or_create_token
+from appliance.storage.owner import load_credential
 
 __all__ = ["EXIT_FATAL", "FatalServiceError", "ServiceSpec", "open_runtime", "run", "supervise_all"]
 
@@ -196,13 +196,13 @@ async def open_runtime(config: Config, *, port_offset: int = 0, log_ring: LogRin
     db = await Database.open(state_dir / DATABASE_FILE)
     try:
         box_id = await db.write(appliance_id)
-        token = config.admin.token or await trio.to_thread.run_sync(load_or_create_token, state_dir / "admin.token")
+        admin = await trio.to_thread.run_sync(load_credential, state_dir, config.admin.token)
         box_key = await trio.to_thread.run_sync(load_box_key, state_dir)
     except BaseException:
         db.close()
         raise
     ports = config.lan.ports.with_offset(port_offset)
-    runtime = Runtime(config=config, db=db, appliance_id=box_id, admin_token=token, ports=BoundPorts(ports),
+    runtime = Runtime(config=config, db=db, appliance_id=box_id, admin=admin, ports=BoundPorts(ports),
                       keys=KeyRing(box_key, declared={d.id: d.key for d in config.devices}), log_ring=log_ring)
     _core_metrics(runtime)
     return runtime

@@ -107,6 +107,11 @@ async def form(runtime: Runtime, **fields: str) -> httpx.Response:
         return await admin.post("/pairing", data=fields)
 
 
+def cloud_card(page: str) -> str:
+    start = page.index("<section id=cloud>")
+    return page[start:page.index("</section>", start)]
+
+
 async def test_the_homepage_form_pairs_the_box(start_sim: StartSim, start_box: StartBox) -> None:
     sim = await start_sim()
     runtime = await start_box(cloud=fast_cloud(sim))
@@ -115,19 +120,26 @@ async def test_the_homepage_form_pairs_the_box(start_sim: StartSim, start_box: S
     assert page.count("<script") == page.count("<section id=live")  # the form needs no script
     checks = {c.name: c for c in await runtime.health.run_all()}
     assert checks["cloud.pairing"].status == "warn" and "pair" in checks["cloud.pairing"].fix
-    wrong_token = await form(runtime, code=sim.pair_code, token="guess")
-    assert wrong_token.status_code == 401 and "admin token" in wrong_token.text
-    wrong_code = await form(runtime, code="PAIR-0002", token=ADMIN)
+    # Never paired: the code alone pairs it (the back office's code is the proof); no token field.
+    assert "name=token" not in cloud_card(page)
+    wrong_code = await form(runtime, code="PAIR-0002")
     assert wrong_code.status_code == 400 and "no store has this pairing code" in wrong_code.text
-    empty = await form(runtime, code="  ", token=ADMIN)
+    empty = await form(runtime, code="  ")
     assert empty.status_code == 400
     assert runtime.store is None
     async with api_client(runtime, "admin") as admin:
         assert (await admin.post("/pairing", json={"code": "x"})).status_code == 415
-    done = await form(runtime, code=sim.pair_code, token=ADMIN)
+    done = await form(runtime, code=sim.pair_code)
     assert done.status_code == 303 and done.headers["location"] == "/#cloud"
     assert runtime.store is not None and runtime.store.store_id == "store-0001"
-    assert "paired with store store-0001" in await homepage(runtime)
+    page = await homepage(runtime)
+    assert "paired with store store-0001" in page and "name=token" in cloud_card(page)
+    # Paired: pairing again needs the admin token (pinned by this test's configuration).
+    wrong_token = await form(runtime, code=sim.pair_code, token="guess")
+    assert wrong_token.status_code == 401 and "admin token" in wrong_token.text
+    first_token = runtime.store.token
+    again = await form(runtime, code=sim.pair_code, token=ADMIN)
+    assert again.status_code == 303 and runtime.store.token != first_token
     async with api_client(runtime, "admin") as admin:
         status: dict[str, Any] = (await admin.get("/api/status")).json()["cloud"]["pairing"]
     assert status["state"] == "paired" and status["services"] == ["logs", "media", "orders", "support"]

@@ -287,6 +287,9 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         # The snapshot is taken here, on the loop; the thread only reads its frozen copy.
         return JSONResponse(await trio.to_thread.run_sync(summarize, *state.snapshot()))
 
+    async def sim_backoffice(request: Request) -> Response:
+        return JSONResponse(state.backoffice())
+
     async def sim_orders(request: Request) -> Response:
         body = loads_strict(await read_json_body(request, SMALL_BODY))
         count = body.get("count") if isinstance(body, dict) else None
@@ -332,6 +335,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         Route("/_sim/logs", sim_logs, methods=["GET"]),
         Route("/_sim/bundles", sim_bundles, methods=["GET"]),
         Route("/_sim/catalog", sim_catalog, methods=["GET"]),
+        Route("/_sim/backoffice", sim_backoffice, methods=["GET"]),
         Route("/_sim/orders", sim_orders, methods=["POST"]),
         Route("/_sim/blobs", sim_blobs, methods=["GET"]),
     ]

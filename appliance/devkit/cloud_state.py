@@ -186,6 +186,9 @@ class CloudState:
         self.store_secret = _derived(config.seed, f"{config.store_id}:secret").hex()
         self.faults = FaultPlan()
         self._pair_bound: dict[str, str] = {}  # code -> appliance_id
+        # The back office's view: each paired appliance's admin credential, shown to the
+        # store's owner (GET /_sim/backoffice). A new one at every pairing.
+        self.admin_tokens: dict[str, str] = {}
         self._tokens: dict[str, Token] = {}
         self._overrides: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._log: deque[FeedChange] = deque(maxlen=config.retention)
@@ -221,7 +224,16 @@ class CloudState:
                 self._tokens[value] = attrs.evolve(token, revoked=True)
         token = Token(value=secrets.token_urlsafe(32), store_id=self.store_id, appliance_id=request.appliance_id)
         self._tokens[token.value] = token
-        return {"store_id": self.store_id, "token": token.value, "services": self.services(request.appliance_id)}
+        admin = secrets.token_urlsafe(18)
+        self.admin_tokens[request.appliance_id] = admin
+        return {"store_id": self.store_id, "token": token.value, "admin_token": admin,
+                "services": self.services(request.appliance_id)}
+
+    def backoffice(self) -> dict[str, Any]:
+        """What the store's owner sees in the back office: the pairing code and, for each
+        paired appliance, its admin credential."""
+        return {"store_id": self.store_id, "pair_code": self.config.pair_code,
+                "appliances": {box: {"admin_token": admin} for box, admin in self.admin_tokens.items()}}
 
     def services(self, appliance_id: str) -> dict[str, Any]:
         cfg = self.config

@@ -65,6 +65,8 @@ __all__ = [
 # The contract's limits (docs/cloud-contract.md, "Limits").
 EVENTS_PER_BATCH_MAX: Final = 500
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The owner's admin credential in a pairing answer (URL-safe, typeable).
+ADMIN_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_.~-]{16,128}")
 # One snapshot line is one record: a product is a few hundred bytes. A line this long
 # is a broken stream, and refusing it bounds what the reader buffers.
 MAX_SNAPSHOT_LINE_BYTES: Final = 1_048_576
@@ -122,6 +124,9 @@ class PairingAnswer:
     token: str
     services: Mapping[str, Any]  # as received; holds store_secret
     store_secret: str
+    # The owner's admin credential for this box ("" when the platform sends none): the
+    # back office shows it to the store's owner (docs/cloud-contract.md, Pairing).
+    admin_token: str = attrs.field(default="", repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -272,8 +277,11 @@ def parse_pairing(body: bytes) -> PairingAnswer:
     for name in ("orders", "support", "media", "logs"):
         if services.get(name) is not None and not isinstance(services[name], dict):
             raise SyncProtocolError(f"pairing answer: services.{name} must be an object or null")
+    admin = obj.get("admin_token")
+    if admin is not None and not (isinstance(admin, str) and ADMIN_TOKEN_RE.fullmatch(admin)):
+        raise SyncProtocolError("pairing answer: admin_token must be 16 to 128 characters of A-Z a-z 0-9 - _ . ~")
     return PairingAnswer(store_id=_text(obj, "store_id", "pairing answer"), token=_text(obj, "token", "pairing answer"),
-                         services=services, store_secret=secret)
+                         services=services, store_secret=secret, admin_token=admin or "")
 
 
 def parse_events_answer(body: bytes) -> EventsAnswer:

@@ -1,7 +1,13 @@
 """Pairing the box with its store, and keeping ``runtime.store`` up to date.
 
-- :func:`pair_box` calls ``POST /v1/appliances/pair`` and saves the answer (0600). Used by
+- :func:`pair_box` calls ``POST /v1/appliances/pair`` and saves the answer (0600), and the
+  owner's admin credential the answer carries (``storage/owner.py``). Used by
   ``appliance pair CODE`` (its own process) and the homepage form (in the running box).
+- :func:`pair_from_web`: who may pair (docs/retailer.md, "Who owns the box"). A box that
+  was never paired takes a valid code from anyone on the LAN: the one-time code from the
+  back office is itself the proof of authority. A box that is paired (or was: "pair
+  again", an unreadable pairing file, an owner's credential) needs the admin credential.
+  Only the boot partition returns a paired box to unpaired (``services/setup.py``).
 - :func:`run_pairing`, a service started before the listeners and discovery: loads the
   saved pairing into ``runtime.store`` before it reports ready, then notices a pairing
   saved by another process (``appliance pair``) within :data:`WATCH_INTERVAL_S`.
@@ -11,13 +17,15 @@
 Every change of ``runtime.store`` notifies ``runtime.pairing_changes``.
 
 Exceptions: :class:`PairingFailed` (message for the person pairing; ``link`` says where the
-network path broke when it did).
+network path broke when it did). The web layer's own refusal passes through
+:func:`pair_from_web` unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -34,10 +42,11 @@ from appliance.services.runtime import Runtime
 from appliance.services.wan import WanConfigError, client_for, close_client, cloud_route, locate_failure
 from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.events import hold_unsent
+from appliance.storage.owner import CredentialSource, load_credential, save_owner_token
 from appliance.storage.pairing import PairingFileError, StoreLink, file_stamp, load_pairing, save_pairing
 
-__all__ = ["WATCH_INTERVAL_S", "PairingFailed", "describe", "mark_repair_needed", "pair_box", "pair_from_web",
-           "run_pairing", "set_store"]
+__all__ = ["WATCH_INTERVAL_S", "PairingFailed", "describe", "is_claimed", "mark_repair_needed", "pair_box",
+           "pair_from_web", "reload_credential", "run_pairing", "set_store"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,13 @@ async def pair_box(config: Config, *, appliance_id: str, code: str, now: float |
                       store_secret=answer.store_secret, paired_at=time.time() if now is None else now)
     state_dir = Path(config.storage.dir)
     await trio.to_thread.run_sync(_hold_other_stores_events, state_dir, answer.store_id, link_.paired_at)
+    if answer.admin_token:
+        # Before the pairing: a crash between the two leaves a box that counts as owned and
+        # whose credential the back office already shows, never a paired box whose
+        # credential nobody knows.
+        await trio.to_thread.run_sync(save_owner_token, state_dir, answer.admin_token)
+    else:
+        log.warning("the pairing answer carries no admin credential: the box keeps the one it had")
     await trio.to_thread.run_sync(save_pairing, state_dir, link_)
     log.info("paired with store %s", answer.store_id)
     return link_
@@ -155,10 +171,32 @@ async def mark_repair_needed(runtime: Runtime, refused: StoreLink) -> None:
         set_store(runtime, link)
 
 
-async def pair_from_web(runtime: Runtime, code: str) -> StoreLink:
-    """Pair the running box (the homepage form): save, then switch every service over."""
-    link = await pair_box(runtime.config, appliance_id=runtime.appliance_id, code=code)
-    set_store(runtime, link)
+def is_claimed(runtime: Runtime) -> bool:
+    """Paired, or was (pair again, an unreadable pairing file, an owner's credential):
+    pairing again then needs the admin credential."""
+    return (runtime.store is not None or bool(runtime.sync_status.pairing_problem)
+            or runtime.admin.source is CredentialSource.OWNER)
+
+
+async def reload_credential(runtime: Runtime) -> None:
+    """Put the admin credential saved in the state directory in effect."""
+    runtime.admin = await trio.to_thread.run_sync(load_credential, Path(runtime.config.storage.dir),
+                                                  runtime.config.admin.token)
+
+
+async def pair_from_web(runtime: Runtime, code: str, *, check_admin: Callable[[], None]) -> StoreLink:
+    """Pair the running box (the homepage form, the JSON route): save, then switch every
+    service and the admin credential over.
+
+    ``check_admin`` raises the caller's refusal when the request lacks the admin
+    credential; it is called only when the box is claimed, under the pairing lock, so two
+    strangers racing for an unpaired box cannot both pass the "unpaired" check."""
+    async with runtime.pairing_lock:
+        if is_claimed(runtime):
+            check_admin()
+        link = await pair_box(runtime.config, appliance_id=runtime.appliance_id, code=code)
+        await reload_credential(runtime)
+        set_store(runtime, link)
     return link
 
 
@@ -193,6 +231,7 @@ async def run_pairing(runtime: Runtime, *, task_status: trio.TaskStatus[None] = 
         if (link is None or old is None or link.token != old.token or link.needs_repair != old.needs_repair
                 or link.services != old.services):
             log.info("pairing file changed: %s", f"store {link.store_id}" if link else "unpaired")
+            await reload_credential(runtime)  # `appliance pair` saved the owner's credential too
             set_store(runtime, link)
 
 

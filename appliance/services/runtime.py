@@ -29,6 +29,7 @@ from appliance.services.signal import ChangeSignal
 from appliance.services.state import BoundPorts, DeviceLinkBoard, QueueLinkStatus, SupportWindow
 from appliance.storage import Database
 from appliance.storage.logring import LogRing
+from appliance.storage.owner import AdminCredential
 from appliance.storage.pairing import StoreLink
 
 __all__ = ["Runtime"]
@@ -39,7 +40,9 @@ class Runtime:
     config: Config
     db: Database
     appliance_id: str
-    admin_token: str
+    # The admin credential in effect and where it came from (storage/owner.py). Written by:
+    # services.owner (pairing brings the owner's; the settings page changes it).
+    admin: AdminCredential
     # The box's key pair and the device keys (enrollment, signed requests, the 8081 hello).
     # Made by the supervisor; its caches change only through its own methods (forget() on
     # every change of a device's key or state).
@@ -66,6 +69,9 @@ class Runtime:
     # then on pairing and on a 401), which notifies pairing_changes, "needs_repair" too.
     _store: StoreLink | None = attrs.field(default=None, alias="store")
     pairing_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
+    # Held while pairing: the check "is the box unpaired, so no credential is needed" and
+    # the pairing it allows happen as one step (services/pairing.py).
+    pairing_lock: trio.Lock = attrs.field(factory=trio.Lock)
     # Notified whenever events are queued for the platform (sales, orders, statuses).
     uplink_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
     # What the cloud sync loops last saw (homepage, /api/status, health, heartbeat).
@@ -105,6 +111,10 @@ class Runtime:
         """The pairing changed (paired, re-paired, needs repair, forgotten): tell everyone."""
         self._store = link
         self.pairing_changes.notify()
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin.token
 
     def uptime_s(self) -> float:
         return max(0.0, time.time() - self.started_at)

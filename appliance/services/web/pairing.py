@@ -7,6 +7,9 @@
   device adoption form (``services/web/devices.py``), it carries the admin token as a
   password field; no session, no cookie, nothing a cross-site form could forge.
 - ``POST /api/pairing`` ``{"code": ...}`` with ``Authorization: Bearer <admin token>``.
+- Both take a code with no admin token while the box has never been paired: the code from
+  the back office is the proof of authority, and the pairing answer brings the owner's
+  admin credential (``services/pairing.py``, docs/retailer.md).
 - ``/api/status`` gets a ``cloud`` key (see ``services/sync_health.py``).
 """
 
@@ -21,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from appliance.services.pairing import PairingFailed, describe, pair_from_web
+from appliance.services.pairing import PairingFailed, describe, is_claimed, pair_from_web
 from appliance.services.runtime import Runtime
 from appliance.services.sync_health import cloud_status
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
@@ -42,8 +45,9 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def form(request: Request) -> Response:
         try:
             fields = await read_form(request)
-            check_form_token(fields, runtime, consequence="nothing was changed")
-            await pair_from_web(runtime, fields.get("code", ""))
+            await pair_from_web(runtime, fields.get("code", ""), check_admin=lambda: check_form_token(
+                fields, runtime, consequence="this box is already paired, so pairing it again needs the admin "
+                "token shown in the back office; nothing was changed"))
         except FormError as exc:
             return _not_paired(exc.status, exc.message)
         except PairingFailed as exc:
@@ -52,13 +56,12 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return RedirectResponse("/#cloud", status_code=303)
 
     async def api_pair(request: Request) -> Response:
-        require_admin(request, runtime)
         body = await read_json(request, 4096)
         code = body.get("code") if isinstance(body, dict) else None
         if not isinstance(code, str):
             raise ApiError(400, "expected {\"code\": \"<pairing code>\"}", ["code: required, a string"])
         try:
-            await pair_from_web(runtime, code)
+            await pair_from_web(runtime, code, check_admin=lambda: require_admin(request, runtime))
         except PairingFailed as exc:
             raise ApiError(502 if exc.link is not None else 400, exc.message) from exc
         return JsonResponse({"pairing": describe(runtime.store)})
@@ -72,6 +75,13 @@ _FORM: Final = (
     "<label>Admin token <input type=password name=token autocomplete=current-password required></label> "
     "<button>{label}</button></p></form>"
 )
+# A box never paired: the code alone (the back office then shows the box's admin token).
+_FIRST_FORM: Final = (
+    "<form method=post action='/pairing' style='display:block'>"
+    "<p><label>Pairing code <input name=code required maxlength=128 autocomplete=off></label> "
+    "<button>Pair</button></p><p class=muted>The code comes from your back office. Once the box is paired, "
+    "the back office shows its admin token: keep it, the homepage asks for it to change anything.</p></form>"
+)
 
 
 async def cloud_section(runtime: Runtime) -> str:
@@ -81,7 +91,7 @@ async def cloud_section(runtime: Runtime) -> str:
     rows: list[str] = []
     if pairing["state"] == "unpaired":
         rows.append(row("pairing", "not paired: enter the code from the back office", AMBER))
-        form = _FORM.format(label="Pair")
+        form = _FORM.format(label="Pair") if is_claimed(runtime) else _FIRST_FORM
     elif pairing["state"] == "repair_needed":
         rows.append(row("pairing", f"pair again: the platform refused this box's token for store "
                                     f"{html.escape(pairing['store_id'])} (the shop keeps working meanwhile)", RED))
