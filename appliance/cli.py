@@ -23,13 +23,14 @@ from appliance.commands import (
     info,
     pair,
     run,
+    setup,
 )
 from appliance.commands.base import CommandFailed
 
 __all__ = ["main", "parser"]
 
 # Each module adds its subcommands; the order is the order of `appliance --help`.
-COMMAND_MODULES = (run, demo, info, health, bundle, events, firewall, devkit_cloud, devkit_device, discover, pair)
+COMMAND_MODULES = (run, demo, info, health, bundle, events, firewall, devkit_cloud, devkit_device, discover, pair, setup)
 
 
 def parser() -> argparse.ArgumentParser:

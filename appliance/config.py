@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "LISTENER_ROLES",
     "PORT_ROLES",
+    "SETTINGS_FILE",
     "AdminConfig",
     "BusTestSeams",
     "CloudConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "LogsConfig",
     "MediaConfig",
     "MediaTestSeams",
+    "NetworkConfig",
     "OrdersConfig",
     "PortRole",
     "Ports",
@@ -60,11 +62,17 @@ __all__ = [
     "WanConfig",
     "find_config_path",
     "load_config",
+    "merge_tables",
     "parse_config",
+    "read_toml",
+    "structure_strict",
     "to_toml_dict",
 ]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/appliance/appliance.toml")
+# In the state directory: the shop's settings from the setup file and the homepage,
+# merged over the configuration file (docs/setup.md).
+SETTINGS_FILE: Final = "settings.toml"
 ENV_CONFIG: Final = "APPLIANCE_CONFIG"
 
 T = TypeVar("T")
@@ -122,6 +130,14 @@ def _addresses(_inst: object, attr: attrs.Attribute[tuple[str, ...]], value: tup
             ipaddress.ip_address(item)
         except ValueError as exc:
             raise FieldError(attr.name, f"not an IP address: {item!r}") from exc
+
+
+def _address(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise FieldError(attr.name, f"not an IP address: {value!r}") from exc
 
 
 def _one_of(*choices: str) -> Any:
@@ -253,8 +269,11 @@ def _admin_token(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
 
 @attrs.frozen(kw_only=True)
 class AdminConfig:
-    # Bearer token for admin endpoints; empty = generated at first start, stored 0600.
+    # Bearer token for admin endpoints; empty = the owner's (from pairing or the settings
+    # page) or else generated at first start, stored 0600. Set here, it is pinned.
     token: str = attrs.field(default="", validator=_admin_token)
+    # The language of the homepage, the status ticket and the CLI.
+    language: str = attrs.field(default="en", validator=_one_of("en", "fr"))
 
 
 @attrs.frozen(kw_only=True)
@@ -574,9 +593,41 @@ class EventsConfig:
     max_subscribers: int = attrs.field(default=256, validator=_positive)
 
 
+def _interface(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        return
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError as exc:
+        raise FieldError(attr.name, f"not an address with its prefix length, such as 192.168.1.50/24: "
+                                    f"{value!r}") from exc
+    if "/" not in value:
+        raise FieldError(attr.name, f"give the prefix length too, such as {value}/24")
+    net = iface.network
+    if iface.version == 4 and net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+        raise FieldError(attr.name, f"{iface.ip} is the network's own or broadcast address, not a host's")
+
+
+@attrs.frozen(kw_only=True)
+class NetworkConfig:
+    """The box's own address on the shop's LAN (every wired interface). Empty: DHCP."""
+
+    address: str = attrs.field(default="", validator=_interface)  # "192.168.1.50/24"
+    gateway: str = attrs.field(default="", validator=_address)
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.address) != bool(self.gateway):
+            raise FieldError("gateway" if self.address else "address",
+                             "a static address needs both address and gateway (or neither, for DHCP)")
+        if self.address and ipaddress.ip_address(self.gateway) not in ipaddress.ip_interface(self.address).network:
+            raise FieldError("gateway", f"{self.gateway} is not in the box's network "
+                                        f"{ipaddress.ip_interface(self.address).network}")
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     lan: LanConfig = attrs.field(factory=LanConfig)
+    network: NetworkConfig = attrs.field(factory=NetworkConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     admin: AdminConfig = attrs.field(factory=AdminConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
@@ -632,8 +683,15 @@ _CONVERTER: Final = _converter()
 
 def parse_config(data: Mapping[str, Any], *, source: str = "config") -> Config:
     """Structure a TOML-shaped mapping into :class:`Config`, or raise :class:`ConfigError`."""
+    return structure_strict(data, Config, source=source)
+
+
+def structure_strict(data: Mapping[str, Any], cls: type[T], *, source: str) -> T:
+    """Structure ``data`` into the attrs class ``cls`` with the configuration's rules
+    (unknown keys refused, strict scalars), or raise :class:`ConfigError` with path-named
+    lines. Other files with the same rules (the boot partition's setup file) use it too."""
     try:
-        return _CONVERTER.structure(dict(data), Config)
+        return _CONVERTER.structure(dict(data), cls)
     except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
         raise ConfigError(flatten(exc, noun="key", top="(top level)")) from exc
     except FieldError as exc:
@@ -654,20 +712,44 @@ def find_config_path(explicit: str | None, env: Mapping[str, str] = os.environ) 
     return None
 
 
-def load_config(explicit: str | None = None, env: Mapping[str, str] = os.environ) -> tuple[Config, Path | None]:
-    """Load the effective configuration and say which file it came from (None: defaults)."""
-    path = find_config_path(explicit, env)
-    if path is None:
-        return Config(), None
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's data, or :class:`ConfigError` naming the file."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
-    return parse_config(data, source=str(path)), path
+
+
+def merge_tables(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, table by table; ``extra`` wins."""
+    out = dict(base)
+    for key, value in extra.items():
+        old = out.get(key)
+        out[key] = merge_tables(old, value) if isinstance(value, Mapping) and isinstance(old, Mapping) else value
+    return out
+
+
+def load_config(explicit: str | None = None, env: Mapping[str, str] = os.environ) -> tuple[Config, Path | None]:
+    """Load the effective configuration and say which file it came from (None: defaults).
+
+    The shop's own settings (:data:`SETTINGS_FILE` in the state directory, written from
+    the boot partition's setup file and the homepage) are merged over the file."""
+    path = find_config_path(explicit, env)
+    data = read_toml(path) if path is not None else {}
+    base = parse_config(data, source=str(path or "config"))
+    settings = Path(base.storage.dir) / SETTINGS_FILE
+    if not settings.is_file():
+        return base, path
+    extra = read_toml(settings)
+    extra.pop("storage", None)  # the state directory is where this file lives: not its to move
+    try:
+        return parse_config(merge_tables(data, extra), source=str(settings)), path
+    except ConfigError as exc:
+        raise ConfigError([f"{settings}: {line}" for line in exc.errors]) from exc
 
 
 _SECRET_KEYS: Final = frozenset({"token", "sas_key", "api_key", "key"})

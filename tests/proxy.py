@@ -64,8 +64,9 @@ class Tinyproxy:
         return _CONNECT.findall(self.log())
 
 
-def _config(directory: Path, port: int) -> str:
-    return "\n".join([
+def _config(directory: Path, port: int, basic_auth: tuple[str, str] | None = None) -> str:
+    auth = [f"BasicAuth {basic_auth[0]} {basic_auth[1]}"] if basic_auth else []
+    return "\n".join([*auth,
         f"Port {port}",
         "Listen 127.0.0.1",
         "Timeout 30",
@@ -79,14 +80,14 @@ def _config(directory: Path, port: int) -> str:
     ])
 
 
-def _prepare(directory: Path) -> tuple[str, int, Path]:
+def _prepare(directory: Path, basic_auth: tuple[str, str] | None = None) -> tuple[str, int, Path]:
     binary = shutil.which("tinyproxy", path="/usr/local/bin:/usr/bin:/usr/sbin:/bin")
     if binary is None:
         pytest.skip("tinyproxy is not installed (apt-get install tinyproxy; scripts/setup --test does it)")
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = directory / "tinyproxy.conf"
-    config.write_text(_config(directory, port))
+    config.write_text(_config(directory, port, basic_auth))
     return binary, port, config
 
 
@@ -104,10 +105,11 @@ async def _wait_listening(port: int, process: trio.Process) -> None:
             return
 
 
-async def run_tinyproxy(directory: Path, *, task_status: trio.TaskStatus[Tinyproxy] = trio.TASK_STATUS_IGNORED,
-                        ) -> None:
-    """Run tinyproxy in the foreground until cancelled; started() once it accepts."""
-    binary, port, config = _prepare(directory)
+async def run_tinyproxy(directory: Path, *, basic_auth: tuple[str, str] | None = None,
+                        task_status: trio.TaskStatus[Tinyproxy] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run tinyproxy in the foreground until cancelled; started() once it accepts.
+    ``basic_auth``: (user, password) every request must carry (Proxy-Authorization)."""
+    binary, port, config = _prepare(directory, basic_auth)
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(_runner(binary, config))
         try:

@@ -4,7 +4,7 @@
   nothing of the appliance outside ``protocol``.
 - Imports run one way: cli/commands -> supervisor -> services -> health -> protocol/storage
   -> config; inside ``services/`` sideways imports are ruled too (:data:`SERVICES_PLUMBING`,
-  :data:`BUILT_ON`).
+  :data:`BUILT_ON`); ``setupfile`` (the boot partition's settings) sits beside ``config``.
 - The port map is one truth: ``PORT_ROLES``, ``Ports``, the listener factories, ``lan-check``
   and the port table of docs/architecture.md agree.
 - Every piece of runtime state has one writer (:data:`STATE_WRITERS`); no other module
@@ -42,7 +42,9 @@ ALLOWED = {
     "config": {"protocol"},
     "storage": {"protocol", "config"},
     "health": {"protocol", "storage", "config"},
-    "services": {"protocol", "storage", "health", "config", "logs"},
+    "services": {"protocol", "storage", "health", "config", "logs", "setupfile"},
+    # The boot partition's setup file: its schema and merge (commands/setup.py does the I/O).
+    "setupfile": {"protocol", "config"},
     "devkit": {"protocol", "storage", "health", "config", "services", "logs"},
     "supervisor": {"protocol", "storage", "health", "config", "services", "logs"},
     "logs": {"protocol"},  # the pure redaction of credentials in each line

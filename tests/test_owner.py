@@ -4,62 +4,13 @@ replaces the generated one; a paired box refuses pairing without it, also after 
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
-import trio
-
 from appliance.storage.owner import GENERATED_FILE, OWNER_FILE
-from tests.sync_helpers import StartSim, free_port, wait_until
+from tests.realbox import box_config, real_box
+from tests.sync_helpers import StartSim, free_port
 
 pytest_plugins = ["tests.sync_fixtures"]
-
-
-def box_config(tmp_path: Path, sim_url: str, ca: Path, admin_port: int) -> Path:
-    """A box as shipped: no admin token in the configuration (the image has none)."""
-    path = tmp_path / "appliance.toml"
-    ports = "\n".join(f"{role} = 0" for role in ("api", "events", "media", "provisioning", "ops", "support",
-                                                  "discovery"))
-    path.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\nadmin = {admin_port}\n{ports}\n'
-                    f'[storage]\ndir = "{tmp_path / "state"}"\n[supervisor]\nshutdown_deadline_s = 5.0\n'
-                    f'[discovery]\nenabled = false\n[orders]\nenabled = false\n'
-                    f'[cloud]\napi_url = "{sim_url}"\nca_file = "{ca}"\nconnect_timeout_s = 2.0\n'
-                    "read_timeout_s = 5.0\n")
-    return path
-
-
-@asynccontextmanager
-async def real_box(config: Path, admin_port: int, log: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """``appliance run`` in its own process; a client of its admin listener once it answers.
-    Stopped with SIGTERM (exit 0 expected) when the block ends."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
-    with log.open("ab") as stderr:
-        proc = await trio.lowlevel.open_process([sys.executable, "-m", "appliance", "run", "--config", str(config)],
-                                                stderr=stderr, env=env)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", timeout=10) as client:
-
-            async def up() -> bool:
-                try:
-                    return (await client.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    assert proc.poll() is None, log.read_text()
-                    return False
-
-            await wait_until(up, timeout_s=30, what="the box's admin listener")
-            yield client
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(15):
-            assert await proc.wait() == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            await proc.wait()
 
 
 def bearer(token: str) -> dict[str, str]:

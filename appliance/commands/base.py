@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from appliance.config import Config, ConfigError, load_config
 
-__all__ = ["EXIT_OK", "EXIT_USAGE", "add_config_arg", "config_or_exit", "fail"]
+__all__ = ["EXIT_OK", "EXIT_USAGE", "add_config_arg", "config_or_exit", "fail", "run_group"]
 
 EXIT_OK: Final = 0
 # Bad configuration, a port that cannot be bound, bad arguments: a person must act.
@@ -40,3 +41,18 @@ def config_or_exit(args: argparse.Namespace) -> Config:
             print(f"config error: {line}", file=sys.stderr)
         raise fail("the configuration is invalid; nothing was started") from exc
     return config
+
+
+def run_group(name: str, register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None],
+              argv: Sequence[str] | None = None) -> int:
+    """``python3 -m appliance.commands.NAME ...``: one command group without importing the
+    whole CLI (the boot-time services run before anything else, on a slow card)."""
+    parser = argparse.ArgumentParser(prog="appliance")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code: int = args.func(args)
+    except CommandFailed as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.code
+    return code

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from appliance.commands.base import EXIT_OK, CommandFailed, add_config_arg, config_or_exit, fail
+from appliance.commands.base import EXIT_OK, add_config_arg, config_or_exit, fail, run_group
 from appliance.config import find_config_path
 from appliance.health.firewall import Loaded, differences, read_loaded, render_config
 from appliance.protocol.firewall import FirewallError
@@ -108,15 +108,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python3 -m appliance.commands.firewall render|check``: the same commands without
     importing the whole appliance (the boot-time renderer runs before anything else)."""
-    parser = argparse.ArgumentParser(prog="appliance")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(["firewall", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code: int = args.func(args)
-    except CommandFailed as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return exc.code
-    return code
+    return run_group("firewall", register, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from appliance.services.media import run_media
 from appliance.services.orders import run_orders
 from appliance.services.pairing import run_pairing
 from appliance.services.runtime import Runtime
+from appliance.services.setup import setup_checks
 from appliance.services.spec import ServiceSpec
 from appliance.services.support_channel import run_support
 from appliance.services.sync import run_sync
@@ -97,6 +98,7 @@ def listener_apps(runtime: Runtime) -> dict[str, Starlette]:
 def register_checks(runtime: Runtime) -> None:
     """The health checks that belong to no single service."""
     runtime.health.add("system", partial(system_checks, Path(runtime.config.storage.dir)))
+    runtime.health.add("setup", partial(setup_checks, Path(runtime.config.storage.dir)))  # the boot partition's file
     if (check := firewall_check(runtime.config)) is not None:
         runtime.health.add("firewall", check)
     runtime.health.add("wan", WanChecks(runtime.config, store=lambda: runtime.store))

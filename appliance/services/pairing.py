@@ -14,6 +14,11 @@
 - :func:`mark_repair_needed`: the platform refused the token (401/403); the box shows
   "pair again", stops calling the platform, and keeps serving the LAN.
 
+- The boot partition's setup file (``appliance/setupfile.py``) hands over a release and a
+  pairing code: :func:`run_pairing` releases the box before it loads the pairing (the
+  events still waiting for the old store are held, never sent to the next one), then pairs
+  with the code, retrying while the platform cannot be reached.
+
 Every change of ``runtime.store`` notifies ``runtime.pairing_changes``.
 
 Exceptions: :class:`PairingFailed` (message for the person pairing; ``link`` says where the
@@ -36,14 +41,24 @@ import trio
 
 from appliance import __version__
 from appliance.config import Config
+from appliance.protocol.backoff import Backoff
 from appliance.protocol.sync import SyncProtocolError, http_failure, parse_error, parse_pairing
 from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.runtime import Runtime
 from appliance.services.wan import WanConfigError, client_for, close_client, cloud_route, locate_failure
+from appliance.setupfile import HANDOFF_FILE, Handoff
 from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.events import hold_unsent
-from appliance.storage.owner import CredentialSource, load_credential, save_owner_token
-from appliance.storage.pairing import PairingFileError, StoreLink, file_stamp, load_pairing, save_pairing
+from appliance.storage.owner import CredentialSource, forget_owner, load_credential, save_owner_token
+from appliance.storage.pairing import (
+    PairingFileError,
+    StoreLink,
+    file_stamp,
+    load_pairing,
+    remove_pairing,
+    save_pairing,
+)
+from appliance.storage.secrets import write_secret
 
 __all__ = ["WATCH_INTERVAL_S", "PairingFailed", "describe", "is_claimed", "mark_repair_needed", "pair_box",
            "pair_from_web", "reload_credential", "run_pairing", "set_store"]
@@ -207,9 +222,73 @@ def _load(state_dir: Path) -> tuple[StoreLink | None, str]:
         return None, f"{exc}; pair the box again"
 
 
+def _write_handoff(state_dir: Path, handoff: Handoff | None) -> None:
+    if handoff is None:
+        (state_dir / HANDOFF_FILE).unlink(missing_ok=True)
+    else:
+        write_secret(state_dir / HANDOFF_FILE, handoff.to_json())
+
+
+async def _release(runtime: Runtime, state_dir: Path) -> None:
+    """The boot partition said so: forget the store and the owner's credential."""
+    old = (await trio.to_thread.run_sync(_load, state_dir))[0]
+    if old is not None:
+        held = await runtime.db.write(partial(
+            hold_unsent, reason=f"held: recorded for store {old.store_id}; the box was released from it on its "
+                                "boot partition before they went up", now=time.time()))
+        log.warning("released from store %s on the boot partition; %d event(s) for it held, not sent",
+                    old.store_id, held)
+    await trio.to_thread.run_sync(remove_pairing, state_dir)
+    await trio.to_thread.run_sync(forget_owner, state_dir)
+    log.warning("the box is unpaired (released on its boot partition)")
+
+
+async def _pair_with_setup_code(runtime: Runtime, state_dir: Path, handoff: Handoff) -> None:
+    """Pair with the setup file's code, retrying (capped backoff) while the platform cannot
+    be reached. A refusal (unknown or used code) is kept for the homepage; a person acts."""
+    cloud = runtime.config.cloud
+    backoff = Backoff(cloud.backoff_initial_s, cloud.backoff_max_s)
+    while True:
+        try:
+            async with runtime.pairing_lock:
+                link = await pair_box(runtime.config, appliance_id=runtime.appliance_id, code=handoff.code)
+                await reload_credential(runtime)
+                set_store(runtime, link)
+        except PairingFailed as exc:
+            if exc.link is None:
+                log.error("the pairing code from the setup file was refused: %s", exc.message)
+                await trio.to_thread.run_sync(_write_handoff, state_dir, Handoff(
+                    problem=f"the pairing code from the setup file was refused: {exc.message}"))
+                return
+            delay = backoff.next_delay()
+            log.warning("pairing with the setup file's code: %s; trying again in %.0f s", exc.message, delay)
+            await trio.to_thread.run_sync(_write_handoff, state_dir, attrs.evolve(
+                handoff, problem=f"not paired yet: {exc.message} (trying again)"))
+            await trio.sleep(delay)
+        else:
+            await trio.to_thread.run_sync(_write_handoff, state_dir, None)
+            return
+
+
 async def run_pairing(runtime: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Load the saved pairing into ``runtime.store``, then follow changes to its file."""
+    """Apply the setup file's release, load the saved pairing into ``runtime.store``, pair
+    with the setup file's code if it gave one, and follow changes to the pairing file."""
     state_dir = Path(runtime.config.storage.dir)
+    handoff = await trio.to_thread.run_sync(Handoff.read, state_dir)
+    if handoff is not None and handoff.release:
+        await _release(runtime, state_dir)
+        handoff = attrs.evolve(handoff, release=False)  # done: a restart must not release the next pairing
+        await trio.to_thread.run_sync(_write_handoff, state_dir, handoff if handoff.code or handoff.problem else None)
+        await reload_credential(runtime)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_follow_pairing, runtime, state_dir)
+        task_status.started()
+        if handoff is not None and handoff.code:
+            await _pair_with_setup_code(runtime, state_dir, handoff)
+
+
+async def _follow_pairing(runtime: Runtime, state_dir: Path, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     stamp = await trio.to_thread.run_sync(file_stamp, state_dir)
     link, problem = await trio.to_thread.run_sync(_load, state_dir)
     runtime.sync_status.pairing_problem = problem

@@ -20,7 +20,8 @@ import attrs
 
 from appliance.storage.secrets import write_secret
 
-__all__ = ["PAIRING_FILE", "PairingFileError", "StoreLink", "file_stamp", "load_pairing", "save_pairing"]
+__all__ = ["PAIRING_FILE", "PairingFileError", "StoreLink", "file_stamp", "load_pairing", "remove_pairing",
+           "save_pairing"]
 
 PAIRING_FILE: Final = "pairing.json"
 _VERSION: Final = 1
@@ -79,6 +80,15 @@ def load_pairing(state_dir: Path) -> StoreLink | None:
                      store_secret=secret if isinstance(secret, str) else "",
                      paired_at=float(paired_at) if isinstance(paired_at, int | float) else 0.0,
                      needs_repair=data.get("needs_repair") is True)
+
+
+def remove_pairing(state_dir: Path) -> bool:
+    """Forget the pairing (the box was released); True if there was one."""
+    try:
+        os.unlink(state_dir / PAIRING_FILE)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def file_stamp(state_dir: Path) -> tuple[int, int, int] | None:

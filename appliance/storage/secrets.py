@@ -6,15 +6,25 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["load_or_create_token", "read_secret", "write_secret"]
+__all__ = ["load_or_create_token", "read_secret", "write_atomic", "write_secret"]
 
 
 def write_secret(path: Path, data: str) -> None:
     """Replace ``path`` with ``data``: never readable by others, never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data, mode=0o600)
+
+
+def write_atomic(path: Path, data: str, *, mode: int | None, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` with ``data``, never half-written, with ``mode`` and ``owner`` from
+    the start (``mode`` None leaves them to the filesystem: a FAT partition has none)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.write(fd, data.encode("utf-8"))
         os.fsync(fd)
     finally:

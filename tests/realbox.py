@@ -1,0 +1,65 @@
+"""The real ``appliance run`` process for tests: its configuration as shipped (no admin token
+pinned) and a context manager that starts it, waits for its admin listener and stops it
+with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import trio
+
+from tests.sync_helpers import wait_until
+
+__all__ = ["box_config", "real_box"]
+
+
+def box_config(tmp_path: Path, sim_url: str, ca: Path | None, admin_port: int, ops_port: int = 0) -> Path:
+    """A box as shipped: no admin token in the configuration (the image has none).
+    ``ca``: the simulator's CA, or None when only the setup file's proxy CA trusts it."""
+    path = tmp_path / "appliance.toml"
+    ports = "\n".join(f"{role} = 0" for role in ("api", "events", "media", "provisioning", "support", "discovery"))
+    ca_line = f'ca_file = "{ca}"\n' if ca else ""
+    path.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\nadmin = {admin_port}\nops = {ops_port}\n{ports}\n'
+                    f'[storage]\ndir = "{tmp_path / "state"}"\n[supervisor]\nshutdown_deadline_s = 5.0\n'
+                    f'[discovery]\nenabled = false\n[orders]\nenabled = false\n'
+                    f'[cloud]\napi_url = "{sim_url}"\n{ca_line}connect_timeout_s = 2.0\nread_timeout_s = 5.0\n'
+                    "backoff_initial_s = 0.1\nbackoff_max_s = 0.5\npull_interval_s = 0.5\n")
+    return path
+
+
+@asynccontextmanager
+async def real_box(config: Path, admin_port: int, log: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """``appliance run`` in its own process; a client of its admin listener once every service has started.
+    Stopped with SIGTERM (exit 0 expected) when the block ends."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+    with log.open("ab") as stderr:
+        proc = await trio.lowlevel.open_process([sys.executable, "-m", "appliance", "run", "--config", str(config)],
+                                                stderr=stderr, env=env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", timeout=10) as client:
+
+            async def up() -> bool:
+                try:  # every service started (a SIGTERM during start-up is another matter)
+                    answer = await client.get("/api/status")
+                    return answer.status_code == 200 and answer.json()["ready"] is True
+                except httpx.TransportError:
+                    assert proc.poll() is None, await trio.Path(log).read_text()
+                    return False
+
+            await wait_until(up, timeout_s=30, what="the box's admin listener")
+            yield client
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await proc.wait() == 0, await trio.Path(log).read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await proc.wait()
+
+
