@@ -46,9 +46,9 @@ from appliance.config import (
 )
 from appliance.protocol.errors import FieldError
 
-__all__ = ["CA_FILE", "HANDOFF_FILE", "MAX_BYTES", "NETWORK_UNIT", "SETUP_FILE", "STATUS_FILE", "Handoff", "SetupFile",
-           "SetupStatus", "effective", "file_digest", "merge", "network_unit", "parse_setup", "read_status", "scrub",
-           "summary", "without_secrets"]
+__all__ = ["CA_FILE", "HANDOFF_FILE", "MAX_BYTES", "NETWORK_UNIT", "SETUP_FILE", "STATUS_FILE", "Handoff",
+           "SetupFile", "SetupStatus", "effective", "file_digest", "merge", "network_unit", "parse_setup",
+           "parse_setup_data", "read_status", "scrub", "summary", "without_secrets"]
 
 SETUP_FILE: Final = "appliance-setup.toml"
 # In the state directory: what the last boot did with the file (no secrets), and the
@@ -177,6 +177,11 @@ def parse_setup(text: str) -> SetupFile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"]) from exc
+    return parse_setup_data(data)
+
+
+def parse_setup_data(data: Mapping[str, Any]) -> SetupFile:
+    """Setup-file-shaped data (the file, or the homepage's JSON) as a :class:`SetupFile`."""
     try:
         setup = structure_strict(data, SetupFile, source="setup file")
     except ConfigError as exc:
@@ -234,11 +239,14 @@ _SETUP_PATHS: Final = {"wan.dns_servers": "network.dns", "wan.ntp_servers": "net
                        "network.gateway": "network.gateway"}
 
 
-def merge(settings: Mapping[str, Any], setup: SetupFile, *, current_proxy: str, ca_path: str) -> dict[str, Any]:
+def merge(settings: Mapping[str, Any], setup: SetupFile, *, current_proxy: str, ca_path: str,
+          keep_ca: bool = False) -> dict[str, Any]:
     """The shop's settings (``settings.toml`` data) with the setup file merged in.
 
     ``current_proxy``: the proxy in effect, whose password a scrubbed file keeps.
-    ``ca_path``: where the proxy's CA is written, when the setup file gives one."""
+    ``ca_path``: where the proxy's CA is written, when the setup file gives one.
+    ``keep_ca``: a proxy section without a CA keeps the one the box has (the homepage's
+    form, where the CA is not sent again; the setup file gives its section whole)."""
     out: dict[str, Any] = json.loads(json.dumps(dict(settings)))  # a deep copy of plain TOML data
 
     def section(name: str) -> dict[str, Any]:
@@ -257,11 +265,11 @@ def merge(settings: Mapping[str, Any], setup: SetupFile, *, current_proxy: str, 
     if setup.proxy is not None:
         section("wan").update(proxy=_proxy_with_credentials(setup.proxy, current_proxy),
                               no_proxy=list(setup.proxy.no_proxy))
-        has_ca = bool(setup.proxy.ca or setup.proxy.ca_file)
+        given = bool(setup.proxy.ca or setup.proxy.ca_file)
         for name in ("cloud", "orders", "support"):
-            if has_ca:
+            if given:
                 section(name)["ca_file"] = ca_path
-            elif out.get(name, {}).get("ca_file") == ca_path:
+            elif not (keep_ca and setup.proxy.url) and out.get(name, {}).get("ca_file") == ca_path:
                 del out[name]["ca_file"]
     return out
 

@@ -48,6 +48,7 @@ from appliance.services.web.enrollment import provisioning_parts as enrollment_p
 from appliance.services.web.media_admin import admin_parts as media_admin_parts
 from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
+from appliance.services.web.settings import admin_parts as settings_admin_parts
 from appliance.services.web.store import api_parts as store_api_parts
 from appliance.services.web.support import admin_parts as support_admin_parts
 
@@ -74,6 +75,7 @@ def web_parts() -> dict[str, WebParts]:
     parts = {role: WebParts() for role in LISTENER_ROLES}
     parts["admin"] += device_admin_parts()  # the device registry: list, adopt, reject
     parts["admin"] += cloud_admin_parts()  # pairing form, cloud sync status
+    parts["admin"] += settings_admin_parts()  # the shop's settings: address, proxy, language, admin token
     parts["api"] += online_orders.api_parts()  # online orders: GET /v1/orders (the list)
     parts["admin"] += online_orders.admin_parts()  # online orders, the remote support switch
     parts["api"] += store_api_parts()  # catalog, prices, stock; sales and orders in

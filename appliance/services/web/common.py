@@ -48,26 +48,27 @@ class FormError(Exception):
         super().__init__(message)
 
 
-async def read_form(request: Request) -> dict[str, str]:
+async def read_form(request: Request, limit: int = MAX_FORM_BYTES) -> dict[str, str]:
     """A small urlencoded form, refused before buffering when too large or of another type,
     and with 408 when it has not arrived whole within ``[http] body_timeout_s``.
 
     The homepage has no JavaScript, so its buttons are plain forms that carry the admin
     token as a password field (a browser form cannot send an Authorization header): the
-    token can only be checked once this small, time-bounded body is in."""
+    token can only be checked once this small, time-bounded body is in. ``limit``: a form
+    that carries more than a token and an action (a pasted CA) says so."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
         raise FormError(415, f"Expected an HTML form (application/x-www-form-urlencoded), got {ctype or 'nothing'}.")
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
-        raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise FormError(413, f"Form too large (the limit is {limit} bytes).")
     timeout = _body_timeout_s(request)
     body = b""
     with trio.move_on_after(timeout) as scope:
         async for chunk in request.stream():
             body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                raise FormError(413, f"Form too large (the limit is {MAX_FORM_BYTES} bytes).")
+            if len(body) > limit:
+                raise FormError(413, f"Form too large (the limit is {limit} bytes).")
     if scope.cancelled_caught:
         raise FormError(408, f"The form did not arrive within {timeout:g} s.")
     return parse_form(body)

@@ -1,0 +1,225 @@
+"""The homepage's Settings card: what a shop needs, behind the admin token.
+
+- The card shows the name, language, address, DNS, NTP, proxy (never its password), the
+  proxy's CA, where the admin token comes from, and what the boot partition's setup file
+  did. Its forms (plain HTML, no JavaScript) carry the admin token as a password field.
+- ``POST /settings/box`` (name, language), ``/settings/network`` (DHCP or a static
+  address, DNS, NTP), ``/settings/proxy`` (URL, user, password: blank keeps it; the CA,
+  pasted: blank keeps it), ``/settings/admin-token`` (the new token, twice).
+- ``POST /api/settings`` with ``Authorization: Bearer <admin token>``: a JSON object with
+  the setup file's ``box``, ``network`` and ``proxy`` sections (docs/setup.md).
+- ``/api/status`` gets a ``settings`` key (no secrets).
+
+Saving and applying: ``services/settings.py``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from appliance.config import ConfigError
+from appliance.services.runtime import Runtime
+from appliance.services.settings import RESTART_FILE, SettingsRefused, change_admin_token, save_settings
+from appliance.services.web.admin import page
+from appliance.services.web.common import (
+    ApiError,
+    FormError,
+    check_form_token,
+    read_form,
+    read_json,
+    require_admin,
+)
+from appliance.services.web.parts import WebParts
+from appliance.setupfile import SETUP_FILE, SetupStatus, parse_setup_data, read_status
+from appliance.storage.owner import CredentialSource
+
+__all__ = ["admin_parts"]
+
+# The proxy form carries a pasted CA (a PEM certificate is 1-2 KB; a short chain more).
+PROXY_FORM_BYTES: Final = 16384
+_SOURCES: Final = {
+    CredentialSource.OWNER: "the owner's: shown in the back office since pairing, or set on this page",
+    CredentialSource.GENERATED: "made at first boot: pair the box and the back office shows yours",
+    CredentialSource.CONFIGURATION: "set in the configuration file ([admin] token)",
+}
+
+
+def _list(text: str) -> list[str]:
+    return [item for item in re.split(r"[\s,;]+", text.strip()) if item]
+
+
+def _sections(kind: str, form: dict[str, str]) -> dict[str, Any]:
+    """A homepage form as the setup file's sections."""
+    if kind == "box":
+        return {"box": {"name": form.get("name", "").strip(), "language": form.get("language", "")}}
+    if kind == "network":
+        mode = form.get("mode", "dhcp")
+        net: dict[str, Any] = {"mode": mode, "dns": _list(form.get("dns", "")), "ntp": _list(form.get("ntp", ""))}
+        if mode == "static":
+            net.update(address=form.get("address", "").strip(), gateway=form.get("gateway", "").strip())
+        return {"network": net}
+    proxy = {"url": form.get("url", "").strip()}
+    if proxy["url"]:
+        proxy.update({k: v for k in ("user", "password") if (v := form.get(k, "").strip())})
+        if ca := form.get("ca", "").replace("\r\n", "\n").strip():
+            proxy["ca"] = ca + "\n"
+    return {"proxy": proxy}
+
+
+def _done(message: str, lines: Sequence[str], status: int = 200) -> HTMLResponse:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    body = page("Store appliance", "settings",
+                [f"<section><h2>{html.escape(message)}</h2><ul>{items}</ul>"
+                 "<p><a href='/#settings'>Back to the homepage</a></p></section>"])
+    return HTMLResponse(body, status_code=status)
+
+
+def routes(runtime: Runtime) -> Sequence[BaseRoute]:
+    async def form(request: Request) -> Response:
+        kind = request.path_params["kind"]
+        try:
+            fields = await read_form(request, PROXY_FORM_BYTES if kind == "proxy" else 4096)
+            check_form_token(fields, runtime, consequence="nothing was changed")
+            if kind == "admin-token":
+                await change_admin_token(runtime, fields.get("new", ""), fields.get("confirm", ""))
+                return _done("Admin token changed", ["Use the new token from now on. The back office still "
+                                                     "shows the old one; pairing again gives a new one."])
+            lines = await save_settings(runtime, parse_setup_data(_sections(kind, fields)))
+        except FormError as exc:
+            return _done("Nothing was changed", [exc.message], exc.status)
+        except (ConfigError, SettingsRefused) as exc:
+            return _done("Nothing was changed", exc.errors, 400)
+        return _done("Settings saved", lines) if lines else RedirectResponse("/#settings", status_code=303)
+
+    async def api(request: Request) -> Response:
+        require_admin(request, runtime)
+        body = await read_json(request, PROXY_FORM_BYTES)
+        if not isinstance(body, dict) or set(body) - {"box", "network", "proxy"}:
+            raise ApiError(400, "expected an object with the setup file's box, network and proxy sections")
+        try:
+            lines = await save_settings(runtime, parse_setup_data(body))
+        except (ConfigError, SettingsRefused) as exc:
+            raise ApiError(400, "nothing was changed", exc.errors) from exc
+        return JSONResponse({"saved": lines, "settings": await _state(runtime)})
+
+    return [Route("/settings/{kind:str}", form, methods=["POST"]), Route("/api/settings", api, methods=["POST"])]
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
+
+
+def _read(state_dir: Path) -> tuple[SetupStatus | None, bool]:
+    return read_status(state_dir), (state_dir / RESTART_FILE).exists()
+
+
+async def _state(runtime: Runtime) -> dict[str, Any]:
+    """The settings in effect (saved ones that wait for the restart: ``pending_restart``)."""
+    config = runtime.config
+    status, pending = await trio.to_thread.run_sync(_read, Path(config.storage.dir))
+    return {
+        "name": config.discovery.name, "language": config.admin.language,
+        "address": config.network.address or "dhcp", "gateway": config.network.gateway,
+        "dns": list(config.wan.dns_servers), "ntp": list(config.wan.ntp_servers),
+        "proxy": _without_password(config.wan.proxy), "proxy_ca": bool(config.cloud.ca_file),
+        "admin_token": str(runtime.admin.source), "pending_restart": pending,
+        "setup_file": None if status is None else {"state": status.state, "errors": list(status.errors),
+                                                   "applied": list(status.applied),
+                                                   "applied_at": status.applied_at or None},
+    }
+
+
+def _row(label: str, value: str) -> str:
+    return f"<tr><td>{html.escape(label)}</td><td>{html.escape(value)}</td></tr>"
+
+
+_TOKEN: Final = ("<label>Admin token <input type=password name=token autocomplete=current-password required>"
+                 "</label> ")
+
+
+def _forms(state: dict[str, Any]) -> str:
+    esc = html.escape
+    static = state["address"] != "dhcp"
+    lang = "".join(f"<option value={code}{' selected' if state['language'] == code else ''}>{label}</option>"
+                   for code, label in (("en", "English"), ("fr", "Français")))
+    return (
+        "<details><summary>Name and language</summary><form method=post action='/settings/box'>"
+        f"<p><label>Name <input name=name maxlength=63 value='{esc(state['name'])}'></label> "
+        f"<label>Language <select name=language>{lang}</select></label></p><p>{_TOKEN}<button>Save</button></p>"
+        "</form></details>"
+        "<details><summary>Address</summary><form method=post action='/settings/network'>"
+        f"<p><label><input type=radio name=mode value=dhcp{'' if static else ' checked'}> from the router (DHCP)"
+        f"</label> <label><input type=radio name=mode value=static{' checked' if static else ''}> fixed</label></p>"
+        f"<p><label>Address <input name=address placeholder='192.168.1.50/24' "
+        f"value='{esc(state['address'] if static else '')}'></label> <label>Router <input name=gateway "
+        f"placeholder='192.168.1.1' value='{esc(state['gateway'])}'></label></p>"
+        f"<p><label>DNS <input name=dns value='{esc(' '.join(state['dns']))}'></label> "
+        f"<label>NTP <input name=ntp value='{esc(' '.join(state['ntp']))}'></label></p>"
+        f"<p>{_TOKEN}<button>Save</button></p></form></details>"
+        "<details><summary>Proxy</summary><form method=post action='/settings/proxy'>"
+        f"<p><label>URL <input name=url placeholder='http://192.168.1.2:3128' "
+        f"value='{esc(state['proxy'].split('@')[-1] if state['proxy'] else '')}'></label> "
+        "<label>User <input name=user autocomplete=off></label> "
+        "<label>Password <input type=password name=password autocomplete=new-password "
+        "placeholder='blank: keep'></label></p>"
+        "<p><label>CA of a proxy that inspects HTTPS (PEM; blank: keep)<br>"
+        "<textarea name=ca rows=3 cols=60></textarea></label></p>"
+        "<p class=muted>An empty URL removes the proxy.</p>"
+        f"<p>{_TOKEN}<button>Save</button></p></form></details>"
+        "<details><summary>Admin token</summary><form method=post action='/settings/admin-token'>"
+        "<p><label>New <input type=password name=new autocomplete=new-password required minlength=12></label> "
+        "<label>Again <input type=password name=confirm autocomplete=new-password required></label></p>"
+        f"<p>{_TOKEN}<button>Change</button></p></form></details>"
+    )
+
+
+def _setup_line(setup: dict[str, Any] | None) -> str:
+    if setup is None or (setup["state"] == "absent" and not setup["applied_at"]):
+        return f"no {SETUP_FILE} on the card"
+    if setup["state"] in ("invalid", "failed"):
+        return "not applied: " + "; ".join(setup["errors"])
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(setup["applied_at"])) if setup["applied_at"] else ""
+    return f"applied {when}: " + ("; ".join(setup["applied"]) or "nothing to change")
+
+
+async def settings_section(runtime: Runtime) -> str:
+    state = await _state(runtime)
+    address = ("from the router (DHCP)" if state["address"] == "dhcp"
+               else f"{state['address']} via {state['gateway']}")
+    rows = [
+        _row("name", state["name"] or "(the box's host name)"),
+        _row("language", {"en": "English", "fr": "Français"}.get(state["language"], state["language"])),
+        _row("address", address),
+        _row("DNS, NTP", f"{', '.join(state['dns']) or 'from the router'}; "
+                         f"{', '.join(state['ntp']) or 'from the router'}"),
+        _row("proxy", (state["proxy"] or "none") + (" (with its CA)" if state["proxy_ca"] else "")),
+        _row("admin token", _SOURCES[CredentialSource(state["admin_token"])]),
+        _row("setup file", _setup_line(state["setup_file"])),
+    ]
+    if state["pending_restart"]:
+        rows.append("<tr><td>saved</td><td class=state style='color:#9a6700'>changes saved; the box applies them "
+                    "within a few seconds (or at its next start)</td></tr>")
+    return f"<section id=settings><h2>Settings</h2><table>{''.join(rows)}</table>{_forms(state)}</section>"
+
+
+async def settings_status(runtime: Runtime) -> dict[str, Any]:
+    return {"settings": await _state(runtime)}
+
+
+def admin_parts() -> WebParts:
+    return WebParts(routes=(routes,), sections=(settings_section,), status=(settings_status,))
