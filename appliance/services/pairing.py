@@ -44,12 +44,13 @@ from appliance.config import Config
 from appliance.protocol.backoff import Backoff
 from appliance.protocol.sync import SyncProtocolError, http_failure, parse_error, parse_pairing
 from appliance.protocol.wan import Hop, HopFailure
+from appliance.services.owner import reload_credential
 from appliance.services.runtime import Runtime
 from appliance.services.wan import WanConfigError, client_for, close_client, cloud_route, locate_failure
 from appliance.setupfile import HANDOFF_FILE, Handoff
 from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.events import hold_unsent
-from appliance.storage.owner import CredentialSource, forget_owner, load_credential, save_owner_token
+from appliance.storage.owner import CredentialSource, forget_owner, save_owner_token
 from appliance.storage.pairing import (
     PairingFileError,
     StoreLink,
@@ -61,7 +62,7 @@ from appliance.storage.pairing import (
 from appliance.storage.secrets import write_secret
 
 __all__ = ["WATCH_INTERVAL_S", "PairingFailed", "describe", "is_claimed", "mark_repair_needed", "pair_box",
-           "pair_from_web", "reload_credential", "run_pairing", "set_store"]
+           "pair_from_web", "run_pairing", "set_store"]
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +174,18 @@ def set_store(runtime: Runtime, link: StoreLink | None) -> None:
 
 async def mark_repair_needed(runtime: Runtime, refused: StoreLink) -> None:
     """The platform refused ``refused``'s token: remember it (across restarts) and say so.
-    A newer pairing made meanwhile is left alone."""
-    if runtime.store is None or runtime.store.token != refused.token or runtime.store.needs_repair:
-        return
-    link = attrs.evolve(refused, needs_repair=True)
-    log.warning("the platform refused the box's token for store %s: pair the box again", refused.store_id)
-    try:
-        await trio.to_thread.run_sync(save_pairing, Path(runtime.config.storage.dir), link)
-    except OSError as exc:  # the state in memory is what matters now; the next start learns it again
-        log.error("cannot save the pairing state: %s", exc)
-    if runtime.store is not None and runtime.store.token == refused.token:  # not re-paired meanwhile
+    A newer pairing made meanwhile is left alone: pairing again revokes the old token, so
+    the sync loops see 401s while it runs; under the pairing lock they wait for it to end,
+    then find the new token and leave the new pairing file alone."""
+    async with runtime.pairing_lock:
+        if runtime.store is None or runtime.store.token != refused.token or runtime.store.needs_repair:
+            return
+        link = attrs.evolve(refused, needs_repair=True)
+        log.warning("the platform refused the box's token for store %s: pair the box again", refused.store_id)
+        try:
+            await trio.to_thread.run_sync(save_pairing, Path(runtime.config.storage.dir), link)
+        except OSError as exc:  # the state in memory is what matters now; the next start learns it again
+            log.error("cannot save the pairing state: %s", exc)
         set_store(runtime, link)
 
 
@@ -191,12 +194,6 @@ def is_claimed(runtime: Runtime) -> bool:
     pairing again then needs the admin credential."""
     return (runtime.store is not None or bool(runtime.sync_status.pairing_problem)
             or runtime.admin.source is CredentialSource.OWNER)
-
-
-async def reload_credential(runtime: Runtime) -> None:
-    """Put the admin credential saved in the state directory in effect."""
-    runtime.admin = await trio.to_thread.run_sync(load_credential, Path(runtime.config.storage.dir),
-                                                  runtime.config.admin.token)
 
 
 async def pair_from_web(runtime: Runtime, code: str, *, check_admin: Callable[[], None]) -> StoreLink:

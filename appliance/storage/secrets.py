@@ -18,8 +18,10 @@ def write_secret(path: Path, data: str) -> None:
 def write_atomic(path: Path, data: str, *, mode: int | None, owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` with ``data``, never half-written, with ``mode`` and ``owner`` from
     the start (``mode`` None leaves them to the filesystem: a FAT partition has none)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
+    # A name of its own: two writers (the running box and `appliance pair` beside it) never
+    # rename each other's half-written file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is None else mode)
     try:
         if mode is not None:
             os.fchmod(fd, mode)
@@ -27,8 +29,11 @@ def write_atomic(path: Path, data: str, *, mode: int | None, owner: tuple[int, i
             os.fchown(fd, *owner)
         os.write(fd, data.encode("utf-8"))
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
