@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,8 +14,6 @@ from pathlib import Path
 
 import httpx
 import trio
-
-from tests.sync_helpers import wait_until
 
 __all__ = ["box_config", "real_box"]
 
@@ -35,31 +34,29 @@ def box_config(tmp_path: Path, sim_url: str, ca: Path | None, admin_port: int, o
 
 @asynccontextmanager
 async def real_box(config: Path, admin_port: int, log: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """``appliance run`` in its own process; a client of its admin listener once every service has started.
-    Stopped with SIGTERM (exit 0 expected) when the block ends."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
-    with log.open("ab") as stderr:
-        proc = await trio.lowlevel.open_process([sys.executable, "-m", "appliance", "run", "--config", str(config)],
-                                                stderr=stderr, env=env)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", timeout=10) as client:
-
-            async def up() -> bool:
-                try:  # every service started (a SIGTERM during start-up is another matter)
-                    answer = await client.get("/api/status")
-                    return answer.status_code == 200 and answer.json()["ready"] is True
-                except httpx.TransportError:
-                    assert proc.poll() is None, await trio.Path(log).read_text()
-                    return False
-
-            await wait_until(up, timeout_s=30, what="the box's admin listener")
-            yield client
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(15):
-            assert await proc.wait() == 0, await trio.Path(log).read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            await proc.wait()
-
-
+    """``appliance run`` in its own process; a client of its admin listener once the process
+    said READY=1 (every service started) on its own $NOTIFY_SOCKET. Stopped with SIGTERM
+    (exit 0 expected) when the block ends."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC")}
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        path = log.with_name(f"{log.name}.notify")
+        path.unlink(missing_ok=True)
+        await notify.bind(str(path))
+        env["NOTIFY_SOCKET"] = str(path)
+        with log.open("ab") as stderr:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "appliance", "run", "--config", str(config)], stderr=stderr, env=env)
+        try:
+            with trio.move_on_after(30) as waiting:
+                while b"READY=1" not in await notify.recv(4096):
+                    pass
+            assert not waiting.cancelled_caught, f"no READY=1 within 30 s: {await trio.Path(log).read_text()}"
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", timeout=10) as client:
+                yield client
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                assert await proc.wait() == 0, await trio.Path(log).read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                await proc.wait()

@@ -6,7 +6,7 @@ directory, merged over the configuration file), so the setup file and the homepa
 disagree about where a setting lives. What applies at once and what does not:
 
 - language: at once (``runtime.config`` is replaced);
-- the admin credential: at once (``runtime.admin``; saved 0600 in ``owner.token``);
+- the admin credential: at once (``services/owner.py``; saved 0600 in ``owner.token``);
 - the address, DNS, NTP, the proxy and its CA, the name: the box's network, firewall and
   WAN links are rendered from them by root, outside this unprivileged process. Saving
   also leaves :data:`RESTART_FILE`; on the image ``appliance-settings.path`` notices the
@@ -30,10 +30,9 @@ from appliance.config import SETTINGS_FILE, ConfigError, to_toml_dict
 from appliance.protocol.tomlwrite import dumps
 from appliance.services.runtime import Runtime
 from appliance.setupfile import CA_FILE, SetupFile, effective, merge, summary
-from appliance.storage.owner import AdminCredential, CredentialSource, credential_problem, save_owner_token
 from appliance.storage.secrets import write_atomic
 
-__all__ = ["RESTART_FILE", "SettingsRefused", "change_admin_token", "save_settings"]
+__all__ = ["RESTART_FILE", "SettingsRefused", "save_settings"]
 
 # Left in the state directory when saved settings need the root helper and a restart.
 RESTART_FILE: Final = "settings-restart"
@@ -98,19 +97,8 @@ async def save_settings(runtime: Runtime, setup: SetupFile) -> list[str]:
     restart = (config.wan, config.network, config.cloud.ca_file, config.discovery.name) != (
         old.wan, old.network, old.cloud.ca_file, old.discovery.name) or bool(ca)
     await trio.to_thread.run_sync(_save, state_dir, new, ca, restart)
+    # The one setting of the configuration this process takes at once (this module is the
+    # declared writer of runtime.config).
     runtime.config = attrs.evolve(old, admin=attrs.evolve(old.admin, language=config.admin.language))
     return summary(setup) + (["applied at once"] if not restart else
                              ["the box applies it within a few seconds and restarts its links"])
-
-
-async def change_admin_token(runtime: Runtime, new: str, confirm: str) -> None:
-    """Make ``new`` the admin credential (the owner's), at once. The back office's copy is
-    then out of date; pairing again hands out a new one."""
-    if runtime.admin.pinned:
-        raise SettingsRefused(["admin token: set in the configuration file ([admin] token); change it there"])
-    if new != confirm:
-        raise SettingsRefused(["admin token: the two new tokens differ"])
-    if problem := credential_problem(new):
-        raise SettingsRefused([f"admin token: {problem}"])
-    await trio.to_thread.run_sync(save_owner_token, Path(runtime.config.storage.dir), new)
-    runtime.admin = AdminCredential(token=new, source=CredentialSource.OWNER)

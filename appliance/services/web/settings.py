@@ -25,13 +25,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.config import ConfigError
+from appliance.services.owner import CredentialRefused, change_admin_token
 from appliance.services.runtime import Runtime
-from appliance.services.settings import RESTART_FILE, SettingsRefused, change_admin_token, save_settings
-from appliance.services.web.admin import page
+from appliance.services.settings import RESTART_FILE, SettingsRefused, save_settings
 from appliance.services.web.common import (
     ApiError,
     FormError,
@@ -40,6 +40,7 @@ from appliance.services.web.common import (
     read_json,
     require_admin,
 )
+from appliance.services.web.kit import AMBER, JsonResponse, page, row
 from appliance.services.web.parts import WebParts
 from appliance.setupfile import SETUP_FILE, SetupStatus, parse_setup_data, read_status
 from appliance.storage.owner import CredentialSource
@@ -98,7 +99,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             lines = await save_settings(runtime, parse_setup_data(_sections(kind, fields)))
         except FormError as exc:
             return _done("Nothing was changed", [exc.message], exc.status)
-        except (ConfigError, SettingsRefused) as exc:
+        except (ConfigError, SettingsRefused, CredentialRefused) as exc:
             return _done("Nothing was changed", exc.errors, 400)
         return _done("Settings saved", lines) if lines else RedirectResponse("/#settings", status_code=303)
 
@@ -111,7 +112,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             lines = await save_settings(runtime, parse_setup_data(body))
         except (ConfigError, SettingsRefused) as exc:
             raise ApiError(400, "nothing was changed", exc.errors) from exc
-        return JSONResponse({"saved": lines, "settings": await _state(runtime)})
+        return JsonResponse({"saved": lines, "settings": await _state(runtime)})
 
     return [Route("/settings/{kind:str}", form, methods=["POST"]), Route("/api/settings", api, methods=["POST"])]
 
@@ -145,7 +146,7 @@ async def _state(runtime: Runtime) -> dict[str, Any]:
 
 
 def _row(label: str, value: str) -> str:
-    return f"<tr><td>{html.escape(label)}</td><td>{html.escape(value)}</td></tr>"
+    return row(label, html.escape(value))
 
 
 _TOKEN: Final = ("<label>Admin token <input type=password name=token autocomplete=current-password required>"
@@ -212,8 +213,8 @@ async def settings_section(runtime: Runtime) -> str:
         _row("setup file", _setup_line(state["setup_file"])),
     ]
     if state["pending_restart"]:
-        rows.append("<tr><td>saved</td><td class=state style='color:#9a6700'>changes saved; the box applies them "
-                    "within a few seconds (or at its next start)</td></tr>")
+        rows.append(row("saved", "changes saved; the box applies them within a few seconds (or at its next start)",
+                        AMBER))
     return f"<section id=settings><h2>Settings</h2><table>{''.join(rows)}</table>{_forms(state)}</section>"
 
 
