@@ -190,7 +190,7 @@ async def run_demo(options: DemoOptions, *, bus: ServiceBusEndpoint | None = Non
             async with trio.open_nursery() as box:
                 await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
                                                                   task_status=task_status))
-                link = await pair_from_web(runtime, sim.pair_code, check_admin=lambda: None)  # our own box
+                link = await pair_from_web(runtime, sim.pair_code)
                 _banner(runtime, sim, link.store_id, say)
                 outer.start_soon(_until_stopping, runtime, partial(_kiosk, runtime, options, keys[KIOSK], say))
                 outer.start_soon(_until_stopping, runtime, partial(_platform_changes, sim, options, say))
