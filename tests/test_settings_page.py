@@ -144,3 +144,12 @@ async def test_changing_the_admin_token(make_config: ConfigFactory) -> None:
         refused = await post(pinned, "/settings/admin-token", new="Correct-Horse-1", confirm="Correct-Horse-1",
                              token=ADMIN)
         assert refused.status_code == 400 and "set in the configuration file" in refused.text
+
+
+async def test_a_proxy_in_effect_is_shown_and_prefilled_without_its_password(make_config: ConfigFactory) -> None:
+    async with running_box(make_config(wan={"proxy": "http://shop%20one:Hunter-22@127.0.0.1:9"})) as box:
+        page = await homepage(box)
+        assert "http://shop%20one@127.0.0.1:9" in page  # the card
+        assert "name=url placeholder='http://192.168.1.2:3128' value='http://127.0.0.1:9'" in page  # the form
+        assert "name=user autocomplete=off value='shop one'" in page
+        assert "Hunter-22" not in page
