@@ -22,6 +22,7 @@ from tests.conftest import ConfigFactory, running_box
 from tests.sync_helpers import ADMIN
 
 PEM_START = "-----BEGIN CERTIFICATE-----"
+NEW = "Correct-Horse-Battery-01"
 
 
 async def post(runtime: Runtime, path: str, **fields: str) -> httpx.Response:
@@ -129,19 +130,19 @@ async def test_changing_the_admin_token(make_config: ConfigFactory) -> None:
     async with running_box(make_config(admin={"token": ""})) as box:
         generated = (Path(box.config.storage.dir) / GENERATED_FILE).read_text().strip()
         assert "made at first boot" in await homepage(box)
-        mismatch = await post(box, "/settings/admin-token", new="Correct-Horse-1", confirm="Correct-Horse-2",
+        mismatch = await post(box, "/settings/admin-token", new=NEW, confirm=NEW + "x",
                               token=generated)
         assert mismatch.status_code == 400 and "the two new tokens differ" in mismatch.text
         short = await post(box, "/settings/admin-token", new="short", confirm="short", token=generated)
-        assert short.status_code == 400 and "must be 12 to 128 characters long" in short.text
-        done = await post(box, "/settings/admin-token", new="Correct-Horse-1", confirm="Correct-Horse-1",
+        assert short.status_code == 400 and "must be 24 to 128 characters long" in short.text
+        done = await post(box, "/settings/admin-token", new=NEW, confirm=NEW,
                           token=generated)
         assert done.status_code == 200 and "Admin token changed" in done.text
         assert (await post(box, "/settings/box", language="fr", token=generated)).status_code == 401
-        assert (await post(box, "/settings/box", language="fr", token="Correct-Horse-1")).status_code == 200
+        assert (await post(box, "/settings/box", language="fr", token=NEW)).status_code == 200
     # Pinned in the configuration: refused, the configuration decides.
     async with running_box(make_config()) as pinned:
-        refused = await post(pinned, "/settings/admin-token", new="Correct-Horse-1", confirm="Correct-Horse-1",
+        refused = await post(pinned, "/settings/admin-token", new=NEW, confirm=NEW,
                              token=ADMIN)
         assert refused.status_code == 400 and "set in the configuration file" in refused.text
 

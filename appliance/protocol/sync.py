@@ -66,7 +66,7 @@ __all__ = [
 EVENTS_PER_BATCH_MAX: Final = 500
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The owner's admin credential in a pairing answer (URL-safe, typeable).
-ADMIN_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_.~-]{16,128}")
+ADMIN_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_.~-]{24,128}")
 # One snapshot line is one record: a product is a few hundred bytes. A line this long
 # is a broken stream, and refusing it bounds what the reader buffers.
 MAX_SNAPSHOT_LINE_BYTES: Final = 1_048_576
@@ -279,7 +279,7 @@ def parse_pairing(body: bytes) -> PairingAnswer:
             raise SyncProtocolError(f"pairing answer: services.{name} must be an object or null")
     admin = obj.get("admin_token")
     if admin is not None and not (isinstance(admin, str) and ADMIN_TOKEN_RE.fullmatch(admin)):
-        raise SyncProtocolError("pairing answer: admin_token must be 16 to 128 characters of A-Z a-z 0-9 - _ . ~")
+        raise SyncProtocolError("pairing answer: admin_token must be 24 to 128 characters of A-Z a-z 0-9 - _ . ~")
     return PairingAnswer(store_id=_text(obj, "store_id", "pairing answer"), token=_text(obj, "token", "pairing answer"),
                          services=services, store_secret=secret, admin_token=admin or "")
 

@@ -22,6 +22,7 @@ from typing import Final
 
 import attrs
 
+from appliance.config import ADMIN_TOKEN_MIN
 from appliance.storage.secrets import load_or_create_token, read_secret, write_secret
 
 __all__ = ["GENERATED_FILE", "OWNER_FILE", "AdminCredential", "CredentialSource", "credential_problem", "forget_owner",
@@ -29,8 +30,9 @@ __all__ = ["GENERATED_FILE", "OWNER_FILE", "AdminCredential", "CredentialSource"
 
 OWNER_FILE: Final = "owner.token"
 GENERATED_FILE: Final = "admin.token"
-# An admin credential: long enough not to be guessed on a LAN, short enough to type.
-MIN_CHARS: Final = 12
+# An admin credential: long enough not to be guessed on a LAN (the configuration's own
+# minimum), short enough to type.
+MIN_CHARS: Final = ADMIN_TOKEN_MIN
 MAX_CHARS: Final = 128
 
 

@@ -187,7 +187,7 @@ def _forms(state: dict[str, Any]) -> str:
         "<p class=muted>An empty URL removes the proxy.</p>"
         f"<p>{_TOKEN}<button>Save</button></p></form></details>"
         "<details><summary>Admin token</summary><form method=post action='/settings/admin-token'>"
-        "<p><label>New <input type=password name=new autocomplete=new-password required minlength=12></label> "
+        "<p><label>New <input type=password name=new autocomplete=new-password required minlength=24></label> "
         "<label>Again <input type=password name=confirm autocomplete=new-password required></label></p>"
         f"<p>{_TOKEN}<button>Change</button></p></form></details>"
     )
