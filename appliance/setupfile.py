@@ -217,18 +217,21 @@ def _address_errors(data: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def _proxy_with_credentials(proxy: ProxySection, current: str) -> str:
+def _proxy_with_credentials(proxy: ProxySection, current: str, *, keep_user: bool = False) -> str:
     """``[wan] proxy`` for ``proxy``. A user given without a password (the file was scrubbed
-    after an earlier boot) keeps the password the box has for the same proxy and user."""
-    if not proxy.url or not proxy.user:
+    after an earlier boot) keeps the password the box has for the same proxy and user;
+    with ``keep_user`` (the homepage, which never shows them) no user keeps both."""
+    old = urlsplit(current) if current else None
+    new = urlsplit(proxy.url)
+    same_proxy = old is not None and (old.hostname, old.port) == (new.hostname, new.port)
+    user, password = proxy.user, proxy.password
+    if keep_user and same_proxy and old is not None and not user and not password:
+        user, password = unquote(old.username or ""), unquote(old.password or "")
+    if not proxy.url or not user:
         return proxy.url
-    password = proxy.password
-    if not password and current:
-        old = urlsplit(current)
-        new = urlsplit(proxy.url)
-        if (old.hostname, old.port, unquote(old.username or "")) == (new.hostname, new.port, proxy.user):
-            password = unquote(old.password or "")
-    auth = quote(proxy.user, safe="") + (":" + quote(password, safe="") if password else "")
+    if not password and same_proxy and old is not None and unquote(old.username or "") == user:
+        password = unquote(old.password or "")
+    auth = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
     return f"{proxy.url.rstrip('/').replace('://', '://' + auth + '@', 1)}"
 
 
@@ -245,8 +248,9 @@ def merge(settings: Mapping[str, Any], setup: SetupFile, *, current_proxy: str, 
 
     ``current_proxy``: the proxy in effect, whose password a scrubbed file keeps.
     ``ca_path``: where the proxy's CA is written, when the setup file gives one.
-    ``keep_ca``: a proxy section without a CA keeps the one the box has (the homepage's
-    form, where the CA is not sent again; the setup file gives its section whole)."""
+    ``keep_ca``: a proxy section without a CA keeps the one the box has, and one without a
+    user keeps the user and password the box has for the same proxy (the homepage's form,
+    which never shows them again; the setup file gives its section whole)."""
     out: dict[str, Any] = json.loads(json.dumps(dict(settings)))  # a deep copy of plain TOML data
 
     def section(name: str) -> dict[str, Any]:
@@ -263,7 +267,7 @@ def merge(settings: Mapping[str, Any], setup: SetupFile, *, current_proxy: str, 
         section("network").update(address=net.address if static else "", gateway=net.gateway if static else "")
         section("wan").update(dns_servers=list(net.dns), ntp_servers=list(net.ntp))
     if setup.proxy is not None:
-        section("wan").update(proxy=_proxy_with_credentials(setup.proxy, current_proxy),
+        section("wan").update(proxy=_proxy_with_credentials(setup.proxy, current_proxy, keep_user=keep_ca),
                               no_proxy=list(setup.proxy.no_proxy))
         given = bool(setup.proxy.ca or setup.proxy.ca_file)
         for name in ("cloud", "orders", "support"):
@@ -377,7 +381,7 @@ def summary(setup: SetupFile) -> list[str]:
     proxy = setup.proxy
     if proxy is not None:
         if proxy.url:
-            lines.append(f"proxy {proxy.url}" + (f" as {proxy.user}" if proxy.user else "")
+            lines.append(f"proxy {proxy.url}" + (" with a user name" if proxy.user else "")
                          + (" with its CA" if proxy.ca or proxy.ca_file else ""))
         else:
             lines.append("no proxy")

@@ -176,7 +176,8 @@ async def test_day_one_through_a_proxy_with_the_setup_file(start_sim: StartSim, 
         assert (await box.post("/api/pairing", json={"code": "PAIR-NONE"},
                                headers={"Authorization": f"Bearer {owner}"})).status_code == 400
         settings = (await box.get("/api/status")).json()["settings"]
-        assert settings["proxy"] == f"http://shop@127.0.0.1:{proxy.port}" and settings["proxy_ca"] is True
+        assert settings["proxy"] == f"http://127.0.0.1:{proxy.port}" and settings["proxy_ca"] is True
+        assert settings["proxy_auth"] is True
         assert settings["address"] == "192.168.50.10/24" and settings["language"] == "fr"
         assert "s3c-r3t" not in json.dumps(settings) and "s3c-r3t" not in (await box.get("/")).text
         checks = await health(ops)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import trio
 from starlette.requests import Request
@@ -117,14 +117,12 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
     return [Route("/settings/{kind:str}", form, methods=["POST"]), Route("/api/settings", api, methods=["POST"])]
 
 
-def _without_password(url: str, *, user: bool = True) -> str:
-    """The proxy URL as shown: never its password (and without the user name for the form,
-    which has a field of its own)."""
+def _without_credentials(url: str) -> str:
+    """The proxy URL as shown: never its user name or password (they are credentials)."""
     parts = urlsplit(url)
     if not parts.username:
         return url
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if user else host))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def _read(state_dir: Path) -> tuple[SetupStatus | None, bool]:
@@ -139,9 +137,8 @@ async def _state(runtime: Runtime) -> dict[str, Any]:
         "name": config.discovery.name, "language": config.admin.language,
         "address": config.network.address or "dhcp", "gateway": config.network.gateway,
         "dns": list(config.wan.dns_servers), "ntp": list(config.wan.ntp_servers),
-        "proxy": _without_password(config.wan.proxy), "proxy_ca": bool(config.cloud.ca_file),
-        "proxy_url": _without_password(config.wan.proxy, user=False),
-        "proxy_user": unquote(urlsplit(config.wan.proxy).username or ""),
+        "proxy": _without_credentials(config.wan.proxy), "proxy_ca": bool(config.cloud.ca_file),
+        "proxy_auth": bool(urlsplit(config.wan.proxy).username),
         "admin_token": str(runtime.admin.source), "pending_restart": pending,
         "setup_file": None if status is None else {"state": status.state, "errors": list(status.errors),
                                                    "applied": list(status.applied),
@@ -178,8 +175,8 @@ def _forms(state: dict[str, Any]) -> str:
         f"<p>{_TOKEN}<button>Save</button></p></form></details>"
         "<details><summary>Proxy</summary><form method=post action='/settings/proxy'>"
         f"<p><label>URL <input name=url placeholder='http://192.168.1.2:3128' "
-        f"value='{esc(state['proxy_url'])}'></label> "
-        f"<label>User <input name=user autocomplete=off value='{esc(state['proxy_user'])}'></label> "
+        f"value='{esc(state['proxy'])}'></label> "
+        "<label>User <input name=user autocomplete=off placeholder='blank: keep'></label> "
         "<label>Password <input type=password name=password autocomplete=new-password "
         "placeholder='blank: keep'></label></p>"
         "<p><label>CA of a proxy that inspects HTTPS (PEM; blank: keep)<br>"
@@ -212,7 +209,8 @@ async def settings_section(runtime: Runtime) -> str:
         _row("address", address),
         _row("DNS, NTP", f"{', '.join(state['dns']) or 'from the router'}; "
                          f"{', '.join(state['ntp']) or 'from the router'}"),
-        _row("proxy", (state["proxy"] or "none") + (" (with its CA)" if state["proxy_ca"] else "")),
+        _row("proxy", (state["proxy"] or "none") + (" with a user name and password" if state["proxy_auth"] else "")
+             + (" (with its CA)" if state["proxy_ca"] else "")),
         _row("admin token", _SOURCES[CredentialSource(state["admin_token"])]),
         _row("setup file", _setup_line(state["setup_file"])),
     ]
