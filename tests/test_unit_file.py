@@ -56,7 +56,8 @@ def verify(root: Path, *units: Path) -> subprocess.CompletedProcess[str]:
 def test_units_exist() -> None:
     assert {u.name for u in UNITS} == {"appliance.service", "appliance-firstboot.service",
                                        "appliance-firewall.service", "appliance-firewall-dhcp.path",
-                                       "appliance-firewall-dhcp.service"}
+                                       "appliance-firewall-dhcp.service", "appliance-setup.service",
+                                       "appliance-settings.path", "appliance-settings.service"}
 
 
 def test_systemd_analyze_verify_accepts_the_units(root: Path) -> None:
