@@ -20,6 +20,7 @@ from appliance.protocol.health import Check, Status
 from appliance.protocol.redact import redact_url
 from appliance.services.pairing import describe
 from appliance.services.runtime import Runtime
+from appliance.services.timestamps import duration
 from appliance.services.wan import WanConfigError, proxy_for
 from appliance.storage.catalog import replica_counts, sync_state
 from appliance.storage.events import outbox_stats, recent_rejected
@@ -36,15 +37,6 @@ OUTBOX_WARN_S: Final = 600.0
 OUTBOX_FAIL_S: Final = 3600.0
 # Rejections this recent are shown.
 REJECTED_SHOWN: Final = 5
-
-
-def _ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    return f"{s // 3600} h"
 
 
 def proxy_address(runtime: Runtime) -> str | None:
@@ -93,7 +85,7 @@ async def cloud_checks(runtime: Runtime) -> list[Check]:
             since = min(s.failing_since or now for s in loops)
             level = Status.FAIL if now - since > LINK_FAIL_AFTER_S else Status.WARN
             checks.append(Check(name="cloud.link", status=level,
-                                message=f"{error.message} (failing for {_ago(now - since)}; the box retries "
+                                message=f"{error.message} (failing for {duration(now - since)}; the box retries "
                                         "by itself and keeps serving the shop)",
                                 fix=error.fix, data=error.as_dict()))
     state = await runtime.db.read(sync_state)
@@ -107,13 +99,13 @@ async def cloud_checks(runtime: Runtime) -> list[Check]:
         lag = now - state.last_pull_at
         level = Status.OK if lag < REPLICA_WARN_S else Status.WARN if lag < REPLICA_FAIL_S else Status.FAIL
         checks.append(Check(name="cloud.replica", status=level,
-                            message=f"catalog, prices and stock as of {_ago(lag)} ago (cursor {state.cursor})",
+                            message=f"catalog, prices and stock as of {duration(lag)} ago (cursor {state.cursor})",
                             fix="" if level is Status.OK else "see cloud.link for why the sync does not get through",
                             data={"cursor": state.cursor, "lag_s": round(lag, 1)}))
     stats = await runtime.db.read(outbox_stats)
     age = 0.0 if stats.oldest_unsent_at is None else now - stats.oldest_unsent_at
     level = Status.OK if age < OUTBOX_WARN_S else Status.WARN if age < OUTBOX_FAIL_S else Status.FAIL
-    message = (f"{stats.queued} events waiting for the platform" + (f", the oldest for {_ago(age)}"
+    message = (f"{stats.queued} events waiting for the platform" + (f", the oldest for {duration(age)}"
                                                                      if stats.queued else ""))
     fix = "" if level is Status.OK else "see cloud.link; nothing is lost, they go once the platform answers"
     if stats.rejected:

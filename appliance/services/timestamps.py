@@ -1,12 +1,24 @@
-"""Timestamps as the platform and the JSON APIs write them."""
+"""Times as the platform and the JSON APIs write them, and as a person reads them."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-__all__ = ["rfc3339"]
+__all__ = ["duration", "rfc3339"]
 
 
 def rfc3339(when: float) -> str:
     """Unix time as RFC 3339 in UTC with milliseconds: ``2026-11-29T18:40:00.000Z``."""
     return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def duration(seconds: float) -> str:
+    """A length of time in words: "12 s", "3 min", "5 h", "2 days"."""
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h"
+    return f"{s // 86400} days"

@@ -22,6 +22,8 @@ from typing import Any, Final
 
 from starlette.responses import HTMLResponse, Response
 
+from appliance.services.timestamps import duration
+
 __all__ = ["AMBER", "GREEN", "GREY", "RED", "TEXT", "JsonResponse", "ago", "not_done", "page", "row"]
 
 GREEN: Final = "#1a7f37"  # working
@@ -60,16 +62,7 @@ def row(label: str, value: str, colour: str = "") -> str:
 
 def ago(seconds: float | None) -> str:
     """How long ago, in words; None is "never"."""
-    if seconds is None:
-        return "never"
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s} s ago"
-    if s < 7200:
-        return f"{s // 60} min ago"
-    if s < 172800:
-        return f"{s // 3600} h ago"
-    return f"{s // 86400} days ago"
+    return "never" if seconds is None else f"{duration(seconds)} ago"
 
 
 def not_done(status: int, message: str, *, subtitle: str, anchor: str, heading: str = "Not done") -> HTMLResponse:
