@@ -15,6 +15,7 @@ import attrs
 import pytest
 
 from appliance.config import Config, WanConfig
+from appliance.health.wan import probe_proxy
 from appliance.services.log_shipping import intake_route
 from appliance.services.media import blob_route
 from appliance.services.servicebus import LinkOptions, proxy_settings
@@ -82,3 +83,14 @@ def test_every_wan_path_needs_tls_1_2_and_verifies(path: str) -> None:
     tls = PATHS[path](Config(wan=WAN), "api.server.commerce-hub.io").tls
     assert tls.minimum_version >= ssl.TLSVersion.TLSv1_2
     assert tls.verify_mode is ssl.CERT_REQUIRED and tls.check_hostname
+
+
+@pytest.mark.parametrize(("host", "direct"), [
+    ("api.server.commerce-hub.io", False),
+    ("e-serversync-ns.servicebus.windows.net", True),
+    ("10.20.30.40", True),
+])
+def test_the_wan_health_checks_probe_the_way_the_paths_go(host: str, direct: bool) -> None:
+    proxy = probe_proxy(Config(wan=WAN), host)
+    assert (proxy is None) == direct
+    assert all((PATHS[path](Config(wan=WAN), host).proxy_host is None) == direct for path in PATHS)

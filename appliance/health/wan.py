@@ -15,6 +15,7 @@ from appliance.config import Config
 from appliance.health.wanprobe import HostReport, ProbeProxy, Target, probe
 from appliance.protocol.health import Check, Status
 from appliance.protocol.orders import BUS_FIELDS, bus_settings
+from appliance.protocol.wan import bypasses_proxy
 from appliance.storage.pairing import StoreLink
 
 __all__ = ["CACHE_S", "WanChecks", "wan_targets"]
@@ -54,6 +55,14 @@ def _check(report: HostReport, via: str) -> Check:
                  data={**data, "failed_hop": failed.hop})
 
 
+def probe_proxy(config: Config, host: str) -> ProbeProxy | None:
+    """The proxy a probe of ``host`` goes through: the same NO_PROXY rule as the real
+    paths, so a host they reach direct is probed direct."""
+    if not config.wan.proxy or bypasses_proxy(host, config.wan.no_proxy):
+        return None
+    return ProbeProxy.parse(config.wan.proxy)
+
+
 class WanChecks:
     """``store`` gives the current pairing (its Service Bus namespaces), read at each run."""
 
@@ -68,12 +77,12 @@ class WanChecks:
         now = trio.current_time()
         if self._cached is not None and now - self._cached[0] < CACHE_S:
             return self._cached[1]
-        proxy = ProbeProxy.parse(self.config.wan.proxy) if self.config.wan.proxy else None
-        via = f" via the proxy {proxy.host}:{proxy.port}" if proxy else ""
         results: dict[int, Check] = {}
         targets = wan_targets(self.config, self.store())
 
         async def one(i: int, target: Target) -> None:
+            proxy = probe_proxy(self.config, target.host)
+            via = f" via the proxy {proxy.host}:{proxy.port}" if proxy else ""
             report = await trio.to_thread.run_sync(
                 lambda: probe(target, proxy=proxy, ca_file=self.config.cloud.ca_file, timeout=self.timeout_s))
             results[i] = _check(report, via)

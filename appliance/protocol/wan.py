@@ -3,18 +3,20 @@
 A failed call is a :class:`HopFailure` value: the :class:`Hop` of the path that broke
 (DNS, TCP, the proxy, TLS, HTTP), the host:port there, what is true and what to do, in
 words for a person. ``appliance.services.wan`` builds them from httpx's errors; nothing
-here raises.
+here raises. :func:`bypasses_proxy` is the one NO_PROXY rule of every WAN path and of the
+WAN health checks.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import attrs
 
-__all__ = ["FIXES", "Hop", "HopFailure"]
+__all__ = ["FIXES", "Hop", "HopFailure", "bypasses_proxy"]
 
 
 class Hop(enum.StrEnum):
@@ -52,3 +54,34 @@ class HopFailure:
     def as_dict(self) -> dict[str, Any]:
         return {"hop": str(self.hop), "target": self.target, "message": self.message, "fix": self.fix,
                 "status": self.status}
+
+
+def bypasses_proxy(host: str, no_proxy: Sequence[str]) -> bool:
+    """Whether ``[wan] no_proxy`` sends ``host`` direct: the one NO_PROXY rule of every WAN
+    path (sync, Service Bus, media blobs, logs). Entries: ``*``; a host, also matching its
+    subdomains (with or without a leading ``.`` or ``*.``); ``host:port`` (the port is not
+    looked at: every WAN call is on 443); an IP address or a CIDR network (``10.0.0.0/8``),
+    which match IP-literal hosts only."""
+    host = host.lower().strip("[]").rstrip(".")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for raw in no_proxy:
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        entry = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry  # host:port -> host
+        domain = entry.lstrip("*").lstrip(".").rstrip(".")
+        if domain and (host == domain or host.endswith("." + domain)):
+            return True
+    return False

@@ -29,7 +29,6 @@ used; the message is one line for a person.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import ssl
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ import trio
 
 from appliance.config import Config, WanConfig
 from appliance.protocol.redact import redact_url
-from appliance.protocol.wan import Hop, HopFailure
+from appliance.protocol.wan import Hop, HopFailure, bypasses_proxy
 
 __all__ = ["ProxySettings", "Route", "WanConfigError", "bypasses_proxy", "client_for", "close_client", "cloud_route",
            "locate_failure", "open_client", "parse_proxy", "proxy_for", "route", "ssl_context"]
@@ -103,37 +102,6 @@ def parse_proxy(value: str) -> ProxySettings | None:
         raise WanConfigError(f"[wan] proxy {shown!r}: the host is not a valid host name")
     return ProxySettings(scheme=parts.scheme, host=host, port=port or _DEFAULT_PORTS[parts.scheme],
                          username=unquote(parts.username or ""), password=unquote(parts.password or ""))
-
-
-def bypasses_proxy(host: str, no_proxy: Sequence[str]) -> bool:
-    """Whether ``[wan] no_proxy`` sends ``host`` direct: the one NO_PROXY rule of every WAN
-    path (sync, Service Bus, media blobs, logs). Entries: ``*``; a host, also matching its
-    subdomains (with or without a leading ``.`` or ``*.``); ``host:port`` (the port is not
-    looked at: every WAN call is on 443); an IP address or a CIDR network (``10.0.0.0/8``),
-    which match IP-literal hosts only."""
-    host = host.lower().strip("[]").rstrip(".")
-    try:
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    for raw in no_proxy:
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        if address is not None:
-            try:
-                if address in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        entry = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry  # host:port -> host
-        domain = entry.lstrip("*").lstrip(".").rstrip(".")
-        if domain and (host == domain or host.endswith("." + domain)):
-            return True
-    return False
 
 
 def proxy_for(host: str, *, proxy: str, no_proxy: Sequence[str] = ()) -> ProxySettings | None:
