@@ -173,7 +173,8 @@ async def big_bodies(ports: dict[str, int], count: int) -> list[int]:
 
 
 _PROBE = """
-import json, sys, time, httpx
+import json, signal, sys, time, httpx
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell starts us with it ignored
 out = []
 try:
     with httpx.Client(timeout=10) as client:
