@@ -30,7 +30,9 @@ from appliance.commands.base import CommandFailed
 __all__ = ["main", "parser"]
 
 # Each module adds its subcommands; the order is the order of `appliance --help`.
-COMMAND_MODULES = (run, demo, info, health, bundle, events, firewall, devkit_cloud, devkit_device, discover, pair, setup)
+COMMAND_MODULES = (
+    run, demo, info, health, bundle, events, firewall, devkit_cloud, devkit_device, discover, pair, setup,
+)
 
 
 def parser() -> argparse.ArgumentParser:
