@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,46 @@ def test_secret_files_are_0600_and_stable(tmp_path: Path) -> None:
     assert load_or_create_token(path) == token
     write_secret(path, "other")
     assert path.read_text() == "other" and os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_many_concurrent_secret_saves_all_succeed_and_leave_one_complete_file(tmp_path: Path) -> None:
+    # Two pairing saves once raced on one fixed temporary name: the second rename found
+    # nothing to rename and the demo crashed. Every save must succeed, whatever the overlap.
+    path = tmp_path / "pairing.json"
+    payloads = [json.dumps({"writer": n, "pad": "x" * 20_000}) for n in range(16)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(payloads))
+
+    def save(data: str) -> None:
+        start.wait()
+        try:
+            for _ in range(20):
+                write_secret(path, data)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(data,)) for data in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert path.read_text() in payloads  # one writer's whole file, never a mix or a cut
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairing.json"]  # no temporary left behind
+
+
+async def test_database_and_its_wal_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # what a login shell usually has: files 0644, directories 0755
+    try:
+        db = await Database.open(tmp_path / "state" / "appliance.db")
+    finally:
+        os.umask(old)
+    try:
+        await db.write(lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS t (x)"))
+        files = sorted((tmp_path / "state").iterdir())
+        assert {f.name for f in files} >= {"appliance.db", "appliance.db-wal"}
+        assert {f.name: os.stat(f).st_mode & 0o777 for f in files} == dict.fromkeys((f.name for f in files), 0o600)
+        assert os.stat(tmp_path / "state").st_mode & 0o777 == 0o700
+    finally:
+        db.close()

@@ -14,6 +14,7 @@ the cancel takes effect once the thread returns. A write that raises is rolled b
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -78,8 +79,22 @@ class Database:
 
     @classmethod
     def open_sync(cls, path: Path) -> Database:
-        """Open (creating and migrating as needed). Blocking: for CLI commands and threads."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (creating and migrating as needed). Blocking: for CLI commands and threads.
+
+        The state directory is made 0700 and the database file 0600 before SQLite opens it:
+        SQLite gives its -wal and -shm files the database file's mode, and the database holds
+        orders and the store's settings (systemd's StateDirectory= does the same for the
+        unit; a run outside systemd must not rely on the caller's umask)."""
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_uid == os.geteuid():
+                    os.fchmod(fd, 0o600)  # a file made before, under a looser umask
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot create database {path}: {exc.strerror or exc}") from exc
         writer = connect(path)
         try:
             migrate(writer)

@@ -10,7 +10,11 @@ __all__ = ["load_or_create_token", "read_secret", "write_atomic", "write_secret"
 
 
 def write_secret(path: Path, data: str) -> None:
-    """Replace ``path`` with ``data``: never readable by others, never half-written."""
+    """Replace ``path`` with ``data``: never readable by others, never half-written.
+
+    Each call writes its own temporary file (a unique name, made 0600 from the start) and
+    renames it over ``path``: concurrent saves never share a temporary name, so each one
+    succeeds and the last rename wins with a complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data, mode=0o600)
 
