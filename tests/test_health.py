@@ -17,8 +17,10 @@ from appliance.commands.health import collect
 from appliance.config import Config
 from appliance.health.listeners import listener_checks
 from appliance.health.system import SystemPaths, _collect
+from appliance.health.wan import WanChecks
 from appliance.protocol.health import Check, Status, exit_code, worst
 from appliance.services.runtime import Runtime
+from appliance.storage.pairing import StoreLink
 
 
 def fake_tree(root: Path, *, temp_milli: int | None = None, throttled: str | None = None,
@@ -155,3 +157,18 @@ def test_wan_targets_follow_the_pairing_and_the_endpoint(make_config: Callable[.
     named = wan_targets(make_config(orders={"enabled": True, "namespace": "mine.servicebus.windows.net"}), store)[1]
     assert named.host == "mine.servicebus.windows.net"  # a namespace set in the config wins over pairing
     assert [t.host for t in wan_targets(make_config())] == ["127.0.0.1"]  # orders off in the test config
+
+
+async def test_wan_results_are_probed_again_once_pairing_names_the_service_bus_namespace(
+        make_config: Callable[..., Config]) -> None:
+    # Probed before pairing, the default namespace cannot match the certificate of the
+    # namespace the box really uses: that result must not outlive the pairing that changes it.
+    config = make_config(orders={"enabled": True, "endpoint": "127.0.0.1:9"})
+    link: list[StoreLink] = []
+    checks = WanChecks(config, store=lambda: link[0] if link else None, timeout_s=2.0)
+    before = {c.name for c in await checks()}
+    assert "wan.e-serversync-ns.servicebus.windows.net" in before
+    assert {c.name for c in await checks()} == before  # same targets: the cached result
+    link.append(StoreLink(store_id="s1", token="t", services={"orders": {"namespace": "sb-test.example"}}))
+    after = {c.name for c in await checks()}
+    assert "wan.sb-test.example" in after and "wan.e-serversync-ns.servicebus.windows.net" not in after

@@ -71,14 +71,17 @@ class WanChecks:
         self.config = config
         self.store = store
         self.timeout_s = timeout_s
-        self._cached: tuple[float, list[Check]] | None = None
+        self._cached: tuple[float, list[Target], list[Check]] | None = None
 
     async def __call__(self) -> list[Check]:
         now = trio.current_time()
-        if self._cached is not None and now - self._cached[0] < CACHE_S:
-            return self._cached[1]
-        results: dict[int, Check] = {}
         targets = wan_targets(self.config, self.store())
+        # The cache holds for the same targets only: pairing changes the Service Bus
+        # namespace, and a result probed for the default one (whose certificate cannot
+        # match a test or demo endpoint) must not be shown for a minute after pairing.
+        if self._cached is not None and now - self._cached[0] < CACHE_S and self._cached[1] == targets:
+            return self._cached[2]
+        results: dict[int, Check] = {}
 
         async def one(i: int, target: Target) -> None:
             proxy = probe_proxy(self.config, target.host)
@@ -91,5 +94,5 @@ class WanChecks:
             for i, target in enumerate(targets):
                 nursery.start_soon(one, i, target)
         checks = [results[i] for i in range(len(targets))]
-        self._cached = (now, checks)
+        self._cached = (now, targets, checks)
         return checks

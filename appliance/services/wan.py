@@ -275,6 +275,6 @@ def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None)
         return HopFailure.at(Hop.HTTP, target, f"{target} did not answer in time ({type(exc).__name__})")
     if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
         return HopFailure.at(Hop.HTTP, target,
-                            f"the connection to {target} was cut before the answer ({exc or type(exc).__name__})")
+                            f"the connection to {target} was cut before the answer ({str(exc) or type(exc).__name__})")
     return HopFailure.at(Hop.HTTP, target, f"the call to {target} failed: {type(exc).__name__}: {exc}")
 
