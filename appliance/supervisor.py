@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import trio
 
-from appliance.config import Config
+from appliance.config import Config, to_toml_dict
 from appliance.protocol.restart import RestartPolicy
 from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState, ServiceStatus
@@ -43,6 +43,7 @@ from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.logring import LogRing
 from appliance.storage.meta import appliance_id
 from appliance.storage.owner import load_credential
+from appliance.storage.running import publish, withdraw
 
 __all__ = ["EXIT_FATAL", "FatalServiceError", "ServiceSpec", "open_runtime", "run", "supervise_all"]
 
@@ -56,9 +57,10 @@ class FatalServiceError(Exception):
 
 
 class _Supervisor:
-    def __init__(self, runtime: Runtime, notifier: Notifier) -> None:
+    def __init__(self, runtime: Runtime, notifier: Notifier, *, publish: bool = False) -> None:
         self.runtime = runtime
         self.notifier = notifier
+        self.publish = publish
         self._supervisor_config = runtime.config.supervisor
         self._live = 0
         self._all_done = trio.Event()
@@ -151,28 +153,47 @@ class _Supervisor:
     async def run(self, specs: Sequence[ServiceSpec], *, task_status: trio.TaskStatus[Runtime]) -> None:
         runtime = self.runtime
         deadline = runtime.config.supervisor.shutdown_deadline_s
-        async with trio.open_nursery() as root:
-            await root.start(self.watch_signals, root.cancel_scope)
-            for spec in specs:
-                await root.start(self.supervise, spec)
-                if runtime.stopping.is_set():
-                    break
-            if not runtime.stopping.is_set():
-                log.info("ready: %s", ", ".join(f"{k}={v}" for k, v in runtime.ports.items()))
-                self.notifier.notify("READY=1\nSTATUS=serving")
-                task_status.started(runtime)
-                interval = watchdog_interval_s()
-                if interval is not None:
-                    root.start_soon(self.watchdog, interval)
-            await runtime.stopping.wait()
-            self.notifier.notify("STOPPING=1\nSTATUS=stopping")
-            if self._live:
-                with trio.move_on_after(deadline):
-                    await self._all_done.wait()
-            if self._live:
-                log.warning("stop deadline of %g s passed; cancelling what is left", deadline)
-            root.cancel_scope.cancel()
+        published: Path | None = None
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(self.watch_signals, root.cancel_scope)
+                for spec in specs:
+                    await root.start(self.supervise, spec)
+                    if runtime.stopping.is_set():
+                        break
+                if not runtime.stopping.is_set():
+                    log.info("ready: %s", ", ".join(f"{k}={v}" for k, v in runtime.ports.items()))
+                    if self.publish:
+                        published = await trio.to_thread.run_sync(_publish, runtime)
+                    self.notifier.notify("READY=1\nSTATUS=serving")
+                    task_status.started(runtime)
+                    interval = watchdog_interval_s()
+                    if interval is not None:
+                        root.start_soon(self.watchdog, interval)
+                await runtime.stopping.wait()
+                self.notifier.notify("STOPPING=1\nSTATUS=stopping")
+                if self._live:
+                    with trio.move_on_after(deadline):
+                        await self._all_done.wait()
+                if self._live:
+                    log.warning("stop deadline of %g s passed; cancelling what is left", deadline)
+                root.cancel_scope.cancel()
+        finally:
+            if published is not None:
+                withdraw(published)
         log.info("stopped")
+
+
+def _publish(runtime: Runtime) -> Path | None:
+    """Tell the tools on this machine where this box listens (``appliance health`` and
+    friends find it with no options). A box that cannot write the file still runs."""
+    config = runtime.config
+    try:
+        return publish(appliance_id=runtime.appliance_id, bind=config.lan.bind, ports=runtime.ports,
+                       state_dir=config.storage.dir, config=to_toml_dict(config))
+    except OSError as exc:
+        log.warning("the tools will not find this box by themselves: cannot write its port file: %s", exc)
+        return None
 
 
 async def _run_service(spec: ServiceSpec, runtime: Runtime, *, task_status: trio.TaskStatus[None]) -> None:
@@ -222,10 +243,13 @@ async def supervise_all(
     specs: Sequence[ServiceSpec],
     *,
     notifier: Notifier | None = None,
+    publish: bool = False,
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run ``specs`` under one supervisor until stopped. started() hands back the runtime."""
-    await _Supervisor(runtime, notifier or Notifier()).run(specs, task_status=task_status)
+    """Run ``specs`` under one supervisor until stopped. started() hands back the runtime.
+    With ``publish``, the bound ports are published for the tools (:mod:`appliance.storage.running`)
+    while it runs: the process's own box, not a test's."""
+    await _Supervisor(runtime, notifier or Notifier(), publish=publish).run(specs, task_status=task_status)
 
 
 async def run(
@@ -240,6 +264,7 @@ async def run(
     opens one."""
     runtime = await open_runtime(config, port_offset=port_offset, log_ring=log_ring)
     try:
-        await supervise_all(runtime, service_specs(runtime), notifier=Notifier(), task_status=task_status)
+        await supervise_all(runtime, service_specs(runtime), notifier=Notifier(), publish=True,
+                            task_status=task_status)
     finally:
         runtime.db.close()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from appliance.config import Config, ConfigError, load_config
+import attrs
 
-__all__ = ["EXIT_OK", "EXIT_USAGE", "add_config_arg", "config_or_exit", "fail", "run_group"]
+from appliance.config import Config, ConfigError, load_config
+from appliance.storage.running import RunningBox, find_running, published_path
+
+__all__ = ["EXIT_OK", "EXIT_USAGE", "Target", "add_box_args", "add_config_arg", "config_or_exit", "fail",
+           "find_box", "run_group"]
 
 EXIT_OK: Final = 0
 # Bad configuration, a port that cannot be bound, bad arguments: a person must act.
@@ -56,3 +61,41 @@ def run_group(name: str, register: Callable[[argparse._SubParsersAction[argparse
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.code
     return code
+
+
+def add_box_args(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--port-offset`` for a tool that talks to the running box. With
+    neither, the tool talks to the box that published its ports on this machine."""
+    add_config_arg(parser)
+    parser.add_argument("--port-offset", type=int, default=None, metavar="N",
+                        help="as given to `appliance run` (default: the running box's own ports)")
+
+
+@attrs.frozen(kw_only=True)
+class Target:
+    """Where a tool finds the box: its host, bound ports and state directory, and how it knows."""
+
+    host: str
+    ports: dict[str, int]
+    state_dir: str
+    source: str  # in words: "the running box (pid N)" or "the configuration"
+    running: RunningBox | None = None
+
+
+def find_box(args: argparse.Namespace) -> Target:
+    """The running box this user's tools should talk to, unless ``--config`` or
+    ``--port-offset`` says where; else the configuration's ports (plus any offset)."""
+    explicit = getattr(args, "config", None) or getattr(args, "port_offset", None) is not None
+    running = None if explicit else find_running()
+    if running is not None:
+        return Target(host=running.host, ports=dict(running.ports), state_dir=running.state_dir,
+                      source=f"the running box (pid {running.pid}, {running.path})", running=running)
+    config = config_or_exit(args)
+    host = config.lan.bind if config.lan.bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    offset = getattr(args, "port_offset", None) or 0
+    where = "the configuration" + (f" with --port-offset {offset}" if offset else "")
+    if not explicit:
+        where += f" (no running box published its ports in {published_path()}"
+        where += ")" if os.geteuid() == 0 else " nor /run/appliance)"
+    return Target(host=host, ports=config.lan.ports.with_offset(offset).as_dict(), state_dir=config.storage.dir,
+                  source=where)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from appliance.commands.base import add_config_arg, config_or_exit
+from appliance.commands.base import add_box_args, config_or_exit, find_box
 from appliance.health.system import system_checks
 from appliance.protocol.health import Check, Status, exit_code, summary, worst
 from appliance.storage.secrets import read_secret
@@ -29,8 +30,7 @@ _MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("health", help="run every health check (exit 0 ok, 1 warnings, 2 failures)")
-    add_config_arg(p)
-    p.add_argument("--port-offset", type=int, default=0, metavar="N", help="as given to `appliance run`")
+    add_box_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="list passing checks too")
     p.add_argument("--refresh", action="store_true",
@@ -44,7 +44,16 @@ def _from_json(items: list[dict[str, Any]]) -> list[Check]:
                   data=i.get("data", {})) for i in items]
 
 
-def collect(host: str, ops_port: int, state_dir: Path, *, refresh_token: str | None = None) -> list[Check]:
+def _down_fix() -> str:
+    if os.geteuid() == 0:
+        return ("`systemctl status appliance` and `journalctl -u appliance -n 50` say why; "
+                "started by hand, give its --port-offset or --config")
+    return ("start it (scripts/run --no-demo, or scripts/run for the demo); "
+            "started by hand with other ports, give its --port-offset or --config")
+
+
+def collect(host: str, ops_port: int, state_dir: Path, *, refresh_token: str | None = None,
+            source: str = "") -> list[Check]:
     url = f"http://{host}:{ops_port}/health"
     try:
         if refresh_token is None:
@@ -55,26 +64,25 @@ def collect(host: str, ops_port: int, state_dir: Path, *, refresh_token: str | N
         return _from_json(answer.json()["checks"])
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         down = Check(name="appliance.process", status=Status.FAIL,
-                     message=f"the appliance does not answer on {url}: {exc}",
-                     fix="`systemctl status appliance` and `journalctl -u appliance -n 50` say why")
+                     message=f"the appliance does not answer on {url}{f' (from {source})' if source else ''}: {exc}",
+                     fix=_down_fix())
         return [down, *trio.run(system_checks, state_dir)]
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    config = config_or_exit(args)
-    host = config.lan.bind if config.lan.bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    ops_port = config.lan.ports.with_offset(args.port_offset).ops
+    box = find_box(args)
     token = None
     if args.refresh:
+        config = config_or_exit(args)
         try:
-            token = config.admin.token or read_secret(Path(config.storage.dir) / "admin.token")
+            token = config.admin.token or read_secret(Path(box.state_dir) / "admin.token")
         except OSError:
             token = None  # not readable by this user: said below
         if not token:
-            print(f"appliance health --refresh: no admin token in the config nor readable in {config.storage.dir}; "
+            print(f"appliance health --refresh: no admin token in the config nor readable in {box.state_dir}; "
                   "run it as root or the appliance user, or without --refresh", file=sys.stderr)
             return 2
-    checks = collect(host, ops_port, Path(config.storage.dir), refresh_token=token)
+    checks = collect(box.host, box.ports["ops"], Path(box.state_dir), refresh_token=token, source=box.source)
     if args.json:
         print(json.dumps({"status": str(worst(checks)), "summary": summary(checks),
                           "checks": [c.as_dict() for c in checks]}, indent=2))

@@ -7,8 +7,9 @@ import json
 import sys
 
 from appliance import __version__
-from appliance.commands.base import EXIT_OK, EXIT_USAGE, add_config_arg, config_or_exit
+from appliance.commands.base import EXIT_OK, EXIT_USAGE, add_box_args, add_config_arg, config_or_exit, find_box
 from appliance.config import PORT_ROLES, ConfigError, load_config, to_toml_dict
+from appliance.storage.running import find_running
 
 __all__ = ["register"]
 
@@ -17,8 +18,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("version", help="print the firmware version")
     p.set_defaults(func=cmd_version)
 
-    p = sub.add_parser("ports", help="the port map, as a table or JSON")
-    add_config_arg(p)
+    p = sub.add_parser("ports", help="the port map (the running box's, else the configuration's), as a table or JSON")
+    add_box_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ports)
 
@@ -38,12 +39,13 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
-    ports = config_or_exit(args).lan.ports
-    rows = [{"role": r.role, "port": getattr(ports, r.role), "transport": str(r.transport),
+    box = find_box(args)
+    rows = [{"role": r.role, "port": box.ports[r.role], "transport": str(r.transport),
              "direction": str(r.direction), "description": r.description} for r in PORT_ROLES]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    print(f"ports of {box.source}:")
     print(f"{'port':>10}  {'dir':6}  {'role':13} service")
     for row in rows:
         print(f"{str(row['port']) + '/' + str(row['transport']):>10}  {row['direction']:6}  "
@@ -63,6 +65,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    running = None if args.config else find_running()
+    if running is not None:  # what the box really runs with (the demo's, or `run --state-dir`'s)
+        print(f"# the configuration of the running box (pid {running.pid}), secrets masked", file=sys.stderr)
+        print(json.dumps(running.config, indent=2))
+        return EXIT_OK
     config = config_or_exit(args)
     print(json.dumps(to_toml_dict(config), indent=2))
     return EXIT_OK

@@ -20,6 +20,7 @@ from appliance.commands.base import EXIT_OK, EXIT_USAGE, add_config_arg, config_
 from appliance.services.pairing import PairingFailed, pair_box
 from appliance.storage import DATABASE_FILE, Database, SchemaError, StorageError
 from appliance.storage.meta import appliance_id
+from appliance.storage.running import find_running
 
 __all__ = ["register"]
 
@@ -44,8 +45,10 @@ def _box_id(state_dir: Path) -> str:
 
 def cmd_pair(args: argparse.Namespace) -> int:
     config = config_or_exit(args)
-    if args.state_dir:
-        config = attrs.evolve(config, storage=attrs.evolve(config.storage, dir=args.state_dir))
+    running = None if args.config or args.state_dir else find_running()
+    state = args.state_dir or (running.state_dir if running is not None else None)  # beside the running box
+    if state:
+        config = attrs.evolve(config, storage=attrs.evolve(config.storage, dir=state))
     state_dir = Path(config.storage.dir)
     try:
         box = _box_id(state_dir)
