@@ -74,9 +74,10 @@ def _test_service_bus(state_dir: Path) -> Iterator[Any]:
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     try:
-        from tests.amqp.fixtures import run_server
+        from tests.amqp.fixtures import PEER_MISSING, run_server
     except ImportError as exc:
-        raise fail(f"--online-orders needs the test extra (python-qpid-proton): run scripts/setup --test ({exc})") \
-            from exc
+        raise fail(f"--online-orders needs the test extra: run scripts/setup --test ({exc})") from exc
+    if PEER_MISSING:
+        raise fail(f"--online-orders: {PEER_MISSING}")
     with run_server(state_dir / "amqp-tls", sas_key=secrets.token_hex(16)) as server:
         yield server

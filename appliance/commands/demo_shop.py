@@ -14,6 +14,13 @@ AMQP 1.0 peer on loopback; the box receives them as it would from Azure.
 
 Nothing leaves the machine: no discovery broadcast, no real Service Bus, no real platform.
 Ctrl-C (SIGINT) or SIGTERM stops it all cleanly.
+
+Every run starts a fresh shop: the box's state and the devices' logs from the previous run
+are removed first (only the demo's own folders under the state directory). The simulated
+platform lives in memory and is rebuilt from its seed at each start, so a box that kept its
+old pairing, database and order counter would meet a platform that has never seen it (a
+refused token, replayed order ids). Making the simulator persist as well would add a second
+store of state to keep in step for a demo whose point is the same first day every time.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import itertools
 import logging
 import random
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -51,6 +59,15 @@ DEVICES = (("kitchen-1", "kds", "Kitchen screen"), ("printer-1", "printer", "Rec
            ("pos-1", "pos", "Till 1"), ("kiosk-1", "pos", "Self-order kiosk"))
 # The kiosk posts orders to the store API, signed with its own key (docs/device-api.md).
 KIOSK: Final = "kiosk-1"
+
+# What one run keeps under the state directory, removed at the next start (fresh shop).
+RUN_FOLDERS = ("box", "devices")
+
+
+def fresh_state(state_dir: Path) -> None:
+    """Remove the previous run's box state and device logs; nothing else under ``state_dir``."""
+    for name in RUN_FOLDERS:
+        shutil.rmtree(state_dir / name, ignore_errors=True)
 
 
 @attrs.frozen(kw_only=True)
@@ -161,6 +178,7 @@ async def run_demo(options: DemoOptions, *, bus: ServiceBusEndpoint | None = Non
     """Run the whole shop until SIGINT/SIGTERM; ``started()`` gives the box's runtime.
     With ``bus``, the platform also sends online orders through that Service Bus."""
     options.state_dir.mkdir(parents=True, exist_ok=True)
+    await trio.to_thread.run_sync(fresh_state, options.state_dir)
     async with trio.open_nursery() as outer:
         queue = None
         sender = None
@@ -188,10 +206,11 @@ async def run_demo(options: DemoOptions, *, bus: ServiceBusEndpoint | None = Non
         runtime = await open_runtime(_config(options, sim, declared, bus), port_offset=options.port_offset)
         try:
             async with trio.open_nursery() as box:
-                await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime),
+                await box.start(lambda task_status: supervise_all(runtime, service_specs(runtime), publish=True,
                                                                   task_status=task_status))
                 link = await pair_from_web(runtime, sim.pair_code)
                 _banner(runtime, sim, link.store_id, say)
+                outer.start_soon(_say_when_stopping, runtime, say)
                 outer.start_soon(_until_stopping, runtime, partial(_kiosk, runtime, options, keys[KIOSK], say))
                 outer.start_soon(_until_stopping, runtime, partial(_platform_changes, sim, options, say))
                 if bus is not None:
@@ -203,6 +222,12 @@ async def run_demo(options: DemoOptions, *, bus: ServiceBusEndpoint | None = Non
                 with trio.move_on_after(5, shield=True):
                     await sender.aclose()
         outer.cancel_scope.cancel()
+    say("The demo has stopped: the box, the simulated platform and the devices are down.")
+
+
+async def _say_when_stopping(runtime: Runtime, say: Callable[[str], None]) -> None:
+    await runtime.stopping.wait()
+    say("Stopping: the box finishes what it is doing (a few seconds at most)...")
 
 
 async def _until_stopping(runtime: Runtime, task: Callable[[], Awaitable[None]]) -> None:
