@@ -163,7 +163,7 @@ async def test_wan_results_are_probed_again_once_pairing_names_the_service_bus_n
         make_config: Callable[..., Config]) -> None:
     # Probed before pairing, the default namespace cannot match the certificate of the
     # namespace the box really uses: that result must not outlive the pairing that changes it.
-    config = make_config(orders={"enabled": True, "endpoint": "127.0.0.1:9"})
+    config = make_config(orders={"enabled": True, "testing": {"endpoint": "127.0.0.1:9"}})
     link: list[StoreLink] = []
     checks = WanChecks(config, store=lambda: link[0] if link else None, timeout_s=2.0)
     before = {c.name for c in await checks()}
