@@ -109,7 +109,7 @@ async def test_health_endpoint_homepage_and_command(appliance: Runtime) -> None:
         assert {"system.disk", "system.clock", "lan.listener.api", "lan.listener.support"} <= names
         assert all(c["status"] == "ok" for c in report["checks"] if c["name"].startswith("lan.listener."))
         home = await client.get(f"http://127.0.0.1:{appliance.ports['admin']}/")
-        assert "<h2>Health</h2>" in home.text
+        assert "<h2>Health checks</h2>" in home.text and "role=status" in home.text
     checks = await trio.to_thread.run_sync(collect, "127.0.0.1", appliance.ports["ops"], Path("/tmp"))
     assert {c.name for c in checks} == names
     assert worst(checks) in (Status.OK, Status.WARN, Status.FAIL)

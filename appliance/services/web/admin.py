@@ -2,9 +2,15 @@
 
 The homepage is plain HTML that works fully without JavaScript: a technician's phone or an
 old POS browser shows it (the live-events section's small script only adds live updates).
-Features contribute routes, homepage sections (HTML fragments) and keys of the
-status JSON through :class:`~appliance.services.web.parts.WebParts`, assembled in
-``appliance.services.assembly``.
+It reads top to bottom as a status page: one headline sentence (can the shop
+sell, take online orders, reach its devices; if not, the first thing to do), then what is
+wrong with its fix in full width, then the rest.
+
+Where a feature puts its part of the homepage: a ``Section`` in its
+:class:`~appliance.services.web.parts.WebParts` (an async function returning one
+:func:`~appliance.services.web.kit.card`), hooked in ``appliance.services.assembly``; the
+parts appear after the problems, in assembly order. Routes and keys of the status JSON
+come the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.config import PORT_ROLES
+from appliance.protocol.headline import headline, problems
 from appliance.protocol.health import Check, Status, summary
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
-from appliance.services.web.kit import AMBER, GREEN, GREY, RED, TEXT, JsonResponse, page
+from appliance.services.web.kit import AMBER, GREEN, GREY, RED, TEXT, JsonResponse, card, page
 from appliance.services.web.parts import WebParts
 
 __all__ = ["create_app", "status"]
@@ -82,20 +89,37 @@ def _ports_section(runtime: Runtime) -> str:
             f"{''.join(rows)}</table></section>")
 
 
-def _health_section(checks: Sequence[Check]) -> str:
-    counts = summary(checks)
-    problems = [c for c in checks if c.status is not Status.OK]
-    rows = "".join(
-        f"<tr><td class=state style='color:{_CHECK_COLOURS[c.status]}'>{c.status}</td>"
-        f"<td>{html.escape(c.name)}</td><td>{html.escape(c.message)}"
-        + (f"<br><span class=muted>fix: {html.escape(c.fix)}</span>" if c.fix else "")
-        + "</td></tr>"
-        for c in problems
+def _headline_section(checks: Sequence[Check]) -> str:
+    """The sentence at the top: can the shop sell, take online orders, reach its devices,
+    and the first thing to do. Announced to screen readers as the page's status."""
+    top = headline(checks)
+    first = (f"<p class=first><strong>First:</strong> {html.escape(top.first_fix)}</p>" if top.first_fix else "")
+    return (f"<section class='wide headline {top.status}' role=status aria-label='Shop status'>"
+            f"<p><strong>{html.escape(top.sentence)}</strong></p>{first}</section>")
+
+
+def _problems_section(checks: Sequence[Check]) -> str:
+    """What is wrong, each with its fix, failures first, in full width ("" when nothing is)."""
+    wrong = problems(checks)
+    if not wrong:
+        return ""
+    items = "".join(
+        f"<li><span class=tag style='color:{_CHECK_COLOURS[c.status]}'>{c.status}</span> "
+        f"<span class=what>{html.escape(c.message)}</span> <span class=muted>({html.escape(c.name)})</span>"
+        + (f"<span class=fix>Fix: {html.escape(c.fix)}</span>" if c.fix else "")
+        + "</li>"
+        for c in wrong
     )
-    headline = (f"{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failing"
-                + ("" if problems else ": nothing to do"))
-    table = f"<table><tr><th>status</th><th>check</th><th>what and how to fix</th></tr>{rows}</table>" if rows else ""
-    return f"<section><h2>Health</h2><p>{headline}</p>{table}</section>"
+    return (f"<section id=problems class='wide problems'><h2>What is wrong, and how to fix it</h2>"
+            f"<ul>{items}</ul></section>")
+
+
+def _checks_section(runtime: Runtime, checks: Sequence[Check]) -> str:
+    counts = summary(checks)
+    body = (f"<p>{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failing. Every check, as JSON: "
+            f"<code>http://&lt;box&gt;:{runtime.ports.of('ops')}/health</code>; on the box: "
+            "<code>appliance health</code>.</p>")
+    return card("Health checks", body, anchor="health")
 
 
 def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
@@ -104,10 +128,14 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         state = "ready" if not not_ready else "not ready: " + "; ".join(not_ready)
         subtitle = (f"{runtime.appliance_id} · firmware {__version__} · up {uptime_text(runtime.uptime_s())}"
                     f" · {state}")
-        extra = [await section(runtime) for section in parts.sections]
-        health = _health_section(await runtime.health.latest())
+        checks = await runtime.health.latest()
+        # The order is the reading order: the headline, what is wrong in full width, then
+        # the rest: each feature's own part (WebParts.sections, in assembly order), then
+        # the box's services, checks and ports.
+        parts_html = [await section(runtime) for section in parts.sections]
         body = page("Store appliance", subtitle,
-                    [health, _services_section(runtime), *extra, _ports_section(runtime)])
+                    [_headline_section(checks), _problems_section(checks), *parts_html,
+                     _services_section(runtime), _checks_section(runtime, checks), _ports_section(runtime)])
         return HTMLResponse(body)
 
     async def api_status(request: Request) -> Response:

@@ -6,6 +6,7 @@ Features build their homepage sections and form answers from these pieces, so
 every page looks and words alike:
 
 - :func:`page`: a whole page (title, subtitle, sections);
+- :func:`card`: one titled section of a page (what a feature adds to the homepage);
 - :func:`row`: one ``label | value`` table row, the value optionally coloured;
 - :func:`ago`: "12 s ago", "3 min ago", "5 h ago", "2 days ago", "never";
 - :func:`not_done`: the answer to a homepage form that could not be acted on;
@@ -24,7 +25,7 @@ from starlette.responses import HTMLResponse, Response
 
 from appliance.services.timestamps import duration
 
-__all__ = ["AMBER", "GREEN", "GREY", "RED", "TEXT", "JsonResponse", "ago", "not_done", "page", "row"]
+__all__ = ["AMBER", "GREEN", "GREY", "RED", "TEXT", "JsonResponse", "ago", "card", "not_done", "page", "row"]
 
 GREEN: Final = "#1a7f37"  # working
 AMBER: Final = "#9a6700"  # on its way, or needs a look
@@ -32,26 +33,58 @@ RED: Final = "#cf222e"  # failing: someone must act
 GREY: Final = "#6e7781"  # off, stopped, rejected
 TEXT: Final = "#1f2328"
 
+# One column of full-width sections on a phone, small cards side by side on a wide screen
+# and a section with a table in full width; no section is ever wider than the window
+# (min(100%, ...)), long words wrap anywhere, tables keep to their card (fixed layout) and
+# on a phone each row reads as a short paragraph. Printed: black on white, no forms.
 _CSS: Final = f"""
-body{{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f8fa;color:{TEXT}}}
-header{{background:#0b3d61;color:#fff;padding:14px 24px}}header h1{{margin:0;font-size:20px}}
-header p{{margin:4px 0 0;opacity:.85;font-size:14px}}
-main{{padding:16px 24px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(380px,1fr))}}
-section{{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 16px;overflow-x:auto;min-width:0}}
-h2{{font-size:16px;margin:4px 0 10px}}table{{border-collapse:collapse;width:100%;font-size:14px}}
-td,th{{text-align:left;padding:4px 6px;border-bottom:1px solid #eaeef2;vertical-align:top;overflow-wrap:break-word}}
-.state{{font-weight:600}}.muted{{color:{GREY}}}form{{display:inline}}button{{font-size:13px}}
+*{{box-sizing:border-box}}
+body{{font:16px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f8fa;color:{TEXT}}}
+header{{background:#0b3d61;color:#fff;padding:12px 16px}}header h1{{margin:0;font-size:1.25rem}}
+header p{{margin:4px 0 0;font-size:.875rem}}
+main{{max-width:1280px;margin:0 auto;padding:12px;display:grid;gap:12px;
+grid-template-columns:repeat(auto-fill,minmax(min(100%,400px),1fr))}}
+main>*{{min-width:0}}.wide,section:has(table){{grid-column:1/-1}}
+section{{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px 16px;overflow-wrap:anywhere}}
+h2{{font-size:1rem;margin:0 0 8px}}table{{border-collapse:collapse;width:100%;font-size:.875rem;table-layout:fixed}}
+td,th{{text-align:left;padding:4px 6px;border-bottom:1px solid #eaeef2;vertical-align:top;overflow-wrap:anywhere}}
+.state{{font-weight:600}}.muted{{color:#59636e}}form{{display:inline}}button{{font-size:.875rem}}
+input{{max-width:100%}}
+.headline{{font-size:1.125rem;border-left:8px solid {GREEN}}}.headline p{{margin:0}}
+.headline.warn{{border-left-color:{AMBER}}}.headline.fail{{border-left-color:{RED}}}
+.headline .first{{margin-top:6px;font-size:1rem}}
+.problems ul{{list-style:none;margin:0;padding:0}}.problems li{{padding:8px 0;border-bottom:1px solid #eaeef2}}
+.problems .what{{font-weight:600}}.problems .fix{{display:block;margin-top:2px}}
+.tag{{display:inline-block;min-width:3.2em;font-weight:700;font-size:.75rem;text-transform:uppercase}}
+@media (max-width:600px){{header,main{{padding:8px}}section{{padding:10px 12px}}
+table,tbody,tr,td{{display:block;width:auto}}tr:has(th){{display:none}}
+tr{{padding:6px 0;border-bottom:1px solid #eaeef2}}
+td{{display:inline;border:0;padding:0 .6em 0 0}}td:first-child{{display:block;font-weight:600}}}}
+@media print{{body{{background:#fff;color:#000;font-size:11pt}}header{{background:none;color:#000;
+border-bottom:2px solid #000;padding:0 0 6px}}main{{display:block;max-width:none;padding:0}}
+section{{border:0;border-bottom:1px solid #999;border-radius:0;padding:8px 0;break-inside:avoid}}
+form,button,input{{display:none}}.headline{{border-left:0}}}}
 """
 
 
-def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
+def page(title: str, subtitle: str, sections: Sequence[str], *, lang: str = "en") -> str:
+    """A whole page: the header, then ``sections`` in order (each a :func:`card` or any
+    ``<section>``; a section with ``class=wide`` spans the full width)."""
     return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<!doctype html><html lang={html.escape(lang)}><head><meta charset=utf-8>"
         "<meta name=viewport content='width=device-width,initial-scale=1'>"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p></header>"
         f"<main>{''.join(sections)}</main></body></html>"
     )
+
+
+def card(title: str, body: str, *, anchor: str = "", wide: bool = False) -> str:
+    """One homepage section: a titled card; ``body`` is HTML already (escape what came
+    from outside). ``anchor`` gives it an id for links (``/#anchor``)."""
+    ident = f" id={html.escape(anchor)}" if anchor else ""
+    cls = " class=wide" if wide else ""
+    return f"<section{ident}{cls}><h2>{html.escape(title)}</h2>{body}</section>"
 
 
 def row(label: str, value: str, colour: str = "") -> str:
