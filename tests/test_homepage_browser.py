@@ -90,3 +90,28 @@ async def test_homepage_order_headline_then_problems_then_the_rest(busy_box: Run
     assert "cannot reach 3 of its 3 devices" in html
     assert f"{busy_box.ports.of('discovery')}/udp" in html and "8081/tcp" in html
     assert "@media print" in html  # readable printed: no forms, black on white
+
+
+async def test_a_connected_device_is_seen_in_every_table(make_config: ConfigFactory) -> None:
+    # Devices once said "last seen: never" for a device Device links showed connected, and
+    # Services "dispatcher 0 device(s)" with devices connected.
+    from functools import partial
+
+    import httpx
+
+    from appliance.devkit.device import DeviceSimulator, run_device_simulator
+
+    async with trio.open_nursery() as nursery:
+        sim = DeviceSimulator(device_id="kds-1", kind="kds")
+        port = await nursery.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1"))
+        devices = [{"id": "kds-1", "kind": "kds", "address": "127.0.0.1", "port": port, "name": "Kitchen"}]
+        async with running_box(make_config(devices=devices)) as runtime, httpx.AsyncClient(timeout=30) as client:
+            with trio.fail_after(20):
+                # The link's status is a record the dispatcher updates, with no event to wait on.
+                while not (link := runtime.device_links.links.get("kds-1")) or link.connected_since is None:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            html = (await client.get(f"http://127.0.0.1:{runtime.ports['admin']}/")).text
+        nursery.cancel_scope.cancel()
+    devices_table = html[html.index("<h2>Devices</h2>"):html.index("</section>", html.index("<h2>Devices</h2>"))]
+    assert "never" not in devices_table, devices_table
+    assert "dispatcher" in html and "1 device(s)" in html

@@ -163,6 +163,8 @@ class _Dispatcher:
                 self.board.links[device_id] = link.status
                 nursery.start_soon(self._run_link, handle)
                 log.info("device %s: link started to %s:%d", device_id, target.address, target.port)
+        # The services table says how many links run now, not how many ran at start.
+        self.runtime.board.say("dispatcher", f"{len(self.handles)} device(s)")
 
     def _target(self, d: DeviceLike) -> LinkTarget | None:
         """The link to ``d``, or None: a registry device with no key gets no commands,

@@ -239,7 +239,11 @@ async def devices_section(runtime: Runtime) -> str:
     now = time.time()
     rows = []
     for d in devices:
-        seen = None if d.last_seen is None else now - d.last_seen
+        # Heard from by any path: its discovery probe, or the device channel (connected, an
+        # ack), so this table never says "never" for a device the links table shows connected.
+        link = runtime.device_links.links.get(d.id)
+        heard = [t for t in (d.last_seen, link and link.connected_since, link and link.last_ack_at) if t]
+        seen = now - max(heard) if heard else None
         enrollment = enrollments.get(d.id)
         came = "came from " if d.state is AdoptionState.PENDING else ""
         key_words, _ = key_status(runtime, d)
