@@ -40,4 +40,5 @@ def test_online_orders_off_and_no_devices_are_said_not_blamed() -> None:
     assert top.sentence == ("The shop cannot sell. Online orders are off. No device is adopted yet.")
     assert top.first_fix == "restart"
     top = headline([check("lan.listener.api"), check("system.disk", Status.WARN, fix="free space")])
-    assert top.sentence == "The shop can sell. Online orders are off. No device is adopted yet. 1 thing needs a look."
+    assert top.sentence == ("The shop can sell. Online orders are off. No device is adopted yet. "
+                            "Things that need a look: 1.")

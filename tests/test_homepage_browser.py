@@ -5,6 +5,7 @@ screenshots are kept in test-artefacts/homepage/ for a person to look at."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from appliance.services.i18n import LANGUAGES
 from appliance.services.runtime import Runtime
 from tests.browser import ARTEFACTS, AXE, AXE_RUN_JS, CHROMIUM, OVERFLOW_JS, chromium
 from tests.conftest import ConfigFactory, running_box
@@ -46,33 +48,37 @@ async def test_homepage_reads_at_a_glance_without_sideways_scrolling_or_accessib
     def look() -> dict[str, object]:
         found: dict[str, object] = {}
         with chromium(tmp_path / "profile") as browser:
-            for width, height in SIZES:
-                browser.load(url, width, height)
-                shot = browser.screenshot(ARTEFACTS / "homepage" / f"home-en-{width}x{height}.png")
-                found[f"png {width}"] = shot
-                browser.screenshot(ARTEFACTS / "homepage" / f"home-en-{width}x{height}-first-screen.png",
+            for lang, (width, height) in itertools.product(LANGUAGES, SIZES):
+                key = f"{lang} {width}"
+                browser.load(url, width, height, headers={"Accept-Language": f"{lang};q=1"})
+                found[f"png {key}"] = browser.screenshot(ARTEFACTS / "homepage" / f"home-{lang}-{width}x{height}.png")
+                browser.screenshot(ARTEFACTS / "homepage" / f"home-{lang}-{width}x{height}-first-screen.png",
                                    full_page=False)
-                found[f"overflow {width}"] = browser.evaluate(OVERFLOW_JS)
-                found[f"headline {width}"] = browser.evaluate(
-                    "document.querySelector('main > section').textContent")
+                found[f"overflow {key}"] = browser.evaluate(OVERFLOW_JS)
+                found[f"headline {key}"] = browser.evaluate("document.querySelector('main > section').textContent")
+                found[f"lang {key}"] = browser.evaluate("document.documentElement.lang")
                 if axe is not None:
                     browser.evaluate(axe)
-                    found[f"axe {width}"] = browser.evaluate(AXE_RUN_JS)
+                    found[f"axe {key}"] = browser.evaluate(AXE_RUN_JS)
         return found
 
     found = await trio.to_thread.run_sync(look)
-    for width, _ in SIZES:
-        png = found[f"png {width}"]
+    first_words = {"en": ("The shop ", "First:"), "fr": ("La boutique ", "D'abord :")}
+    for lang, (width, _) in itertools.product(LANGUAGES, SIZES):
+        key = f"{lang} {width}"
+        png = found[f"png {key}"]
         assert isinstance(png, bytes) and png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-        assert found[f"overflow {width}"] == [], f"at {width} px, these scroll sideways: {found[f'overflow {width}']}"
-        headline = str(found[f"headline {width}"])
-        assert headline.startswith("The shop ") and "First:" in headline, headline
+        assert found[f"overflow {key}"] == [], f"{key} px, these scroll sideways: {found[f'overflow {key}']}"
+        headline = str(found[f"headline {key}"])
+        start, first = first_words[lang]
+        assert headline.startswith(start) and first in headline, headline
+        assert found[f"lang {key}"] == lang
         if axe is None:
             continue
-        violations = found[f"axe {width}"]
+        violations = found[f"axe {key}"]
         assert isinstance(violations, list)
         bad = [v for v in violations if v["impact"] in ("serious", "critical")]
-        assert bad == [], f"at {width} px: {bad}"
+        assert bad == [], f"{key} px: {bad}"
     if axe is None:
         pytest.skip("axe-core is not installed (scripts/setup --test installs it with npm): accessibility not checked")
 

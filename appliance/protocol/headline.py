@@ -8,7 +8,7 @@ table :data:`AREAS` (a check name prefix, or a WAN check about that area's host)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
@@ -48,39 +48,55 @@ def _area(checks: Sequence[Check], area: str) -> list[Check]:
             or (purpose is not None and c.name.startswith("wan.") and c.message.startswith(purpose))]
 
 
-def _join(clauses: Sequence[str]) -> str:
-    return clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and " + clauses[-1]
+Gettext = Callable[[str], str]
 
 
-def headline(checks: Sequence[Check]) -> Headline:
+def _english(message: str) -> str:
+    return message
+
+
+def _join(clauses: Sequence[str], _: Gettext) -> str:
+    if len(clauses) == 1:
+        return clauses[0]
+    return _("{first} and {last}").format(first=", ".join(clauses[:-1]), last=clauses[-1])
+
+
+def headline(checks: Sequence[Check], _: Gettext = _english) -> Headline:
+    """The sentence in the language of ``_`` (a gettext: the messages are its keys)."""
     can: list[str] = []
     cannot: list[str] = []
     notes: list[str] = []
 
-    (cannot if worst(_area(checks, "sell")) is Status.FAIL else can).append("sell")
+    (cannot if worst(_area(checks, "sell")) is Status.FAIL else can).append(_("sell"))
 
     orders = _area(checks, "orders")
     if not orders or any("online orders are off" in c.message for c in orders):
-        notes.append("Online orders are off.")
+        notes.append(_("Online orders are off."))
     elif worst(orders) is Status.OK:
-        can.append("take online orders")
+        can.append(_("take online orders"))
     else:
-        cannot.append("take online orders right now")
+        cannot.append(_("take online orders right now"))
 
     channels = [c for c in checks if c.name.startswith("device.") and c.name.endswith(".channel")]
     reached = sum(c.status is Status.OK for c in channels)
     if not channels:
-        notes.append("No device is adopted yet.")
+        notes.append(_("No device is adopted yet."))
+    elif len(channels) == 1 and reached == 1:
+        can.append(_("reach its device"))
     elif reached == len(channels):
-        can.append(f"reach its {len(channels)} device{'s' if len(channels) > 1 else ''}")
+        can.append(_("reach its {count} devices").format(count=len(channels)))
     else:
-        cannot.append(f"reach {len(channels) - reached} of its {len(channels)} devices")
+        cannot.append(_("reach {missing} of its {count} devices").format(missing=len(channels) - reached,
+                                                                         count=len(channels)))
 
-    sentence = ("The shop can " + _join(can) + (", but cannot " + _join(cannot) if cannot else "") if can
-                else "The shop cannot " + _join(cannot)) + "."
+    if can and cannot:
+        sentence = _("The shop can {can}, but cannot {cannot}.").format(can=_join(can, _), cannot=_join(cannot, _))
+    elif can:
+        sentence = _("The shop can {can}.").format(can=_join(can, _))
+    else:
+        sentence = _("The shop cannot {cannot}.").format(cannot=_join(cannot, _))
     wrong = problems(checks)
     if wrong and not cannot:
-        many = len(wrong) > 1
-        notes.append(f"{len(wrong)} thing{'s' if many else ''} need{'' if many else 's'} a look.")
+        notes.append(_("Things that need a look: {count}.").format(count=len(wrong)))
     return Headline(status=worst(checks), sentence=" ".join([sentence, *notes]),
                     first_fix=next((c.fix for c in wrong if c.fix), ""))

@@ -28,6 +28,7 @@ from appliance import __version__
 from appliance.config import PORT_ROLES
 from appliance.protocol.headline import headline, problems
 from appliance.protocol.health import Check, Status, summary
+from appliance.services.i18n import Gettext, gettext_for, negotiate
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
 from appliance.services.web.kit import AMBER, GREEN, GREY, RED, TEXT, JsonResponse, card, page
@@ -65,78 +66,87 @@ async def status(runtime: Runtime, parts: WebParts) -> dict[str, Any]:
     return data
 
 
-def _services_section(runtime: Runtime) -> str:
+def _services_section(runtime: Runtime, _: Gettext) -> str:
     rows = []
     for s in runtime.board.all():
         colour = _STATE_COLOURS.get(str(s.state), TEXT)
         note = s.last_error if s.last_error else s.detail
+        core = " <span class=muted>(" + html.escape(_("core")) + ")</span>" if s.core else ""
         rows.append(
-            f"<tr><td>{html.escape(s.name)}{' <span class=muted>(core)</span>' if s.core else ''}</td>"
+            f"<tr><td>{html.escape(s.name)}{core}</td>"
             f"<td class=state style='color:{colour}'>{html.escape(str(s.state))}</td>"
             f"<td>{s.crashes}</td><td>{html.escape(note)}</td></tr>"
         )
-    return ("<section><h2>Services</h2><table><tr><th>service</th><th>state</th><th>crashes</th>"
-            f"<th>note</th></tr>{''.join(rows)}</table></section>")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in (_("service"), _("state"), _("crashes"), _("note")))
+    return card(_("Services"), f"<table><tr>{head}</tr>{''.join(rows)}</table>", anchor="services")
 
 
-def _ports_section(runtime: Runtime) -> str:
+def _ports_section(runtime: Runtime, _: Gettext) -> str:
     rows = []
     for role in PORT_ROLES:
         port = runtime.ports.of(role.role)
         rows.append(f"<tr><td>{port}/{role.transport}</td><td>{role.direction}</td>"
                     f"<td>{html.escape(role.description)}</td></tr>")
-    return ("<section><h2>Ports</h2><table><tr><th>port</th><th>direction</th><th>service</th></tr>"
-            f"{''.join(rows)}</table></section>")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in (_("port"), _("direction"), _("service")))
+    return card(_("Ports"), f"<table><tr>{head}</tr>{''.join(rows)}</table>", anchor="ports")
 
 
-def _headline_section(checks: Sequence[Check]) -> str:
+def _headline_section(checks: Sequence[Check], _: Gettext) -> str:
     """The sentence at the top: can the shop sell, take online orders, reach its devices,
     and the first thing to do. Announced to screen readers as the page's status."""
-    top = headline(checks)
-    first = (f"<p class=first><strong>First:</strong> {html.escape(top.first_fix)}</p>" if top.first_fix else "")
-    return (f"<section class='wide headline {top.status}' role=status aria-label='Shop status'>"
+    top = headline(checks, _)
+    first_word, label = html.escape(_("First:")), html.escape(_("Shop status"))
+    first = f"<p class=first><strong>{first_word}</strong> {html.escape(top.first_fix)}</p>" if top.first_fix else ""
+    return (f"<section class='wide headline {top.status}' role=status aria-label='{label}'>"
             f"<p><strong>{html.escape(top.sentence)}</strong></p>{first}</section>")
 
 
-def _problems_section(checks: Sequence[Check]) -> str:
+def _problems_section(checks: Sequence[Check], _: Gettext) -> str:
     """What is wrong, each with its fix, failures first, in full width ("" when nothing is)."""
     wrong = problems(checks)
     if not wrong:
         return ""
+    words = {Status.WARN: _("warn"), Status.FAIL: _("fail")}
+    fix = html.escape(_("Fix:"))
     items = "".join(
-        f"<li><span class=tag style='color:{_CHECK_COLOURS[c.status]}'>{c.status}</span> "
+        f"<li><span class=tag style='color:{_CHECK_COLOURS[c.status]}'>{words[c.status]}</span> "
         f"<span class=what>{html.escape(c.message)}</span> <span class=muted>({html.escape(c.name)})</span>"
-        + (f"<span class=fix>Fix: {html.escape(c.fix)}</span>" if c.fix else "")
+        + (f"<span class=fix>{fix} {html.escape(c.fix)}</span>" if c.fix else "")
         + "</li>"
         for c in wrong
     )
-    return (f"<section id=problems class='wide problems'><h2>What is wrong, and how to fix it</h2>"
-            f"<ul>{items}</ul></section>")
+    title = html.escape(_("What is wrong, and how to fix it"))
+    return f"<section id=problems class='wide problems'><h2>{title}</h2><ul>{items}</ul></section>"
 
 
-def _checks_section(runtime: Runtime, checks: Sequence[Check]) -> str:
+def _checks_section(runtime: Runtime, checks: Sequence[Check], _: Gettext) -> str:
     counts = summary(checks)
-    body = (f"<p>{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failing. Every check, as JSON: "
-            f"<code>http://&lt;box&gt;:{runtime.ports.of('ops')}/health</code>; on the box: "
-            "<code>appliance health</code>.</p>")
-    return card("Health checks", body, anchor="health")
+    words = _("{ok} ok, {warn} warning(s), {fail} failing. Every check, as JSON: {url}; on the box: {command}.")
+    body = "<p>" + html.escape(words).format(
+        ok=counts["ok"], warn=counts["warn"], fail=counts["fail"],
+        url=f"<code>http://&lt;box&gt;:{runtime.ports.of('ops')}/health</code>",
+        command="<code>appliance health</code>") + "</p>"
+    return card(_("Health checks"), body, anchor="health")
 
 
 def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     async def homepage(request: Request) -> Response:
+        lang = negotiate(request.headers.get("accept-language"))
+        _ = gettext_for(lang)
         not_ready = runtime.board.not_ready()
-        state = "ready" if not not_ready else "not ready: " + "; ".join(not_ready)
-        subtitle = (f"{runtime.appliance_id} · firmware {__version__} · up {uptime_text(runtime.uptime_s())}"
-                    f" · {state}")
+        state = _("ready") if not not_ready else _("not ready: {what}").format(what="; ".join(not_ready))
+        subtitle = _("{box} · firmware {version} · up {uptime} · {state}").format(
+            box=runtime.appliance_id, version=__version__, uptime=uptime_text(runtime.uptime_s()), state=state)
         checks = await runtime.health.latest()
         # The order is the reading order: the headline, what is wrong in full width, then
         # the rest: each feature's own part (WebParts.sections, in assembly order), then
         # the box's services, checks and ports.
         parts_html = [await section(runtime) for section in parts.sections]
-        body = page("Store appliance", subtitle,
-                    [_headline_section(checks), _problems_section(checks), *parts_html,
-                     _services_section(runtime), _checks_section(runtime, checks), _ports_section(runtime)])
-        return HTMLResponse(body)
+        body = page(_("Store appliance"), subtitle,
+                    [_headline_section(checks, _), _problems_section(checks, _), *parts_html,
+                     _services_section(runtime, _), _checks_section(runtime, checks, _), _ports_section(runtime, _)],
+                    lang=lang)
+        return HTMLResponse(body, headers={"Content-Language": lang, "Vary": "Accept-Language"})
 
     async def api_status(request: Request) -> Response:
         return JsonResponse(await status(runtime, parts))
