@@ -132,6 +132,7 @@ BUILT_ON = {
     "bundle": {"log_ring"},
     "log_shipping": {"log_ring"},
     "media": {"media_health", "media_through"},
+    "ticket": {"dispatcher", "i18n"},
 }
 # What every web module may import, besides the plumbing and the services it is the face of.
 WEB_SHARED = {"web.kit", "web.common", "web.parts", "web.cors", "web.device_auth"}

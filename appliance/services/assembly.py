@@ -38,6 +38,7 @@ from appliance.services.setup import setup_checks
 from appliance.services.spec import ServiceSpec
 from appliance.services.support_channel import run_support
 from appliance.services.sync import run_sync
+from appliance.services.ticket import run_first_boot_ticket
 from appliance.services.web import admin, api, events, media, ops, provisioning, support
 from appliance.services.web import commands as device_commands
 from appliance.services.web import live as live_events
@@ -51,6 +52,7 @@ from appliance.services.web.parts import WebParts
 from appliance.services.web.settings import admin_parts as settings_admin_parts
 from appliance.services.web.store import api_parts as store_api_parts
 from appliance.services.web.support import admin_parts as support_admin_parts
+from appliance.services.web.ticket import admin_parts as ticket_admin_parts
 
 __all__ = ["CORS_ROLES", "LISTENER_APPS", "AppFactory", "listener_apps", "service_specs"]
 
@@ -85,6 +87,7 @@ def web_parts() -> dict[str, WebParts]:
     parts["admin"] += live_events.admin_parts()  # the latest events, followed live with JavaScript
     parts["provisioning"] += enrollment_parts()  # device enrollment: keys, the comparison code
     parts["admin"] += support_admin_parts()  # links to the bundle and the live log tail on 8005
+    parts["admin"] += ticket_admin_parts()  # the status ticket's button
     return parts
 
 
@@ -142,4 +145,6 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     specs.append(ServiceSpec(name="media", run=run_media, core=False, enabled=runtime.config.media.enabled))
     # Logs to the log intake: optional, after everything that serves the shop.
     specs.append(ServiceSpec(name="logs.shipping", run=run_log_shipping, core=False))
+    # The status ticket on the first start, once a receipt printer is adopted.
+    specs.append(ServiceSpec(name="ticket", run=run_first_boot_ticket, core=False))
     return specs

@@ -1,0 +1,102 @@
+"""The status ticket: a short printout on an adopted receipt printer, so a technician
+standing at the till learns the box's name, address and homepage, and whether it is paired
+(and, while it is not, how to pair it), with no screen and no laptop.
+
+Printed through the device channel (a ``print`` command in the printer's outbox, so it
+survives a restart and waits for a printer that is off): on the box's first start (once an
+adopted printer exists; a marker file in the state directory remembers it was printed), and
+on the homepage's "Print a status ticket" button. In the language of ``[admin] language``.
+
+The printer's own button is not handled: the device channel has no message for it yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from appliance.services.dispatcher import enqueue
+from appliance.services.i18n import Gettext, gettext_for
+from appliance.services.netif import interfaces
+from appliance.services.runtime import Runtime
+from appliance.storage.devices import list_adopted
+
+__all__ = ["FIRST_BOOT_MARKER", "print_ticket", "run_first_boot_ticket", "ticket_text"]
+
+log = logging.getLogger(__name__)
+
+PRINT_KIND: Final = "print"
+# A ticket that could not be printed within an hour says something stale: drop it.
+TICKET_TTL_S: Final = 3600.0
+FIRST_BOOT_MARKER: Final = "status-ticket.printed"
+WIDTH: Final = 42  # characters on an 80 mm receipt at the usual font
+
+
+def _addresses(runtime: Runtime) -> list[str]:
+    bind = runtime.config.lan.bind
+    if bind not in ("0.0.0.0", "::", ""):
+        return [bind]
+    try:
+        found = [i.address for i in interfaces() if i.up and not i.loopback]
+    except OSError:
+        found = []
+    return found or ["127.0.0.1"]
+
+
+def ticket_text(runtime: Runtime, _: Gettext) -> str:
+    """The ticket's lines (plain text, at most :data:`WIDTH` characters each where it can)."""
+    port = runtime.ports.of("admin")
+    suffix = "" if port == 80 else f":{port}"
+    addresses = _addresses(runtime)
+    store = runtime.store
+    lines = ["=" * WIDTH, _("STORE APPLIANCE STATUS"), "=" * WIDTH,
+             _("Box: {name}").format(name=runtime.appliance_id),
+             _("Host name: {name}").format(name=socket.gethostname()),
+             _("Address: {address}").format(address=", ".join(addresses)),
+             _("Homepage: {url}").format(url=f"http://{addresses[0]}{suffix}/")]
+    if store is None:
+        lines += [_("Pairing: NOT PAIRED"),
+                  _("To pair: open the homepage, enter the pairing code from the back office and the admin "
+                    "token, then press Pair.")]
+    elif store.needs_repair:
+        lines += [_("Pairing: store {store}, REFUSED by the platform").format(store=store.store_id),
+                  _("To pair again: enter a new pairing code on the homepage.")]
+    else:
+        lines.append(_("Pairing: paired with store {store}").format(store=store.store_id))
+    lines += ["-" * WIDTH, time.strftime("%Y-%m-%d %H:%M:%S %Z"), ""]
+    return "\n".join(lines)
+
+
+async def print_ticket(runtime: Runtime) -> list[str]:
+    """Queue the ticket for every adopted printer; returns their ids (empty: no printer)."""
+    printers = [d for d in await runtime.db.read(list_adopted) if d.kind == "printer"]
+    text = ticket_text(runtime, gettext_for(runtime.config.admin.language))
+    now = time.time()
+    for printer in printers:
+        await enqueue(runtime, printer.id, PRINT_KIND, {"text": text, "purpose": "status-ticket", "printed_at": now},
+                      now + TICKET_TTL_S)
+    return [p.id for p in printers]
+
+
+async def run_first_boot_ticket(runtime: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                ) -> None:
+    """On the box's first start, print the ticket once a printer is adopted; then idle
+    until the box stops (a service that returns is a crash to the supervisor)."""
+    marker = Path(runtime.config.storage.dir) / FIRST_BOOT_MARKER
+    task_status.started()
+    if not marker.exists():
+        runtime.board.say("ticket", "first start: waiting for an adopted receipt printer")
+        while True:
+            seen = runtime.device_changes.version
+            if await print_ticket(runtime):
+                break
+            await runtime.device_changes.wait(seen)
+        await trio.to_thread.run_sync(marker.write_text, f"{time.time()}\n")
+        log.info("status ticket printed (first start)")
+    runtime.board.say("ticket", "first-start ticket printed; the homepage button prints another")
+    await trio.sleep_forever()
