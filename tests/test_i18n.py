@@ -56,3 +56,22 @@ async def test_homepage_in_french_and_in_english(appliance: Runtime) -> None:
     assert "La boutique peut vendre" in fr.text and "Ce qui ne va pas, et comment y remédier" in fr.text
     assert "<html lang=en>" in en.text and "The shop can sell" in en.text
     assert "vary" in fr.headers and "accept-language" in fr.headers["vary"].lower()
+
+
+def test_appliance_health_speaks_admin_language(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: the box is "down"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\nops = {port}\n[storage]\ndir = "{tmp_path}"\n'
+                   '[admin]\nlanguage = "fr"\n')
+    result = subprocess.run([sys.executable, "-m", "appliance", "health", "--config", str(cfg)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    first_line, second_line = result.stdout.splitlines()[:2]
+    assert first_line.startswith("La boutique ne peut pas vendre."), result.stdout
+    assert second_line.startswith("D'abord :"), result.stdout

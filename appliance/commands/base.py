@@ -79,6 +79,7 @@ class Target:
     ports: dict[str, int]
     state_dir: str
     source: str  # in words: "the running box (pid N)" or "the configuration"
+    language: str = "en"  # [admin] language: the tools speak it
     running: RunningBox | None = None
 
 
@@ -88,8 +89,11 @@ def find_box(args: argparse.Namespace) -> Target:
     explicit = getattr(args, "config", None) or getattr(args, "port_offset", None) is not None
     running = None if explicit else find_running()
     if running is not None:
+        admin = running.config.get("admin")
+        language = str(admin.get("language", "en")) if isinstance(admin, dict) else "en"
         return Target(host=running.host, ports=dict(running.ports), state_dir=running.state_dir,
-                      source=f"the running box (pid {running.pid}, {running.path})", running=running)
+                      source=f"the running box (pid {running.pid}, {running.path})", language=language,
+                      running=running)
     config = config_or_exit(args)
     host = config.lan.bind if config.lan.bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
     offset = getattr(args, "port_offset", None) or 0
@@ -98,4 +102,4 @@ def find_box(args: argparse.Namespace) -> Target:
         where += f" (no running box published its ports in {published_path()}"
         where += ")" if os.geteuid() == 0 else " nor /run/appliance)"
     return Target(host=host, ports=config.lan.ports.with_offset(offset).as_dict(), state_dir=config.storage.dir,
-                  source=where)
+                  source=where, language=config.admin.language)

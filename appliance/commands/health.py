@@ -20,7 +20,9 @@ import trio
 
 from appliance.commands.base import add_box_args, config_or_exit, find_box
 from appliance.health.system import system_checks
+from appliance.protocol.headline import headline
 from appliance.protocol.health import Check, Status, exit_code, summary, worst
+from appliance.services.i18n import LANGUAGES, gettext_for
 from appliance.storage.secrets import read_secret
 
 __all__ = ["register"]
@@ -88,6 +90,12 @@ def cmd_health(args: argparse.Namespace) -> int:
                           "checks": [c.as_dict() for c in checks]}, indent=2))
         return exit_code(checks)
     counts = summary(checks)
+    _ = gettext_for(box.language if box.language in LANGUAGES else "en")
+    top = headline(checks, _)
+    print(top.sentence)
+    first = _("First:")
+    if top.first_fix:
+        print(f"{first} {top.first_fix}")
     print(f"health: {worst(checks)} ({counts['ok']} ok, {counts['warn']} warning, {counts['fail']} failing)")
     for c in checks:
         if c.status is Status.OK and not args.all:

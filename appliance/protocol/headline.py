@@ -20,7 +20,7 @@ __all__ = ["AREAS", "Headline", "headline", "problems"]
 # area -> check name prefixes that speak for it. WAN checks name the host; their message
 # starts with the target's purpose ("online orders (Service Bus): ...").
 AREAS: Final[dict[str, tuple[str, ...]]] = {
-    "sell": ("lan.listener.api", "cloud.replica"),
+    "sell": ("appliance.process", "lan.listener.api", "cloud.replica"),
     "orders": ("orders.",),
     "devices": ("device.", "dispatch."),
 }
