@@ -16,7 +16,7 @@ import trio
 from appliance.services.i18n import LANGUAGES
 from appliance.services.runtime import Runtime
 from tests.browser import ARTEFACTS, AXE, AXE_RUN_JS, CHROMIUM, OVERFLOW_JS, chromium
-from tests.conftest import ConfigFactory, running_box
+from tests.conftest import ConfigFactory, device_key, running_box
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup --test)")
 
@@ -32,8 +32,9 @@ async def busy_box(make_config: ConfigFactory) -> AsyncIterator[Runtime]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed.append(s.getsockname()[1])  # nothing listens there once closed
-    devices = [{"id": f"kitchen-screen-{n}-{'x' * 30}", "kind": kind, "address": "127.0.0.1", "port": port,
-                "name": f"Kitchen display number {n} by the pass, second floor"}
+    devices = [{"id": (device_id := f"kitchen-screen-{n}-{'x' * 30}"), "kind": kind, "address": "127.0.0.1",
+                "port": port, "name": f"Kitchen display number {n} by the pass, second floor",
+                "key": device_key(device_id).hex()}
                for n, (kind, port) in enumerate(zip(("kds", "printer", "pos"), closed, strict=True), 1)]
     async with running_box(make_config(devices=devices)) as runtime:
         yield runtime
@@ -108,9 +109,10 @@ async def test_a_connected_device_is_seen_in_every_table(make_config: ConfigFact
     from appliance.devkit.device import DeviceSimulator, run_device_simulator
 
     async with trio.open_nursery() as nursery:
-        sim = DeviceSimulator(device_id="kds-1", kind="kds")
+        sim = DeviceSimulator(device_id="kds-1", kind="kds", key=device_key("kds-1"))
         port = await nursery.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1"))
-        devices = [{"id": "kds-1", "kind": "kds", "address": "127.0.0.1", "port": port, "name": "Kitchen"}]
+        devices = [{"id": "kds-1", "kind": "kds", "address": "127.0.0.1", "port": port, "name": "Kitchen",
+                    "key": device_key("kds-1").hex()}]
         async with running_box(make_config(devices=devices)) as runtime, httpx.AsyncClient(timeout=30) as client:
             with trio.fail_after(20):
                 # The link's status is a record the dispatcher updates, with no event to wait on.

@@ -11,7 +11,7 @@ import trio
 
 from appliance.devkit.device import Accepted, DeviceSimulator, read_log, run_device_simulator
 from appliance.services.ticket import FIRST_BOOT_MARKER
-from tests.conftest import ConfigFactory, running_box
+from tests.conftest import ConfigFactory, device_key, running_box
 
 
 async def _wait_for(log: Path, count: int) -> list[Accepted]:
@@ -24,11 +24,12 @@ async def _wait_for(log: Path, count: int) -> list[Accepted]:
 async def test_status_ticket_on_first_start_and_on_the_homepage_button(
         make_config: ConfigFactory, tmp_path: Path) -> None:
     log = tmp_path / "printer.jsonl"
-    printer = DeviceSimulator(device_id="printer-1", kind="printer", log_path=log)
+    printer = DeviceSimulator(device_id="printer-1", kind="printer", log_path=log, key=device_key("printer-1"))
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(partial(run_device_simulator, printer, port=0, bind="127.0.0.1"))
-            devices = [{"id": "printer-1", "kind": "printer", "address": "127.0.0.1", "port": port}]
+            devices = [{"id": "printer-1", "kind": "printer", "address": "127.0.0.1", "port": port,
+                        "key": device_key("printer-1").hex()}]
             config = make_config(devices=devices, admin={"token": "t0k", "language": "fr"})
             async with running_box(config) as runtime:
                 [first] = await _wait_for(log, 1)
