@@ -97,6 +97,6 @@ async def run_first_boot_ticket(runtime: Runtime, *, task_status: trio.TaskStatu
                 break
             await runtime.device_changes.wait(seen)
         await trio.to_thread.run_sync(marker.write_text, f"{time.time()}\n")
-        log.info("status ticket printed (first start)")
-    runtime.board.say("ticket", "first-start ticket printed; the homepage button prints another")
+        log.info("status ticket queued for the printers (first start)")
+    runtime.board.say("ticket", "first-start ticket queued for the printers; the homepage button queues another")
     await trio.sleep_forever()
