@@ -30,7 +30,7 @@ async def test_status_ticket_on_first_start_and_on_the_homepage_button(
             port = await nursery.start(partial(run_device_simulator, printer, port=0, bind="127.0.0.1"))
             devices = [{"id": "printer-1", "kind": "printer", "address": "127.0.0.1", "port": port,
                         "key": device_key("printer-1").hex()}]
-            config = make_config(devices=devices, admin={"token": "t0k", "language": "fr"})
+            config = make_config(devices=devices, admin={"token": "ticket-test-admin-token-0123", "language": "fr"})
             async with running_box(config) as runtime:
                 [first] = await _wait_for(log, 1)
                 text = first.body["text"]
@@ -41,7 +41,7 @@ async def test_status_ticket_on_first_start_and_on_the_homepage_button(
                 async with httpx.AsyncClient(timeout=30) as client:
                     refused = await client.post(url, data={"token": "wrong"})
                     assert refused.status_code == 401
-                    answer = await client.post(url, data={"token": "t0k"})
+                    answer = await client.post(url, data={"token": "ticket-test-admin-token-0123"})
                     assert answer.status_code == 303
                     home = await client.get(f"http://127.0.0.1:{runtime.ports['admin']}/")
                     assert "Print a status ticket" in home.text
