@@ -274,6 +274,8 @@ class AdminConfig:
     token: str = attrs.field(default="", validator=_admin_token)
     # The language of the homepage, the status ticket and the CLI.
     language: str = attrs.field(default="en", validator=_one_of("en", "fr"))
+    # Print the status ticket on the box's first start, once a receipt printer is adopted.
+    first_start_ticket: bool = True
 
 
 @attrs.frozen(kw_only=True)

@@ -47,7 +47,9 @@ def test_config_data(state_dir: Path) -> dict[str, Any]:
     return {
         "lan": {"bind": "127.0.0.1", "ports": {**ports, "discovery": 0}},
         "storage": {"dir": str(state_dir)},
-        "admin": {"token": "test-admin-token-0123456789"},
+        # No first-start ticket: tests count what each printer receives (tests/test_ticket.py
+        # switches it on).
+        "admin": {"token": "test-admin-token-0123456789", "first_start_ticket": False},
         "supervisor": {"shutdown_deadline_s": 5.0},
         # Nothing in a test may reach a real host or broadcast on a real LAN: the cloud is
         # a closed port on loopback unless a test points it at its simulator.

@@ -105,7 +105,7 @@ async def test_without_javascript_the_page_is_complete(tmp_path: Path) -> None:
              box.url("admin", "/")], capture_output=True, text=True, timeout=90, check=False))
         assert dom.returncode == 0, dom.stderr[-2000:]
         page = dom.stdout
-        for heading in ("Health", "Services", "Live events", "Ports"):
+        for heading in ("Health checks", "Services", "Live events", "Ports"):
             assert f"<h2>{heading}</h2>" in page
         assert "id=sale-before-load" in page and "sale.received" in page
         assert "live updates need JavaScript" in page

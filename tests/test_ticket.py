@@ -30,7 +30,8 @@ async def test_status_ticket_on_first_start_and_on_the_homepage_button(
             port = await nursery.start(partial(run_device_simulator, printer, port=0, bind="127.0.0.1"))
             devices = [{"id": "printer-1", "kind": "printer", "address": "127.0.0.1", "port": port,
                         "key": device_key("printer-1").hex()}]
-            config = make_config(devices=devices, admin={"token": "ticket-test-admin-token-0123", "language": "fr"})
+            config = make_config(devices=devices, admin={"token": "ticket-test-admin-token-0123", "language": "fr",
+                                                                   "first_start_ticket": True})
             async with running_box(config) as runtime:
                 [first] = await _wait_for(log, 1)
                 text = first.body["text"]

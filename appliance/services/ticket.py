@@ -61,8 +61,7 @@ def ticket_text(runtime: Runtime, _: Gettext) -> str:
              _("Homepage: {url}").format(url=f"http://{addresses[0]}{suffix}/")]
     if store is None:
         lines += [_("Pairing: NOT PAIRED"),
-                  _("To pair: open the homepage, enter the pairing code from the back office and the admin "
-                    "token, then press Pair.")]
+                  _("To pair: open the homepage, enter the pairing code from the back office, then press Pair.")]
     elif store.needs_repair:
         lines += [_("Pairing: store {store}, REFUSED by the platform").format(store=store.store_id),
                   _("To pair again: enter a new pairing code on the homepage.")]
@@ -89,7 +88,7 @@ async def run_first_boot_ticket(runtime: Runtime, *, task_status: trio.TaskStatu
     until the box stops (a service that returns is a crash to the supervisor)."""
     marker = Path(runtime.config.storage.dir) / FIRST_BOOT_MARKER
     task_status.started()
-    if not marker.exists():
+    if runtime.config.admin.first_start_ticket and not marker.exists():
         runtime.board.say("ticket", "first start: waiting for an adopted receipt printer")
         while True:
             seen = runtime.device_changes.version
