@@ -264,7 +264,8 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(tmp_path: Pa
         decls = "\n".join(f'[[devices]]\nid = "{d.device_id}"\nkind = "printer"\naddress = "127.0.0.1"\n'
                           f'port = {d.port}\nkey = "{device_key(d.device_id).hex()}"\n' for d in devices)
         config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{state}"\n'
-                          '[admin]\ntoken = "e2e-token-0123456789abcdef"\n[supervisor]\nshutdown_deadline_s = 5.0\n'
+                          '[admin]\ntoken = "e2e-token-0123456789abcdef"\nfirst_start_ticket = false\n'
+                          '[supervisor]\nshutdown_deadline_s = 5.0\n'
                           "[discovery]\nenabled = false\n[orders]\nenabled = false\n"
                           "[dispatch]\nbackoff_initial_s = 0.2\nbackoff_max_s = 1.0\n" + decls)
         # Half the commands are in the outbox before the first start (written as the order
