@@ -31,6 +31,7 @@ from appliance.protocol.health import Status
 from appliance.services.device_link import DeviceLinkPhase, LinkTarget
 from appliance.services.dispatcher import enqueue, run_dispatcher
 from appliance.services.runtime import Runtime
+from appliance.services.web.commands import MAX_BATCH
 from appliance.storage.outbox import CommandState, enqueue_in, list_commands
 from appliance.supervisor import open_runtime
 from tests.conftest import ConfigFactory, device_key, running_box
@@ -504,5 +505,65 @@ async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Pa
                 assert names["device.printer-1.channel"]["status"] == "ok"
                 metrics = (await client.get(f"http://127.0.0.1:{rt.ports['ops']}/metrics")).text
                 assert 'appliance_device_commands_acked_total{device="printer-1"} 2' in metrics
+        sims.cancel_scope.cancel()
+    sim.close()
+
+
+async def test_a_batch_of_commands_is_one_transaction_all_or_nothing(make_config: ConfigFactory,
+                                                                     tmp_path: Path) -> None:
+    sim = DeviceSimulator(device_id="printer-1", log_path=tmp_path / "printer.jsonl", key=device_key("printer-1"))
+    async with trio.open_nursery() as sims:
+        port = await sims.start(partial(run_device_simulator, sim, port=0, bind="127.0.0.1"))
+        devices = [{"id": "printer-1", "kind": "printer", "address": "127.0.0.1", "port": port,
+                    "key": device_key("printer-1").hex()},
+                   {"id": "kds-1", "kind": "kds", "address": "127.0.0.1", "port": 9,
+                    "key": device_key("kds-1").hex()}]
+        async with appliance_with(make_config, devices) as rt:
+            url = f"http://127.0.0.1:{rt.ports['api']}/v1/commands"
+            auth = {"Authorization": "Bearer test-admin-token-0123456789"}
+
+            async def queued() -> list[str]:
+                return await rt.db.read(lambda c: [r[0] for r in c.execute("SELECT id FROM outbox ORDER BY rowid")])
+
+            async with httpx.AsyncClient(timeout=10) as client:
+                assert (await client.post(url, json={"commands": []})).status_code == 401
+                bad = await client.post(url, headers=auth, json={"commands": [
+                    {"device_id": "printer-1", "kind": "print", "body": {}},
+                    {"kind": "Print!", "body": []},
+                    "text"]})
+                assert bad.status_code == 400
+                assert bad.json()["errors"] == [
+                    "commands[1].device_id: required, a device id",
+                    "commands[1].kind: a command kind is a dotted lower-case name of at most 64 characters "
+                    "(e.g. order.created), got 'Print!'",
+                    "commands[1].body: must be a JSON object, got list",
+                    "commands[2]: must be a JSON object, got str",
+                ]
+                too_many = [{"device_id": "printer-1", "kind": "print", "body": {}}] * (MAX_BATCH + 1)
+                assert (await client.post(url, headers=auth, json={"commands": too_many})).status_code == 400
+                unknown = await client.post(url, headers=auth, json={"commands": [
+                    {"device_id": "printer-1", "kind": "print", "body": {}},
+                    {"device_id": "nobody", "kind": "print", "body": {}}]})
+                assert unknown.status_code == 404
+                assert await queued() == []
+
+                lines = [{"device_id": d, "kind": "order.created", "body": {"line": n}, "id": f"o-7:{d}:{n}"}
+                         for n in range(3) for d in ("printer-1", "kds-1")]
+                made = await client.post(url, headers=auth, json={"commands": lines})
+                assert made.status_code == 201, made.text
+                answer = made.json()["commands"]
+                assert [(c["id"], c["seq"], c["created"]) for c in answer] == [
+                    (f"o-7:{d}:{n}", n + 1, True) for n in range(3) for d in ("printer-1", "kds-1")]
+                again = await client.post(url, headers=auth, json={"commands": lines[:2]})
+                assert again.status_code == 200 and [c["created"] for c in again.json()["commands"]] == [False, False]
+
+                # An id already used for another device: the whole batch is refused, nothing queued.
+                taken = await client.post(url, headers=auth, json={"commands": [
+                    {"device_id": "printer-1", "kind": "print", "body": {}, "id": "fresh-1"},
+                    {"device_id": "printer-1", "kind": "print", "body": {}, "id": "o-7:kds-1:0"}]})
+                assert taken.status_code == 409 and "no command of the batch was queued" in taken.json()["error"]
+                assert await queued() == [line["id"] for line in lines]
+                await bounded(lambda: len(sim.accepted) == 3)
+                assert [c.body for c in sim.accepted] == [{"line": 0}, {"line": 1}, {"line": 2}]
         sims.cancel_scope.cancel()
     sim.close()

@@ -151,3 +151,150 @@ async def test_database_and_its_wal_are_private_whatever_the_umask(tmp_path: Pat
         assert os.stat(tmp_path / "state").st_mode & 0o777 == 0o700
     finally:
         db.close()
+
+
+# --- group commit --------------------------------------------------------------------
+
+
+async def _hold_writer(db: Database, nursery: trio.Nursery) -> threading.Event:
+    """Start a write that blocks in its thread until the returned event is set: writes made
+    meanwhile queue up behind it, as they do behind a slow fsync."""
+    release, inside = threading.Event(), trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('hold', '1')")
+        trio.from_thread.run_sync(inside.set, trio_token=token)
+        release.wait(10)
+
+    nursery.start_soon(db.write, hold)
+    await inside.wait()
+    return release
+
+
+async def test_writes_waiting_together_share_one_commit_in_arrival_order(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    commits: list[int] = []
+    db.on_commit(lambda: commits.append(1))
+    results: dict[int, int] = {}
+
+    def put(conn: sqlite3.Connection, n: int) -> int:
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (f"k{n}", str(n)))
+        # What the writes before it in the group left: they ran first, in the same transaction.
+        return int(conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0])
+
+    async def one(n: int) -> None:
+        results[n] = await db.write(lambda conn: put(conn, n))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            release = await _hold_writer(db, nursery)
+            for n in range(20):
+                nursery.start_soon(one, n)
+                await trio.testing.wait_all_tasks_blocked()  # queued in this order
+            release.set()
+        assert len(commits) == 2  # the held write, then the other twenty together
+        assert results == {n: n + 1 for n in range(20)}
+        assert await db.read(lambda c: c.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0]) == 20
+    finally:
+        db.close()
+
+
+async def test_a_failing_write_in_a_group_is_undone_alone(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    outcomes: dict[str, object] = {}
+
+    def put(conn: sqlite3.Connection, key: str) -> str:
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, '1')", (key,))
+        if key == "bad":
+            raise ValueError("bad write")
+        return key
+
+    async def one(key: str) -> None:
+        try:
+            outcomes[key] = await db.write(lambda conn: put(conn, key))
+        except ValueError as exc:
+            outcomes[key] = exc
+
+    try:
+        async with trio.open_nursery() as nursery:
+            release = await _hold_writer(db, nursery)
+            for key in ("a", "bad", "b"):
+                nursery.start_soon(one, key)
+                await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert outcomes["a"] == "a" and outcomes["b"] == "b"
+        assert isinstance(outcomes["bad"], ValueError)
+        keys = await db.read(lambda c: [r[0] for r in c.execute("SELECT key FROM meta WHERE key IN ('a', 'b', 'bad')")])
+        assert sorted(keys) == ["a", "b"]
+    finally:
+        db.close()
+
+
+async def test_a_write_cancelled_while_waiting_never_runs(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    try:
+        async with trio.open_nursery() as nursery:
+            release = await _hold_writer(db, nursery)
+            with trio.CancelScope() as scope:
+                nursery.start_soon(lambda: db.write(lambda c: c.execute("INSERT INTO meta VALUES ('later', '1')")))
+                await trio.testing.wait_all_tasks_blocked()
+                waiting = trio.CancelScope()
+
+                async def cancelled() -> None:
+                    with waiting:
+                        await db.write(lambda c: c.execute("INSERT INTO meta VALUES ('never', '1')"))
+
+                nursery.start_soon(cancelled)
+                await trio.testing.wait_all_tasks_blocked()
+                waiting.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+            assert not scope.cancelled_caught
+            release.set()
+        keys = await db.read(lambda c: sorted(r[0] for r in c.execute("SELECT key FROM meta WHERE key IN "
+                                                                      "('hold', 'later', 'never')")))
+        assert keys == ["hold", "later"]
+    finally:
+        db.close()
+
+
+async def test_a_write_taken_into_a_group_completes_for_a_cancelled_caller(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    release, inside = threading.Event(), trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    got: list[str] = []
+
+    def slow(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO meta VALUES ('first', '1')")
+        trio.from_thread.run_sync(inside.set, trio_token=token)
+        release.wait(10)
+        return "first"
+
+    def second(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO meta VALUES ('second', '1')")
+        return "second"
+
+    async def follower(scope: trio.CancelScope) -> None:
+        with scope:
+            got.append(await db.write(second))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            held = await _hold_writer(db, nursery)
+            # Two writes queue behind it; the first to get the lock takes both into its group.
+            nursery.start_soon(db.write, slow)
+            await trio.testing.wait_all_tasks_blocked()
+            scope = trio.CancelScope()
+            nursery.start_soon(follower, scope)
+            await trio.testing.wait_all_tasks_blocked()
+            held.set()
+            await inside.wait()  # the group (slow, second) is in its thread now
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert got == ["second"]  # the cancelled caller still got its committed result
+        keys = await db.read(lambda c: sorted(r[0] for r in c.execute("SELECT key FROM meta WHERE key IN "
+                                                                      "('first', 'second')")))
+        assert keys == ["first", "second"]
+    finally:
+        db.close()

@@ -58,7 +58,7 @@ from appliance.storage.outbox import (
     prune_settled,
 )
 
-__all__ = ["DeviceLike", "enqueue", "run_dispatcher"]
+__all__ = ["DeviceLike", "enqueue", "enqueue_many", "run_dispatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,22 @@ async def enqueue(
     result = await runtime.db.write(partial(enqueue_in, device_id=device_id, kind=kind, body=body,
                                             expires_at=expires_at, command_id=command_id))
     if result.created:
+        runtime.outbox_changes.notify()
+    return result
+
+
+async def enqueue_many(
+    runtime: Runtime, commands: Sequence[tuple[str, str, Mapping[str, Any], float | None, str | None]]
+) -> list[Enqueued]:
+    """Add ``(device_id, kind, body, expires_at, command_id)`` commands in one transaction
+    (all or none; one durable commit for the lot), in order, and wake the dispatcher."""
+
+    def write(conn: sqlite3.Connection) -> list[Enqueued]:
+        return [enqueue_in(conn, device_id, kind, body, expires_at, command_id=command_id)
+                for device_id, kind, body, expires_at, command_id in commands]
+
+    result = await runtime.db.write(write)
+    if any(e.created for e in result):
         runtime.outbox_changes.notify()
     return result
 

@@ -1,15 +1,25 @@
 """The one SQLite database: WAL mode, one writer, readers in parallel, all off the event loop.
 
-Every function passed to :meth:`Database.write` runs in a worker thread inside one
+Every function passed to :meth:`Database.write` runs in a worker thread inside a
 ``BEGIN IMMEDIATE`` transaction, committed before ``write`` returns: with
 ``synchronous=FULL`` the data is on disk when the caller goes on to acknowledge it to
 anyone. Writers are serialised by a lock (SQLite allows one writer anyway; queuing in
 trio is cheaper than busy-waiting in SQLite). Readers use a small pool of connections and
 see the last committed state (WAL).
 
-Cancellation: a write that has started in its thread runs to completion (trio's default
-``abandon_on_cancel=False``): a cancelled caller never leaves a half-done transaction, and
-the cancel takes effect once the thread returns. A write that raises is rolled back.
+Group commit: writes that arrive while another is committing wait together and then
+share one transaction, one commit and so one fsync (up to :data:`GROUP_MAX` of them).
+Each runs in its own savepoint, in arrival order: one that raises is rolled back alone
+and its caller gets the exception; the others commit. At a low rate every write is its
+own group, so nothing waits longer than before; in a burst (a request with many
+commands, several requests in the same millisecond) the fsync, which costs far more than
+the SQL, is paid once per group (docs/architecture.md, "Storage").
+
+Cancellation: a write that has been taken into a group runs to completion (trio's
+``abandon_on_cancel=False``) and its caller gets the result, the cancel taking effect at
+its next checkpoint: a cancelled caller never leaves a half-done transaction. A write
+cancelled while it still waits is dropped and never runs. A write that raises is rolled
+back.
 """
 
 from __future__ import annotations
@@ -19,13 +29,14 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
+import attrs
 import trio
 
 from appliance.storage.schema import migrate
 
-__all__ = ["DATABASE_FILE", "Database", "StorageError", "connect"]
+__all__ = ["DATABASE_FILE", "GROUP_MAX", "Database", "StorageError", "connect"]
 
 # The database's file name inside the state directory (storage.dir).
 DATABASE_FILE: Final = "appliance.db"
@@ -36,6 +47,9 @@ T = TypeVar("T")
 READERS: Final = 4
 # How long a connection waits on SQLite's own lock (another process, e.g. a CLI command).
 BUSY_TIMEOUT_MS: Final = 5000
+# The most writes one group commit takes: bounds how long one transaction holds the writer
+# (256 enqueues are a few ms of SQL) and so how long the last of them waits for its answer.
+GROUP_MAX: Final = 256
 
 
 class StorageError(Exception):
@@ -62,13 +76,30 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+@attrs.define(eq=False)
+class _Write:
+    """One caller's write function, waiting for (or taken into) a group commit."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    taken: bool = False  # in a group: it runs (or ran) whatever happens to its caller
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 class Database:
     """The appliance's database. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(self, path: Path, writer: sqlite3.Connection, readers: list[sqlite3.Connection]) -> None:
         self.path = path
         self._writer = writer
-        self._write_lock = trio.Lock()
+        self._write_lock = trio.Lock()  # fair: groups commit in arrival order
+        self._waiting: list[_Write] = []  # writes not yet taken into a group, oldest first
         self._readers = readers
         self._reader_slots = trio.Semaphore(len(readers))
         self._reader_pick = threading.Lock()
@@ -121,14 +152,84 @@ class Database:
         return result
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in a worker thread inside one transaction, committed on return."""
+        """Run ``fn(conn)`` in a worker thread inside a transaction, committed on return;
+        writes waiting at the same time share the transaction (see the module's docstring)."""
+        job = _Write(fn)
+        self._waiting.append(job)
         try:
-            async with self._write_lock:
-                return await trio.to_thread.run_sync(self.write_sync, fn)
+            await self._write_lock.acquire()
+        except trio.Cancelled:
+            if not job.taken:
+                self._waiting.remove(job)
+                raise
+            # Another caller's group took it: it runs to completion; answer as a write
+            # cancelled in its thread does (the result now, the cancel at the next checkpoint).
+            with trio.CancelScope(shield=True):
+                await job.done.wait()
+            return cast(T, job.outcome())
+        try:
+            # Shielded: a group, once taken, is committed and its callers told. Bounded: the
+            # groups ahead of ours were in the queue before us (at most len/GROUP_MAX of them).
+            with trio.CancelScope(shield=True):
+                while not job.taken:
+                    group = self._waiting[:GROUP_MAX]
+                    del self._waiting[:GROUP_MAX]
+                    for taken in group:
+                        taken.taken = True
+                    try:
+                        await trio.to_thread.run_sync(self._commit_group, group)
+                    finally:
+                        for taken in group:
+                            taken.done.set()
+                        for hook in self._commit_hooks:
+                            hook()
         finally:
-            # Also after a cancelled wait: the thread may have committed before it returned.
-            for hook in self._commit_hooks:
-                hook()
+            self._write_lock.release()
+        return cast(T, job.outcome())
+
+    def _commit_group(self, group: list[_Write]) -> None:
+        """Run every write of ``group`` in one transaction (each in a savepoint when there
+        are several) and commit it once; each write's result or exception is stored on it.
+        In the worker thread."""
+        conn = self._writer
+        if len(group) == 1:
+            job = group[0]
+            try:
+                job.result = self.write_sync(job.fn)
+            except Exception as exc:  # noqa: BLE001  (the caller's own exception, raised in its task)
+                job.error = exc
+            return
+        done: list[_Write] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for job in group:
+                conn.execute("SAVEPOINT group_write")
+                try:
+                    job.result = job.fn(conn)
+                except Exception as exc:  # noqa: BLE001  (this write alone is undone; its caller gets exc)
+                    job.error = exc
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (an I/O error, a full
+                        # disk): the writes before this one are gone too; say so to them,
+                        # and go on with the rest in a new transaction.
+                        for lost in done:
+                            lost.error = StorageError(f"the write was rolled back with another one: {exc}")
+                        done.clear()
+                        conn.execute("BEGIN IMMEDIATE")
+                        continue
+                    conn.execute("ROLLBACK TO group_write")
+                conn.execute("RELEASE group_write")
+                if job.error is None:
+                    done.append(job)
+            conn.commit()
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            for job in group:
+                if job.error is None:
+                    job.error = exc if isinstance(exc, Exception) else StorageError(f"the group write stopped: {exc!r}")
+            if not isinstance(exc, Exception):
+                raise
 
     def on_commit(self, hook: Callable[[], None]) -> Callable[[], None]:
         """Call ``hook()`` after every committed :meth:`write`; returns the remover.

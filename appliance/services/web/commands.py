@@ -10,6 +10,10 @@ the signature of the device in the path (a device reads its own commands only):
   (200, ``"created": false``) instead of adding a second one, so a client may retry a
   request whose answer it never got. Unknown device: 404; not adopted: 409; a bad body:
   400 with one path-named line per problem.
+- ``POST /v1/commands`` ``{"commands": [{"device_id", "kind", "body", "expires_at"?, "id"?}, ...]}``
+  (at most :data:`MAX_BATCH`) -> 201 ``{"commands": [{"id", "device_id", "seq", "created"}, ...]}``
+  in the request's order, all in one transaction (one durable commit for the lot): all
+  accepted or none. Errors as above, each path-named (``commands[3].kind``).
 - ``GET /v1/devices/{device_id}/commands?state=queued|sent|acked|dead&limit=N``: newest first.
 - ``GET /v1/devices/{device_id}/commands/{command_id}``.
 
@@ -40,7 +44,7 @@ from appliance.protocol.channel_codec import (
     encode_body,
 )
 from appliance.services.device_link import DeviceLinkPhase
-from appliance.services.dispatcher import enqueue
+from appliance.services.dispatcher import enqueue, enqueue_many
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
 from appliance.services.web.device_auth import authenticate
@@ -56,56 +60,94 @@ from appliance.storage.outbox import (
     list_commands,
 )
 
-__all__ = ["admin_parts", "api_parts", "parse_command_request"]
+__all__ = ["MAX_BATCH", "admin_parts", "api_parts", "parse_command_request"]
 
 _KEYS: Final = ("kind", "body", "expires_at", "id")
 # The homepage's test command: a ping that is useless after ten minutes.
 TEST_KIND: Final = "ping"
 TEST_TTL_S: Final = 600.0
+# The most commands one POST /v1/commands takes: a 40-line order to a few screens with room
+# to spare, and one transaction of a few ms (storage.db.GROUP_MAX is of the same order).
+MAX_BATCH: Final = 500
 
 
 def parse_command_request(data: Any, now: float) -> tuple[str, dict[str, Any], float | None, str | None]:
     """``(kind, body, expires_at, id)`` from a request body, or ApiError(400) naming every
     problem by its path."""
-    if not isinstance(data, dict):
-        raise ApiError(400, "the command is not valid", [f"(top level): must be a JSON object, got "
-                                                        f"{type(data).__name__}"])
     errors: list[str] = []
-    extra = sorted(set(data) - set(_KEYS))
+    parsed = _parse_command(data, now, errors, at="", keys=_KEYS)
+    if parsed is None:
+        raise ApiError(400, "the command is not valid", errors)
+    return parsed
+
+
+def parse_batch_request(data: Any, now: float) -> list[tuple[str, str, dict[str, Any], float | None, str | None]]:
+    """``[(device_id, kind, body, expires_at, id), ...]`` from a POST /v1/commands body, or
+    ApiError(400) naming every problem by its path."""
+    if not isinstance(data, dict) or set(data) != {"commands"} or not isinstance(data["commands"], list):
+        raise ApiError(400, "the batch is not valid", ['(top level): must be {"commands": [...]}, one key'])
+    items: list[Any] = data["commands"]
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise ApiError(400, "the batch is not valid", [f"commands: from 1 to {MAX_BATCH} commands, got {len(items)}"])
+    errors: list[str] = []
+    out = []
+    for n, item in enumerate(items):
+        at = f"commands[{n}]"
+        device_id = item.get("device_id") if isinstance(item, dict) else None
+        if isinstance(item, dict) and not (isinstance(device_id, str) and device_id):
+            errors.append(f"{at}.device_id: required, a device id")
+        parsed = _parse_command(item, now, errors, at=at, keys=("device_id", *_KEYS))
+        if parsed is not None and isinstance(device_id, str) and device_id:
+            out.append((device_id, *parsed))
+    if errors:
+        raise ApiError(400, "the batch is not valid", errors)
+    return out
+
+
+def _parse_command(data: Any, now: float, errors: list[str], *, at: str,
+                   keys: Sequence[str]) -> tuple[str, dict[str, Any], float | None, str | None] | None:
+    """One command's fields, or None with its problems added to ``errors`` (paths under ``at``)."""
+    where = f"{at}." if at else ""
+    if not isinstance(data, dict):
+        errors.append(f"{at or '(top level)'}: must be a JSON object, got {type(data).__name__}")
+        return None
+    before = len(errors)
+    extra = sorted(set(data) - set(keys))
     if extra:
-        errors.append(f"(top level): unknown key(s) {', '.join(extra)}; a command has kind, body, expires_at, id")
+        errors.append(f"{at or '(top level)'}: unknown key(s) {', '.join(extra)}; a command has {', '.join(keys)}")
     kind = data.get("kind")
     body = data.get("body")
     expires_at = data.get("expires_at")
     command_id = data.get("id")
     if kind is None:
-        errors.append("kind: required (e.g. \"order.created\", \"print\", \"display\", \"ping\")")
+        errors.append(f"{where}kind: required (e.g. \"order.created\", \"print\", \"display\", \"ping\")")
     else:
         try:
             check_kind(kind)
         except ChannelProtocolError as exc:
-            errors.append(f"kind: {exc}")
+            errors.append(f"{where}kind: {exc}")
     if body is None:
-        errors.append("body: required (a JSON object, {} for none)")
+        errors.append(f"{where}body: required (a JSON object, {{}} for none)")
     elif not isinstance(body, dict):
-        errors.append(f"body: must be a JSON object, got {type(body).__name__}")
+        errors.append(f"{where}body: must be a JSON object, got {type(body).__name__}")
     else:
         try:
             encode_body(body)
         except ChannelProtocolError as exc:
-            errors.append(f"body: {exc}")
+            errors.append(f"{where}body: {exc}")
     if expires_at is not None:
         if isinstance(expires_at, bool) or not isinstance(expires_at, int | float) or not math.isfinite(expires_at):
-            errors.append(f"expires_at: must be a number of Unix seconds or null, got {type(expires_at).__name__}")
+            errors.append(f"{where}expires_at: must be a number of Unix seconds or null, got "
+                          f"{type(expires_at).__name__}")
         elif expires_at <= now:
-            errors.append(f"expires_at: {expires_at:.3f} is already past (the box's clock says {now:.3f})")
+            errors.append(f"{where}expires_at: {expires_at:.3f} is already past (the box's clock says {now:.3f})")
     if command_id is not None:
         try:
             check_command_id(command_id)
         except ChannelProtocolError as exc:
-            errors.append(f"id: {exc}")
-    if errors:
-        raise ApiError(400, "the command is not valid", errors)
+            errors.append(f"{where}id: {exc}")
+    if len(errors) > before:
+        return None
     # Every value was checked above; the casts only tell the type checker so.
     return (cast(str, kind), cast(dict[str, Any], body), None if expires_at is None else float(expires_at),
             cast(str | None, command_id))
@@ -141,6 +183,21 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         location = f"/v1/devices/{urllib.parse.quote(device_id)}/commands/{done.id}"
         return JsonResponse(answer, status_code=201 if done.created else 200, headers={"Location": location})
 
+    async def post_batch(request: Request) -> Response:
+        require_admin(request, runtime)
+        data = await read_json(request, runtime.config.http.max_body_bytes)
+        commands = parse_batch_request(data, time.time())
+        for device_id in dict.fromkeys(c[0] for c in commands):
+            await _adopted_or_raise(runtime, device_id, must_be_adopted=True)
+        try:
+            done = await enqueue_many(runtime, commands)
+        except CommandIdTaken as exc:
+            raise ApiError(409, f"{exc}; no command of the batch was queued") from exc
+        except OutboxError as exc:
+            raise ApiError(400, "the batch is not valid", [f"{exc}; no command of the batch was queued"]) from exc
+        answer = [{"id": d.id, "device_id": d.device_id, "seq": d.seq, "created": d.created} for d in done]
+        return JsonResponse({"commands": answer}, status_code=201 if any(d.created for d in done) else 200)
+
     async def listing(request: Request) -> Response:
         caller = await authenticate(request, runtime)
         device_id = request.path_params["device_id"]
@@ -173,6 +230,7 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
 
     return [
         Route("/v1/devices/{device_id}/commands", post, methods=["POST"]),
+        Route("/v1/commands", post_batch, methods=["POST"]),
         Route("/v1/devices/{device_id}/commands", listing, methods=["GET"]),
         Route("/v1/devices/{device_id}/commands/{command_id}", one, methods=["GET"]),
     ]
