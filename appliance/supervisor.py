@@ -236,6 +236,10 @@ def _core_metrics(runtime: Runtime) -> None:
             lambda: [({"service": s.name}, 1.0 if s.state is ServiceState.RUNNING else 0.0)
                      for s in runtime.board.all()])
     m.describe_counter("service_crashes", "crashes of a supervised service since start")
+    db = runtime.db
+    m.gauge("storage_writes", "database writes since start", lambda: float(db.writes))
+    m.gauge("storage_commits", "database commits since start: writes that arrive together share one (group commit)",
+            lambda: float(db.groups))
 
 
 async def supervise_all(

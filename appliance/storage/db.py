@@ -100,6 +100,9 @@ class Database:
         self._writer = writer
         self._write_lock = trio.Lock()  # fair: groups commit in arrival order
         self._waiting: list[_Write] = []  # writes not yet taken into a group, oldest first
+        # Since open, for /metrics: writes run, and the groups (transactions) they ran in.
+        self.writes = 0
+        self.groups = 0
         self._readers = readers
         self._reader_slots = trio.Semaphore(len(readers))
         self._reader_pick = threading.Lock()
@@ -176,6 +179,8 @@ class Database:
                     del self._waiting[:GROUP_MAX]
                     for taken in group:
                         taken.taken = True
+                    self.writes += len(group)
+                    self.groups += 1
                     try:
                         await trio.to_thread.run_sync(self._commit_group, group)
                     finally:
