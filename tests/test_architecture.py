@@ -135,7 +135,7 @@ BUILT_ON = {
     "ticket": {"dispatcher", "i18n"},
 }
 # What every web module may import, besides the plumbing and the services it is the face of.
-WEB_SHARED = {"web.kit", "web.common", "web.parts", "web.cors", "web.device_auth"}
+WEB_SHARED = {"web.kit", "web.common", "web.parts", "web.cors", "web.device_auth", "web.contract"}
 
 
 def services_module(path: Path) -> str:

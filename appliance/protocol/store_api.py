@@ -1,11 +1,13 @@
-"""What devices post to the store API (``POST /v1/sales``, ``POST /v1/orders``), sans-I/O.
+"""The store API's bodies (port 8000): what devices post and what the box answers, sans-I/O.
 
-Bodies are structured by cattrs into frozen attrs records with strict scalar hooks (no
-``"2"`` for 2, no ``true`` for 1, no lone surrogates in strings), unknown fields refused,
-and every problem reported with its path (``lines[0].qty: must not be 0``). The rules are
-at least as strict as the platform's event rules (docs/cloud-contract.md), so a sale the
-box accepts is a sale the platform accepts: errors reach the device that can fix them,
-not a rejection hours later.
+Each request and response body is one :class:`~appliance.protocol.bodies.Body`: the
+validation, the JSON encoding and the JSON Schema served in ``GET /v1/openapi.json``
+(docs/store-api.md) all come from it. Posted bodies are checked strictly (no ``"2"`` for
+2, no ``true`` for 1, no lone surrogates in strings), unknown fields refused, and every
+problem reported with its path (``lines[0].qty: must not be 0``). The rules are at least
+as strict as the platform's event rules (docs/cloud-contract.md), so a sale the box
+accepts is a sale the platform accepts: errors reach the device that can fix them, not a
+rejection hours later.
 
 Exceptions: :class:`InvalidRecord` (``errors``: one path-named line per problem).
 """
@@ -13,28 +15,45 @@ Exceptions: :class:`InvalidRecord` (``errors``: one path-named line per problem)
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
-from collections.abc import Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Any, Final, Literal
 
-import attrs
-import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+import msgspec
 
-from appliance.protocol.errors import FieldError, NestedErrors, flatten
+from appliance.protocol.bodies import Body, Count, InvalidBody, Matches, Range, Text, convert
 from appliance.protocol.events import EVENT_TYPE_OF, RecordKind, event, order_received, record_event_id
 
 __all__ = [
+    "BATCH_MAX",
+    "BODIES",
     "CLIENT_ID_MAX",
     "LINES_MAX",
     "RECORD_MAX_BYTES",
+    "BatchAnswer",
+    "BatchCommand",
+    "BatchQueued",
+    "CommandAnswer",
+    "CommandBatch",
+    "CommandList",
+    "CommandRecord",
+    "CommandRequest",
+    "CommandView",
+    "Error",
     "InvalidRecord",
+    "ListedOrder",
+    "OnlineOrderList",
     "Order",
+    "OrderAnswer",
     "OrderLine",
     "Payment",
+    "Price",
+    "Product",
+    "ProductPage",
     "Sale",
+    "SaleAnswer",
     "SaleLine",
+    "Stock",
+    "Upload",
     "canonical",
     "canonical_json",
     "event_id_of",
@@ -43,12 +62,9 @@ __all__ = [
     "parse_sale",
 ]
 
-T = TypeVar("T")
-
 # Ids: the platform's event-id alphabet; the box prefixes "sale-"/"order-", so the
 # device's own id leaves room for it within the platform's 128 characters.
 CLIENT_ID_MAX: Final = 120
-_ID: Final = re.compile(r"[A-Za-z0-9._:-]+")
 TEXT_MAX: Final = 128  # the platform's bound on a string field
 NOTE_MAX: Final = 1000
 LINES_MAX: Final = 500  # the platform's bound on sale lines
@@ -57,243 +73,283 @@ LINES_MAX: Final = 500  # the platform's bound on sale lines
 RECORD_MAX_BYTES: Final = 512 * 1024
 # Beyond these, a number is a bug on the device (a price in cents above 10 million euros).
 QTY_MAX: Final = 1_000_000
+BATCH_MAX: Final = 500  # commands in one POST /v1/commands
 CENTS_MAX: Final = 10**12
-_CURRENCY: Final = re.compile(r"[A-Z]{3}")
-_RFC3339: Final = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-](\d{2}):(\d{2}))")
+_RFC3339: Final = (r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[Tt]([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,9})?"
+                   r"([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)")
 
 
-class InvalidRecord(ValueError):
+class InvalidRecord(InvalidBody):
     """A posted body is not a valid record; ``errors`` has one path-named line per problem."""
 
-    def __init__(self, errors: Sequence[str]) -> None:
-        self.errors = list(errors)
-        super().__init__("; ".join(self.errors))
+
+ClientId = Annotated[str, Matches(r"[A-Za-z0-9._:-]+", max_chars=CLIENT_ID_MAX,
+                                  rule=f"1 to {CLIENT_ID_MAX} characters of A-Z a-z 0-9 . _ : -",
+                                  template="{rule} (got {value!r:.40})")]
+Name = Annotated[str, Text(TEXT_MAX)]
+Currency = Annotated[str, Matches(r"[A-Z]{3}", rule="must be 3 capital letters (ISO 4217, e.g. EUR)",
+                                  template="{rule}, got {value!r:.20}")]
+# Absent: the box stamps the time it received the record.
+Timestamp = Annotated[str, Matches(_RFC3339, empty=True, template="{rule}, got {value!r:.40}",
+                                   rule="must be an RFC 3339 time with an offset (2025-03-01T09:30:00Z)")]
 
 
-# Text from devices is shown on the homepage, printed on tickets and sent to the platform:
-# no control characters (NUL...), no invisible formatting (bidi overrides such as U+202E,
-# zero-width characters), no unassigned or private-use code points. A note may have line
-# breaks and tabs; names and codes may not, nor leading or trailing spaces.
-_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-
-
-def _bad_character(value: str, *, multiline: bool) -> str | None:
-    for i, ch in enumerate(value):
-        if multiline and ch in "\n\t":
-            continue
-        if unicodedata.category(ch) in _REFUSED_CATEGORIES:
-            return f"character {i} is U+{ord(ch):04X} ({unicodedata.name(ch, 'a control or unassigned character')})"
-    if not multiline and value != value.strip():
-        return "leading or trailing spaces"
-    return None
-
-
-def _text(max_chars: int, *, empty: bool = False, multiline: bool = False) -> Any:
-    def check(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
-        if not value and not empty:
-            raise FieldError(attr.name, "must not be empty")
-        if len(value) > max_chars:
-            raise FieldError(attr.name, f"at most {max_chars} characters, got {len(value)}")
-        bad = _bad_character(value, multiline=multiline)
-        if bad is not None:
-            raise FieldError(attr.name, f"printable characters only (docs/hardening.md); {bad}")
-
-    return check
-
-
-def _client_id(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
-    if not 1 <= len(value) <= CLIENT_ID_MAX or not _ID.fullmatch(value):
-        raise FieldError(attr.name, f"1 to {CLIENT_ID_MAX} characters of A-Z a-z 0-9 . _ : - (got {value!r:.40})")
-
-
-def _between(lo: int, hi: int, *, nonzero: bool = False) -> Any:
-    def check(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
-        if not lo <= value <= hi:
-            raise FieldError(attr.name, f"must be between {lo} and {hi}, got {value}")
-        if nonzero and value == 0:
-            raise FieldError(attr.name, "must not be 0")
-
-    return check
-
-
-def _currency(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
-    if not _CURRENCY.fullmatch(value):
-        raise FieldError(attr.name, f"must be 3 capital letters (ISO 4217, e.g. EUR), got {value!r:.20}")
-
-
-def _timestamp(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
-    if not value:
-        return  # absent: the box stamps the time it received the record
-    m = _RFC3339.fullmatch(value)
-    ok = m is not None and 1 <= int(m[2]) <= 12 and 1 <= int(m[3]) <= 31 and int(m[4]) < 24 and int(m[5]) < 60 \
-        and int(m[6]) <= 60 and (m[9] is None or (int(m[9]) < 24 and int(m[10]) < 60))
-    if not ok:
-        raise FieldError(attr.name, f"must be an RFC 3339 time with an offset (2025-03-01T09:30:00Z), "
-                                     f"got {value!r:.40}")
-
-
-def _count(lo: int, hi: int) -> Any:
-    def check(_inst: object, attr: attrs.Attribute[tuple[Any, ...]], value: tuple[Any, ...]) -> None:
-        if not lo <= len(value) <= hi:
-            raise FieldError(attr.name, f"must hold {lo} to {hi} items, got {len(value)}")
-
-    return check
-
-
-def _check_total(total_cents: int, lines: Sequence[SaleLine | OrderLine]) -> None:
+def _check_total(total_cents: int, lines: Sequence[SaleLine | OrderLine]) -> Iterable[str]:
     """The total is the sum of the lines (qty x unit price): a till that sends another
     figure has a bug, and the platform would book the wrong amount."""
     expected = sum(line.qty * line.unit_price_cents for line in lines)
     if total_cents != expected:
-        raise FieldError("total_cents", f"must be the sum of the lines (qty x unit_price_cents), {expected}; "
-                                        f"got {total_cents}")
+        yield f"total_cents: must be the sum of the lines (qty x unit_price_cents), {expected}; got {total_cents}"
 
 
-@attrs.frozen(kw_only=True)
-class SaleLine:
-    sku: str = attrs.field(validator=_text(TEXT_MAX))
-    qty: int = attrs.field(validator=_between(-QTY_MAX, QTY_MAX, nonzero=True))  # negative: a return
-    unit_price_cents: int = attrs.field(validator=_between(0, CENTS_MAX))
+class SaleLine(Body, frozen=True):
+    """One line of a sale; a negative ``qty`` is a return."""
+
+    sku: Name
+    qty: Annotated[int, Range(-QTY_MAX, QTY_MAX, nonzero=True)]
+    unit_price_cents: Annotated[int, Range(0, CENTS_MAX)]
 
 
-@attrs.frozen(kw_only=True)
-class Payment:
-    method: str = attrs.field(validator=_text(TEXT_MAX))
-    amount_cents: int = attrs.field(validator=_between(-CENTS_MAX, CENTS_MAX))
+class Payment(Body, frozen=True):
+    """How (part of) a sale was paid."""
+
+    method: Name
+    amount_cents: Annotated[int, Range(-CENTS_MAX, CENTS_MAX)]
 
 
-@attrs.frozen(kw_only=True)
-class Sale:
-    id: str = attrs.field(validator=_client_id)
-    device_id: str = attrs.field(validator=_text(TEXT_MAX))
-    currency: str = attrs.field(validator=_currency)
-    total_cents: int = attrs.field(validator=_between(-CENTS_MAX, CENTS_MAX))
-    lines: tuple[SaleLine, ...] = attrs.field(validator=_count(1, LINES_MAX))
-    payments: tuple[Payment, ...] = attrs.field(default=(), validator=_count(0, LINES_MAX))
-    at: str = attrs.field(default="", validator=_timestamp)
+class Sale(Body, frozen=True):
+    """A sale made on a device (a till): goes up as the platform event ``sale``."""
 
-    def __attrs_post_init__(self) -> None:
-        _check_total(self.total_cents, self.lines)
+    id: ClientId
+    device_id: Name
+    currency: Currency
+    total_cents: Annotated[int, Range(-CENTS_MAX, CENTS_MAX)]
+    lines: Annotated[tuple[SaleLine, ...], Count(1, LINES_MAX)]
+    payments: Annotated[tuple[Payment, ...], Count(0, LINES_MAX)] = ()
+    at: Timestamp = ""
 
-
-@attrs.frozen(kw_only=True)
-class OrderLine:
-    sku: str = attrs.field(validator=_text(TEXT_MAX))
-    qty: int = attrs.field(validator=_between(1, QTY_MAX))
-    unit_price_cents: int = attrs.field(validator=_between(0, CENTS_MAX))
-    name: str = attrs.field(default="", validator=_text(TEXT_MAX, empty=True))
+    def check(self) -> Iterable[str]:
+        return _check_total(self.total_cents, self.lines)
 
 
-@attrs.frozen(kw_only=True)
-class Order:
+class OrderLine(Body, frozen=True, omit_defaults=False):
+    """One line of an order (``name``: what the kitchen screen shows; always sent, as it
+    always was, so stored records compare equal across versions)."""
+
+    sku: Name
+    qty: Annotated[int, Range(1, QTY_MAX)]
+    unit_price_cents: Annotated[int, Range(0, CENTS_MAX)]
+    name: Annotated[str, Text(TEXT_MAX, empty=True)] = ""
+
+
+class Order(Body, frozen=True):
     """An order taken on a device (a kiosk, a POS): goes up as ``order.status`` "received"."""
 
-    id: str = attrs.field(validator=_client_id)
-    device_id: str = attrs.field(validator=_text(TEXT_MAX))
-    currency: str = attrs.field(validator=_currency)
-    total_cents: int = attrs.field(validator=_between(0, CENTS_MAX))
-    lines: tuple[OrderLine, ...] = attrs.field(validator=_count(1, LINES_MAX))
-    note: str = attrs.field(default="", validator=_text(NOTE_MAX, empty=True, multiline=True))
-    at: str = attrs.field(default="", validator=_timestamp)
+    id: ClientId
+    device_id: Name
+    currency: Currency
+    total_cents: Annotated[int, Range(0, CENTS_MAX)]
+    lines: Annotated[tuple[OrderLine, ...], Count(1, LINES_MAX)]
+    note: Annotated[str, Text(NOTE_MAX, empty=True, multiline=True)] = ""
+    at: Timestamp = ""
 
-    def __attrs_post_init__(self) -> None:
-        _check_total(self.total_cents, self.lines)
-
-
-# --- the converter ---------------------------------------------------------------------------
+    def check(self) -> Iterable[str]:
+        return _check_total(self.total_cents, self.lines)
 
 
-def _strict(kind: type[T]) -> Any:
-    def structure(value: object, _type: object) -> T:
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise TypeError(f"expected {'integer' if kind is int else 'string'}, got {_json_type(value)}")
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise TypeError("not valid Unicode text (a lone surrogate)") from None
-        return value
-
-    return structure
+# --- answers -----------------------------------------------------------------------------------
 
 
-def _json_type(value: object) -> str:
-    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+class Error(Body, frozen=True):
+    """Every error: a sentence, and for a bad request one ``path: problem`` line each."""
+
+    error: str
+    errors: tuple[str, ...] = ()
 
 
-def _tuple_of(item: type[T], converter: cattrs.Converter) -> Any:
-    def structure(value: object, _type: object) -> tuple[T, ...]:
-        if not isinstance(value, list):
-            raise TypeError(f"expected a list, got {_json_type(value)}")
-        if len(value) > LINES_MAX:
-            raise TypeError(f"at most {LINES_MAX} items, got {len(value)}")
-        out: list[T] = []
-        errors: list[str] = []
-        for i, element in enumerate(value):
-            if not isinstance(element, dict):
-                errors.append(f"[{i}]: expected an object, got {_json_type(element)}")
-                continue
-            try:
-                out.append(converter.structure(element, item))
-            except (ClassValidationError, ForbiddenExtraKeysError, TypeError, ValueError) as exc:
-                errors.extend(f"[{i}]{line.removeprefix('(body)')}" if line.startswith("(body)") else f"[{i}].{line}"
-                              for line in flatten(exc, noun="field", top="(body)"))
-        if errors:
-            raise NestedErrors(errors)
-        return tuple(out)
+class Upload(Body, frozen=True):
+    """Where the record's platform event stands (``reason``: why the platform refused it)."""
 
-    return structure
+    event_id: str
+    state: Literal["queued", "sent", "accepted", "rejected"]
+    reason: str | None = None
 
 
-def _is_tuple_of(item: type) -> Any:
-    target = tuple[item, ...]  # type: ignore[valid-type]
+class SaleAnswer(Body, frozen=True):
+    """A stored sale, when the box received it, and its upload."""
 
-    def matches(t: Any) -> bool:
-        return bool(t == target)
-
-    return matches
-
-
-def _converter() -> cattrs.Converter:
-    conv = cattrs.Converter(forbid_extra_keys=True)
-    conv.register_structure_hook(int, _strict(int))
-    conv.register_structure_hook(str, _strict(str))
-    for item in (SaleLine, Payment, OrderLine):
-        conv.register_structure_hook_func(_is_tuple_of(item), _tuple_of(item, conv))
-    return conv
+    sale: Sale
+    received_at: str
+    upload: Upload
 
 
-_CONVERTER: Final = _converter()
+class OrderAnswer(Body, frozen=True):
+    """A stored device order, when the box received it, and its upload."""
+
+    order: Order
+    received_at: str
+    upload: Upload
 
 
-def _parse(value: Any, kind: type[T]) -> T:
-    if not isinstance(value, dict):
-        raise InvalidRecord([f"(body): expected a JSON object, got {_json_type(value)}"])
+class Product(Body, frozen=True, forbid_unknown_fields=False):
+    """A product as the platform sent it (docs/cloud-contract.md); fields the platform adds
+    later are passed on as they are."""
+
+    sku: str
+    name: str = ""
+    category: str | None = None
+    tax_rate_bp: int | None = None
+    barcode: str | None = None
+    image: str | None = None
+    active: bool = True
+
+
+class Price(Body, frozen=True, forbid_unknown_fields=False):
+    """A product's price as the platform sent it."""
+
+    sku: str
+    amount_cents: int | None = None
+    currency: str | None = None
+
+
+class Stock(Body, frozen=True, forbid_unknown_fields=False):
+    """A product's stock as the platform sent it (may be negative after oversales)."""
+
+    sku: str
+    qty: int | None = None
+
+
+class ProductPage(Body, frozen=True):
+    """One page of a product search; ``next`` is the ``after`` of the next page (null: the last)."""
+
+    items: tuple[Product, ...]
+    next: str | None
+
+
+class ListedOrder(Body, frozen=True, forbid_unknown_fields=False):
+    """An order as the box keeps it: online (Service Bus: the message, its devices' commands)
+    or from a device (``order``: the posted order)."""
+
+    source: Literal["online", "device"]
+    id: str
+    received_at: str
+
+
+class OnlineOrderList(Body, frozen=True):
+    """The newest orders, online and from devices, newest first."""
+
+    orders: tuple[ListedOrder, ...]
+
+
+class CommandRequest(Body, frozen=True):
+    """A command for a device (docs/device-channel.md). ``id``: a client-made id, so a
+    retried request adds no second command; ``expires_at``: Unix seconds."""
+
+    kind: str
+    body: dict[str, Any]
+    expires_at: float | None = None
+    id: str | None = None
+
+
+class BatchCommand(Body, frozen=True):
+    """A command of a batch: a :class:`CommandRequest` with the device it is for."""
+
+    device_id: str
+    kind: str
+    body: dict[str, Any]
+    expires_at: float | None = None
+    id: str | None = None
+
+
+class CommandBatch(Body, frozen=True):
+    """Commands queued in one transaction, all or none."""
+
+    commands: Annotated[tuple[BatchCommand, ...], Count(1, BATCH_MAX)]
+
+
+class BatchQueued(Body, frozen=True):
+    """One command of a batch as queued."""
+
+    id: str
+    device_id: str
+    seq: int
+    created: bool
+
+
+class BatchAnswer(Body, frozen=True):
+    """The batch's commands, in the request's order."""
+
+    commands: tuple[BatchQueued, ...]
+
+
+class CommandAnswer(Body, frozen=True):
+    """The queued command (``created``: false when ``id`` named one already queued)."""
+
+    id: str
+    device_id: str
+    seq: int
+    state: str
+    created: bool
+
+
+class CommandRecord(Body, frozen=True):
+    """A command and where its delivery stands."""
+
+    id: str
+    device_id: str
+    seq: int
+    kind: str
+    body: dict[str, Any]
+    expires_at: float | None
+    state: Literal["queued", "sent", "acked", "dead"]
+    reason: str | None
+    attempts: int
+    created_at: float
+    sent_at: float | None
+    settled_at: float | None
+
+
+class CommandList(Body, frozen=True):
+    """A device's commands, newest first."""
+
+    device_id: str
+    commands: tuple[CommandRecord, ...]
+
+
+class CommandView(Body, frozen=True):
+    """One command."""
+
+    command: CommandRecord
+
+
+# Every body of the store API, for its document.
+BODIES: Final = (Sale, Order, SaleAnswer, OrderAnswer, Error, Product, Price, Stock, ProductPage, OnlineOrderList,
+                 CommandRequest, CommandAnswer, CommandList, CommandView, ListedOrder, CommandBatch, BatchAnswer)
+
+
+def _parse(value: Any, kind: type[Sale] | type[Order]) -> Any:
     try:
-        return _CONVERTER.structure(value, kind)
-    except (ClassValidationError, ForbiddenExtraKeysError, TypeError, ValueError) as exc:
-        raise InvalidRecord(flatten(exc, noun="field", top="(body)")) from exc
+        return convert(value, kind)
+    except InvalidBody as exc:
+        raise InvalidRecord(exc.errors) from None
 
 
 def parse_sale(value: Any) -> Sale:
     """A sale from its decoded JSON, or :class:`InvalidRecord`."""
-    return _parse(value, Sale)
+    sale: Sale = _parse(value, Sale)
+    return sale
 
 
 def parse_order(value: Any) -> Order:
     """An order from its decoded JSON, or :class:`InvalidRecord`."""
-    return _parse(value, Order)
+    order: Order = _parse(value, Order)
+    return order
 
 
 def canonical(record: Sale | Order) -> dict[str, Any]:
     """The record as plain data (what is stored and compared for idempotency); optional
     fields left empty are left out, so sending them empty or not at all is the same."""
-    data: dict[str, Any] = _CONVERTER.unstructure(record)
-    for optional in ("at", "payments", "note"):
-        if optional in data and not data[optional]:
-            del data[optional]
+    data: dict[str, Any] = json.loads(msgspec.json.encode(record))
     return data
 
 

@@ -10,10 +10,21 @@ from starlette.applications import Starlette
 
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
+from appliance.services.web.contract import document_of, healthz_operation, openapi_route
 from appliance.services.web.parts import WebParts
 
-__all__ = ["create_app"]
+__all__ = ["DESCRIPTION", "OPENAPI_PATH", "create_app"]
+
+OPENAPI_PATH = "/v1/openapi.json"
+DESCRIPTION = ("The store appliance's store API (port 8000): the local copy of the catalog, prices and stock, "
+               "sales and orders in (durable before the answer, then uploaded), and device commands. "
+               "Devices sign each request with their own key (docs/device-api.md); back-office tools may use "
+               "the admin token. Errors are JSON {error, errors}; see docs/store-api.md.")
 
 
 def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
-    return service_app("api", runtime, parts.routes_for(runtime))
+    routes = parts.routes_for(runtime)
+    # Built once, from the routes' operations and their bodies' definitions.
+    doc = document_of(routes, title="Store appliance: store API", description=DESCRIPTION,
+                      extra=[("GET", "/healthz", healthz_operation("store API"))])
+    return service_app("api", runtime, [*routes, openapi_route(OPENAPI_PATH, doc)])

@@ -43,10 +43,21 @@ from appliance.protocol.channel_codec import (
     check_kind,
     encode_body,
 )
+from appliance.protocol.openapi import Operation, Param, Reply
+from appliance.protocol.store_api import (
+    BATCH_MAX,
+    BatchAnswer,
+    CommandAnswer,
+    CommandBatch,
+    CommandList,
+    CommandRequest,
+    CommandView,
+)
 from appliance.services.device_link import DeviceLinkPhase
 from appliance.services.dispatcher import enqueue, enqueue_many
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.contract import ADMIN, DEVICE, Documented, errors, path_param
 from appliance.services.web.device_auth import authenticate
 from appliance.services.web.kit import AMBER, GREEN, GREY, RED, JsonResponse, ago, not_done
 from appliance.services.web.parts import WebParts
@@ -68,7 +79,7 @@ TEST_KIND: Final = "ping"
 TEST_TTL_S: Final = 600.0
 # The most commands one POST /v1/commands takes: a 40-line order to a few screens with room
 # to spare, and one transaction of a few ms (storage.db.GROUP_MAX is of the same order).
-MAX_BATCH: Final = 500
+MAX_BATCH: Final = BATCH_MAX
 
 
 def parse_command_request(data: Any, now: float) -> tuple[str, dict[str, Any], float | None, str | None]:
@@ -229,11 +240,50 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return JsonResponse({"command": row.as_dict()})
 
     return [
-        Route("/v1/devices/{device_id}/commands", post, methods=["POST"]),
-        Route("/v1/commands", post_batch, methods=["POST"]),
-        Route("/v1/devices/{device_id}/commands", listing, methods=["GET"]),
-        Route("/v1/devices/{device_id}/commands/{command_id}", one, methods=["GET"]),
+        Documented("/v1/devices/{device_id}/commands", post, method="POST", operation=_POST),
+        Documented("/v1/commands", post_batch, method="POST", operation=_BATCH),
+        Documented("/v1/devices/{device_id}/commands", listing, method="GET", operation=_LIST),
+        Documented("/v1/devices/{device_id}/commands/{command_id}", one, method="GET", operation=_ONE),
     ]
+
+
+_DEVICE: Final = path_param("device_id", "the device's id in the registry")
+_POST: Final = Operation(
+    summary="Queue a command for an adopted device (durable before the answer)", tag="commands",
+    body=CommandRequest, params=(_DEVICE,),
+    description="The box pushes it over the device channel (docs/device-channel.md) until the device acks it or "
+                "it expires. Sending the same `id` again answers the stored command (200) instead of adding one.",
+    replies=(Reply(status=201, description="queued", body=CommandAnswer),
+             Reply(status=200, description="a command with this id was queued before", body=CommandAnswer),
+             *errors(400, 401, 404, 408, 409, 413, e404="no such device in the registry",
+                     e409="the device is not adopted, or the id names another device's command")),
+    security=(ADMIN,))
+_BATCH: Final = Operation(
+    summary="Queue many commands, for one device or several, in one transaction (all or none)", tag="commands",
+    body=CommandBatch,
+    description="One durable commit for the lot: an online order's fan-out, a menu update. The answer lists "
+                f"the commands in the request's order. At most {MAX_BATCH} commands.",
+    replies=(Reply(status=201, description="queued (some or all new)", body=BatchAnswer),
+             Reply(status=200, description="every command's id was queued before", body=BatchAnswer),
+             *errors(400, 401, 404, 408, 409, 413, e404="a device is not in the registry",
+                     e409="a device is not adopted, or an id names another command")),
+    security=(ADMIN,))
+_LIST: Final = Operation(
+    summary="A device's commands, newest first", tag="commands",
+    params=(_DEVICE,
+            Param(name="state", where="query", description="only commands in this state",
+                  schema={"type": "string", "enum": [s.value for s in CommandState]}),
+            Param(name="limit", where="query", description="at most this many",
+                  schema={"type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": 100})),
+    replies=(Reply(status=200, description="the commands", body=CommandList),
+             *errors(400, 401, 403, 404, 429, e404="no such device in the registry")),
+    security=(DEVICE, ADMIN))
+_ONE: Final = Operation(
+    summary="One command of a device", tag="commands",
+    params=(_DEVICE, path_param("command_id", "the command's id")),
+    replies=(Reply(status=200, description="the command", body=CommandView),
+             *errors(401, 403, 404, 429, e404="no such command for this device")),
+    security=(DEVICE, ADMIN))
 
 
 # --- the homepage ------------------------------------------------------------------

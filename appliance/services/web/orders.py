@@ -23,11 +23,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.protocol.openapi import Operation, Param, Reply
+from appliance.protocol.store_api import OnlineOrderList
 from appliance.services.runtime import Runtime
 from appliance.services.state import QueueLinkStatus, QueuePhase
 from appliance.services.support_channel import switch_support
 from appliance.services.timestamps import rfc3339
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.contract import ADMIN, Documented, errors
 from appliance.services.web.kit import AMBER, GREEN, RED, JsonResponse, not_done, row
 from appliance.services.web.parts import WebParts
 from appliance.storage.orders import LIST_MAX, list_orders, order_counts
@@ -58,7 +61,17 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
 
     # GET /v1/orders/{id} is the store API's (appliance.services.web.store): it answers for
     # online orders and devices' orders alike.
-    return [Route("/v1/orders", listing, methods=["GET"])]
+    return [Documented("/v1/orders", listing, method="GET", operation=_LIST)]
+
+
+_LIST: Final = Operation(
+    summary="The newest orders, online and from devices, newest first", tag="records",
+    params=(Param(name="limit", where="query", description="at most this many",
+                  schema={"type": "integer", "minimum": 1, "maximum": LIST_MAX, "default": LIST_DEFAULT}),
+            Param(name="source", where="query", description="only orders from here",
+                  schema={"type": "string", "enum": ["online", "device"]})),
+    replies=(Reply(status=200, description="the orders", body=OnlineOrderList), *errors(400, 401)),
+    security=(ADMIN,))
 
 
 def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:

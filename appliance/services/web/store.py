@@ -33,15 +33,25 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any, Final
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from appliance.protocol.openapi import Operation, Param, Reply
 from appliance.protocol.store_api import (
     RECORD_MAX_BYTES,
     InvalidRecord,
+    ListedOrder,
     Order,
+    OrderAnswer,
+    Price,
+    Product,
+    ProductPage,
     Sale,
+    SaleAnswer,
+    Stock,
+    Upload,
     canonical,
     canonical_json,
     event_id_of,
@@ -52,6 +62,7 @@ from appliance.protocol.store_api import (
 from appliance.services.runtime import Runtime
 from appliance.services.timestamps import rfc3339
 from appliance.services.web.common import ApiError, parse_json
+from appliance.services.web.contract import ADMIN, DEVICE, BodyResponse, Documented, errors, path_param
 from appliance.services.web.device_auth import authenticate
 from appliance.services.web.kit import JsonResponse
 from appliance.services.web.parts import WebParts
@@ -159,7 +170,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             if commands:
                 runtime.outbox_changes.notify()
         answer = await _answer(runtime, kind, record.id, receipt.body, receipt.received_at)
-        return JsonResponse(answer, status_code=201 if receipt.outcome is Received.CREATED else 200)
+        return BodyResponse(answer, status_code=201 if receipt.outcome is Received.CREATED else 200)
 
     async def get_record(request: Request, kind: str) -> Response:
         caller = await authenticate(request, runtime)
@@ -174,24 +185,84 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         if receipt is None:
             raise ApiError(404, f"no {kind} with id {record_id!r} on this box")
         caller.require(json.loads(receipt.body).get("device_id"), f"the {kind}'s device_id")
-        return JsonResponse(await _answer(runtime, kind, record_id, receipt.body, receipt.received_at))
+        return BodyResponse(await _answer(runtime, kind, record_id, receipt.body, receipt.received_at))
 
     return [
-        Route("/v1/products", search, methods=["GET"]),
-        Route("/v1/products/{sku:path}", one("product", "product"), methods=["GET"]),
-        Route("/v1/prices/{sku:path}", one("price", "price"), methods=["GET"]),
-        Route("/v1/stock/{sku:path}", one("stock", "stock record"), methods=["GET"]),
-        Route("/v1/sales", partial(post, kind="sale"), methods=["POST"]),
-        Route("/v1/sales/{id}", partial(get_record, kind="sale"), methods=["GET"]),
-        Route("/v1/orders", partial(post, kind="order"), methods=["POST"]),
-        Route("/v1/orders/{id}", partial(get_record, kind="order"), methods=["GET"]),
+        Documented("/v1/products", search, method="GET", operation=SEARCH),
+        Documented("/v1/products/{sku:path}", one("product", "product"), method="GET", operation=_read(Product)),
+        Documented("/v1/prices/{sku:path}", one("price", "price"), method="GET", operation=_read(Price)),
+        Documented("/v1/stock/{sku:path}", one("stock", "stock record"), method="GET", operation=_read(Stock)),
+        Documented("/v1/sales", partial(post, kind="sale"), method="POST", operation=_post(Sale, SaleAnswer)),
+        Documented("/v1/sales/{id}", partial(get_record, kind="sale"), method="GET",
+                   operation=_get_record(SaleAnswer, "sale")),
+        Documented("/v1/orders", partial(post, kind="order"), method="POST", operation=_post(Order, OrderAnswer)),
+        Documented("/v1/orders/{id}", partial(get_record, kind="order"), method="GET",
+                   operation=_get_record(OrderAnswer, "order")),
     ]
 
 
-async def _answer(runtime: Runtime, kind: str, record_id: str, body: str, received_at: float) -> dict[str, Any]:
+# --- the operations, as docs/store-api.md and GET /v1/openapi.json show them ------------------
+
+_WHO: Final = (DEVICE, ADMIN)
+SEARCH: Final = Operation(
+    summary="Products whose name starts with a prefix, by name, one page at a time", tag="catalog",
+    description="Keyset paging: pass the page's `next` as `after` for the next page; stable while the catalog "
+                "changes. Case-insensitive.",
+    params=(Param(name="prefix", where="query", description="the start of the name (empty: every product)",
+                  schema={"type": "string", "maxLength": PREFIX_MAX_CHARS}),
+            Param(name="limit", where="query", description="products per page",
+                  schema={"type": "integer", "minimum": 1, "maximum": PRODUCT_PAGE_MAX,
+                          "default": PRODUCT_PAGE_DEFAULT}),
+            Param(name="after", where="query", description="the `next` of the previous page")),
+    replies=(Reply(status=200, description="one page", body=ProductPage), *errors(400, 401, 403, 429)),
+    security=_WHO)
+
+
+def _read(kind: type[msgspec.Struct]) -> Operation:
+    what = kind.__name__.lower()
+    return Operation(
+        summary=f"One {what} record from the box's copy of the catalog (works with the internet down)",
+        tag="catalog", params=(path_param("sku", "the product's SKU"),),
+        replies=(Reply(status=200, description=f"the {what} record as the platform sent it", body=kind),
+                 *errors(401, 403, 429, e404=f"no {what} for this SKU",
+                         e503="the box has no copy of the catalog yet (it syncs once paired and online)")),
+        security=_WHO)
+
+
+def _post(kind: type[msgspec.Struct], answer: type[msgspec.Struct]) -> Operation:
+    what = kind.__name__.lower()
+    return Operation(
+        summary=f"Take {'an' if what[0] in 'aeiou' else 'a'} {what} (durable before the answer; idempotent on its id)",
+        tag="records", body=kind,
+        description=f"201: stored now, and its platform event queued in the same transaction. 200: the same id "
+                    f"with the same body was stored before; nothing new is queued. 409: the id was used for "
+                    f"another body. A device may post only its own {what}s (`device_id`).",
+        replies=(Reply(status=201, description=f"the {what} was stored", body=answer),
+                 Reply(status=200, description=f"this {what} was stored before", body=answer),
+                 *errors(400, 401, 403, 408, 409, 413, 422, 429,
+                         e400="the body is not JSON, or beyond the box's JSON bounds (nesting, number size)")),
+        security=_WHO)
+
+
+def _get_record(answer: type[msgspec.Struct], what: str) -> Operation:
+    online = " An order placed online answers with the online order (admin only)." if what == "order" else ""
+    body = (answer, ListedOrder) if what == "order" else answer
+    return Operation(
+        summary=f"A {what} the box received, and where its upload stands", tag="records",
+        description=f"A device reads its own {what}s only.{online}",
+        params=(path_param("id", f"the {what}'s id"),),
+        replies=(Reply(status=200, description=f"the {what}", body=body),
+                 *errors(401, 403, 404, 429)),
+        security=_WHO)
+
+
+async def _answer(runtime: Runtime, kind: str, record_id: str, body: str,
+                  received_at: float) -> SaleAnswer | OrderAnswer:
     event_id = event_id_of(kind, record_id)
-    upload = await runtime.db.read(partial(upload_state, event_id=event_id))
-    return {kind: json.loads(body), "received_at": rfc3339(received_at), "upload": upload}
+    upload = msgspec.convert(await runtime.db.read(partial(upload_state, event_id=event_id)), Upload)
+    if kind == "sale":
+        return SaleAnswer(sale=msgspec.json.decode(body, type=Sale), received_at=rfc3339(received_at), upload=upload)
+    return OrderAnswer(order=msgspec.json.decode(body, type=Order), received_at=rfc3339(received_at), upload=upload)
 
 
 def api_parts() -> WebParts:
