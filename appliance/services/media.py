@@ -6,8 +6,9 @@ docs/media.md): files no longer wanted are evicted, then the missing ones are do
 :data:`~appliance.config.MediaConfig` ``concurrency`` at a time, all sharing one rate limit.
 
 A download goes to ``partial/<sha256>`` through the WAN client (the box's proxy, CA and
-timeouts). A cut download resumes with ``Range`` and ``If-Match: <etag>`` (blob storage
-has no If-Range); 412 means the file changed: start again from 0. Once the size and the
+timeouts), with the shared resumable download (``appliance.services.download``, which the
+firmware updates use too). A cut download resumes with ``Range`` and ``If-Match: <etag>``
+(blob storage has no If-Range); 412 means the file changed: start again from 0. Once the size and the
 sha256 match, the file is fsynced and renamed into ``blobs/``, and only then does the
 database serve the entry's keys from it; a changed entry keeps serving its previous file
 until then. Bytes that do not match are deleted and fetched again after a backoff.
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 from urllib.parse import urlsplit
 
 import httpx
@@ -36,6 +37,7 @@ from appliance.protocol.backoff import Backoff
 from appliance.protocol.media import MediaEntry, MediaEntryError, RateLimit, parse_entry
 from appliance.protocol.media_cache import Blob, CachePlan, budget_bytes, plan
 from appliance.protocol.wan import Hop, HopFailure
+from appliance.services.download import DownloadError, receive, request_headers
 from appliance.services.media_files import MediaShelf, hash_file
 from appliance.services.media_health import register
 from appliance.services.media_through import pass_through
@@ -57,8 +59,6 @@ __all__ = ["MediaFetcher", "run_media"]
 
 log = logging.getLogger(__name__)
 
-# Blob storage's REST version; without it an anonymous read may get an old, Range-less API.
-X_MS_VERSION: Final = "2021-08-06"
 # A fill round ends after this long (downloads in progress are cut and resumed with Range
 # in the next round), so a long first fill still sees the catalog's changes, evicts and
 # writes out serve times every minute.
@@ -295,10 +295,7 @@ class MediaFetcher:
                                     message=f"{entry.key} ({size} bytes) would leave less free disk than "
                                             f"{self.config.min_free_bytes} bytes",
                                     fix="free disk space, or lower [media] max_bytes"))
-        headers = {"x-ms-version": X_MS_VERSION, "Accept-Encoding": "identity"}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-            headers["If-Match"] = etag
+        headers = request_headers(have, etag)
         if not have or have < size:  # a complete partial (a crash before its rename) is only checked
             client, proxy = self.client(entry.url)
             try:
@@ -351,55 +348,25 @@ class MediaFetcher:
             await self.runtime.db.write(record)
 
     async def _receive(self, entry: MediaEntry, response: httpx.Response, have: int) -> int:
-        """Write the answer's body after the ``have`` bytes already there; the new total."""
-        shelf, sha = self.shelf, entry.sha256
-        status = response.status_code
-        if status in (412, 416):  # changed since the partial's ETag, or the partial is off
-            await trio.to_thread.run_sync(shelf.drop_partial, sha)
-            raise _Failed(_media_failure(entry.url, f"{entry.key} changed during its download",
-                                         "nothing to do", status), retry_now=True)
-        if status == 206:
-            first = response.headers.get("content-range", "").removeprefix("bytes ").split("-", 1)[0]
-            if first != str(have):
-                await trio.to_thread.run_sync(shelf.drop_partial, sha)
-                raise _Failed(_media_failure(entry.url, f"{entry.key}: the resumed range did not start at {have}",
-                                             "nothing to do", status), retry_now=True)
-        elif status == 200:
-            have = 0
-        else:
-            words = "not found" if status == 404 else f"HTTP {status}"
-            raise _Failed(_media_failure(entry.url, f"{entry.key}: blob storage answered {words}",
-                                         "the box retries by itself; if the file stays missing, tell support",
-                                         status))
-        etag = response.headers.get("etag", "").strip() if have == 0 else None
-        f = await trio.to_thread.run_sync(_open_at, shelf, sha, have, etag)
+        """Write the answer's body after the ``have`` bytes already there; the new total
+        (the shared resumable download, ``appliance.services.download``)."""
+
+        async def on_chunk(n: int) -> None:
+            self.status.fill_done_bytes += n
+            wait = self.limit.take(n, trio.current_time())
+            if wait:
+                await trio.sleep(wait)
+
         try:
-            async for chunk in response.aiter_raw():
-                if have + len(chunk) > entry.size:
-                    await trio.to_thread.run_sync(shelf.drop_partial, sha)
-                    self.status.hash_failures += 1
-                    raise _Failed(_media_failure(entry.url, f"{entry.key}: more bytes than its size ({entry.size})",
-                                                 "the box fetches it again by itself", status))
-                await trio.to_thread.run_sync(f.write, chunk)
-                have += len(chunk)
-                self.status.fill_done_bytes += len(chunk)
-                wait = self.limit.take(len(chunk), trio.current_time())
-                if wait:
-                    await trio.sleep(wait)
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(f.close)
-        return have
-
-
-def _open_at(shelf: MediaShelf, sha: str, offset: int, etag: str | None) -> IO[bytes]:
-    """The partial file, open for writing at ``offset``; a new download's ETag saved first."""
-    if etag is not None:
-        shelf.save_etag(sha, etag)
-    f = shelf.partial_path(sha).open("r+b" if offset else "wb")
-    f.seek(offset)
-    f.truncate()
-    return f
+            return await receive(response, self.shelf.partial_path(entry.sha256), name=entry.key, have=have,
+                                 size=entry.size, on_chunk=on_chunk)
+        except DownloadError as exc:
+            if exc.oversize:
+                self.status.hash_failures += 1
+            fix = ("the box retries by itself; if the file stays missing, tell support"
+                   if not exc.restart and not exc.oversize else
+                   "the box fetches it again by itself" if exc.oversize else "nothing to do")
+            raise _Failed(_media_failure(entry.url, exc.message, fix, exc.status), retry_now=exc.restart) from exc
 
 
 async def run_media(runtime: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -151,11 +151,6 @@ class MediaShelf:
             etag = ""
         return size, etag, free
 
-    def save_etag(self, sha256: str, etag: str) -> None:
-        tmp = self.partial_path(sha256).with_suffix(".etag.tmp")
-        tmp.write_text(etag, "ascii")
-        tmp.replace(self.partial_path(sha256).with_suffix(".etag"))
-
     def place(self, sha256: str) -> None:
         """Move a verified download into ``blobs/``: fsync the bytes, then rename.
 
