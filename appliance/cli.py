@@ -24,6 +24,7 @@ from appliance.commands import (
     pair,
     run,
     setup,
+    update,
 )
 from appliance.commands.base import CommandFailed
 
@@ -31,7 +32,7 @@ __all__ = ["main", "parser"]
 
 # Each module adds its subcommands; the order is the order of `appliance --help`.
 COMMAND_MODULES = (
-    run, demo, info, health, bundle, events, firewall, devkit_cloud, devkit_device, discover, pair, setup,
+    run, demo, info, health, bundle, events, firewall, devkit_cloud, devkit_device, discover, pair, setup, update,
 )
 
 

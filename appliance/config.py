@@ -19,6 +19,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import zoneinfo
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -28,6 +29,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from appliance.protocol.errors import FieldError, flatten
+from appliance.protocol.firmware import FirmwareError, MaintenanceWindow
 from appliance.protocol.redact import redact_url
 
 __all__ = [
@@ -626,6 +628,57 @@ class NetworkConfig:
                                         f"{ipaddress.ip_interface(self.address).network}")
 
 
+def _window(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    try:
+        MaintenanceWindow.parse(value)
+    except FirmwareError as exc:
+        raise FieldError(attr.name, str(exc)) from exc
+
+
+def _timezone(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        return
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise FieldError(attr.name, f"not a time zone such as Europe/Paris: {value!r}") from exc
+
+
+@attrs.frozen(kw_only=True)
+class UpdateTestSeams:
+    """``[update.testing]``: seams for tests only, off by default; a box never sets them."""
+
+    # The installer's executable instead of `rauc` (the default suite cannot write real slots).
+    rauc: str = ""
+    # A file read instead of /proc/cmdline for the booted slot (`rauc.slot=`).
+    cmdline: str = ""
+    # A file read instead of /proc/sys/kernel/random/boot_id (a new one at every boot).
+    boot_id: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class UpdateConfig:
+    """``[update]``: firmware updates from the platform (docs/updates.md)."""
+
+    enabled: bool = True
+    # When an install (and its reboot) may start, in the shop's local time; never during
+    # trading hours by default. "00:00-00:00": any time.
+    window: str = attrs.field(default="02:00-05:00", validator=_window)
+    # The shop's time zone for the window; empty: the box's own (the image's is UTC).
+    timezone: str = attrs.field(default="", validator=_timezone)
+    # After booting a new slot: READY and the core health checks must pass within this long,
+    # or the box goes back to the previous slot.
+    trial_deadline_s: float = attrs.field(default=600.0, validator=_positive)
+    # How often the trial looks at health, and how long a failed download or install
+    # waits before the next try (doubling up to retry_max_s).
+    check_interval_s: float = attrs.field(default=5.0, validator=_positive)
+    retry_initial_s: float = attrs.field(default=60.0, validator=_positive)
+    retry_max_s: float = attrs.field(default=3600.0, validator=_positive)
+    # The certificate(s) a bundle's signature must chain to (the image ships the project's).
+    keyring: str = "/etc/rauc/keyring.pem"
+    testing: UpdateTestSeams = attrs.field(factory=UpdateTestSeams)
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     lan: LanConfig = attrs.field(factory=LanConfig)
@@ -646,6 +699,7 @@ class Config:
     media: MediaConfig = attrs.field(factory=MediaConfig)
     events: EventsConfig = attrs.field(factory=EventsConfig)
     cors: CorsConfig = attrs.field(factory=CorsConfig)
+    update: UpdateConfig = attrs.field(factory=UpdateConfig)
 
     def __attrs_post_init__(self) -> None:
         ids = [d.id for d in self.devices]

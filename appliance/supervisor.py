@@ -34,6 +34,7 @@ from appliance.config import Config, to_toml_dict
 from appliance.protocol.restart import RestartPolicy
 from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState, ServiceStatus
+from appliance.services.firmware import prepare_storage
 from appliance.services.keyring import KeyRing, load_box_key
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
@@ -166,6 +167,7 @@ class _Supervisor:
                     if self.publish:
                         published = await trio.to_thread.run_sync(_publish, runtime)
                     self.notifier.notify("READY=1\nSTATUS=serving")
+                    runtime.ready.set()
                     task_status.started(runtime)
                     interval = watchdog_interval_s()
                     if interval is not None:
@@ -214,6 +216,10 @@ def _describe(exc: BaseException) -> str:
 async def open_runtime(config: Config, *, port_offset: int = 0, log_ring: LogRing | None = None) -> Runtime:
     """Open storage (creating and migrating it) and build the runtime every service shares."""
     state_dir = Path(config.storage.dir)
+    if config.update.enabled:
+        # Before anything opens the database: a new slot on trial snapshots it; the old slot
+        # back after a failed trial restores it (docs/updates.md).
+        await trio.to_thread.run_sync(prepare_storage, config)
     db = await Database.open(state_dir / DATABASE_FILE)
     try:
         box_id = await db.write(appliance_id)

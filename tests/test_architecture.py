@@ -121,7 +121,7 @@ def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
 SERVICES_PLUMBING = {
     "runtime", "state", "board", "metrics", "signal", "spec", "timestamps", "http", "netif", "systemd",
     "wan", "servicebus", "queue_consumer", "device_link", "media_files", "event_hub", "keyring", "guard",
-    "budget",
+    "budget", "download",
 }
 # The services a feature service is built on (besides the plumbing).
 BUILT_ON = {
@@ -133,6 +133,7 @@ BUILT_ON = {
     "log_shipping": {"log_ring"},
     "media": {"media_health", "media_through"},
     "ticket": {"dispatcher", "i18n"},
+    "firmware": {"installer"},
 }
 # What every web module may import, besides the plumbing and the services it is the face of.
 WEB_SHARED = {"web.kit", "web.common", "web.parts", "web.cors", "web.device_auth", "web.contract"}
@@ -228,6 +229,7 @@ STATE_WRITERS = {
     "event_hub": {"services.event_log", "services.web.events"},
     "log_ring": {"services.log_ring"},
     "log_shipping": {"services.log_shipping"},
+    "firmware": {"services.firmware", "services.sync"},
     "admin": {"services.owner"},
     # The language, taken at once from the homepage's Settings card.
     "config": {"services.settings"},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Final
 
 import trio
@@ -273,6 +274,21 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
     async def sim_heartbeats(request: Request) -> Response:
         return JSONResponse({"count": len(state.heartbeats), "heartbeats": list(state.heartbeats)})
 
+    async def sim_firmware(request: Request) -> Response:
+        if request.method == "DELETE":
+            state.withdraw_firmware()
+            return JSONResponse({"firmware": None})
+        body = loads_strict(await read_json_body(request, SMALL_BODY))
+        version, path = (body.get("version"), body.get("path")) if isinstance(body, dict) else (None, None)
+        sha256 = body.get("sha256", "") if isinstance(body, dict) else ""
+        if not isinstance(version, str) or not isinstance(path, str) or not isinstance(sha256, str):
+            raise CloudApiError(400, "invalid_body", 'the body is {"version": "...", "path": "<file on this host>"}')
+        try:
+            content = await trio.to_thread.run_sync(Path(path).read_bytes)
+        except OSError as exc:
+            raise CloudApiError(400, "invalid_body", f"cannot read {path}: {exc.strerror or exc}") from exc
+        return JSONResponse({"firmware": state.offer_firmware(version, content, sha256=sha256)})
+
     async def sim_support(request: Request) -> Response:
         return JSONResponse({"count": len(state.support), "replies": state.support})
 
@@ -338,6 +354,7 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         Route("/_sim/backoffice", sim_backoffice, methods=["GET"]),
         Route("/_sim/orders", sim_orders, methods=["POST"]),
         Route("/_sim/blobs", sim_blobs, methods=["GET"]),
+        Route("/_sim/firmware", sim_firmware, methods=["POST", "DELETE"]),
     ]
     app = Starlette(routes=routes, exception_handlers={CloudApiError: api_error, HTTPException: http_error})
     return FaultLayer(app, state)

@@ -207,6 +207,10 @@ class CloudState:
             self.put_large_media(f"promotions/video-{index + 1:03d}.mp4", config.video_bytes, "video/mp4")
         self.logs = LogIntake(_derived(config.seed, "logs", 16).hex())
         self.bundles: dict[str, dict[str, Any]] = {}  # support bundles by request id ("data": the bytes)
+        # Firmware: bundles served under blob/<store>/firmware/, and the one offered to every
+        # box in the heartbeat's answer (None: no update).
+        self._firmware: dict[str, bytes] = {}
+        self.firmware_offer: dict[str, Any] | None = None
 
     # -- pairing and tokens --------------------------------------------------------------------
 
@@ -344,7 +348,14 @@ class CloudState:
                                           "sha256": self._large[key], "size": size, "content_type": content_type})
 
     def blob_source(self, key: str) -> BlobSource | None:
-        """How to make the bytes of a live media entry, if the simulator has them."""
+        """How to make the bytes of a live media entry (or a firmware bundle), if the
+        simulator has them."""
+        if key.startswith("firmware/appliance-") and key.endswith(".raucb"):
+            content = self._firmware.get(key.removeprefix("firmware/appliance-").removesuffix(".raucb"))
+            if content is None:
+                return None
+            return BlobSource(size=len(content), sha256=hashlib.sha256(content).hexdigest(),
+                              content_type="application/octet-stream", data=content)
         record = self.get("media", key)
         if record is None:
             return None
@@ -455,7 +466,21 @@ class CloudState:
         if claimed is not None and claimed != token.appliance_id:
             raise CloudApiError(400, "invalid_body", f"appliance_id: {claimed!r} is not this token's appliance")
         self.heartbeats.append({"received_at": rfc3339(now), "appliance_id": token.appliance_id, "body": body})
-        return {"server_time": rfc3339(now)}
+        return {"server_time": rfc3339(now), "firmware": self.firmware_offer}
+
+    def offer_firmware(self, version: str, content: bytes, *, sha256: str = "") -> dict[str, Any]:
+        """Serve ``content`` as the bundle of ``version`` and offer it in every heartbeat answer.
+        ``sha256``: announce another hash than the bytes' (a test of the box's check)."""
+        if len(self._firmware) >= MAX_BLOBS and version not in self._firmware:
+            raise CloudApiError(400, "invalid_body", f"at most {MAX_BLOBS} firmware files")
+        self._firmware[version] = content
+        self.firmware_offer = {
+            "version": version, "url": f"{self.catalog.media_base_url}firmware/appliance-{version}.raucb",
+            "size": len(content), "sha256": sha256 or hashlib.sha256(content).hexdigest()}
+        return self.firmware_offer
+
+    def withdraw_firmware(self) -> None:
+        self.firmware_offer = None
 
     def support_reply(self, token: Token, request_id: str, body: dict[str, Any], now: float) -> dict[str, Any]:
         if request_id not in self.support:

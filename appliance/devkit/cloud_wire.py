@@ -57,7 +57,7 @@ HEALTH_STATUSES: Final = ("ok", "warn", "fail")
 EVENT_TYPES: Final = tuple(str(t) for t in EventType)
 _EVENT_FIELDS: Final = frozenset({"id", "type", "at", "data"})
 _HEARTBEAT_REQUIRED: Final = frozenset({"firmware", "uptime_s", "health", "queues"})
-_HEARTBEAT_FIELDS: Final = _HEARTBEAT_REQUIRED | {"at", "appliance_id", "sync"}
+_HEARTBEAT_FIELDS: Final = _HEARTBEAT_REQUIRED | {"at", "appliance_id", "sync", "update"}
 
 
 class CloudApiError(Exception):
@@ -342,6 +342,8 @@ def parse_heartbeat(raw: bytes) -> dict[str, Any]:
         _str(body, "appliance_id", "", required=False)
         if "sync" in body:
             _object(body["sync"], "sync")
+        if "update" in body:
+            _object(body["update"], "update")
     except _Invalid as exc:
         raise _bad_body(str(exc) if exc.path else f"the body {exc.message}") from None
     return body

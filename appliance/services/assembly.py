@@ -27,6 +27,7 @@ from appliance.health.wan import WanChecks
 from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.dispatcher import run_dispatcher
 from appliance.services.event_log import run_event_log
+from appliance.services.firmware import run_firmware
 from appliance.services.http import run_listener
 from appliance.services.log_ring import run_log_ring
 from appliance.services.log_shipping import run_log_shipping
@@ -46,6 +47,7 @@ from appliance.services.web import orders as online_orders
 from appliance.services.web.cors import CorsMiddleware
 from appliance.services.web.devices import admin_parts as device_admin_parts
 from appliance.services.web.enrollment import provisioning_parts as enrollment_parts
+from appliance.services.web.firmware import admin_parts as firmware_admin_parts
 from appliance.services.web.media_admin import admin_parts as media_admin_parts
 from appliance.services.web.pairing import admin_parts as cloud_admin_parts
 from appliance.services.web.parts import WebParts
@@ -88,6 +90,7 @@ def web_parts() -> dict[str, WebParts]:
     parts["provisioning"] += enrollment_parts()  # device enrollment: keys, the comparison code
     parts["admin"] += support_admin_parts()  # links to the bundle and the live log tail on 8005
     parts["admin"] += ticket_admin_parts()  # the status ticket's button
+    parts["admin"] += firmware_admin_parts()  # the firmware running, an update under way, the last outcome
     return parts
 
 
@@ -145,6 +148,9 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     specs.append(ServiceSpec(name="media", run=run_media, core=False, enabled=runtime.config.media.enabled))
     # Logs to the log intake: optional, after everything that serves the shop.
     specs.append(ServiceSpec(name="logs.shipping", run=run_log_shipping, core=False))
+    # Firmware updates: the trial of a new slot, the platform's offers (docs/updates.md). Last:
+    # the trial judges the box once everything else is up.
+    specs.append(ServiceSpec(name="update", run=run_firmware, core=False, enabled=runtime.config.update.enabled))
     # The status ticket on the first start, once a receipt printer is adopted.
     specs.append(ServiceSpec(name="ticket", run=run_first_boot_ticket, core=False))
     return specs

@@ -17,6 +17,7 @@ import trio
 
 from appliance.config import Config
 from appliance.health import HealthRegistry
+from appliance.protocol.firmware import FirmwareStatus
 from appliance.protocol.logship import ShippingStatus
 from appliance.protocol.sync import SyncStatus
 from appliance.services.board import ServiceBoard
@@ -56,6 +57,8 @@ class Runtime:
     # listener's role) and services.discovery (its UDP port). Discovery announces it.
     ports: BoundPorts = attrs.field(default=attrs.Factory(lambda self: BoundPorts(self.config.lan.ports),
                                                           takes_self=True))
+    # Set once every service started and READY=1 went to systemd. Written by: the supervisor.
+    ready: trio.Event = attrs.field(factory=trio.Event)
     # Set when the box is asked to stop: listeners stop accepting and finish in-flight work.
     stopping: trio.Event = attrs.field(factory=trio.Event)
     # Notified whenever the device registry changes (a device adopted, rejected, removed,
@@ -102,6 +105,12 @@ class Runtime:
     log_ring: LogRing | None = None
     # What the log shipper is doing. Written by: services.log_shipping.
     log_shipping: ShippingStatus = attrs.field(factory=ShippingStatus)
+
+    # Firmware updates: the offer, the download, the trial, the last outcome (homepage,
+    # heartbeat). Written by: services.firmware; services.sync hands it the platform's
+    # offers (``offered``) and notifies firmware_changes.
+    firmware: FirmwareStatus = attrs.field(factory=FirmwareStatus)
+    firmware_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
 
     @property
     def store(self) -> StoreLink | None:

@@ -10,7 +10,8 @@
   whether or not anything new is written locally. A batch refused as a whole is split
   until the bad event is alone, which is then rejected with its reason; rejected
   events are kept and never sent again.
-- heartbeat: firmware, uptime, the health summary and the queue depths.
+- heartbeat: firmware, uptime, the health summary, the queue depths and the update's
+  state; its answer may offer a firmware, handed to ``runtime.firmware``.
 
 A 401 or 403 marks the pairing "re-pair needed" and parks the three loops until the box
 is paired again; the LAN keeps serving. Every failure is located on its network path
@@ -488,6 +489,8 @@ class CloudSync:
             },
             "sync": {"cursor": state.cursor, "lag_s": None if state.last_pull_at is None
                      else round(max(0.0, now - state.last_pull_at), 1)},
+            # Firmware updates: the slot, what is under way, the last outcome (docs/updates.md).
+            "update": runtime.firmware.report(),
         }
         content = json_text(body).encode("utf-8")
         while len(content) > HEARTBEAT_MAX_BYTES and body["health"]["checks"]:
@@ -497,7 +500,15 @@ class CloudSync:
 
     async def heartbeat_once(self, store: StoreLink) -> float:
         content = await self.heartbeat_body()
-        await self.call(store, "POST", f"/v1/stores/{store.store_id}/heartbeat", content=content)
+        answer = await self.call(store, "POST", f"/v1/stores/{store.store_id}/heartbeat", content=content)
+        try:
+            offer = json.loads(answer).get("firmware")
+        except (ValueError, AttributeError):  # not JSON, or not an object: no offer in it
+            offer = None
+        # The firmware the platform offers this box (docs/cloud-contract.md, "Heartbeat");
+        # the update service acts on it.
+        if self.runtime.firmware.offered(offer):
+            self.runtime.firmware_changes.notify()
         return self.cfg.heartbeat_interval_s
 
 

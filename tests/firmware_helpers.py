@@ -1,0 +1,96 @@
+"""Helpers of the firmware update tests: a development key pair, signed bundles made by the
+real ``rauc bundle``, and a stand-in for the ``rauc`` client whose ``info`` is the real one.
+
+The default suite cannot let RAUC write real slots or a bootloader's variables (that is
+``scripts/test-image``, under qemu). The stand-in runs the real ``rauc info`` (so the
+signature check is RAUC's own) and records ``install`` and ``status mark-*`` in a log file
+instead of writing a slot; a file ``fail-install`` beside it makes ``install`` fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+
+__all__ = ["FakeRauc", "KeyPair", "make_bundle", "make_keys", "needs_rauc"]
+
+RAUC = shutil.which("rauc")
+needs_rauc = pytest.mark.skipif(RAUC is None, reason="Debian's rauc is not installed (scripts/setup --test as root)")
+
+FAKE = """#!{python}
+import hashlib, os, subprocess, sys
+here = os.path.dirname(os.path.abspath(__file__))
+args = sys.argv[1:]
+if args[:1] == ["info"]:
+    sys.exit(subprocess.run([{rauc!r}, *args]).returncode)
+with open(os.path.join(here, "rauc.log"), "a") as log:
+    if args[:1] == ["install"]:
+        if os.path.exists(os.path.join(here, "fail-install")):
+            print("Installation error: Failed writing slot rootfs.1", file=sys.stderr)
+            sys.exit(1)
+        digest = hashlib.sha256(open(args[1], "rb").read()).hexdigest()
+        log.write(f"install {{digest}}\\n")
+    elif args[:1] == ["status"]:
+        log.write(" ".join(args[1:]) + "\\n")
+    else:
+        print(f"unknown command {{args}}", file=sys.stderr)
+        sys.exit(2)
+"""
+
+
+@attrs.frozen
+class KeyPair:
+    cert: Path
+    key: Path
+
+
+def make_keys(where: Path, name: str) -> KeyPair:
+    where.mkdir(parents=True, exist_ok=True)
+    pair = KeyPair(cert=where / f"{name}.cert.pem", key=where / f"{name}.key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pair.key),
+                    "-out", str(pair.cert), "-days", "3650", "-subj", f"/O=Store appliance/CN={name}"],
+                   check=True, capture_output=True)
+    return pair
+
+
+def make_bundle(where: Path, version: str, keys: KeyPair, *, compatible: str = "store-appliance-test") -> Path:
+    """A signed verity bundle of a small stand-in root image (real ``rauc bundle``)."""
+    assert RAUC is not None
+    content = where / f"content-{version}"
+    content.mkdir(parents=True)
+    (content / "root.ext4").write_bytes(os.urandom(64 * 1024))  # incompressible: squashfs needs > 4 KiB
+    (content / "manifest.raucm").write_text(
+        f"[update]\ncompatible={compatible}\nversion={version}\n\n[bundle]\nformat=verity\n\n"
+        "[image.rootfs]\nfilename=root.ext4\n")
+    bundle = where / f"appliance-{version}.raucb"
+    subprocess.run([RAUC, "bundle", f"--cert={keys.cert}", f"--key={keys.key}", str(content), str(bundle)],
+                   check=True, capture_output=True)
+    return bundle
+
+
+@attrs.frozen
+class FakeRauc:
+    path: Path
+
+    @classmethod
+    def make(cls, where: Path) -> FakeRauc:
+        assert RAUC is not None
+        where.mkdir(parents=True, exist_ok=True)
+        path = where / "rauc"
+        path.write_text(FAKE.format(python=sys.executable, rauc=RAUC))
+        path.chmod(0o755)
+        return cls(path)
+
+    @property
+    def calls(self) -> list[str]:
+        log = self.path.parent / "rauc.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    def fail_installs(self) -> None:
+        (self.path.parent / "fail-install").touch()
