@@ -12,8 +12,12 @@ Rules (docs/architecture.md §7, docs/device-channel.md):
   device sees seqs rise except when the box goes back.
 - An ack settles a command once; later acks of it are counted and ignored.
 - A nack with ``retry: false`` makes the command dead with the device's reason. A nack
-  with ``retry: true`` goes back: that command and every later one in flight are sent
-  again, in order, after a hold that doubles with each retry in a row (reset by an ack).
+  with ``retry: true`` goes back: every command in flight, from the lowest (even one below
+  the nacked seq), is sent again, in order, after a hold that doubles with each retry in a
+  row (reset by an ack). Going back only to the nacked seq is not enough: a nack can be
+  about an older copy of a command already sent again, and a device that follows the
+  in-order rule of docs/device-channel.md would then take the later seq before a lower
+  one still in flight.
 - A lost connection makes every command in flight unsent again; after the next hello
   they are sent again in order (at-least-once; the device dedupes by id).
 - A command whose ``expires_at`` has passed is never sent: it becomes dead ("expired").
@@ -352,8 +356,11 @@ class SendWindow:
         if entry.slot is _Slot.UNSENT:
             return  # a stale nack from before a go-back: it is going to be sent again anyway
         self.stats.retry_nacks += 1
-        seq = entry.command.seq
-        for command_id in [i for i in self._in_flight if self._entries[i].command.seq >= seq]:
+        # Back to the lowest command in flight, not to the nacked one: the nack may be about
+        # an older copy (sent before the last go-back), and the device may be refusing a
+        # lower seq whose nack is still on its way; resending only this seq would let it
+        # take this one first (docs/device-channel.md, "Order").
+        for command_id in list(self._in_flight):
             self._unsend(command_id)
         self._hold_until = now + min(self.retry_max_s, self.retry_initial_s * 2 ** min(self._retry_streak, 32))
         self._retry_streak += 1
