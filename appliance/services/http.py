@@ -182,6 +182,14 @@ class _Connection(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         data = await self._stream.receive_some(max_bytes)
+        if not data:
+            # The client has gone. hypercorn ends the connection only when its idle timer
+            # does (keep_alive_timeout_s later), holding the descriptor and the place that
+            # long: a crowd that connects and leaves would keep the listener at its cap, and
+            # after descriptor exhaustion the backlog would drain a few per second. Give
+            # both back now; hypercorn's own close later finds the stream closed.
+            await self.aclose()
+            return data
         seen = self._tail + data
         if _HTTP2.search(seen):
             raise trio.BrokenResourceError("HTTP/2 is not served here")
