@@ -5,7 +5,9 @@ Start-up, in dependency order: storage (opened and migrated), then every service
 reporting ready through ``task_status``. READY=1 goes to systemd once all have.
 
 A service that crashes after it started is restarted with exponential backoff
-(:class:`~appliance.protocol.restart.RestartPolicy`). Too many crashes in a window mark it
+(:class:`~appliance.protocol.restart.RestartPolicy`). One that stopped because the process
+ran out of file descriptors (EMFILE, ENFILE: the load's doing, not a bug) is restarted
+after a doubling pause too, without counting as a crash. Too many crashes in a window mark it
 failed on the board (homepage, /readyz) and leave it down, unless it is a core service:
 then the process ends with :data:`EXIT_FATAL` and systemd restarts the whole box. A
 service that fails to *start* stops start-up (a port that cannot be bound is the usual
@@ -22,6 +24,7 @@ Exceptions: :class:`FatalServiceError` (a core service cannot recover). Start-up
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 from collections.abc import Sequence
@@ -46,7 +49,8 @@ from appliance.storage.meta import appliance_id
 from appliance.storage.owner import load_credential
 from appliance.storage.running import publish, withdraw
 
-__all__ = ["EXIT_FATAL", "FatalServiceError", "ServiceSpec", "open_runtime", "run", "supervise_all"]
+__all__ = ["EXIT_FATAL", "FatalServiceError", "ServiceSpec", "open_runtime", "out_of_descriptors", "run",
+           "supervise_all"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ class _Supervisor:
         policy = RestartPolicy(initial_s=cfg.restart_initial_s, max_s=cfg.restart_max_s,
                                max_crashes=cfg.max_crashes, window_s=cfg.crash_window_s)
         first = True
+        starved, starved_at = 0, -cfg.crash_window_s  # restarts for want of descriptors, and the last one
         while True:
             error: BaseException | None = None
             try:
@@ -106,20 +111,34 @@ class _Supervisor:
                 return
             if error is None:
                 error = RuntimeError("returned without being asked to stop")
-            status.crashes += 1
-            status.last_error = _describe(error)
-            log.error("service %s crashed: %s", spec.name, status.last_error, exc_info=error)
-            self.runtime.metrics.inc("service_crashes", service=spec.name)
-            decision = policy.on_crash(trio.current_time())
-            if decision.restart_in_s is None:
-                status.state = ServiceState.FAILED
-                log.error("service %s failed: %d crashes within %g s; left down", spec.name,
-                          decision.crashes_in_window, policy.window_s)
-                if spec.core:
-                    raise FatalServiceError(f"core service {spec.name} failed: {status.last_error}") from error
-                return
+            if out_of_descriptors(error):
+                # The process ran out of file descriptors: the load's doing (a crowd of LAN
+                # connections, docs/hardening.md), not a bug of this service. Restart it after
+                # a doubling pause, without using its crash budget, and log one line, no traceback.
+                now = trio.current_time()
+                starved = starved + 1 if now - starved_at < cfg.crash_window_s else 1
+                starved_at = now
+                restart_in_s = min(cfg.restart_max_s, _STARVED_MAX_S, cfg.restart_initial_s * 2 ** min(starved - 1, 16))
+                status.last_error = _describe(error)
+                log.warning("service %s stopped for want of file descriptors (%s); restarting in %g s", spec.name,
+                            status.last_error, restart_in_s)
+                self.runtime.metrics.inc("service_descriptor_restarts", service=spec.name)
+            else:
+                status.crashes += 1
+                status.last_error = _describe(error)
+                log.error("service %s crashed: %s", spec.name, status.last_error, exc_info=error)
+                self.runtime.metrics.inc("service_crashes", service=spec.name)
+                decision = policy.on_crash(trio.current_time())
+                if decision.restart_in_s is None:
+                    status.state = ServiceState.FAILED
+                    log.error("service %s failed: %d crashes within %g s; left down", spec.name,
+                              decision.crashes_in_window, policy.window_s)
+                    if spec.core:
+                        raise FatalServiceError(f"core service {spec.name} failed: {status.last_error}") from error
+                    return
+                restart_in_s = decision.restart_in_s
             status.state = ServiceState.RESTARTING
-            with trio.move_on_after(decision.restart_in_s):
+            with trio.move_on_after(restart_in_s):
                 await self.runtime.stopping.wait()
             if self.runtime.stopping.is_set():
                 status.state = ServiceState.STOPPED
@@ -205,6 +224,27 @@ async def _run_service(spec: ServiceSpec, runtime: Runtime, *, task_status: trio
     async with trio.open_nursery() as nursery:
         await nursery.start(wrapped)
         task_status.started()
+
+
+_NO_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+# A service stopped for want of descriptors is tried again at least this often: once the
+# crowd has gone, it is back within seconds (docs/hardening.md).
+_STARVED_MAX_S: Final = 10.0
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` (a group: every exception in it) comes of the process or the system
+    running out of file descriptors, directly or as the cause of the exception raised."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(out_of_descriptors(e) for e in exc.exceptions)
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain of translations (raise X from OSError) at most
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _NO_DESCRIPTORS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe(exc: BaseException) -> str:

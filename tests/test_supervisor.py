@@ -1,11 +1,15 @@
-"""The supervisor's restart policy, failure marking, fatal exit and start-up errors.
+"""The supervisor's restart policy, failure marking, fatal exit and start-up errors; a
+service stopped for want of file descriptors is restarted without counting a crash.
 
 Time is virtual (autojump_clock): backoff delays are asserted exactly.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -14,11 +18,11 @@ import trio
 import trio.testing
 
 from appliance.protocol.restart import RestartPolicy
-from appliance.services.board import ServiceState
+from appliance.services.board import ServiceState, ServiceStatus
 from appliance.services.http import BindError, bind_tcp
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
-from appliance.supervisor import FatalServiceError, open_runtime, supervise_all
+from appliance.supervisor import FatalServiceError, open_runtime, out_of_descriptors, supervise_all
 from tests.conftest import ConfigFactory
 
 
@@ -52,6 +56,20 @@ async def runtime(make_config: ConfigFactory) -> AsyncIterator[Runtime]:
     rt.db.close()
 
 
+@asynccontextmanager
+async def running_for(runtime: Runtime, spec: ServiceSpec,
+                      seconds: float) -> AsyncIterator[tuple[float, ServiceStatus]]:
+    """Supervise ``spec`` for ``seconds`` (virtual); the start time and its status, then stop."""
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        await nursery.start(lambda task_status: supervise_all(runtime, [spec], task_status=task_status))
+        await trio.sleep(seconds)
+        status = runtime.board.get(spec.name)
+        assert status is not None
+        yield t0, status
+        runtime.stopping.set()
+
+
 def test_restart_policy_table() -> None:
     policy = RestartPolicy(initial_s=1, max_s=4, max_crashes=3, window_s=10)
     assert [policy.on_crash(t).restart_in_s for t in (0, 1, 2)] == [1, 2, 4]
@@ -62,20 +80,48 @@ def test_restart_policy_table() -> None:
 
 async def test_service_that_crashes_twice_then_works(runtime: Runtime, autojump_clock: trio.testing.MockClock) -> None:
     starts: list[float] = []
-    specs = [ServiceSpec(name="flaky", run=crashing(2, starts), core=False)]
-    async with trio.open_nursery() as nursery:
-        t0 = trio.current_time()
-        await nursery.start(lambda task_status: supervise_all(runtime, specs, task_status=task_status))
-        await trio.sleep(30)
-        status = runtime.board.get("flaky")
-        assert status is not None
+    async with running_for(runtime, ServiceSpec(name="flaky", run=crashing(2, starts), core=False), 30) as (t0, status):
         assert status.state is ServiceState.RUNNING
         assert status.crashes == 2
         # Restarted after exactly 1 s, then 2 s (exponential).
         assert [s - t0 for s in starts] == [0, 1, 3]
         assert runtime.metrics.value("service_crashes", service="flaky") == 2
-        runtime.stopping.set()
     assert status.state is ServiceState.STOPPED
+
+
+def starving(times: int, log: list[float]) -> Callable[..., Any]:
+    """A service whose work fails ``times`` times for want of file descriptors, the way a
+    directory scan or a connection fails under a crowd (the error wrapped once, as a
+    service's own error type would), then runs until cancelled."""
+
+    async def run(runtime: Runtime, *, task_status: trio.TaskStatus[None]) -> None:
+        log.append(trio.current_time())
+        task_status.started()
+        if len(log) <= times:
+            try:
+                raise OSError(errno.EMFILE, "Too many open files")
+            except OSError as exc:
+                raise Crash("scan failed") from exc
+        await trio.sleep_forever()
+
+    return run
+
+
+async def test_running_out_of_descriptors_is_not_a_crash(runtime: Runtime,
+                                                        autojump_clock: trio.testing.MockClock) -> None:
+    # Ten times in a row (the budget is 3 crashes a minute): restarted after a doubling pause
+    # capped at 10 s (8 s here), never failed, no crash counted.
+    starts: list[float] = []
+    spec = ServiceSpec(name="starved", run=starving(10, starts), core=True)
+    async with running_for(runtime, spec, 200) as (t0, status):
+        assert status.state is ServiceState.RUNNING and status.crashes == 0
+        gaps = [b - a for a, b in itertools.pairwise([t0, *starts])][1:]
+        assert gaps == [1, 2, 4, 8, 8, 8, 8, 8, 8, 8]  # restart_max_s is 8 here
+        assert runtime.metrics.value("service_descriptor_restarts", service="starved") == 10
+        assert runtime.metrics.value("service_crashes", service="starved") == 0
+    assert out_of_descriptors(BaseExceptionGroup("g", [OSError(errno.ENFILE, "x"), OSError(errno.EMFILE, "y")]))
+    assert not out_of_descriptors(BaseExceptionGroup("g", [OSError(errno.EMFILE, "x"), Crash("a bug")]))
+    assert not out_of_descriptors(OSError(errno.ENOENT, "x"))
 
 
 async def test_always_crashing_service_is_marked_failed_others_keep_serving(
