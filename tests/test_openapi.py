@@ -8,13 +8,18 @@ body definition and sees all three change.
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import pytest
+import trio
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
@@ -25,7 +30,9 @@ from appliance.services.assembly import web_parts
 from appliance.services.runtime import Runtime
 from appliance.services.web import store
 from appliance.services.web.api import OPENAPI_PATH
-from tests.sync_helpers import StartBox, api_client
+from appliance.storage.catalog import ReplicaWrite, apply_changes
+from appliance.storage.devices import AdoptionState, new_pending, set_state
+from tests.sync_helpers import ADMIN, StartBox, api_client
 
 pytest_plugins = ["tests.sync_fixtures"]
 
@@ -141,3 +148,95 @@ async def test_docs_store_api_md_is_the_served_document(api: httpx.AsyncClient) 
         DOC.write_text(expected, "utf-8")
     assert text == expected, "docs/store-api.md differs from the served document: run WRITE_DOCS=1 .venv/bin/pytest " \
                              "tests/test_openapi.py -k docs and commit the result"
+
+
+# --- schemathesis against the running box --------------------------------------------------
+
+# Examples per route in the default run (scripts/fuzz-api runs many more).
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
+FUZZ_CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+
+
+async def fuzz_box(start_box: StartBox) -> Runtime:
+    """A box with something to find: a small catalog, an adopted device, a sale."""
+    box = await start_box()
+    writes = [ReplicaWrite(entity=entity, key=f"SKU-{i:06d}", name=f"Product {i}" if entity == "product" else "",
+                           seq=i, data=json.dumps(data))
+              for i in range(1, 6)
+              for entity, data in (("product", {"sku": f"SKU-{i:06d}", "name": f"Product {i}", "active": True}),
+                                   ("price", {"sku": f"SKU-{i:06d}", "amount_cents": 100 * i, "currency": "EUR"}),
+                                   ("stock", {"sku": f"SKU-{i:06d}", "qty": i}))]
+
+    def fill(conn: sqlite3.Connection) -> None:
+        apply_changes(conn, writes, cursor="9", now=1.0)
+        new_pending(conn, device_id="pos-1", kind="pos", name="till", address="127.0.0.1", port=1, now=1.0)
+        set_state(conn, "pos-1", AdoptionState.ADOPTED, 1.0)
+
+    await box.db.write(fill)
+    async with api_client(box) as api:
+        assert (await api.post("/v1/sales", json=SALE)).status_code == 201
+    return box
+
+
+async def run_schemathesis(box: Runtime, examples: int, report: Path) -> tuple[int, str]:
+    """The schemathesis CLI in its own process against the box's store API, as the admin."""
+    url = f"http://127.0.0.1:{box.ports['api']}{OPENAPI_PATH}"
+    argv = [str(Path(sys.executable).with_name("schemathesis")), "run", url, "--checks", FUZZ_CHECKS,
+            "--max-examples", str(examples), "--workers", "1", "--seed", "18", "-H", f"Authorization: Bearer {ADMIN}",
+            "--request-timeout", "10", "--suppress-health-check", "all", "--no-color",
+            "--report", "junit", "--report-junit-path", str(report)]
+    done = await trio.run_process(argv, capture_stdout=True, stderr=subprocess.STDOUT, check=False)
+    return done.returncode, done.stdout.decode("utf-8", "replace")
+
+
+async def test_schemathesis_finds_no_5xx_and_no_departure_from_the_document(
+        start_box: StartBox, tmp_path: Path) -> None:
+    box = await fuzz_box(start_box)
+    code, out = await run_schemathesis(box, FUZZ_EXAMPLES, tmp_path / "junit.xml")
+    print(out)
+    assert code == 0, out
+    assert "No issues found" in out or "passed" in out.lower(), out
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE = "9" * 5000
+HOSTILE = [
+    ("GET", "/v1/products?limit=" + HUGE, None),
+    ("GET", "/v1/products?limit=\u00b2", None),
+    ("GET", "/v1/products?limit=-1", None),
+    ("GET", "/v1/products?limit=1e3", None),
+    ("GET", "/v1/products?after=" + "A" * 5000, None),
+    ("GET", "/v1/orders?limit=" + HUGE, None),
+    ("GET", "/v1/orders?limit=\u00b2", None),
+    ("GET", "/v1/orders?limit=\u0663", None),
+    ("GET", "/v1/devices/pos-1/commands?limit=" + HUGE, None),
+    ("GET", "/v1/devices/pos-1/commands?limit=\u00b2", None),
+    ("GET", "/v1/devices/pos-1/commands?limit=\u0663", None),
+    ("POST", "/v1/sales", DEEP),
+    ("POST", "/v1/sales", '{"id": "x", "total_cents": ' + HUGE + "}"),
+    ("POST", "/v1/sales", '{"id": "x", "total_cents": 1e999}'),
+    ("POST", "/v1/sales", '{"id": "x", "total_cents": NaN}'),
+    ("POST", "/v1/orders", '{"lines": ' + DEEP + "}"),
+    ("POST", "/v1/devices/pos-1/commands", '{"kind": "ping", "body": {"a": ' + DEEP + "}}"),
+    ("POST", "/v1/devices/pos-1/commands", '{"kind": "ping", "body": {}, "expires_at": ' + HUGE + "}"),
+    ("POST", "/v1/devices/pos-1/commands", '{"kind": "ping", "body": {}, "expires_at": 1e999}'),
+    ("POST", "/v1/devices/pos-1/commands", '{"kind": "ping", "body": {"n": ' + HUGE + "}}"),
+    ("POST", "/v1/commands", '{"commands": [{"device_id": "pos-1", "kind": "ping", "body": ' + DEEP + "}]}"),
+    ("POST", "/v1/commands", '{"commands": [{"device_id": "pos-1", "kind": "ping", "body": {}, "expires_at": '
+     + HUGE + "}]}"),
+    ("POST", "/v1/commands", '{"commands": [{"device_id": "pos-1", "kind": "ping", "body": {"n": ' + HUGE + "}}]}"),
+    ("POST", "/v1/commands", '{"commands": {}}'),
+    ("POST", "/v1/commands", '{"commands": [1]}'),
+]
+
+
+async def test_hostile_inputs_get_a_4xx_never_a_5xx(start_box: StartBox) -> None:
+    """What a hostile client tries first: deep nesting, 5,000-digit numbers, odd limits."""
+    box = await fuzz_box(start_box)
+    bad = []
+    async with api_client(box) as api:
+        for method, url, body in HOSTILE:
+            answer = await api.request(method, url, content=body, headers={"Content-Type": "application/json"})
+            if not 400 <= answer.status_code < 500 or "error" not in answer.json():
+                bad.append(f"{method} {url[:60]} {(body or '')[:60]}: {answer.status_code} {answer.text[:200]}")
+    assert not bad, "\n".join(bad)

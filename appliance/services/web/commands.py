@@ -56,7 +56,15 @@ from appliance.protocol.store_api import (
 from appliance.services.device_link import DeviceLinkPhase
 from appliance.services.dispatcher import enqueue, enqueue_many
 from appliance.services.runtime import Runtime
-from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.common import (
+    ApiError,
+    FormError,
+    check_form_token,
+    read_form,
+    read_json,
+    require_admin,
+    whole_number,
+)
 from appliance.services.web.contract import ADMIN, DEVICE, Documented, errors, path_param
 from appliance.services.web.device_auth import authenticate
 from appliance.services.web.kit import AMBER, GREEN, GREY, RED, JsonResponse, ago, not_done
@@ -222,12 +230,14 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
             except ValueError:
                 errors.append(f"state: one of {', '.join(s.value for s in CommandState)}, got {state_text!r}")
         limit_text = request.query_params.get("limit", "100")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
-            errors.append(f"limit: a whole number from 1 to {MAX_LIST}, got {limit_text!r}")
+        limit = whole_number(limit_text, 1, MAX_LIST)
+        if limit is None:
+            errors.append(f"limit: a whole number from 1 to {MAX_LIST}, got {limit_text!r:.40}")
         if errors:
             raise ApiError(400, "bad query", errors)
         await _adopted_or_raise(runtime, device_id, must_be_adopted=False)
-        rows = await runtime.db.read(partial(list_commands, device_id=device_id, state=state, limit=int(limit_text)))
+        rows = await runtime.db.read(partial(list_commands, device_id=device_id, state=state,
+                                                          limit=limit or MAX_LIST))  # not None: checked above
         return JsonResponse({"device_id": device_id, "commands": [r.as_dict() for r in rows]})
 
     async def one(request: Request) -> Response:

@@ -25,7 +25,7 @@ from appliance.services.runtime import Runtime
 from appliance.services.web.kit import JsonResponse
 
 __all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "check_form_token", "json_error", "parse_form", "parse_json",
-           "read_body", "read_form", "read_json", "require_admin", "service_app"]
+           "read_body", "read_form", "read_json", "require_admin", "service_app", "whole_number"]
 
 # A homepage form is a token and one action or code: a few hundred bytes. Anything bigger is not ours.
 MAX_FORM_BYTES: Final = 4096
@@ -109,6 +109,16 @@ def json_error(
     if errors:
         body["errors"] = list(errors)
     return JsonResponse(body, status_code=status, headers=headers)
+
+
+def whole_number(raw: str, lo: int, hi: int) -> int | None:
+    """``raw`` as an integer from ``lo`` to ``hi`` (0 <= lo), or None: ASCII digits only (not
+    "²" or "٣", which ``str.isdigit`` takes), and no longer than ``hi`` is, so a 5,000-digit
+    value is refused before ``int()`` (which raises beyond 4,300 digits)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw.lstrip("0")) > len(str(hi)):
+        return None
+    value = int(raw)
+    return value if lo <= value <= hi else None
 
 
 def bearer_token(request: Request) -> str | None:

@@ -29,7 +29,15 @@ from appliance.services.runtime import Runtime
 from appliance.services.state import QueueLinkStatus, QueuePhase
 from appliance.services.support_channel import switch_support
 from appliance.services.timestamps import rfc3339
-from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.common import (
+    ApiError,
+    FormError,
+    check_form_token,
+    read_form,
+    read_json,
+    require_admin,
+    whole_number,
+)
 from appliance.services.web.contract import ADMIN, Documented, errors
 from appliance.services.web.kit import AMBER, GREEN, RED, JsonResponse, not_done, row
 from appliance.services.web.parts import WebParts
@@ -49,12 +57,13 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def listing(request: Request) -> Response:
         require_admin(request, runtime)
         raw = request.query_params.get("limit", str(LIST_DEFAULT))
-        if not raw.isdigit() or not 1 <= int(raw) <= LIST_MAX:
-            raise ApiError(400, f"limit must be an integer from 1 to {LIST_MAX}, got {raw!r}")
+        limit = whole_number(raw, 1, LIST_MAX)
+        if limit is None:
+            raise ApiError(400, f"limit must be an integer from 1 to {LIST_MAX}, got {raw!r:.40}")
         source = request.query_params.get("source", "")
         if source not in ("", "online", "device"):
             raise ApiError(400, f"source must be online or device, got {source!r}")
-        orders = await db.read(partial(list_orders, limit=int(raw), source=source))
+        orders = await db.read(partial(list_orders, limit=limit, source=source))
         for order in orders:
             order["received_at"] = rfc3339(order["received_at"])
         return JsonResponse({"orders": orders})

@@ -61,7 +61,7 @@ from appliance.protocol.store_api import (
 )
 from appliance.services.runtime import Runtime
 from appliance.services.timestamps import rfc3339
-from appliance.services.web.common import ApiError, parse_json
+from appliance.services.web.common import ApiError, parse_json, whole_number
 from appliance.services.web.contract import ADMIN, DEVICE, BodyResponse, Documented, errors, path_param
 from appliance.services.web.device_auth import authenticate
 from appliance.services.web.kit import JsonResponse
@@ -95,9 +95,10 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
+    value = whole_number(raw, lo, hi)
+    if value is None:
         raise ApiError(400, f"{name} must be an integer from {lo} to {hi}", [f"query.{name}: got {raw!r:.40}"])
-    return int(raw)
+    return value
 
 
 def routes(runtime: Runtime) -> Sequence[BaseRoute]:
@@ -224,7 +225,7 @@ def _read(kind: type[msgspec.Struct]) -> Operation:
         summary=f"One {what} record from the box's copy of the catalog (works with the internet down)",
         tag="catalog", params=(path_param("sku", "the product's SKU"),),
         replies=(Reply(status=200, description=f"the {what} record as the platform sent it", body=kind),
-                 *errors(401, 403, 429, e404=f"no {what} for this SKU",
+                 *errors(401, 403, 404, 429, 503, e404=f"no {what} for this SKU",
                          e503="the box has no copy of the catalog yet (it syncs once paired and online)")),
         security=_WHO)
 
