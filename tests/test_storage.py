@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from appliance.storage import Database, SchemaError, migrate
+from appliance.storage.db import PAGE_SIZE, WAL_CHECKPOINT_PAGES
 from appliance.storage.meta import appliance_id
 from appliance.storage.schema import Migration, load_migrations
 from appliance.storage.secrets import load_or_create_token, write_secret
@@ -296,5 +297,36 @@ async def test_a_write_taken_into_a_group_completes_for_a_cancelled_caller(tmp_p
         keys = await db.read(lambda c: sorted(r[0] for r in c.execute("SELECT key FROM meta WHERE key IN "
                                                                       "('first', 'second')")))
         assert keys == ["first", "second"]
+    finally:
+        db.close()
+
+
+# --- page size ------------------------------------------------------------------------
+
+
+async def test_a_new_database_has_small_pages_and_the_checkpoint_policy(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    try:
+        assert await db.read(lambda c: c.execute("PRAGMA page_size").fetchone()[0]) == PAGE_SIZE
+        assert await db.write(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == WAL_CHECKPOINT_PAGES
+    finally:
+        db.close()
+
+
+def test_a_database_with_the_old_page_size_is_rewritten_once_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    old = sqlite3.connect(path)
+    old.execute("PRAGMA page_size = 4096")
+    old.execute("PRAGMA journal_mode = WAL")
+    migrate(old)
+    old.execute("INSERT INTO meta(key, value) VALUES ('kept', 'yes')")
+    old.commit()
+    assert old.execute("PRAGMA page_size").fetchone()[0] == 4096
+    old.close()
+    db = Database.open_sync(path)
+    try:
+        assert db.read_sync(lambda c: c.execute("PRAGMA page_size").fetchone()[0]) == PAGE_SIZE
+        assert db.read_sync(lambda c: c.execute("SELECT value FROM meta WHERE key = 'kept'").fetchone()[0]) == "yes"
+        assert db.write_sync(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
     finally:
         db.close()
