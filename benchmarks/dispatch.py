@@ -44,9 +44,10 @@ from appliance.protocol.channel_codec import (
     parse_device_message,
 )
 from appliance.services.device_link import LinkTarget
-from appliance.services.dispatcher import enqueue, link_board, run_dispatcher
+from appliance.services.dispatcher import enqueue, run_dispatcher
 from appliance.storage.outbox import enqueue_in
 from appliance.supervisor import open_runtime
+from benchmarks import _cpus
 
 Latencies = list[float]
 
@@ -110,12 +111,13 @@ async def run_baseline(ports: list[int], window: int, schedules: list[list[float
 async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst: int, rate: float,
                        seconds: float) -> tuple[float, Latencies, float]:
     """``(throughput seconds, paced latencies, one durable commit in seconds)``."""
-    config = parse_config({"storage": {"dir": str(state_dir)}, "admin": {"token": "bench"},
+    config = parse_config({"storage": {"dir": str(state_dir)},
+                           "admin": {"token": "bench-admin-token-0123456789", "first_start_ticket": False},
                            "dispatch": {"window": window}})
     runtime = await open_runtime(config)
     targets = [LinkTarget(id=f"bench-{i:02d}", kind="printer", name="", address="127.0.0.1", port=p)
                for i, p in enumerate(ports)]
-    board = link_board(runtime)
+    board = runtime.device_links
 
     def acked() -> int:
         return sum(s.acked for s in board.all())
@@ -255,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=100.0, help="commands/s in all for the latency run")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
     p.add_argument("--serve-devices", type=int, help=argparse.SUPPRESS)
+    _cpus.add_option(p)
     return p.parse_args(argv)
 
 
@@ -263,4 +266,4 @@ if __name__ == "__main__":
     if arguments.serve_devices:
         trio.run(serve_farm, arguments.serve_devices)
     else:
-        trio.run(main, arguments)
+        _cpus.run(partial(trio.run, main), arguments)

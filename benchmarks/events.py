@@ -41,6 +41,7 @@ from appliance.config import parse_config
 from appliance.services.assembly import service_specs
 from appliance.storage.event_log import append
 from appliance.supervisor import open_runtime, supervise_all
+from benchmarks import _cpus
 
 # --- the subscribers (a child process) ---------------------------------------------------
 
@@ -211,6 +212,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0,
                         help="paced phase: events/s, one commit every 10 ms (default 100)")
     parser.add_argument("--seconds", type=float, default=5.0, help="paced phase: how long (default 5)")
+    _cpus.add_option(parser)
     args = parser.parse_args()
     raw = trio.run(baseline, args.events, args.subscribers, args.batch, False)
     packed = trio.run(baseline, args.events, args.subscribers, args.batch, True)
@@ -243,4 +245,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cpus.run_main(main)

@@ -38,6 +38,8 @@ from typing import Any
 
 import trio
 
+from benchmarks import _cpus
+
 MESSAGES = (
     "order %s accepted from device pos-1: 3 lines, 1247 cents",
     "command %s acked by kitchen-1 after 0.012 s",
@@ -225,6 +227,7 @@ def main() -> None:
     p.add_argument("--ship-records", type=int, default=50_000)
     p.add_argument("--flood-seconds", type=float, default=10.0)
     p.add_argument("--flood-rate", type=float, default=2000.0)
+    _cpus.add_option(p)
     args = p.parse_args()
     # On the machine's disk, not a tmpfs: the kernel counts what reaches the block layer.
     with tempfile.TemporaryDirectory(prefix="bench-logs-", dir=Path.home()) as tmp:
@@ -249,4 +252,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cpus.run_main(main)

@@ -33,6 +33,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+from benchmarks import _cpus
+
 TOKEN = "bench-token"
 IMAGE_KEY = "products/bench-image.jpg"
 VIDEO_KEY = "promotions/bench-video.mp4"
@@ -213,6 +215,7 @@ def main() -> None:
     parser.add_argument("--large-clients", type=int, default=4)
     parser.add_argument("--large-mb", type=int, default=100, help="the large file's size in MB (default 100)")
     parser.add_argument("--nginx-workers", type=int, default=1, help="nginx worker processes (default 1)")
+    _cpus.add_option(parser)
     opts = parser.parse_args()
     nginx, _ = _check_tools()
     results: dict[tuple[str, str], dict[str, float]] = {}
@@ -265,4 +268,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cpus.run_main(main)

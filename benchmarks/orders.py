@@ -31,6 +31,8 @@ from typing import Any
 
 import trio
 
+from benchmarks import _cpus
+
 
 def _quantiles(latencies: list[float]) -> dict[str, float]:
     q = statistics.quantiles(sorted(latencies), n=100)
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure while the box downloads a media file of this many MB")
     parser.add_argument("--media-rate", type=int, default=None,
                         help="[media] max_rate for that download (bytes/s; 0 = none; default the box's default)")
+    _cpus.add_option(parser)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.amqp.fixtures import run_server  # the test AMQP peer (python-qpid-proton)
@@ -177,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _cpus.run_main(main)

@@ -27,6 +27,8 @@ from typing import Any
 import httpx
 import trio
 
+from benchmarks import _cpus
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident set size in MiB (Linux reports KiB)."""
@@ -70,7 +72,8 @@ async def _ingest(url: str, ca: str, token: str, store: str, state: str) -> dict
     from appliance.storage.pairing import StoreLink
     from appliance.supervisor import open_runtime
 
-    config = parse_config({"storage": {"dir": state}, "admin": {"token": "bench"},
+    config = parse_config({"storage": {"dir": state},
+                           "admin": {"token": "bench-admin-token-0123456789", "first_start_ticket": False},
                            "cloud": {"api_url": url, "ca_file": ca, "read_timeout_s": 300.0}})
     runtime = await open_runtime(config)
     baseline = peak_rss_mb()
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=100_000)
     parser.add_argument("--child", choices=["ingest", "raw"])
     parser.add_argument("args", nargs="*")
+    _cpus.add_option(parser)
     opts = parser.parse_args()
     if opts.child == "ingest":
         print(json.dumps(trio.run(_ingest, *opts.args)))
@@ -151,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cpus.run_main(main)

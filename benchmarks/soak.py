@@ -40,6 +40,7 @@ import trio
 
 from appliance.config import LISTENER_ROLES
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
+from benchmarks import _cpus
 
 TOKEN = "soak-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -55,17 +56,20 @@ def device_key(device_id: str) -> bytes:
     return hashlib.sha256(b"soak device key\x00" + device_id.encode()).digest()
 
 
-def start_box(root: Path, devices: list[tuple[str, int]], *, token: str = TOKEN,
-              extra: str = "") -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+def start_box(root: Path, devices: list[tuple[str, int]], *, token: str = TOKEN, extra: str = "",
+              cloud: str = 'api_url = "https://127.0.0.1:9"\n',
+              kinds: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
     """``python -m appliance run`` on loopback ports chosen by the kernel, with ``devices``
-    declared; returns the process, the bound ports by role and its log file."""
+    declared (kind ``kds`` unless ``kinds`` says otherwise) and ``cloud`` as its [cloud]
+    table; returns the process, the bound ports by role and its log file."""
     ports = "\n".join(f"{r} = 0" for r in (*LISTENER_ROLES, "discovery"))
-    declared = "".join(f'[[devices]]\nid = "{d}"\nkind = "kds"\naddress = "127.0.0.1"\nport = {p}\n'
+    declared = "".join(f'[[devices]]\nid = "{d}"\nkind = "{(kinds or {}).get(d, "kds")}"\n'
+                       f'address = "127.0.0.1"\nport = {p}\n'
                        f'key = "{device_key(d).hex()}"\n' for d, p in devices)
     config = root / "appliance.toml"
     config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{root / "state"}"\n'
                       f'[admin]\ntoken = "{token}"\n[discovery]\nenabled = false\n[orders]\nenabled = false\n'
-                      f'[cloud]\napi_url = "https://127.0.0.1:9"\n[log]\nlevel = "info"\n'
+                      f'[cloud]\n{cloud}[log]\nlevel = "info"\n'
                       f'[supervisor]\nshutdown_deadline_s = 3.0\n[dispatch]\nbackoff_max_s = 2.0\n{extra}{declared}')
     log = root / "stderr.log"
     with log.open("w") as stderr:
@@ -74,7 +78,7 @@ def start_box(root: Path, devices: list[tuple[str, int]], *, token: str = TOKEN,
     while not (found := re.search(r"ready: (.*)", log.read_text())):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the appliance did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(0.02)
     bound = {k: int(v) for k, v in (item.split("=") for item in found.group(1).strip().split(", "))}
     return proc, bound, log
 
@@ -406,6 +410,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--report", type=Path, help="write the summary as JSON here too")
+    _cpus.add_option(parser)
     args = parser.parse_args()
     report = trio.run(soak, args.minutes)
     summary = {k: v for k, v in report.items() if k != "samples"}
@@ -421,4 +426,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _cpus.run_main(main)
