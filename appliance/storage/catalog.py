@@ -37,6 +37,7 @@ __all__ = [
     "encode_after",
     "finish_snapshot",
     "get_item",
+    "get_item_text",
     "name_key",
     "replica_counts",
     "require_snapshot",
@@ -238,6 +239,13 @@ def get_item(conn: sqlite3.Connection, entity: str, key: str) -> dict[str, Any] 
     item: dict[str, Any] = json.loads(row[0])
     item[col] = key
     return item
+
+
+def get_item_text(conn: sqlite3.Connection, entity: str, key: str) -> str | None:
+    """One replica row's JSON text as stored (its key not yet set, see :func:`get_item`)."""
+    table = ENTITY_TABLES[entity]
+    row = conn.execute(f"SELECT data FROM {table} WHERE {_column(table)} = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def encode_after(name_key_: str, sku: str) -> str:

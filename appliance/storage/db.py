@@ -289,6 +289,21 @@ class Database:
             with self._reader_pick:
                 self._readers.append(conn)
 
+    async def read_small(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on a read-only connection right here in trio's thread, for a read
+        of a few rows by an index (tens of microseconds: a WAL reader never waits for the
+        writer), where the hop to a worker thread and back costs more than the read itself
+        (the store API's ``GET /v1/products/{sku}``, docs/store-api.md). With every reader
+        busy, it waits for one in a worker thread like :meth:`read`."""
+        try:
+            self._reader_slots.acquire_nowait()
+        except trio.WouldBlock:
+            return await self.read(fn)
+        try:
+            return self.read_sync(fn)
+        finally:
+            self._reader_slots.release()
+
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection in a worker thread."""
         async with self._reader_slots:
