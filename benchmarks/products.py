@@ -4,7 +4,7 @@ lookups signed by devices (docs/device-api.md) next to the admin bearer token, o
 appliance process, in alternating rounds. Requests are built before each measured window,
 so the box's cost is measured, not the load generator's signing.
 
-    python -m benchmarks.products [--clients 50] [--seconds 5] [--products 10000]
+    python -m benchmarks.products [--clients 50] [--seconds 5] [--products 10000] [--cpus 1]
 
 The appliance runs as ``python -m appliance run`` with a replica of N products; the
 hello-world in its own process; the load generator (raw sockets, HTTP/1.1 keep-alive, one
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
+from benchmarks import _cpus
 
 TOKEN = "bench-token-0123456789abcdef"
 # Signed requests come from this many devices, as from a shop's tills and kiosks (one device
@@ -192,10 +194,15 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3, help="alternating bearer/signed rounds (median reported)")
     parser.add_argument("--hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    _cpus.add_option(parser)
     opts = parser.parse_args()
     if opts.hello:
         _serve_hello(opts.hello)
         return
+    _cpus.run(_bench, opts)
+
+
+def _bench(opts: argparse.Namespace) -> None:
     rng = random.Random(2)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -185,7 +185,9 @@ async def run_schemathesis(box: Runtime, examples: int, report: Path) -> tuple[i
             "--max-examples", str(examples), "--workers", "1", "--seed", "18", "-H", f"Authorization: Bearer {ADMIN}",
             "--request-timeout", "10", "--suppress-health-check", "all", "--no-color",
             "--report", "junit", "--report-junit-path", str(report)]
-    done = await trio.run_process(argv, capture_stdout=True, stderr=subprocess.STDOUT, check=False)
+    # In its own directory: it keeps a cache of what it found where it runs.
+    done = await trio.run_process(argv, capture_stdout=True, stderr=subprocess.STDOUT, check=False,
+                                  cwd=report.parent)
     return done.returncode, done.stdout.decode("utf-8", "replace")
 
 
