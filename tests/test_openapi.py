@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -26,9 +27,10 @@ from starlette.routing import Route
 from appliance.protocol import store_api
 from appliance.protocol.bodies import Range
 from appliance.protocol.openapi import markdown, openapi_path
-from appliance.services.assembly import web_parts
+from appliance.services.assembly import listener_apps, web_parts
 from appliance.services.runtime import Runtime
 from appliance.services.web import store
+from appliance.services.web.admin import OPENAPI_PATH as ADMIN_OPENAPI_PATH
 from appliance.services.web.api import OPENAPI_PATH
 from appliance.storage.catalog import ReplicaWrite, apply_changes
 from appliance.storage.devices import AdoptionState, new_pending, set_state
@@ -83,6 +85,26 @@ async def test_every_route_of_the_listener_is_in_the_document(box: Runtime, api:
     assert documented - routes == {("get", "/healthz"), ("get", OPENAPI_PATH)}
 
 
+async def test_the_admin_json_routes_have_their_own_valid_document(box: Runtime) -> None:
+    async with api_client(box, "admin") as admin:
+        answer = await admin.get(ADMIN_OPENAPI_PATH, headers={"Authorization": ""})
+    assert answer.status_code == 200
+    doc = answer.json()
+    validate(doc)
+    listener = box_app_routes(box, "admin")
+    json_routes = {(m, p) for m, p in listener if p.startswith("/api/")}
+    documented = {(method, path) for path, item in doc["paths"].items() for method in item}
+    assert json_routes == documented, json_routes ^ documented
+    assert {"/api/status", "/api/devices", "/api/settings", "/api/pairing", "/api/support-channel"} <= set(doc["paths"])
+
+
+def box_app_routes(box: Runtime, role: str) -> set[tuple[str, str]]:
+    """Every (method, OpenAPI path) the listener's app serves."""
+    app = listener_apps(box)[role]
+    return {(method.lower(), openapi_path(r.path)) for r in app.routes
+            if isinstance(r, Route) for method in r.methods or () if method != "HEAD"}
+
+
 async def test_a_sales_rules_are_in_its_schema(api: httpx.AsyncClient) -> None:
     sale = (await served(api))["components"]["schemas"]["Sale"]
     assert sale["additionalProperties"] is False
@@ -135,18 +157,23 @@ async def test_changing_a_body_definition_changes_validation_encoding_and_schema
 
 # --- docs/store-api.md -------------------------------------------------------------------------
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "store-api.md"
-MARK = "<!-- Generated from GET /v1/openapi.json"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+MARK = "<!-- Generated from GET "
 
 
-async def test_docs_store_api_md_is_the_served_document(api: httpx.AsyncClient) -> None:
-    text = DOC.read_text("utf-8")
+@pytest.mark.parametrize(("page", "role", "path"), [("store-api.md", "api", OPENAPI_PATH),
+                                                   ("admin-api.md", "admin", ADMIN_OPENAPI_PATH)])
+async def test_docs_pages_are_the_served_documents(box: Runtime, page: str, role: str, path: str) -> None:
+    doc_path = DOCS / page
+    text = doc_path.read_text("utf-8")
     head, mark, rest = text.partition(MARK)
-    assert mark, f"{DOC} has lost its marker line"
-    expected = head + mark + rest.partition("\n")[0] + "\n\n" + markdown(await served(api))
+    assert mark, f"{doc_path} has lost its marker line"
+    async with api_client(box, role) as client:
+        served_doc = (await client.get(path)).json()
+    expected = head + mark + rest.partition("\n")[0] + "\n\n" + markdown(served_doc)
     if os.environ.get("WRITE_DOCS") == "1":
-        DOC.write_text(expected, "utf-8")
-    assert text == expected, "docs/store-api.md differs from the served document: run WRITE_DOCS=1 .venv/bin/pytest " \
+        doc_path.write_text(expected, "utf-8")
+    assert text == expected, f"docs/{page} differs from the served document: run WRITE_DOCS=1 .venv/bin/pytest " \
                              "tests/test_openapi.py -k docs and commit the result"
 
 
@@ -178,13 +205,14 @@ async def fuzz_box(start_box: StartBox) -> Runtime:
     return box
 
 
-async def run_schemathesis(box: Runtime, examples: int, report: Path) -> tuple[int, str]:
-    """The schemathesis CLI in its own process against the box's store API, as the admin."""
-    url = f"http://127.0.0.1:{box.ports['api']}{OPENAPI_PATH}"
+async def run_schemathesis(box: Runtime, examples: int, report: Path, *, role: str = "api",
+                           path: str = OPENAPI_PATH, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    """The schemathesis CLI in its own process against one of the box's listeners, as the admin."""
+    url = f"http://127.0.0.1:{box.ports[role]}{path}"
     argv = [str(Path(sys.executable).with_name("schemathesis")), "run", url, "--checks", FUZZ_CHECKS,
             "--max-examples", str(examples), "--workers", "1", "--seed", "18", "-H", f"Authorization: Bearer {ADMIN}",
             "--request-timeout", "10", "--suppress-health-check", "all", "--no-color",
-            "--report", "junit", "--report-junit-path", str(report)]
+            "--report", "junit", "--report-junit-path", str(report), *extra]
     # In its own directory: it keeps a cache of what it found where it runs.
     done = await trio.run_process(argv, capture_stdout=True, stderr=subprocess.STDOUT, check=False,
                                   cwd=report.parent)
@@ -197,7 +225,18 @@ async def test_schemathesis_finds_no_5xx_and_no_departure_from_the_document(
     code, out = await run_schemathesis(box, FUZZ_EXAMPLES, tmp_path / "junit.xml")
     print(out)
     assert code == 0, out
-    assert "No issues found" in out or "passed" in out.lower(), out
+    assert re.search(r"\d+ generated, \d+ passed", out), out
+
+
+async def test_schemathesis_on_the_admin_json_routes(start_box: StartBox, tmp_path: Path) -> None:
+    box = await fuzz_box(start_box)
+    # POST /api/pairing asks the platform, which no test box reaches: its answer is the
+    # documented 502 every time, which not_a_server_error would count.
+    code, out = await run_schemathesis(box, FUZZ_EXAMPLES, tmp_path / "junit.xml", role="admin",
+                                       path=ADMIN_OPENAPI_PATH, extra=("--exclude-path", "/api/pairing"))
+    print(out)
+    assert code == 0, out
+    assert re.search(r"\d+ generated, \d+ passed", out), out
 
 
 DEEP = "[" * 100_000 + "]" * 100_000

@@ -58,7 +58,9 @@ class Operation:
     description: str = ""
     params: tuple[Param, ...] = ()
     body: Any = None
+    body_required: bool = True
     security: tuple[str, ...] = ()
+    security_optional: bool = False  # also open (a box never paired takes a pairing code from anyone)
     tag: str = ""
 
 
@@ -90,7 +92,7 @@ def _operation(op: Operation, method: str, path: str) -> dict[str, Any]:
              "required": p.required or p.where == "path", "schema": dict(p.schema)}
             for p in op.params]
     if op.body is not None:
-        out["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(op.body)}}}
+        out["requestBody"] = {"required": op.body_required, "content": {"application/json": {"schema": _ref(op.body)}}}
     responses: dict[str, Any] = {}
     for reply in op.replies:
         answer: dict[str, Any] = {"description": reply.description}
@@ -98,7 +100,8 @@ def _operation(op: Operation, method: str, path: str) -> dict[str, Any]:
             answer["content"] = {reply.media_type: {"schema": _ref(reply.body)}}
         responses[str(reply.status)] = answer
     out["responses"] = responses
-    out["security"] = [{scheme: []} for scheme in op.security] if op.security else [{}]
+    out["security"] = [{scheme: []} for scheme in op.security] + ([{}] if op.security_optional or not op.security
+                                                                  else [])
     return out
 
 
@@ -165,7 +168,10 @@ def markdown(doc: Mapping[str, Any]) -> str:
     out = []
     for path, item in doc["paths"].items():
         for method, op in item.items():
-            who = " or ".join(f"`{k}`" for s in op["security"] for k in s) or "anyone"
+            schemes = [f"`{k}`" for s in op["security"] for k in s]
+            anyone = {} in op["security"]
+            who = " or ".join(schemes + (["anyone, in the cases described"] if anyone and schemes else [])) \
+                or "anyone"
             out.append(f"### `{method.upper()} {path}`\n\n{op['summary']}. Who: {who}.\n")
             if "description" in op:
                 out.append(f"{op['description']}\n")

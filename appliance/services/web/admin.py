@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,11 +26,14 @@ from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.config import PORT_ROLES
+from appliance.protocol.admin_api import Status as StatusBody
 from appliance.protocol.headline import headline, problems
 from appliance.protocol.health import Check, Status, summary
+from appliance.protocol.openapi import Operation, Reply
 from appliance.services.i18n import Gettext, gettext_for, negotiate
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
+from appliance.services.web.contract import Documented, document_of, openapi_route
 from appliance.services.web.kit import AMBER, GREEN, GREY, RED, TEXT, JsonResponse, card, page
 from appliance.services.web.parts import WebParts
 
@@ -151,6 +154,17 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     async def api_status(request: Request) -> Response:
         return JsonResponse(await status(runtime, parts))
 
-    routes: list[BaseRoute] = [Route("/", homepage), Route("/api/status", api_status)]
+    routes: list[BaseRoute] = [Route("/", homepage), Documented("/api/status", api_status, method="GET",
+                                                                operation=_STATUS)]
     routes += parts.routes_for(runtime)
-    return service_app("admin", runtime, routes)
+    # The JSON routes' own document, built once from their operations and bodies.
+    doc = document_of(routes, title="Store appliance: admin JSON routes", description=DESCRIPTION)
+    return service_app("admin", runtime, [*routes, openapi_route(OPENAPI_PATH, doc)])
+
+
+OPENAPI_PATH: Final = "/api/openapi.json"
+DESCRIPTION: Final = ("The store appliance's admin listener (port 80): the JSON routes under /api for scripts and "
+                      "the platform's tools, beside the homepage. Changes need the admin token. Errors are JSON "
+                      "{error, errors}; see docs/store-api.md.")
+_STATUS: Final = Operation(summary="The box at a glance (open: the homepage shows the same)", tag="status",
+                           replies=(Reply(status=200, description="the status", body=StatusBody),))

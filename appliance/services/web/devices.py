@@ -36,8 +36,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.protocol.admin_api import DeviceAction, DeviceAnswer, DeviceChange, DeviceList
+from appliance.protocol.openapi import Operation, Reply
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.contract import ADMIN, Documented, errors, path_param
 from appliance.services.web.kit import AMBER, GREEN, GREY, JsonResponse, ago, not_done
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import (
@@ -164,9 +167,24 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         return RedirectResponse("/#devices", status_code=303)
 
     return [
-        Route("/api/devices", api_list, methods=["GET"]),
-        Route("/api/devices/{device_id}", api_one, methods=["GET"]),
-        Route("/api/devices/{device_id}/{verb}", api_action, methods=["POST"]),
+        Documented("/api/devices", api_list, method="GET", operation=Operation(
+            summary="Every device and its adoption state (open: the homepage shows the same)", tag="devices",
+            replies=(Reply(status=200, description="the devices", body=DeviceList),))),
+        Documented("/api/devices/{device_id}", api_one, method="GET", operation=Operation(
+            summary="One device", tag="devices", params=(path_param("device_id", "the device's id"),),
+            replies=(Reply(status=200, description="the device", body=DeviceAnswer),
+                     *errors(404, e404="no such device in the registry")))),
+        Documented("/api/devices/{device_id}/{verb}", api_action, method="POST", operation=Operation(
+            summary="Adopt, reject, revoke, dismiss or end-legacy a device", tag="devices",
+            description="adopt: a device that enrolled with a key needs the comparison code checked on its screen "
+                        "({\"code\": \"123456\"}); the other verbs take no body.",
+            params=(path_param("device_id", "the device's id"),
+                    path_param("verb", "what to do", enum=list(_VERBS))),
+            body=DeviceAction, body_required=False,
+            replies=(Reply(status=200, description="done (or nothing to change)", body=DeviceChange),
+                     *errors(400, 401, 404, 408, 409, 413, e404="no such device, or no such verb",
+                             e409="declared in the configuration, enrolled again meanwhile, or not adopted")),
+            security=(ADMIN,))),
         Route("/devices/action", form_action, methods=["POST"]),
     ]
 

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.protocol.admin_api import SupportAnswer, SupportSwitch
 from appliance.protocol.openapi import Operation, Param, Reply
 from appliance.protocol.store_api import OnlineOrderList
 from appliance.services.runtime import Runtime
@@ -73,6 +74,11 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
     return [Documented("/v1/orders", listing, method="GET", operation=_LIST)]
 
 
+_SUPPORT: Final = Operation(
+    summary="Switch the remote support channel on (for [support] duration_s) or off", tag="support",
+    body=SupportSwitch,
+    replies=(Reply(status=200, description="switched", body=SupportAnswer), *errors(400, 401, 408, 413)),
+    security=(ADMIN,))
 _LIST: Final = Operation(
     summary="The newest orders, online and from devices, newest first", tag="records",
     params=(Param(name="limit", where="query", description="at most this many",
@@ -106,7 +112,7 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         await switch_support(runtime, action == "on")
         return RedirectResponse("/#support-channel", status_code=303)
 
-    return [Route("/api/support-channel", switch, methods=["POST"]),
+    return [Documented("/api/support-channel", switch, method="POST", operation=_SUPPORT),
             Route("/support-channel/action", switch_form, methods=["POST"])]
 
 

@@ -24,10 +24,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.protocol.admin_api import PairingAnswer, PairingRequest
+from appliance.protocol.openapi import Operation, Reply
+from appliance.protocol.store_api import Error
 from appliance.services.pairing import PairingFailed, describe, is_claimed, pair_from_web
 from appliance.services.runtime import Runtime
 from appliance.services.sync_health import cloud_status
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
+from appliance.services.web.contract import ADMIN, Documented, errors
 from appliance.services.web.kit import AMBER, GREEN, RED, JsonResponse, ago, not_done, row
 from appliance.services.web.parts import WebParts
 
@@ -66,7 +70,19 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             raise ApiError(502 if exc.link is not None else 400, exc.message) from exc
         return JsonResponse({"pairing": describe(runtime.store)})
 
-    return [Route("/pairing", form, methods=["POST"]), Route("/api/pairing", api_pair, methods=["POST"])]
+    return [Route("/pairing", form, methods=["POST"]),
+            Documented("/api/pairing", api_pair, method="POST", operation=_PAIR)]
+
+
+_PAIR: Final = Operation(
+    summary="Pair the box with its store (the one-time code from the back office)", tag="cloud",
+    description="A box never paired takes a code from anyone (the code is the proof); a paired box needs the admin "
+                "token to be paired again. The box asks the platform: 502 when it cannot reach it.",
+    body=PairingRequest,
+    replies=(Reply(status=200, description="paired", body=PairingAnswer),
+             Reply(status=502, description="the platform could not be reached or refused the code", body=Error),
+             *errors(400, 401, 408, 413)),
+    security=(ADMIN,), security_optional=True)
 
 
 _FORM: Final = (

@@ -29,6 +29,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance.config import ConfigError
+from appliance.protocol.admin_api import SettingsAnswer, SettingsRequest
+from appliance.protocol.openapi import Operation, Reply
 from appliance.services.owner import CredentialRefused, change_admin_token
 from appliance.services.runtime import Runtime
 from appliance.services.settings import RESTART_FILE, SettingsRefused, save_settings
@@ -40,6 +42,7 @@ from appliance.services.web.common import (
     read_json,
     require_admin,
 )
+from appliance.services.web.contract import ADMIN, Documented, errors
 from appliance.services.web.kit import AMBER, JsonResponse, page, row
 from appliance.services.web.parts import WebParts
 from appliance.setupfile import SETUP_FILE, SetupStatus, parse_setup_data, read_status
@@ -114,7 +117,15 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
             raise ApiError(400, "nothing was changed", exc.errors) from exc
         return JsonResponse({"saved": lines, "settings": await _state(runtime)})
 
-    return [Route("/settings/{kind:str}", form, methods=["POST"]), Route("/api/settings", api, methods=["POST"])]
+    return [Route("/settings/{kind:str}", form, methods=["POST"]),
+            Documented("/api/settings", api, method="POST", operation=_SETTINGS)]
+
+
+_SETTINGS: Final = Operation(
+    summary="Change the box's settings: its name and language, network, proxy (the setup file's sections)",
+    tag="settings", body=SettingsRequest,
+    replies=(Reply(status=200, description="saved", body=SettingsAnswer), *errors(400, 401, 408, 413)),
+    security=(ADMIN,))
 
 
 def _without_credentials(url: str) -> str:
