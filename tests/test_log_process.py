@@ -5,6 +5,7 @@ while the intake is down: the ring within its cap, RSS flat, /healthz answering 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -159,10 +160,9 @@ async def test_a_week_offline_keeps_the_ring_capped_and_the_loop_responsive_then
             def ring_size() -> int:
                 total = 0
                 for seg in ring_dir.glob("seg-*"):
-                    try:  # the box drops the oldest segment between the listing and the stat
+                    # The box drops the oldest segment between the listing and the stat.
+                    with contextlib.suppress(FileNotFoundError):
                         total += seg.stat().st_size
-                    except FileNotFoundError:
-                        pass
                 return total
 
             async def probe_until(done: Any, into: list[float]) -> None:
