@@ -22,6 +22,7 @@ from appliance.commands.base import add_box_args, config_or_exit, find_box
 from appliance.health.system import system_checks
 from appliance.protocol.headline import headline
 from appliance.protocol.health import Check, Status, exit_code, summary, worst
+from appliance.protocol.text import Text
 from appliance.services.i18n import LANGUAGES, gettext_for
 from appliance.storage.secrets import read_secret
 
@@ -46,27 +47,31 @@ def _from_json(items: list[dict[str, Any]]) -> list[Check]:
                   data=i.get("data", {})) for i in items]
 
 
-def _down_fix() -> str:
+def _down_fix() -> Text:
     if os.geteuid() == 0:
-        return ("`systemctl status appliance` and `journalctl -u appliance -n 50` say why; "
-                "started by hand, give its --port-offset or --config")
-    return ("start it (scripts/run --no-demo, or scripts/run for the demo); "
-            "started by hand with other ports, give its --port-offset or --config")
+        return Text("`systemctl status appliance` and `journalctl -u appliance -n 50` say why; "
+                    "started by hand, give its --port-offset or --config")
+    return Text("start it (scripts/run --no-demo, or scripts/run for the demo); "
+                "started by hand with other ports, give its --port-offset or --config")
 
 
 def collect(host: str, ops_port: int, state_dir: Path, *, refresh_token: str | None = None,
-            source: str = "") -> list[Check]:
+            source: str = "", language: str | None = None) -> list[Check]:
+    """The box's checks (in ``language`` if given, else as the box words them: English)."""
     url = f"http://{host}:{ops_port}/health"
+    headers = {"Accept-Language": language} if language else {}
     try:
         if refresh_token is None:
-            answer = httpx.get(url, timeout=15.0)
+            answer = httpx.get(url, timeout=15.0, headers=headers)
         else:
-            answer = httpx.post(url, timeout=15.0, headers={"Authorization": f"Bearer {refresh_token}"})
+            answer = httpx.post(url, timeout=15.0, headers={**headers, "Authorization": f"Bearer {refresh_token}"})
         answer.raise_for_status()
         return _from_json(answer.json()["checks"])
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         down = Check(name="appliance.process", status=Status.FAIL,
-                     message=f"the appliance does not answer on {url}{f' (from {source})' if source else ''}: {exc}",
+                     message=Text("the appliance does not answer on {url} (from {source}): {error}", url=url,
+                                  source=source, error=str(exc)) if source else
+                     Text("the appliance does not answer on {url}: {error}", url=url, error=str(exc)),
                      fix=_down_fix())
         return [down, *trio.run(system_checks, state_dir)]
 
@@ -84,24 +89,30 @@ def cmd_health(args: argparse.Namespace) -> int:
             print(f"appliance health --refresh: no admin token in the config nor readable in {box.state_dir}; "
                   "run it as root or the appliance user, or without --refresh", file=sys.stderr)
             return 2
-    checks = collect(box.host, box.ports["ops"], Path(box.state_dir), refresh_token=token, source=box.source)
+    language = box.language if box.language in LANGUAGES else "en"
+    checks = collect(box.host, box.ports["ops"], Path(box.state_dir), refresh_token=token, source=box.source,
+                     language=None if args.json else language)
     if args.json:
         print(json.dumps({"status": str(worst(checks)), "summary": summary(checks),
                           "checks": [c.as_dict() for c in checks]}, indent=2))
         return exit_code(checks)
     counts = summary(checks)
-    _ = gettext_for(box.language if box.language in LANGUAGES else "en")
+    _ = gettext_for(language)
+    checks = [c.in_language(_) for c in checks]  # the checks made here, when the box does not answer
     top = headline(checks, _)
     print(top.sentence)
     first = _("First:")
     if top.first_fix:
         print(f"{first} {top.first_fix}")
-    print(f"health: {worst(checks)} ({counts['ok']} ok, {counts['warn']} warning, {counts['fail']} failing)")
+    print(_("health: {status} ({ok} ok, {warn} warning, {fail} failing)").format(
+        status={Status.OK: _("ok"), Status.WARN: _("warn"),
+                Status.FAIL: _("fail")}[worst(checks)], ok=counts["ok"], warn=counts["warn"], fail=counts["fail"]))
+    fix = _("fix:")
     for c in checks:
         if c.status is Status.OK and not args.all:
             continue
         print(f"  {_MARK[c.status.value]}  {c.name}: {c.message}")
         if c.fix:
-            print(f"        fix: {c.fix}")
+            print(f"        {fix} {c.fix}")
     sys.stdout.flush()
     return exit_code(checks)

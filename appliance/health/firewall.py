@@ -30,6 +30,7 @@ from appliance.protocol.firewall import DeviceRule, FirewallError, FirewallProxy
 from appliance.protocol.firewall_compare import RulesetParseError, compare, counter_values, parse
 from appliance.protocol.health import Check, Status
 from appliance.protocol.redact import redact_url
+from appliance.protocol.text import Text
 
 __all__ = [
     "DHCP_LEASES",
@@ -151,28 +152,31 @@ def read_loaded(timeout_s: float = 5.0, nft: str = "nft") -> Loaded:
     """List the loaded table. Blocking (a subprocess): run it in a worker thread."""
     binary = shutil.which(nft)
     if binary is None:
-        return Loaded(error="the nft program is not installed", fix="install the nftables package")
+        return Loaded(error=Text("the nft program is not installed"), fix=Text("install the nftables package"))
     try:
         proc = subprocess.run([binary, *NFT_LIST], capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
-        return Loaded(error=f"nft did not answer within {timeout_s:g} s", fix="check the system's load and logs")
+        return Loaded(error=Text("nft did not answer within {seconds} s", seconds=format(timeout_s, "g")),
+                      fix=Text("check the system's load and logs"))
     except OSError as exc:
-        return Loaded(error=f"cannot run nft: {exc}", fix="check the nftables installation")
+        return Loaded(error=Text("cannot run nft: {error}", error=str(exc)),
+                      fix=Text("check the nftables installation"))
     if proc.returncode == 0:
         return Loaded(text=proc.stdout)
     err = " ".join(proc.stderr.split())
     if "No such file or directory" in err:
         return Loaded(absent=True)
     if "Operation not permitted" in err or "Permission denied" in err:
-        return Loaded(error="reading the ruleset needs CAP_NET_ADMIN", permission=True,
-                      fix="run `sudo appliance firewall check` as root")
-    return Loaded(error=f"nft failed: {err or proc.returncode}", fix="run `nft list ruleset` as root to see why")
+        return Loaded(error=Text("reading the ruleset needs CAP_NET_ADMIN"), permission=True,
+                      fix=Text("run `sudo appliance firewall check` as root"))
+    return Loaded(error=Text("nft failed: {error}", error=err or str(proc.returncode)),
+                  fix=Text("run `nft list ruleset` as root to see why"))
 
 
 def differences(config: Config, loaded: Loaded) -> list[str]:
     """How the loaded table differs from the one rendered from ``config`` (``loaded`` readable)."""
     if loaded.absent:
-        return ["the table inet appliance is not loaded: the box is not protected by its firewall"]
+        return [Text("the table inet appliance is not loaded: the box is not protected by its firewall")]
     return compare(build(policy_from_config(config)), parse(loaded.text))
 
 
@@ -196,27 +200,32 @@ async def firewall_checks(config: Config, *, timeout_s: float = 4.0, snapshot: P
         saved: Loaded | None = await trio.to_thread.run_sync(read_snapshot, snapshot)
         loaded = saved or loaded
     if loaded.error:
-        return [Check(name="firewall", status=Status.WARN, message=f"cannot read the firewall: {loaded.error}",
+        return [Check(name="firewall", status=Status.WARN, message=Text("cannot read the firewall: {error}",
+                                                                        error=loaded.error),
                       fix=loaded.fix)]
     try:
         diffs = differences(config, loaded)
     except RulesetParseError as exc:
-        return [Check(name="firewall", status=Status.WARN, message=f"cannot read the firewall: {exc}",
-                      fix="run `sudo appliance firewall check` to compare it by hand")]
+        return [Check(name="firewall", status=Status.WARN, message=Text("cannot read the firewall: {error}",
+                                                                        error=str(exc)),
+                      fix=Text("run `sudo appliance firewall check` to compare it by hand"))]
     except FirewallError as exc:
-        return [Check(name="firewall", status=Status.FAIL, message=f"the firewall cannot be rendered: {exc}",
-                      fix="correct the configuration, then restart the appliance-firewall service")]
+        return [Check(name="firewall", status=Status.FAIL, message=Text("the firewall cannot be rendered: {error}",
+                                                                        error=str(exc)),
+                      fix=Text("correct the configuration, then restart the appliance-firewall service"))]
     if loaded.absent:
         return [Check(name="firewall", status=Status.FAIL, message=diffs[0],
-                      fix="systemctl restart appliance-firewall nftables")]
+                      fix=Text("systemctl restart appliance-firewall nftables"))]
     if diffs:
         return [Check(name="firewall", status=Status.WARN,
-                      message=f"the loaded firewall differs from the port map in {len(diffs)} way(s): {diffs[0]}",
-                      fix="systemctl restart appliance-firewall nftables; `appliance firewall check` lists all",
+                      message=Text("the loaded firewall differs from the port map in {count} way(s): {first}",
+                                   count=len(diffs), first=diffs[0]),
+                      fix=Text("systemctl restart appliance-firewall nftables; `appliance firewall check` lists all"),
                       data={"differences": diffs})]
     data: dict[str, object] = {"source": "copy saved at load" if loaded.snapshot else "live"}
     if not loaded.snapshot:
         data["dropped"] = {name: packets for name, (packets, _) in counter_values(loaded.text).items()}
-    when = " (as loaded at boot)" if loaded.snapshot else ""
-    return [Check(name="firewall", status=Status.OK, message=f"the loaded firewall matches the port map{when}",
+    message = (Text("the loaded firewall matches the port map (as loaded at boot)") if loaded.snapshot
+               else Text("the loaded firewall matches the port map"))
+    return [Check(name="firewall", status=Status.OK, message=message,
                   data=data)]

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import trio
 
 from appliance.protocol.health import Check, Status
+from appliance.protocol.text import Text
 
 __all__ = ["listener_checks"]
 
@@ -21,10 +22,13 @@ async def _one(role: str, host: str, port: int) -> Check:
             stream = await trio.open_tcp_stream(target, port)
         await stream.aclose()
     except (OSError, trio.TooSlowError) as exc:
-        return Check(name=name, status=Status.FAIL, message=f"port {port} ({role}) does not accept connections: {exc}",
-                     fix="see the services table on the homepage and the logs (journalctl -u appliance)",
+        return Check(name=name, status=Status.FAIL,
+                     message=Text("port {port} ({role}) does not accept connections: {error}", port=port,
+                                  role=role, error=str(exc)),
+                     fix=Text("see the services table on the homepage and the logs (journalctl -u appliance)"),
                      data={"port": port})
-    return Check(name=name, status=Status.OK, message=f"port {port} ({role}) accepts connections", data={"port": port})
+    return Check(name=name, status=Status.OK, message=Text("port {port} ({role}) accepts connections", port=port,
+                                                           role=role), data={"port": port})
 
 
 async def listener_checks(host: str, ports: Mapping[str, int]) -> list[Check]:

@@ -21,6 +21,7 @@ from typing import Final
 import trio
 
 from appliance.protocol.health import Check, Status
+from appliance.protocol.text import Text
 
 __all__ = ["CheckFn", "HealthRegistry"]
 
@@ -83,12 +84,14 @@ class HealthRegistry:
                     results[name] = await fn()
                 except Exception as exc:  # a broken check is reported, never propagated
                     log.exception("health check %s raised", name)
-                    results[name] = [Check(name=name, status=Status.FAIL, message=f"the check itself failed: {exc!r}",
-                                           fix="report this to support with the logs")]
+                    results[name] = [Check(name=name, status=Status.FAIL,
+                                           message=Text("the check itself failed: {error}", error=repr(exc)),
+                                           fix=Text("report this to support with the logs"))]
             if scope.cancelled_caught:
                 results[name] = [Check(name=name, status=Status.FAIL,
-                                       message=f"the check did not finish within {self.check_timeout_s:g} s",
-                                       fix="see the logs; the component may be stuck")]
+                                       message=Text("the check did not finish within {seconds} s",
+                                                    seconds=format(self.check_timeout_s, "g")),
+                                       fix=Text("see the logs; the component may be stuck"))]
 
         async with trio.open_nursery() as nursery:
             for name, fn in self._checks.items():

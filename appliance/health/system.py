@@ -16,6 +16,7 @@ from typing import Final
 import trio
 
 from appliance.protocol.health import Check, Status
+from appliance.protocol.text import Text, join
 
 __all__ = ["SystemPaths", "system_checks"]
 
@@ -31,9 +32,10 @@ EARLIEST_PLAUSIBLE: Final = time.mktime((2026, 1, 1, 0, 0, 0, 0, 0, -1))
 
 # get_throttled bits (Raspberry Pi firmware): now / since boot.
 _THROTTLE_BITS: Final = {
-    0: "under-voltage now", 1: "ARM frequency capped now", 2: "throttled now", 3: "soft temperature limit now",
-    16: "under-voltage has occurred", 17: "frequency capping has occurred", 18: "throttling has occurred",
-    19: "soft temperature limit has occurred",
+    0: Text("under-voltage now"), 1: Text("ARM frequency capped now"), 2: Text("throttled now"),
+    3: Text("soft temperature limit now"), 16: Text("under-voltage has occurred"),
+    17: Text("frequency capping has occurred"), 18: Text("throttling has occurred"),
+    19: Text("soft temperature limit has occurred"),
 }
 
 
@@ -53,17 +55,21 @@ def _disk(state_dir: Path) -> Check:
     try:
         usage = shutil.disk_usage(target)
     except OSError as exc:
-        return Check(name="system.disk", status=Status.FAIL, message=f"cannot read disk usage of {target}: {exc}",
-                     fix="check that the data partition is mounted")
+        return Check(name="system.disk", status=Status.FAIL, message=Text("cannot read disk usage of {path}: {error}",
+                                                                          path=str(target), error=str(exc)),
+                     fix=Text("check that the data partition is mounted"))
     free = usage.free / usage.total if usage.total else 0.0
     data = {"path": str(target), "free_bytes": usage.free, "total_bytes": usage.total, "free_ratio": round(free, 3)}
-    words = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB ({free:.0%})"
+    words = Text("{free} GiB free of {total} GiB ({ratio})", free=f"{usage.free / 2**30:.1f}",
+                 total=f"{usage.total / 2**30:.1f}", ratio=f"{free:.0%}")
     if free < DISK_FAIL_FREE or usage.free < DISK_FAIL_BYTES:
-        return Check(name="system.disk", status=Status.FAIL, message=f"disk almost full: {words}", data=data,
-                     fix="free space on the data partition or replace the SD card with a larger one")
+        return Check(name="system.disk", status=Status.FAIL, message=Text("disk almost full: {words}", words=words),
+                     data=data,
+                     fix=Text("free space on the data partition or replace the SD card with a larger one"))
     if free < DISK_WARN_FREE:
-        return Check(name="system.disk", status=Status.WARN, message=f"disk getting full: {words}", data=data,
-                     fix="plan to free space; the box needs room for its database and media cache")
+        return Check(name="system.disk", status=Status.WARN, message=Text("disk getting full: {words}", words=words),
+                     data=data,
+                     fix=Text("plan to free space; the box needs room for its database and media cache"))
     return Check(name="system.disk", status=Status.OK, message=words, data=data)
 
 
@@ -80,28 +86,33 @@ def _fs_errors(paths: SystemPaths) -> list[Check]:
             continue
         if count:
             checks.append(Check(name=f"system.fs.{dev.name}", status=Status.FAIL,
-                                message=f"the filesystem on {dev.name} has recorded {count} error(s)",
-                                fix="the SD card may be failing: back up, then replace it; run fsck at next boot",
+                                message=Text("the filesystem on {device} has recorded {count} error(s)",
+                                             device=dev.name, count=count),
+                                fix=Text("the SD card may be failing: back up, then replace it; run fsck at next boot"),
                                 data={"device": dev.name, "errors": count}))
         else:
             checks.append(Check(name=f"system.fs.{dev.name}", status=Status.OK,
-                                message=f"no filesystem errors on {dev.name}", data={"device": dev.name}))
+                                message=Text("no filesystem errors on {device}",
+                                             device=dev.name), data={"device": dev.name}))
     return checks
 
 
 def _clock(paths: SystemPaths, now: float) -> Check:
     if now < EARLIEST_PLAUSIBLE:
         return Check(name="system.clock", status=Status.FAIL,
-                     message=f"the clock says {time.strftime('%Y-%m-%d', time.gmtime(now))}, which cannot be right",
-                     fix="let NTP (UDP 123) through the firewall; TLS to the platform fails until the clock is set",
+                     message=Text("the clock says {date}, which cannot be right",
+                                  date=time.strftime("%Y-%m-%d", time.gmtime(now))),
+                     fix=Text("let NTP (UDP 123) through the firewall; "
+                              "TLS to the platform fails until the clock is set"),
                      data={"now": now})
     if paths.timesync.exists():
-        return Check(name="system.clock", status=Status.OK, message="clock synchronised by NTP", data={"now": now})
-    if paths.timesyncd_present.exists():
-        return Check(name="system.clock", status=Status.WARN, message="clock not (yet) synchronised by NTP",
-                     fix="check that the box can reach its NTP servers (UDP 123); `timedatectl timesync-status`",
+        return Check(name="system.clock", status=Status.OK, message=Text("clock synchronised by NTP"),
                      data={"now": now})
-    return Check(name="system.clock", status=Status.OK, message="clock plausible (no NTP client to ask)",
+    if paths.timesyncd_present.exists():
+        return Check(name="system.clock", status=Status.WARN, message=Text("clock not (yet) synchronised by NTP"),
+                     fix=Text("check that the box can reach its NTP servers (UDP 123); `timedatectl timesync-status`"),
+                     data={"now": now})
+    return Check(name="system.clock", status=Status.OK, message=Text("clock plausible (no NTP client to ask)"),
                  data={"now": now})
 
 
@@ -121,13 +132,16 @@ def _temperature(paths: SystemPaths) -> list[Check]:
     hottest = max(readings)
     data = {"celsius": hottest}
     if hottest >= TEMP_FAIL_C:
-        return [Check(name="system.temperature", status=Status.FAIL, message=f"{hottest:.0f} °C: the CPU is throttling",
-                      fix="give the box air: a case with ventilation or a heatsink/fan, away from heat sources",
+        return [Check(name="system.temperature", status=Status.FAIL,
+                      message=Text("{celsius} °C: the CPU is throttling", celsius=f"{hottest:.0f}"),
+                      fix=Text("give the box air: a case with ventilation or a heatsink/fan, away from heat sources"),
                       data=data)]
     if hottest >= TEMP_WARN_C:
-        return [Check(name="system.temperature", status=Status.WARN, message=f"{hottest:.0f} °C: running hot",
-                      fix="improve ventilation around the box", data=data)]
-    return [Check(name="system.temperature", status=Status.OK, message=f"{hottest:.0f} °C", data=data)]
+        return [Check(name="system.temperature", status=Status.WARN, message=Text("{celsius} °C: running hot",
+                                                                                  celsius=f"{hottest:.0f}"),
+                      fix=Text("improve ventilation around the box"), data=data)]
+    return [Check(name="system.temperature", status=Status.OK, message=Text("{celsius} °C", celsius=f"{hottest:.0f}"),
+                  data=data)]
 
 
 def _throttling(paths: SystemPaths) -> list[Check]:
@@ -142,12 +156,13 @@ def _throttling(paths: SystemPaths) -> list[Check]:
     flags = [text for bit, text in _THROTTLE_BITS.items() if bits & (1 << bit)]
     data = {"raw": raw, "flags": flags}
     if bits & 0xF:
-        return [Check(name="system.power", status=Status.FAIL, message="; ".join(flags), data=data,
-                      fix="use the official power supply (5 V 3 A for a Pi 4, 5 V 5 A for a Pi 5) and a short cable")]
+        return [Check(name="system.power", status=Status.FAIL, message=join("; ", flags), data=data,
+                      fix=Text("use the official power supply (5 V 3 A for a Pi 4, 5 V 5 A for a Pi 5) "
+                               "and a short cable"))]
     if bits:
-        return [Check(name="system.power", status=Status.WARN, message="; ".join(flags), data=data,
-                      fix="the power supply dipped since boot: use the official power supply")]
-    return [Check(name="system.power", status=Status.OK, message="no under-voltage or throttling", data=data)]
+        return [Check(name="system.power", status=Status.WARN, message=join("; ", flags), data=data,
+                      fix=Text("the power supply dipped since boot: use the official power supply"))]
+    return [Check(name="system.power", status=Status.OK, message=Text("no under-voltage or throttling"), data=data)]
 
 
 def _collect(state_dir: Path, paths: SystemPaths, now: float) -> list[Check]:

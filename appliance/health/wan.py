@@ -15,6 +15,7 @@ from appliance.config import Config
 from appliance.health.wanprobe import HostReport, ProbeProxy, Target, probe
 from appliance.protocol.health import Check, Status
 from appliance.protocol.orders import BUS_FIELDS, bus_settings
+from appliance.protocol.text import Text
 from appliance.protocol.wan import bypasses_proxy
 from appliance.storage.pairing import StoreLink
 
@@ -29,16 +30,17 @@ def wan_targets(config: Config, store: StoreLink | None = None) -> list[Target]:
     A Service Bus namespace is the one the box will really use: pairing's unless the config
     names another; with an ``endpoint`` override the probe goes where the box connects."""
     api = urlsplit(config.cloud.api_url)
-    targets = [Target("sync API", api.hostname or "", api.port or 443)]
+    targets = [Target(Text("sync API"), api.hostname or "", api.port or 443)]
     defaults = Config()
-    for name, label, required in (("orders", "online orders", True), ("support", "remote support", False)):
+    for name, label, required in (("orders", Text("online orders (Service Bus)"), True),
+                                  ("support", Text("remote support (Service Bus)"), False)):
         bus = getattr(config, name)
         if not bus.enabled:
             continue
         paired = (store.service(name) if store is not None and not store.needs_repair else None) or {}
         namespace = bus_settings({f: getattr(bus, f) for f in BUS_FIELDS}, getattr(defaults, name).namespace,
                                  paired)["namespace"]
-        targets.append(Target(f"{label} (Service Bus)", namespace, 443, required, connect_to=bus.testing.endpoint,
+        targets.append(Target(label, namespace, 443, required, connect_to=bus.testing.endpoint,
                               ca_file=bus.ca_file))
     return targets
 
@@ -49,9 +51,14 @@ def _check(report: HostReport, via: str) -> Check:
     data = {"host": t.host, "port": t.port, "via": via, "hops": [h.hop for h in report.hops if h.ok]}
     failed = report.failed_hop
     if failed is None:
-        return Check(name=name, status=Status.OK, message=f"{t.name}: {t.host}:{t.port} reachable{via}", data=data)
-    return Check(name=name, status=Status.FAIL if t.required else Status.WARN,
-                 message=f"{t.name}: {failed.hop} failed{via}: {failed.message}", fix=failed.fix,
+        message = (Text("{target}: {host}:{port} reachable via the proxy {proxy}", target=t.name, host=t.host,
+                        port=t.port, proxy=via) if via else
+                   Text("{target}: {host}:{port} reachable", target=t.name, host=t.host, port=t.port))
+        return Check(name=name, status=Status.OK, message=message, data=data)
+    message = (Text("{target}: {hop} failed via the proxy {proxy}: {error}", target=t.name, hop=failed.hop,
+                    proxy=via, error=failed.message) if via else
+               Text("{target}: {hop} failed: {error}", target=t.name, hop=failed.hop, error=failed.message))
+    return Check(name=name, status=Status.FAIL if t.required else Status.WARN, message=message, fix=failed.fix,
                  data={**data, "failed_hop": failed.hop})
 
 
@@ -85,7 +92,7 @@ class WanChecks:
 
         async def one(i: int, target: Target) -> None:
             proxy = probe_proxy(self.config, target.host)
-            via = f" via the proxy {proxy.host}:{proxy.port}" if proxy else ""
+            via = f"{proxy.host}:{proxy.port}" if proxy else ""
             report = await trio.to_thread.run_sync(
                 lambda: probe(target, proxy=proxy, ca_file=self.config.cloud.ca_file, timeout=self.timeout_s))
             results[i] = _check(report, via)

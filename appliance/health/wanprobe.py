@@ -29,7 +29,21 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_HOSTS", "HopResult", "HostReport", "ProbeProxy", "Target", "main", "probe"]
+__all__ = ["DEFAULT_HOSTS", "HopResult", "HostReport", "ProbeProxy", "Target", "Text", "main", "probe"]
+
+
+class Text(str):
+    """English words that also keep their template and values, so that the appliance can
+    say them in the shop's language (``appliance/protocol/text.py`` reads ``template``
+    and ``args``). Here, not imported: this file runs alone with the standard library."""
+
+    template: str
+    args: dict[str, object]
+
+    def __new__(cls, template: str, /, **args: object) -> Text:
+        self = super().__new__(cls, template.format(**args) if args else template)
+        self.template, self.args = template, args
+        return self
 
 
 @dataclass(frozen=True)
@@ -105,10 +119,12 @@ def _connect(host: str, port: int, timeout: float, hop: str, fix: str) -> socket
     try:
         return socket.create_connection((host, port), timeout=timeout)
     except TimeoutError as exc:
-        raise _Fail(hop, f"no answer from {host}:{port} within {timeout:g} s ({exc})",
-                    f"{fix} (a firewall that drops packets looks like this)") from exc
+        raise _Fail(hop, Text("no answer from {host}:{port} within {seconds} s ({error})", host=host, port=port,
+                              seconds=format(timeout, "g"), error=str(exc)),
+                    Text("{fix} (a firewall that drops packets looks like this)", fix=fix)) from exc
     except OSError as exc:
-        raise _Fail(hop, f"cannot connect to {host}:{port}: {exc.strerror or exc}", fix) from exc
+        raise _Fail(hop, Text("cannot connect to {host}:{port}: {error}", host=host, port=port,
+                              error=exc.strerror or str(exc)), fix) from exc
 
 
 def _read_head(sock: socket.socket | ssl.SSLSocket, limit: int = 16384) -> bytes:
@@ -137,17 +153,19 @@ def probe(target: Target, *, proxy: ProbeProxy | None = None, ca_file: str = "",
                 try:
                     infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
                 except socket.gaierror as exc:
-                    raise _Fail("dns", f"{target.host} does not resolve: {exc.strerror or exc}",
-                                "check the box's DNS servers (DHCP) and that the name is allowed by the "
-                                "DNS filter of the network") from exc
+                    raise _Fail("dns", Text("{host} does not resolve: {error}", host=target.host,
+                                            error=exc.strerror or str(exc)),
+                                Text("check the box's DNS servers (DHCP) and that the name is allowed by the "
+                                     "DNS filter of the network")) from exc
                 done("dns", f"{target.host} -> {infos[0][4][0]}")
             sock = _connect(addr, port, timeout, "tcp",
-                            f"open outbound TCP {target.port} to {target.host} in the shop's firewall, "
-                            "or set a proxy")
+                            Text("open outbound TCP {port} to {host} in the shop's firewall, or set a proxy",
+                                 port=target.port, host=target.host))
             done("tcp", f"connected to {addr}:{port}")
         else:
             sock = _connect(proxy.host, proxy.port, timeout, "proxy",
-                            f"check the proxy address {proxy.host}:{proxy.port} and that the proxy is running")
+                            Text("check the proxy address {host}:{port} and that the proxy is running",
+                                 host=proxy.host, port=proxy.port))
             done("tcp", f"connected to the proxy {proxy.host}:{proxy.port}")
             auth = ""
             if proxy.username:
@@ -159,10 +177,10 @@ def probe(target: Target, *, proxy: ProbeProxy | None = None, ca_file: str = "",
             status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = status_line.split(" ", 2)
             if len(parts) < 2 or parts[1] != "200":
-                fix = ("the proxy needs credentials: give them in the proxy URL" if " 407" in status_line else
-                       f"allow CONNECT to {target.host}:{target.port} in the proxy's rules")
-                raise _Fail("proxy", f"the proxy refused CONNECT {target.host}:{target.port}: "
-                            f"{status_line or 'no answer'}", fix)
+                fix = (Text("the proxy needs credentials: give them in the proxy URL") if " 407" in status_line else
+                       Text("allow CONNECT to {host}:{port} in the proxy's rules", host=target.host, port=target.port))
+                raise _Fail("proxy", Text("the proxy refused CONNECT {host}:{port}: {answer}", host=target.host,
+                                          port=target.port, answer=status_line or Text("no answer")), fix)
             done("proxy", f"CONNECT {target.host}:{target.port} accepted")
         context = ssl.create_default_context()
         if target.ca_file or ca_file:
@@ -170,12 +188,13 @@ def probe(target: Target, *, proxy: ProbeProxy | None = None, ca_file: str = "",
         try:
             tls = context.wrap_socket(sock, server_hostname=target.host)
         except ssl.SSLCertVerificationError as exc:
-            raise _Fail("tls", f"the certificate of {target.host} does not verify: {exc.verify_message}",
-                        "a proxy or firewall inspects TLS: add its CA with [cloud] ca_file (the box never "
-                        "turns verification off); or check the box's clock") from exc
+            raise _Fail("tls", Text("the certificate of {host} does not verify: {error}", host=target.host,
+                                    error=str(exc.verify_message)),
+                        Text("a proxy or firewall inspects TLS: add its CA with [cloud] ca_file (the box never "
+                             "turns verification off); or check the box's clock")) from exc
         except (ssl.SSLError, OSError) as exc:
-            raise _Fail("tls", f"TLS handshake with {target.host} failed: {exc}",
-                        "something between the box and the internet interferes with HTTPS") from exc
+            raise _Fail("tls", Text("TLS handshake with {host} failed: {error}", host=target.host, error=str(exc)),
+                        Text("something between the box and the internet interferes with HTTPS")) from exc
         sock = tls
         done("tls", f"{tls.version()}, certificate verified for {target.host}")
         tls.sendall(f"HEAD / HTTP/1.1\r\nHost: {target.host}\r\nConnection: close\r\n"
@@ -183,12 +202,13 @@ def probe(target: Target, *, proxy: ProbeProxy | None = None, ca_file: str = "",
         try:
             head = _read_head(tls)
         except (OSError, ssl.SSLError) as exc:
-            raise _Fail("http", f"no HTTP answer from {target.host}: {exc}", "retry; if it persists, call support") \
-                from exc
+            raise _Fail("http", Text("no HTTP answer from {host}: {error}", host=target.host, error=str(exc)),
+                        Text("retry; if it persists, call support")) from exc
         status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         if not status_line.startswith("HTTP/"):
-            raise _Fail("http", f"no HTTP answer from {target.host} (got {status_line[:60]!r})",
-                        "retry; if it persists, call support")
+            raise _Fail("http", Text("no HTTP answer from {host} (got {answer})", host=target.host,
+                                     answer=repr(status_line[:60])),
+                        Text("retry; if it persists, call support"))
         done("http", status_line)
     except _Fail as fail:
         report.hops.append(HopResult(fail.hop, False, fail.message, fail.fix,

@@ -14,6 +14,7 @@ from typing import Final
 import attrs
 
 from appliance.protocol.health import Check, Status, worst
+from appliance.protocol.text import say
 
 __all__ = ["AREAS", "Headline", "headline", "problems"]
 
@@ -99,4 +100,4 @@ def headline(checks: Sequence[Check], _: Gettext = _english) -> Headline:
     if wrong and not cannot:
         notes.append(_("Things that need a look: {count}.").format(count=len(wrong)))
     return Headline(status=worst(checks), sentence=" ".join([sentence, *notes]),
-                    first_fix=next((c.fix for c in wrong if c.fix), ""))
+                    first_fix=next((say(c.fix, _) for c in wrong if c.fix), ""))

@@ -3,16 +3,20 @@
 Every check has a stable ``name`` (dotted, e.g. ``wan.api.tls``), a ``status``, a
 ``message`` saying what is true, a ``fix`` saying what a person should do (empty when
 ok), and ``data`` for machines. The same checks feed the homepage, /readyz, the
-``appliance health`` command, the support channel and the heartbeat.
+``appliance health`` command, the support channel and the heartbeat. Messages and fixes
+are :class:`~appliance.protocol.text.Text` where they are words: each reader shows them in
+its reader's language (:meth:`Check.in_language`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
+
+from appliance.protocol.text import say
 
 __all__ = ["Check", "Status", "exit_code", "summary", "worst"]
 
@@ -33,6 +37,10 @@ class Check:
     message: str
     fix: str = ""
     data: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def in_language(self, gettext: Callable[[str], str]) -> Check:
+        """The same check with its message and fix in the language of ``gettext``."""
+        return attrs.evolve(self, message=say(self.message, gettext), fix=say(self.fix, gettext))
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": str(self.status), "message": self.message,

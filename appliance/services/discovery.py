@@ -50,6 +50,7 @@ from appliance.protocol import discovery as wire
 from appliance.protocol.health import Check, Status
 from appliance.protocol.identity import Replayed
 from appliance.protocol.ratelimit import RateLimiter, RateVerdict
+from appliance.protocol.text import Text, join
 from appliance.services.http import BindError
 from appliance.services.netif import Interface, beacon_interfaces, interfaces, route_source
 from appliance.services.runtime import Runtime
@@ -394,19 +395,19 @@ class _Discovery:
         data = {"port": self.port, "targets": [d for d, _ in self.targets], "last_beacon": self.last_beacon}
         if not self.targets:
             return [Check(name="discovery", status=Status.WARN, data=data,
-                          message=f"answering probes on udp/{self.port}, but no beacon can go out: "
-                                  "no up IPv4 interface with a broadcast address",
-                          fix="connect the box to the shop network and check it has an address (DHCP), "
-                              "or set [discovery] broadcast")]
+                          message=Text("answering probes on udp/{port}, but no beacon can go out: "
+                                       "no up IPv4 interface with a broadcast address", port=self.port),
+                          fix=Text("connect the box to the shop network and check it has an address (DHCP), "
+                                   "or set [discovery] broadcast"))]
         if self.beacon_errors:
             errors = "; ".join(f"{d}: {e}" for d, e in sorted(self.beacon_errors.items()))
             return [Check(name="discovery", status=Status.WARN, data=data,
-                          message=f"beacons fail: {errors}",
-                          fix="check the firewall allows udp/57854 out to the LAN, and [discovery] broadcast")]
-        where = ", ".join(f"{d} as {a}" for d, a in self.targets)
+                          message=Text("beacons fail: {errors}", errors=errors),
+                          fix=Text("check the firewall allows udp/57854 out to the LAN, and [discovery] broadcast"))]
+        where = join(", ", (Text("{device} as {address}", device=d, address=a) for d, a in self.targets))
         return [Check(name="discovery", status=Status.OK, data=data,
-                      message=f"answering probes on udp/{self.port}; beacons every {self.config.interval_s:g} s "
-                              f"to {where}")]
+                      message=Text("answering probes on udp/{port}; beacons every {seconds} s to {where}",
+                                   port=self.port, seconds=format(self.config.interval_s, "g"), where=where))]
 
 
 async def run_discovery(

@@ -34,6 +34,7 @@ import trio
 
 from appliance.protocol.channel import Record
 from appliance.protocol.health import Check, Status
+from appliance.protocol.text import Text, join
 from appliance.services.device_link import (
     DeviceLink,
     DeviceLinkPhase,
@@ -297,32 +298,37 @@ async def run_dispatcher(
 # --- health and metrics -------------------------------------------------------------
 
 
-def _age(seconds: float) -> str:
+def _age(seconds: float) -> Text:
     s = max(0, int(seconds))
     if s < 120:
-        return f"{s} s"
+        return Text("{seconds} s", seconds=s)
     if s < 7200:
-        return f"{s // 60} min"
-    return f"{s // 3600} h {s % 3600 // 60} min"
+        return Text("{minutes} min", minutes=s // 60)
+    return Text("{hours} h {minutes} min", hours=s // 3600, minutes=s % 3600 // 60)
 
 
 def link_check(status: LinkStatus, backlog: Backlog | None, now: float) -> Check:
     """``device.<id>.channel``: is the box connected to this device, and if not, why."""
     t = status.target
     name = f"device.{t.id}.channel"
-    who = f"device {t.name}" if t.name == t.id else f"device {t.name} ({t.id})"
+    who = Text("device {name}", name=t.name) if t.name == t.id else Text("device {name} ({id})", name=t.name, id=t.id)
     where = f"{t.address}:{t.port}"
     waiting = backlog.depth if backlog is not None else 0
     data: dict[str, Any] = {**status.as_dict(), "waiting": waiting}
     if status.phase is DeviceLinkPhase.CONNECTED:
-        last_ack = "" if status.last_ack_at is None else f"; last ack {_age(now - status.last_ack_at)} ago"
-        return Check(name=name, status=Status.OK, message=f"{who}: connected to {where}{last_ack}", data=data)
-    queued = f"; {waiting} command(s) wait for it" if waiting else ""
+        message = (Text("{who}: connected to {where}", who=who, where=where) if status.last_ack_at is None else
+                   Text("{who}: connected to {where}; last ack {age} ago", who=who, where=where,
+                        age=_age(now - status.last_ack_at)))
+        return Check(name=name, status=Status.OK, message=message, data=data)
     if not status.last_error:
-        return Check(name=name, status=Status.WARN, message=f"{who}: connecting to {where}{queued}",
-                     fix="wait a few seconds; if it stays so, check the device is on and its app running", data=data)
-    return Check(name=name, status=Status.FAIL if waiting else Status.WARN,
-                 message=f"{who}: {status.last_error}{queued}", fix=status.last_fix, data=data)
+        message = (Text("{who}: connecting to {where}; {count} command(s) wait for it", who=who, where=where,
+                        count=waiting) if waiting else Text("{who}: connecting to {where}", who=who, where=where))
+        return Check(name=name, status=Status.WARN, message=message, data=data,
+                     fix=Text("wait a few seconds; if it stays so, check the device is on and its app running"))
+    message = (Text("{who}: {error}; {count} command(s) wait for it", who=who, error=status.last_error,
+                    count=waiting) if waiting else Text("{who}: {error}", who=who, error=status.last_error))
+    return Check(name=name, status=Status.FAIL if waiting else Status.WARN, message=message, fix=status.last_fix,
+                 data=data)
 
 
 def outbox_check(backlog: Sequence[Backlog], adopted: set[str], now: float, warn_age_s: float,
@@ -330,7 +336,7 @@ def outbox_check(backlog: Sequence[Backlog], adopted: set[str], now: float, warn
     """``dispatch.outbox``: how many commands wait, and how long the oldest has waited."""
     name = "dispatch.outbox"
     if not backlog:
-        return Check(name=name, status=Status.OK, message="no command waiting for any device",
+        return Check(name=name, status=Status.OK, message=Text("no command waiting for any device"),
                      data={"depth": 0, "devices": 0})
     depth = sum(b.depth for b in backlog)
     oldest = min(backlog, key=lambda b: b.oldest_created_at)
@@ -341,36 +347,38 @@ def outbox_check(backlog: Sequence[Backlog], adopted: set[str], now: float, warn
     data = {"depth": depth, "devices": len(backlog), "oldest_unacked_age_s": round(age, 1),
             "oldest_unsent_age_s": None if oldest_unsent_age is None else round(oldest_unsent_age, 1),
             "not_adopted": orphans}
-    message = (f"{depth} command(s) waiting for {len(backlog)} device(s); the oldest, for {oldest.device_id}, "
-               f"has waited {_age(age)}")
-    status, fix = Status.OK, ""
+    message = Text("{depth} command(s) waiting for {devices} device(s); the oldest, for {device}, has waited {age}",
+                   depth=depth, devices=len(backlog), device=oldest.device_id, age=_age(age))
+    status, fixes = Status.OK, []
     if age >= fail_age_s or age >= warn_age_s:
         status = Status.FAIL if age >= fail_age_s else Status.WARN
-        fix = (f"see the check of device {oldest.device_id}: commands stay in the outbox until the device "
-               "acknowledges them or they expire")
+        fixes.append(Text("see the check of device {device}: commands stay in the outbox until the device "
+                          "acknowledges them or they expire", device=oldest.device_id))
     if orphans:
         status = Status.WARN if status is Status.OK else status
-        message += f"; {', '.join(orphans[:5])}{'...' if len(orphans) > 5 else ''} not adopted"
-        fix = (fix + "; " if fix else "") + ("adopt those devices on the homepage (or declare them in [[devices]]); "
-                                             "their commands wait until then or until they expire")
-    return Check(name=name, status=status, message=message, fix=fix, data=data)
+        message = Text("{message}; {devices} not adopted", message=message,
+                       devices=f"{', '.join(orphans[:5])}{'...' if len(orphans) > 5 else ''}")
+        fixes.append(Text("adopt those devices on the homepage (or declare them in [[devices]]); "
+                          "their commands wait until then or until they expire"))
+    return Check(name=name, status=status, message=message, fix=join("; ", fixes), data=data)
 
 
 def key_check(runtime: Runtime, d: DeviceLike) -> Check | None:
     """``device.<id>.key``: an adopted device the box cannot authenticate (no key yet)."""
     if not isinstance(d, Device) or runtime.keys.key_of(d) is not None:
         return None
-    name, who = f"device.{d.id}.key", f"device {d.id}"
+    name, who = f"device.{d.id}.key", Text("device {name}", name=d.id)
     if d.legacy:
         return Check(name=name, status=Status.WARN, data={"device_id": d.id, "legacy": True},
-                     message=f"{who}: adopted before enrollment; commands go to it unauthenticated until it enrolls",
-                     fix="update the device's app so it enrolls (docs/device-api.md) and accept its key on the "
-                         "homepage, or press 'Require enrollment' to stop sending to it unauthenticated")
+                     message=Text("{who}: adopted before enrollment; commands go to it unauthenticated until it "
+                                  "enrolls", who=who),
+                     fix=Text("update the device's app so it enrolls (docs/device-api.md) and accept its key on the "
+                              "homepage, or press 'Require enrollment' to stop sending to it unauthenticated"))
     declared = d.source is DeviceSource.CONFIG
     return Check(name=name, status=Status.WARN, data={"device_id": d.id, "legacy": False},
-                 message=f"{who}: adopted but has no key: it gets no commands",
-                 fix="set key in its [[devices]] entry (`appliance device-key` makes one)" if declared else
-                     "have the device enroll on the provisioning port and accept it on the homepage")
+                 message=Text("{who}: adopted but has no key: it gets no commands", who=who),
+                 fix=Text("set key in its [[devices]] entry (`appliance device-key` makes one)") if declared else
+                     Text("have the device enroll on the provisioning port and accept it on the homepage"))
 
 
 def _register(runtime: Runtime, dispatcher: _Dispatcher) -> None:

@@ -31,6 +31,7 @@ from appliance.config import Config
 from appliance.protocol.backoff import Backoff
 from appliance.protocol.health import Check, Status
 from appliance.protocol.logship import Outcome, Pacer, ShippingPhase, classify, encode_batch, retry_after_s
+from appliance.protocol.text import Text
 from appliance.services.log_ring import current_redactor
 from appliance.services.runtime import Runtime
 from appliance.services.wan import Route, WanConfigError, client_for, close_client, route
@@ -75,22 +76,25 @@ def _checks(runtime: Runtime) -> list[Check]:
     data = {"shipping": status.as_dict(), "ring": ring.stats().as_dict() if ring else None}
     checks = []
     if ring is None:
-        checks.append(Check(name="logs.ring", status=Status.WARN, message="the log ring is not open",
-                            fix="check the state directory's free space and permissions", data=data))
+        checks.append(Check(name="logs.ring", status=Status.WARN, message=Text("the log ring is not open"),
+                            fix=Text("check the state directory's free space and permissions"), data=data))
     elif (stats := ring.stats()).write_errors:
         checks.append(Check(name="logs.ring", status=Status.WARN,
-                            message=f"the log ring cannot write: {stats.last_error}",
-                            fix="check the state directory's free space and the SD card", data=data))
+                            message=Text("the log ring cannot write: {error}", error=stats.last_error),
+                            fix=Text("check the state directory's free space and the SD card"), data=data))
     else:
         checks.append(Check(name="logs.ring", status=Status.OK,
-                            message=f"log ring: {stats.segments} segment(s), {stats.disk_bytes} bytes", data=data))
+                            message=Text("log ring: {segments} segment(s), {bytes} bytes", segments=stats.segments,
+                                         bytes=stats.disk_bytes), data=data))
     if status.phase is ShippingPhase.REFUSED or status.failures >= WARN_AFTER_FAILURES:
         checks.append(Check(name="logs.shipping", status=Status.WARN,
-                            message=f"logs cannot be shipped to {status.url}: {status.last_error}",
-                            fix="check the internet link and the pairing; the ring keeps the newest records "
-                                "meanwhile", data=data))
+                            message=Text("logs cannot be shipped to {url}: {error}", url=status.url,
+                                         error=status.last_error),
+                            fix=Text("check the internet link and the pairing; the ring keeps the newest records "
+                                     "meanwhile"), data=data))
     else:
-        checks.append(Check(name="logs.shipping", status=Status.OK, message=f"log shipping: {status.phase}",
+        checks.append(Check(name="logs.shipping", status=Status.OK, message=Text("log shipping: {phase}",
+                                                                                 phase=str(status.phase)),
                             data=data))
     return checks
 

@@ -16,6 +16,7 @@ from typing import Final
 
 from appliance.protocol.health import Check, Status
 from appliance.protocol.media_cache import MediaStatus
+from appliance.protocol.text import Text, join
 from appliance.services.runtime import Runtime
 
 __all__ = ["human_bytes", "media_checks", "missing_words", "register"]
@@ -39,43 +40,46 @@ def missing_words(st: MediaStatus) -> str:
         return ""
     reasons = []
     if st.over_budget:
-        reasons.append(f"{st.over_budget:,} over the disk budget ({human_bytes(st.budget_bytes)} reached)")
+        reasons.append(Text("{count} over the disk budget ({size} reached)", count=format(st.over_budget, ","),
+                            size=human_bytes(st.budget_bytes)))
     if st.failing:
-        reasons.append(f"{st.failing:,} failing to download")
+        reasons.append(Text("{count} failing to download", count=format(st.failing, ",")))
     rest = st.files_missing - st.over_budget - st.failing
     if rest > 0:
-        reasons.append(f"{rest:,} waiting or downloading")
+        reasons.append(Text("{count} waiting or downloading", count=format(rest, ",")))
     if st.blocked:
-        reasons = [f"downloads cannot run: {st.blocked}"]
-    return (f"media: {st.files_missing:,} of {st.files_wanted:,} files not cached: " + "; ".join(reasons))
+        reasons = [Text("downloads cannot run: {reason}", reason=st.blocked)]
+    return Text("media: {missing} of {wanted} files not cached: {reasons}", missing=format(st.files_missing, ","),
+                wanted=format(st.files_wanted, ","), reasons=join("; ", reasons))
 
 
 async def media_checks(runtime: Runtime) -> list[Check]:
     shelf = runtime.media
     if shelf is None:
-        return [Check(name="media.cache", status=Status.WARN, message="the media service has not started",
-                      fix="see the services table; it restarts by itself")]
+        return [Check(name="media.cache", status=Status.WARN, message=Text("the media service has not started"),
+                      fix=Text("see the services table; it restarts by itself"))]
     st = shelf.status
     data = st.as_dict()
     checks = []
     if st.blocked:
         checks.append(Check(name="media.cache", status=Status.FAIL, message=missing_words(st) or st.blocked,
-                            fix="correct the setting named above, then restart the appliance", data=data))
+                            fix=Text("correct the setting named above, then restart the appliance"), data=data))
     elif st.files_missing:
         status = Status.WARN
-        fix = ("raise [media] max_bytes or free disk space" if st.over_budget
-               else "nothing to do while downloads run; see media.link if they fail")
+        fix = (Text("raise [media] max_bytes or free disk space") if st.over_budget
+               else Text("nothing to do while downloads run; see media.link if they fail"))
         checks.append(Check(name="media.cache", status=status, message=missing_words(st), fix=fix, data=data))
     else:
         checks.append(Check(name="media.cache", status=Status.OK,
-                            message=f"{st.files_cached:,} media files cached ({human_bytes(st.bytes_cached)})",
+                            message=Text("{count} media files cached ({size})", count=format(st.files_cached, ","),
+                                         size=human_bytes(st.bytes_cached)),
                             data=data))
     if st.last_error is not None:
         since = st.last_error_at or time.time()
         failing_long = time.time() - since > LINK_FAIL_AFTER_S
         checks.append(Check(name="media.link", status=Status.FAIL if failing_long else Status.WARN,
-                            message=f"last media download failed at the {st.last_error.hop} hop "
-                                    f"({st.last_error_key}): {st.last_error.message}",
+                            message=Text("last media download failed at the {hop} hop ({key}): {error}",
+                                         hop=st.last_error.hop, key=st.last_error_key, error=st.last_error.message),
                             fix=st.last_error.fix, data=st.last_error.as_dict()))
     return checks
 

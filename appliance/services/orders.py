@@ -40,6 +40,7 @@ import trio
 from appliance.config import Config, ServiceBusConfig
 from appliance.protocol.health import Check, Status
 from appliance.protocol.orders import BUS_FIELDS, OnlineOrder, OrderError, bus_settings, parse_order
+from appliance.protocol.text import Text
 from appliance.services.queue_consumer import Disposition, OpenLink, Settle, consume
 from appliance.services.runtime import Runtime
 from appliance.services.servicebus import LinkOptions, ReceivedMessage, open_queue_link
@@ -142,32 +143,36 @@ def _checks(runtime: Runtime) -> list[Check]:
     data = state.as_dict()
     name = "orders.link"
     if not cfg.enabled:
-        return [Check(name=name, status=Status.OK, message="online orders are off ([orders] enabled = false)",
+        return [Check(name=name, status=Status.OK, message=Text("online orders are off ([orders] enabled = false)"),
                       data=data)]
-    where = f"{state.namespace} (queue {state.queue})"
+    where = Text("{namespace} (queue {queue})", namespace=state.namespace, queue=state.queue)
     phase = state.phase
     if phase is QueuePhase.CONNECTED:
-        last = "no order yet" if state.last_message_at is None else \
-            f"last message {max(0, int(time.time() - state.last_message_at))} s ago"
-        return [Check(name=name, status=Status.OK, message=f"online orders: connected to {where}; {last}",
+        last = Text("no order yet") if state.last_message_at is None else \
+            Text("last message {seconds} s ago", seconds=max(0, int(time.time() - state.last_message_at)))
+        return [Check(name=name, status=Status.OK,
+                      message=Text("online orders: connected to {where}; {last}", where=where, last=last),
                       data=data)]
     if phase is QueuePhase.UNCONFIGURED:
         return [Check(name=name, status=Status.OK if runtime.store is None else Status.WARN,
-                      message=f"online orders: not receiving: {state.detail}",
-                      fix="pair the box with its store (the pairing gives the queue)", data=data)]
+                      message=Text("online orders: not receiving: {detail}", detail=state.detail),
+                      fix=Text("pair the box with its store (the pairing gives the queue)"), data=data)]
     if phase is QueuePhase.AUTH_FAILED:
         return [Check(name=name, status=Status.FAIL, message=state.last_error,
-                      fix="check the pairing: pair the box again, or fix [orders] sas_key_name / sas_key",
+                      fix=Text("check the pairing: pair the box again, or fix [orders] sas_key_name / sas_key"),
                       data=data)]
     if phase is QueuePhase.CONFIG_ERROR:
-        return [Check(name=name, status=Status.FAIL, message=f"online orders cannot start: {state.last_error}",
-                      fix="fix the [orders] or [wan] settings", data=data)]
+        return [Check(name=name, status=Status.FAIL, message=Text("online orders cannot start: {error}",
+                                                                        error=state.last_error),
+                      fix=Text("fix the [orders] or [wan] settings"), data=data)]
     if phase is QueuePhase.RETRYING:
         long = state.failing_since is not None and time.time() - state.failing_since > LINK_FAIL_AFTER_S
         return [Check(name=name, status=Status.FAIL if long else Status.WARN,
-                      message=f"online orders: cannot reach {where}: {state.last_error}",
-                      fix="check the internet link and the proxy (HTTPS to the namespace on port 443)", data=data)]
-    return [Check(name=name, status=Status.OK, message=f"online orders: connecting to {where}", data=data)]
+                      message=Text("online orders: cannot reach {where}: {error}", where=where, error=state.last_error),
+                      fix=Text("check the internet link and the proxy (HTTPS to the namespace on port 443)"),
+                      data=data)]
+    return [Check(name=name, status=Status.OK, message=Text("online orders: connecting to {where}", where=where),
+                  data=data)]
 
 
 def register(runtime: Runtime) -> None:

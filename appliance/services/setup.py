@@ -14,12 +14,13 @@ from pathlib import Path
 import trio
 
 from appliance.protocol.health import Check, Status
+from appliance.protocol.text import Text
 from appliance.setupfile import SETUP_FILE, Handoff, SetupStatus, read_status
 
 __all__ = ["setup_checks"]
 
-_EDIT: str = (f"correct {SETUP_FILE} on the card's boot partition (any computer opens it; put the card back), "
-              "then restart the box")
+_EDIT: str = Text("correct {file} on the card's boot partition (any computer opens it; put the card back), "
+                   "then restart the box", file=SETUP_FILE)
 
 
 def _when(ts: float) -> str:
@@ -29,28 +30,33 @@ def _when(ts: float) -> str:
 def _file_check(status: SetupStatus | None) -> Check:
     name = "setup.file"
     if status is None or (status.state == "absent" and not status.applied_at):
-        return Check(name=name, status=Status.OK, message=f"no {SETUP_FILE} on the boot partition (it is optional)")
+        return Check(name=name, status=Status.OK,
+                     message=Text("no {file} on the boot partition (it is optional)", file=SETUP_FILE))
     data = {"state": status.state, "file": status.file, "applied": list(status.applied),
             "applied_at": status.applied_at or None, "errors": list(status.errors)}
-    last = (f"; last applied {_when(status.applied_at)}: {'; '.join(status.applied) or 'nothing to change'}"
-            if status.applied_at else "")
+    applied = "; ".join(status.applied) or Text("nothing to change")
     if status.state == "applied":
-        removed = f"; removed from the file: {', '.join(status.scrubbed)}" if status.scrubbed else ""
-        return Check(name=name, status=Status.OK, data=data,
-                     message=f"{SETUP_FILE} applied {_when(status.applied_at)}: "
-                             f"{'; '.join(status.applied) or 'nothing to change'}{removed}")
-    if status.state == "unchanged":
-        return Check(name=name, status=Status.OK, data=data, message=f"{SETUP_FILE} unchanged{last}")
-    if status.state == "absent":
-        return Check(name=name, status=Status.OK, data=data, message=f"no {SETUP_FILE} on the boot partition now{last}")
+        message = Text("{file} applied {when}: {applied}", file=SETUP_FILE, when=_when(status.applied_at),
+                       applied=applied)
+        if status.scrubbed:
+            message = Text("{message}; removed from the file: {keys}", message=message,
+                           keys=", ".join(status.scrubbed))
+        return Check(name=name, status=Status.OK, data=data, message=message)
+    if status.state in ("unchanged", "absent"):
+        message = (Text("{file} unchanged", file=SETUP_FILE) if status.state == "unchanged" else
+                   Text("no {file} on the boot partition now", file=SETUP_FILE))
+        if status.applied_at:
+            message = Text("{message}; last applied {when}: {applied}", message=message,
+                           when=_when(status.applied_at), applied=applied)
+        return Check(name=name, status=Status.OK, data=data, message=message)
     if status.state == "invalid":
         return Check(name=name, status=Status.FAIL, data=data, fix=_EDIT,
-                     message=f"{SETUP_FILE} was not applied, the box keeps its previous settings: "
-                             + "; ".join(status.errors))
+                     message=Text("{file} was not applied, the box keeps its previous settings: {errors}",
+                                  file=SETUP_FILE, errors="; ".join(status.errors)))
     return Check(name=name, status=Status.FAIL, data=data,
-                 message=f"{SETUP_FILE} could not be applied, the box keeps its previous settings: "
-                         + "; ".join(status.errors),
-                 fix="restart the box; if this stays, the card may be failing: call support")
+                 message=Text("{file} could not be applied, the box keeps its previous settings: {errors}",
+                              file=SETUP_FILE, errors="; ".join(status.errors)),
+                 fix=Text("restart the box; if this stays, the card may be failing: call support"))
 
 
 def _pairing_check(handoff: Handoff | None) -> list[Check]:
@@ -59,15 +65,15 @@ def _pairing_check(handoff: Handoff | None) -> list[Check]:
         return []
     if handoff.code and handoff.problem:
         return [Check(name=name, status=Status.WARN, message=handoff.problem,
-                      fix="check the network and the proxy (the wan checks say which step fails); "
-                          "the box keeps trying")]
+                      fix=Text("check the network and the proxy (the wan checks say which step fails); "
+                               "the box keeps trying"))]
     if handoff.code:
-        return [Check(name=name, status=Status.WARN, message="pairing with the code from the setup file",
-                      fix="wait a minute; the wan checks say if the platform cannot be reached")]
+        return [Check(name=name, status=Status.WARN, message=Text("pairing with the code from the setup file"),
+                      fix=Text("wait a minute; the wan checks say if the platform cannot be reached"))]
     if handoff.problem:
         return [Check(name=name, status=Status.FAIL, message=handoff.problem,
-                      fix=f"ask the back office for a new pairing code and pair on this page, "
-                          f"or put it in {SETUP_FILE}")]
+                      fix=Text("ask the back office for a new pairing code and pair on this page, "
+                               "or put it in {file}", file=SETUP_FILE))]
     return []
 
 

@@ -41,6 +41,7 @@ import trio
 from appliance import __version__
 from appliance.protocol.health import Check, Status
 from appliance.protocol.support import SupportKind, SupportRequest, SupportRequestError, parse_request
+from appliance.protocol.text import Text
 from appliance.services.bundle import bundle_of
 from appliance.services.orders import link_options
 from appliance.services.queue_consumer import Disposition, OpenLink, Settle, consume
@@ -232,18 +233,21 @@ def _checks(runtime: Runtime, state: QueueLinkStatus) -> list[Check]:
     window = runtime.support_window
     data = {**state.as_dict(), "window": window.describe()}
     if not window.is_open:
-        return [Check(name="support.channel", status=Status.OK, message="remote support channel: off", data=data)]
+        return [Check(name="support.channel", status=Status.OK, message=Text("remote support channel: off"), data=data)]
     words = window.describe()
     if state.phase is QueuePhase.CONNECTED:
         return [Check(name="support.channel", status=Status.OK,
-                      message=f"remote support channel: {words}, connected to {state.namespace}", data=data)]
+                      message=Text("remote support channel: {window}, connected to {namespace}", window=words,
+                                   namespace=state.namespace), data=data)]
     if state.phase in (QueuePhase.AUTH_FAILED, QueuePhase.CONFIG_ERROR, QueuePhase.RETRYING):
         return [Check(name="support.channel", status=Status.WARN,
-                      message=f"remote support channel ({words}) cannot connect: {state.last_error}",
-                      fix="check the pairing and the internet link (HTTPS to the namespace on 443)", data=data)]
-    detail = f": {state.detail}" if state.detail else ""
-    return [Check(name="support.channel", status=Status.OK,
-                  message=f"remote support channel: {words}, {state.phase}{detail}", data=data)]
+                      message=Text("remote support channel ({window}) cannot connect: {error}", window=words,
+                                   error=state.last_error),
+                      fix=Text("check the pairing and the internet link (HTTPS to the namespace on 443)"), data=data)]
+    message = (Text("remote support channel: {window}, {phase}: {detail}", window=words, phase=str(state.phase),
+                    detail=state.detail) if state.detail else
+               Text("remote support channel: {window}, {phase}", window=words, phase=str(state.phase)))
+    return [Check(name="support.channel", status=Status.OK, message=message, data=data)]
 
 
 # Where the window is kept across restarts (meta table): its end, and whether

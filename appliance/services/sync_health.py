@@ -18,6 +18,7 @@ import httpx
 
 from appliance.protocol.health import Check, Status
 from appliance.protocol.redact import redact_url
+from appliance.protocol.text import Text
 from appliance.services.pairing import describe
 from appliance.services.runtime import Runtime
 from appliance.services.timestamps import duration
@@ -54,65 +55,76 @@ async def cloud_checks(runtime: Runtime) -> list[Check]:
     store = runtime.store
     checks: list[Check] = []
     if status.blocked:
-        checks.append(Check(name="cloud.link", status=Status.FAIL, message=f"cloud sync cannot run: {status.blocked}",
-                            fix="correct the setting named above, then restart the appliance"))
+        checks.append(Check(name="cloud.link", status=Status.FAIL, message=Text("cloud sync cannot run: {reason}",
+                                                                                       reason=status.blocked),
+                            fix=Text("correct the setting named above, then restart the appliance")))
     if store is None:
         if status.pairing_problem:
             checks.append(Check(name="cloud.pairing", status=Status.FAIL,
-                                message=f"the saved pairing cannot be used: {status.pairing_problem}",
-                                fix="pair the box again (homepage, or `appliance pair CODE`)"))
+                                message=Text("the saved pairing cannot be used: {problem}",
+                                             problem=status.pairing_problem),
+                                fix=Text("pair the box again (homepage, or `appliance pair CODE`)")))
         else:
-            checks.append(Check(name="cloud.pairing", status=Status.WARN, message="the box is not paired with a store",
-                                fix="enter the pairing code from the back office on this homepage, "
-                                    "or run `appliance pair CODE`"))
+            checks.append(Check(name="cloud.pairing", status=Status.WARN,
+                                message=Text("the box is not paired with a store"),
+                                fix=Text("enter the pairing code from the back office on this homepage, "
+                                         "or run `appliance pair CODE`")))
         return checks
     if store.needs_repair:
         checks.append(Check(name="cloud.pairing", status=Status.FAIL,
-                            message=f"the platform refused the box's token for store {store.store_id}; "
-                                    "no sync until the box is paired again (the shop's devices keep working)",
-                            fix="get a new pairing code from the back office and pair the box again",
+                            message=Text("the platform refused the box's token for store {store}; no sync until "
+                                         "the box is paired again (the shop's devices keep working)",
+                                         store=store.store_id),
+                            fix=Text("get a new pairing code from the back office and pair the box again"),
                             data={"store_id": store.store_id}))
     else:
-        checks.append(Check(name="cloud.pairing", status=Status.OK, message=f"paired with store {store.store_id}",
+        checks.append(Check(name="cloud.pairing", status=Status.OK, message=Text("paired with store {store}",
+                                                                                 store=store.store_id),
                             data={"store_id": store.store_id}))
     error = status.last_error()
     if not status.blocked:
         if error is None:
             checks.append(Check(name="cloud.link", status=Status.OK,
-                                message=f"the platform answers ({runtime.config.cloud.api_url})"))
+                                message=Text("the platform answers ({url})", url=runtime.config.cloud.api_url)))
         else:
             loops = [s for s in (status.pull, status.push, status.heartbeat) if s.last_error is not None]
             since = min(s.failing_since or now for s in loops)
             level = Status.FAIL if now - since > LINK_FAIL_AFTER_S else Status.WARN
             checks.append(Check(name="cloud.link", status=level,
-                                message=f"{error.message} (failing for {duration(now - since)}; the box retries "
-                                        "by itself and keeps serving the shop)",
+                                message=Text("{error} (failing for {duration}; the box retries by itself and keeps "
+                                             "serving the shop)", error=error.message, duration=duration(now - since)),
                                 fix=error.fix, data=error.as_dict()))
     state = await runtime.db.read(sync_state)
     if state.last_pull_at is None:
         rows = status.snapshot_rows
         checks.append(Check(name="cloud.replica", status=Status.WARN,
-                            message="no copy of the store's catalog yet" + (
-                                f" (reading the snapshot: {rows} records so far)" if rows is not None else ""),
-                            fix="" if rows is not None else "wait for the first sync; see cloud.link if it fails"))
+                            message=Text("no copy of the store's catalog yet (reading the snapshot: {rows} records "
+                                         "so far)", rows=rows) if rows is not None else
+                            Text("no copy of the store's catalog yet"),
+                            fix="" if rows is not None else
+                            Text("wait for the first sync; see cloud.link if it fails")))
     else:
         lag = now - state.last_pull_at
         level = Status.OK if lag < REPLICA_WARN_S else Status.WARN if lag < REPLICA_FAIL_S else Status.FAIL
         checks.append(Check(name="cloud.replica", status=level,
-                            message=f"catalog, prices and stock as of {duration(lag)} ago (cursor {state.cursor})",
-                            fix="" if level is Status.OK else "see cloud.link for why the sync does not get through",
+                            message=Text("catalog, prices and stock as of {duration} ago (cursor {cursor})",
+                                         duration=duration(lag), cursor=state.cursor),
+                            fix="" if level is Status.OK else Text("see cloud.link for why the sync does not get "
+                                                                   "through"),
                             data={"cursor": state.cursor, "lag_s": round(lag, 1)}))
     stats = await runtime.db.read(outbox_stats)
     age = 0.0 if stats.oldest_unsent_at is None else now - stats.oldest_unsent_at
     level = Status.OK if age < OUTBOX_WARN_S else Status.WARN if age < OUTBOX_FAIL_S else Status.FAIL
-    message = (f"{stats.queued} events waiting for the platform" + (f", the oldest for {duration(age)}"
-                                                                     if stats.queued else ""))
-    fix = "" if level is Status.OK else "see cloud.link; nothing is lost, they go once the platform answers"
+    message = (Text("{count} events waiting for the platform, the oldest for {duration}", count=stats.queued,
+                    duration=duration(age)) if stats.queued else
+               Text("{count} events waiting for the platform", count=stats.queued))
+    fix = "" if level is Status.OK else Text("see cloud.link; nothing is lost, they go once the platform answers")
     if stats.rejected:
-        message += f"; {stats.rejected} rejected by the platform (kept on the box with the reason)"
+        message = Text("{message}; {count} rejected by the platform (kept on the box with the reason)",
+                       message=message, count=stats.rejected)
         if level is Status.OK:
             level = Status.WARN
-            fix = "see the Cloud section of the homepage for the reasons; fix the device that sent them"
+            fix = Text("see the Cloud section of the homepage for the reasons; fix the device that sent them")
     checks.append(Check(name="cloud.outbox", status=level, message=message, fix=fix,
                         data={"queued": stats.queued, "rejected": stats.rejected, "oldest_unsent_s": round(age, 1)}))
     return checks

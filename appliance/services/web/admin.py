@@ -106,7 +106,7 @@ def _headline_section(checks: Sequence[Check], _: Gettext) -> str:
 
 def _problems_section(checks: Sequence[Check], _: Gettext) -> str:
     """What is wrong, each with its fix, failures first, in full width ("" when nothing is)."""
-    wrong = problems(checks)
+    wrong = [c.in_language(_) for c in problems(checks)]
     if not wrong:
         return ""
     words = {Status.WARN: _("warn"), Status.FAIL: _("fail")}

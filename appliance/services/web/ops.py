@@ -16,6 +16,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from appliance.protocol.health import exit_code, summary, worst
+from appliance.services.i18n import gettext_for, negotiate
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import require_admin, service_app
 from appliance.services.web.kit import JsonResponse
@@ -40,6 +41,9 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
             checks = await runtime.health.refresh()
         else:
             checks = await runtime.health.latest()
+        if "accept-language" in request.headers:  # a person's tool (`appliance health`): in their language
+            _ = gettext_for(negotiate(request.headers["accept-language"]))
+            checks = [c.in_language(_) for c in checks]
         return JsonResponse({
             "status": str(worst(checks)),
             "exit_code": exit_code(checks),

@@ -1,0 +1,62 @@
+"""Words for a person that can be said again in the reader's language.
+
+A :class:`Text` is an English ``str`` (so logs, JSON, the heartbeat and every existing
+reader keep working unchanged) that also remembers its template, a message of the
+gettext catalogs (``appliance/locale``), and the values put into it. Whoever shows it to
+a person renders it in their language with :func:`say`; a value that is itself a Text is
+translated too. Templates use ``str.format`` fields: ``Text("disk almost full: {free}",
+free=words)``. Babel extracts them by this class's name (``tests/test_i18n.py``).
+
+Plain ``str`` values stay as they are in every language: a path, an address, an
+exception's own words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+__all__ = ["Text", "join", "say"]
+
+
+class Text(str):
+    """``template`` formatted with ``args``, in English; :meth:`in_language` for another."""
+
+    template: str
+    args: Mapping[str, Any]
+
+    def __new__(cls, template: str, /, **args: Any) -> Text:
+        self = super().__new__(cls, template.format(**args) if args else template)
+        self.template = template
+        self.args = args
+        return self
+
+    def in_language(self, gettext: Callable[[str], str]) -> str:
+        if not self.template:
+            return ""  # gettext("") is a catalog's header, not a translation
+        values = {k: say(v, gettext) for k, v in self.args.items()}
+        return gettext(self.template).format(**values) if values else gettext(self.template)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickling keeps the template
+        return (_rebuild, (self.template, dict(self.args)))
+
+
+def _rebuild(template: str, args: dict[str, Any]) -> Text:
+    return Text(template, **args)
+
+
+def say(value: Any, gettext: Callable[[str], str]) -> Any:
+    """``value`` in the language of ``gettext`` if it is a :class:`Text` (or the like:
+    the WAN preflight has its own, being one file of the standard library); else unchanged."""
+    if isinstance(value, Text):
+        return value.in_language(gettext)
+    template, args = getattr(value, "template", None), getattr(value, "args", None)
+    if isinstance(value, str) and isinstance(template, str) and isinstance(args, dict):
+        return Text(template, **args).in_language(gettext)
+    return value
+
+
+def join(separator: str, parts: Iterable[str]) -> Text:
+    """``separator.join(parts)`` that stays translatable part by part."""
+    items = list(parts)
+    return Text(separator.join(f"{{p{i}}}" for i in range(len(items))), **{f"p{i}": p for i, p in enumerate(items)})
