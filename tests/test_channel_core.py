@@ -23,6 +23,7 @@ from appliance.protocol.channel_codec import (
     MAX_BODY_BYTES,
     MAX_DEVICE_MESSAGE_BYTES,
     Ack,
+    AskTicket,
     ChannelProtocolError,
     Command,
     Hello,
@@ -50,6 +51,7 @@ device_messages = st.one_of(
               firmware=st.text(max_size=64)),
     st.builds(Ack, id=st.text(min_size=1, max_size=64)),
     st.builds(Nack, id=st.text(min_size=1, max_size=64), reason=st.text(max_size=500), retry=st.booleans()),
+    st.just(AskTicket()),
 )
 commands = st.builds(
     Command, id=ids, seq=st.integers(1, 2**62), kind=kinds,
@@ -76,7 +78,7 @@ def test_any_json_object_parses_or_raises_protocol_error(obj: dict[str, object])
 
 
 @given(device_messages)
-def test_device_messages_round_trip(message: Hello | Ack | Nack) -> None:
+def test_device_messages_round_trip(message: Hello | Ack | Nack | AskTicket) -> None:
     assert parse_device_message(encode_device_message(message)) == message
 
 
@@ -298,6 +300,25 @@ def test_answers_about_commands_not_in_flight_are_not_progress() -> None:
     assert window.get_timer() == 11
     with pytest.raises(LinkStalled, match="no ack for command seq 2"):
         window.handle_timer(11)
+
+
+def test_a_devices_button_asks_for_the_ticket_at_most_every_30_s() -> None:
+    window = SendWindow(device_id="d1", window=2, ack_timeout_s=10)
+    window.connection_made(0)
+    with pytest.raises(ChannelProtocolError, match="ticket before its hello"):
+        window.receive(AskTicket(), 0)
+    window = opened(SendWindow(device_id="d1", window=2, ack_timeout_s=10))
+    window.offer([cmd(1)])
+    drain_transmits(window, 0)
+    assert not window.take_ticket_request()
+    for t in (1, 2, 29):  # a stuck button, or a chatty device: one ticket
+        window.receive(AskTicket(), t)
+    assert window.take_ticket_request() and not window.take_ticket_request()
+    window.receive(AskTicket(), 31)
+    assert window.take_ticket_request()
+    assert window.get_timer() == 10  # not an answer: the stall timer runs on
+    assert parse_device_message('{"t":"ticket"}') == AskTicket()
+    assert encode_device_message(AskTicket()) == '{"t":"ticket"}'
 
 
 def test_draining_sends_nothing_new_and_reports_idle() -> None:

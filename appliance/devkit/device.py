@@ -50,6 +50,7 @@ from appliance.protocol.channel_codec import (
     MAX_COMMAND_BYTES,
     SUBPROTOCOL,
     Ack,
+    AskTicket,
     Auth,
     ChannelProtocolError,
     Command,
@@ -155,6 +156,8 @@ class DeviceSimulator:
         self.drops = 0
         self.protocol_errors = 0
         self.connected = trio.Event()  # set at each new connection (tests wait on it)
+        # Presses of the device's own status button, sent once the box is greeted.
+        self._presses, self._pressed = trio.open_memory_channel[None](8)
         self._log: IO[str] | None = None
         self.log_path = log_path
         if log_path is not None:
@@ -165,6 +168,16 @@ class DeviceSimulator:
     @property
     def device_id(self) -> str:
         return self.hello.device_id
+
+    def press_button(self) -> None:
+        """Press the device's own status button: it asks the box for its status ticket, at
+        once if connected, else as soon as it is (a few presses are remembered)."""
+        with contextlib.suppress(trio.WouldBlock):
+            self._presses.send_nowait(None)
+
+    async def _buttons(self, ws: WebSocketConnection) -> None:
+        async for _press in self._pressed:
+            await ws.send_message(encode_device_message(AskTicket()))
 
     def close(self) -> None:
         if self._log is not None:
@@ -202,7 +215,7 @@ class DeviceSimulator:
         self.connections += 1
         self.connected.set()
         self.connected = trio.Event()
-        await self._converse(ws)
+        await self._converse(ws, nursery)
 
     async def _hello(self, ws: WebSocketConnection) -> bool:
         """Say hello; with a key, check the box's proof and give ours. False: the box did
@@ -230,9 +243,10 @@ class DeviceSimulator:
         await ws.send_message(encode_device_message(Auth(proof=proof)))
         return True
 
-    async def _converse(self, ws: WebSocketConnection) -> None:
+    async def _converse(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
         if not await self._hello(ws):
             return
+        nursery.start_soon(self._buttons, ws)
         barrier: int | None = None  # while set: refusing every seq above it (after a retry nack)
         while True:
             data = await ws.get_message()

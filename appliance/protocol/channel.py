@@ -28,11 +28,15 @@ Rules (docs/architecture.md §7, docs/device-channel.md):
   backoff. (A slow device that keeps answering is busy, not stalled.)
 - The first message must be a hello from the expected device; anything else raises
   :class:`ChannelProtocolError` (a wrong device at that address must never get commands).
+- A ``ticket`` message (the device's own button) asks for the box's status ticket on that
+  device: :meth:`SendWindow.take_ticket_request` says so once, at most once every
+  ``ticket_interval_s`` (a stuck button or a chatty device prints no roll of tickets).
+  It is not an answer: it does not hold the stall timer off.
 
 Connection states, as a table (:data:`TRANSITIONS`)::
 
     disconnected --connect--> greeting --hello--> open
-    greeting/open --disconnect--> disconnected;  open --ack/nack--> open
+    greeting/open --disconnect--> disconnected;  open --ack/nack/ticket--> open
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import attrs
 
 from appliance.protocol.channel_codec import (
     Ack,
+    AskTicket,
     Auth,
     ChannelProtocolError,
     Command,
@@ -59,6 +64,8 @@ from appliance.protocol.channel_codec import (
 __all__ = ["TRANSITIONS", "Acked", "ChannelState", "Dead", "Record", "SendWindow", "Sent", "WindowStats"]
 
 DEFAULT_WINDOW: Final = 32
+# A device's button asks for one status ticket at most this often.
+TICKET_INTERVAL_S: Final = 30.0
 # How many acked ids are remembered to tell a duplicate ack from an unknown one (stats only).
 _REMEMBERED_ACKS: Final = 1024
 
@@ -74,6 +81,7 @@ class _Input(enum.Enum):
     HELLO = "hello"
     ACK = "ack"
     NACK = "nack"
+    TICKET = "ticket"
     DISCONNECT = "disconnect"
 
 
@@ -84,9 +92,10 @@ TRANSITIONS: Final[dict[tuple[ChannelState, _Input], ChannelState]] = {
     (ChannelState.GREETING, _Input.DISCONNECT): ChannelState.DISCONNECTED,
     (ChannelState.OPEN, _Input.ACK): ChannelState.OPEN,
     (ChannelState.OPEN, _Input.NACK): ChannelState.OPEN,
+    (ChannelState.OPEN, _Input.TICKET): ChannelState.OPEN,
     (ChannelState.OPEN, _Input.DISCONNECT): ChannelState.DISCONNECTED,
 }
-_INPUT_OF: Final = {Hello: _Input.HELLO, Ack: _Input.ACK, Nack: _Input.NACK}
+_INPUT_OF: Final = {Hello: _Input.HELLO, Ack: _Input.ACK, Nack: _Input.NACK, AskTicket: _Input.TICKET}
 
 
 @attrs.frozen(kw_only=True)
@@ -150,6 +159,7 @@ class SendWindow:
         ack_timeout_s: float = 30.0,
         retry_initial_s: float = 1.0,
         retry_max_s: float = 30.0,
+        ticket_interval_s: float = TICKET_INTERVAL_S,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be 1 or more, got {window}")
@@ -164,6 +174,9 @@ class SendWindow:
         self.ack_timeout_s = ack_timeout_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        self.ticket_interval_s = ticket_interval_s
+        self._ticket_asked = False
+        self._ticket_at: float | None = None  # when the last request was taken
         self.state = ChannelState.DISCONNECTED
         self.stats = WindowStats()
         self.hello: Hello | None = None
@@ -255,6 +268,9 @@ class SendWindow:
                                            f"not {self.device_id!r}")
             self.hello = message
             self._hello_deadline = None
+        elif isinstance(message, AskTicket):
+            if self._ticket_at is None or now - self._ticket_at >= self.ticket_interval_s:
+                self._ticket_asked, self._ticket_at = True, now
         else:
             # Only an answer about a command in flight is progress: acks of unknown or
             # already settled ids must not hold the stall timer off for ever.
@@ -265,6 +281,11 @@ class SendWindow:
             else:
                 self._on_nack(message, now)
         self._move(step)
+
+    def take_ticket_request(self) -> bool:
+        """Whether the device asked for the status ticket since the last call."""
+        asked, self._ticket_asked = self._ticket_asked, False
+        return asked
 
     def drain(self) -> None:
         """Graceful stop: send nothing more; wait for what is in flight (see :attr:`idle`)."""

@@ -10,6 +10,7 @@ Device to box::
     {"t": "auth", "proof": hex64}                     (second, answering the box's auth)
     {"t": "ack", "id": str}
     {"t": "nack", "id": str, "reason": str, "retry": bool}
+    {"t": "ticket"}                                   (the device's own button asks for the status ticket)
 
 The hello (docs/device-api.md): a device with a key sends a fresh ``nonce`` in its hello;
 the box answers ``{"t": "auth", "nonce": hex32, "proof": hex64}`` (it holds the key), the
@@ -45,6 +46,7 @@ __all__ = [
     "MAX_DEVICE_MESSAGE_BYTES",
     "SUBPROTOCOL",
     "Ack",
+    "AskTicket",
     "Auth",
     "ChannelError",
     "ChannelProtocolError",
@@ -112,6 +114,7 @@ class MessageType(enum.StrEnum):
     AUTH = "auth"
     ACK = "ack"
     NACK = "nack"
+    TICKET = "ticket"
 
 
 @attrs.frozen(kw_only=True)
@@ -142,7 +145,13 @@ class Nack:
     retry: bool
 
 
-DeviceMessage = Hello | Auth | Ack | Nack
+@attrs.frozen(kw_only=True)
+class AskTicket:
+    """A person pressed the device's own button for the box's status ticket (a printer's
+    feed or status key, held): the box prints it on that device."""
+
+
+DeviceMessage = Hello | Auth | Ack | Nack | AskTicket
 
 
 @attrs.frozen(kw_only=True)
@@ -202,6 +211,8 @@ def encode_device_message(message: DeviceMessage) -> str:
         data = {"t": "auth", "proof": message.proof}
     elif isinstance(message, Ack):
         data = {"t": "ack", "id": message.id}
+    elif isinstance(message, AskTicket):
+        data = {"t": "ticket"}
     else:
         data = {"t": "nack", "id": message.id, "reason": message.reason, "retry": message.retry}
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
@@ -228,7 +239,9 @@ def parse_device_message(data: str | bytes) -> DeviceMessage:
             raise ChannelProtocolError(f"nack: 'retry' must be true or false, got {_show(retry)}")
         return Nack(id=_text(obj, "id", t, 1, MAX_ID_CHARS), reason=_text(obj, "reason", t, 0, MAX_REASON_CHARS),
                     retry=retry)
-    raise ChannelProtocolError(f"'t' must be one of hello, auth, ack, nack from a device, got {_show(t)}")
+    if t == MessageType.TICKET:
+        return AskTicket()
+    raise ChannelProtocolError(f"'t' must be one of hello, auth, ack, nack, ticket from a device, got {_show(t)}")
 
 
 def _proof(obj: Mapping[str, Any], t: str) -> str:

@@ -242,8 +242,10 @@ class DeviceLink:
         open_stream: OpenStream = open_tcp,
         clock: Clock = time.time,
         rng: random.Random | None = None,
+        ask_ticket: Callable[[str], None] = lambda device_id: None,
     ) -> None:
         self.target = target
+        self._ask_ticket = ask_ticket  # the device's button asked for the status ticket
         self.status = LinkStatus(target=target)
         self.poke = ChangeSignal()  # new commands known, acks in, stop asked
         self.known_seq: int | None = None  # the outbox's last seq for this device, as last heard
@@ -409,6 +411,8 @@ class DeviceLink:
             now = self._clock()
             acked = window.stats.acked
             window.receive(message, now)
+            if window.take_ticket_request():
+                self._ask_ticket(self.target.id)
             if window.stats.acked > acked:
                 self.status.last_ack_at = now
                 self._proved(backoff)

@@ -174,7 +174,8 @@ class _Dispatcher:
                 records = self.records.clone()
                 link = DeviceLink(target, config=self.config, db=self.runtime.db, records=records,
                                   metrics=self.runtime.metrics, open_stream=self.open_stream, clock=self.clock,
-                                  rng=random.Random(self.rng.random()))
+                                  rng=random.Random(self.rng.random()),
+                                  ask_ticket=self.runtime.ticket_requests.ask)
                 handle = _Handle(link=link, records=records, scope=trio.CancelScope())
                 self.handles[device_id] = handle
                 self.board.links[device_id] = link.status

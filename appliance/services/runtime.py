@@ -26,7 +26,7 @@ from appliance.services.event_hub import EventHub
 from appliance.services.keyring import KeyRing
 from appliance.services.media_files import MediaShelf
 from appliance.services.metrics import Metrics
-from appliance.services.signal import ChangeSignal
+from appliance.services.signal import ChangeSignal, Requests
 from appliance.services.state import BoundPorts, DeviceLinkBoard, QueueLinkStatus, SupportWindow
 from appliance.storage import Database
 from appliance.storage.logring import LogRing
@@ -64,6 +64,8 @@ class Runtime:
     # Notified whenever the device registry changes (a device adopted, rejected, removed,
     # or its address changed): the dispatcher starts and stops its per-device tasks on it.
     device_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
+    # Status tickets asked for by a device's own button (device ids); services/ticket.py prints them.
+    ticket_requests: Requests = attrs.field(factory=Requests)
     # Notified whenever commands are enqueued to a device's outbox.
     outbox_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
     # The pairing with the store (None: not paired): store id, token, the services the

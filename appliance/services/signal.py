@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import trio
 
-__all__ = ["ChangeSignal"]
+__all__ = ["ChangeSignal", "Requests"]
 
 
 class ChangeSignal:
@@ -26,3 +26,20 @@ class ChangeSignal:
         while self.version <= seen:
             await self._event.wait()
         return self.version
+
+
+class Requests:
+    """Things asked for by key (a device's id), each held once until taken: asking twice
+    before the taker runs is one request. ``changes`` wakes the taker."""
+
+    def __init__(self) -> None:
+        self.changes = ChangeSignal()
+        self._asked: dict[str, None] = {}  # insertion order: first asked, first taken
+
+    def ask(self, key: str) -> None:
+        self._asked[key] = None
+        self.changes.notify()
+
+    def take(self) -> list[str]:
+        asked, self._asked = list(self._asked), {}
+        return asked

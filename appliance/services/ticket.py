@@ -5,9 +5,9 @@ standing at the till learns the box's name, address and homepage, and whether it
 Printed through the device channel (a ``print`` command in the printer's outbox, so it
 survives a restart and waits for a printer that is off): on the box's first start (once an
 adopted printer exists; a marker file in the state directory remembers it was printed), and
-on the homepage's "Print a status ticket" button. In the language of ``[admin] language``.
-
-The printer's own button is not handled: the device channel has no message for it yet.
+on the homepage's "Print a status ticket" button, and when an adopted printer's own button
+asks for it (a ``ticket`` message on the device channel, docs/device-channel.md): then on
+that printer only, at most once every 30 s. In the language of ``[admin] language``.
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def ticket_text(runtime: Runtime, _: Gettext) -> str:
     return "\n".join(lines)
 
 
-async def print_ticket(runtime: Runtime) -> list[str]:
-    """Queue the ticket for every adopted printer; returns their ids (empty: no printer)."""
-    printers = [d for d in await runtime.db.read(list_adopted) if d.kind == "printer"]
+async def print_ticket(runtime: Runtime, *, only: str | None = None) -> list[str]:
+    """Queue the ticket for every adopted printer (or the one whose id is ``only``);
+    returns their ids (empty: no such printer)."""
+    printers = [d for d in await runtime.db.read(list_adopted) if d.kind == "printer" and only in (None, d.id)]
     text = ticket_text(runtime, gettext_for(runtime.config.admin.language))
     now = time.time()
     for printer in printers:
@@ -84,10 +85,27 @@ async def print_ticket(runtime: Runtime) -> list[str]:
 
 async def run_first_boot_ticket(runtime: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                                 ) -> None:
-    """On the box's first start, print the ticket once a printer is adopted; then idle
-    until the box stops (a service that returns is a crash to the supervisor)."""
+    """On the box's first start, print the ticket once a printer is adopted; meanwhile and
+    then, print one on each printer whose own button asks for it, until the box stops."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_answer_buttons, runtime)
+        task_status.started()
+        await _first_start(runtime)
+
+
+async def _answer_buttons(runtime: Runtime) -> None:
+    seen = 0
+    while True:
+        seen = await runtime.ticket_requests.changes.wait(seen)
+        for device_id in runtime.ticket_requests.take():
+            if await print_ticket(runtime, only=device_id):
+                log.info("status ticket queued for %s (its own button)", device_id)
+            else:  # a display or a scanner has no paper: its button means something else
+                log.info("device %s asked for a status ticket but is not an adopted printer", device_id)
+
+
+async def _first_start(runtime: Runtime) -> None:
     marker = Path(runtime.config.storage.dir) / FIRST_BOOT_MARKER
-    task_status.started()
     if runtime.config.admin.first_start_ticket and not marker.exists():
         runtime.board.say("ticket", "first start: waiting for an adopted receipt printer")
         while True:
@@ -97,5 +115,6 @@ async def run_first_boot_ticket(runtime: Runtime, *, task_status: trio.TaskStatu
             await runtime.device_changes.wait(seen)
         await trio.to_thread.run_sync(marker.write_text, f"{time.time()}\n")
         log.info("status ticket queued for the printers (first start)")
-    runtime.board.say("ticket", "first-start ticket queued for the printers; the homepage button queues another")
+    runtime.board.say("ticket", "first-start ticket queued for the printers; the homepage button or a printer's "
+                                "own button queues another")
     await trio.sleep_forever()
