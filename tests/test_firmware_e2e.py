@@ -191,6 +191,9 @@ async def test_a_healthy_trial_is_marked_good_and_reported(start_sim: StartSim, 
     await wait_until(lambda: ((last_update_reported(sim) or {}).get("last") or {}).get("outcome") == "committed",
                      what="the heartbeat reporting the commit")
     assert (last_update_reported(sim) or {})["slot"] == "B"
+    sim.state.offer_firmware("0.9.0", b"the same version, offered still")  # what runs now: nothing to do
+    await trio.sleep(0.5)
+    assert box.rauc.calls == ["mark-good booted"] and runtime.firmware.phase is Phase.IDLE
 
 
 async def test_an_unhealthy_trial_goes_back_by_itself_and_the_old_slot_reports_it(

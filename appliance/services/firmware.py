@@ -348,12 +348,13 @@ class FirmwareUpdates:
     # --- an offer ---------------------------------------------------------------------------
 
     def wanted(self, offer: FirmwareOffer | None) -> bool:
-        """An offer to act on: not what runs, not a version that was rolled back or refused."""
+        """An offer to act on: not what runs (the package's version, or the bundle version
+        last committed), not a version that was rolled back or refused here."""
         if offer is None or offer.version == __version__ or not self.status.slot or self.status.trial is not None:
             return False
         last = self.status.last
         return not (last is not None and last.version == offer.version
-                    and last.kind in (OutcomeKind.ROLLED_BACK, OutcomeKind.REFUSED))
+                    and last.kind in (OutcomeKind.COMMITTED, OutcomeKind.ROLLED_BACK, OutcomeKind.REFUSED))
 
     async def fetch(self, offer: FirmwareOffer) -> Path:
         """Download (or resume) the offered bundle and check its size and sha256."""
