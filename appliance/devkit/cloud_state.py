@@ -471,9 +471,7 @@ class CloudState:
     def offer_firmware(self, version: str, content: bytes, *, sha256: str = "") -> dict[str, Any]:
         """Serve ``content`` as the bundle of ``version`` and offer it in every heartbeat answer.
         ``sha256``: announce another hash than the bytes' (a test of the box's check)."""
-        if len(self._firmware) >= MAX_BLOBS and version not in self._firmware:
-            raise CloudApiError(400, "invalid_body", f"at most {MAX_BLOBS} firmware files")
-        self._firmware[version] = content
+        self._firmware = {version: content}  # only the offer in force is served (bundles are large)
         self.firmware_offer = {
             "version": version, "url": f"{self.catalog.media_base_url}firmware/appliance-{version}.raucb",
             "size": len(content), "sha256": sha256 or hashlib.sha256(content).hexdigest()}
