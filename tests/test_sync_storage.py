@@ -23,6 +23,7 @@ from appliance.storage.catalog import (
     apply_changes,
     begin_snapshot,
     decode_after,
+    drop_old_replica,
     encode_after,
     finish_snapshot,
     get_item,
@@ -283,3 +284,23 @@ def test_a_damaged_pairing_file_is_reported(tmp_path: Path, content: str) -> Non
     (tmp_path / PAIRING_FILE).write_text(content)
     with pytest.raises(PairingFileError):
         load_pairing(tmp_path)
+
+
+def test_the_swap_renames_the_shadow_tables_and_keeps_the_schema(db: Database) -> None:
+    def schema(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        return sorted((r[0], r[1]) for r in conn.execute("SELECT type, name FROM sqlite_master"))
+
+    before = db.read_sync(schema)
+    for round_ in range(2):  # the second snapshot replaces tables the first one renamed
+        db.write_sync(begin_snapshot)
+        db.write_sync(partial(stage_rows, rows=[product("A", f"Apple {round_}"), product("A", "Apricot"),
+                                                ReplicaWrite(entity="price", key="A", data='{"v":1}'),
+                                                ReplicaWrite(entity="novel", key="x", data="{}")]))
+        counts = db.write_sync(partial(finish_snapshot, cursor=str(round_), now=1.0))
+        assert counts["product"] == 1 and counts["price"] == 1  # a later row for a key replaces the earlier
+        assert db.read_sync(partial(get_item, entity="product", key="A")) == {"name": "Apricot", "sku": "A"}
+        db.write_sync(drop_old_replica)
+        assert db.read_sync(schema) == before  # products_by_name and the rest, under their own names
+    plan = db.read_sync(lambda c: c.execute("EXPLAIN QUERY PLAN SELECT sku FROM products WHERE name_key >= 'a' "
+                                            "ORDER BY name_key, sku").fetchall())
+    assert "products_by_name" in str([tuple(r) for r in plan])

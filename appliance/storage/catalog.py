@@ -6,9 +6,12 @@ Every function takes a connection inside the caller's transaction (``Database.wr
 covers them in that one transaction, so after a crash the replica and the cursor always
 agree (CouchDB's checkpoint and PowerSync's bucket cursor keep the same rule).
 
-A snapshot is staged in ``snapshot_staging`` batch by batch and swapped into the replica
-by :func:`finish_snapshot` in one transaction; until then readers see the old replica.
-A snapshot interrupted by a crash starts again from zero (see :func:`begin_snapshot`).
+A snapshot is written batch by batch into a shadow of each replica table (``products__next``
+and so on, made by :func:`begin_snapshot` with the table's own definition) and swapped in
+by :func:`finish_snapshot` in one short transaction that renames the tables (no row is
+copied); until then readers see the old replica. The old tables are dropped afterwards by
+:func:`drop_old_replica`, in a transaction of their own. A snapshot interrupted by a crash
+starts again from zero (see :func:`begin_snapshot`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
@@ -34,6 +38,7 @@ __all__ = [
     "apply_changes",
     "begin_snapshot",
     "decode_after",
+    "drop_old_replica",
     "encode_after",
     "finish_snapshot",
     "get_item",
@@ -174,6 +179,18 @@ def set_store(conn: sqlite3.Connection, store_id: str) -> bool:
 # --- snapshots -------------------------------------------------------------------
 
 
+_NEXT: Final = "__next"  # a replica table's shadow, filled by the snapshot being read
+_OLD: Final = "__old"  # a replica table swapped out, dropped after the swap
+
+
+def _definition(conn: sqlite3.Connection, table: str, as_name: str) -> str:
+    """``table``'s CREATE TABLE statement, naming ``as_name`` instead (the schema's own
+    definition, so the shadow is whatever the migrations made of the table)."""
+    sql: str = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (table,)).fetchone()[0]
+    return re.sub(rf'^CREATE TABLE\s+"?{table}"?', f"CREATE TABLE {as_name}", sql, count=1)
+
+
 def begin_snapshot(conn: sqlite3.Connection) -> None:
     """Start a snapshot from zero, dropping whatever an interrupted one had staged.
 
@@ -182,16 +199,29 @@ def begin_snapshot(conn: sqlite3.Connection) -> None:
     mix two points in time, and a row deleted between them would survive the swap with
     nothing later to delete it (the new cursor is already past that delete).
     """
-    conn.execute("DELETE FROM snapshot_staging")
+    for table in ENTITY_TABLES.values():
+        conn.execute(f"DROP TABLE IF EXISTS {table}{_NEXT}")
+        conn.execute(_definition(conn, table, f"{table}{_NEXT}"))
+    conn.execute("DELETE FROM snapshot_staging")  # left by an older version's interrupted snapshot
     conn.execute("UPDATE sync_state SET staged_rows = 0 WHERE id = 1")
 
 
 def stage_rows(conn: sqlite3.Connection, rows: Sequence[ReplicaWrite]) -> int:
-    """Stage one batch of snapshot rows (a later row for the same key replaces the earlier)."""
-    conn.executemany(
-        "INSERT OR REPLACE INTO snapshot_staging(entity, key, name, name_key, data) VALUES (?, ?, ?, ?, ?)",
-        [(r.entity, r.key, r.name, name_key(r.name), r.data) for r in rows if r.data is not None],
-    )
+    """Stage one batch of snapshot rows into the shadow tables (a later row for the same
+    key replaces the earlier). Rows of an entity this firmware does not know are counted
+    and skipped, as the swap always did."""
+    products = [(r.key, r.name, name_key(r.name), r.data) for r in rows if r.entity == "product" and r.data is not None]
+    if products:
+        conn.executemany(f"INSERT OR REPLACE INTO products{_NEXT}(sku, name, name_key, data, seq) "
+                         "VALUES (?, ?, ?, ?, 0)", products)
+    others: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        table = ENTITY_TABLES.get(r.entity)
+        if table is not None and table != "products" and r.data is not None:
+            others.setdefault(table, []).append((r.key, r.data))
+    for table, values in others.items():
+        conn.executemany(f"INSERT OR REPLACE INTO {table}{_NEXT}({_column(table)}, data, seq) VALUES (?, ?, 0)",
+                         values)
     conn.execute("UPDATE sync_state SET staged_rows = staged_rows + ? WHERE id = 1", (len(rows),))
     return len(rows)
 
@@ -200,21 +230,23 @@ def finish_snapshot(conn: sqlite3.Connection, *, cursor: str, now: float) -> dic
     """Swap the staged snapshot into the replica and set its cursor, in one transaction.
 
     Every replica table is replaced, including entities absent from the snapshot (the
-    store has none of them now). Returns the row count per entity.
+    store has none of them now). The swap renames tables and rebuilds the few secondary
+    indexes: no row is copied, so the writer is held for the index builds only (see
+    docs/architecture.md §4). Returns the row count per entity. Call
+    :func:`drop_old_replica` after it commits.
     """
     counts: dict[str, int] = {}
     for entity, table in ENTITY_TABLES.items():
-        conn.execute(f"DELETE FROM {table}")
-        if table == "products":
-            cur = conn.execute(
-                "INSERT INTO products(sku, name, name_key, data, seq) "
-                "SELECT key, name, name_key, data, 0 FROM snapshot_staging WHERE entity = ?", (entity,))
-        else:
-            cur = conn.execute(
-                f"INSERT INTO {table}({_column(table)}, data, seq) "
-                "SELECT key, data, 0 FROM snapshot_staging WHERE entity = ?", (entity,))
-        counts[entity] = cur.rowcount
-    conn.execute("DELETE FROM snapshot_staging")
+        conn.execute(f"DROP TABLE IF EXISTS {table}{_OLD}")  # a swap whose clean-up a crash prevented
+        indexes = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? "
+                               "AND sql IS NOT NULL", (table,)).fetchall()
+        for index in indexes:
+            conn.execute(f'DROP INDEX "{index[0]}"')
+        conn.execute(f"ALTER TABLE {table} RENAME TO {table}{_OLD}")
+        conn.execute(f"ALTER TABLE {table}{_NEXT} RENAME TO {table}")
+        for index in indexes:
+            conn.execute(index[1])
+        counts[entity] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     conn.execute(
         "UPDATE sync_state SET cursor = ?, last_pull_at = ?, last_change_at = ?, snapshots = snapshots + 1, "
         "staged_rows = 0 WHERE id = 1",
@@ -224,6 +256,13 @@ def finish_snapshot(conn: sqlite3.Connection, *, cursor: str, now: float) -> dic
     log_event(conn, "catalog.replaced", {"counts": counts}, now=now)
     log_event(conn, "sync.snapshot", {"counts": counts}, now=now)
     return counts
+
+
+def drop_old_replica(conn: sqlite3.Connection) -> None:
+    """Drop the tables a snapshot's swap replaced (their pages go to the free list, for
+    the next snapshot to reuse)."""
+    for table in ENTITY_TABLES.values():
+        conn.execute(f"DROP TABLE IF EXISTS {table}{_OLD}")
 
 
 # --- reads for the store API -------------------------------------------------------
