@@ -27,4 +27,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     # Built once, from the routes' operations and their bodies' definitions.
     doc = document_of(routes, title="Store appliance: store API", description=DESCRIPTION,
                       extra=[("GET", "/healthz", healthz_operation("store API"))])
-    return service_app("api", runtime, [*routes, openapi_route(OPENAPI_PATH, doc)])
+    app = service_app("api", runtime, [*routes, openapi_route(OPENAPI_PATH, doc)])
+    for middleware in parts.middleware:  # the catalog reads' way around the router
+        app.add_middleware(middleware, runtime=runtime)
+    return app

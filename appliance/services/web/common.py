@@ -24,8 +24,8 @@ from appliance.protocol.json_bounds import JsonBoundsError, loads_bounded
 from appliance.services.runtime import Runtime
 from appliance.services.web.kit import JsonResponse
 
-__all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "check_form_token", "json_error", "parse_form", "parse_json",
-           "read_body", "read_form", "read_json", "require_admin", "service_app", "whole_number"]
+__all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "check_form_token", "error_response", "json_error", "parse_form",
+           "parse_json", "read_body", "read_form", "read_json", "require_admin", "service_app", "whole_number"]
 
 # A homepage form is a token and one action or code: a few hundred bytes. Anything bigger is not ours.
 MAX_FORM_BYTES: Final = 4096
@@ -121,6 +121,12 @@ def whole_number(raw: str, lo: int, hi: int) -> int | None:
     return value if lo <= value <= hi else None
 
 
+def error_response(exc: ApiError) -> JsonResponse:
+    """The JSON answer to an ApiError (401 with ``WWW-Authenticate: Bearer``)."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return json_error(exc.status, exc.message, exc.errors, headers)
+
+
 def bearer_token(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
@@ -184,8 +190,7 @@ def service_app(name: str, runtime: Runtime, routes: Sequence[BaseRoute] = ()) -
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return json_error(exc.status, exc.message, exc.errors, headers)
+        return error_response(exc)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

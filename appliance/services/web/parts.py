@@ -22,10 +22,12 @@ class WebParts:
     routes: tuple[RouteSet, ...] = ()
     sections: tuple[Section, ...] = ()  # homepage only
     status: tuple[StatusPart, ...] = ()  # /api/status only
+    # ASGI middleware classes, each made with ``(app, runtime=runtime)``, innermost first.
+    middleware: tuple[Any, ...] = ()
 
     def routes_for(self, runtime: Runtime) -> list[BaseRoute]:
         return [route for make in self.routes for route in make(runtime)]
 
     def __add__(self, other: WebParts) -> WebParts:
         return WebParts(routes=self.routes + other.routes, sections=self.sections + other.sections,
-                        status=self.status + other.status)
+                        status=self.status + other.status, middleware=self.middleware + other.middleware)
