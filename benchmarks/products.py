@@ -8,13 +8,16 @@ so the box's cost is measured, not the load generator's signing.
 
 The appliance runs as ``python -m appliance run`` with a replica of N products; the
 hello-world in its own process; the load generator (raw sockets, HTTP/1.1 keep-alive, one
-trio task per client) in this one. Prints requests/s, p50 and p99 and the ratios.
+trio task per client) in this one. Prints requests/s, p50 and p99 and the ratios, and each
+server's CPU time per request (from /proc/<pid>/stat): on a shared machine the CPU ratio is
+the steadier figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import secrets
 import socket
@@ -132,7 +135,7 @@ def _requests(path_of: Any, make: Any, ready: int) -> Iterator[bytes]:
 
 
 async def _client(port: int, requests: Iterator[bytes], until: float, warm_until: float,
-                  latencies: list[float]) -> int:
+                  latencies: list[float], *, served: list[int]) -> int:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     done = 0
     buffer = b""
@@ -154,24 +157,35 @@ async def _client(port: int, requests: Iterator[bytes], until: float, warm_until
             buffer = buffer[length:]
             if status != 200:
                 raise RuntimeError(f"HTTP {status}")
+            served[0] += 1
             if now >= warm_until:
                 latencies.append(time.perf_counter() - now)
                 done += 1
 
 
+def _cpu_s(pid: int) -> float:
+    """The process's user + system CPU time so far (/proc/<pid>/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _load(port: int, paths: Any, clients: int, seconds: float, warmup: float, *,
-                make: Any = _bearer) -> dict[str, float]:
+                make: Any = _bearer, pid: int = 0) -> dict[str, float]:
     latencies: list[float] = []
+    served = [0]
     requests = _requests(paths, make, int(PREBUILT_PER_S * (seconds + warmup)))
     next(requests)  # build the pool now, before the clock starts
+    cpu_before = _cpu_s(pid) if pid else 0.0
     start = time.perf_counter()
     warm_until, until = start + warmup, start + warmup + seconds
     async with trio.open_nursery() as nursery:
         for _ in range(clients):
-            nursery.start_soon(_client, port, requests, until, warm_until, latencies)
+            nursery.start_soon(partial(_client, port, requests, until, warm_until, latencies, served=served))
+    cpu = _cpu_s(pid) - cpu_before if pid else 0.0
     latencies.sort()
     return {"rps": len(latencies) / seconds, "p50_ms": latencies[len(latencies) // 2] * 1000,
-            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000, "requests": len(latencies)}
+            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000, "requests": len(latencies),
+            "cpu_us": cpu / served[0] * 1e6}
 
 
 async def _wait_port(port: int) -> None:
@@ -221,7 +235,8 @@ def _bench(opts: argparse.Namespace) -> None:
             try:
                 trio.run(_wait_port, port)
                 if port != box_port:
-                    results[name] = trio.run(_load, port, paths, opts.clients, opts.seconds, opts.warmup)
+                    results[name] = trio.run(partial(_load, port, paths, opts.clients, opts.seconds, opts.warmup,
+                                                     pid=proc.pid))
                     continue
                 # The same process, the same lookups, with the bearer token and signed by a
                 # device, in alternating rounds so that the machine's load falls on both alike;
@@ -230,7 +245,7 @@ def _bench(opts: argparse.Namespace) -> None:
                 for _ in range(opts.rounds):
                     for label, make in ((name, _bearer), ("  ... signed by a device", _signed)):
                         rounds[label].append(trio.run(partial(_load, port, paths, opts.clients, opts.seconds,
-                                                              opts.warmup, make=make)))
+                                                              opts.warmup, make=make, pid=proc.pid)))
                 for label, runs in rounds.items():
                     results[label] = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
             finally:
@@ -239,12 +254,18 @@ def _bench(opts: argparse.Namespace) -> None:
     print(f"{opts.clients} concurrent keep-alive clients, {opts.seconds:g} s after {opts.warmup:g} s warm-up "
           f"(appliance: median of {opts.rounds} alternating rounds per variant; requests built beforehand):")
     for name, r in results.items():
-        print(f"  {name:34} {r['rps']:8,.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms")
+        print(f"  {name:34} {r['rps']:8,.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms   "
+              f"server CPU {r['cpu_us']:5.0f} us/request")
     box, signed, hello = results.values()
     print(f"  ratio appliance / hello-world: {box['rps'] / hello['rps']:.2f}x requests/s, "
           f"{box['p99_ms'] / hello['p99_ms']:.1f}x p99")
     print(f"  ratio signed / bearer token:   {signed['rps'] / box['rps']:.2f}x requests/s, "
           f"{signed['p99_ms'] / box['p99_ms']:.1f}x p99")
+    # The server's own CPU time per request: what bounds its throughput on a saturated core,
+    # and far steadier than requests/s when others share the machine.
+    print(f"  CPU-bound throughput ratio (hello-world CPU per request / appliance's): "
+          f"{hello['cpu_us'] / box['cpu_us']:.2f}x; signed costs {signed['cpu_us'] / box['cpu_us'] - 1:+.0%} CPU "
+          "per request over the bearer token")
 
 
 if __name__ == "__main__":

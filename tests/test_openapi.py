@@ -21,17 +21,22 @@ from typing import Annotated, Any
 import httpx
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
 from appliance.protocol import store_api
-from appliance.protocol.bodies import Range
+from appliance.protocol.bodies import Range, schema_components
+from appliance.protocol.channel_codec import ChannelProtocolError, check_command_id, check_kind
 from appliance.protocol.openapi import markdown, openapi_path
+from appliance.protocol.store_api import CommandRequest
 from appliance.services.assembly import listener_apps, web_parts
 from appliance.services.runtime import Runtime
 from appliance.services.web import store
 from appliance.services.web.admin import OPENAPI_PATH as ADMIN_OPENAPI_PATH
 from appliance.services.web.api import OPENAPI_PATH
+from appliance.services.web.common import service_app
 from appliance.storage.catalog import ReplicaWrite, apply_changes
 from appliance.storage.devices import AdoptionState, new_pending, set_state
 from tests.sync_helpers import ADMIN, StartBox, api_client
@@ -281,3 +286,44 @@ async def test_hostile_inputs_get_a_4xx_never_a_5xx(start_box: StartBox) -> None
             if not 400 <= answer.status_code < 500 or "error" not in answer.json():
                 bad.append(f"{method} {url[:60]} {(body or '')[:60]}: {answer.status_code} {answer.text[:200]}")
     assert not bad, "\n".join(bad)
+
+
+# --- commands: the documented rules are the channel's ---------------------------------------------
+
+names = st.text(alphabet="abz019._:-AZ \n", max_size=70) | st.from_regex(r"[a-z][a-z0-9_.]{0,70}", fullmatch=True)
+
+
+@given(names)
+@settings(max_examples=300)
+def test_the_documented_command_rules_are_the_channels(value: str) -> None:
+    props = schema_components([CommandRequest])["CommandRequest"]["properties"]
+    for field, check in (("kind", check_kind), ("id", check_command_id)):
+        rule = props[field]
+        # ECMA-262's "$" is the end of the text; Python's also matches before a final newline.
+        pattern = rule["pattern"].removesuffix("$") + r"\Z"
+        documented = re.search(pattern, value) is not None and len(value) <= rule.get("maxLength", 10**9)
+        try:
+            check(value)
+        except ChannelProtocolError:
+            accepted = False
+        else:
+            accepted = True
+        assert documented == accepted, (field, value)
+
+
+# --- the catalog reads' way around the router gives the router's answers ---------------------------
+
+
+@pytest.mark.parametrize("url", ["/v1/products/SKU-000001", "/v1/prices/SKU-000002", "/v1/stock/SKU-000003",
+                                 "/v1/products/NOPE", "/v1/products/a%2Fb", "/v1/stock/\u00e9"])
+@pytest.mark.parametrize("auth", [f"Bearer {ADMIN}", "Bearer wrong", ""])
+async def test_catalog_reads_answer_as_the_router_does(start_box: StartBox, url: str, auth: str) -> None:
+    box = await fuzz_box(start_box)
+    router_only = service_app("api", box, store.routes(box))  # no CatalogReads in front
+    headers = {"Authorization": auth}  # replaces the admin token the api client sends by default
+    async with api_client(box) as fast, httpx.AsyncClient(transport=httpx.ASGITransport(app=router_only),
+                                                          base_url="http://127.0.0.1") as slow:
+        a = await fast.get(url, headers=headers)
+        b = await slow.get(url, headers=headers)
+    assert (a.status_code, a.json(), a.headers["content-type"]) == (b.status_code, b.json(), b.headers["content-type"])
+    assert a.headers.get("www-authenticate") == b.headers.get("www-authenticate")

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from appliance.protocol.bodies import Body, Count, InvalidBody, Matches, Range, Text, convert
+from appliance.protocol.channel_codec import MAX_BODY_BYTES, MAX_ID_CHARS, MAX_KIND_CHARS
 from appliance.protocol.events import EVENT_TYPE_OF, RecordKind, event, order_received, record_event_id
 
 __all__ = [
@@ -241,24 +242,36 @@ class OnlineOrderList(Body, frozen=True):
     orders: tuple[ListedOrder, ...]
 
 
+# The device channel's own rules for a command (appliance/protocol/channel_codec.py:
+# check_kind, check_command_id, encode_body), stated for the document; the command routes
+# check them with the channel's functions (tests/test_openapi.py holds the two together).
+CommandKind = Annotated[str, Matches(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*", max_chars=MAX_KIND_CHARS,
+                                     rule="a dotted lower-case name (e.g. order.created, print, display, ping)")]
+CommandId = Annotated[str | None, Matches(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}",
+                                          rule="a client-made id: A-Z a-z 0-9 . _ : -")]
+CommandBody = Annotated[dict[str, Any], msgspec.Meta(
+    description=f"the command's own fields, a JSON object of at most {MAX_BODY_BYTES} bytes encoded")]
+ExpiresAt = Annotated[float | None, msgspec.Meta(description="Unix seconds, in the future; null: never")]
+
+
 class CommandRequest(Body, frozen=True):
     """A command for a device (docs/device-channel.md). ``id``: a client-made id, so a
     retried request adds no second command; ``expires_at``: Unix seconds."""
 
-    kind: str
-    body: dict[str, Any]
-    expires_at: float | None = None
-    id: str | None = None
+    kind: CommandKind
+    body: CommandBody
+    expires_at: ExpiresAt = None
+    id: CommandId = None
 
 
 class BatchCommand(Body, frozen=True):
     """A command of a batch: a :class:`CommandRequest` with the device it is for."""
 
-    device_id: str
-    kind: str
-    body: dict[str, Any]
-    expires_at: float | None = None
-    id: str | None = None
+    device_id: Annotated[str, msgspec.Meta(min_length=1)]
+    kind: CommandKind
+    body: CommandBody
+    expires_at: ExpiresAt = None
+    id: CommandId = None
 
 
 class CommandBatch(Body, frozen=True):
