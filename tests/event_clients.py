@@ -21,34 +21,14 @@ import httpx
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
+from tests.realbox import loopback_config
+
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def box_toml(tmp_path: Path, extra: str = "") -> Path:
-    ports = "\n".join(f"{role} = 0" for role in ("admin", "api", "events", "media", "provisioning", "ops", "support",
-                                                  "discovery"))
-    cfg = tmp_path / "appliance.toml"
-    cfg.write_text(f"""
-[lan]
-bind = "127.0.0.1"
-[lan.ports]
-{ports}
-[storage]
-dir = "{tmp_path / 'state'}"
-[admin]
-token = "{TOKEN}"
-[supervisor]
-shutdown_deadline_s = 5.0
-[cloud]
-api_url = "https://127.0.0.1:9"
-[discovery]
-enabled = false
-[orders]
-enabled = false
-{extra}
-""")
-    return cfg
+    return loopback_config(tmp_path, token=TOKEN, tables=f'[cloud]\napi_url = "https://127.0.0.1:9"\n{extra}\n')
 
 
 @attrs.define

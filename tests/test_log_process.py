@@ -20,6 +20,7 @@ import httpx
 import trio
 
 from appliance.devkit.cloud_faults import Fault
+from tests.realbox import loopback_config
 from tests.sync_helpers import StartSim, wait_until
 
 if TYPE_CHECKING:
@@ -36,26 +37,9 @@ FLOOD_AFTER_S = 3.0
 
 
 def config_file(tmp_path: Path, sim: SimHandle, *, logs: dict[str, Any], proxy: str = "") -> Path:
-    ports = "\n".join(f"{role} = 0" for role in ("admin", "api", "events", "media", "provisioning", "ops",
-                                                  "support"))
     logs_lines = "\n".join(f"{k} = {v}" for k, v in logs.items() if k != "testing")  # numbers only
     seams = "\n".join(f"{k} = {v}" for k, v in logs.get("testing", {}).items())
-    path = tmp_path / "appliance.toml"
-    path.write_text(f"""
-[lan]
-bind = "127.0.0.1"
-[lan.ports]
-{ports}
-[storage]
-dir = "{tmp_path / 'state'}"
-[admin]
-token = "process-admin-token-0123456789"
-[supervisor]
-shutdown_deadline_s = 5.0
-[discovery]
-enabled = false
-[orders]
-enabled = false
+    return loopback_config(tmp_path, token="process-admin-token-0123456789", tables=f"""
 [wan]
 proxy = "{proxy}"
 [cloud]
@@ -69,7 +53,6 @@ ca_file = "{sim.ca_path}"
 [logs.testing]
 {seams}
 """)
-    return path
 
 
 class Box:

@@ -5,10 +5,6 @@ the end every file is verified. The simulator runs in the test's loop, over TLS.
 from __future__ import annotations
 
 import hashlib
-import signal
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,7 +13,8 @@ import trio
 
 from appliance.devkit.cloud import SimHandle
 from appliance.devkit.cloud_faults import Fault
-from tests.sync_helpers import ADMIN, StartSim, free_port, wait_until
+from tests.realbox import BoxProcess
+from tests.sync_helpers import ADMIN, StartSim, wait_until
 
 pytest_plugins = ["tests.sync_fixtures"]
 
@@ -27,45 +24,8 @@ STORE = "store-0001"
 VIDEO = "promotions/video-001.mp4"
 
 
-class Box:
-    """The box as its own process, with fixed loopback ports and its log in a file."""
-
-    def __init__(self, tmp_path: Path, sim: SimHandle) -> None:
-        self.tmp_path, self.sim = tmp_path, sim
-        self.state = tmp_path / "state"
-        self.admin_port, self.media_port = free_port(), free_port()
-        self.log = tmp_path / "appliance.log"
-        self.process: trio.Process | None = None
-
-    def write_config(self, pause_s: float) -> Path:
-        config = self.tmp_path / "appliance.toml"
-        config.write_text(f"""
-[lan]
-bind = "127.0.0.1"
-[lan.ports]
-admin = {self.admin_port}
-media = {self.media_port}
-api = 0
-events = 0
-provisioning = 0
-ops = 0
-support = 0
-discovery = 0
-[storage]
-dir = "{self.state}"
-[admin]
-token = "{ADMIN}"
-[discovery]
-enabled = false
-[orders]
-enabled = false
-[cloud]
-api_url = "{self.sim.url}"
-ca_file = "{self.sim.ca_path}"
-pull_interval_s = 0.1
-backoff_initial_s = 0.05
-backoff_max_s = 0.3
-[media]
+# Media scanned often, with no rate limit or disk floor, so the crash lands mid-download.
+MEDIA = """[media]
 max_rate = 0
 min_free_bytes = 0
 scan_interval_s = 0.1
@@ -73,57 +33,30 @@ backoff_initial_s = 0.05
 backoff_max_s = 0.3
 [media.testing]
 pause_at_rename_s = {pause_s}
-""")
-        return config
+"""
 
-    async def start(self, *, pause_s: float = 0.0) -> None:
-        config = self.write_config(pause_s)
-        with self.log.open("ab") as log:
-            self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "appliance", "run", "--config", str(config)],
-                stdout=subprocess.DEVNULL, stderr=log)
 
-        async def healthy() -> bool:
-            assert self.process is not None
-            if self.process.returncode is not None:
-                raise AssertionError(f"the box exited with {self.process.returncode}: {self.log.read_text()}")
-            try:
-                async with httpx.AsyncClient(trust_env=False) as client:
-                    return (await client.get(f"http://127.0.0.1:{self.media_port}/healthz")).status_code == 200
-            except httpx.TransportError:
-                return False
+class Box(BoxProcess):
+    """The box as its own process (admin and media on fixed ports), pausing ``pause_s`` at
+    a file's rename (the start's choice)."""
 
-        await wait_until(healthy, 30.0, "the box answering")
+    def __init__(self, tmp_path: Path, sim: SimHandle) -> None:
+        super().__init__(tmp_path, sim, roles=("admin", "media"), settings=MEDIA.format(pause_s=0.0))
 
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            with trio.move_on_after(10):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
+    async def start(self, *, settings: str | None = None, pause_s: float = 0.0) -> None:
+        await super().start(settings=settings or MEDIA.format(pause_s=pause_s))
 
     def media(self) -> Path:
         return self.state / "media"
 
     def rows(self) -> set[str]:
-        conn = sqlite3.connect(f"file:{self.state / 'appliance.db'}?mode=ro", uri=True, timeout=5)
-        try:
-            return {row[0] for row in conn.execute("SELECT sha256 FROM media_blobs")}
-        finally:
-            conn.close()
+        return {row[0] for row in self.query("SELECT sha256 FROM media_blobs")}
 
 
 async def watch_served(box: Box, truth: dict[str, bytes], seen: list[int]) -> None:
     """Read every key again and again: the answer is 404 (not listed yet), 503 (not cached),
     a refused connection (the box is down) or exactly the true bytes. Never anything else."""
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{box.media_port}", trust_env=False,
+    async with httpx.AsyncClient(base_url=box.url("media"), trust_env=False,
                                  timeout=10.0) as client:
         while True:
             for key, content in truth.items():
@@ -151,14 +84,14 @@ async def test_sigkill_mid_download_and_around_rename(start_sim: StartSim, tmp_p
     try:
         # 1. Killed mid-download: the partial file is kept, never served.
         await box.start(pause_s=3.0)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{box.admin_port}", trust_env=False,
+        async with httpx.AsyncClient(base_url=box.url("admin"), trust_env=False,
                                      headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
             assert (await admin.post("/api/pairing", json={"code": sim.pair_code})).status_code == 200
         nursery.start_soon(watch_served, box, truth, served)
         partial = box.media() / "partial" / sha
         await wait_until(lambda: partial.exists() and 500_000 < partial.stat().st_size < 4_000_000, 20.0,
                          "the video half downloaded")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{box.admin_port}", trust_env=False,
+        async with httpx.AsyncClient(base_url=box.url("admin"), trust_env=False,
                                      headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
             # The homepage and /api/status show the fill's progress.
             media = (await admin.get("/api/status")).json()["media"]
