@@ -1,12 +1,16 @@
 """Device channel: commands/s and enqueue-to-ack latency, durable dispatcher vs raw WebSocket.
 
-Both phases push to the same simulated devices (default 50), served by a separate process
+Every phase pushes to the same simulated devices (default 50), served by a separate process
 on loopback so the devices do not run on the event loop being measured:
 
 - baseline: raw trio-websocket, one connection per device, the same window, no storage:
   what the network and the device simulator cost by themselves;
 - dispatch: the appliance's dispatcher in-process, with its SQLite outbox (every enqueue a
-  durable commit, sends and acks recorded in batches).
+  durable commit, sends and acks recorded in batches);
+- mosquitto: Debian's MQTT broker 2.0 (started here on a loopback port, default
+  persistence), the same command and ack messages published with QoS 1 both ways, one
+  connection per device on each side, the same window (``benchmarks/_mqtt.py``): what a
+  user who picked a broker instead would get.
 
 Two measures each: throughput (every device gets ``--burst`` commands at once; for
 dispatch, one transaction enqueues them all) from the first enqueue to the last ack; and
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -48,6 +53,7 @@ from appliance.services.dispatcher import enqueue, run_dispatcher
 from appliance.storage.outbox import enqueue_in
 from appliance.supervisor import open_runtime
 from benchmarks import _cpus
+from benchmarks._mqtt import Mqtt, mosquitto
 
 Latencies = list[float]
 
@@ -102,6 +108,73 @@ async def run_baseline(ports: list[int], window: int, schedules: list[list[float
     async with trio.open_nursery() as nursery:
         for i, port in enumerate(ports):
             nursery.start_soon(baseline_device, port, f"bench-{i:02d}", window, schedules[i], out)
+    return out, time.perf_counter() - start
+
+
+# --- mosquitto: the same commands through Debian's MQTT broker, QoS 1 both ways -----------
+
+
+async def serve_mqtt_farm(count: int, port: int) -> None:
+    """``count`` MQTT devices: each takes its commands on ``c/<id>`` and answers each with
+    the channel's ack message on ``a/<id>`` (QoS 1 both ways), as the simulator does."""
+    async with trio.open_nursery() as nursery:
+        clients = []
+        for i in range(count):
+            device_id = f"bench-{i:02d}"
+            client = await Mqtt.connect(port, f"dev-{device_id}", nursery)
+            await client.subscribe(f"c/{device_id}")
+            clients.append((device_id, client))
+
+        async def device(device_id: str, client: Mqtt) -> None:
+            while True:
+                message = await client.receive()
+                command_id = json.loads(message.payload)["id"]
+                await client.publish(f"a/{device_id}", json.dumps({"t": "ack", "id": command_id}).encode(),
+                                     wait=False)
+
+        for device_id, client in clients:
+            nursery.start_soon(device, device_id, client)
+        print("[]", flush=True)
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        while await stdin.receive_some():
+            pass
+        nursery.cancel_scope.cancel()
+
+
+async def mqtt_device(port: int, device_id: str, window: int, schedule: list[float], out: Latencies) -> None:
+    """As :func:`baseline_device`, through the broker: publish QoS 1, the ack back QoS 1."""
+    async with trio.open_nursery() as nursery:
+        client = await Mqtt.connect(port, f"box-{device_id}", nursery)
+        await client.subscribe(f"a/{device_id}")
+        slots = trio.Semaphore(window)
+        due: dict[str, float] = {}
+        start = trio.current_time()
+
+        async def receive() -> None:
+            for _ in schedule:
+                message = await client.receive()
+                out.append(trio.current_time() - due.pop(json.loads(message.payload)["id"]))
+                slots.release()
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(receive)
+            for n, at in enumerate(schedule, 1):
+                await trio.sleep_until(at)
+                await slots.acquire()
+                command_id = f"m-{device_id}-{time.monotonic_ns()}-{n}"
+                due[command_id] = max(at, start)
+                await client.publish(f"c/{device_id}", encode_command(Command(
+                    id=command_id, seq=n, kind="print", expires_at=None, body=f'{{"n":{n}}}')).encode(), wait=False)
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def run_mqtt(port: int, devices: int, window: int, schedules: list[list[float]]) -> tuple[Latencies, float]:
+    out: Latencies = []
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(devices):
+            nursery.start_soon(mqtt_device, port, f"bench-{i:02d}", window, schedules[i], out)
     return out, time.perf_counter() - start
 
 
@@ -205,48 +278,83 @@ def paced_schedule(devices: int, rate: float, seconds: float, start: float) -> l
     return out
 
 
-async def main(args: argparse.Namespace) -> None:
-    farm = await trio.lowlevel.open_process([sys.executable, "-m", "benchmarks.dispatch", "--serve-devices",
-                                            str(args.devices)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert farm.stdout is not None and farm.stdin is not None
+async def _farm(args: list[str]) -> tuple[trio.Process, list[int]]:
+    farm = await trio.lowlevel.open_process([sys.executable, "-m", "benchmarks.dispatch", *args],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert farm.stdout is not None
     line = b""
     while not line.endswith(b"\n"):
         line += await farm.stdout.receive_some()
-    ports: list[int] = json.loads(line)
+    return farm, json.loads(line)
+
+
+async def _stop(farm: trio.Process) -> None:
+    assert farm.stdin is not None
+    await farm.stdin.aclose()
+    with trio.move_on_after(5):
+        await farm.wait()
+    if farm.returncode is None:
+        farm.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def main(args: argparse.Namespace) -> None:
     total = args.burst * args.devices
+    bursts: list[list[float]] = [[0.0] * args.burst for _ in range(args.devices)]
+
+    def paced() -> list[list[float]]:
+        return paced_schedule(args.devices, args.rate, args.seconds, trio.current_time() + 0.2)
+
+    farm, ports = await _farm(["--serve-devices", str(args.devices)])
     try:
         # Baseline throughput, then latency at the offered load.
-        bursts: list[list[float]] = [[0.0] * args.burst for _ in ports]
         _, base_burst_s = await run_baseline(ports, args.window, bursts)
-        start = trio.current_time() + 0.2
-        base_lat, _ = await run_baseline(ports, args.window, paced_schedule(args.devices, args.rate, args.seconds,
-                                                                            start))
+        base_lat, _ = await run_baseline(ports, args.window, paced())
         with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
             disp_burst_s, disp_lat, commit_s = await run_dispatch(ports, Path(tmp), window=args.window,
                                                                   burst=args.burst, rate=args.rate,
                                                                   seconds=args.seconds)
     finally:
-        await farm.stdin.aclose()
-        with trio.move_on_after(5):
-            await farm.wait()
-        if farm.returncode is None:
-            farm.kill()
+        await _stop(farm)
+    mqtt_burst_s, mqtt_lat = float("nan"), [float("nan")]
+    if not args.no_mosquitto:
+        port = _free_port()
+        with mosquitto(port):
+            farm, _ = await _farm(["--serve-mqtt-devices", str(args.devices), "--mqtt-port", str(port)])
+            try:
+                _, mqtt_burst_s = await run_mqtt(port, args.devices, args.window, bursts)
+                mqtt_lat, _ = await run_mqtt(port, args.devices, args.window, paced())
+            finally:
+                await _stop(farm)
 
-    base_tput, disp_tput = total / base_burst_s, total / disp_burst_s
+    def p(values: Latencies, q: float) -> float:
+        return percentile(values, q) * 1e3
+
+    base_tput, disp_tput, mqtt_tput = total / base_burst_s, total / disp_burst_s, total / mqtt_burst_s
     rows = [
-        ("throughput, commands/s", f"{base_tput:,.0f}", f"{disp_tput:,.0f}", f"{disp_tput / base_tput:.2f}"),
-        (f"latency at {args.rate:g}/s, p50 ms", f"{percentile(base_lat, .5) * 1e3:.1f}",
-         f"{percentile(disp_lat, .5) * 1e3:.1f}", f"{percentile(disp_lat, .5) / percentile(base_lat, .5):.1f}x"),
-        (f"latency at {args.rate:g}/s, p99 ms", f"{percentile(base_lat, .99) * 1e3:.1f}",
-         f"{percentile(disp_lat, .99) * 1e3:.1f}", f"{percentile(disp_lat, .99) / percentile(base_lat, .99):.1f}x"),
+        ("throughput, commands/s", f"{base_tput:,.0f}", f"{mqtt_tput:,.0f}", f"{disp_tput:,.0f}",
+         f"{disp_tput / base_tput:.2f}x", f"{disp_tput / mqtt_tput:.2f}x"),
+        (f"latency at {args.rate:g}/s, p50 ms", f"{p(base_lat, .5):.1f}", f"{p(mqtt_lat, .5):.1f}",
+         f"{p(disp_lat, .5):.1f}", f"{p(disp_lat, .5) / p(base_lat, .5):.1f}x",
+         f"{p(disp_lat, .5) / p(mqtt_lat, .5):.1f}x"),
+        (f"latency at {args.rate:g}/s, p99 ms", f"{p(base_lat, .99):.1f}", f"{p(mqtt_lat, .99):.1f}",
+         f"{p(disp_lat, .99):.1f}", f"{p(disp_lat, .99) / p(base_lat, .99):.1f}x",
+         f"{p(disp_lat, .99) / p(mqtt_lat, .99):.1f}x"),
     ]
     print(f"device channel: {args.devices} simulated devices on loopback (another process), window {args.window}")
     print(f"throughput: {args.burst} commands per device at once ({total} in all); latency: {args.rate:g} "
           f"commands/s for {args.seconds:g} s ({len(disp_lat)} commands)")
-    print(f"one durable commit (fsync) on this disk: {commit_s * 1e3:.1f} ms")
-    print(f"{'':28}{'baseline (raw ws)':>20}{'dispatch (durable)':>20}{'ratio':>9}")
-    for name, base, disp, ratio in rows:
-        print(f"{name:28}{base:>20}{disp:>20}{ratio:>9}")
+    print(f"one durable commit (fsync) on this disk: {commit_s * 1e3:.1f} ms; mosquitto: Debian's, QoS 1 both ways, "
+          "default persistence (saved every 1800 s and at exit)")
+    print(f"{'':28}{'raw ws':>10}{'mosquitto':>11}{'dispatch':>10}{'vs raw':>9}{'vs mqtt':>9}")
+    for name, base, mqtt, disp, vs_raw, vs_mqtt in rows:
+        print(f"{name:28}{base:>10}{mqtt:>11}{disp:>10}{vs_raw:>9}{vs_mqtt:>9}")
+    print("goals (issue 16): throughput >= 0.5x mosquitto's; p99 <= 1.5x mosquitto's")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -256,7 +364,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--burst", type=int, default=200, help="commands per device for the throughput run")
     p.add_argument("--rate", type=float, default=100.0, help="commands/s in all for the latency run")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
+    p.add_argument("--no-mosquitto", action="store_true", help="skip the mosquitto peer")
     p.add_argument("--serve-devices", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--serve-mqtt-devices", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--mqtt-port", type=int, help=argparse.SUPPRESS)
     _cpus.add_option(p)
     return p.parse_args(argv)
 
@@ -265,5 +376,7 @@ if __name__ == "__main__":
     arguments = parse_args()
     if arguments.serve_devices:
         trio.run(serve_farm, arguments.serve_devices)
+    elif arguments.serve_mqtt_devices:
+        trio.run(serve_mqtt_farm, arguments.serve_mqtt_devices, arguments.mqtt_port)
     else:
         _cpus.run(partial(trio.run, main), arguments)

@@ -7,7 +7,8 @@ messages, and on any failure back off (capped, jittered, per device) and connect
 The window keeps what was in flight, so everything unacknowledged is sent again in order.
 
 Per connection, three tasks: the writer (the only task that sends commands; it also loads
-commands from the outbox, runs the window's timers and hands records to the recorder),
+commands from the outbox, runs the window's timers and hands records to the recorder;
+every command the window lets go at once leaves in one TCP write, see :class:`_Cork`),
 the reader (device messages into the window) and the pinger (a WebSocket ping every
 ``ping_interval_s``; no pong within ``ping_timeout_s`` drops the link).
 
@@ -81,6 +82,9 @@ Clock = Callable[[], float]
 _RECORD_BATCH: Final = 256
 # A graceful close waits this long for the device's close frame, then closes the stream.
 _POLITE_CLOSE_S: Final = 2.0
+# Commands gathered for one TCP write at most (see _Cork): a window's worth of small
+# commands; a big one goes out with what was gathered before it.
+_CORK_MAX_BYTES: Final = 64 * 1024
 # Closing a stream is local; the bound only guards against a stuck transport.
 _STREAM_CLOSE_S: Final = 1.0
 # What a failed connection may raise; anything else is a bug and crashes the dispatcher.
@@ -110,6 +114,58 @@ class _ContainedNursery:
                                            f"({type(exc).__name__}: {exc})") from exc
 
         self._nursery.start_soon(contained, name=name or fn)
+
+
+class _Cork(trio.abc.Stream):
+    """The device's byte stream, with the writer's commands gathered into one write.
+
+    Between :meth:`cork` and :meth:`uncork`, ``send_all`` only appends to a buffer (bounded
+    by :data:`_CORK_MAX_BYTES`: beyond it the buffer is written at once); ``uncork`` writes
+    it all. One write per command was the device path's largest per-message cost (a send
+    system call and the peer's wake-up each: ``scripts/bench dispatch``, profiled); when
+    acks free several slots of the window together, their commands now share one. Every
+    other write (trio-websocket's pongs and closes) passes straight through while uncorked,
+    and waits for the uncork, which follows at once, while corked. Closing closes the stream.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._corked = False
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    def cork(self) -> None:
+        self._corked = True
+
+    async def uncork(self) -> None:
+        self._corked = False
+        await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending, self._pending_bytes = [], 0
+            await self._stream.send_all(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._corked:
+            await self._stream.send_all(data)
+            return
+        self._pending.append(bytes(data))
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= _CORK_MAX_BYTES:
+            await self._write_pending()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def open_tcp(host: str, port: int) -> trio.abc.Stream:
@@ -320,7 +376,7 @@ class DeviceLink:
     async def _session(self, backoff: Backoff) -> None:
         t, cfg = self.target, self._config
         with trio.fail_after(cfg.connect_timeout_s):
-            stream = await self._open_stream(t.address, t.port)
+            stream = _Cork(await self._open_stream(t.address, t.port))
         try:
             async with trio.open_nursery() as nursery:
                 ws: WebSocketConnection | None = None
@@ -351,7 +407,7 @@ class DeviceLink:
                 async with trio.open_nursery() as tasks:
                     tasks.start_soon(self._reader, ws, backoff)
                     tasks.start_soon(self._pinger, ws, backoff)
-                    await self._writer(ws)
+                    await self._writer(ws, stream)
                     tasks.cancel_scope.cancel()
                 # Drained: every send finished and nothing is in flight, so a polite close is safe.
                 with trio.move_on_after(_POLITE_CLOSE_S, shield=True):
@@ -386,7 +442,7 @@ class DeviceLink:
             raise HelloRefused(str(exc)) from None
         return hello
 
-    async def _writer(self, ws: WebSocketConnection) -> None:
+    async def _writer(self, ws: WebSocketConnection, stream: _Cork) -> None:
         window, seen = self.window, self.poke.version
         while True:
             window.handle_timer(self._clock())
@@ -394,7 +450,11 @@ class DeviceLink:
                 await self._load()
             command = window.next_transmit(self._clock())  # the time now, after the load
             if command is not None:
-                await ws.send_message(encode_command(command))
+                stream.cork()  # every command the window lets go now, in one write
+                while command is not None:
+                    await ws.send_message(encode_command(command))
+                    command = window.next_transmit(self._clock())
+                await stream.uncork()
                 await self._flush(force=False)
                 continue
             await self._flush(force=True)
