@@ -567,3 +567,46 @@ async def test_a_batch_of_commands_is_one_transaction_all_or_nothing(make_config
                 assert [c.body for c in sim.accepted] == [{"line": 0}, {"line": 1}, {"line": 2}]
         sims.cancel_scope.cancel()
     sim.close()
+
+
+class CountingStream(trio.abc.Stream):
+    """A device connection that counts the box's writes."""
+
+    def __init__(self, stream: trio.abc.Stream, writes: list[int]) -> None:
+        self.stream, self.writes = stream, writes
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(len(data))
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_commands_let_go_together_leave_in_one_write(clock: trio.testing.MockClock, runtime: Runtime) -> None:
+    sim = DeviceSimulator(device_id="kds-1", kind="kds")
+    writes: list[int] = []
+    async with trio.open_nursery() as nursery:
+        lan = MemoryLan(nursery)
+        lan.plug("10.0.0.5", 8081, sim.serve_stream)
+
+        async def open_counted(host: str, port: int) -> trio.abc.Stream:
+            return CountingStream(await lan.open_stream(host, port), writes)
+
+        await nursery.start(partial(run_dispatcher, runtime, open_stream=open_counted,
+                                    adopted=lambda conn: [target("kds-1")], clock=trio.current_time,
+                                    rng=random.Random(7)))
+        await wait_for(lambda: runtime.device_links.links["kds-1"].phase is DeviceLinkPhase.CONNECTED)
+        before = len(writes)  # the handshake's
+        await enqueue_many(runtime, [("kds-1", {"n": n}) for n in range(20)])
+        await wait_for(lambda: len(sim.accepted) == 20)
+        assert [c.body["n"] for c in sim.accepted] == list(range(20))
+        assert len(writes) - before == 1  # twenty commands, one write
+        runtime.stopping.set()
+    sim.close()
