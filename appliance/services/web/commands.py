@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any, Final, cast
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -65,9 +66,9 @@ from appliance.services.web.common import (
     require_admin,
     whole_number,
 )
-from appliance.services.web.contract import ADMIN, DEVICE, Documented, errors, path_param
+from appliance.services.web.contract import ADMIN, DEVICE, BodyResponse, Documented, errors, path_param
 from appliance.services.web.device_auth import authenticate
-from appliance.services.web.kit import AMBER, GREEN, GREY, RED, JsonResponse, ago, not_done
+from appliance.services.web.kit import AMBER, GREEN, GREY, RED, ago, not_done
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import AdoptionState, get_device
 from appliance.storage.outbox import (
@@ -200,7 +201,8 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         answer = {"id": done.id, "device_id": device_id, "seq": done.seq,
                   "state": str(row.state) if row is not None else "queued", "created": done.created}
         location = f"/v1/devices/{urllib.parse.quote(device_id)}/commands/{done.id}"
-        return JsonResponse(answer, status_code=201 if done.created else 200, headers={"Location": location})
+        return BodyResponse(msgspec.convert(answer, CommandAnswer), status_code=201 if done.created else 200,
+                            headers={"Location": location})
 
     async def post_batch(request: Request) -> Response:
         require_admin(request, runtime)
@@ -215,7 +217,8 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         except OutboxError as exc:
             raise ApiError(400, "the batch is not valid", [f"{exc}; no command of the batch was queued"]) from exc
         answer = [{"id": d.id, "device_id": d.device_id, "seq": d.seq, "created": d.created} for d in done]
-        return JsonResponse({"commands": answer}, status_code=201 if any(d.created for d in done) else 200)
+        return BodyResponse(msgspec.convert({"commands": answer}, BatchAnswer),
+                            status_code=201 if any(d.created for d in done) else 200)
 
     async def listing(request: Request) -> Response:
         caller = await authenticate(request, runtime)
@@ -238,7 +241,8 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         await _adopted_or_raise(runtime, device_id, must_be_adopted=False)
         rows = await runtime.db.read(partial(list_commands, device_id=device_id, state=state,
                                                           limit=limit or MAX_LIST))  # not None: checked above
-        return JsonResponse({"device_id": device_id, "commands": [r.as_dict() for r in rows]})
+        return BodyResponse(msgspec.convert({"device_id": device_id, "commands": [r.as_dict() for r in rows]},
+                                            CommandList))
 
     async def one(request: Request) -> Response:
         caller = await authenticate(request, runtime)
@@ -247,7 +251,7 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         row = await runtime.db.read(partial(get_command, command_id=command_id))
         if row is None or row.device_id != device_id:
             raise ApiError(404, f"no command {command_id!r} for device {device_id!r}")
-        return JsonResponse({"command": row.as_dict()})
+        return BodyResponse(msgspec.convert({"command": row.as_dict()}, CommandView))
 
     return [
         Documented("/v1/devices/{device_id}/commands", post, method="POST", operation=_POST),
