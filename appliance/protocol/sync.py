@@ -31,6 +31,7 @@ import attrs
 import msgspec
 
 from appliance.protocol.backoff import Backoff
+from appliance.protocol.text import Text
 from appliance.protocol.wan import FIXES, Hop, HopFailure
 
 __all__ = [
@@ -523,13 +524,15 @@ class Uplink:
 def http_failure(target: str, status: int, *, code: str = "", reason: str = "") -> HopFailure:
     """A call that reached the platform and got an error status back."""
     words = f"HTTP {status}" + (f" {code}" if code else "") + (f": {reason}" if reason else "")
+    fix: str
     if status in (401, 403):
-        fix = "pair the box again (homepage, or `appliance pair CODE`); it keeps serving the shop meanwhile"
+        fix = Text("pair the box again (homepage, or `appliance pair CODE`); it keeps serving the shop meanwhile")
     elif status in (408, 409, 425, 429) or status >= 500:
-        fix = "the platform is busy or down; the box retries by itself and keeps serving the shop"
+        fix = Text("the platform is busy or down; the box retries by itself and keeps serving the shop")
     else:
         fix = FIXES[Hop.HTTP]
-    return HopFailure(hop=Hop.HTTP, target=target, message=f"{target} answered {words}", fix=fix, status=status)
+    return HopFailure(hop=Hop.HTTP, target=target, message=Text("{target} answered {words}", target=target,
+                                                                words=words), fix=fix, status=status)
 
 
 # --- what the loops last saw ------------------------------------------------------------

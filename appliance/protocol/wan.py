@@ -16,6 +16,8 @@ from typing import Any, Final
 
 import attrs
 
+from appliance.protocol.text import Text
+
 __all__ = ["FIXES", "Hop", "HopFailure", "bypasses_proxy"]
 
 
@@ -28,12 +30,12 @@ class Hop(enum.StrEnum):
 
 
 FIXES: Final[Mapping[Hop, str]] = {
-    Hop.DNS: "check the box's DNS servers and internet link (or set [wan] proxy if the shop needs one)",
-    Hop.TCP: "check the internet link and that outbound TCP 443 is allowed (or set [wan] proxy)",
-    Hop.PROXY: "check [wan] proxy (address, port, credentials) and that the proxy allows CONNECT to port 443",
-    Hop.TLS: ("check the box's clock; if the shop's proxy inspects TLS, put its CA in [cloud] ca_file "
-              "(verification stays on)"),
-    Hop.HTTP: "check [cloud] api_url; if it persists, send the logs to support",
+    Hop.DNS: Text("check the box's DNS servers and internet link (or set [wan] proxy if the shop needs one)"),
+    Hop.TCP: Text("check the internet link and that outbound TCP 443 is allowed (or set [wan] proxy)"),
+    Hop.PROXY: Text("check [wan] proxy (address, port, credentials) and that the proxy allows CONNECT to port 443"),
+    Hop.TLS: Text("check the box's clock; if the shop's proxy inspects TLS, put its CA in [cloud] ca_file "
+                  "(verification stays on)"),
+    Hop.HTTP: Text("check [cloud] api_url; if it persists, send the logs to support"),
 }
 
 

@@ -36,6 +36,7 @@ from appliance.config import Config
 from appliance.protocol.backoff import Backoff
 from appliance.protocol.media import MediaEntry, MediaEntryError, RateLimit, parse_entry
 from appliance.protocol.media_cache import Blob, CachePlan, budget_bytes, plan
+from appliance.protocol.text import Text
 from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.download import DownloadError, receive, request_headers
 from appliance.services.media_files import MediaShelf, hash_file
@@ -292,9 +293,9 @@ class MediaFetcher:
             have, etag = 0, ""
         if free - (size - have) < self.config.min_free_bytes:
             raise _Failed(HopFailure(hop=Hop.HTTP, target="disk", status=None,
-                                    message=f"{entry.key} ({size} bytes) would leave less free disk than "
-                                            f"{self.config.min_free_bytes} bytes",
-                                    fix="free disk space, or lower [media] max_bytes"))
+                                    message=Text("{key} ({size} bytes) would leave less free disk than {floor} bytes",
+                                                 key=entry.key, size=size, floor=self.config.min_free_bytes),
+                                    fix=Text("free disk space, or lower [media] max_bytes")))
         headers = request_headers(have, etag)
         if not have or have < size:  # a complete partial (a crash before its rename) is only checked
             client, proxy = self.client(entry.url)
@@ -304,15 +305,16 @@ class MediaFetcher:
             except httpx.HTTPError as exc:
                 raise _Failed(locate_failure(exc, url=entry.url, proxy=proxy)) from exc
         if have != size:
-            raise _Failed(_media_failure(entry.url, f"{entry.key}: the download stopped at {have} of {size} bytes",
-                                         "the box resumes it by itself; check the internet link if it persists"))
+            raise _Failed(_media_failure(entry.url, Text("{key}: the download stopped at {have} of {size} bytes",
+                                                         key=entry.key, have=have, size=size),
+                                         Text("the box resumes it by itself; check the internet link if it persists")))
         digest, _ = await trio.to_thread.run_sync(hash_file, shelf.partial_path(sha))
         if digest.hexdigest() != sha:
             await trio.to_thread.run_sync(shelf.drop_partial, sha)
             self.status.hash_failures += 1
-            raise _Failed(_media_failure(entry.url, f"{entry.key}: the bytes received do not match its sha256; "
-                                                    "deleted, to be fetched again",
-                                         "the box fetches it again by itself; tell support if it persists"))
+            raise _Failed(_media_failure(entry.url, Text("{key}: the bytes received do not match its sha256; "
+                                                         "deleted, to be fetched again", key=entry.key),
+                                         Text("the box fetches it again by itself; tell support if it persists")))
         # From here the file is put in place and recorded even if the round ends meanwhile.
         with trio.CancelScope(shield=True):
             await self.place(entry, blob, sha, size)
@@ -363,9 +365,9 @@ class MediaFetcher:
         except DownloadError as exc:
             if exc.oversize:
                 self.status.hash_failures += 1
-            fix = ("the box retries by itself; if the file stays missing, tell support"
+            fix = (Text("the box retries by itself; if the file stays missing, tell support")
                    if not exc.restart and not exc.oversize else
-                   "the box fetches it again by itself" if exc.oversize else "nothing to do")
+                   Text("the box fetches it again by itself") if exc.oversize else Text("nothing to do"))
             raise _Failed(_media_failure(entry.url, exc.message, fix, exc.status), retry_now=exc.restart) from exc
 
 

@@ -52,6 +52,7 @@ from appliance.protocol.sync import (
     parse_retry_after,
     product_name,
 )
+from appliance.protocol.text import Text
 from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.pairing import mark_repair_needed
 from appliance.services.runtime import Runtime
@@ -218,9 +219,11 @@ class CloudSync:
     def _transport(self, exc: BaseException) -> _CallFailed:
         if isinstance(exc, trio.TooSlowError):
             error = HopFailure.at(Hop.HTTP, self.target,
-                                 f"{self.target} did not answer within {self.call_deadline_s:g} s")
+                                 Text("{target} did not answer within {seconds} s", target=self.target,
+                                      seconds=format(self.call_deadline_s, "g")))
         elif isinstance(exc, SyncProtocolError):
-            error = HopFailure.at(Hop.HTTP, self.target, f"the platform's answer does not follow the contract: {exc}")
+            error = HopFailure.at(Hop.HTTP, self.target, Text("the platform's answer does not follow the contract: "
+                                                              "{error}", error=str(exc)))
         else:
             error = locate_failure(exc, url=str(self.client.base_url), proxy=self.proxy)
         return _CallFailed(error)
@@ -299,7 +302,7 @@ class CloudSync:
                 snapshots += 1
                 if snapshots > SNAPSHOTS_PER_ROUND_MAX:
                     raise _CallFailed(HopFailure.at(Hop.HTTP, self.target,
-                                                   "the platform refused the cursor of its own snapshot"))
+                                                   Text("the platform refused the cursor of its own snapshot")))
                 cursor = await self.read_snapshot(store)
             try:
                 page_body = await self.call(store, "GET", f"/v1/stores/{store.store_id}/changes",
@@ -453,8 +456,9 @@ class CloudSync:
         if not accepted and not rejected:
             # An answer about none of the batch: back off instead of resending at once.
             self.uplink.unanswered()
-            raise _CallFailed(HopFailure.at(Hop.HTTP, self.target, f"the platform's answer named none of the "
-                                                                  f"{len(batch.events)} events sent"))
+            raise _CallFailed(HopFailure.at(Hop.HTTP, self.target, Text("the platform's answer named none of the "
+                                                                       "{count} events sent",
+                                                                       count=len(batch.events))))
         self.uplink.sent()
         self.runtime.metrics.inc("sync_events_accepted", accepted)
         if rejected:

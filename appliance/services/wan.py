@@ -41,6 +41,7 @@ import trio
 
 from appliance.config import Config, WanConfig
 from appliance.protocol.redact import redact_url
+from appliance.protocol.text import Text
 from appliance.protocol.wan import Hop, HopFailure, bypasses_proxy
 
 __all__ = ["ProxySettings", "Route", "WanConfigError", "bypasses_proxy", "client_for", "close_client", "cloud_route",
@@ -221,11 +222,11 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 _ERRNO_WORDS: Final = {
-    errno.ECONNREFUSED: "connection refused",
-    errno.ECONNRESET: "connection reset",
-    errno.EHOSTUNREACH: "no route to host",
-    errno.ENETUNREACH: "network unreachable",
-    errno.ETIMEDOUT: "timed out",
+    errno.ECONNREFUSED: Text("connection refused"),
+    errno.ECONNRESET: Text("connection reset"),
+    errno.EHOSTUNREACH: Text("no route to host"),
+    errno.ENETUNREACH: Text("network unreachable"),
+    errno.ETIMEDOUT: Text("timed out"),
 }
 
 
@@ -242,21 +243,23 @@ def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None)
     chain = _chain(exc)
     if any(isinstance(e, httpx.ProxyError) for e in chain):
         answer = next(str(e) for e in chain if isinstance(e, httpx.ProxyError))
-        where = proxy.address if proxy else "the proxy"
-        return HopFailure.at(Hop.PROXY, where, f"the proxy {where} could not open a tunnel to {target}: {answer}")
+        where = proxy.address if proxy else "?"
+        return HopFailure.at(Hop.PROXY, where, Text("the proxy {proxy} could not open a tunnel to {target}: {answer}",
+                                                    proxy=where, target=target, answer=answer))
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
-            return HopFailure.at(Hop.TLS, target, f"TLS with {target} failed: the certificate is not trusted "
-                                f"({e.verify_message})")
+            return HopFailure.at(Hop.TLS, target, Text("TLS with {target} failed: the certificate is not trusted "
+                                                       "({error})", target=target, error=str(e.verify_message)))
         if isinstance(e, ssl.SSLError):
-            return HopFailure.at(Hop.TLS, target, f"TLS with {target} failed: {e.reason or e}")
+            return HopFailure.at(Hop.TLS, target, Text("TLS with {target} failed: {error}", target=target,
+                                                       error=str(e.reason or e)))
     connecting = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
     if connecting:
         gai = next((e for e in chain if isinstance(e, socket.gaierror)), None)
         os_err = next((e for e in chain if isinstance(e, OSError) and e.errno is not None
                        and not isinstance(e, socket.gaierror)), None)
         if isinstance(exc, httpx.ConnectTimeout):
-            words = "timed out"
+            words: str = Text("timed out")
         elif gai is not None:
             words = (gai.strerror or str(gai)).lower()
         elif os_err is not None:
@@ -264,17 +267,22 @@ def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None)
         else:
             words = str(exc) or type(exc).__name__
         if proxy is not None:
-            what = "cannot resolve the proxy" if gai is not None else "cannot reach the proxy"
-            return HopFailure.at(Hop.PROXY, proxy.address, f"{what} {proxy.address}: {words}")
+            message = (Text("cannot resolve the proxy {proxy}: {error}", proxy=proxy.address, error=words)
+                       if gai is not None else
+                       Text("cannot reach the proxy {proxy}: {error}", proxy=proxy.address, error=words))
+            return HopFailure.at(Hop.PROXY, proxy.address, message)
         if gai is not None:
-            return HopFailure.at(Hop.DNS, parts.hostname or target, f"cannot resolve {parts.hostname}: {words}")
+            return HopFailure.at(Hop.DNS, parts.hostname or target, Text("cannot resolve {host}: {error}",
+                                                                          host=str(parts.hostname), error=words))
         if any(isinstance(e, ssl.SSLError) for e in chain):
-            return HopFailure.at(Hop.TLS, target, f"TLS with {target} failed: {words}")
-        return HopFailure.at(Hop.TCP, target, f"cannot connect to {target}: {words}")
+            return HopFailure.at(Hop.TLS, target, Text("TLS with {target} failed: {error}", target=target, error=words))
+        return HopFailure.at(Hop.TCP, target, Text("cannot connect to {target}: {error}", target=target, error=words))
     if isinstance(exc, httpx.TimeoutException):
-        return HopFailure.at(Hop.HTTP, target, f"{target} did not answer in time ({type(exc).__name__})")
+        return HopFailure.at(Hop.HTTP, target, Text("{target} did not answer in time ({error})", target=target,
+                                                    error=type(exc).__name__))
     if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
-        return HopFailure.at(Hop.HTTP, target,
-                            f"the connection to {target} was cut before the answer ({str(exc) or type(exc).__name__})")
-    return HopFailure.at(Hop.HTTP, target, f"the call to {target} failed: {type(exc).__name__}: {exc}")
+        return HopFailure.at(Hop.HTTP, target, Text("the connection to {target} was cut before the answer ({error})",
+                                                    target=target, error=str(exc) or type(exc).__name__))
+    return HopFailure.at(Hop.HTTP, target, Text("the call to {target} failed: {error}", target=target,
+                                                error=f"{type(exc).__name__}: {exc}"))
 
