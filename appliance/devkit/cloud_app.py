@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -22,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.devkit.cloud_blobs import blob_endpoint
+from appliance.devkit.cloud_blobs import blob_endpoint, stream_while_read
 from appliance.devkit.cloud_catalog import COMPACT, Record
 from appliance.devkit.cloud_faults import parse_fault
 from appliance.devkit.cloud_logs import MAX_BATCH_BYTES as MAX_LOG_BATCH
@@ -159,18 +160,9 @@ class SnapshotStream(Response):
         # A reader that goes away stops the generation (the server drops our sends silently).
         self.state.snapshot_streams += 1
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
-                await self._stream(send)
-                nursery.cancel_scope.cancel()
+            await stream_while_read(receive, partial(self._stream, send))
         finally:
             self.state.snapshot_streams -= 1
-
-    @staticmethod
-    async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        scope.cancel()
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

@@ -16,6 +16,8 @@ Faults (``POST /_sim/faults`` with a ``path`` under ``/blob/``):
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Final
 
 import trio
@@ -27,7 +29,7 @@ from appliance.devkit.cloud_faults import Fault
 from appliance.devkit.cloud_state import BlobSource, CloudState
 from appliance.devkit.cloud_wire import CloudApiError
 
-__all__ = ["BLOB_CHUNK", "BlobStream", "blob_endpoint"]
+__all__ = ["BLOB_CHUNK", "BlobStream", "blob_endpoint", "stream_while_read"]
 
 BLOB_CHUNK: Final = 64 * 1024
 
@@ -49,6 +51,21 @@ def _range(header: str, size: int) -> tuple[int, int]:
     return start, end
 
 
+async def stream_while_read(receive: Receive, stream: Callable[[], Awaitable[None]]) -> None:
+    """Run ``stream`` (a response's sends) until it ends or the reader goes away: the server
+    would drop the sends to a reader that left silently, and they must not count as sent."""
+
+    async def watch(scope: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch, nursery.cancel_scope)
+        await stream()
+        nursery.cancel_scope.cancel()
+
+
 class BlobStream(Response):
     """Bytes ``start..end`` of a blob, generated chunk by chunk, with the faults of the request."""
 
@@ -60,18 +77,7 @@ class BlobStream(Response):
         self.start, self.end, self.faults = start, end, faults
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # A reader that goes away stops the stream: the server would drop our sends silently,
-        # and they must not be counted as sent.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
-            await self._stream(send)
-            nursery.cancel_scope.cancel()
-
-    @staticmethod
-    async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        scope.cancel()
+        await stream_while_read(receive, partial(self._stream, send))
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
