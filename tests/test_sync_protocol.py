@@ -127,7 +127,7 @@ def test_snapshot_events_do_not_depend_on_chunking(items: list[tuple[str, str, d
         pos, i = pos + size, i + 1
     assert reader.close() == SnapshotEnd(cursor="77", count=len(items))
     assert got == expected
-    assert [(r.entity, r.key, dict(r.data)) for r in got if isinstance(r, SnapshotRecord)] == items
+    assert [(r.entity, r.key, json.loads(r.data)) for r in got if isinstance(r, SnapshotRecord)] == items
 
 
 def test_a_short_snapshot_is_refused() -> None:

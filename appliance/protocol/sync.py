@@ -110,19 +110,14 @@ class ChangesPage:
 
 @attrs.frozen(kw_only=True)
 class SnapshotRecord:
-    """One record of the snapshot. ``text`` is its data, a JSON object as the platform sent
-    it (valid UTF-8, kept as is so it is not parsed and encoded again on its way to the
-    replica); ``name`` is a product's display name ("" when it has none)."""
+    """One record of the snapshot. ``data`` is its data, a JSON object's text as the
+    platform sent it (valid UTF-8, kept as is so it is not parsed and encoded again on its
+    way to the replica); ``name`` is a product's display name ("" when it has none)."""
 
     entity: str
     key: str
-    text: str
+    data: str
     name: str = ""
-
-    @property
-    def data(self) -> Mapping[str, Any]:
-        value: dict[str, Any] = json.loads(self.text)
-        return value
 
 
 @attrs.frozen(kw_only=True)
@@ -272,7 +267,7 @@ class SnapshotReader:
         if data is None:
             raise SyncProtocolError(f"{where}: a snapshot record must carry data")
         self.records += 1
-        return SnapshotRecord(entity=entity, key=key, text=_ASCII_JSON(data),
+        return SnapshotRecord(entity=entity, key=key, data=_ASCII_JSON(data),
                               name=product_name(data) if entity == "product" else "")
 
     def close(self) -> SnapshotEnd:
@@ -301,15 +296,15 @@ def product_name(data: Mapping[str, Any]) -> str:
     return name
 
 
-class _Line(msgspec.Struct):
+class _Line(msgspec.Struct, gc=False):
     """A snapshot record line as msgspec reads it: ``data`` left unparsed."""
 
-    entity: Any = None
-    key: Any = None
+    entity: str = ""
+    key: str = ""
     data: msgspec.Raw = msgspec.Raw(b"")
 
 
-class _Named(msgspec.Struct):
+class _Named(msgspec.Struct, gc=False):
     name: Any = None
 
 
@@ -326,15 +321,15 @@ def _fast_record(line: bytes) -> SnapshotRecord | None:
     try:
         parsed = _LINE.decode(line)
         entity, key, raw = parsed.entity, parsed.key, bytes(parsed.data)
-        if not (isinstance(entity, str) and entity and isinstance(key, str) and key and raw[:1] == b"{"):
+        if not entity or not key or raw[:1] != b"{":
             return None
-        entity.encode("utf-8")
+        entity.encode("utf-8")  # a lone surrogate (valid JSON) is no SQLite text
         key.encode("utf-8")
         text = raw.decode("utf-8")
         name = product_name({"name": _NAMED.decode(raw).name}) if entity == "product" else ""
-    except (msgspec.DecodeError, UnicodeError):
+    except (msgspec.DecodeError, UnicodeError):  # ValidationError is a DecodeError
         return None
-    return SnapshotRecord(entity=entity, key=key, text=text, name=name)
+    return SnapshotRecord(entity=entity, key=key, data=text, name=name)
 
 
 def parse_pairing(body: bytes) -> PairingAnswer:

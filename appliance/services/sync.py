@@ -94,10 +94,10 @@ __all__ = ["SNAPSHOT_BATCH_ROWS", "CloudSync", "json_text", "run_sync"]
 
 log = logging.getLogger(__name__)
 
-# Snapshot rows per staging transaction: about 0.5 MB of products; big enough that the
+# Snapshot rows per staging transaction: about 1.5 MB of products; big enough that the
 # per-transaction fsync is noise, small enough to keep memory flat (measured: see the
 # snapshot benchmark).
-SNAPSHOT_BATCH_ROWS: Final = 2000
+SNAPSHOT_BATCH_ROWS: Final = 5000
 # Answers bigger than this are not the platform's: a changes page of 1000 records is
 # well under 2 MB; error bodies and events answers far less.
 ANSWER_MAX_BYTES: Final = 16 * 1024 * 1024
@@ -340,7 +340,7 @@ class CloudSync:
         await db.write(begin_snapshot)
         self.status.snapshot_rows = 0
         log.info("reading the snapshot of store %s", store.store_id)
-        send, receive = trio.open_memory_channel[list[ReplicaWrite]](SNAPSHOT_BATCHES_QUEUED)
+        send, receive = trio.open_memory_channel[list[SnapshotRecord]](SNAPSHOT_BATCHES_QUEUED)
 
         async def stage() -> None:
             async with receive:
@@ -374,10 +374,10 @@ class CloudSync:
         self.runtime.metrics.inc("sync_snapshots")
         return end.cursor
 
-    async def _stream_snapshot(self, store: StoreLink, send: trio.MemorySendChannel[list[ReplicaWrite]],
+    async def _stream_snapshot(self, store: StoreLink, send: trio.MemorySendChannel[list[SnapshotRecord]],
                                ) -> SnapshotEnd:
         reader = SnapshotReader()
-        batch: list[ReplicaWrite] = []
+        batch: list[SnapshotRecord] = []
         async with self.client.stream("GET", f"/v1/stores/{store.store_id}/snapshot",
                                       headers={"Authorization": f"Bearer {store.token}"}) as response:
             if response.status_code != 200:
@@ -387,8 +387,7 @@ class CloudSync:
             async for chunk in response.aiter_bytes():
                 for event in reader.receive_data(chunk):
                     if isinstance(event, SnapshotRecord):
-                        batch.append(ReplicaWrite(entity=event.entity, key=event.key, data=event.text,
-                                                  name=event.name))
+                        batch.append(event)
                 if len(batch) >= SNAPSHOT_BATCH_ROWS:
                     await send.send(batch)
                     batch = []

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import attrs
 
+from appliance.protocol.sync import SnapshotRecord
 from appliance.storage.event_log import append as log_event
 from appliance.storage.event_log import replica_changed
 
@@ -206,7 +207,7 @@ def begin_snapshot(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE sync_state SET staged_rows = 0 WHERE id = 1")
 
 
-def stage_rows(conn: sqlite3.Connection, rows: Sequence[ReplicaWrite]) -> int:
+def stage_rows(conn: sqlite3.Connection, rows: Sequence[ReplicaWrite | SnapshotRecord]) -> int:
     """Stage one batch of snapshot rows into the shadow tables (a later row for the same
     key replaces the earlier). Rows of an entity this firmware does not know are counted
     and skipped, as the swap always did."""
