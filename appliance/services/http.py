@@ -78,6 +78,12 @@ _NO_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 # HTTP/2 by upgrade (RFC 7540 §3.2) or by prior knowledge (§3.4), anywhere in the stream.
 _HTTP2: Final = re.compile(rb"(?i)\nupgrade:[^\r\n]*h2c|(?:^|\n)PRI \* HTTP/2")
 _HTTP2_TAIL: Final = 64  # bytes kept between reads so a match split by a read is seen
+# A response head announcing a body (hypercorn writes header names as the app gave them).
+_SIZED: Final = re.compile(rb"(?i)\r\ncontent-length:[ \t]*0*[1-9]")
+# Listeners whose answers are small and whole (the store API's JSON): their response head
+# leaves with its body in one write. Not the streaming ones (events, media, support), whose
+# head must not wait for a body that may come late.
+_COALESCED_ROLES: Final = frozenset({"api"})
 
 
 class BindError(Exception):
@@ -171,14 +177,30 @@ class ConnectionCaps:
         self._room.unpark_all()
 
 
-class _Connection(trio.abc.HalfCloseableStream):
-    """An admitted connection: gives its place back when closed; refuses HTTP/2."""
+def _is_sized_head(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` is a whole HTTP/1.1 response head announcing a body of 1 byte or more."""
+    return bytes(data[:9]) == b"HTTP/1.1 " and bytes(data[-4:]) == b"\r\n\r\n" \
+        and _SIZED.search(bytes(data)) is not None
 
-    def __init__(self, stream: trio.SocketStream, caps: ConnectionCaps, source: str) -> None:
+
+class _Connection(trio.abc.HalfCloseableStream):
+    """An admitted connection: gives its place back when closed; refuses HTTP/2.
+
+    With ``coalesce``, a response head that announces a body is held until hypercorn's next
+    write (the body, or the empty write that ends every response: h11's EndOfMessage) and
+    leaves with it in one ``send()``: hypercorn writes head, body and end separately, each
+    through its send lock, a shielded scope and two checkpoints, and on the store API's
+    small answers those writes were a third of the event loop's time (docs/store-api.md,
+    "Speed")."""
+
+    def __init__(self, stream: trio.SocketStream, caps: ConnectionCaps, source: str, *,
+                 coalesce: bool = False) -> None:
         self.socket = stream.socket  # hypercorn reads the addresses from it
         self._stream, self._caps, self._source = stream, caps, source
         self._released = False
         self._tail = b"\n"  # as if a line had just ended: the first request line is checked too
+        self._coalesce = coalesce
+        self._head = b""  # a response head held for the body that follows it
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         data = await self._stream.receive_some(max_bytes)
@@ -197,12 +219,21 @@ class _Connection(trio.abc.HalfCloseableStream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._head:
+            data, self._head = self._head + bytes(data), b""
+        elif self._coalesce and _is_sized_head(data):
+            self._head = bytes(data)
+            await trio.lowlevel.checkpoint()  # still a checkpoint, as a send is
+            return
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            await self._stream.send_all(head)
         await self._stream.send_eof()
 
     async def aclose(self) -> None:
@@ -213,8 +244,9 @@ class _Connection(trio.abc.HalfCloseableStream):
 
 
 class _CappedListener(trio.abc.Listener[_Connection]):
-    def __init__(self, inner: trio.SocketListener, caps: ConnectionCaps, *, role: str) -> None:
-        self._inner, self._caps, self._role = inner, caps, role
+    def __init__(self, inner: trio.SocketListener, caps: ConnectionCaps, *, role: str,
+                 coalesce: bool = False) -> None:
+        self._inner, self._caps, self._role, self._coalesce = inner, caps, role, coalesce
         self._last_log = -_LOG_EVERY_S
         self._quiet = 0
 
@@ -231,7 +263,7 @@ class _CappedListener(trio.abc.Listener[_Connection]):
                 continue
             source = _source_of(stream)
             if self._caps.admit(source):
-                return _Connection(stream, self._caps, source)
+                return _Connection(stream, self._caps, source, coalesce=self._coalesce)
             _reset(stream)
             self._note(f"connection from {source} refused: {self._caps.by_source[source]} open from that address "
                        f"(cap {self._caps.per_source})")
@@ -329,7 +361,8 @@ async def run_listener(
     http = runtime.config.http
     caps = ConnectionCaps(total=effective_connection_cap(http.max_connections),
                           per_source=http.max_connections_per_source)
-    listener = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role=role)
+    listener = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role=role,
+                               coalesce=role in _COALESCED_ROLES)
     guarded = guard(app, names=allowed_host_names(http.allowed_hosts), budget=runtime.body_budget,
                     max_body_bytes=http.max_body_bytes, wait_s=http.body_timeout_s,
                     requests=None if role in _STREAMING_ROLES else trio.CapacityLimiter(http.max_requests_in_progress))
