@@ -123,6 +123,15 @@ def _serve_devices(count: int) -> None:
     trio.run(main)
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def ours(args: argparse.Namespace, root: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     started = time.monotonic()
@@ -132,8 +141,7 @@ def ours(args: argparse.Namespace, root: Path) -> dict[str, float]:
         time.sleep(args.idle_seconds)
         out |= sample(proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
     cloud = Cloud(root, args.products)
     farm, devices = device_farm(args.devices)
     try:
@@ -157,8 +165,7 @@ def ours(args: argparse.Namespace, root: Path) -> dict[str, float]:
             out |= {f"loaded_{k}": v for k, v in sample(proc.pid).items()}
             out["loaded_peak_rss_mb"] = rss_mb(proc.pid, "VmHWM")
         finally:
-            proc.terminate()
-            proc.wait(10)
+            stop(proc)
     finally:
         assert farm.stdin is not None
         farm.stdin.close()
