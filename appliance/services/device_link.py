@@ -133,6 +133,10 @@ class _Cork(trio.abc.Stream):
         self._corked = False
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        # One write at a time on the stream: the uncork's write is not under trio-websocket's
+        # own send lock, and a pong or ping may come while it is in progress (trio raises
+        # BusyResourceError for two sends at once on one stream).
+        self._write_lock = trio.StrictFIFOLock()
 
     def cork(self) -> None:
         self._corked = True
@@ -142,14 +146,16 @@ class _Cork(trio.abc.Stream):
         await self._write_pending()
 
     async def _write_pending(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending, self._pending_bytes = [], 0
-            await self._stream.send_all(data)
+        async with self._write_lock:
+            if self._pending:
+                data = b"".join(self._pending)
+                self._pending, self._pending_bytes = [], 0
+                await self._stream.send_all(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if not self._corked:
-            await self._stream.send_all(data)
+            async with self._write_lock:
+                await self._stream.send_all(data)
             return
         self._pending.append(bytes(data))
         self._pending_bytes += len(data)
