@@ -67,6 +67,7 @@ from appliance.protocol.channel_codec import (
     encode_command,
     parse_device_message,
 )
+from appliance.protocol.text import Text
 from appliance.services.metrics import Metrics
 from appliance.services.signal import ChangeSignal
 from appliance.storage import Database
@@ -237,37 +238,42 @@ def _endpoint(address: str, port: int) -> str:
 def describe_failure(exc: BaseException, address: str, port: int, connect_timeout_s: float) -> tuple[str, str]:
     """``(what happened, what a person should do)`` for a failed link, in plain words."""
     where = _endpoint(address, port)
-    on_and_running = "check the device is on and its app running"
+    on_and_running = Text("check the device is on and its app running")
+    not_its_app = Text("update the device's app, or check that the address belongs to this device")
     if isinstance(exc, trio.TooSlowError):
-        return (f"cannot reach {where}: no answer within {connect_timeout_s:g} s",
-                f"{on_and_running}, on this network, at this address")
+        return (Text("cannot reach {where}: no answer within {seconds} s", where=where,
+                     seconds=format(connect_timeout_s, "g")),
+                Text("check the device is on and its app running, on this network, at this address"))
     if isinstance(exc, OSError):
         if exc.errno == errno.ECONNREFUSED:
-            return f"cannot reach {where}: connection refused", on_and_running
+            return Text("cannot reach {where}: connection refused", where=where), on_and_running
         if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-            return (f"cannot reach {where}: no route to host",
-                    "check the device is on and on the shop's network; check its address")
-        return f"cannot reach {where}: {exc.strerror or exc}", on_and_running
+            return (Text("cannot reach {where}: no route to host", where=where),
+                    Text("check the device is on and on the shop's network; check its address"))
+        return Text("cannot reach {where}: {error}", where=where, error=exc.strerror or str(exc)), on_and_running
     if isinstance(exc, ConnectionRejected):
-        return (f"{where} refused the device channel (HTTP {exc.status_code})",
-                f"the app at that address does not speak {SUBPROTOCOL}; check the device's address and app version")
+        return (Text("{where} refused the device channel (HTTP {status})", where=where, status=exc.status_code),
+                Text("the app at that address does not speak {subprotocol}; check the device's address and app "
+                     "version", subprotocol=SUBPROTOCOL))
     if isinstance(exc, HelloRefused):
-        return (f"failed authentication at {where} (impostor or wrong key)",
-                "check that the device at that address is the one adopted; a device that was reset must enroll "
-                "again and its new key be accepted on the homepage")
+        return (Text("failed authentication at {where} (impostor or wrong key)", where=where),
+                Text("check that the device at that address is the one adopted; a device that was reset must enroll "
+                     "again and its new key be accepted on the homepage"))
     if isinstance(exc, ChannelProtocolError):
-        return (f"{where} broke the device protocol: {exc}",
-                "update the device's app, or check that the address belongs to this device")
+        return Text("{where} broke the device protocol: {error}", where=where, error=str(exc)), not_its_app
     if isinstance(exc, h11.ProtocolError | wsproto.utilities.ProtocolError):
-        return (f"{where} broke the WebSocket protocol: {exc}",
-                "update the device's app, or check that the address belongs to this device")
+        return Text("{where} broke the WebSocket protocol: {error}", where=where, error=str(exc)), not_its_app
     if isinstance(exc, LinkStalled):
-        return f"{where} stopped answering: {exc}", "check the device's app is not frozen and its Wi-Fi signal"
+        return (Text("{where} stopped answering: {error}", where=where, error=str(exc)),
+                Text("check the device's app is not frozen and its Wi-Fi signal"))
+    again = Text("check the device's app; the box reconnects by itself")
     if isinstance(exc, ConnectionClosed):
         reason = exc.reason
-        detail = f" (code {reason.code}{': ' + reason.reason if reason and reason.reason else ''})" if reason else ""
-        return f"the connection to {where} closed{detail}", "check the device's app; the box reconnects by itself"
-    return f"{where}: {type(exc).__name__}: {exc}", on_and_running
+        if reason is None:
+            return Text("the connection to {where} closed", where=where), again
+        detail = f"{reason.code}{': ' + reason.reason if reason.reason else ''}"
+        return Text("the connection to {where} closed (code {detail})", where=where, detail=detail), again
+    return Text("{where}: {error}", where=where, error=f"{type(exc).__name__}: {exc}"), on_and_running
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
