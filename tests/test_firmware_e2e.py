@@ -147,8 +147,10 @@ async def test_outside_the_window_the_bundle_waits_downloaded(start_sim: StartSi
     sim = await start_sim()
     offer = sim.state.offer_firmware("0.9.0", signed["good"].read_bytes())
     # A window of one minute, twelve hours away whatever the time now.
-    t = time.localtime(time.time() + 12 * 3600)
-    window = f"{t.tm_hour:02d}:{t.tm_min:02d}-{t.tm_hour:02d}:{(t.tm_min + 1) % 60:02d}"
+    # (Both ends from the clock: at minute 59 the end is in the next hour, not at minute 0
+    # of the same one, which would make a window of 23 hours that holds the time now.)
+    start_at, end_at = (time.localtime(time.time() + 12 * 3600 + s) for s in (0, 60))
+    window = f"{start_at.tm_hour:02d}:{start_at.tm_min:02d}-{end_at.tm_hour:02d}:{end_at.tm_min:02d}"
     _, runtime = await start(start_sim, start_box, box, sim, window=window)
     await wait_until(lambda: runtime.firmware.phase is Phase.WAITING, timeout_s=20, what="waiting for the window")
     assert runtime.firmware.window_opens_in_s is not None and runtime.firmware.window_opens_in_s > 11 * 3600
