@@ -55,7 +55,9 @@ def booted_slot(cmdline: str) -> str:
 
 def _words(proc: subprocess.CompletedProcess[bytes]) -> str:
     text = (proc.stderr or b"").decode("utf-8", "replace")[-OUTPUT_MAX:]
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "Reading bundle" not in line]
+    # RAUC's own progress lines ("rauc-Message: ...") are not the reason it failed.
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "Reading bundle" not in line and "rauc-Message" not in line]
     return " / ".join(lines[-3:]) or f"exit status {proc.returncode}"
 
 
