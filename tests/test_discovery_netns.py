@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from appliance.config import LISTENER_ROLES
 from tests.netns import IP, why_no_namespaces
 
 from .conftest import test_config_data
@@ -210,6 +211,99 @@ def test_broadcast_discovery_across_namespaces(tmp_path: Path) -> None:
         finally:
             db.close()
     finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        lan.destroy()
+    assert proc.returncode == 0, (tmp_path / "box.log").read_text()[-2000:]
+
+
+# A crowd in dev1: 1,100 connections from four more addresses of dev1's link, spread over
+# every listener, each sending one byte of a head that never completes; prints "held" and
+# keeps them until its stdin closes.
+CROWD = textwrap.dedent("""
+    import json, socket, sys
+    from contextlib import suppress
+    box, ports, sources = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3].split(",")
+    held = []
+    for n in range(1100):
+        s = socket.socket()
+        s.setblocking(False)
+        s.bind((sources[n % len(sources)], 0))
+        with suppress(BlockingIOError):
+            s.connect((box, ports[n % len(ports)]))
+        held.append(s)
+    import time; time.sleep(0.5)
+    for s in held:
+        with suppress(OSError):
+            s.send(b"P")
+    print("held", flush=True)
+    sys.stdin.read()
+""")
+
+# From dev1's own address: every listener's /healthz, the slowest answer in seconds.
+HEALTHZ = textwrap.dedent("""
+    import json, sys, time, urllib.request
+    slowest = 0.0
+    for port in json.loads(sys.argv[2]):
+        started = time.monotonic()
+        with urllib.request.urlopen(f"http://{sys.argv[1]}:{port}/healthz", timeout=5) as answer:
+            assert answer.status == 200, (port, answer.status)
+        slowest = max(slowest, time.monotonic() - started)
+    print(slowest)
+""")
+
+
+def test_discovery_stays_up_while_slow_connections_crowd_every_listener(tmp_path: Path) -> None:
+    """The hostile-LAN case with discovery on: a crowd of slow connections from the
+    devices' own link (the per-source cap resets what is over it, the rest are held open),
+    and the box still answers probes there, and every listener's /healthz within a second;
+    after the crowd goes, every service runs, none crashed, and probes are still answered."""
+    lan = Lan()
+    proc: subprocess.Popen[bytes] | None = None
+    crowd: subprocess.Popen[str] | None = None
+    try:
+        lan.create()
+        proc = start_box(lan, tmp_path)
+        (box1,) = discover(lan.dev1)
+        listener_ports = json.dumps([box1["ports"][role] for role in LISTENER_ROLES])
+        sources = [f"10.231.1.{n}" for n in range(3, 7)]
+        dev1_if = f"cd1{lan.tag}"
+        for address in sources:
+            run(IP, "-n", lan.dev1, "addr", "add", f"{address}/24", "dev", dev1_if)
+        crowd = subprocess.Popen([IP, "netns", "exec", lan.dev1, sys.executable, "-c", CROWD, BOX1,
+                                  listener_ports, ",".join(sources)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert crowd.stdout is not None and crowd.stdout.readline().strip() == "held"
+
+        (during,) = discover(lan.dev1)
+        assert during["address"] == BOX1 and during["appliance_id"] == box1["appliance_id"]
+        slowest = float(run(IP, "netns", "exec", lan.dev1, sys.executable, "-c", HEALTHZ, BOX1,
+                            listener_ports).stdout)
+        assert slowest < 1.0, slowest
+
+        assert crowd.stdin is not None
+        crowd.stdin.close()
+        crowd.wait(timeout=30)
+        fetch = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+        status = run(IP, "netns", "exec", lan.dev1, sys.executable, "-c", fetch,
+                     f"http://{BOX1}:{box1['ports']['admin']}/api/status").stdout
+        services = json.loads(status)["services"]
+        assert all(s["state"] in ("running", "disabled") and s["crashes"] == 0 for s in services), services
+        (after,) = discover(lan.dev1)
+        assert after["address"] == BOX1
+        assert proc.poll() is None
+    finally:
+        if crowd is not None:
+            if crowd.poll() is None:
+                crowd.kill()
+                crowd.wait()
+            assert crowd.stdout is not None
+            crowd.stdout.close()
         if proc is not None:
             proc.terminate()
             try:
