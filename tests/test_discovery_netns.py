@@ -162,6 +162,16 @@ def start_box(lan: Lan, tmp_path: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def stop_box(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as systemd stops it; killed only if it does not end within 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def discover(ns: str) -> list[dict[str, Any]]:
     result = run(IP, "netns", "exec", ns, str(BIN / "appliance"), "discover", "--json", "--timeout", "2",
                  check=False)
@@ -212,12 +222,7 @@ def test_broadcast_discovery_across_namespaces(tmp_path: Path) -> None:
             db.close()
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_box(proc)
         lan.destroy()
     assert proc.returncode == 0, (tmp_path / "box.log").read_text()[-2000:]
 
@@ -305,11 +310,6 @@ def test_discovery_stays_up_while_slow_connections_crowd_every_listener(tmp_path
             assert crowd.stdout is not None
             crowd.stdout.close()
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_box(proc)
         lan.destroy()
     assert proc.returncode == 0, (tmp_path / "box.log").read_text()[-2000:]

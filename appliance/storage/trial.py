@@ -87,14 +87,19 @@ def take_snapshot(db_path: Path, snapshot_path: Path) -> bool:
         with _connect(db_path) as src, _connect(tmp) as dst:
             src.backup(dst)
             dst.execute("PRAGMA journal_mode = DELETE")
-        os.chmod(tmp, 0o600)
-        _fsync(tmp)
-        os.replace(tmp, snapshot_path)
-        _fsync(snapshot_path.parent)
+        _put_in_place(tmp, snapshot_path)
     except (sqlite3.Error, OSError) as exc:
         tmp.unlink(missing_ok=True)
         raise TrialStorageError(f"cannot snapshot {db_path} to {snapshot_path}: {exc}") from exc
     return True
+
+
+def _put_in_place(tmp: Path, dest: Path) -> None:
+    """A finished copy made durable, then renamed over ``dest`` (its folder synced too)."""
+    os.chmod(tmp, 0o600)
+    _fsync(tmp)
+    os.replace(tmp, dest)
+    _fsync(dest.parent)
 
 
 def _columns(conn: sqlite3.Connection, schema: str, table: str) -> list[str]:
@@ -131,10 +136,7 @@ def restore_snapshot(db_path: Path, snapshot_path: Path, aside: Path) -> Carried
             src.backup(dst)
             if aside.exists():
                 rows, skipped = _carry(dst, aside)
-        os.chmod(tmp, 0o600)
-        _fsync(tmp)
-        os.replace(tmp, db_path)
-        _fsync(db_path.parent)
+        _put_in_place(tmp, db_path)
     except (sqlite3.Error, OSError) as exc:
         tmp.unlink(missing_ok=True)
         raise TrialStorageError(f"cannot restore {snapshot_path} to {db_path}: {exc}") from exc
