@@ -7,10 +7,10 @@ sell, take online orders, reach its devices; if not, the first thing to do), the
 wrong with its fix in full width, then the rest.
 
 Where a feature puts its part of the homepage: a ``Section`` in its
-:class:`~appliance.services.web.parts.WebParts` (an async function returning one
-:func:`~appliance.services.web.kit.card`), hooked in ``appliance.services.assembly``; the
-parts appear after the problems, in assembly order. Routes and keys of the status JSON
-come the same way.
+:class:`~appliance.services.web.parts.WebParts` (an async function given the runtime and
+the request's translations ``_``, returning one :func:`~appliance.services.web.kit.card`),
+hooked in ``appliance.services.assembly``; the parts appear after the problems, in
+assembly order. Routes and keys of the status JSON come the same way.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         # The order is the reading order: the headline, what is wrong in full width, then
         # the rest: each feature's own part (WebParts.sections, in assembly order), then
         # the box's services, checks and ports.
-        parts_html = [await section(runtime) for section in parts.sections]
+        parts_html = [await section(runtime, _) for section in parts.sections]
         body = page(_("Store appliance"), subtitle,
                     [_headline_section(checks, _), _problems_section(checks, _), *parts_html,
                      _services_section(runtime, _), _checks_section(runtime, checks, _), _ports_section(runtime, _)],

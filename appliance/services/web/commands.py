@@ -56,6 +56,7 @@ from appliance.protocol.store_api import (
 )
 from appliance.services.device_link import DeviceLinkPhase
 from appliance.services.dispatcher import enqueue, enqueue_many
+from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import (
     ApiError,
@@ -330,7 +331,7 @@ _PHASE_COLOURS: Final = {DeviceLinkPhase.CONNECTED: GREEN, DeviceLinkPhase.CONNE
                          DeviceLinkPhase.BACKING_OFF: RED, DeviceLinkPhase.STOPPED: GREY}
 
 
-async def links_section(runtime: Runtime) -> str:
+async def links_section(runtime: Runtime, _: Gettext) -> str:
     """The homepage's Device links section: one row per adopted device's link."""
     board = runtime.device_links
     port = runtime.config.lan.ports.device

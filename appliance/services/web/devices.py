@@ -38,6 +38,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.protocol.admin_api import DeviceAction, DeviceAnswer, DeviceChange, DeviceList
 from appliance.protocol.openapi import Operation, Reply
+from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
 from appliance.services.web.contract import ADMIN, Documented, errors, path_param
@@ -251,7 +252,7 @@ def _enrollment_note(device: Device, enrollment: Enrollment | None) -> str:
             " <span class=muted>(adopt only if the device shows the same code)</span>")
 
 
-async def devices_section(runtime: Runtime) -> str:
+async def devices_section(runtime: Runtime, _: Gettext) -> str:
     """The homepage's Devices section: every device, its state, and adopt/reject buttons."""
     devices, enrollments = await runtime.db.read(_devices_and_enrollments)
     now = time.time()
@@ -264,7 +265,7 @@ async def devices_section(runtime: Runtime) -> str:
         seen = now - max(heard) if heard else None
         enrollment = enrollments.get(d.id)
         came = "came from " if d.state is AdoptionState.PENDING else ""
-        key_words, _ = key_status(runtime, d)
+        key_words, _pushes = key_status(runtime, d)
         rows.append(
             f"<tr><td>{html.escape(d.name or d.id)}<br><span class=muted>{html.escape(d.id)}</span></td>"
             f"<td>{html.escape(d.kind)}</td><td>{came}{html.escape(d.address)}:{d.port}</td>"

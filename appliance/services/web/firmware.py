@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from appliance.protocol.firmware import OutcomeKind, Phase
+from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.web.parts import WebParts
 
@@ -33,7 +34,7 @@ async def firmware_status(runtime: Runtime) -> dict[str, Any]:
     return {"update": runtime.firmware.report()}
 
 
-async def firmware_section(runtime: Runtime) -> str:
+async def firmware_section(runtime: Runtime, _: Gettext) -> str:
     st = runtime.firmware
     slot = f", slot {st.slot}" if st.slot else " (no A/B slots: updated by flashing an image)"
     rows = [("running", f"{st.version or '?'}{slot}")]

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Final
 
 from appliance.services.event_hub import rfc3339
+from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.web.parts import WebParts
 from appliance.storage.event_log import LogRow, recent
@@ -111,7 +112,7 @@ def _row(row: LogRow) -> str:
     return "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
 
 
-async def section(runtime: Runtime) -> str:
+async def section(runtime: Runtime, _: Gettext) -> str:
     rows = await runtime.db.read(partial(recent, limit=SHOWN, topics=TOPICS))
     head = runtime.event_hub.head
     body = "".join(_row(r) for r in rows) or ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from appliance.services.i18n import Gettext
 from appliance.services.media_health import human_bytes, missing_words
 from appliance.services.runtime import Runtime
 from appliance.services.web.parts import WebParts
@@ -18,7 +19,7 @@ async def media_status(runtime: Runtime) -> dict[str, Any]:
     return {"media": shelf.status.as_dict() if shelf is not None else None}
 
 
-async def media_section(runtime: Runtime) -> str:
+async def media_section(runtime: Runtime, _: Gettext) -> str:
     shelf = runtime.media
     if shelf is None:
         return "<section><h2>Media</h2><p class=muted>The media service has not started.</p></section>"

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.protocol.admin_api import SupportAnswer, SupportSwitch
 from appliance.protocol.openapi import Operation, Param, Reply
 from appliance.protocol.store_api import OnlineOrderList
+from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.state import QueueLinkStatus, QueuePhase
 from appliance.services.support_channel import switch_support
@@ -132,7 +133,7 @@ def _link_rows(state: QueueLinkStatus) -> list[str]:
     return rows
 
 
-async def orders_section(runtime: Runtime) -> str:
+async def orders_section(runtime: Runtime, _: Gettext) -> str:
     esc = html.escape
     state = runtime.orders_link
     if not runtime.config.orders.enabled:
@@ -154,7 +155,7 @@ async def orders_section(runtime: Runtime) -> str:
     return f"<section id=orders><h2>Online orders</h2><table>{''.join(rows)}</table>{table}</section>"
 
 
-async def support_section(runtime: Runtime) -> str:
+async def support_section(runtime: Runtime, _: Gettext) -> str:
     window = runtime.support_window
     words = window.describe()
     rows = [row("remote support", html.escape(words), AMBER if window.is_open else "")]

@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.protocol.admin_api import PairingAnswer, PairingRequest
 from appliance.protocol.openapi import Operation, Reply
 from appliance.protocol.store_api import Error
+from appliance.services.i18n import Gettext
 from appliance.services.pairing import PairingFailed, describe, is_claimed, pair_from_web
 from appliance.services.runtime import Runtime
 from appliance.services.sync_health import cloud_status
@@ -100,7 +101,7 @@ _FIRST_FORM: Final = (
 )
 
 
-async def cloud_section(runtime: Runtime) -> str:
+async def cloud_section(runtime: Runtime, _: Gettext) -> str:
     info = await cloud_status(runtime)
     now = time.time()
     pairing = info["pairing"]

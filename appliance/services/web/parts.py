@@ -8,12 +8,15 @@ from typing import Any
 import attrs
 from starlette.routing import BaseRoute
 
+from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 
 __all__ = ["WebParts"]
 
 RouteSet = Callable[[Runtime], Sequence[BaseRoute]]
-Section = Callable[[Runtime], Awaitable[str]]
+# A homepage section: the runtime and the request's translations (``_``, the reader's
+# language from Accept-Language, as the admin page's own sections take it).
+Section = Callable[[Runtime, Gettext], Awaitable[str]]
 StatusPart = Callable[[Runtime], Awaitable[dict[str, Any]]]
 
 

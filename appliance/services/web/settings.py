@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.config import ConfigError
 from appliance.protocol.admin_api import SettingsAnswer, SettingsRequest
 from appliance.protocol.openapi import Operation, Reply
+from appliance.services.i18n import Gettext
 from appliance.services.owner import CredentialRefused, change_admin_token
 from appliance.services.runtime import Runtime
 from appliance.services.settings import RESTART_FILE, SettingsRefused, save_settings
@@ -210,7 +211,7 @@ def _setup_line(setup: dict[str, Any] | None) -> str:
     return f"applied {when}: " + ("; ".join(setup["applied"]) or "nothing to change")
 
 
-async def settings_section(runtime: Runtime) -> str:
+async def settings_section(runtime: Runtime, _: Gettext) -> str:
     state = await _state(runtime)
     address = ("from the router (DHCP)" if state["address"] == "dhcp"
                else f"{state['address']} via {state['gateway']}")

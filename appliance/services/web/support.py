@@ -31,6 +31,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from appliance.services.bundle import DEFAULT_LOG_RECORDS, MAX_LOG_RECORDS, bundle_of
+from appliance.services.i18n import Gettext
 from appliance.services.log_ring import current_redactor
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import (
@@ -184,7 +185,7 @@ def _admin_routes(runtime: Runtime) -> list[BaseRoute]:
     return [Route("/support/{what:str}", to_support, methods=["POST"])]
 
 
-async def _section(runtime: Runtime) -> str:
+async def _section(runtime: Runtime, _: Gettext) -> str:
     def form(what: str, label: str, query: str = "") -> str:
         return (f"<form method=post action='/support/{what}{query}'>"
                 "<input type=password name=token placeholder='admin token' autocomplete=off required> "

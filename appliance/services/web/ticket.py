@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.ticket import print_ticket
 from appliance.services.web.common import FormError, check_form_token, read_form
@@ -31,7 +32,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
     return [Route("/ticket", print_now, methods=["POST"])]
 
 
-async def ticket_section(runtime: Runtime) -> str:
+async def ticket_section(runtime: Runtime, _: Gettext) -> str:
     body = ("<form method=post action='/ticket'><p>The box's name, address, homepage and pairing, printed on "
             "every adopted receipt printer.</p><p><label>Admin token <input type=password name=token "
             "autocomplete=current-password required></label> <button>Print a status ticket</button></p></form>")
