@@ -29,7 +29,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from appliance.protocol.errors import FieldError, flatten
-from appliance.protocol.firmware import FirmwareError, MaintenanceWindow
+from appliance.protocol.firmware import BUNDLE_MAX_BYTES, FirmwareError, MaintenanceWindow
 from appliance.protocol.redact import redact_url
 
 __all__ = [
@@ -635,6 +635,11 @@ def _window(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
         raise FieldError(attr.name, str(exc)) from exc
 
 
+def _bundle_size(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if not 0 < value <= BUNDLE_MAX_BYTES:
+        raise FieldError(attr.name, f"must be from 1 to {BUNDLE_MAX_BYTES} bytes, got {value}")
+
+
 def _timezone(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if not value:
         return
@@ -676,6 +681,11 @@ class UpdateConfig:
     retry_max_s: float = attrs.field(default=3600.0, validator=_positive)
     # The certificate(s) a bundle's signature must chain to (the image ships the project's).
     keyring: str = "/etc/rauc/keyring.pem"
+    # A bundle a person brings (the homepage's upload, a USB stick): the largest taken (a
+    # bundle is 240-300 MiB; room for growth), and how long an upload may take in all
+    # (300 MiB on a slow shop Wi-Fi; a stalled one is cut by [http] read_timeout_s first).
+    upload_max_bytes: int = attrs.field(default=768 * 2**20, validator=_bundle_size)
+    upload_deadline_s: float = attrs.field(default=1800.0, validator=_positive)
     testing: UpdateTestSeams = attrs.field(factory=UpdateTestSeams)
 
 

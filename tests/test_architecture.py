@@ -134,6 +134,7 @@ BUILT_ON = {
     "media": {"media_health", "media_through"},
     "ticket": {"dispatcher"},
     "firmware": {"installer"},
+    "firmware_intake": {"firmware", "installer"},
 }
 # What every web module may import, besides the plumbing and the services it is the face of.
 WEB_SHARED = {"web.kit", "web.common", "web.parts", "web.cors", "web.device_auth", "web.contract"}
@@ -229,7 +230,7 @@ STATE_WRITERS = {
     "event_hub": {"services.event_log", "services.web.events"},
     "log_ring": {"services.log_ring"},
     "log_shipping": {"services.log_shipping"},
-    "firmware": {"services.firmware", "services.sync"},
+    "firmware": {"services.firmware", "services.firmware_intake", "services.sync"},
     "admin": {"services.owner"},
     # The language, taken at once from the homepage's Settings card.
     "config": {"services.settings"},

@@ -10,6 +10,8 @@ docs/updates.md says the whole path; this module holds its pure rules:
   health checks pass, BAD once the deadline passed without that, else PENDING.
 - :class:`TrialRecord` and :class:`Outcome`: what the data partition keeps about a trial
   and about the last update, as JSON objects (their parsers refuse anything else).
+- :class:`LocalBundle`: a bundle a person brought (the homepage's upload, a USB stick),
+  verified and waiting for its install: now or in the window (:class:`When`).
 - :class:`FirmwareStatus`: what the update service is doing (homepage, heartbeat).
 
 Exceptions: :class:`FirmwareError` (an offer, a window or a record that does not follow
@@ -33,6 +35,7 @@ __all__ = [
     "FirmwareError",
     "FirmwareOffer",
     "FirmwareStatus",
+    "LocalBundle",
     "MaintenanceWindow",
     "Outcome",
     "OutcomeKind",
@@ -40,8 +43,10 @@ __all__ = [
     "TrialJudgement",
     "TrialRecord",
     "Verdict",
+    "When",
     "judge_trial",
     "parse_offer",
+    "source_words",
 ]
 
 # An update bundle is a root filesystem image plus a signature: a few hundred MiB. Anything
@@ -52,6 +57,9 @@ _VERSION: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]{0,63}")
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 _SLOT: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _HHMM: Final = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
+# Where an update came from: the platform's offer, or a bundle a person brought.
+SOURCES: Final = ("platform", "upload", "usb", "boot")
+_NAME_MAX: Final = 255
 # The health checks that decide a trial: what the box needs to serve the shop, whatever the
 # shop's internet does (a WAN outage during the trial must not roll a good firmware back).
 CORE_CHECK_PREFIXES: Final = ("lan.", "system.disk", "system.fs", "firewall")
@@ -207,6 +215,7 @@ class TrialRecord:
     snapshot: bool = False
     verdict: str = ""  # "", "good" or "bad"
     reason: str = ""
+    source: str = "platform"  # SOURCES
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -225,7 +234,7 @@ class TrialRecord:
                    to_slot=_str(obj, "to_slot", where, pattern=_SLOT),
                    started_at=_num(obj, "started_at", where), boot_id=_str(obj, "boot_id", where, optional=True),
                    snapshot=snapshot, verdict=verdict,
-                   reason=_str(obj, "reason", where, optional=True))
+                   reason=_str(obj, "reason", where, optional=True), source=_source(obj, where))
 
 
 class OutcomeKind(enum.StrEnum):
@@ -245,10 +254,11 @@ class Outcome:
     reason: str = ""
     slot: str = ""  # the slot running afterwards
     carried: int = 0  # rows of the trial's database carried into the restored one (rollback)
+    source: str = "platform"  # SOURCES
 
     def as_dict(self) -> dict[str, Any]:
         return {"version": self.version, "outcome": str(self.kind), "at": self.at, "reason": self.reason,
-                "slot": self.slot, "carried": self.carried}
+                "slot": self.slot, "carried": self.carried, "source": self.source}
 
     @classmethod
     def from_dict(cls, obj: object, *, where: str = "outcome") -> Outcome:
@@ -263,7 +273,63 @@ class Outcome:
             raise FirmwareError(f"{where}.carried: an integer >= 0")
         return cls(version=_str(obj, "version", where), kind=kind, at=_num(obj, "at", where),
                    reason=_str(obj, "reason", where, optional=True), slot=_str(obj, "slot", where, optional=True),
-                   carried=carried)
+                   carried=carried, source=_source(obj, where))
+
+
+def _source(obj: Mapping[str, Any], where: str) -> str:
+    source = obj.get("source", "platform")  # records written before there were other sources
+    if source not in SOURCES:
+        raise FirmwareError(f"{where}.source: one of {', '.join(SOURCES)}")
+    return str(source)
+
+
+def source_words(source: str) -> str:
+    """Where an update came from, in the words of a sentence ("... the upload said ...")."""
+    return {"platform": "the offer", "upload": "the upload", "usb": "the USB stick",
+            "boot": "the boot partition"}.get(source, source)
+
+
+class When(enum.StrEnum):
+    """When a bundle a person brought is installed."""
+
+    NOW = "now"  # at once: a technician with the box in front of them
+    WINDOW = "window"  # in the maintenance window, as the platform's offers
+
+
+@attrs.frozen(kw_only=True)
+class LocalBundle:
+    """A bundle a person brought, its signature checked, waiting for its install
+    (``update/local/local.json``, beside the bundle ``<sha256>.raucb``)."""
+
+    version: str
+    sha256: str
+    size: int
+    source: str  # SOURCES, not "platform"
+    name: str  # the file's name as it was brought, for people
+    when: When
+    at: float  # when it was accepted
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "sha256": self.sha256, "size": self.size, "source": self.source,
+                "name": self.name, "when": str(self.when), "at": self.at}
+
+    @classmethod
+    def from_dict(cls, obj: object, *, where: str = "local") -> LocalBundle:
+        if not isinstance(obj, Mapping):
+            raise FirmwareError(f"{where}: expected an object")
+        size = obj.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= BUNDLE_MAX_BYTES:
+            raise FirmwareError(f"{where}.size: 1 to {BUNDLE_MAX_BYTES} bytes")
+        try:
+            when = When(str(obj.get("when")))
+        except ValueError as exc:
+            raise FirmwareError(f"{where}.when: one of {', '.join(When)}") from exc
+        name = _str(obj, "name", where)
+        if len(name) > _NAME_MAX:
+            raise FirmwareError(f"{where}.name: at most {_NAME_MAX} characters")
+        return cls(version=_str(obj, "version", where, pattern=_VERSION),
+                   sha256=_str(obj, "sha256", where, pattern=_SHA256), size=size, source=_source(obj, where),
+                   name=name, when=when, at=_num(obj, "at", where))
 
 
 class Phase(enum.StrEnum):
@@ -291,6 +357,9 @@ class FirmwareStatus:
     window_opens_in_s: float | None = None
     trial: TrialRecord | None = None
     last: Outcome | None = None
+    local: LocalBundle | None = None  # a bundle a person brought, waiting for its install
+    # A bundle being received or checked right now (the upload's or the inbox's words), "" when none.
+    receiving: str = ""
 
     def offered(self, value: object) -> bool:
         """The ``firmware`` field of a heartbeat answer; True when the offer changed. An offer
@@ -315,6 +384,9 @@ class FirmwareStatus:
             "offered": self.offer.version if self.offer else None,
             "done_bytes": self.done_bytes if self.phase is Phase.DOWNLOADING else None,
             "error": self.error or self.offer_error or None,
-            "trial": None if self.trial is None else {"version": self.trial.version, "from": self.trial.from_version},
+            "trial": None if self.trial is None else {"version": self.trial.version, "from": self.trial.from_version,
+                                                      "source": self.trial.source},
             "last": None if self.last is None else self.last.as_dict(),
+            "local": None if self.local is None else self.local.as_dict(),
+            "receiving": self.receiving or None,
         }

@@ -23,6 +23,11 @@ The path of one update, and who does each step:
    shop's records of the trial over (``appliance.storage.trial``), and records
    "rolled_back". The heartbeat and the homepage say the outcome.
 
+A bundle a person brought (the homepage's upload, a USB stick: ``services/firmware_intake.py``)
+is checked the same way and waits as ``runtime.firmware.local`` (``update/local/``); it
+goes before the platform's offer (a download under way stops and resumes later), at once
+or in the window as the person chose, and takes the same trial.
+
 A version that was rolled back or refused is not tried again by itself: the platform offers
 another. Cancellation: a download stops between chunks and resumes later; an install under
 way runs to its end (RAUC does not stop half-way either).
@@ -51,13 +56,16 @@ from appliance.protocol.backoff import Backoff
 from appliance.protocol.firmware import (
     FirmwareError,
     FirmwareOffer,
+    LocalBundle,
     MaintenanceWindow,
     Outcome,
     OutcomeKind,
     Phase,
     TrialRecord,
     Verdict,
+    When,
     judge_trial,
+    source_words,
 )
 from appliance.services.board import ServiceState
 from appliance.services.download import DownloadError, drop_partial, partial_state, receive, request_headers
@@ -85,8 +93,7 @@ MARK_DEADLINE_S: Final = 60.0
 # The window is looked at again at least this often (a changed offer or clock is seen).
 WINDOW_RECHECK_S: Final = 300.0
 SLOT_PAIRS: Final = {"A": "B", "B": "A"}
-# Free space a bundle's download must leave on the data partition: the database and the
-# media cache live there too.
+# Free space a bundle must leave on the data partition (the database, the media cache).
 DISK_MARGIN_BYTES: Final = 256 * 2**20
 
 
@@ -120,11 +127,39 @@ class UpdateFiles:
     def bundle(self, sha256: str) -> Path:
         return self.root / f"{sha256}.raucb"
 
+    @property
+    def local_dir(self) -> Path:
+        """A bundle a person brought, verified, and its record: apart from the offers' bundles."""
+        return self.root / "local"
+
+    @property
+    def local_path(self) -> Path:
+        return self.local_dir / "local.json"
+
+    def local_bundle(self, sha256: str) -> Path:
+        return self.local_dir / f"{sha256}.raucb"
+
+    def read_local(self) -> LocalBundle | None:
+        local = _read(self.local_path, LocalBundle.from_dict)
+        return local if local is not None and self.local_bundle(local.sha256).is_file() else None
+
+    def write_local(self, local: LocalBundle) -> None:
+        _write_json(self.local_path, local.as_dict())
+
+    def clear_local(self, keep: str = "") -> None:
+        """Forget the bundle a person brought (and any other file there but ``keep``'s bundle)."""
+        if not self.local_dir.is_dir():
+            return
+        for path in self.local_dir.iterdir():
+            if not keep or path.name not in (f"{keep}.raucb", self.local_path.name):
+                path.unlink(missing_ok=True)
+
     def trial_db(self, version: str) -> Path:
         return self.root / f"trial-{version}.db"
 
     def prepare(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.local_dir.mkdir(mode=0o700, exist_ok=True)
 
     def read_trial(self) -> TrialRecord | None:
         return _read(self.trial_path, TrialRecord.from_dict)
@@ -250,7 +285,7 @@ def prepare_storage(config: Config, *, now: float | None = None) -> str:
 
 
 async def install_bundle(config: Config, files: UpdateFiles, bundle: Path, *, booted: str, boot_id: str,
-                         expect_version: str = "", now: float) -> TrialRecord:
+                         expect_version: str = "", now: float, source: str = "platform") -> TrialRecord:
     """Check the bundle's signature, install it into the inactive slot, record the trial.
     The caller asks for the reboot. :class:`BundleRefused` before anything is written;
     :class:`InstallerError` when RAUC fails to install."""
@@ -265,11 +300,11 @@ async def install_bundle(config: Config, files: UpdateFiles, bundle: Path, *, bo
     except InstallerError as exc:
         raise BundleRefused(f"the bundle is refused: {exc}") from exc
     if expect_version and info.version != expect_version:
-        raise BundleRefused(f"the bundle is version {info.version}, the offer said {expect_version}")
+        raise BundleRefused(f"the bundle is version {info.version}, {source_words(source)} said {expect_version}")
     with trio.fail_after(INSTALL_DEADLINE_S):
         await rauc.install(bundle)
     trial = TrialRecord(version=info.version, from_version=__version__, from_slot=booted, to_slot=to_slot,
-                        started_at=now, boot_id=boot_id)
+                        started_at=now, boot_id=boot_id, source=source)
     await trio.to_thread.run_sync(files.write_trial, trial)
     log.warning("update: %s installed into slot %s; rebooting into it on trial", info.version, to_slot)
     return trial
@@ -287,6 +322,8 @@ class FirmwareUpdates:
         self.clock = clock
         self.window = MaintenanceWindow.parse(self.cfg.window)
         self.backoff = Backoff(self.cfg.retry_initial_s, max(self.cfg.retry_initial_s, self.cfg.retry_max_s))
+        # The offer being acted on; cancelled when a person brings a bundle (it goes first).
+        self._offer_scope: trio.CancelScope | None = None
 
     # --- the trial ------------------------------------------------------------------------
 
@@ -426,6 +463,8 @@ class FirmwareUpdates:
                 await self.runtime.firmware_changes.wait(seen)
             if st.offer != offer:
                 return
+        if st.local is not None:
+            return  # a person brought a bundle meanwhile: it goes first
         st.phase, st.window_opens_in_s = Phase.INSTALLING, None
         booted = st.slot
         with trio.CancelScope(shield=True):  # RAUC does not stop half-way either
@@ -444,13 +483,17 @@ class FirmwareUpdates:
             delay: float | None = None
             if st.phase is Phase.REBOOTING:
                 pass  # waiting for root to reboot the box
+            elif st.local is not None:
+                await self.local_once(st.local)
             elif self.wanted(offer):
                 assert offer is not None
                 try:
-                    await self.offer_once(offer)
+                    with trio.CancelScope() as self._offer_scope:
+                        await self.offer_once(offer)
+                    self._offer_scope = None
                     self.backoff.reset()
                 except BundleRefused as exc:
-                    await self._refused(offer, str(exc))
+                    await self._refused(offer.version, str(exc), "platform")
                 except (DownloadError, InstallerError, trio.TooSlowError, OSError, WanConfigError) as exc:
                     st.phase, st.error = Phase.FAILED, str(exc) or type(exc).__name__
                     delay = self.backoff.next_delay()
@@ -462,14 +505,61 @@ class FirmwareUpdates:
             with trio.move_on_after(delay if delay is not None else float("inf")):
                 await self.runtime.firmware_changes.wait(seen)
 
-    async def _refused(self, offer: FirmwareOffer, reason: str) -> None:
+    async def _refused(self, version: str, reason: str, source: str, kind: OutcomeKind = OutcomeKind.REFUSED) -> None:
         st = self.status
-        outcome = Outcome(version=offer.version, kind=OutcomeKind.REFUSED, at=self.clock(), reason=reason,
-                          slot=st.slot)
+        outcome = Outcome(version=version, kind=kind, at=self.clock(), reason=reason, slot=st.slot, source=source)
         await trio.to_thread.run_sync(self.files.write_last, outcome)
         await trio.to_thread.run_sync(self.files.prune_bundles)
         st.phase, st.last, st.error = Phase.IDLE, outcome, ""
-        log.error("update: %s refused: %s", offer.version, reason)
+        log.error("update: %s %s: %s", version, kind, reason)
+
+    # --- a bundle a person brought -----------------------------------------------------------
+
+    async def preempt(self) -> None:
+        """Stop acting on the platform's offer when a person brings a bundle (a download
+        stops between chunks and resumes later; an install under way is shielded)."""
+        while True:
+            seen = self.runtime.firmware_changes.version
+            await self.runtime.firmware_changes.wait(seen)
+            if self.status.local is not None and self._offer_scope is not None:
+                self._offer_scope.cancel()
+
+    async def local_once(self, local: LocalBundle) -> None:
+        """Install the bundle a person brought: now, or in the window as they chose. Its end,
+        good or bad, is the last outcome; it is not tried again by itself."""
+        st = self.status
+        while local.when is When.WINDOW and (wait := self.window_wait_s()) > 0:
+            st.phase, st.window_opens_in_s = Phase.WAITING, wait
+            seen = self.runtime.firmware_changes.version
+            with trio.move_on_after(min(wait, WINDOW_RECHECK_S)):
+                await self.runtime.firmware_changes.wait(seen)
+            if st.local != local:
+                return  # replaced by another bundle
+        st.phase, st.window_opens_in_s, st.error = Phase.INSTALLING, None, ""
+        path = self.files.local_bundle(local.sha256)
+        with trio.CancelScope(shield=True):  # RAUC does not stop half-way either
+            try:
+                trial = await install_bundle(self.config, self.files, path, booted=st.slot,
+                                             boot_id=read_boot_id(self.config), expect_version=local.version,
+                                             now=self.clock(), source=local.source)
+            except BundleRefused as exc:
+                await self._local_done(local)
+                await self._refused(local.version, str(exc), local.source)
+                return
+            except (InstallerError, trio.TooSlowError, OSError) as exc:
+                await self._local_done(local)
+                await self._refused(local.version, f"the install failed; the running firmware is unchanged: "
+                                                   f"{exc or type(exc).__name__}", local.source, OutcomeKind.FAILED)
+                return
+            await self._local_done(local)
+            st.trial, st.phase = trial, Phase.REBOOTING
+            words = f"installed {trial.version} into {trial.to_slot} from {source_words(local.source)}"
+            await trio.to_thread.run_sync(self.files.request_reboot, words)
+
+    async def _local_done(self, local: LocalBundle) -> None:  # tried: deleted, never installed again
+        await trio.to_thread.run_sync(self.files.clear_local)
+        if self.status.local == local:
+            self.status.local = None
 
 
 def _place(partial: Path, path: Path) -> None:
@@ -490,6 +580,12 @@ async def run_firmware(runtime: Runtime, *, task_status: trio.TaskStatus[None] =
     st.version, st.slot = __version__, await trio.to_thread.run_sync(read_booted, runtime.config)
     st.last = await trio.to_thread.run_sync(files.read_last)
     trial = await trio.to_thread.run_sync(files.read_trial)
+    local = await trio.to_thread.run_sync(files.read_local)
+    if local is not None and (trial is not None or local.version == __version__):
+        local = None  # installed already (the trial is its own), or it runs: not again
+    # Anything else there is a bundle already tried, or an upload cut short by a restart.
+    await trio.to_thread.run_sync(files.clear_local, local.sha256 if local else "")
+    st.local = local
     task_status.started()
     async with trio.open_nursery() as nursery:
         if trial is not None and st.slot == trial.to_slot:
@@ -500,4 +596,5 @@ async def run_firmware(runtime: Runtime, *, task_status: trio.TaskStatus[None] =
                 nursery.start_soon(updates.trial, trial)
         elif trial is not None and st.slot == trial.from_slot:
             st.phase, st.trial = Phase.REBOOTING, trial  # installed in this boot; the reboot is due
+        nursery.start_soon(updates.preempt)
         nursery.start_soon(updates.offers)
