@@ -13,12 +13,20 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
-__all__ = ["FakeRauc", "KeyPair", "make_bundle", "make_keys", "needs_rauc"]
+from appliance.devkit.cloud import SimHandle
+from appliance.services.pairing import pair_from_web
+from appliance.services.runtime import Runtime
+from tests.sync_helpers import StartBox, StartSim, fast_cloud
+
+__all__ = ["Box", "FakeRauc", "KeyPair", "far_window", "last_update_reported", "make_bundle", "make_keys",
+           "needs_rauc", "start"]
 
 RAUC = shutil.which("rauc")
 needs_rauc = pytest.mark.skipif(RAUC is None, reason="Debian's rauc is not installed (scripts/setup --test as root)")
@@ -94,3 +102,47 @@ class FakeRauc:
 
     def fail_installs(self) -> None:
         (self.path.parent / "fail-install").touch()
+
+
+class Box:
+    """The kernel's view of the slots, the stand-in rauc, and the box's [update] section."""
+
+    def __init__(self, tmp: Path, keys: KeyPair) -> None:
+        self.cmdline, self.boot_id = tmp / "cmdline", tmp / "boot_id"
+        self.rauc = FakeRauc.make(tmp / "rauc-bin")
+        self.keys = keys
+        self.boots = 0
+
+    def boot(self, slot: str) -> None:
+        self.boots += 1
+        self.cmdline.write_text(f"root=LABEL=root-{slot} rauc.slot={slot}\n")
+        self.boot_id.write_text(f"boot-{self.boots}\n")
+
+    def update(self, **extra: Any) -> dict[str, Any]:
+        return {"window": "00:00-00:00", "keyring": str(self.keys.cert), "check_interval_s": 0.05,
+                "retry_initial_s": 0.2, "retry_max_s": 0.5,
+                "testing": {"rauc": str(self.rauc.path), "cmdline": str(self.cmdline),
+                            "boot_id": str(self.boot_id)}, **extra}
+
+
+async def start(start_sim: StartSim, start_box: StartBox, box: Box, sim: SimHandle | None = None,
+                **update: Any) -> tuple[SimHandle, Runtime]:
+    handle = sim or await start_sim()
+    runtime = await start_box(cloud=fast_cloud(handle), media={"enabled": False}, update=box.update(**update))
+    await pair_from_web(runtime, handle.pair_code)
+    return handle, runtime
+
+
+def last_update_reported(sim: SimHandle) -> dict[str, Any] | None:
+    if not sim.state.heartbeats:
+        return None
+    report: dict[str, Any] = sim.state.heartbeats[-1]["body"]["update"]
+    return report
+
+
+def far_window() -> str:
+    """A window of one minute, twelve hours away whatever the time now. (Both ends from the
+    clock: at minute 59 the end is in the next hour, not at minute 0 of the same one, which
+    would make a window of 23 hours that holds the time now.)"""
+    start_at, end_at = (time.localtime(time.time() + 12 * 3600 + s) for s in (0, 60))
+    return f"{start_at.tm_hour:02d}:{start_at.tm_min:02d}-{end_at.tm_hour:02d}:{end_at.tm_min:02d}"

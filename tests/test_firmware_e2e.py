@@ -16,82 +16,26 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
-from appliance.devkit.cloud import SimHandle
 from appliance.devkit.cloud_faults import Fault
 from appliance.protocol.firmware import OutcomeKind, Phase, TrialRecord
 from appliance.protocol.health import Check, Status
 from appliance.services.assembly import service_specs
 from appliance.services.firmware import files_of
 from appliance.services.pairing import pair_from_web
-from appliance.services.runtime import Runtime
 from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.events import enqueue
 from appliance.supervisor import open_runtime, supervise_all
-from tests.firmware_helpers import FakeRauc, KeyPair, make_bundle, make_keys, needs_rauc
+from tests.firmware_helpers import Box, far_window, last_update_reported, needs_rauc, start
 from tests.sync_helpers import StartBox, StartSim, api_client, fast_cloud, wait_until
 
-pytest_plugins = ["tests.sync_fixtures"]
+pytest_plugins = ["tests.sync_fixtures", "tests.firmware_fixtures"]
 
 pytestmark = needs_rauc
-
-
-@pytest.fixture(scope="module")
-def signed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The development key pair, a stranger's, and bundles signed by each."""
-    where = tmp_path_factory.mktemp("bundles")
-    dev, stranger = make_keys(where, "appliance-dev"), make_keys(where, "stranger")
-    return {"dev": dev, "good": make_bundle(where, "0.9.0", dev),
-            "stranger": make_bundle(where / "s", "0.9.1", stranger)}
-
-
-class Box:
-    """The kernel's view of the slots, the stand-in rauc, and the box's [update] section."""
-
-    def __init__(self, tmp: Path, keys: KeyPair) -> None:
-        self.cmdline, self.boot_id = tmp / "cmdline", tmp / "boot_id"
-        self.rauc = FakeRauc.make(tmp / "rauc-bin")
-        self.keys = keys
-        self.boots = 0
-
-    def boot(self, slot: str) -> None:
-        self.boots += 1
-        self.cmdline.write_text(f"root=LABEL=root-{slot} rauc.slot={slot}\n")
-        self.boot_id.write_text(f"boot-{self.boots}\n")
-
-    def update(self, **extra: Any) -> dict[str, Any]:
-        return {"window": "00:00-00:00", "keyring": str(self.keys.cert), "check_interval_s": 0.05,
-                "retry_initial_s": 0.2, "retry_max_s": 0.5,
-                "testing": {"rauc": str(self.rauc.path), "cmdline": str(self.cmdline),
-                            "boot_id": str(self.boot_id)}, **extra}
-
-
-@pytest.fixture
-def box(tmp_path: Path, signed: dict[str, Any]) -> Box:
-    b = Box(tmp_path / "box", signed["dev"])
-    b.boot("A")
-    return b
-
-
-async def start(start_sim: StartSim, start_box: StartBox, box: Box, sim: SimHandle | None = None,
-                **update: Any) -> tuple[SimHandle, Runtime]:
-    handle = sim or await start_sim()
-    runtime = await start_box(cloud=fast_cloud(handle), media={"enabled": False}, update=box.update(**update))
-    await pair_from_web(runtime, handle.pair_code)
-    return handle, runtime
-
-
-def last_update_reported(sim: SimHandle) -> dict[str, Any] | None:
-    if not sim.state.heartbeats:
-        return None
-    report: dict[str, Any] = sim.state.heartbeats[-1]["body"]["update"]
-    return report
 
 
 async def test_an_offered_bundle_is_fetched_resumed_verified_installed_and_the_reboot_asked(
@@ -146,12 +90,7 @@ async def test_outside_the_window_the_bundle_waits_downloaded(start_sim: StartSi
                                                                signed: dict[str, Any]) -> None:
     sim = await start_sim()
     offer = sim.state.offer_firmware("0.9.0", signed["good"].read_bytes())
-    # A window of one minute, twelve hours away whatever the time now.
-    # (Both ends from the clock: at minute 59 the end is in the next hour, not at minute 0
-    # of the same one, which would make a window of 23 hours that holds the time now.)
-    start_at, end_at = (time.localtime(time.time() + 12 * 3600 + s) for s in (0, 60))
-    window = f"{start_at.tm_hour:02d}:{start_at.tm_min:02d}-{end_at.tm_hour:02d}:{end_at.tm_min:02d}"
-    _, runtime = await start(start_sim, start_box, box, sim, window=window)
+    _, runtime = await start(start_sim, start_box, box, sim, window=far_window())
     await wait_until(lambda: runtime.firmware.phase is Phase.WAITING, timeout_s=20, what="waiting for the window")
     assert runtime.firmware.window_opens_in_s is not None and runtime.firmware.window_opens_in_s > 11 * 3600
     assert files_of(runtime.config).bundle(offer["sha256"]).is_file(), "downloaded and verified meanwhile"

@@ -10,8 +10,9 @@ from typing import Annotated, Any, Final, Literal
 
 from appliance.protocol.bodies import Body, Matches
 
-__all__ = ["ADMIN_BODIES", "DeviceAction", "DeviceAnswer", "DeviceChange", "DeviceList", "PairingAnswer",
-           "PairingRequest", "SettingsAnswer", "SettingsRequest", "Status", "SupportAnswer", "SupportSwitch"]
+__all__ = ["ADMIN_BODIES", "BundleAccepted", "DeviceAction", "DeviceAnswer", "DeviceChange", "DeviceList",
+           "PairingAnswer", "PairingRequest", "SettingsAnswer", "SettingsRequest", "Status", "SupportAnswer",
+           "SupportSwitch"]
 
 
 class Status(Body, frozen=True, forbid_unknown_fields=False):
@@ -109,5 +110,18 @@ class SupportAnswer(Body, frozen=True):
     until: float | None
 
 
+class BundleAccepted(Body, frozen=True):
+    """A firmware bundle taken: its signature checked against the box's keyring, waiting
+    for its install (``when``: at once, or in the maintenance window); ``update`` is the
+    update's state as ``/api/status`` shows it (docs/updates.md)."""
+
+    version: str
+    sha256: str
+    size: int
+    name: str
+    when: Literal["now", "window"]
+    update: dict[str, Any]
+
+
 ADMIN_BODIES: Final = (Status, DeviceList, DeviceAnswer, DeviceAction, DeviceChange, PairingRequest, PairingAnswer,
-                       SettingsRequest, SettingsAnswer, SupportSwitch, SupportAnswer)
+                       SettingsRequest, SettingsAnswer, SupportSwitch, SupportAnswer, BundleAccepted)

@@ -59,6 +59,8 @@ class Operation:
     params: tuple[Param, ...] = ()
     body: Any = None
     body_required: bool = True
+    # A body of bytes (a file) instead of JSON: its media type ("application/octet-stream").
+    raw_body: str = ""
     security: tuple[str, ...] = ()
     security_optional: bool = False  # also open (a box never paired takes a pairing code from anyone)
     tag: str = ""
@@ -93,6 +95,9 @@ def _operation(op: Operation, method: str, path: str) -> dict[str, Any]:
             for p in op.params]
     if op.body is not None:
         out["requestBody"] = {"required": op.body_required, "content": {"application/json": {"schema": _ref(op.body)}}}
+    elif op.raw_body:
+        out["requestBody"] = {"required": op.body_required,
+                              "content": {op.raw_body: {"schema": {"type": "string", "format": "binary"}}}}
     responses: dict[str, Any] = {}
     for reply in op.replies:
         answer: dict[str, Any] = {"description": reply.description}
@@ -180,7 +185,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
                 out.append(f"- {p['in']} `{p['name']}` ({_type_of(p['schema'])}{', required' if p['required'] else ''})"
                            f": {p['description']}{'; ' + rules if rules else ''}")
             if "requestBody" in op:
-                out.append(f"- body: {_type_of(op['requestBody']['content']['application/json']['schema'])}")
+                media, content = next(iter(op["requestBody"]["content"].items()))
+                kind = _type_of(content["schema"]) if media == "application/json" else f"the file's bytes (`{media}`)"
+                out.append(f"- body: {kind}")
             for status, reply in op["responses"].items():
                 content = reply.get("content", {}).get("application/json")
                 named = content is not None and content["schema"].get("type") != "object"

@@ -90,7 +90,7 @@ def web_parts() -> dict[str, WebParts]:
     parts["provisioning"] += enrollment_parts()  # device enrollment: keys, the comparison code
     parts["admin"] += support_admin_parts()  # links to the bundle and the live log tail on 8005
     parts["admin"] += ticket_admin_parts()  # the status ticket's button
-    parts["admin"] += firmware_admin_parts()  # the firmware running, an update under way, the last outcome
+    parts["admin"] += firmware_admin_parts()  # the firmware running, an update under way, the last outcome, the upload
     return parts
 
 

@@ -43,9 +43,11 @@ _ERROR_WORDS: Final = {
     408: "the body did not arrive in time",
     409: "conflicts with what the box holds",
     413: "the body is too large",
+    415: "the body is not of the type this route takes",
     422: "the body is not a valid record (the errors name each problem by its path)",
     429: "too many requests from this device; try again shortly",
     503: "not ready yet",
+    507: "not enough room on the box",
 }
 
 
