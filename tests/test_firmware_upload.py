@@ -102,7 +102,7 @@ async def test_the_real_process_streams_an_upload_refuses_junk_and_installs_a_bu
             answer = await admin.post(FORM, **form(signed["good"], when="now"))
             assert answer.status_code == 202, answer.text
             assert "Bundle accepted" in answer.text and "firmware 0.9.0" in answer.text
-            await wait_until(files.reboot.exists, timeout_s=20, what="the reboot request")
+            await wait_until(files.reboot.exists, timeout_s=60, what="the reboot request")
             digest = hashlib.sha256(signed["good"].read_bytes()).hexdigest()
             assert box.rauc.calls == [f"install {digest}"]
             trial = TrialRecord.from_dict(json.loads(files.trial_path.read_text()))
@@ -114,7 +114,7 @@ async def test_the_real_process_streams_an_upload_refuses_junk_and_installs_a_bu
                 report = last_update_reported(sim) or {}
                 return report.get("phase") == "rebooting" and (report.get("trial") or {}).get("source") == "upload"
 
-            await wait_until(reported, what="the heartbeat telling the upload's install")
+            await wait_until(reported, timeout_s=30, what="the heartbeat telling the upload's install")
             last = (last_update_reported(sim) or {})["last"]
             assert last["outcome"] == "refused" and last["source"] == "upload", "the junk's refusal was reported"
     finally:
