@@ -31,6 +31,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from appliance.protocol.errors import FieldError, flatten
 from appliance.protocol.firmware import BUNDLE_MAX_BYTES, FirmwareError, MaintenanceWindow
 from appliance.protocol.redact import redact_url
+from appliance.protocol.text import Text
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -172,28 +173,28 @@ class PortRole:
     transport: Transport
     direction: Direction
     listener: bool  # an HTTP listener the supervisor binds
-    description: str
+    description: str  # a Text: the homepage says it in the reader's language
 
 
 PORT_ROLES: Final[tuple[PortRole, ...]] = (
     PortRole(role="admin", transport=Transport.TCP, direction=Direction.IN, listener=True,
-             description="admin: status homepage, pairing, device adoption, health, logs"),
+             description=Text("admin: status homepage, pairing, device adoption, health, logs")),
     PortRole(role="api", transport=Transport.TCP, direction=Direction.IN, listener=True,
-             description="store API: catalog, prices, stock, sales and orders in"),
+             description=Text("store API: catalog, prices, stock, sales and orders in")),
     PortRole(role="events", transport=Transport.TCP, direction=Direction.IN, listener=True,
-             description="events: live push to devices and browsers (WebSocket)"),
+             description=Text("events: live push to devices and browsers (WebSocket)")),
     PortRole(role="media", transport=Transport.TCP, direction=Direction.IN, listener=True,
-             description="media: cached images, videos, documents"),
+             description=Text("media: cached images, videos, documents")),
     PortRole(role="provisioning", transport=Transport.TCP, direction=Direction.IN, listener=True,
-             description="provisioning: device enrollment and per-device configuration"),
+             description=Text("provisioning: device enrollment and per-device configuration")),
     PortRole(role="ops", transport=Transport.TCP, direction=Direction.IN, listener=True,
-             description="ops: /healthz, /readyz, /metrics, health report"),
+             description=Text("ops: /healthz, /readyz, /metrics, health report")),
     PortRole(role="support", transport=Transport.TCP, direction=Direction.IN, listener=True,
-             description="support: diagnostics bundle and live log tail"),
+             description=Text("support: diagnostics bundle and live log tail")),
     PortRole(role="discovery", transport=Transport.UDP, direction=Direction.BOTH, listener=False,
-             description="discovery: probes, replies and beacons"),
+             description=Text("discovery: probes, replies and beacons")),
     PortRole(role="device", transport=Transport.TCP, direction=Direction.OUT, listener=False,
-             description="device channel: the box pushes commands to each device"),
+             description=Text("device channel: the box pushes commands to each device")),
 )
 LISTENER_ROLES: Final = tuple(r.role for r in PORT_ROLES if r.listener)
 

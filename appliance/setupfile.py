@@ -45,6 +45,7 @@ from appliance.config import (
     structure_strict,
 )
 from appliance.protocol.errors import FieldError
+from appliance.protocol.text import Text
 
 __all__ = ["CA_FILE", "HANDOFF_FILE", "MAX_BYTES", "NETWORK_UNIT", "SETUP_FILE", "STATUS_FILE", "Handoff",
            "SetupFile", "SetupStatus", "effective", "file_digest", "merge", "network_unit", "parse_setup",
@@ -365,30 +366,33 @@ def file_digest(text: str) -> str:
 
 
 def summary(setup: SetupFile) -> list[str]:
-    """What the file sets, in words, without secrets (the homepage and health show it)."""
+    """What the file sets, in words (Texts: the reader's language), without secrets (the
+    homepage and health show it)."""
     lines: list[str] = []
     if setup.box.name is not None:
-        lines.append(f"name {setup.box.name!r}")
+        lines.append(Text("name {name}", name=repr(setup.box.name)))
     if setup.box.language is not None:
-        lines.append(f"language {setup.box.language}")
+        lines.append(Text("language {language}", language=setup.box.language))
     net = setup.network
     if net is not None:
-        lines.append(f"static address {net.address} via {net.gateway}" if net.mode == "static" else "address by DHCP")
+        lines.append(Text("static address {address} via {gateway}", address=net.address, gateway=net.gateway)
+                     if net.mode == "static" else Text("address by DHCP"))
         if net.dns:
-            lines.append("DNS " + ", ".join(net.dns))
+            lines.append(Text("DNS {servers}", servers=", ".join(net.dns)))
         if net.ntp:
-            lines.append("NTP " + ", ".join(net.ntp))
+            lines.append(Text("NTP {servers}", servers=", ".join(net.ntp)))
     proxy = setup.proxy
     if proxy is not None:
         if proxy.url:
-            lines.append(f"proxy {proxy.url}" + (" with a user name" if proxy.user else "")
-                         + (" with its CA" if proxy.ca or proxy.ca_file else ""))
+            with_user = Text(" with a user name") if proxy.user else ""
+            with_ca = Text(" with its CA") if proxy.ca or proxy.ca_file else ""
+            lines.append(Text("proxy {url}{user}{ca}", url=proxy.url, user=with_user, ca=with_ca))
         else:
-            lines.append("no proxy")
+            lines.append(Text("no proxy"))
     if setup.pairing.release:
-        lines.append("released from its store")
+        lines.append(Text("released from its store"))
     if setup.pairing.code:
-        lines.append("pairing code given")
+        lines.append(Text("pairing code given"))
     return lines
 
 

@@ -8,7 +8,8 @@ translated too. Templates use ``str.format`` fields: ``Text("disk almost full: {
 free=words)``. Babel extracts them by this class's name (``tests/test_i18n.py``).
 
 Plain ``str`` values stay as they are in every language: a path, an address, an
-exception's own words.
+exception's own words. A :class:`Number` is said with the reader's digits ("1,234.5" in
+English, "1 234,5" in French: Babel's CLDR data), so a count never reads as a decimal.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["Text", "join", "say"]
+from babel.numbers import format_decimal
+
+__all__ = ["Number", "Text", "join", "say"]
 
 
 class Text(str):
@@ -45,11 +48,45 @@ def _rebuild(template: str, args: dict[str, Any]) -> Text:
     return Text(template, **args)
 
 
+class Number(str):
+    """A count or a measure, in English ("1,234", "1.5"); :meth:`in_language` with the
+    language's digits and separators. ``decimals``: at most this many after the point."""
+
+    value: float
+    decimals: int
+
+    def __new__(cls, value: float, /, decimals: int = 0) -> Number:
+        self = super().__new__(cls, _digits(value, decimals, "en"))
+        self.value, self.decimals = value, decimals
+        return self
+
+    def in_language(self, language: str) -> str:
+        return _digits(self.value, self.decimals, language)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Number, (self.value, self.decimals))
+
+
+def _digits(value: float, decimals: int, language: str) -> str:
+    pattern = "#,##0" + ("." + "#" * decimals if decimals else "")
+    return str(format_decimal(round(value, decimals), format=pattern, locale=language))
+
+
+def language_of(gettext: Callable[[str], str]) -> str:
+    """The language a gettext speaks (``appliance.services.i18n.gettext_for`` marks it);
+    English for any other callable (a test's identity, say)."""
+    language = getattr(gettext, "language", "en")
+    return language if isinstance(language, str) else "en"
+
+
 def say(value: Any, gettext: Callable[[str], str]) -> Any:
     """``value`` in the language of ``gettext`` if it is a :class:`Text` (or the like:
-    the WAN preflight has its own, being one file of the standard library); else unchanged."""
+    the WAN preflight has its own, being one file of the standard library) or a
+    :class:`Number`; else unchanged."""
     if isinstance(value, Text):
         return value.in_language(gettext)
+    if isinstance(value, Number):
+        return value.in_language(language_of(gettext))
     template, args = getattr(value, "template", None), getattr(value, "args", None)
     if isinstance(value, str) and isinstance(template, str) and isinstance(args, dict):
         return Text(template, **args).in_language(gettext)

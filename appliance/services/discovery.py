@@ -456,7 +456,7 @@ async def run_device_registry(
     runtime.keys.set_declared({d.id: d.key for d in declared})
     if changed:
         runtime.device_changes.notify()
-    runtime.board.say("devices", f"{len(declared)} declared")
+    runtime.board.say("devices", Text("{count} declared", count=len(declared)))
     task_status.started()
     while True:
         pruned = await runtime.db.write(partial(prune_pending, now=time.time(), retention_s=PENDING_RETENTION_S))

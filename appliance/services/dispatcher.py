@@ -182,7 +182,7 @@ class _Dispatcher:
                 nursery.start_soon(self._run_link, handle)
                 log.info("device %s: link started to %s:%d", device_id, target.address, target.port)
         # The services table says how many links run now, not how many ran at start.
-        self.runtime.board.say("dispatcher", f"{len(self.handles)} device(s)")
+        self.runtime.board.say("dispatcher", Text("{count} device(s)", count=len(self.handles)))
 
     def _target(self, d: DeviceLike) -> LinkTarget | None:
         """The link to ``d``, or None: a registry device with no key gets no commands,
@@ -288,7 +288,7 @@ async def run_dispatcher(
                     watchers.start_soon(dispatcher.watch_devices, links)
                     watchers.start_soon(dispatcher.watch_outbox)
                     watchers.start_soon(dispatcher.maintain)
-                    runtime.board.say("dispatcher", f"{len(dispatcher.handles)} device(s)")
+                    runtime.board.say("dispatcher", Text("{count} device(s)", count=len(dispatcher.handles)))
                     task_status.started()
                     await runtime.stopping.wait()
                     watchers.cancel_scope.cancel()

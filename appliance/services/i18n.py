@@ -44,6 +44,7 @@ def gettext_for(language: str) -> Gettext:
     def _(message: str) -> str:
         return table.get(message, message)  # type: ignore[return-value]
 
+    _.language = language  # type: ignore[attr-defined]  # numbers in its digits (protocol.text.Number)
     return _
 
 

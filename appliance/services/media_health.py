@@ -16,7 +16,7 @@ from typing import Final
 
 from appliance.protocol.health import Check, Status
 from appliance.protocol.media_cache import MediaStatus
-from appliance.protocol.text import Text, join
+from appliance.protocol.text import Number, Text, join
 from appliance.services.runtime import Runtime
 
 __all__ = ["human_bytes", "media_checks", "missing_words", "register"]
@@ -25,13 +25,19 @@ __all__ = ["human_bytes", "media_checks", "missing_words", "register"]
 LINK_FAIL_AFTER_S: Final = 600.0
 
 
-def human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.3g} {unit}"
-        value /= 1000
-    return f"{count} bytes"
+def human_bytes(count: int) -> Text:
+    """A size in words, three digits: "512 bytes", "1.5 MB" (a Text: "1,5 Mo" in French)."""
+    if count < 1000:
+        return Text("{n} bytes", n=Number(count))
+    value, unit = count / 1000, "kB"
+    for bigger in ("MB", "GB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    n = Number(value, max(0, 3 - len(str(int(value)))))
+    if unit == "kB":
+        return Text("{n} kB", n=n)
+    return Text("{n} MB", n=n) if unit == "MB" else Text("{n} GB", n=n)
 
 
 def missing_words(st: MediaStatus) -> str:
@@ -40,17 +46,18 @@ def missing_words(st: MediaStatus) -> str:
         return ""
     reasons = []
     if st.over_budget:
-        reasons.append(Text("{count} over the disk budget ({size} reached)", count=format(st.over_budget, ","),
+        reasons.append(Text("{count} over the disk budget ({size} reached)", count=Number(st.over_budget),
                             size=human_bytes(st.budget_bytes)))
     if st.failing:
-        reasons.append(Text("{count} failing to download", count=format(st.failing, ",")))
+        reasons.append(Text("{count} failing to download", count=Number(st.failing)))
     rest = st.files_missing - st.over_budget - st.failing
     if rest > 0:
-        reasons.append(Text("{count} waiting or downloading", count=format(rest, ",")))
+        reasons.append(Text("{count} waiting or downloading", count=Number(rest)))
     if st.blocked:
         reasons = [Text("downloads cannot run: {reason}", reason=st.blocked)]
-    return Text("media: {missing} of {wanted} files not cached: {reasons}", missing=format(st.files_missing, ","),
-                wanted=format(st.files_wanted, ","), reasons=join("; ", reasons))
+    return Text("media: {what}", what=Text("{missing} of {wanted} files not cached: {reasons}",
+                                           missing=Number(st.files_missing), wanted=Number(st.files_wanted),
+                                           reasons=join("; ", reasons)))
 
 
 async def media_checks(runtime: Runtime) -> list[Check]:
@@ -71,7 +78,7 @@ async def media_checks(runtime: Runtime) -> list[Check]:
         checks.append(Check(name="media.cache", status=status, message=missing_words(st), fix=fix, data=data))
     else:
         checks.append(Check(name="media.cache", status=Status.OK,
-                            message=Text("{count} media files cached ({size})", count=format(st.files_cached, ","),
+                            message=Text("{count} media files cached ({size})", count=Number(st.files_cached),
                                          size=human_bytes(st.bytes_cached)),
                             data=data))
     if st.last_error is not None:

@@ -75,10 +75,11 @@ def link_options(runtime: Runtime, section: ServiceBusConfig, name: str) -> Link
     missing = [f for f in ("queue", "sas_key_name", "sas_key") if not values[f]]
     if missing:
         if store is None:
-            return f"not paired, and [{name}] does not give {', '.join(missing)}"
+            return Text("not paired, and [{section}] does not give {missing}", section=name, missing=", ".join(missing))
         if store.needs_repair:
-            return "the platform refused the box's token: pair the box again"
-        return f"the store has no {name} queue (pairing gives none, and [{name}] does not set {', '.join(missing)})"
+            return Text("the platform refused the box's token: pair the box again")
+        return Text("the store has no {section} queue (pairing gives none, and [{section}] does not set {missing})",
+                    section=name, missing=", ".join(missing))
     merged = attrs.evolve(section, namespace=values["namespace"], queue=values["queue"],
                           sas_key_name=values["sas_key_name"], sas_key=values["sas_key"])
     return attrs.evolve(LinkOptions.from_config(merged, runtime.config.wan), socket_timeout_s=SOCKET_POLL_S)

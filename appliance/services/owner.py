@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trio
 
+from appliance.protocol.text import Text
 from appliance.services.runtime import Runtime
 from appliance.storage.owner import (
     AdminCredential,
@@ -41,10 +42,10 @@ async def change_admin_token(runtime: Runtime, new: str, confirm: str) -> None:
     """Make ``new`` the admin credential (the owner's), at once. The back office's copy is
     then out of date; pairing again hands out a new one."""
     if runtime.admin.pinned:
-        raise CredentialRefused(["admin token: set in the configuration file ([admin] token); change it there"])
+        raise CredentialRefused([Text("admin token: set in the configuration file ([admin] token); change it there")])
     if new != confirm:
-        raise CredentialRefused(["admin token: the two new tokens differ"])
+        raise CredentialRefused([Text("admin token: the two new tokens differ")])
     if problem := credential_problem(new):
-        raise CredentialRefused([f"admin token: {problem}"])
+        raise CredentialRefused([Text("admin token: {problem}", problem=problem)])
     await trio.to_thread.run_sync(save_owner_token, Path(runtime.config.storage.dir), new)
     runtime.admin = AdminCredential(token=new, source=CredentialSource.OWNER)

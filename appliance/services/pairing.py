@@ -43,6 +43,7 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.protocol.backoff import Backoff
 from appliance.protocol.sync import SyncProtocolError, http_failure, parse_error, parse_pairing
+from appliance.protocol.text import Text
 from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.owner import reload_credential
 from appliance.services.runtime import Runtime
@@ -85,9 +86,10 @@ class PairingFailed(Exception):
 def _check_code(code: str) -> str:
     code = code.strip()
     if not code:
-        raise PairingFailed("enter the pairing code shown in the back office")
+        raise PairingFailed(Text("enter the pairing code shown in the back office"))
     if len(code) > CODE_MAX_CHARS or not code.isprintable():
-        raise PairingFailed(f"that is not a pairing code (at most {CODE_MAX_CHARS} printable characters)")
+        raise PairingFailed(Text("that is not a pairing code (at most {count} printable characters)",
+                                 count=CODE_MAX_CHARS))
     return code
 
 
@@ -118,18 +120,18 @@ async def pair_box(config: Config, *, appliance_id: str, code: str, now: float |
             link = locate_failure(exc, url=url, proxy=proxy)
         else:
             link = HopFailure.at(Hop.HTTP, httpx.URL(url).host, f"no answer from {cloud.api_url} in time")
-        raise PairingFailed(f"{link.message} ({link.fix})", link=link) from exc
+        raise PairingFailed(Text("{message} ({fix})", message=link.message, fix=link.fix), link=link) from exc
     raw = response.content[:ANSWER_MAX_BYTES]
     if response.status_code != 200:
         code_, reason = parse_error(raw)
         if response.status_code in (403, 404) and code_.startswith("pair_code"):
-            raise PairingFailed(reason or f"the platform refused the code ({code_})")
+            raise PairingFailed(reason or Text("the platform refused the code ({code})", code=code_))
         link = http_failure(httpx.URL(url).host, response.status_code, code=code_, reason=reason)
-        raise PairingFailed(f"{link.message} ({link.fix})", link=link)
+        raise PairingFailed(Text("{message} ({fix})", message=link.message, fix=link.fix), link=link)
     try:
         answer = parse_pairing(raw)
     except SyncProtocolError as exc:
-        raise PairingFailed(f"the platform's pairing answer is not usable: {exc}") from exc
+        raise PairingFailed(Text("the platform's pairing answer is not usable: {error}", error=str(exc))) from exc
     link_ = StoreLink(store_id=answer.store_id, token=answer.token, services=answer.services,
                       store_secret=answer.store_secret, paired_at=time.time() if now is None else now)
     state_dir = Path(config.storage.dir)

@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from appliance.config import SETTINGS_FILE, ConfigError, to_toml_dict
+from appliance.protocol.text import Text
 from appliance.protocol.tomlwrite import dumps
 from appliance.services.runtime import Runtime
 from appliance.setupfile import CA_FILE, SetupFile, effective, merge, summary
@@ -52,7 +53,7 @@ def _check_ca(pem: str) -> None:
     try:
         ssl.create_default_context().load_verify_locations(cadata=pem)
     except (ssl.SSLError, ValueError) as exc:
-        raise SettingsRefused([f"proxy.ca: not a certificate the box can use: {exc}"]) from exc
+        raise SettingsRefused([Text("proxy.ca: not a certificate the box can use: {error}", error=str(exc))]) from exc
 
 
 def _save(state_dir: Path, settings: dict[str, Any], ca: str, restart: bool) -> None:
@@ -77,11 +78,11 @@ async def save_settings(runtime: Runtime, setup: SetupFile) -> list[str]:
     configuration in effect, save it, apply what can be applied at once. Returns what
     changed, in words. :class:`SettingsRefused` when anything is wrong: nothing is saved."""
     if setup.pairing.code or setup.pairing.release:
-        raise SettingsRefused(["pairing: pair on the homepage's Cloud card; a release needs the card in hand"])
+        raise SettingsRefused([Text("pairing: pair on the homepage's Cloud card; a release needs the card in hand")])
     state_dir = Path(runtime.config.storage.dir)
     ca = setup.proxy.ca if setup.proxy is not None else ""
     if setup.proxy is not None and setup.proxy.ca_file:
-        raise SettingsRefused(["proxy.ca_file: only in the setup file; paste the CA here instead"])
+        raise SettingsRefused([Text("proxy.ca_file: only in the setup file; paste the CA here instead")])
     _check_ca(ca)
     settings = await trio.to_thread.run_sync(_read_settings, state_dir)
     # The proxy saved last (a proxy change applies on restart), whose password a blank keeps.
@@ -100,5 +101,5 @@ async def save_settings(runtime: Runtime, setup: SetupFile) -> list[str]:
     # The one setting of the configuration this process takes at once (this module is the
     # declared writer of runtime.config).
     runtime.config = attrs.evolve(old, admin=attrs.evolve(old.admin, language=config.admin.language))
-    return summary(setup) + (["applied at once"] if not restart else
-                             ["the box applies it within a few seconds and restarts its links"])
+    return summary(setup) + ([Text("applied at once")] if not restart else
+                             [Text("the box applies it within a few seconds and restarts its links")])

@@ -20,6 +20,7 @@ from typing import Final
 
 import trio
 
+from appliance.protocol.text import Text
 from appliance.services.dispatcher import enqueue
 from appliance.services.i18n import Gettext, gettext_for
 from appliance.services.netif import interfaces
@@ -107,7 +108,7 @@ async def _answer_buttons(runtime: Runtime) -> None:
 async def _first_start(runtime: Runtime) -> None:
     marker = Path(runtime.config.storage.dir) / FIRST_BOOT_MARKER
     if runtime.config.admin.first_start_ticket and not marker.exists():
-        runtime.board.say("ticket", "first start: waiting for an adopted receipt printer")
+        runtime.board.say("ticket", Text("first start: waiting for an adopted receipt printer"))
         while True:
             seen = runtime.device_changes.version
             if await print_ticket(runtime):
@@ -115,6 +116,6 @@ async def _first_start(runtime: Runtime) -> None:
             await runtime.device_changes.wait(seen)
         await trio.to_thread.run_sync(marker.write_text, f"{time.time()}\n")
         log.info("status ticket queued for the printers (first start)")
-    runtime.board.say("ticket", "first-start ticket queued for the printers; the homepage button or a printer's "
-                                "own button queues another")
+    runtime.board.say("ticket", Text("first-start ticket queued for the printers; the homepage button or a "
+                                     "printer's own button queues another"))
     await trio.sleep_forever()

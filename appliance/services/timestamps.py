@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from appliance.protocol.text import Text
+
 __all__ = ["duration", "rfc3339"]
 
 
@@ -12,13 +14,13 @@ def rfc3339(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def duration(seconds: float) -> str:
-    """A length of time in words: "12 s", "3 min", "5 h", "2 days"."""
+def duration(seconds: float) -> Text:
+    """A length of time in words: "12 s", "3 min", "5 h", "2 days" (a Text: "2 jours")."""
     s = max(0, int(seconds))
     if s < 120:
-        return f"{s} s"
+        return Text("{n} s", n=s)
     if s < 7200:
-        return f"{s // 60} min"
+        return Text("{n} min", n=s // 60)
     if s < 172800:
-        return f"{s // 3600} h"
-    return f"{s // 86400} days"
+        return Text("{n} h", n=s // 3600)
+    return Text("{n} days", n=s // 86400)

@@ -23,6 +23,7 @@ from typing import Final
 import attrs
 
 from appliance.config import ADMIN_TOKEN_MIN
+from appliance.protocol.text import Text
 from appliance.storage.secrets import load_or_create_token, read_secret, write_secret
 
 __all__ = ["GENERATED_FILE", "OWNER_FILE", "AdminCredential", "CredentialSource", "credential_problem", "forget_owner",
@@ -39,9 +40,10 @@ MAX_CHARS: Final = 128
 def credential_problem(token: str) -> str:
     """Why ``token`` cannot be an admin credential, in words; "" when it can."""
     if not MIN_CHARS <= len(token) <= MAX_CHARS:
-        return f"must be {MIN_CHARS} to {MAX_CHARS} characters long, got {len(token)}"
+        return Text("must be {low} to {high} characters long, got {count}", low=MIN_CHARS, high=MAX_CHARS,
+                    count=len(token))
     if not all(33 <= ord(c) < 127 for c in token):
-        return "may hold only printable ASCII letters, digits and signs, no spaces"
+        return Text("may hold only printable ASCII letters, digits and signs, no spaces")
     return ""
 
 

@@ -30,11 +30,12 @@ from appliance.protocol.admin_api import Status as StatusBody
 from appliance.protocol.headline import headline, problems
 from appliance.protocol.health import Check, Status, summary
 from appliance.protocol.openapi import Operation, Reply
+from appliance.protocol.text import Text, say
 from appliance.services.i18n import Gettext, gettext_for, negotiate
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
 from appliance.services.web.contract import Documented, document_of, openapi_route
-from appliance.services.web.kit import AMBER, GREEN, GREY, RED, TEXT, JsonResponse, card, page
+from appliance.services.web.kit import AMBER, GREEN, GREY, RED, SERVICE_STATE_WORDS, TEXT, JsonResponse, card, page
 from appliance.services.web.parts import WebParts
 
 __all__ = ["create_app", "status"]
@@ -77,19 +78,23 @@ def _services_section(runtime: Runtime, _: Gettext) -> str:
         core = " <span class=muted>(" + html.escape(_("core")) + ")</span>" if s.core else ""
         rows.append(
             f"<tr><td>{html.escape(s.name)}{core}</td>"
-            f"<td class=state style='color:{colour}'>{html.escape(str(s.state))}</td>"
-            f"<td>{s.crashes}</td><td>{html.escape(note)}</td></tr>"
+            f"<td class=state style='color:{colour}'>{html.escape(say(SERVICE_STATE_WORDS.get(s.state, s.state), _))}"
+            f"</td><td>{s.crashes}</td><td>{html.escape(say(note, _))}</td></tr>"
         )
     head = "".join(f"<th>{html.escape(h)}</th>" for h in (_("service"), _("state"), _("crashes"), _("note")))
     return card(_("Services"), f"<table><tr>{head}</tr>{''.join(rows)}</table>", anchor="services")
+
+
+_DIRECTION_WORDS = {"in": Text("in"), "out": Text("out"), "in+out": Text("in and out")}
 
 
 def _ports_section(runtime: Runtime, _: Gettext) -> str:
     rows = []
     for role in PORT_ROLES:
         port = runtime.ports.of(role.role)
-        rows.append(f"<tr><td>{port}/{role.transport}</td><td>{role.direction}</td>"
-                    f"<td>{html.escape(role.description)}</td></tr>")
+        direction = say(_DIRECTION_WORDS.get(role.direction, role.direction), _)
+        rows.append(f"<tr><td>{port}/{role.transport}</td><td>{html.escape(direction)}</td>"
+                    f"<td>{html.escape(say(role.description, _))}</td></tr>")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in (_("port"), _("direction"), _("service")))
     return card(_("Ports"), f"<table><tr>{head}</tr>{''.join(rows)}</table>", anchor="ports")
 

@@ -54,6 +54,7 @@ from appliance.protocol.store_api import (
     CommandRequest,
     CommandView,
 )
+from appliance.protocol.text import Number, Text, say
 from appliance.services.device_link import DeviceLinkPhase
 from appliance.services.dispatcher import enqueue, enqueue_many
 from appliance.services.i18n import Gettext
@@ -69,7 +70,7 @@ from appliance.services.web.common import (
 )
 from appliance.services.web.contract import ADMIN, DEVICE, BodyResponse, Documented, errors, path_param
 from appliance.services.web.device_auth import authenticate
-from appliance.services.web.kit import AMBER, GREEN, GREY, RED, ago, not_done
+from appliance.services.web.kit import AMBER, GREEN, GREY, LINK_PHASE_WORDS, RED, ago, not_done
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import AdoptionState, get_device
 from appliance.storage.outbox import (
@@ -310,18 +311,19 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def test_command(request: Request) -> Response:
         try:
             form = await read_form(request)
-            check_form_token(form, runtime, consequence="nothing was sent")
+            check_form_token(form, runtime, consequence=Text("nothing was sent"))
             device_id = form.get("device", "")
             try:
                 await _adopted_or_raise(runtime, device_id, must_be_adopted=True)
             except ApiError as exc:
-                raise FormError(exc.status, f"{exc.message}; nothing was sent.") from exc
+                raise FormError(exc.status, Text("{reason}; nothing was sent.", reason=exc.message)) from exc
             now = time.time()
             await enqueue(runtime, device_id, TEST_KIND,
                           {"text": "test command from the store appliance's homepage", "sent_at": now},
                           now + TEST_TTL_S)
         except FormError as exc:
-            return not_done(exc.status, exc.message, subtitle="device links", anchor="device-links", heading="Not sent")
+            return not_done(request, exc.status, exc.message, subtitle=Text("device links"), anchor="device-links",
+                            heading=Text("Not sent"))
         return RedirectResponse("/#device-links", status_code=303)
 
     return [Route("/devices/test-command", test_command, methods=["POST"])]
@@ -333,36 +335,45 @@ _PHASE_COLOURS: Final = {DeviceLinkPhase.CONNECTED: GREEN, DeviceLinkPhase.CONNE
 
 async def links_section(runtime: Runtime, _: Gettext) -> str:
     """The homepage's Device links section: one row per adopted device's link."""
+    t_admin_token = _("Admin token")
+    t_needed_to_send_a = _("needed to send a test command ({kind})")
+    t_no_adopted_device_the = _("No adopted device: the box pushes commands to adopted devices only.")
+    t_send_test_command = _("Send test command")
+    esc = html.escape
     board = runtime.device_links
     port = runtime.config.lan.ports.device
+    title = esc(_("Device links (tcp/{port})").format(port=port))
     if not board.links:
-        return (f"<section id=device-links><h2>Device links (tcp/{port})</h2><p class=muted>No adopted device: "
-                "the box pushes commands to adopted devices only.</p></section>")
+        return (f"<section id=device-links><h2>{title}</h2><p class=muted>"
+                f"{esc(t_no_adopted_device_the)}</p></section>")
     now = time.time()
     rows = []
     for s in board.all():
         t = s.target
         waiting = board.backlog.get(t.id)
         connected = s.phase is DeviceLinkPhase.CONNECTED
-        note = s.last_error if not connected else (f"firmware {s.firmware}" if s.firmware else "")
-        fix = f"<br><span class=muted>{html.escape(s.last_fix)}</span>" if note and s.last_fix and not connected else ""
-        value = html.escape(t.id, quote=True)
+        note = say(s.last_error, _) if not connected else (
+            _("firmware {version}").format(version=s.firmware) if s.firmware else "")
+        fix = f"<br><span class=muted>{esc(say(s.last_fix, _))}</span>" if note and s.last_fix and not connected else ""
+        value = esc(t.id, quote=True)
         rows.append(
-            f"<tr><td>{html.escape(t.name)}<br><span class=muted>{html.escape(t.id)}</span></td>"
-            f"<td>{html.escape(t.address)}:{t.port}</td>"
-            f"<td class=state style='color:{_PHASE_COLOURS[s.phase]}'>{s.phase}</td>"
-            f"<td>{ago(None if s.last_ack_at is None else now - s.last_ack_at)}</td>"
-            f"<td>{waiting.depth if waiting else 0}</td>"
-            f"<td>{html.escape(note)}{fix}</td>"
-            f"<td><button name=device value='{value}'>Send test command</button></td></tr>"
+            f"<tr><td>{esc(t.name)}<br><span class=muted>{esc(t.id)}</span></td>"
+            f"<td>{esc(t.address)}:{t.port}</td>"
+            f"<td class=state style='color:{_PHASE_COLOURS[s.phase]}'>{esc(say(LINK_PHASE_WORDS[s.phase], _))}</td>"
+            f"<td>{esc(say(ago(None if s.last_ack_at is None else now - s.last_ack_at), _))}</td>"
+            f"<td>{say(Number(waiting.depth if waiting else 0), _)}</td>"
+            f"<td>{esc(note)}{fix}</td>"
+            f"<td><button name=device value='{value}'>{esc(t_send_test_command)}</button></td></tr>"
         )
+    head = "".join(f"<th>{esc(h)}</th>" for h in (_("device"), _("address"), _("link"), _("last ack"),
+                                                  _("waiting"), _("note"), ""))
     return (
-        f"<section id=device-links><h2>Device links (tcp/{port})</h2>"
+        f"<section id=device-links><h2>{title}</h2>"
         "<form method=post action='/devices/test-command' style='display:block'>"
-        "<table><tr><th>device</th><th>address</th><th>link</th><th>last ack</th><th>waiting</th><th>note</th>"
-        f"<th></th></tr>{''.join(rows)}</table>"
-        "<p><label>Admin token <input type=password name=token autocomplete=current-password required></label>"
-        f" <span class=muted>needed to send a test command ({TEST_KIND})</span></p></form></section>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+        f"<p><label>{esc(t_admin_token)} <input type=password name=token autocomplete=current-password required>"
+        f"</label> <span class=muted>{esc(t_needed_to_send_a.format(kind=TEST_KIND))}"
+        "</span></p></form></section>"
     )
 
 

@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.protocol.json_bounds import JsonBoundsError, loads_bounded
+from appliance.protocol.text import Number, Text
 from appliance.services.runtime import Runtime
 from appliance.services.web.kit import JsonResponse
 
@@ -41,7 +42,8 @@ class ApiError(Exception):
 
 
 class FormError(Exception):
-    """A homepage form that cannot be acted on; the page says ``message`` with ``status``."""
+    """A homepage form that cannot be acted on; the page says ``message`` with ``status``
+    (a Text: the page says it in the reader's language)."""
 
     def __init__(self, status: int, message: str) -> None:
         self.status, self.message = status, message
@@ -58,19 +60,20 @@ async def read_form(request: Request, limit: int = MAX_FORM_BYTES) -> dict[str, 
     that carries more than a token and an action (a pasted CA) says so."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
-        raise FormError(415, f"Expected an HTML form (application/x-www-form-urlencoded), got {ctype or 'nothing'}.")
+        raise FormError(415, Text("Expected an HTML form (application/x-www-form-urlencoded), got {what}.",
+                                  what=ctype or Text("nothing")))
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise FormError(413, f"Form too large (the limit is {limit} bytes).")
+        raise FormError(413, Text("Form too large (the limit is {limit} bytes).", limit=Number(limit)))
     timeout = _body_timeout_s(request)
     body = b""
     with trio.move_on_after(timeout) as scope:
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise FormError(413, f"Form too large (the limit is {limit} bytes).")
+                raise FormError(413, Text("Form too large (the limit is {limit} bytes).", limit=Number(limit)))
     if scope.cancelled_caught:
-        raise FormError(408, f"The form did not arrive within {timeout:g} s.")
+        raise FormError(408, Text("The form did not arrive within {seconds} s.", seconds=Number(timeout, 1)))
     return parse_form(body)
 
 
@@ -86,20 +89,20 @@ def parse_form(body: bytes) -> dict[str, str]:
         pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
                                        max_num_fields=MAX_FORM_FIELDS)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise FormError(400, f"The form could not be read: {exc}.") from exc
+        raise FormError(400, Text("The form could not be read: {error}.", error=str(exc))) from exc
     form: dict[str, str] = {}
     for key, value in pairs:
         if key in form:
-            raise FormError(400, f"The form field {key!r} appears twice.")
+            raise FormError(400, Text("The form field {field} appears twice.", field=repr(key)))
         form[key] = value
     return form
 
 
-def check_form_token(form: dict[str, str], runtime: Runtime, *, consequence: str) -> None:
+def check_form_token(form: dict[str, str], runtime: Runtime, *, consequence: Text) -> None:
     """Refuse (401) a form without the admin token; ``consequence`` ends the message."""
     token = form.get("token", "")
     if not token or not hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
-        raise FormError(401, f"The admin token is missing or wrong; {consequence}.")
+        raise FormError(401, Text("The admin token is missing or wrong; {consequence}.", consequence=consequence))
 
 
 def json_error(

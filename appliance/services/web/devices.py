@@ -38,11 +38,12 @@ from starlette.routing import BaseRoute, Route
 
 from appliance.protocol.admin_api import DeviceAction, DeviceAnswer, DeviceChange, DeviceList
 from appliance.protocol.openapi import Operation, Reply
+from appliance.protocol.text import Text, say
 from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, FormError, check_form_token, read_form, read_json, require_admin
 from appliance.services.web.contract import ADMIN, Documented, errors, path_param
-from appliance.services.web.kit import AMBER, GREEN, GREY, JsonResponse, ago, not_done
+from appliance.services.web.kit import AMBER, DEVICE_STATE_WORDS, GREEN, GREY, KIND_WORDS, JsonResponse, ago, not_done
 from appliance.services.web.parts import WebParts
 from appliance.storage.devices import (
     AdoptionState,
@@ -79,17 +80,19 @@ def _act(conn: sqlite3.Connection, device_id: str, verb: str, code: str | None, 
     """One admin action, in one transaction. Raises RegistryError or _Refused."""
     device = get_device(conn, device_id)
     if device is None:
-        raise UnknownDevice(f"no device {device_id!r} in the registry")
+        raise UnknownDevice(Text("no device {device} in the registry", device=repr(device_id)))
     if verb == "adopt":
         enrollment = get_enrollment(conn, device_id)
         if enrollment is not None and enrollment.code is not None:
             if code is None:
-                raise _Refused(409, f"device {device_id!r} enrolled with a key: give the comparison code you checked "
-                                    "on its screen ({\"code\": \"123456\"})")
+                raise _Refused(409, Text("device {device} enrolled with a key: give the comparison code you "
+                                         "checked on its screen ({example})", device=repr(device_id),
+                                         example='{"code": "123456"}'))
             return accept(conn, device_id, code, now), True
         return set_state(conn, device_id, AdoptionState.ADOPTED, now)
     if verb == "revoke" and device.state is not AdoptionState.ADOPTED:
-        raise _Refused(409, f"device {device_id!r} is {device.state}, not adopted: nothing to revoke")
+        raise _Refused(409, Text("device {device} is {state}, not adopted: nothing to revoke",
+                                 device=repr(device_id), state=DEVICE_STATE_WORDS[device.state]))
     if verb in ("reject", "revoke"):
         return set_state(conn, device_id, AdoptionState.REJECTED, now)
     if verb == "dismiss":
@@ -105,6 +108,10 @@ async def _change(runtime: Runtime, device_id: str, verb: str, code: str | None)
         runtime.keys.forget(device_id)
         runtime.device_changes.notify()
     return device, changed
+
+
+def _nothing_changed(reason: str) -> Text:
+    return Text("{reason}; nothing was changed.", reason=reason)
 
 
 def _code_of(data: Any) -> str | None:
@@ -149,22 +156,22 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
     async def form_action(request: Request) -> Response:
         try:
             form = await read_form(request)
-            check_form_token(form, runtime, consequence="nothing was changed")
+            check_form_token(form, runtime, consequence=Text("nothing was changed"))
             action = form.get("action", "")
             verb, _, device_id = action.partition(":")
             verb, _, code = verb.partition("@")  # adopt@123456:<id>: the code the page showed
             if verb not in _VERBS or not device_id:
-                raise FormError(400, f"Unknown action {action!r}; nothing was changed.")
+                raise FormError(400, Text("Unknown action {action}; nothing was changed.", action=repr(action)))
             try:
                 await _change(runtime, device_id, verb, code or None)
             except UnknownDevice as exc:
-                raise FormError(404, f"{exc}; nothing was changed.") from exc
+                raise FormError(404, _nothing_changed(exc.args[0])) from exc
             except (DeclaredInConfig, EnrollmentChanged) as exc:
-                raise FormError(409, f"{exc}; nothing was changed.") from exc
+                raise FormError(409, _nothing_changed(str(exc))) from exc
             except _Refused as exc:
-                raise FormError(exc.status, f"{exc.message}; nothing was changed.") from exc
+                raise FormError(exc.status, _nothing_changed(exc.message)) from exc
         except FormError as exc:
-            return not_done(exc.status, exc.message, subtitle="device adoption", anchor="devices")
+            return not_done(request, exc.status, exc.message, subtitle=Text("device adoption"), anchor="devices")
         return RedirectResponse("/#devices", status_code=303)
 
     return [
@@ -197,18 +204,18 @@ def _devices_and_enrollments(conn: sqlite3.Connection) -> tuple[list[Device], di
     return list_devices(conn), list_enrollments(conn)
 
 
-def key_status(runtime: Runtime, device: Device) -> tuple[str, bool]:
+def key_status(runtime: Runtime, device: Device) -> tuple[Text, bool]:
     """(what the box holds to authenticate ``device``, in words; whether it gets commands)."""
     if device.source is DeviceSource.CONFIG:
         if runtime.keys.key_of(device) is not None:
-            return "pre-shared key (config)", True
-        return "no key: set key in its [[devices]] entry (appliance device-key); it gets no commands", False
+            return Text("pre-shared key (config)"), True
+        return Text("no key: set key in its [[devices]] entry (appliance device-key); it gets no commands"), False
     if device.public_key is not None:
-        return "enrolled key", True
+        return Text("enrolled key"), True
     if device.legacy:
-        return ("no key yet (adopted before enrollment): commands go unauthenticated until it enrolls "
-                "or you end that"), True
-    return "no key: it gets no commands until it enrolls", False
+        return Text("no key yet (adopted before enrollment): commands go unauthenticated until it enrolls "
+                    "or you end that"), True
+    return Text("no key: it gets no commands until it enrolls"), False
 
 
 def _with_enrollment(runtime: Runtime, device: Device, enrollment: Enrollment | None) -> dict[str, Any]:
@@ -219,41 +226,55 @@ def _with_enrollment(runtime: Runtime, device: Device, enrollment: Enrollment | 
     return out
 
 
-def _buttons(device: Device, enrollment: Enrollment | None) -> str:
+def _buttons(device: Device, enrollment: Enrollment | None, _: Gettext) -> str:
+    t_declared_in_config = _("declared in config")
     if device.source is DeviceSource.CONFIG:
-        return "<span class=muted>declared in config</span>"
+        return f"<span class=muted>{html.escape(t_declared_in_config)}</span>"
     value = html.escape(device.id, quote=True)
     out = []
+
+    def button(action: str, label: Text) -> None:
+        out.append(f"<button name=action value='{action}:{value}'>{html.escape(say(label, _))}</button>")
+
     if enrollment is not None and enrollment.code is not None:
-        label = "Accept new key" if device.state is AdoptionState.ADOPTED else "Adopt"
-        out.append(f"<button name=action value='adopt@{enrollment.code}:{value}'>{label}</button>")
-        out.append(f"<button name=action value='dismiss:{value}'>Dismiss</button>")
+        button(f"adopt@{enrollment.code}",
+               Text("Accept new key") if device.state is AdoptionState.ADOPTED else Text("Adopt"))
+        button("dismiss", Text("Dismiss"))
     elif device.state is not AdoptionState.ADOPTED:
-        out.append(f"<button name=action value='adopt:{value}'>Adopt</button>")
+        button("adopt", Text("Adopt"))
     if device.state is AdoptionState.ADOPTED:
-        out.append(f"<button name=action value='revoke:{value}'>Revoke</button>")
+        button("revoke", Text("Revoke"))
         if device.legacy:
-            out.append(f"<button name=action value='end-legacy:{value}'>Require enrollment</button>")
+            button("end-legacy", Text("Require enrollment"))
     elif device.state is not AdoptionState.REJECTED:
-        out.append(f"<button name=action value='reject:{value}'>Reject</button>")
+        button("reject", Text("Reject"))
     return " ".join(out)
 
 
-def _enrollment_note(device: Device, enrollment: Enrollment | None) -> str:
+def _enrollment_note(device: Device, enrollment: Enrollment | None, _: Gettext) -> str:
+    t_enrolling_no_code_yet = _("enrolling (no code yet)")
+    t_adopt_only_if_the = _("(adopt only if the device shows the same code)")
     if enrollment is None:
         return ""
     esc = html.escape
     if enrollment.code is None:
-        return "<br><span class=muted>enrolling (no code yet)</span>"
-    code = f"{enrollment.code[:3]}&nbsp;{enrollment.code[3:]}"
+        return f"<br><span class=muted>{esc(t_enrolling_no_code_yet)}</span>"
+    code = f"<strong class=code>{enrollment.code[:3]}&nbsp;{enrollment.code[3:]}</strong>"
     replaces = device.public_key is not None or device.state is AdoptionState.ADOPTED
-    what = f"wants to replace device {esc(device.id)}'s key" if replaces else "enrolled"
-    return (f"<br><strong>{what}</strong> from {esc(enrollment.address)}: code <strong class=code>{code}</strong>"
-            " <span class=muted>(adopt only if the device shows the same code)</span>")
+    what = (esc(_("wants to replace device {device}'s key")).format(device=esc(device.id)) if replaces
+            else esc(_("enrolled")))
+    return ("<br>" + esc(_("{what} from {address}: code {code}")).format(
+                what=f"<strong>{what}</strong>", address=esc(enrollment.address), code=code)
+            + f" <span class=muted>{esc(t_adopt_only_if_the)}</span>")
 
 
 async def devices_section(runtime: Runtime, _: Gettext) -> str:
     """The homepage's Devices section: every device, its state, and adopt/reject buttons."""
+    t_admin_token = _("Admin token")
+    t_needed_to_adopt_reject = _("needed to adopt, reject or revoke")
+    t_the_box_pushes_commands = _("The box pushes commands to adopted devices only.")
+    t_no_device_yet = _("No device yet.")
+    esc = html.escape
     devices, enrollments = await runtime.db.read(_devices_and_enrollments)
     now = time.time()
     rows = []
@@ -264,30 +285,36 @@ async def devices_section(runtime: Runtime, _: Gettext) -> str:
         heard = [t for t in (d.last_seen, link and link.connected_since, link and link.last_ack_at) if t]
         seen = now - max(heard) if heard else None
         enrollment = enrollments.get(d.id)
-        came = "came from " if d.state is AdoptionState.PENDING else ""
+        address = f"{esc(d.address)}:{d.port}"
+        if d.state is AdoptionState.PENDING:
+            address = esc(_("came from {address}")).format(address=address)
         key_words, _pushes = key_status(runtime, d)
+        kind = esc(d.kind)
+        if d.kind in KIND_WORDS:
+            kind = f"{esc(say(KIND_WORDS[d.kind], _))}<br><span class=muted>{kind}</span>"
         rows.append(
-            f"<tr><td>{html.escape(d.name or d.id)}<br><span class=muted>{html.escape(d.id)}</span></td>"
-            f"<td>{html.escape(d.kind)}</td><td>{came}{html.escape(d.address)}:{d.port}</td>"
-            f"<td class=state style='color:{_STATE_COLOURS[d.state]}'>{d.state}</td>"
-            f"<td>{html.escape(key_words)}{_enrollment_note(d, enrollment)}</td>"
-            f"<td>{ago(seen)}</td><td>{_buttons(d, enrollment)}</td></tr>"
+            f"<tr><td>{esc(d.name or d.id)}<br><span class=muted>{esc(d.id)}</span></td>"
+            f"<td>{kind}</td><td>{address}</td>"
+            f"<td class=state style='color:{_STATE_COLOURS[d.state]}'>{esc(say(DEVICE_STATE_WORDS[d.state], _))}</td>"
+            f"<td>{esc(say(key_words, _))}{_enrollment_note(d, enrollment, _)}</td>"
+            f"<td>{esc(say(ago(seen), _))}</td><td>{_buttons(d, enrollment, _)}</td></tr>"
         )
     discovery = runtime.config.discovery
     port = runtime.ports.of("discovery")
-    how = (f"Devices appear here when they probe on udp/{port}." if discovery.enabled
-           else "Discovery is off ([discovery] enabled = false): declare devices in [[devices]].")
+    how = esc(_("Devices appear here when they probe on udp/{port}.").format(port=port) if discovery.enabled
+              else _("Discovery is off ([discovery] enabled = false): declare devices in [[devices]]."))
+    title = esc(_("Devices"))
     if not rows:
-        return (f"<section id=devices><h2>Devices</h2><p class=muted>No device yet. {how}</p></section>")
+        return f"<section id=devices><h2>{title}</h2><p class=muted>{esc(t_no_device_yet)} {how}</p></section>"
+    head = "".join(f"<th>{esc(h)}</th>" for h in (_("device"), _("kind"), _("address"), _("state"), _("key"),
+                                                  _("last seen"), ""))
     return (
-        "<section id=devices><h2>Devices</h2>"
+        f"<section id=devices><h2>{title}</h2>"
         "<form method=post action='/devices/action' style='display:block'>"
-        "<table><tr><th>device</th><th>kind</th><th>address</th><th>state</th><th>key</th><th>last seen</th><th></th>"
-        "</tr>"
-        f"{''.join(rows)}</table>"
-        "<p><label>Admin token <input type=password name=token autocomplete=current-password required></label>"
-        " <span class=muted>needed to adopt, reject or revoke</span></p></form>"
-        f"<p class=muted>{how} The box pushes commands to adopted devices only.</p></section>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+        f"<p><label>{esc(t_admin_token)} <input type=password name=token autocomplete=current-password required>"
+        f"</label> <span class=muted>{esc(t_needed_to_adopt_reject)}</span></p></form>"
+        f"<p class=muted>{how} {esc(t_the_box_pushes_commands)}</p></section>"
     )
 
 

@@ -35,6 +35,7 @@ from appliance.protocol.admin_api import BundleAccepted
 from appliance.protocol.firmware import FirmwareStatus, LocalBundle, OutcomeKind, Phase, When
 from appliance.protocol.multipart import MultipartError, MultipartReader, PartData, PartEnd, PartStart, boundary_of
 from appliance.protocol.openapi import Operation, Param, Reply
+from appliance.protocol.text import Number, Text, say
 from appliance.services.firmware_intake import IntakeRefused, Sink, accept, receiving
 from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
@@ -52,18 +53,18 @@ FIELD_MAX_BYTES: Final = 256
 BUNDLE_FIELD: Final = "bundle"
 
 OUTCOME_WORDS = {
-    OutcomeKind.COMMITTED: "installed and kept: the new firmware proved healthy",
-    OutcomeKind.ROLLED_BACK: "rolled back: the new firmware failed its trial and the box went back by itself",
-    OutcomeKind.REFUSED: "refused before anything was written",
-    OutcomeKind.FAILED: "failed; the running firmware is unchanged",
+    OutcomeKind.COMMITTED: Text("installed and kept: the new firmware proved healthy"),
+    OutcomeKind.ROLLED_BACK: Text("rolled back: the new firmware failed its trial and the box went back by itself"),
+    OutcomeKind.REFUSED: Text("refused before anything was written"),
+    OutcomeKind.FAILED: Text("failed; the running firmware is unchanged"),
 }
 PHASE_WORDS = {
-    Phase.DOWNLOADING: "downloading",
-    Phase.WAITING: "downloaded and verified; waiting for the maintenance window",
-    Phase.INSTALLING: "installing into the other slot",
-    Phase.REBOOTING: "restarting into the new firmware",
-    Phase.TRIAL: "on trial: kept once the box is healthy, else it goes back by itself",
-    Phase.FAILED: "failed; tried again later",
+    Phase.DOWNLOADING: Text("downloading"),
+    Phase.WAITING: Text("downloaded and verified; waiting for the maintenance window"),
+    Phase.INSTALLING: Text("installing into the other slot"),
+    Phase.REBOOTING: Text("restarting into the new firmware"),
+    Phase.TRIAL: Text("on trial: kept once the box is healthy, else it goes back by itself"),
+    Phase.FAILED: Text("failed; tried again later"),
 }
 
 
@@ -72,35 +73,39 @@ async def firmware_status(runtime: Runtime) -> dict[str, Any]:
 
 
 async def firmware_section(runtime: Runtime, _: Gettext) -> str:
+    t_firmware = _("Firmware")
     st = runtime.firmware
-    slot = f", slot {st.slot}" if st.slot else " (no A/B slots: updated by flashing an image)"
-    rows = [("running", f"{st.version or '?'}{slot}")]
+    version = st.version or "?"
+    running = (_("{version}, slot {slot}").format(version=version, slot=st.slot) if st.slot
+               else _("{version} (no A/B slots: updated by flashing an image)").format(version=version))
+    rows = [(_("running version"), running)]
     if st.phase is not Phase.IDLE:
-        words = PHASE_WORDS.get(st.phase, str(st.phase))
+        words = say(PHASE_WORDS.get(st.phase, str(st.phase)), _)
         if st.phase is Phase.DOWNLOADING and st.offer is not None:
-            words += f" {st.offer.version}: {st.done_bytes:,} of {st.offer.size:,} bytes"
+            words += " " + _("{version}: {done} of {size} bytes").format(
+                version=st.offer.version, done=say(Number(st.done_bytes), _), size=say(Number(st.offer.size), _))
         elif st.phase is Phase.WAITING and st.window_opens_in_s is not None:
-            words += f" (opens in {st.window_opens_in_s / 3600:.1f} h)"
+            words += " " + _("(opens in {hours} h)").format(hours=say(Number(st.window_opens_in_s / 3600, 1), _))
         elif st.trial is not None:
             words += f" ({st.trial.version})"
-        rows.append(("update", words))
+        rows.append((_("update"), words))
     elif st.offer is not None and st.offer.version != st.version:
-        rows.append(("offered", st.offer.version))
+        rows.append((_("offered"), st.offer.version))
     rows += _brought_rows(st, runtime.config.update.window, _)
     if st.error or st.offer_error:
-        rows.append(("problem", st.error or st.offer_error))
+        rows.append((_("problem"), say(st.error or st.offer_error, _)))
     if st.last is not None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.last.at))
         what = st.last.version or _("a bundle")
-        words = f"{what} {OUTCOME_WORDS[st.last.kind]} ({when})"
+        words = f"{what} {say(OUTCOME_WORDS[st.last.kind], _)} ({when})"
         if st.last.source != "platform":
             words += " " + _source_words(st.last.source, _)
         if st.last.reason:
-            words += f": {st.last.reason}"
-        rows.append(("last update", words))
+            words += f": {say(st.last.reason, _)}"
+        rows.append((_("last update"), words))
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
     form = _upload_form(runtime.config.update.window, _) if st.slot and runtime.config.update.enabled else ""
-    return f"<section id=firmware><h2>Firmware</h2><table>{body}</table>{form}</section>"
+    return f"<section id=firmware><h2>{html.escape(t_firmware)}</h2><table>{body}</table>{form}</section>"
 
 
 def _source_words(source: str, _: Gettext) -> str:
@@ -225,7 +230,7 @@ async def _receive_form(request: Request, runtime: Runtime, stack: AsyncExitStac
             if isinstance(event, PartStart):
                 part, value = event, bytearray()
                 if event.name == BUNDLE_FIELD and event.filename is not None:
-                    check_form_token(fields, runtime, consequence="nothing was uploaded")
+                    check_form_token(fields, runtime, consequence=Text("nothing was uploaded"))
                     if sink is not None:
                         raise FormError(400, "The form carries two bundle files; send one.")
                     filename = event.filename
@@ -249,7 +254,7 @@ async def _receive_form(request: Request, runtime: Runtime, stack: AsyncExitStac
             else:
                 break  # NEED_DATA, or Done (the epilogue, if any, is dropped)
     if sink is None:
-        check_form_token(fields, runtime, consequence="nothing was uploaded")
+        check_form_token(fields, runtime, consequence=Text("nothing was uploaded"))
         raise FormError(400, "The form carried no bundle file; nothing was uploaded.")
     return sink, filename, _when(fields.get("when", When.WINDOW))
 

@@ -8,8 +8,10 @@ every page looks and words alike:
 - :func:`page`: a whole page (title, subtitle, sections);
 - :func:`card`: one titled section of a page (what a feature adds to the homepage);
 - :func:`row`: one ``label | value`` table row, the value optionally coloured;
-- :func:`ago`: "12 s ago", "3 min ago", "5 h ago", "2 days ago", "never";
-- :func:`not_done`: the answer to a homepage form that could not be acted on;
+- :func:`ago`: "12 s ago", "3 min ago", "5 h ago", "2 days ago", "never" (a Text);
+- :func:`not_done`: the answer to a homepage form that could not be acted on, in the
+  reader's language (``_``, :func:`reader`);
+- :func:`reader`: the translations of the language a request's browser asks for;
 - :data:`GREEN`, :data:`AMBER`, :data:`RED`, :data:`GREY`: the state colours;
 - :class:`JsonResponse`: JSON that is always valid UTF-8.
 """
@@ -21,17 +23,35 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
+from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from appliance.protocol.text import Text, say
+from appliance.services.i18n import Gettext, gettext_for, negotiate
 from appliance.services.timestamps import duration
 
-__all__ = ["AMBER", "GREEN", "GREY", "RED", "TEXT", "JsonResponse", "ago", "card", "not_done", "page", "row"]
+__all__ = ["AMBER", "COMMAND_STATE_WORDS", "DEVICE_STATE_WORDS", "GREEN", "GREY", "KIND_WORDS", "LINK_PHASE_WORDS",
+           "RED", "SERVICE_STATE_WORDS", "TEXT", "JsonResponse", "ago", "card", "not_done", "page", "reader", "row"]
 
 GREEN: Final = "#1a7f37"  # working
 AMBER: Final = "#9a6700"  # on its way, or needs a look
 RED: Final = "#cf222e"  # failing: someone must act
 GREY: Final = "#6e7781"  # off, stopped, rejected
 TEXT: Final = "#1f2328"
+
+# One word per state, the same in every section and in the reader's language (``say``): a
+# device's adoption (Devices), a device's link (Device links), a service (Services), a
+# queue's link (Online orders, Remote support).
+DEVICE_STATE_WORDS: Final = {"pending": Text("pending"), "adopted": Text("adopted"), "rejected": Text("rejected")}
+LINK_PHASE_WORDS: Final = {"connecting": Text("connecting"), "connected": Text("connected"),
+                           "backing_off": Text("waiting to retry"), "stopped": Text("stopped")}
+# A device's kind (its protocol name, shown beside these words).
+KIND_WORDS: Final = {"kds": Text("kitchen screen"), "printer": Text("receipt printer"), "pos": Text("till")}
+COMMAND_STATE_WORDS: Final = {"queued": Text("queued"), "sent": Text("sent"), "acked": Text("delivered"),
+                              "dead": Text("not delivered")}
+SERVICE_STATE_WORDS: Final = {"starting": Text("starting"), "running": Text("running"),
+                              "restarting": Text("restarting"), "failed": Text("failed"),
+                              "disabled": Text("disabled"), "stopped": Text("stopped")}
 
 # One column of full-width sections on a phone, small cards side by side on a wide screen
 # and a section with a table in full width; no section is ever wider than the window
@@ -93,18 +113,30 @@ def row(label: str, value: str, colour: str = "") -> str:
     return f"<tr><td>{html.escape(label)}</td><td{style}>{value}</td></tr>"
 
 
-def ago(seconds: float | None) -> str:
-    """How long ago, in words; None is "never"."""
-    return "never" if seconds is None else f"{duration(seconds)} ago"
+def ago(seconds: float | None) -> Text:
+    """How long ago, in words (``say`` it in the reader's language); None is "never"."""
+    return Text("never") if seconds is None else Text("{duration} ago", duration=duration(seconds))
 
 
-def not_done(status: int, message: str, *, subtitle: str, anchor: str, heading: str = "Not done") -> HTMLResponse:
+def reader(request: Request) -> tuple[str, Gettext]:
+    """(language, ``_``) for the language the request's browser asks for (Accept-Language)."""
+    language = negotiate(request.headers.get("accept-language"))
+    return language, gettext_for(language)
+
+
+def not_done(request: Request, status: int, message: str, *, subtitle: str, anchor: str,
+             heading: str = "") -> HTMLResponse:
     """The page a homepage form answers when nothing was done, with a way back to
-    ``/#anchor``."""
-    body = page("Store appliance", subtitle,
-                [f"<section><h2>{html.escape(heading)}</h2><p>{html.escape(message)}</p>"
-                 f"<p><a href='/#{html.escape(anchor)}'>Back to the homepage</a></p></section>"])
-    return HTMLResponse(body, status_code=status)
+    ``/#anchor``, in the language the request asks for. ``message``, ``subtitle`` and
+    ``heading`` are English Texts (or plain words that stay as they are)."""
+    language, _ = reader(request)
+    title, heading_words = _("Store appliance"), say(heading, _) if heading else _("Not done")
+    back = _("Back to the homepage")
+    body = page(title, say(subtitle, _),
+                [f"<section><h2>{html.escape(heading_words)}</h2><p>{html.escape(say(message, _))}</p>"
+                 f"<p><a href='/#{html.escape(anchor)}'>{html.escape(back)}</a></p></section>"],
+                lang=language)
+    return HTMLResponse(body, status_code=status, headers={"Content-Language": language, "Vary": "Accept-Language"})
 
 
 class JsonResponse(Response):

@@ -75,8 +75,8 @@ _SCRIPT = """
     var url = location.protocol + '//' + location.hostname + ':' + box.dataset.port + '/v1/events?topics=' +
               box.dataset.topics + '&after=' + box.dataset.head + '&token=' + encodeURIComponent(token);
     source = new EventSource(url);
-    state.textContent = 'connecting';
-    source.addEventListener('subscribed', function () { state.textContent = 'live'; form.hidden = true; });
+    state.textContent = box.dataset.connecting;
+    source.addEventListener('subscribed', function () { state.textContent = box.dataset.live; form.hidden = true; });
     // Health and sync state change without events of their own: re-read them now and then.
     if (!window.liveTimer) window.liveTimer = setInterval(refresh, %(every)d);
     source.addEventListener('resync', function () { refresh(); });
@@ -86,9 +86,9 @@ _SCRIPT = """
     };
     source.onerror = function () {
       if (source.readyState === EventSource.CLOSED) {
-        state.textContent = 'not live: the token was refused or the events port cannot be reached';
+        state.textContent = box.dataset.closed;
         form.hidden = false;
-      } else { state.textContent = 'reconnecting'; }
+      } else { state.textContent = box.dataset.reconnecting; }
     };
   }
   form.addEventListener('submit', function (ev) {
@@ -113,19 +113,32 @@ def _row(row: LogRow) -> str:
 
 
 async def section(runtime: Runtime, _: Gettext) -> str:
+    t_live_events = _("Live events")
+    t_stream = _("Stream:")
+    t_as_of_this_page = _("as of this page")
+    t_live_updates_need_javascript = _("(live updates need JavaScript; reload to refresh)")
+    t_follow_live = _("Follow live")
+    t_no_events_yet = _("No events yet.")
+    esc = html.escape
     rows = await runtime.db.read(partial(recent, limit=SHOWN, topics=TOPICS))
     head = runtime.event_hub.head
     body = "".join(_row(r) for r in rows) or ""
-    empty = "" if rows else "<p class=muted id=live-empty>No events yet.</p>"
+    empty = "" if rows else f"<p class=muted id=live-empty>{esc(t_no_events_yet)}</p>"
     script = _SCRIPT % {"max": LIST_MAX, "every": REREAD_MS}
+    # The script's words, in the page's language (it sets them as the stream's state).
+    words = {"connecting": _("connecting"), "live": _("live"), "reconnecting": _("reconnecting"),
+             "closed": _("not live: the token was refused or the events port cannot be reached")}
+    data = " ".join(f"data-{k}='{esc(v, quote=True)}'" for k, v in words.items())
+    heads = "".join(f"<th>{esc(h)}</th>" for h in (_("time (UTC)"), _("id"), _("event"), _("what")))
+    token = esc(_("admin token"), quote=True)
     return (
-        f"<section id=live data-port={runtime.ports.of('events')} data-head={head} data-topics={','.join(TOPICS)}>"
-        "<h2>Live events</h2>"
-        "<p>Stream: <span id=live-state class=state>as of this page"
-        "<noscript> (live updates need JavaScript; reload to refresh)</noscript></span></p>"
+        f"<section id=live data-port={runtime.ports.of('events')} data-head={head} data-topics={','.join(TOPICS)} "
+        f"{data}><h2>{esc(t_live_events)}</h2>"
+        f"<p>{esc(t_stream)} <span id=live-state class=state>{esc(t_as_of_this_page)}"
+        f"<noscript> {esc(t_live_updates_need_javascript)}</noscript></span></p>"
         "<form id=live-form hidden><input id=live-token type=password autocomplete=current-password "
-        "placeholder='admin token' aria-label='admin token'> <button>Follow live</button></form>"
-        f"{empty}<table id=live-events><tr><th>time (UTC)</th><th>id</th><th>event</th><th>what</th></tr>{body}"
+        f"placeholder='{token}' aria-label='{token}'> <button>{esc(t_follow_live)}</button></form>"
+        f"{empty}<table id=live-events><tr>{heads}</tr>{body}"
         f"</table><script>{script}</script></section>"
     )
 

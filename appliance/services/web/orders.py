@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.protocol.admin_api import SupportAnswer, SupportSwitch
 from appliance.protocol.openapi import Operation, Param, Reply
 from appliance.protocol.store_api import OnlineOrderList
+from appliance.protocol.text import Number, Text, say
 from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.state import QueueLinkStatus, QueuePhase
@@ -41,7 +42,16 @@ from appliance.services.web.common import (
     whole_number,
 )
 from appliance.services.web.contract import ADMIN, Documented, errors
-from appliance.services.web.kit import AMBER, GREEN, RED, JsonResponse, not_done, row
+from appliance.services.web.kit import (
+    AMBER,
+    COMMAND_STATE_WORDS,
+    GREEN,
+    LINK_PHASE_WORDS,
+    RED,
+    JsonResponse,
+    not_done,
+    row,
+)
 from appliance.services.web.parts import WebParts
 from appliance.storage.orders import LIST_MAX, list_orders, order_counts
 
@@ -104,12 +114,14 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
         """The homepage buttons (no JavaScript: a form with the admin token)."""
         try:
             form = await read_form(request)
-            check_form_token(form, runtime, consequence="the support channel was not changed")
+            check_form_token(form, runtime, consequence=Text("the support channel was not changed"))
             action = form.get("action", "")
             if action not in ("on", "off"):
-                raise FormError(400, f"Unknown action {action!r}; the support channel was not changed.")
+                raise FormError(400, Text("Unknown action {action}; the support channel was not changed.",
+                                          action=repr(action)))
         except FormError as exc:
-            return not_done(exc.status, exc.message, subtitle="remote support", anchor="support-channel")
+            return not_done(request, exc.status, exc.message, subtitle=Text("remote support"),
+                            anchor="support-channel")
         await switch_support(runtime, action == "on")
         return RedirectResponse("/#support-channel", status_code=303)
 
@@ -117,57 +129,86 @@ def admin_routes(runtime: Runtime) -> Sequence[BaseRoute]:
             Route("/support-channel/action", switch_form, methods=["POST"])]
 
 
-def _link_rows(state: QueueLinkStatus) -> list[str]:
+def _link_rows(state: QueueLinkStatus, _: Gettext) -> list[str]:
     esc = html.escape
-    words = {QueuePhase.CONNECTED: f"connected to {state.namespace}", QueuePhase.CONNECTING: "connecting",
-             QueuePhase.UNCONFIGURED: f"waiting: {state.detail}", QueuePhase.RETRYING: "cannot connect; retrying",
-             QueuePhase.AUTH_FAILED: "the namespace refused the key: check the pairing",
-             QueuePhase.CONFIG_ERROR: "the settings cannot work", QueuePhase.OFF: "off"}
-    rows = [row("link", esc(words[state.phase]), _PHASE_COLOURS.get(state.phase, ""))]
+    words = {QueuePhase.CONNECTED: Text("connected to {namespace}", namespace=state.namespace),
+             QueuePhase.CONNECTING: LINK_PHASE_WORDS["connecting"],
+             QueuePhase.UNCONFIGURED: Text("waiting: {reason}", reason=state.detail),
+             QueuePhase.RETRYING: Text("cannot connect; retrying"),
+             QueuePhase.AUTH_FAILED: Text("the namespace refused the key: check the pairing"),
+             QueuePhase.CONFIG_ERROR: Text("the settings cannot work"), QueuePhase.OFF: Text("off")}
+    rows = [row(_("link"), esc(say(words[state.phase], _)), _PHASE_COLOURS.get(state.phase, ""))]
     if state.queue:
-        rows.append(row("queue", esc(f"{state.queue} on {state.namespace}")))
+        rows.append(row(_("queue"), esc(_("{queue} on {namespace}").format(queue=state.queue,
+                                                                         namespace=state.namespace))))
     if state.phase is not QueuePhase.CONNECTED and state.last_error:
-        rows.append(row("last error", esc(state.last_error), RED))
+        rows.append(row(_("last error"), esc(say(state.last_error, _)), RED))
         if state.next_try_at:
-            rows.append(row("next try", f"in {max(0, int(state.next_try_at - time.time()))} s"))
+            rows.append(row(_("next try"), esc(_("in {seconds} s").format(
+                seconds=max(0, int(state.next_try_at - time.time()))))))
     return rows
 
 
+def _clock(at: float) -> str:
+    """A time of today as the shop's clock shows it (24 h, both languages)."""
+    return datetime.fromtimestamp(at).strftime("%H:%M:%S")
+
+
 async def orders_section(runtime: Runtime, _: Gettext) -> str:
+    t_off_orders_enabled_false = _("off ([orders] enabled = false)")
     esc = html.escape
     state = runtime.orders_link
+    title = esc(_("Online orders"))
     if not runtime.config.orders.enabled:
-        return "<section id=orders><h2>Online orders</h2><p class=muted>off ([orders] enabled = false)</p></section>"
-    rows = _link_rows(state)
+        return (f"<section id=orders><h2>{title}</h2><p class=muted>{esc(t_off_orders_enabled_false)}</p>"
+                "</section>")
+    rows = _link_rows(state, _)
     counts = await runtime.db.read(order_counts)
-    last = "none yet" if state.last_message_at is None else \
-        datetime.fromtimestamp(state.last_message_at).strftime("%H:%M:%S")
-    rows.append(row("orders", esc(f"{counts['online_orders']} kept · {state.received} messages since start · "
-                                   f"last at {last}")))
+    kept, received = say(Number(counts["online_orders"]), _), say(Number(state.received), _)
+    words = (_("{kept} kept · {received} messages since start").format(kept=kept, received=received)
+             if state.last_message_at is None else
+             _("{kept} kept · {received} messages since start · last at {last}").format(
+                 kept=kept, received=received, last=_clock(state.last_message_at)))
+    rows.append(row(_("orders"), esc(words)))
     if state.dead_lettered:
-        rows.append(row("not valid", esc(f"{state.dead_lettered} dead-lettered since start"), AMBER))
+        rows.append(row(_("not valid"), esc(_("{count} dead-lettered since start").format(
+            count=say(Number(state.dead_lettered), _))), AMBER))
     recent = await runtime.db.read(partial(list_orders, limit=RECENT_SHOWN, source="online"))
-    items = "".join(
-        f"<tr><td>{esc(o['id'])}</td><td>{esc(datetime.fromtimestamp(o['received_at']).strftime('%H:%M:%S'))}</td>"
-        f"<td>{esc(', '.join(c['device_id'] + ': ' + c['state'] for c in o['commands']) or 'no device')}</td></tr>"
-        for o in recent)
-    table = f"<table><tr><th>order</th><th>at</th><th>devices</th></tr>{items}</table>" if items else ""
-    return f"<section id=orders><h2>Online orders</h2><table>{''.join(rows)}</table>{table}</section>"
+
+    def delivery(order: dict[str, Any]) -> str:
+        return ", ".join(f"{c['device_id']}: {say(COMMAND_STATE_WORDS.get(c['state'], c['state']), _)}"
+                         for c in order["commands"]) or _("no device")
+
+    items = "".join(f"<tr><td>{esc(o['id'])}</td><td>{esc(_clock(o['received_at']))}</td>"
+                    f"<td>{esc(delivery(o))}</td></tr>" for o in recent)
+    head = "".join(f"<th>{esc(h)}</th>" for h in (_("order"), _("at"), _("devices")))
+    table = f"<table><tr>{head}</tr>{items}</table>" if items else ""
+    return f"<section id=orders><h2>{title}</h2><table>{''.join(rows)}</table>{table}</section>"
 
 
 async def support_section(runtime: Runtime, _: Gettext) -> str:
+    t_remote_support = _("Remote support")
+    t_admin_token = _("Admin token")
+    t_switch_off = _("Switch off")
+    t_allow_remote_support_for = _("Allow remote support for {hours} h")
+    esc = html.escape
     window = runtime.support_window
-    words = window.describe()
-    rows = [row("remote support", html.escape(words), AMBER if window.is_open else "")]
+    until = window.until_wall
+    words = (_("enabled until {time}").format(time=datetime.fromtimestamp(until).strftime("%H:%M"))
+             if window.is_open and until is not None else _("off"))
+    rows = [row(_("remote support"), esc(words), AMBER if window.is_open else "")]
     if window.is_open:
-        rows += _link_rows(runtime.support_link)
-    hours = runtime.config.support.duration_s / 3600
-    button = ("<button name=action value=off>Switch off</button>" if window.is_open else
-              f"<button name=action value=on>Allow remote support for {hours:g} h</button>")
-    return (f"<section id=support-channel><h2>Remote support</h2><table>{''.join(rows)}</table>"
-            "<form method=post action='/support-channel/action'><p><label>Admin token <input type=password "
-            f"name=token autocomplete=current-password required></label> {button}</p></form>"
-            "<p class=muted>or POST /api/support-channel {\"enabled\": true} with the admin token</p></section>")
+        rows += _link_rows(runtime.support_link, _)
+    hours = say(Number(runtime.config.support.duration_s / 3600, 1), _)
+    button = (f"<button name=action value=off>{esc(t_switch_off)}</button>" if window.is_open else
+              f"<button name=action value=on>{esc(t_allow_remote_support_for.format(hours=hours))}"
+              "</button>")
+    api = esc(_("or {request} with the admin token")).format(
+        request='POST /api/support-channel {"enabled": true}')
+    return (f"<section id=support-channel><h2>{esc(t_remote_support)}</h2><table>{''.join(rows)}</table>"
+            f"<form method=post action='/support-channel/action'><p><label>{esc(t_admin_token)} "
+            f"<input type=password name=token autocomplete=current-password required></label> {button}</p></form>"
+            f"<p class=muted>{api}</p></section>")
 
 
 async def status_part(runtime: Runtime) -> dict[str, Any]:

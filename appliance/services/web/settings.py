@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.config import ConfigError
 from appliance.protocol.admin_api import SettingsAnswer, SettingsRequest
 from appliance.protocol.openapi import Operation, Reply
+from appliance.protocol.text import Text, say
 from appliance.services.i18n import Gettext
 from appliance.services.owner import CredentialRefused, change_admin_token
 from appliance.services.runtime import Runtime
@@ -44,7 +45,7 @@ from appliance.services.web.common import (
     require_admin,
 )
 from appliance.services.web.contract import ADMIN, Documented, errors
-from appliance.services.web.kit import AMBER, JsonResponse, page, row
+from appliance.services.web.kit import AMBER, JsonResponse, page, reader, row
 from appliance.services.web.parts import WebParts
 from appliance.setupfile import SETUP_FILE, SetupStatus, parse_setup_data, read_status
 from appliance.storage.owner import CredentialSource
@@ -54,9 +55,9 @@ __all__ = ["admin_parts"]
 # The proxy form carries a pasted CA (a PEM certificate is 1-2 KB; a short chain more).
 PROXY_FORM_BYTES: Final = 16384
 _SOURCES: Final = {
-    CredentialSource.OWNER: "the owner's: shown in the back office since pairing, or set on this page",
-    CredentialSource.GENERATED: "made at first boot: pair the box and the back office shows yours",
-    CredentialSource.CONFIGURATION: "set in the configuration file ([admin] token)",
+    CredentialSource.OWNER: Text("the owner's: shown in the back office since pairing, or set on this page"),
+    CredentialSource.GENERATED: Text("made at first boot: pair the box and the back office shows yours"),
+    CredentialSource.CONFIGURATION: Text("set in the configuration file ([admin] token)"),
 }
 
 
@@ -82,12 +83,16 @@ def _sections(kind: str, form: dict[str, str]) -> dict[str, Any]:
     return {"proxy": proxy}
 
 
-def _done(message: str, lines: Sequence[str], status: int = 200) -> HTMLResponse:
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    body = page("Store appliance", "settings",
-                [f"<section><h2>{html.escape(message)}</h2><ul>{items}</ul>"
-                 "<p><a href='/#settings'>Back to the homepage</a></p></section>"])
-    return HTMLResponse(body, status_code=status)
+def _done(request: Request, message: Text, lines: Sequence[str], status: int = 200) -> HTMLResponse:
+    """The answer of a settings form, in the reader's language (``lines``: Texts or plain
+    words, such as a configuration error's path and reason)."""
+    language, _ = reader(request)
+    items = "".join(f"<li>{html.escape(say(line, _))}</li>" for line in lines)
+    back = _("Back to the homepage")
+    body = page(_("Store appliance"), _("settings"),
+                [f"<section><h2>{html.escape(say(message, _))}</h2><ul>{items}</ul>"
+                 f"<p><a href='/#settings'>{html.escape(back)}</a></p></section>"], lang=language)
+    return HTMLResponse(body, status_code=status, headers={"Content-Language": language, "Vary": "Accept-Language"})
 
 
 def routes(runtime: Runtime) -> Sequence[BaseRoute]:
@@ -95,17 +100,20 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         kind = request.path_params["kind"]
         try:
             fields = await read_form(request, PROXY_FORM_BYTES if kind == "proxy" else 4096)
-            check_form_token(fields, runtime, consequence="nothing was changed")
+            check_form_token(fields, runtime, consequence=Text("nothing was changed"))
             if kind == "admin-token":
                 await change_admin_token(runtime, fields.get("new", ""), fields.get("confirm", ""))
-                return _done("Admin token changed", ["Use the new token from now on. The back office still "
-                                                     "shows the old one; pairing again gives a new one."])
+                return _done(request, Text("Admin token changed"), [
+                    Text("Use the new token from now on. The back office still shows the old one; pairing again "
+                         "gives a new one.")])
             lines = await save_settings(runtime, parse_setup_data(_sections(kind, fields)))
         except FormError as exc:
-            return _done("Nothing was changed", [exc.message], exc.status)
+            return _done(request, Text("Nothing was changed"), [exc.message], exc.status)
         except (ConfigError, SettingsRefused, CredentialRefused) as exc:
-            return _done("Nothing was changed", exc.errors, 400)
-        return _done("Settings saved", lines) if lines else RedirectResponse("/#settings", status_code=303)
+            return _done(request, Text("Nothing was changed"), exc.errors, 400)
+        if not lines:
+            return RedirectResponse("/#settings", status_code=303)
+        return _done(request, Text("Settings saved"), lines)
 
     async def api(request: Request) -> Response:
         require_admin(request, runtime)
@@ -162,74 +170,106 @@ def _row(label: str, value: str) -> str:
     return row(label, html.escape(value))
 
 
-_TOKEN: Final = ("<label>Admin token <input type=password name=token autocomplete=current-password required>"
-                 "</label> ")
+def _token(_: Gettext) -> str:
+    t_admin_token = _("Admin token")
+    return (f"<label>{html.escape(t_admin_token)} <input type=password name=token "
+            "autocomplete=current-password required></label> ")
 
 
-def _forms(state: dict[str, Any]) -> str:
+_LANGUAGE_NAMES: Final = {"en": "English", "fr": "Français"}  # each in its own language
+
+
+def _forms(state: dict[str, Any], _: Gettext) -> str:
+    t_name_and_language = _("Name and language")
+    t_name = _("Name")
+    t_language = _("Language")
+    t_address = _("Address")
+    t_from_the_router_dhcp = _("from the router (DHCP)")
+    t_fixed = _("fixed")
+    t_router = _("Router")
+    t_proxy = _("Proxy")
+    t_user = _("User")
+    t_password = _("Password")
+    t_ca_of_a_proxy = _("CA of a proxy that inspects HTTPS (PEM; blank: keep)")
+    t_an_empty_url_removes = _("An empty URL removes the proxy.")
+    t_admin_token = _("Admin token")
+    t_new = _("New")
+    t_again = _("Again")
+    t_change = _("Change")
+    t_save = _("Save")
     esc = html.escape
     static = state["address"] != "dhcp"
     lang = "".join(f"<option value={code}{' selected' if state['language'] == code else ''}>{label}</option>"
-                   for code, label in (("en", "English"), ("fr", "Français")))
+                   for code, label in _LANGUAGE_NAMES.items())
+    token, save = _token(_), f"<button>{esc(t_save)}</button>"
+    keep = esc(_("blank: keep"), quote=True)
     return (
-        "<details><summary>Name and language</summary><form method=post action='/settings/box'>"
-        f"<p><label>Name <input name=name maxlength=63 value='{esc(state['name'])}'></label> "
-        f"<label>Language <select name=language>{lang}</select></label></p><p>{_TOKEN}<button>Save</button></p>"
+        f"<details><summary>{esc(t_name_and_language)}</summary><form method=post action='/settings/box'>"
+        f"<p><label>{esc(t_name)} <input name=name maxlength=63 value='{esc(state['name'])}'></label> "
+        f"<label>{esc(t_language)} <select name=language>{lang}</select></label></p><p>{token}{save}</p>"
         "</form></details>"
-        "<details><summary>Address</summary><form method=post action='/settings/network'>"
-        f"<p><label><input type=radio name=mode value=dhcp{'' if static else ' checked'}> from the router (DHCP)"
-        f"</label> <label><input type=radio name=mode value=static{' checked' if static else ''}> fixed</label></p>"
-        f"<p><label>Address <input name=address placeholder='192.168.1.50/24' "
-        f"value='{esc(state['address'] if static else '')}'></label> <label>Router <input name=gateway "
+        f"<details><summary>{esc(t_address)}</summary><form method=post action='/settings/network'>"
+        f"<p><label><input type=radio name=mode value=dhcp{'' if static else ' checked'}> "
+        f"{esc(t_from_the_router_dhcp)}</label> <label><input type=radio name=mode value=static"
+        f"{' checked' if static else ''}> {esc(t_fixed)}</label></p>"
+        f"<p><label>{esc(t_address)} <input name=address placeholder='192.168.1.50/24' "
+        f"value='{esc(state['address'] if static else '')}'></label> <label>{esc(t_router)} <input name=gateway "
         f"placeholder='192.168.1.1' value='{esc(state['gateway'])}'></label></p>"
         f"<p><label>DNS <input name=dns value='{esc(' '.join(state['dns']))}'></label> "
         f"<label>NTP <input name=ntp value='{esc(' '.join(state['ntp']))}'></label></p>"
-        f"<p>{_TOKEN}<button>Save</button></p></form></details>"
-        "<details><summary>Proxy</summary><form method=post action='/settings/proxy'>"
+        f"<p>{token}{save}</p></form></details>"
+        f"<details><summary>{esc(t_proxy)}</summary><form method=post action='/settings/proxy'>"
         f"<p><label>URL <input name=url placeholder='http://192.168.1.2:3128' "
         f"value='{esc(state['proxy'])}'></label> "
-        "<label>User <input name=user autocomplete=off placeholder='blank: keep'></label> "
-        "<label>Password <input type=password name=password autocomplete=new-password "
-        "placeholder='blank: keep'></label></p>"
-        "<p><label>CA of a proxy that inspects HTTPS (PEM; blank: keep)<br>"
+        f"<label>{esc(t_user)} <input name=user autocomplete=off placeholder='{keep}'></label> "
+        f"<label>{esc(t_password)} <input type=password name=password autocomplete=new-password "
+        f"placeholder='{keep}'></label></p>"
+        f"<p><label>{esc(t_ca_of_a_proxy)}<br>"
         "<textarea name=ca rows=3 cols=60></textarea></label></p>"
-        "<p class=muted>An empty URL removes the proxy.</p>"
-        f"<p>{_TOKEN}<button>Save</button></p></form></details>"
-        "<details><summary>Admin token</summary><form method=post action='/settings/admin-token'>"
-        "<p><label>New <input type=password name=new autocomplete=new-password required minlength=24></label> "
-        "<label>Again <input type=password name=confirm autocomplete=new-password required></label></p>"
-        f"<p>{_TOKEN}<button>Change</button></p></form></details>"
+        f"<p class=muted>{esc(t_an_empty_url_removes)}</p>"
+        f"<p>{token}{save}</p></form></details>"
+        f"<details><summary>{esc(t_admin_token)}</summary><form method=post action='/settings/admin-token'>"
+        f"<p><label>{esc(t_new)} <input type=password name=new autocomplete=new-password required minlength=24>"
+        f"</label> <label>{esc(t_again)} <input type=password name=confirm autocomplete=new-password required>"
+        f"</label></p><p>{token}<button>{esc(t_change)}</button></p></form></details>"
     )
 
 
-def _setup_line(setup: dict[str, Any] | None) -> str:
+def _setup_line(setup: dict[str, Any] | None, _: Gettext) -> str:
     if setup is None or (setup["state"] == "absent" and not setup["applied_at"]):
-        return f"no {SETUP_FILE} on the card"
+        return _("no {file} on the card").format(file=SETUP_FILE)
     if setup["state"] in ("invalid", "failed"):
-        return "not applied: " + "; ".join(setup["errors"])
+        return _("not applied: {errors}").format(errors="; ".join(setup["errors"]))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(setup["applied_at"])) if setup["applied_at"] else ""
-    return f"applied {when}: " + ("; ".join(setup["applied"]) or "nothing to change")
+    what = "; ".join(say(line, _) for line in setup["applied"]) or _("nothing to change")
+    return _("applied {when}: {what}").format(when=when, what=what)
 
 
 async def settings_section(runtime: Runtime, _: Gettext) -> str:
+    t_settings = _("Settings")
     state = await _state(runtime)
-    address = ("from the router (DHCP)" if state["address"] == "dhcp"
-               else f"{state['address']} via {state['gateway']}")
+    address = (_("from the router (DHCP)") if state["address"] == "dhcp"
+               else _("{address} via {gateway}").format(address=state["address"], gateway=state["gateway"]))
+    router = _("from the router")
+    proxy = state["proxy"] or _("none")
+    if state["proxy_auth"]:
+        proxy += " " + _("with a user name and password")
+    if state["proxy_ca"]:
+        proxy += " " + _("(with its CA)")
     rows = [
-        _row("name", state["name"] or "(the box's host name)"),
-        _row("language", {"en": "English", "fr": "Français"}.get(state["language"], state["language"])),
-        _row("address", address),
-        _row("DNS, NTP", f"{', '.join(state['dns']) or 'from the router'}; "
-                         f"{', '.join(state['ntp']) or 'from the router'}"),
-        _row("proxy", (state["proxy"] or "none") + (" with a user name and password" if state["proxy_auth"] else "")
-             + (" (with its CA)" if state["proxy_ca"] else "")),
-        _row("admin token", _SOURCES[CredentialSource(state["admin_token"])]),
-        _row("setup file", _setup_line(state["setup_file"])),
+        _row(_("name"), state["name"] or _("(the box's host name)")),
+        _row(_("language"), _LANGUAGE_NAMES.get(state["language"], state["language"])),
+        _row(_("address"), address),
+        _row(_("DNS, NTP"), f"{', '.join(state['dns']) or router}; {', '.join(state['ntp']) or router}"),
+        _row(_("proxy"), proxy),
+        _row(_("admin token"), say(_SOURCES[CredentialSource(state["admin_token"])], _)),
+        _row(_("setup file"), _setup_line(state["setup_file"], _)),
     ]
     if state["pending_restart"]:
-        rows.append(row("saved", "changes saved; the box applies them within a few seconds (or at its next start)",
-                        AMBER))
-    return f"<section id=settings><h2>Settings</h2><table>{''.join(rows)}</table>{_forms(state)}</section>"
+        rows.append(row(_("saved"), html.escape(
+            _("changes saved; the box applies them within a few seconds (or at its next start)")), AMBER))
+    return (f"<section id=settings><h2>{html.escape(t_settings)}</h2><table>{''.join(rows)}</table>"
+            f"{_forms(state, _)}</section>")
 
 
 async def settings_status(runtime: Runtime) -> dict[str, Any]:

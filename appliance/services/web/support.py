@@ -18,6 +18,7 @@ At most :data:`MAX_TAILS` tails at once; each ends when the box stops.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from appliance.protocol.text import Text
 from appliance.services.bundle import DEFAULT_LOG_RECORDS, MAX_LOG_RECORDS, bundle_of
 from appliance.services.i18n import Gettext
 from appliance.services.log_ring import current_redactor
@@ -71,7 +73,7 @@ async def _authorised(request: Request, runtime: Runtime) -> bool:
     """True for a form (POST, token field), False for a tool (GET, bearer header)."""
     if request.method == "POST":
         try:
-            check_form_token(await read_form(request), runtime, consequence="nothing was sent")
+            check_form_token(await read_form(request), runtime, consequence=Text("nothing was sent"))
         except FormError as exc:
             raise ApiError(exc.status, exc.message) from exc
         return True
@@ -186,15 +188,22 @@ def _admin_routes(runtime: Runtime) -> list[BaseRoute]:
 
 
 async def _section(runtime: Runtime, _: Gettext) -> str:
+    t_support = _("Support")
+    t_download_the_diagnostics_bundle = _("Download the diagnostics bundle")
+    t_watch_the_live_log = _("Watch the live log")
+    t_admin_token = _("admin token")
+    esc = html.escape
+
     def form(what: str, label: str, query: str = "") -> str:
         return (f"<form method=post action='/support/{what}{query}'>"
-                "<input type=password name=token placeholder='admin token' autocomplete=off required> "
-                f"<button>{label}</button></form>")
+                f"<input type=password name=token placeholder='{esc(t_admin_token)}' "
+                f"aria-label='{esc(t_admin_token)}' autocomplete=off required> <button>{esc(label)}</button></form>")
 
-    return ("<section><h2>Support</h2><p>For a technician: everything support asks for, in one file, "
-            f"and the log as it is written (port {runtime.ports.get('support', 8005)}).</p>"
-            f"<p>{form('bundle', 'Download the diagnostics bundle')}</p>"
-            f"<p>{form('tail', 'Watch the live log', '?level=info')}</p></section>")
+    intro = _("For a technician: everything support asks for, in one file, and the log as it is written "
+              "(port {port}).").format(port=runtime.ports.get("support", 8005))
+    return (f"<section><h2>{esc(t_support)}</h2><p>{esc(intro)}</p>"
+            f"<p>{form('bundle', t_download_the_diagnostics_bundle)}</p>"
+            f"<p>{form('tail', t_watch_the_live_log, '?level=info')}</p></section>")
 
 
 def admin_parts() -> WebParts:
