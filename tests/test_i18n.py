@@ -6,8 +6,11 @@ on the homepage, by ``/health`` to a person's tool and by ``appliance health``."
 from __future__ import annotations
 
 import ast
+import html
 import re
 import time
+from collections.abc import Collection
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from appliance.protocol.health import Check, Status
 from appliance.protocol.text import Text
 from appliance.services.i18n import LANGUAGES, catalog, gettext_for, negotiate
 from appliance.services.runtime import Runtime
+from tests.conftest import ConfigFactory, running_box
+from tests.homepage import busy_config, fill
 from tests.test_health import fake_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +190,154 @@ async def test_every_check_of_a_running_box_is_french_on_the_homepage_and_in_hea
             continue
         # Same words in both: only values that are no language (numbers, units, addresses).
         assert not re.search(r"\b(the|is|not|and|of|with|to)\b", check["message"]), check
+
+
+# --- the whole homepage, every section, in French ---------------------------------------
+
+
+def test_no_message_is_hidden_inside_an_f_string() -> None:
+    # Babel (on Python 3.11) reads an f-string as one token: a _("...") or Text("...") inside
+    # its braces would never reach the catalogs, and the page would stay English there.
+    found = []
+    for path in sorted((ROOT / "appliance").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.JoinedStr):
+                found += [f"{path.relative_to(ROOT)}:{call.lineno} {call.args[0].value!r}"
+                          for call in ast.walk(node) if isinstance(call, ast.Call)
+                          and getattr(call.func, "id", None) in ("_", "Text")
+                          and call.args and isinstance(call.args[0], ast.Constant)]
+    assert found == []
+
+
+class _Words(HTMLParser):
+    """The words a person reads on a page: text outside scripts and styles, and the
+    placeholders, labels and data words the page's script shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._skip += tag in ("script", "style")
+        self.words += [v.strip() for k, v in attrs if v and (k in ("placeholder", "aria-label", "title")
+                                                           or (k.startswith("data-") and not v.isdigit()))]
+
+    def handle_endtag(self, tag: str) -> None:
+        self._skip -= tag in ("script", "style")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip and data.strip():
+            self.words.append(data.strip())
+
+
+def page_words(page: str) -> list[str]:
+    parser = _Words()
+    parser.feed(page)
+    return parser.words
+
+
+def english_left(page: str, names: Collection[str] = ()) -> list[str]:
+    """Every English message of the catalogs (one whose French differs) that a French page
+    still shows: a whole text, or a long literal stretch of a message with values.
+    ``names``: identifiers the page shows as they are (a service's name, "update")."""
+    words = [w for w in page_words(page) if w not in names]
+    text = "\n".join(words)
+    left = []
+    for message in catalog("fr"):
+        english, french = message.id, message.string
+        if not english or not isinstance(english, str) or english == french:
+            continue
+        if "{" not in english:
+            if english in words:
+                left.append(english)
+            continue
+        for stretch in re.split(r"\{\w+\}", english):
+            if len(stretch.strip()) >= 14 and stretch.strip() not in str(french) and stretch.strip() in text:
+                left.append(english)
+    return left
+
+
+async def test_the_whole_homepage_in_french_has_no_english_left(make_config: ConfigFactory) -> None:
+    async with running_box(busy_config(make_config)) as runtime, httpx.AsyncClient(timeout=30) as client:
+        await fill(runtime)
+        url = f"http://127.0.0.1:{runtime.ports['admin']}/"
+        fr = (await client.get(url, headers={"Accept-Language": "fr-FR,fr;q=0.9,en;q=0.5"})).text
+        en = (await client.get(url, headers={"Accept-Language": "en"})).text
+    # Every section is there, with what makes it say the most.
+    sections = {"Devices": "Appareils", "Device links (tcp/": "Liaisons avec les appareils (tcp/",
+                "Cloud": "Plateforme", "Online orders": "Commandes en ligne",
+                "Remote support": "Assistance à distance", "Media": "Médias", "Firmware": "Micrologiciel",
+                "Settings": "Réglages", "Status ticket": "Ticket d'état", "Support": "Support technique",
+                "Live events": "Événements en direct", "Services": "Services"}
+    for english, french in sections.items():
+        assert f"<h2>{english}" in en and f"<h2>{html.escape(french)}" in fr, english
+    known = {  # what each section says, in English, and the French the page must show instead
+        "Adopt": "Adopter", "Reject": "Refuser", "Dismiss": "Ignorer",
+        "pending": "en attente", "waiting to retry": "nouvel essai bientôt",
+        "last seen": "dernier contact",
+        "pre-shared key (config)": "clé prépartagée (configuration)",
+        "Send test command": "Envoyer une commande de test",
+        "(adopt only if the device shows the same code)": "(n'adoptez que si l'appareil affiche le même code)",
+        "not paired: enter the code from the back office": "non appairé : saisissez le code du back-office",
+        "Pairing code": "Code d'appairage", "Switch off": "Couper",
+        "downloaded and verified; waiting for the maintenance window":
+            "téléchargé et vérifié ; en attente du créneau de maintenance",
+        "disk budget": "espace disque alloué", "Print a status ticket": "Imprimer un ticket d'état",
+        "Download the diagnostics bundle": "Télécharger le dossier de diagnostic", "Name and language": "Nom et langue",
+        "Follow live": "Suivre en direct", "running": "en marche",
+    }
+    fr_words, en_words = page_words(fr), page_words(en)
+
+    def shows(words: list[str], text: str) -> bool:  # a text of the page, or what a text starts with
+        return any(w == text or w.startswith(text + " ") for w in words)
+
+    for english, french in known.items():
+        assert shows(en_words, english), f"the English page lacks {english!r}: the section changed; update this list"
+        assert not shows(fr_words, english) and shows(fr_words, french), (english, french)
+    # Numbers with French digits, durations and sizes in French units, times in words.
+    assert "1\u202f200 fichiers sur 1\u202f234, 2,45 Go" in fr and "1,200 of 1,234 files, 2.45 GB" in en
+    assert "(ouverture dans 1,5 h)" in fr and "il y a " in fr and "jamais" in fr
+    services = [s.name for s in runtime.board.all()]
+    assert english_left(fr, services) == []
+    assert english_left(en, services) != []  # the check finds English where there is some
+
+
+async def test_a_homepage_forms_answer_speaks_the_readers_language(make_config: ConfigFactory) -> None:
+    async with running_box(make_config()) as runtime, httpx.AsyncClient(timeout=30) as client:
+        base = f"http://127.0.0.1:{runtime.ports['admin']}"
+        answers = {lang: await client.post(f"{base}/ticket", data={"token": "wrong"},
+                                           headers={"Accept-Language": lang}) for lang in ("fr", "en")}
+        settings = await client.post(f"{base}/settings/box", data={"token": runtime.admin_token, "name": "x" * 80,
+                                                                   "language": "fr"},
+                                     headers={"Accept-Language": "fr"})
+        refused = await client.post(f"{base}/devices/action", data={"token": runtime.admin_token,
+                                                                    "action": "fly:nobody"},
+                                    headers={"Accept-Language": "fr"})
+    fr, en = answers["fr"], answers["en"]
+    assert fr.status_code == en.status_code == 401
+    assert "<html lang=fr>" in fr.text and fr.headers["content-language"] == "fr"
+    assert "Le jeton d&#x27;administration est absent ou erroné ; rien n&#x27;a été imprimé." in fr.text
+    assert "Non imprimé" in fr.text and "Retour à la page d&#x27;accueil" in fr.text
+    assert "The admin token is missing or wrong; nothing was printed." in en.text
+    assert settings.status_code == 400 and "Rien n&#x27;a été modifié" in settings.text
+    assert refused.status_code == 400 and "Action inconnue &#x27;fly&#x27; ; rien n&#x27;a été modifié." in \
+        refused.text.replace("fly:nobody", "fly")
+    assert english_left(fr.text) == english_left(settings.text) == english_left(refused.text) == []
+
+
+def test_numbers_durations_and_sizes_are_said_in_the_readers_language() -> None:
+    from appliance.protocol.text import Number, say
+    from appliance.services.media_health import human_bytes
+    from appliance.services.timestamps import duration
+    from appliance.services.web.kit import ago
+
+    fr, en = gettext_for("fr"), gettext_for("en")
+    assert (Number(1234567), say(Number(1234567), fr)) == ("1,234,567", "1\u202f234\u202f567")
+    assert (Number(1.25, 1), say(Number(1.25, 1), fr)) == ("1.2", "1,2")  # half to even, as round()
+    assert [say(human_bytes(n), fr) for n in (512, 1500, 2_450_000_000)] == ["512 octets", "1,5 ko", "2,45 Go"]
+    assert [human_bytes(n) for n in (512, 1500, 2_450_000_000)] == ["512 bytes", "1.5 kB", "2.45 GB"]
+    assert [say(duration(s), fr) for s in (5, 600, 7200 * 2, 86400 * 3)] == ["5 s", "10 min", "4 h", "3 jours"]
+    assert say(ago(180), fr) == "il y a 3 min" and say(ago(None), fr) == "jamais"
+    assert say(ago(180), en) == ago(180) == "3 min ago"
+    assert say(Number(3), lambda s: s) == "3"  # a gettext that is not a catalog's: English digits
