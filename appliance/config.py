@@ -687,6 +687,10 @@ class UpdateConfig:
     # (300 MiB on a slow shop Wi-Fi; a stalled one is cut by [http] read_timeout_s first).
     upload_max_bytes: int = attrs.field(default=768 * 2**20, validator=_bundle_size)
     upload_deadline_s: float = attrs.field(default=1800.0, validator=_positive)
+    # The inbox the system fills from a USB stick or the boot partition: how often it is
+    # looked at, and when what it holds is installed ("now": a person plugged it in).
+    inbox_interval_s: float = attrs.field(default=5.0, validator=_positive)
+    inbox_when: str = attrs.field(default="now", validator=_one_of("now", "window"))
     testing: UpdateTestSeams = attrs.field(factory=UpdateTestSeams)
 
 

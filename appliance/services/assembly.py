@@ -28,6 +28,7 @@ from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.dispatcher import run_dispatcher
 from appliance.services.event_log import run_event_log
 from appliance.services.firmware import run_firmware
+from appliance.services.firmware_intake import run_inbox
 from appliance.services.http import run_listener
 from appliance.services.log_ring import run_log_ring
 from appliance.services.log_shipping import run_log_shipping
@@ -151,6 +152,8 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     # Firmware updates: the trial of a new slot, the platform's offers (docs/updates.md). Last:
     # the trial judges the box once everything else is up.
     specs.append(ServiceSpec(name="update", run=run_firmware, core=False, enabled=runtime.config.update.enabled))
+    # A bundle the system found on a USB stick or the boot partition (no shell needed).
+    specs.append(ServiceSpec(name="update.inbox", run=run_inbox, core=False, enabled=runtime.config.update.enabled))
     # The status ticket on the first start, once a receipt printer is adopted.
     specs.append(ServiceSpec(name="ticket", run=run_first_boot_ticket, core=False))
     return specs

@@ -14,6 +14,13 @@ trial decides whether it is kept.
   stops it (too large, cut short, the client gone, cancelled) leaves nothing on disk.
 - :func:`accept`: the received bundle checked and handed to the update service, or
   :class:`IntakeRefused`.
+- :func:`run_inbox`: the inbox the system fills as root (``update/inbox/usb/`` from a USB
+  stick, ``update/inbox/boot/`` from the boot partition: the image's ``take-bundle``),
+  looked at every ``[update] inbox_interval_s``. Each bundle there is checked the same way
+  and installed as ``[update] inbox_when`` says (now, by default: a person plugged the
+  stick in), then deleted from the inbox whatever came of it: it is tried once. A
+  ``<name>.refused`` file there is the system's word that it could not take a bundle
+  (not enough room): it becomes the last outcome.
 
 Exceptions: :class:`IntakeRefused` (``status``: the HTTP status that says it, ``message``:
 plain words for the person who brought the bundle).
@@ -21,6 +28,7 @@ plain words for the person who brought the bundle).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -38,22 +46,32 @@ from appliance import __version__
 from appliance.protocol.firmware import SOURCES, LocalBundle, Outcome, OutcomeKind, Phase, When
 from appliance.services.firmware import DISK_MARGIN_BYTES, INFO_DEADLINE_S, UpdateFiles, files_of, installer
 from appliance.services.installer import InstallerError
+from appliance.services.media_files import hash_file
 from appliance.services.runtime import Runtime
 
-__all__ = ["IntakeRefused", "Sink", "accept", "can_take", "receiving"]
+__all__ = ["INBOX_DIR", "INBOX_SOURCES", "IntakeRefused", "Sink", "accept", "accept_file", "can_take", "receiving",
+           "run_inbox", "take_inbox"]
 
 log = logging.getLogger(__name__)
 
 # Received bytes are written in pieces of about this size (one thread hop each).
 WRITE_BYTES: Final = 1024 * 1024
 _NAME_MAX: Final = 128
+# update/inbox/<source>/: where the system (root) puts a bundle it found for the appliance.
+INBOX_DIR: Final = "inbox"
+INBOX_SOURCES: Final = ("usb", "boot")
+REFUSED_SUFFIX: Final = ".refused"
+# What the system's refusal note may say (a line or two).
+NOTE_MAX_BYTES: Final = 2048
 
 
 class IntakeRefused(Exception):
-    """The bundle is not taken; nothing of it is left on disk."""
+    """The bundle is not taken; nothing of it is left on disk. ``why``: "signature" (RAUC
+    refused it; the refusal is recorded), "runs" (the version running), "busy" (an update
+    under way: try again later), "" (anything else)."""
 
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
+    def __init__(self, status: int, message: str, why: str = "") -> None:
+        self.status, self.message, self.why = status, message, why
         super().__init__(message)
 
 
@@ -68,9 +86,10 @@ def can_take(runtime: Runtime) -> None:
     if not st.slot:
         raise IntakeRefused(409, "This box has no A/B system slots: it is updated by flashing a new image.")
     if st.trial is not None or st.phase in (Phase.INSTALLING, Phase.REBOOTING, Phase.TRIAL):
-        raise IntakeRefused(409, f"An update is under way ({st.phase}); bring the bundle again once it ended.")
+        raise IntakeRefused(409, f"An update is under way ({st.phase}); bring the bundle again once it ended.",
+                            "busy")
     if st.receiving:
-        raise IntakeRefused(409, f"Another bundle is being received ({st.receiving}); one at a time.")
+        raise IntakeRefused(409, f"Another bundle is being received ({st.receiving}); one at a time.", "busy")
 
 
 def clean_name(name: str) -> str:
@@ -141,7 +160,7 @@ async def receiving(runtime: Runtime, *, name: str, declared: int | None) -> Asy
                                  f"{DISK_MARGIN_BYTES // 2**20} MiB free); nothing was kept.")
     path = files.local_dir / f".incoming-{secrets.token_hex(8)}.part"
     sink = await trio.to_thread.run_sync(Sink, path, cap)
-    st.receiving = f"receiving {clean_name(name)}"
+    st.receiving = clean_name(name)
     try:
         yield sink
     finally:
@@ -163,33 +182,41 @@ def plain_refusal(exc: InstallerError) -> str:
 
 
 async def accept(runtime: Runtime, sink: Sink, *, name: str, source: str, when: When) -> LocalBundle:
-    """Check the received bundle and hand it to the update service. :class:`IntakeRefused`
-    (400) with plain words when RAUC refuses it (the refusal is recorded as the last
-    outcome, the file deleted); 409 when it is the version running."""
+    """Check the received bundle and hand it to the update service (:func:`accept_file`)."""
+    sha256 = await sink.finish()
+    if sink.size == 0:
+        raise IntakeRefused(400, "The file is empty; nothing was kept.")
+    local = await accept_file(runtime, sink.path, size=sink.size, sha256=sha256, name=name, source=source, when=when)
+    sink.path = files_of(runtime.config).local_bundle(sha256)  # taken: the context leaves it
+    return local
+
+
+async def accept_file(runtime: Runtime, path: Path, *, size: int, sha256: str, name: str, source: str,
+                      when: When) -> LocalBundle:
+    """Check a bundle on the data partition and hand it to the update service: moved to
+    ``update/local/<sha256>.raucb``. :class:`IntakeRefused` (400) with plain words when RAUC
+    refuses it (the refusal is recorded as the last outcome; the caller deletes the file);
+    409 when it is the version running, or an update started meanwhile."""
     if source not in SOURCES or source == "platform":
         raise ValueError(f"not a source a person brings a bundle from: {source!r}")
     st = runtime.firmware
     name = clean_name(name)
-    sha256 = await sink.finish()
-    if sink.size == 0:
-        raise IntakeRefused(400, "The file is empty; nothing was kept.")
     can_take_again(runtime)
-    st.receiving = f"checking the signature of {name}"
+    st.receiving = name
     try:
         with trio.fail_after(INFO_DEADLINE_S):
-            info = await installer(runtime.config).info(sink.path)
+            info = await installer(runtime.config).info(path)
     except (InstallerError, trio.TooSlowError) as exc:
         reason = (plain_refusal(exc) if isinstance(exc, InstallerError)
                   else f"its signature could not be checked within {INFO_DEADLINE_S:g} s")
         await _record_refusal(runtime, name=name, source=source, reason=reason)
-        raise IntakeRefused(400, f"{name} was refused before anything was written: {reason}.") from exc
+        raise IntakeRefused(400, f"{name} was refused before anything was written: {reason}.", "signature") from exc
     if info.version == __version__:
-        raise IntakeRefused(409, f"{name} is firmware {info.version}, the version this box runs; nothing to do.")
-    local = LocalBundle(version=info.version, sha256=sha256, size=sink.size, source=source, name=name, when=when,
+        raise IntakeRefused(409, f"{name} is firmware {info.version}, the version this box runs; nothing to do.",
+                            "runs")
+    local = LocalBundle(version=info.version, sha256=sha256, size=size, source=source, name=name, when=when,
                         at=time.time())
-    files = files_of(runtime.config)
-    await trio.to_thread.run_sync(_keep, files, sink, local)
-    sink.path = files.local_bundle(sha256)  # taken: the context leaves it
+    await trio.to_thread.run_sync(_keep, files_of(runtime.config), path, local)
     st.local, st.error = local, ""
     runtime.firmware_changes.notify()
     log.warning("update: %s (%s) brought by %s, signature checked; installing %s", local.version, name, source,
@@ -201,13 +228,14 @@ def can_take_again(runtime: Runtime) -> None:
     """While the bytes came, an update may have started (an offer in its window)."""
     st = runtime.firmware
     if st.trial is not None or st.phase in (Phase.INSTALLING, Phase.REBOOTING, Phase.TRIAL):
-        raise IntakeRefused(409, f"An update started meanwhile ({st.phase}); bring the bundle again once it ended.")
+        raise IntakeRefused(409, f"An update started meanwhile ({st.phase}); bring the bundle again once it ended.",
+                            "busy")
 
 
-def _keep(files: UpdateFiles, sink: Sink, local: LocalBundle) -> None:
+def _keep(files: UpdateFiles, path: Path, local: LocalBundle) -> None:
     """The bundle under its hash's name and its record (written whole, fsynced); any bundle
     brought before is dropped: the newest one wins."""
-    os.replace(sink.path, files.local_bundle(local.sha256))
+    os.replace(path, files.local_bundle(local.sha256))
     files.write_local(local)
     files.clear_local(keep=local.sha256)
 
@@ -220,3 +248,77 @@ async def _record_refusal(runtime: Runtime, *, name: str, source: str, reason: s
     st.last = outcome
     runtime.firmware_changes.notify()
     log.error("update: %s from %s refused: %s", name, source, reason)
+
+
+# --- the inbox: a USB stick, the boot partition ----------------------------------------------
+
+
+def _inbox_entries(root: Path) -> list[tuple[str, Path]]:
+    """(source, path) of the bundles and refusal notes in the inbox, oldest first; the
+    inbox's directories made if missing (the system writes into them as root)."""
+    found: list[tuple[float, str, Path]] = []
+    for source in INBOX_SOURCES:
+        where = root / INBOX_DIR / source
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in where.iterdir():
+            if not path.name.startswith(".") and path.name.endswith((".raucb", REFUSED_SUFFIX)) and path.is_file():
+                found.append((path.stat().st_mtime, source, path))
+    return [(source, path) for _, source, path in sorted(found)]
+
+
+def _read_note(path: Path) -> str:
+    with path.open("rb") as f:
+        text = f.read(NOTE_MAX_BYTES).decode("utf-8", "replace")
+    return " ".join(text.split()) or "the system could not take it"
+
+
+def _busy(runtime: Runtime) -> bool:
+    """A passing reason not to take a bundle now (it waits in the inbox)."""
+    st = runtime.firmware
+    return (not st.version or bool(st.receiving) or st.trial is not None
+            or st.phase in (Phase.INSTALLING, Phase.REBOOTING, Phase.TRIAL))
+
+
+async def take_inbox(runtime: Runtime) -> int:
+    """One look at the inbox; each bundle there is tried once. Returns how many were tried."""
+    files = files_of(runtime.config)
+    entries = await trio.to_thread.run_sync(_inbox_entries, files.root)
+    tried = 0
+    for source, path in entries:
+        name = clean_name(path.name.removesuffix(REFUSED_SUFFIX))
+        if path.name.endswith(REFUSED_SUFFIX):
+            reason = await trio.to_thread.run_sync(_read_note, path)
+            await _record_refusal(runtime, name=name, source=source, reason=reason)
+            await trio.to_thread.run_sync(path.unlink)
+            continue
+        if _busy(runtime):
+            break  # it waits for the next look
+        try:
+            can_take(runtime)  # no A/B slots, updates off: refused for good
+            runtime.firmware.receiving = name
+            digest, size = await trio.to_thread.run_sync(hash_file, path)
+            await accept_file(runtime, path, size=size, sha256=digest.hexdigest(), name=name, source=source,
+                              when=When(runtime.config.update.inbox_when))
+        except IntakeRefused as exc:
+            if exc.why == "busy":
+                break  # it waits for the next look
+            if exc.why == "runs":
+                log.warning("update: %s from %s: %s", name, source, exc.message)
+            elif exc.why != "signature":  # a refused signature is recorded already
+                await _record_refusal(runtime, name=name, source=source, reason=exc.message)
+        except OSError as exc:
+            await _record_refusal(runtime, name=name, source=source, reason=f"it could not be read: {exc}")
+        finally:
+            runtime.firmware.receiving = ""
+        tried += 1
+        with trio.CancelScope(shield=True):  # tried: never again
+            await trio.to_thread.run_sync(functools.partial(path.unlink, missing_ok=True))
+    return tried
+
+
+async def run_inbox(runtime: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Look at the inbox every ``[update] inbox_interval_s`` (a directory listing: cheap)."""
+    task_status.started()
+    while True:
+        await take_inbox(runtime)
+        await trio.sleep(runtime.config.update.inbox_interval_s)
