@@ -314,6 +314,9 @@ async def test_a_homepage_forms_answer_speaks_the_readers_language(make_config: 
         refused = await client.post(f"{base}/devices/action", data={"token": runtime.admin_token,
                                                                     "action": "fly:nobody"},
                                     headers={"Accept-Language": "fr"})
+        upload = await client.post(f"{base}/firmware/upload", data={"token": "wrong", "when": "window"},
+                                   files={"bundle": ("appliance.raucb", b"x" * 100)},
+                                   headers={"Accept-Language": "fr"})
     fr, en = answers["fr"], answers["en"]
     assert fr.status_code == en.status_code == 401
     assert "<html lang=fr>" in fr.text and fr.headers["content-language"] == "fr"
@@ -323,7 +326,10 @@ async def test_a_homepage_forms_answer_speaks_the_readers_language(make_config: 
     assert settings.status_code == 400 and "Rien n&#x27;a été modifié" in settings.text
     assert refused.status_code == 400 and "Action inconnue &#x27;fly&#x27; ; rien n&#x27;a été modifié." in \
         refused.text.replace("fly:nobody", "fly")
-    assert english_left(fr.text) == english_left(settings.text) == english_left(refused.text) == []
+    assert upload.status_code == 401 and "Rien n&#x27;a été installé" in upload.text
+    assert "Le jeton d&#x27;administration est absent ou erroné ; rien n&#x27;a été téléversé." in upload.text
+    for answer in (fr, settings, refused, upload):
+        assert english_left(answer.text) == [], answer.text
 
 
 def test_numbers_durations_and_sizes_are_said_in_the_readers_language() -> None:

@@ -16,7 +16,7 @@ from typing import Final
 import trio
 
 from appliance.protocol.health import Check, Status
-from appliance.protocol.text import Text, join
+from appliance.protocol.text import Number, Text, join
 
 __all__ = ["SystemPaths", "system_checks"]
 
@@ -60,8 +60,8 @@ def _disk(state_dir: Path) -> Check:
                      fix=Text("check that the data partition is mounted"))
     free = usage.free / usage.total if usage.total else 0.0
     data = {"path": str(target), "free_bytes": usage.free, "total_bytes": usage.total, "free_ratio": round(free, 3)}
-    words = Text("{free} GiB free of {total} GiB ({ratio})", free=f"{usage.free / 2**30:.1f}",
-                 total=f"{usage.total / 2**30:.1f}", ratio=f"{free:.0%}")
+    words = Text("{free} GiB free of {total} GiB ({percent}%)", free=Number(usage.free / 2**30, 1),
+                 total=Number(usage.total / 2**30, 1), percent=Number(free * 100))
     if free < DISK_FAIL_FREE or usage.free < DISK_FAIL_BYTES:
         return Check(name="system.disk", status=Status.FAIL, message=Text("disk almost full: {words}", words=words),
                      data=data,

@@ -44,6 +44,7 @@ import trio
 
 from appliance import __version__
 from appliance.protocol.firmware import SOURCES, LocalBundle, Outcome, OutcomeKind, Phase, When
+from appliance.protocol.text import Number, Text
 from appliance.services.firmware import DISK_MARGIN_BYTES, INFO_DEADLINE_S, UpdateFiles, files_of, installer
 from appliance.services.installer import InstallerError
 from appliance.services.media_files import hash_file
@@ -75,21 +76,27 @@ class IntakeRefused(Exception):
         super().__init__(message)
 
 
+def _too_large(cap: int) -> Text:
+    return Text("The file is larger than the largest bundle this box takes ({mib} MiB, [update] upload_max_bytes); "
+                "nothing was kept.", mib=Number(cap // 2**20))
+
+
 def can_take(runtime: Runtime) -> None:
     """Refuse (409) while the box cannot take a bundle: no A/B slots, updates off, an update
     under way, another bundle being received."""
     st = runtime.firmware
     if not runtime.config.update.enabled:
-        raise IntakeRefused(409, "Firmware updates are turned off on this box ([update] enabled = false).")
+        raise IntakeRefused(409, Text("Firmware updates are turned off on this box ([update] enabled = false)."))
     if not st.version:
-        raise IntakeRefused(503, "The update service is not running yet; try again in a minute.")
+        raise IntakeRefused(503, Text("The update service is not running yet; try again in a minute."))
     if not st.slot:
-        raise IntakeRefused(409, "This box has no A/B system slots: it is updated by flashing a new image.")
+        raise IntakeRefused(409, Text("This box has no A/B system slots: it is updated by flashing a new image."))
     if st.trial is not None or st.phase in (Phase.INSTALLING, Phase.REBOOTING, Phase.TRIAL):
-        raise IntakeRefused(409, f"An update is under way ({st.phase}); bring the bundle again once it ended.",
-                            "busy")
+        raise IntakeRefused(409, Text("An update is under way ({phase}); bring the bundle again once it ended.",
+                                      phase=str(st.phase)), "busy")
     if st.receiving:
-        raise IntakeRefused(409, f"Another bundle is being received ({st.receiving}); one at a time.", "busy")
+        raise IntakeRefused(409, Text("Another bundle is being received ({what}); one at a time.", what=st.receiving),
+                            "busy")
 
 
 def clean_name(name: str) -> str:
@@ -112,8 +119,7 @@ class Sink:
         """More of the bundle; :class:`IntakeRefused` (413) once it is over the cap."""
         self.size += len(data)
         if self.size > self.cap:
-            raise IntakeRefused(413, f"The file is larger than the largest bundle this box takes "
-                                     f"({self.cap // 2**20} MiB, [update] upload_max_bytes); nothing was kept.")
+            raise IntakeRefused(413, _too_large(self.cap))
         self._pending += data
         if len(self._pending) >= WRITE_BYTES:
             await self._flush()
@@ -151,13 +157,12 @@ async def receiving(runtime: Runtime, *, name: str, declared: int | None) -> Asy
     cfg, st = runtime.config.update, runtime.firmware
     cap = cfg.upload_max_bytes
     if declared is not None and declared > cap:
-        raise IntakeRefused(413, f"The file is larger than the largest bundle this box takes ({cap // 2**20} MiB, "
-                                 "[update] upload_max_bytes); nothing was kept.")
+        raise IntakeRefused(413, _too_large(cap))
     files = files_of(runtime.config)
     free = (await trio.to_thread.run_sync(shutil.disk_usage, files.local_dir)).free
     if free - (declared or cap) < DISK_MARGIN_BYTES:
-        raise IntakeRefused(507, f"The data partition has not enough room for the bundle (it must leave "
-                                 f"{DISK_MARGIN_BYTES // 2**20} MiB free); nothing was kept.")
+        raise IntakeRefused(507, Text("The data partition has not enough room for the bundle (it must leave "
+                                      "{mib} MiB free); nothing was kept.", mib=Number(DISK_MARGIN_BYTES // 2**20)))
     path = files.local_dir / f".incoming-{secrets.token_hex(8)}.part"
     sink = await trio.to_thread.run_sync(Sink, path, cap)
     st.receiving = clean_name(name)
@@ -174,18 +179,18 @@ def plain_refusal(exc: InstallerError) -> str:
     """RAUC's refusal in words for the person who brought the bundle (its own words after)."""
     words = str(exc)
     if "signature" in words.lower():
-        what = ("its signature does not check against this box's keyring: it was not made for this box, "
-                "or it was damaged")
+        what = Text("its signature does not check against this box's keyring: it was not made for this box, "
+                    "or it was damaged")
     else:
-        what = "it is not a firmware bundle this box can read"
-    return f"{what} (RAUC: {words})"
+        what = Text("it is not a firmware bundle this box can read")
+    return Text("{what} (RAUC: {words})", what=what, words=words)
 
 
 async def accept(runtime: Runtime, sink: Sink, *, name: str, source: str, when: When) -> LocalBundle:
     """Check the received bundle and hand it to the update service (:func:`accept_file`)."""
     sha256 = await sink.finish()
     if sink.size == 0:
-        raise IntakeRefused(400, "The file is empty; nothing was kept.")
+        raise IntakeRefused(400, Text("The file is empty; nothing was kept."))
     local = await accept_file(runtime, sink.path, size=sink.size, sha256=sha256, name=name, source=source, when=when)
     sink.path = files_of(runtime.config).local_bundle(sha256)  # taken: the context leaves it
     return local
@@ -208,12 +213,13 @@ async def accept_file(runtime: Runtime, path: Path, *, size: int, sha256: str, n
             info = await installer(runtime.config).info(path)
     except (InstallerError, trio.TooSlowError) as exc:
         reason = (plain_refusal(exc) if isinstance(exc, InstallerError)
-                  else f"its signature could not be checked within {INFO_DEADLINE_S:g} s")
+                  else Text("its signature could not be checked within {seconds} s", seconds=Number(INFO_DEADLINE_S)))
         await _record_refusal(runtime, name=name, source=source, reason=reason)
-        raise IntakeRefused(400, f"{name} was refused before anything was written: {reason}.", "signature") from exc
+        raise IntakeRefused(400, Text("{name} was refused before anything was written: {reason}.", name=name,
+                                      reason=reason), "signature") from exc
     if info.version == __version__:
-        raise IntakeRefused(409, f"{name} is firmware {info.version}, the version this box runs; nothing to do.",
-                            "runs")
+        raise IntakeRefused(409, Text("{name} is firmware {version}, the version this box runs; nothing to do.",
+                                      name=name, version=info.version), "runs")
     local = LocalBundle(version=info.version, sha256=sha256, size=size, source=source, name=name, when=when,
                         at=time.time())
     await trio.to_thread.run_sync(_keep, files_of(runtime.config), path, local)
@@ -228,8 +234,8 @@ def can_take_again(runtime: Runtime) -> None:
     """While the bytes came, an update may have started (an offer in its window)."""
     st = runtime.firmware
     if st.trial is not None or st.phase in (Phase.INSTALLING, Phase.REBOOTING, Phase.TRIAL):
-        raise IntakeRefused(409, f"An update started meanwhile ({st.phase}); bring the bundle again once it ended.",
-                            "busy")
+        raise IntakeRefused(409, Text("An update started meanwhile ({phase}); bring the bundle again once it ended.",
+                                      phase=str(st.phase)), "busy")
 
 
 def _keep(files: UpdateFiles, path: Path, local: LocalBundle) -> None:

@@ -41,7 +41,7 @@ from appliance.services.i18n import Gettext
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import ApiError, FormError, check_form_token, require_admin
 from appliance.services.web.contract import ADMIN, BodyResponse, Documented, errors
-from appliance.services.web.kit import page
+from appliance.services.web.kit import page, reader
 from appliance.services.web.parts import WebParts
 
 __all__ = ["API_PATH", "FORM_PATH", "admin_parts"]
@@ -117,7 +117,7 @@ def _brought_rows(st: FirmwareStatus, window: str, _: Gettext) -> list[tuple[str
     """A bundle being received, or brought and waiting for its install."""
     rows = []
     if st.receiving:
-        rows.append((_("bundle"), _("{name}: being received and checked").format(name=st.receiving)))
+        rows.append((_("bundle"), _("{name}: being received and checked").format(name=say(st.receiving, _))))
     local = st.local
     if local is not None:
         when = _("now") if local.when is When.NOW else _("in the maintenance window ({window})").format(window=window)
@@ -195,7 +195,7 @@ def _declared(request: Request) -> int | None:
     if raw is None:
         return None
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 15:
-        raise IntakeRefused(400, "The request's Content-Length is not a number.")
+        raise IntakeRefused(400, Text("The request's Content-Length is not a number."))
     return int(raw)
 
 
@@ -203,7 +203,7 @@ def _when(raw: str) -> When:
     try:
         return When(raw)
     except ValueError:
-        raise IntakeRefused(400, f"'when' is 'now' or 'window', not {raw[:20]!r}.") from None
+        raise IntakeRefused(400, Text("'when' is 'now' or 'window', not {value}.", value=repr(raw[:20]))) from None
 
 
 async def _receive_form(request: Request, runtime: Runtime, stack: AsyncExitStack) -> tuple[Sink, str, When]:
@@ -212,7 +212,7 @@ async def _receive_form(request: Request, runtime: Runtime, stack: AsyncExitStac
     try:
         reader = MultipartReader(boundary_of(request.headers.get("content-type", "")))
     except MultipartError as exc:
-        raise FormError(415, f"The upload could not be read: {exc}.") from exc
+        raise FormError(415, Text("The upload could not be read: {error}.", error=str(exc))) from exc
     declared = _declared(request)
     fields: dict[str, str] = {}
     part: PartStart | None = None
@@ -232,10 +232,10 @@ async def _receive_form(request: Request, runtime: Runtime, stack: AsyncExitStac
                 if event.name == BUNDLE_FIELD and event.filename is not None:
                     check_form_token(fields, runtime, consequence=Text("nothing was uploaded"))
                     if sink is not None:
-                        raise FormError(400, "The form carries two bundle files; send one.")
+                        raise FormError(400, Text("The form carries two bundle files; send one."))
                     filename = event.filename
                     if not filename:
-                        raise FormError(400, "Choose a bundle file (.raucb) first; nothing was uploaded.")
+                        raise FormError(400, Text("Choose a bundle file (.raucb) first; nothing was uploaded."))
                     sink = await stack.enter_async_context(receiving(runtime, name=filename, declared=declared))
             elif isinstance(event, PartData) and part is not None:
                 if sink is not None and part.name == BUNDLE_FIELD:
@@ -243,40 +243,44 @@ async def _receive_form(request: Request, runtime: Runtime, stack: AsyncExitStac
                 else:
                     value += event.data
                     if len(value) > FIELD_MAX_BYTES:
-                        raise FormError(400, f"The form field {part.name!r} is too long.")
+                        raise FormError(400, Text("The form field {field} is too long.", field=repr(part.name)))
             elif isinstance(event, PartEnd) and part is not None:
                 if part.name != BUNDLE_FIELD:
                     try:
                         fields[part.name] = value.decode("utf-8")
                     except UnicodeDecodeError:
-                        raise FormError(400, f"The form field {part.name!r} is not UTF-8.") from None
+                        raise FormError(400, Text("The form field {field} is not UTF-8.",
+                                                  field=repr(part.name))) from None
                 part = None
             else:
                 break  # NEED_DATA, or Done (the epilogue, if any, is dropped)
     if sink is None:
         check_form_token(fields, runtime, consequence=Text("nothing was uploaded"))
-        raise FormError(400, "The form carried no bundle file; nothing was uploaded.")
+        raise FormError(400, Text("The form carried no bundle file; nothing was uploaded."))
     return sink, filename, _when(fields.get("when", When.WINDOW))
 
 
-def _answer(heading: str, lines: Sequence[str], status: int) -> HTMLResponse:
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    body = page("Store appliance", "firmware",
-                [f"<section><h2>{html.escape(heading)}</h2><ul>{items}</ul>"
-                 "<p><a href='/#firmware'>Back to the homepage</a></p></section>"])
-    return HTMLResponse(body, status_code=status)
+def _answer(request: Request, heading: Text, lines: Sequence[str], status: int) -> HTMLResponse:
+    """The upload form's answer, in the language of the browser that sent it."""
+    language, _ = reader(request)
+    back = _("Back to the homepage")
+    items = "".join(f"<li>{html.escape(say(line, _))}</li>" for line in lines)
+    body = page(_("Store appliance"), _("firmware"),
+                [f"<section><h2>{html.escape(say(heading, _))}</h2><ul>{items}</ul>"
+                 f"<p><a href='/#firmware'>{html.escape(back)}</a></p></section>"], lang=language)
+    return HTMLResponse(body, status_code=status, headers={"Content-Language": language, "Vary": "Accept-Language"})
 
 
-def _accepted_lines(local: LocalBundle, window: str) -> list[str]:
-    lines = [f"{local.name}: firmware {local.version}, {local.size:,} bytes; its signature checks against this "
-             "box's keyring."]
+def _accepted_lines(local: LocalBundle, window: str) -> list[Text]:
+    lines = [Text("{name}: firmware {version}, {size} bytes; its signature checks against this box's keyring.",
+                  name=local.name, version=local.version, size=Number(local.size))]
     if local.when is When.NOW:
-        lines.append("It is being installed into the other system slot now; then the box restarts into it "
-                     "(a few minutes without service) and keeps it only once it proves healthy.")
+        lines.append(Text("It is being installed into the other system slot now; then the box restarts into it "
+                          "(a few minutes without service) and keeps it only once it proves healthy."))
     else:
-        lines.append(f"It will be installed in the maintenance window ({window}); the box then restarts into it "
-                     "and keeps it only once it proves healthy.")
-    lines.append("The homepage's Firmware section shows how it goes.")
+        lines.append(Text("It will be installed in the maintenance window ({window}); the box then restarts into it "
+                          "and keeps it only once it proves healthy.", window=window))
+    lines.append(Text("The homepage's Firmware section shows how it goes."))
     return lines
 
 
@@ -289,18 +293,21 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
                 with trio.move_on_after(deadline_s) as scope:
                     sink, name, when = await _receive_form(request, runtime, stack)
                 if scope.cancelled_caught:
-                    raise IntakeRefused(408, f"The upload did not arrive whole within {deadline_s:g} s "
-                                             "([update] upload_deadline_s); nothing was kept.")
+                    raise IntakeRefused(408, Text("The upload did not arrive whole within {seconds} s ([update] "
+                                                  "upload_deadline_s); nothing was kept.",
+                                                  seconds=Number(deadline_s, 1)))
                 local = await accept(runtime, sink, name=name, source="upload", when=when)
         except (FormError, IntakeRefused) as exc:
             await _drain(request, runtime.config.http.body_timeout_s)
-            return _answer("Nothing was installed", [exc.message], exc.status)
+            return _answer(request, Text("Nothing was installed"), [exc.message], exc.status)
         except MultipartError as exc:
             await _drain(request, runtime.config.http.body_timeout_s)
-            return _answer("Nothing was installed", [f"The upload could not be read: {exc}; nothing was kept."], 400)
+            return _answer(request, Text("Nothing was installed"),
+                           [Text("The upload could not be read: {error}; nothing was kept.", error=str(exc))], 400)
         except _Gone:
-            return _answer("Nothing was installed", ["The upload was cut short; nothing was kept."], 400)
-        return _answer("Bundle accepted", _accepted_lines(local, runtime.config.update.window), 202)
+            return _answer(request, Text("Nothing was installed"),
+                           [Text("The upload was cut short; nothing was kept.")], 400)
+        return _answer(request, Text("Bundle accepted"), _accepted_lines(local, runtime.config.update.window), 202)
 
     async def api(request: Request) -> Response:
         try:
@@ -311,8 +318,8 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
         ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         try:
             if ctype != "application/octet-stream":
-                raise IntakeRefused(415, "Send the bundle's bytes as application/octet-stream, "
-                                         f"not {ctype or 'nothing'}.")
+                raise IntakeRefused(415, Text("Send the bundle's bytes as application/octet-stream, not {what}.",
+                                              what=ctype or Text("nothing")))
             when = _when(request.query_params.get("when", When.WINDOW))
             name = request.query_params.get("name", "bundle.raucb")
             async with receiving(runtime, name=name, declared=_declared(request)) as sink:
@@ -322,8 +329,8 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
                         chunk, more = await _next_chunk(request)
                         await sink.write(chunk)
                 if scope.cancelled_caught:
-                    raise IntakeRefused(408, f"The bundle did not arrive whole within {deadline_s:g} s; "
-                                             "nothing was kept.")
+                    raise IntakeRefused(408, Text("The bundle did not arrive whole within {seconds} s; nothing was "
+                                                  "kept.", seconds=Number(deadline_s, 1)))
                 local = await accept(runtime, sink, name=name, source="upload", when=when)
         except IntakeRefused as exc:
             await _drain(request, runtime.config.http.body_timeout_s)
