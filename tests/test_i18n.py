@@ -298,6 +298,10 @@ async def test_the_whole_homepage_in_french_has_no_english_left(make_config: Con
     # Numbers with French digits, durations and sizes in French units, times in words.
     assert "1\u202f200 fichiers sur 1\u202f234, 2,45 Go" in fr and "1,200 of 1,234 files, 2.45 GB" in en
     assert "(ouverture dans 1,5 h)" in fr and "il y a " in fr and "jamais" in fr
+    # The failures the box meets here (nothing listens on the devices' ports nor the
+    # platform's) in French too, not in the C library's English.
+    assert "Connection refused" not in fr and "all attempts to connect" not in fr
+    assert "impossible de joindre 127.0.0.1:" in fr and ": connexion refusée" in fr
     services = [s.name for s in runtime.board.all()]
     assert english_left(fr, services) == []
     assert english_left(en, services) != []  # the check finds English where there is some

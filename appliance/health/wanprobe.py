@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import json
 import socket
 import ssl
@@ -44,6 +45,20 @@ class Text(str):
         self = super().__new__(cls, template.format(**args) if args else template)
         self.template, self.args = template, args
         return self
+
+
+# The system's words for the usual failures, said in the shop's language (the appliance's
+# catalogs have them); any other error keeps the system's own text.
+_ERRNO_WORDS = {errno.ECONNREFUSED: Text("connection refused"), errno.ECONNRESET: Text("connection reset"),
+                errno.EHOSTUNREACH: Text("no route to host"), errno.ENETUNREACH: Text("network unreachable"),
+                errno.ETIMEDOUT: Text("timed out")}
+_GAI_WORDS = {socket.EAI_NONAME: Text("name or service not known"),
+              socket.EAI_AGAIN: Text("temporary failure in name resolution")}
+
+
+def _os_words(exc: OSError) -> str:
+    table = _GAI_WORDS if isinstance(exc, socket.gaierror) else _ERRNO_WORDS
+    return table.get(exc.errno or 0) or exc.strerror or str(exc)
 
 
 @dataclass(frozen=True)
@@ -124,7 +139,7 @@ def _connect(host: str, port: int, timeout: float, hop: str, fix: str) -> socket
                     Text("{fix} (a firewall that drops packets looks like this)", fix=fix)) from exc
     except OSError as exc:
         raise _Fail(hop, Text("cannot connect to {host}:{port}: {error}", host=host, port=port,
-                              error=exc.strerror or str(exc)), fix) from exc
+                              error=_os_words(exc)), fix) from exc
 
 
 def _read_head(sock: socket.socket | ssl.SSLSocket, limit: int = 16384) -> bytes:
@@ -154,7 +169,7 @@ def probe(target: Target, *, proxy: ProbeProxy | None = None, ca_file: str = "",
                     infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
                 except socket.gaierror as exc:
                     raise _Fail("dns", Text("{host} does not resolve: {error}", host=target.host,
-                                            error=exc.strerror or str(exc)),
+                                            error=_os_words(exc)),
                                 Text("check the box's DNS servers (DHCP) and that the name is allowed by the "
                                      "DNS filter of the network")) from exc
                 done("dns", f"{target.host} -> {infos[0][4][0]}")

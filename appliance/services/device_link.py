@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 import errno
 import math
+import os
 import random
 import secrets
 import time
@@ -245,6 +246,12 @@ def describe_failure(exc: BaseException, address: str, port: int, connect_timeou
                      seconds=format(connect_timeout_s, "g")),
                 Text("check the device is on and its app running, on this network, at this address"))
     if isinstance(exc, OSError):
+        if exc.errno is None and isinstance(exc.__cause__, BaseExceptionGroup):
+            # trio's "all attempts to connect to ... failed": the attempts' own errors are
+            # its cause; one errno shared by all of them says it better.
+            numbers = {getattr(e, "errno", None) for e in exc.__cause__.exceptions}
+            if len(numbers) == 1 and (number := numbers.pop()) is not None:
+                exc = OSError(number, os.strerror(number))
         if exc.errno == errno.ECONNREFUSED:
             return Text("cannot reach {where}: connection refused", where=where), on_and_running
         if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):

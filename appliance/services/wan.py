@@ -29,6 +29,7 @@ used; the message is one line for a person.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -230,10 +231,18 @@ _ERRNO_WORDS: Final = {
 }
 
 
+# The same words found by their C library text, where only the text survived (an httpx
+# error that kept the message, not the errno): "Connection refused".
+_STRERROR_WORDS: Final = {os.strerror(number): words for number, words in _ERRNO_WORDS.items()}
+_GAI_WORDS: Final = {socket.EAI_NONAME: Text("name or service not known"),
+                     socket.EAI_AGAIN: Text("temporary failure in name resolution")}
+
+
 def _os_words(err: OSError) -> str:
     if err.errno in _ERRNO_WORDS:
         return _ERRNO_WORDS[err.errno]
-    return (err.strerror or str(err)).lower()
+    text = err.strerror or str(err)
+    return _STRERROR_WORDS.get(text, text.lower())
 
 
 def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None) -> HopFailure:
@@ -261,11 +270,11 @@ def locate_failure(exc: BaseException, *, url: str, proxy: ProxySettings | None)
         if isinstance(exc, httpx.ConnectTimeout):
             words: str = Text("timed out")
         elif gai is not None:
-            words = (gai.strerror or str(gai)).lower()
+            words = _GAI_WORDS.get(gai.errno or 0, "") or (gai.strerror or str(gai)).lower()
         elif os_err is not None:
             words = _os_words(os_err)
         else:
-            words = str(exc) or type(exc).__name__
+            words = _STRERROR_WORDS.get(str(exc), str(exc) or type(exc).__name__)
         if proxy is not None:
             message = (Text("cannot resolve the proxy {proxy}: {error}", proxy=proxy.address, error=words)
                        if gai is not None else
