@@ -16,32 +16,93 @@ Every command counted was answered 201, which the box sends only after the commi
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any, Final
 
 import httpx
 import trio
 
 from benchmarks import _cpus
+from benchmarks.products import _free_port, _wait_port
 from benchmarks.soak import AUTH, start_box
 
+_POST = ("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + AUTH["Authorization"] +
+         "\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
 
-async def _singles(client: httpx.AsyncClient, seconds: float, workers: int, tag: str) -> int:
+
+def _request(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return _POST.format(path=path, length=len(data)).encode() + data
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection to the box, opened again when the server closes it
+    (hypercorn closes a connection after 1,000 requests)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stream: trio.SocketStream | None = None
+        self.buffer = bytearray()
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        if self.stream is None:
+            self.stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            self.buffer.clear()
+        await self.stream.send_all(request)
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            self.buffer += await self._more()
+        head = bytes(self.buffer[:end]).lower()
+        del self.buffer[:end + 4]
+        lines = head.split(b"\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in lines if line.startswith(b"content-length:")), 0)
+        while len(self.buffer) < length:
+            self.buffer += await self._more()
+        body = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        if b"connection: close" in lines:
+            await self.aclose()
+        return int(head.split(b" ", 2)[1]), body
+
+    async def _more(self) -> bytes:
+        assert self.stream is not None
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("the box closed the connection mid-answer")
+        return data
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+            self.stream = None
+
+
+async def _singles(port: int, seconds: float, workers: int, tag: str) -> int:
+    """``workers`` connections, each posting one command per request, back to back."""
     done = 0
     deadline = trio.current_time() + seconds
 
     async def worker(w: int) -> None:
         nonlocal done
+        connection = _Connection(port)
         n = 0
-        while trio.current_time() < deadline:
-            r = await client.post("/v1/devices/kds-1/commands",
-                                  json={"kind": "print", "body": {"n": n}, "id": f"{tag}-{w}-{n}"})
-            assert r.status_code == 201, r.text
-            n += 1
-            done += 1
+        try:
+            while trio.current_time() < deadline:
+                status, body = await connection.post(_request("/v1/devices/kds-1/commands", {
+                    "kind": "print", "body": {"n": n}, "id": f"{tag}-{w}-{n}"}))
+                assert status == 201, body
+                n += 1
+                done += 1
+        finally:
+            await connection.aclose()
 
     async with trio.open_nursery() as nursery:
         for w in range(workers):
@@ -49,16 +110,20 @@ async def _singles(client: httpx.AsyncClient, seconds: float, workers: int, tag:
     return done
 
 
-async def _batches(client: httpx.AsyncClient, seconds: float, size: int) -> int:
+async def _batches(port: int, seconds: float, size: int) -> int:
     done = n = 0
     deadline = trio.current_time() + seconds
-    while trio.current_time() < deadline:
-        lines = [{"device_id": "kds-1", "kind": "order.created", "body": {"line": k}, "id": f"batch-{n}-{k}"}
-                 for k in range(size)]
-        r = await client.post("/v1/commands", json={"commands": lines})
-        assert r.status_code == 201, r.text
-        done += size
-        n += 1
+    connection = _Connection(port)
+    try:
+        while trio.current_time() < deadline:
+            lines = [{"device_id": "kds-1", "kind": "order.created", "body": {"line": k}, "id": f"batch-{n}-{k}"}
+                     for k in range(size)]
+            status, body = await connection.post(_request("/v1/commands", {"commands": lines}))
+            assert status == 201, body
+            done += size
+            n += 1
+    finally:
+        await connection.aclose()
     return done
 
 
@@ -68,41 +133,109 @@ async def _commits(ops: str) -> float:
     return float(re.search(r"^appliance_storage_commits (\S+)$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
 
 
-async def _measure(api: str, ops: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    """Per way: (commands/s, commits per 1,000 commands)."""
-    out: dict[str, tuple[float, float]] = {}
-    limits = httpx.Limits(max_connections=args.in_flight, max_keepalive_connections=args.in_flight)
-    async with httpx.AsyncClient(base_url=api, headers=AUTH, timeout=30, limits=limits) as client:
-        await _singles(client, 0.5, 1, "warm")
-        for name, way in (("baseline", lambda: _singles(client, args.seconds, 1, "seq")),
-                          ("batch", lambda: _batches(client, args.seconds, args.batch)),
-                          ("in flight", lambda: _singles(client, args.seconds, args.in_flight, "par"))):
-            before = await _commits(ops)
-            started = time.perf_counter()
-            count = await way()
-            elapsed = time.perf_counter() - started
-            out[name] = (count / elapsed, 1000 * (await _commits(ops) - before) / count)
+def _cpu_s(pid: int) -> float:
+    """The process's user + system CPU time so far (/proc/<pid>/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _measure(port: int, ops: str, pid: int, args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
+    """Per way: (commands/s, commits per 1,000 commands, the box's CPU µs per command)."""
+    out: dict[str, tuple[float, float, float]] = {}
+    await _singles(port, 0.5, 1, "warm")
+    for name, way in (("baseline", lambda: _singles(port, args.seconds, 1, "seq")),
+                      ("batch", lambda: _batches(port, args.seconds, args.batch)),
+                      ("in flight", lambda: _singles(port, args.seconds, args.in_flight, "par"))):
+        before, cpu = await _commits(ops), _cpu_s(pid)
+        started = time.perf_counter()
+        count = await way()
+        elapsed = time.perf_counter() - started
+        cpu = _cpu_s(pid) - cpu
+        out[name] = (count / elapsed, 1000 * (await _commits(ops) - before) / count, cpu / count * 1e6)
     return out
+
+
+async def _floor(port: int, pid: int, args: argparse.Namespace) -> tuple[float, float]:
+    """The bare hypercorn server's (requests/s, CPU µs per request), the in-flight way."""
+    await _singles(port, 0.5, 1, "warm")
+    cpu = _cpu_s(pid)
+    started = time.perf_counter()
+    count = await _singles(port, args.seconds, args.in_flight, "floor")
+    elapsed = time.perf_counter() - started
+    return count / elapsed, (_cpu_s(pid) - cpu) / count * 1e6
+
+
+async def _floor_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the request's body and answers 201 with a command's answer: HTTP and nothing else."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 201,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_ANSWER)).encode()),
+                            (b"location", b"/v1/devices/kds-1/commands/c-0123456789abcdef01234567")]})
+    await send({"type": "http.response.body", "body": _ANSWER})
+
+
+_ANSWER: Final = b'{"id":"c-0123456789abcdef01234567","device_id":"kds-1","seq":1,"state":"queued","created":true}'
+
+
+def _serve_floor(port: int) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    cfg = Config()
+    cfg.bind = [f"127.0.0.1:{port}"]
+    cfg.accesslog = None
+    trio.run(partial(serve, _floor_app, cfg))  # type: ignore[arg-type]
 
 
 def main(args: argparse.Namespace) -> None:
     with socket.socket() as closed:  # an address with nothing listening: commands stay queued
         closed.bind(("127.0.0.1", 0))
         dead_port = closed.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="bench-enqueue-") as tmp:
-        proc, ports, _log = start_box(Path(tmp), [("kds-1", dead_port)])
+    floors = []
+    for turn in ("before", "box", "after"):
+        if turn == "box":
+            with tempfile.TemporaryDirectory(prefix="bench-enqueue-") as tmp:
+                proc, ports, _log = start_box(Path(tmp), [("kds-1", dead_port)])
+                try:
+                    result = trio.run(_measure, ports["api"], f"http://127.0.0.1:{ports['ops']}", proc.pid, args)
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+            continue
+        # The HTTP floor, before and after the box so the machine's load falls on both alike.
+        port = _free_port()
+        hello = subprocess.Popen([sys.executable, "-m", "benchmarks.enqueue", "--floor", str(port)],
+                                 stderr=subprocess.DEVNULL)
         try:
-            result = trio.run(_measure, f"http://127.0.0.1:{ports['api']}", f"http://127.0.0.1:{ports['ops']}", args)
+            trio.run(_wait_port, port)
+            floors.append(trio.run(_floor, port, hello.pid, args))
         finally:
-            proc.terminate()
-            proc.wait(10)
+            hello.terminate()
+            hello.wait(10)
+    floor_rate = sum(f[0] for f in floors) / len(floors)
+    floor_cpu = sum(f[1] for f in floors) / len(floors)
     base = result["baseline"][0]
     print(f"enqueue: one client, the real process on loopback, {args.seconds:g} s per way; durable on each answer")
-    print(f"{'':34}{'commands/s':>12}{'vs baseline':>13}{'commits/1000 cmd':>18}")
+    print(f"{'':40}{'commands/s':>12}{'vs baseline':>13}{'commits/1000 cmd':>18}{'box CPU us/cmd':>16}")
     labels = {"baseline": "baseline: 1 per request, 1 at once", "batch": f"batch: {args.batch} per request",
               "in flight": f"in flight: {args.in_flight} requests at once"}
-    for name, (rate, commits) in result.items():
-        print(f"{labels[name]:34}{rate:>12,.0f}{rate / base:>12.1f}x{commits:>18.0f}")
+    for name, (rate, commits, cpu_us) in result.items():
+        print(f"{labels[name]:40}{rate:>12,.0f}{rate / base:>12.1f}x{commits:>18.0f}{cpu_us:>16,.0f}")
+    print(f"{'HTTP floor: bare hypercorn, ' + str(args.in_flight) + ' at once':40}{floor_rate:>12,.0f}"
+          f"{floor_rate / base:>12.1f}x{'-':>18}{floor_cpu:>16,.0f}")
+    rate, _, cpu_us = result["in flight"]
+    print(f"in flight vs the HTTP floor (same client, same run): {rate / floor_rate:.2f}x requests/s, "
+          f"{cpu_us / floor_cpu:.2f}x server CPU per request; goal >= 2,000 commands/s one per request: "
+          f"{'met' if rate >= 2000 else 'not met'} ({rate:,.0f}/s)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,9 +243,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="length of each way")
     p.add_argument("--batch", type=int, default=100, help="commands per POST /v1/commands")
     p.add_argument("--in-flight", type=int, default=16, help="requests outstanding at once")
+    p.add_argument("--floor", type=int, metavar="PORT", help=argparse.SUPPRESS)  # serve the HTTP floor
     _cpus.add_option(p)
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    _cpus.run(main, parse_args())
+    options = parse_args()
+    if options.floor:
+        _serve_floor(options.floor)
+    else:
+        _cpus.run(main, options)

@@ -471,7 +471,8 @@ async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Pa
                                                                     "id": "till-3:receipt-881"})
                 assert answer.status_code == 201, answer.text
                 made = answer.json()
-                assert (made["id"], made["seq"], made["created"]) == ("till-3:receipt-881", 1, True)
+                assert (made["id"], made["seq"], made["created"], made["state"]) == ("till-3:receipt-881", 1, True,
+                                                                                     "queued")
                 assert answer.headers["location"] == "/v1/devices/printer-1/commands/till-3:receipt-881"
                 again = await client.post(url, headers=auth, json={"kind": "print", "body": {"text": "hello"},
                                                                    "id": "till-3:receipt-881"})
@@ -486,6 +487,10 @@ async def test_command_api_and_homepage(make_config: ConfigFactory, tmp_path: Pa
                     await trio.sleep(0.05)
                 assert one.json()["command"]["state"] == "acked"
                 assert one.json()["command"]["body"] == {"text": "hello"}
+                # The same id again answers the command as stored, in its state now.
+                again = await client.post(url, headers=auth, json={"kind": "print", "body": {"text": "hello"},
+                                                                   "id": "till-3:receipt-881"})
+                assert (again.status_code, again.json()["state"], again.json()["created"]) == (200, "acked", False)
                 listing = await client.get(url + "?state=acked", headers=auth)
                 assert [c["id"] for c in listing.json()["commands"]] == ["till-3:receipt-881"]
                 bad = await client.get(url + "?state=lost&limit=0", headers=auth)

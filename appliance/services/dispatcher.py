@@ -211,7 +211,9 @@ class _Dispatcher:
         seen = 0
         while True:
             seen = await self.runtime.outbox_changes.wait(seen)
-            seqs = await self.runtime.db.read(last_seqs)
+            # One small row per device: read in trio's thread, the hop to a worker thread
+            # costing more than the read (this runs after every enqueue's commit).
+            seqs = await self.runtime.db.read_small(last_seqs)
             for device_id, handle in self.handles.items():
                 if device_id in seqs:
                     handle.link.new_commands(seqs[device_id])

@@ -176,7 +176,9 @@ def _parse_command(data: Any, now: float, errors: list[str], *, at: str,
 
 
 async def _adopted_or_raise(runtime: Runtime, device_id: str, *, must_be_adopted: bool) -> None:
-    device = await runtime.db.read(partial(get_device, device_id=device_id))
+    # One row by its primary key: read in trio's thread (Database.read_small), as the
+    # catalog reads are; a worker-thread hop cost more than the read (docs/device-channel.md).
+    device = await runtime.db.read_small(partial(get_device, device_id=device_id))
     if device is None:
         raise ApiError(404, f"no device {device_id!r} in the registry")
     if must_be_adopted and device.state is not AdoptionState.ADOPTED:
@@ -199,7 +201,9 @@ def api_routes(runtime: Runtime) -> Sequence[BaseRoute]:
             raise ApiError(409, str(exc)) from exc
         except OutboxError as exc:
             raise ApiError(400, "the command is not valid", [str(exc)]) from exc
-        row = await runtime.db.read(partial(get_command, command_id=done.id))
+        # A new command was queued by the commit just made; only a repeated id needs its
+        # stored state read back (one row by its key, in trio's thread).
+        row = None if done.created else await runtime.db.read_small(partial(get_command, command_id=done.id))
         answer = {"id": done.id, "device_id": device_id, "seq": done.seq,
                   "state": str(row.state) if row is not None else "queued", "created": done.created}
         location = f"/v1/devices/{urllib.parse.quote(device_id)}/commands/{done.id}"
