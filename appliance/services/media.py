@@ -227,39 +227,45 @@ class MediaFetcher:
         if not st.fill_total_bytes:
             st.fill_total_bytes = sum(b.size for b in blobs)
             st.fill_done_bytes = 0
-        slots = trio.CapacityLimiter(self.config.concurrency)
+        # ``concurrency`` workers taking the blobs in order from one iterator: a task per
+        # blob waiting its turn took ~5 KiB each, 450 MiB for a 100k catalog's first fill.
+        todo = iter(blobs)
+
+        async def worker() -> None:
+            for blob in todo:
+                await self._fetch_one(blob)
+
         with trio.move_on_after(ROUND_MAX_S if round_s is None else round_s):
             async with trio.open_nursery() as nursery:
-                for blob in blobs:
-                    nursery.start_soon(self._fetch_one, blob, slots)
+                for _ in range(min(self.config.concurrency, len(blobs))):
+                    nursery.start_soon(worker)
 
     def idle(self) -> None:
         """Nothing to download now: the fill is over."""
         self.status.fill_total_bytes = self.status.fill_done_bytes = 0
 
-    async def _fetch_one(self, blob: Blob, slots: trio.CapacityLimiter) -> None:
+    async def _fetch_one(self, blob: Blob) -> None:
         entry = next((self._entries[k] for k in blob.keys if k in self._entries), None)
         if entry is None:
             return
-        async with slots:
-            if blob.sha256 in self.shelf.busy:  # a reader's pass-through is fetching it now
-                return
-            self.shelf.busy.add(blob.sha256)
-            self.status.downloading.append(entry.key)
-            try:
-                for attempt in range(2):  # a 412 (the file changed) starts again from 0 once, at once
-                    try:
-                        await self.download(entry, blob)
-                        self._backoff.pop(blob.sha256, None)
-                        return
-                    except _Failed as failed:
-                        if failed.retry_now and attempt == 0:
-                            continue
-                        self._failed(entry, blob, failed.error)
-                        return
-            finally:
-                self.status.downloading.remove(entry.key)
-                self.shelf.busy.discard(blob.sha256)
+        if blob.sha256 in self.shelf.busy:  # a reader's pass-through is fetching it now
+            return
+        self.shelf.busy.add(blob.sha256)
+        self.status.downloading.append(entry.key)
+        try:
+            for attempt in range(2):  # a 412 (the file changed) starts again from 0 once, at once
+                try:
+                    await self.download(entry, blob)
+                    self._backoff.pop(blob.sha256, None)
+                    return
+                except _Failed as failed:
+                    if failed.retry_now and attempt == 0:
+                        continue
+                    self._failed(entry, blob, failed.error)
+                    return
+        finally:
+            self.status.downloading.remove(entry.key)
+            self.shelf.busy.discard(blob.sha256)
 
     def _failed(self, entry: MediaEntry, blob: Blob, error: HopFailure) -> None:
         backoff, _ = self._backoff.get(blob.sha256, (None, 0.0))
