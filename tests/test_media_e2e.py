@@ -16,6 +16,7 @@ import trio
 from appliance.devkit.cloud import SimHandle
 from appliance.devkit.cloud_faults import Fault
 from appliance.devkit.device_client import DeviceAuth
+from appliance.services.media import Walked, walk_plan
 from appliance.services.pairing import pair_from_web
 from appliance.services.runtime import Runtime
 from appliance.storage import media as media_rows
@@ -88,6 +89,38 @@ async def test_catalog_cached_verified_and_served(start_sim: StartSim, start_box
         assert missing.status_code == 404
         traversal = await client.get("/media/..%2f..%2fappliance.db")
         assert traversal.status_code == 404
+
+
+async def test_an_idle_full_cache_does_not_walk_the_manifest_again(start_sim: StartSim, start_box: StartBox,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once every file is cached, a scan whose inputs have not changed skips the walk of the
+    manifest (a 100k catalog's walk is a second or two of CPU, every scan_interval_s); a
+    change of the catalog is walked at the next scan."""
+    walks: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Walked:
+        walks.append(1)
+        return walk_plan(*args, **kwargs)
+
+    monkeypatch.setattr("appliance.services.media.walk_plan", counted)
+    sim, runtime = await media_box(start_sim, start_box, sim={"products": 20})
+    await all_cached(runtime, sim)
+    assert runtime.media is not None
+    status = runtime.media.status
+
+    async def scans(n: int) -> None:
+        for _ in range(n):
+            before = status.last_scan_at
+            await wait_until(lambda before=before: status.last_scan_at != before, 10.0, "another scan")  # type: ignore[misc]
+
+    await scans(3)
+    settled = len(walks)
+    await scans(5)
+    assert len(walks) == settled
+    sim.state.put_media("products/late.jpg", b"late" * 100)
+    await wait_until(lambda: hashlib.sha256(b"late" * 100).hexdigest() in blob_names(runtime), 20.0,
+                     "the new file cached")
+    assert len(walks) > settled
 
 
 async def test_cut_download_resumes_with_range(start_sim: StartSim, start_box: StartBox) -> None:

@@ -28,7 +28,7 @@ import attrs
 from appliance.protocol.media import MediaEntry
 from appliance.protocol.wan import HopFailure
 
-__all__ = ["Blob", "CachePlan", "MediaStatus", "budget_bytes", "plan"]
+__all__ = ["Blob", "BudgetWalk", "CachePlan", "MediaStatus", "budget_bytes", "plan"]
 
 
 @attrs.frozen(kw_only=True)
@@ -76,18 +76,34 @@ def blobs_of(entries: Iterable[MediaEntry], *, pinned: frozenset[str],
     return blobs
 
 
+@attrs.define
+class BudgetWalk:
+    """The plan's walk over the blobs in priority order, one at a time: a blob is taken
+    while it fits in the budget; one that does not is left out and the walk goes on. The
+    media fetcher walks a large manifest this way straight from the database."""
+
+    budget: int
+    used: int = 0  # bytes of the blobs taken
+    wanted: int = 0  # bytes of every blob walked
+
+    def take(self, size: int) -> bool:
+        """Whether the next blob, of ``size`` bytes, is kept."""
+        self.wanted += size
+        if self.used + size <= self.budget:
+            self.used += size
+            return True
+        return False
+
+
 def plan(entries: Sequence[MediaEntry], *, pinned: frozenset[str], cached: Mapping[str, int],
          last_served: Mapping[str, float], budget: int) -> CachePlan:
     """What to keep, fetch and evict. ``cached``: sha256 -> size of the verified files."""
     keep: set[str] = set()
     fetch: list[Blob] = []
     left_out: list[Blob] = []
-    used = 0
-    wanted = 0
+    walk = BudgetWalk(budget)
     for blob in blobs_of(entries, pinned=pinned, last_served=last_served):
-        wanted += blob.size
-        if used + blob.size <= budget:
-            used += blob.size
+        if walk.take(blob.size):
             keep.add(blob.sha256)
             if blob.sha256 not in cached:
                 fetch.append(blob)
@@ -95,7 +111,7 @@ def plan(entries: Sequence[MediaEntry], *, pinned: frozenset[str], cached: Mappi
             left_out.append(blob)
     evict = frozenset(sha for sha in cached if sha not in keep)
     return CachePlan(keep=frozenset(keep), fetch=tuple(fetch), evict=evict, left_out=tuple(left_out),
-                     wanted_bytes=wanted, kept_bytes=used)
+                     wanted_bytes=walk.wanted, kept_bytes=walk.used)
 
 
 @attrs.define(kw_only=True)

@@ -1,9 +1,12 @@
 """The media fetcher: keeps a verified local copy of every file the replica's manifest lists.
 
 Each round (:meth:`MediaFetcher.scan`) compares the manifest with the cache and plans
-under the disk budget (:func:`appliance.protocol.media_cache.plan`, order in
+under the disk budget (the walk of :func:`appliance.protocol.media_cache.plan`, order in
 docs/media.md): files no longer wanted are evicted, then the missing ones are downloaded,
 :data:`~appliance.config.MediaConfig` ``concurrency`` at a time, all sharing one rate limit.
+The manifest stays in the database: the walk reads it one blob at a time in the plan's
+order, and a round takes at most :data:`FETCH_MAX` files, so the fetcher's memory does not
+grow with the catalog (a 100k-entry manifest held as objects took ~140 MiB).
 
 A download goes to ``partial/<sha256>`` through the WAN client (the box's proxy, CA and
 timeouts), with the shared resumable download (``appliance.services.download``, which the
@@ -20,22 +23,24 @@ stays for the next run. A database write already started completes.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from functools import partial
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
+import attrs
 import httpx
 import trio
 
 from appliance.config import Config
 from appliance.protocol.backoff import Backoff
-from appliance.protocol.media import MediaEntry, MediaEntryError, RateLimit, parse_entry
-from appliance.protocol.media_cache import Blob, CachePlan, budget_bytes, plan
+from appliance.protocol.media import MediaEntry, RateLimit, parse_entry
+from appliance.protocol.media_cache import Blob, BudgetWalk, budget_bytes
 from appliance.protocol.text import Text
 from appliance.protocol.wan import Hop, HopFailure
 from appliance.services.download import DownloadError, receive, request_headers
@@ -56,7 +61,7 @@ from appliance.services.wan import (
 )
 from appliance.storage import media as rows
 
-__all__ = ["MediaFetcher", "run_media"]
+__all__ = ["FETCH_MAX", "MediaFetcher", "Walked", "run_media", "walk_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,50 @@ log = logging.getLogger(__name__)
 ROUND_MAX_S: Final = 60.0
 # Rate-limit burst: one read's worth, so the average holds from the first second.
 RATE_BURST_BYTES: Final = 64 * 1024
+# The most files one scan hands to a fill round (in the plan's order; the next scan, at the
+# round's end, takes the next ones): more than a round of ROUND_MAX_S downloads.
+FETCH_MAX: Final = 1000
+# The most keys one scan points at their cached files, or stops serving (the rest: the next scan).
+KEYS_MAX: Final = 5000
+
+
+@attrs.define
+class Walked:
+    """What one scan found, reading the manifest one blob at a time (in a worker thread)."""
+
+    budget: int
+    fetch: list[Blob] = attrs.field(factory=list)
+    entries: dict[str, MediaEntry] = attrs.field(factory=dict)  # sha256 -> the entry to fetch it by
+    evict: list[tuple[str, int]] = attrs.field(factory=list)  # (sha256, size) of cached files to delete
+    point: list[tuple[str, str]] = attrs.field(factory=list)
+    drop: list[str] = attrs.field(factory=list)
+    wanted_missing: set[str] = attrs.field(factory=set)  # of the shas asked about: kept, not cached
+    cached_bytes: int = 0
+    files_wanted: int = 0
+    bytes_wanted: int = 0
+    files_missing: int = 0
+    bytes_missing: int = 0
+    over_budget: int = 0  # entries left out for the budget
+    over_budget_bytes: bool = False  # the manifest's blobs do not all fit: the order decides
+
+    @property
+    def settled(self) -> bool:
+        """Nothing to do: the next walk finds the same until something it reads changes."""
+        return not (self.fetch or self.evict or self.point or self.drop)
+
+
+def _unusable(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """``(key, why)`` of every manifest entry that cannot be used, one row at a time."""
+    bad = []
+    for key, text in rows.manifest_rows(conn):
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("an entry must be a JSON object")
+            parse_entry(key, data)
+        except ValueError as exc:  # MediaEntryError, or JSON that is not an entry
+            bad.append((key, str(exc)))
+    return bad
 
 
 class _Failed(Exception):
@@ -85,6 +134,49 @@ def _media_failure(url: str, message: str, fix: str, status: int | None = None) 
                      status=status)
 
 
+def walk_plan(conn: sqlite3.Connection, *, bad: Set[str], budget: int, waiting: Set[str] = frozenset(),
+              asked: Set[str] = frozenset()) -> Walked:
+    """The plan (:func:`appliance.protocol.media_cache.plan`'s walk), reading the manifest one
+    blob at a time in the plan's order: memory bounded by :data:`FETCH_MAX`, not the catalog.
+    In one read transaction (a worker thread). ``budget``: bytes the cache may hold
+    (:func:`~appliance.protocol.media_cache.budget_bytes`); ``bad``: keys whose entries cannot be used;
+    ``waiting``: files in backoff, not fetched now; ``asked``: files whose being wanted and
+    missing the caller needs to know (:attr:`Walked.wanted_missing`)."""
+    unusable = sorted(bad)
+    cached_total = rows.cached_bytes(conn)
+    w = Walked(budget=budget)
+    # A changed entry keeps its previous file until the new one is verified.
+    serving_old = rows.still_serving(conn, unusable)
+    walk = BudgetWalk(w.budget)
+    for row in rows.plan_rows(conn, unusable):
+        w.files_wanted += row.entries
+        w.bytes_wanted += row.entry_bytes
+        kept = walk.take(row.size)
+        cached = row.cached_size is not None
+        if kept and not cached:
+            if row.sha256 in asked:
+                w.wanted_missing.add(row.sha256)
+            if row.sha256 not in waiting and len(w.fetch) < FETCH_MAX:
+                w.entries[row.sha256] = parse_entry(row.first_key, json.loads(row.first_data))
+                w.fetch.append(Blob(sha256=row.sha256, size=row.size, keys=tuple(sorted(json.loads(row.keys))),
+                                    pinned=row.pinned, last_served_at=row.last_served_at))
+        elif not kept and cached and row.sha256 not in serving_old:
+            w.evict.append((row.sha256, row.cached_size or 0))
+        if not (cached and (kept or row.sha256 in serving_old)):
+            w.files_missing += row.entries
+            w.bytes_missing += row.entry_bytes
+            if not kept:
+                w.over_budget += row.entries
+    w.over_budget_bytes = walk.wanted > walk.budget
+    # Files the manifest no longer lists go first of all.
+    w.evict[:0] = [(sha, size) for sha, size in rows.unlisted_blobs(conn, unusable) if sha not in serving_old]
+    w.cached_bytes = cached_total - sum(size for _, size in w.evict)
+    evicted = {sha for sha, _ in w.evict}
+    w.point = [(key, sha) for key, sha in rows.keys_to_point(conn, unusable, KEYS_MAX) if sha not in evicted]
+    w.drop = rows.keys_to_drop(conn, unusable, KEYS_MAX)
+    return w
+
+
 class MediaFetcher:
     def __init__(self, runtime: Runtime, shelf: MediaShelf, *, clock: Callable[[], float] = time.time) -> None:
         self.runtime = runtime
@@ -96,12 +188,19 @@ class MediaFetcher:
                                now=trio.current_time())
         self._clients: dict[str, tuple[httpx.AsyncClient, ProxySettings | None]] = {}
         self._backoff: dict[str, tuple[Backoff, float]] = {}  # sha256 -> (backoff, next attempt, trio time)
-        self._entries: dict[str, MediaEntry] = {}
-        self._pinned: frozenset[str] = frozenset()
+        # The manifest's entries that cannot be used (usually none), found once per change.
+        self._bad: frozenset[str] = frozenset()
+        # The entries of the files the last scan handed to the fill (at most FETCH_MAX).
+        self._window: dict[str, MediaEntry] = {}
         self._seen_change: float | None = -1.0
+        # Walking a 100k manifest takes a second or two of CPU: a scan whose inputs are those
+        # of the last walk that found nothing to do skips it (every scan_interval_s, idle).
+        self._changes = 0  # files placed or evicted, and serve times that reorder the plan
+        self._settled: tuple[object, ...] | None = None
+        self._over_budget = False
         # Verified files waiting for their database rows: written in one transaction per
         # flush (group commit), so a fill of many small files is not one fsync per file.
-        self._unrecorded: list[tuple[str, int, dict[str, str]]] = []
+        self._unrecorded: list[tuple[str, int, tuple[str, ...]]] = []
         self._record_lock = trio.Lock()
 
     async def aclose(self) -> None:
@@ -134,85 +233,82 @@ class MediaFetcher:
 
     # --- one round -------------------------------------------------------------------------
 
-    async def _load_manifest(self) -> None:
+    async def _check_manifest(self) -> None:
+        """Find the entries that cannot be used, once per change of the replica."""
         changed_at = await self.runtime.db.read(rows.replica_changed_at)
         if changed_at == self._seen_change:
             return
-        manifest = await self.runtime.db.read(rows.manifest)
-        self._pinned = await self.runtime.db.read(rows.pinned_keys)
-        entries: dict[str, MediaEntry] = {}
-        bad = 0
-        for key, data in manifest:
-            try:
-                entries[key] = parse_entry(key, data)
-            except MediaEntryError as exc:
-                bad += 1
-                log.warning("media: entry %r cannot be used: %s", key, exc)
-        self._entries = entries
-        self.status.bad_entries = bad
+        bad = await self.runtime.db.read(_unusable)
+        for key, why in bad:
+            log.warning("media: entry %r cannot be used: %s", key, why)
+        self._bad = frozenset(key for key, _ in bad)
+        self.status.bad_entries = len(bad)
         self._seen_change = changed_at
 
-    async def scan(self) -> CachePlan:
-        """Plan against the manifest, write out serve times, point keys at their files, evict."""
-        await self._load_manifest()
+    async def scan(self) -> tuple[Blob, ...]:
+        """Plan against the manifest, write out serve times, point keys at their files, evict;
+        the files to fetch now, in the plan's order (at most :data:`FETCH_MAX`)."""
+        await self._check_manifest()
         served = self.shelf.take_served()
         if served:
             await self.runtime.db.write(lambda conn: rows.mark_served(conn, served))
-        cached = await self.runtime.db.read(rows.blobs)
-        serving = await self.runtime.db.read(rows.key_blobs)
+            if self._over_budget:  # serve times order what is kept only when not everything fits
+                self._changes += 1
         free = await trio.to_thread.run_sync(self.shelf.free_bytes)
-        cached_bytes = sum(size for size, _ in cached.values())
+        partials = await trio.to_thread.run_sync(self.shelf.partial_names)
         budget = budget_bytes(max_bytes=self.config.max_bytes, min_free_bytes=self.config.min_free_bytes,
-                              cached_bytes=cached_bytes, free_bytes=free)
-        entries = list(self._entries.values())
-        the_plan = plan(entries, pinned=self._pinned, cached={s: v[0] for s, v in cached.items()},
-                        last_served={s: v[1] for s, v in cached.items()}, budget=budget)
-        # A changed entry keeps its previous file until the new one is verified.
-        still_serving = {sha for key, sha in serving.items()
-                         if key in self._entries and self._entries[key].sha256 != sha
-                         and self._entries[key].sha256 not in cached}
-        evict = sorted(the_plan.evict - still_serving)
-        point = {e.key: e.sha256 for e in entries
-                 if e.sha256 in cached and e.sha256 not in evict and serving.get(e.key) != e.sha256}
-        drop = [key for key in serving if key not in self._entries]
-        if point or drop or evict:
+                              cached_bytes=await self.runtime.db.read(rows.cached_bytes), free_bytes=free)
+        now = trio.current_time()
+        waiting = frozenset(sha for sha, (_, at) in self._backoff.items() if at > now)
+        inputs = (self._seen_change, self._changes, waiting, partials, budget)
+        if inputs == self._settled:
+            self.status.last_scan_at = self.clock()
+            return ()
+        asked = partials | frozenset(self._backoff)
+        walked = await self.runtime.db.read(partial(walk_plan, bad=self._bad, budget=budget, waiting=waiting,
+                                                    asked=asked))
+        self._settled = inputs if walked.settled else None
+        self._over_budget = walked.over_budget_bytes
+        evict = [sha for sha, _ in walked.evict]
+        if walked.point or walked.drop or evict:
             def write(conn: sqlite3.Connection) -> None:
                 rows.forget_blobs(conn, evict)
-                rows.set_key_blobs(conn, point, drop=drop)
+                rows.set_key_blobs(conn, dict(walked.point), drop=walked.drop)
 
             await self.runtime.db.write(write)
+            self._changes += 1
             for sha in evict:
                 await trio.to_thread.run_sync(self.shelf.remove, sha)
             if evict:
                 log.info("media: evicted %d file(s)", len(evict))
-        keep = {b.sha256 for b in the_plan.fetch}
-        await trio.to_thread.run_sync(self.shelf.prune_partials, keep)
-        self._backoff = {sha: v for sha, v in self._backoff.items() if sha in keep}
-        self._update_status(the_plan, entries, cached, evict, budget)
-        return the_plan
+        # Downloads in progress no longer wanted (not one being written now: a reader's
+        # pass-through may have begun since the listing).
+        unwanted = partials - walked.wanted_missing - self.shelf.busy
+        if unwanted:
+            await trio.to_thread.run_sync(self.shelf.drop_partials, unwanted)
+        self._backoff = {sha: v for sha, v in self._backoff.items() if sha in walked.wanted_missing}
+        self._window = walked.entries
+        self._update_status(walked)
+        return tuple(walked.fetch)
 
-    def _update_status(self, the_plan: CachePlan, entries: list[MediaEntry], cached: dict[str, tuple[int, float]],
-                       evicted: list[str], budget: int) -> None:
+    def _update_status(self, w: Walked) -> None:
         st = self.status
-        held = {sha: size for sha, (size, _) in cached.items() if sha not in evicted}
-        st.files_wanted = len(entries)
-        st.bytes_wanted = sum(e.size for e in entries)
-        missing = [e for e in entries if e.sha256 not in held]
-        st.files_cached = len(entries) - len(missing)
-        st.bytes_cached = sum(held.values())
-        st.files_missing = len(missing)
-        st.bytes_missing = sum(e.size for e in missing)
-        left = {b.sha256 for b in the_plan.left_out}
-        st.over_budget = sum(1 for e in missing if e.sha256 in left)
-        st.budget_bytes = budget
+        st.files_wanted = w.files_wanted
+        st.bytes_wanted = w.bytes_wanted
+        st.files_cached = w.files_wanted - w.files_missing
+        st.bytes_cached = w.cached_bytes
+        st.files_missing = w.files_missing
+        st.bytes_missing = w.bytes_missing
+        st.over_budget = w.over_budget
+        st.budget_bytes = w.budget
         st.failing = len(self._backoff)
         st.last_scan_at = self.clock()
         if not self._backoff and st.files_missing == st.over_budget:
             st.last_error = None
 
-    def due(self, the_plan: CachePlan) -> list[Blob]:
+    def due(self, fetch: tuple[Blob, ...]) -> list[Blob]:
         now = trio.current_time()
-        return [b for b in the_plan.fetch if self._backoff.get(b.sha256, (None, 0.0))[1] <= now]
+        return [b for b in fetch if self._backoff.get(b.sha256, (None, 0.0))[1] <= now]
 
     def next_wake(self) -> float:
         """Seconds until the next scan: the scan interval, or sooner for a retry that is due."""
@@ -245,7 +341,7 @@ class MediaFetcher:
         self.status.fill_total_bytes = self.status.fill_done_bytes = 0
 
     async def _fetch_one(self, blob: Blob) -> None:
-        entry = next((self._entries[k] for k in blob.keys if k in self._entries), None)
+        entry = self._window.get(blob.sha256)
         if entry is None:
             return
         if blob.sha256 in self.shelf.busy:  # a reader's pass-through is fetching it now
@@ -335,8 +431,7 @@ class MediaFetcher:
         await trio.to_thread.run_sync(self.shelf.place, sha)
         if pause:
             await trio.sleep(pause)
-        keys = {k: sha for k in blob.keys if k in self._entries and self._entries[k].sha256 == sha}
-        self._unrecorded.append((sha, size, keys))
+        self._unrecorded.append((sha, size, blob.keys))
         await self._record()
 
     async def _record(self) -> None:
@@ -347,13 +442,16 @@ class MediaFetcher:
             if not batch:
                 return
             now = self.clock()
+            bad = self._bad
 
             def record(conn: sqlite3.Connection) -> None:
                 for sha, size, keys in batch:
                     rows.add_blob(conn, sha, size, now=now)
-                    rows.set_key_blobs(conn, keys)
+                    # Served from this file: the keys whose entry names these bytes now.
+                    rows.set_key_blobs(conn, {k: sha for k in rows.keys_listing(conn, keys, sha) if k not in bad})
 
             await self.runtime.db.write(record)
+            self._changes += 1
 
     async def _receive(self, entry: MediaEntry, response: httpx.Response, have: int) -> int:
         """Write the answer's body after the ``have`` bytes already there; the new total
@@ -396,8 +494,8 @@ async def run_media(runtime: Runtime, *, task_status: trio.TaskStatus[None] = tr
     task_status.started()
     try:
         while True:
-            the_plan = await fetcher.scan()
-            due = fetcher.due(the_plan) if not shelf.status.blocked else []
+            fetch = await fetcher.scan()
+            due = fetcher.due(fetch) if not shelf.status.blocked else []
             if due:
                 await fetcher.fill(due)
                 continue

@@ -23,7 +23,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -130,11 +130,14 @@ class MediaShelf:
         path.unlink(missing_ok=True)
         path.with_suffix(".etag").unlink(missing_ok=True)
 
-    def prune_partials(self, keep: set[str]) -> None:
-        """Delete downloads in progress that are no longer wanted."""
-        for entry in os.scandir(self.partial):
-            if entry.name.split(".", 1)[0] not in keep:
-                Path(entry.path).unlink(missing_ok=True)
+    def partial_names(self) -> frozenset[str]:
+        """The sha256 of every download in progress."""
+        return frozenset(entry.name.split(".", 1)[0] for entry in os.scandir(self.partial))
+
+    def drop_partials(self, shas: Iterable[str]) -> None:
+        """Delete these downloads in progress (no longer wanted)."""
+        for sha in shas:
+            self.drop_partial(sha)
 
     def partial_state(self, sha256: str) -> tuple[int, str, int]:
         """Bytes already downloaded, the ETag they came with ("" if unknown), and the free
