@@ -517,8 +517,11 @@ class DeviceLink:
 
     async def _load(self) -> None:
         window = self.window
-        commands, cursor = await self._db.read(partial(load_unsettled, device_id=self.target.id,
-                                                       after_seq=self._cursor, limit=window.room()))
+        # At most a window's worth of rows by the outbox's index: read in trio's thread
+        # (Database.read_small); a hop to a worker thread and back was a good part of a lone
+        # command's way from its commit to the device under load (scripts/bench dispatch).
+        commands, cursor = await self._db.read_small(partial(load_unsettled, device_id=self.target.id,
+                                                             after_seq=self._cursor, limit=window.room()))
         window.offer(c for c in commands if c.seq > window.last_seq)
         self._cursor = cursor
         if self.known_seq is None or cursor > self.known_seq:
