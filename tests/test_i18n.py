@@ -351,3 +351,7 @@ def test_numbers_durations_and_sizes_are_said_in_the_readers_language() -> None:
     assert say(ago(180), fr) == "il y a 3 min" and say(ago(None), fr) == "jamais"
     assert say(ago(180), en) == ago(180) == "3 min ago"
     assert say(Number(3), lambda s: s) == "3"  # a gettext that is not a catalog's: English digits
+    from appliance.services.web.admin import uptime_text
+
+    assert (uptime_text(3 * 86400 + 3600), say(uptime_text(3 * 86400 + 3600), fr)) == ("3 d 01:00:00", "3 j 01:00:00")
+    assert say(uptime_text(59), fr) == uptime_text(59) == "00:00:59"

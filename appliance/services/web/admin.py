@@ -46,12 +46,14 @@ _STATE_COLOURS = {"running": GREEN, "starting": AMBER, "restarting": AMBER, "fai
 _CHECK_COLOURS = {Status.OK: GREEN, Status.WARN: AMBER, Status.FAIL: RED}
 
 
-def uptime_text(seconds: float) -> str:
+def uptime_text(seconds: float) -> Text:
+    """How long the box has run: "02:03:04", "3 d 02:03:04" (a Text: "3 j 02:03:04")."""
     s = int(seconds)
     days, s = divmod(s, 86400)
     hours, s = divmod(s, 3600)
     minutes, s = divmod(s, 60)
-    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{s:02d}"
+    clock = f"{hours:02d}:{minutes:02d}:{s:02d}"
+    return Text("{days} d {clock}", days=days, clock=clock) if days else Text(clock)
 
 
 async def status(runtime: Runtime, parts: WebParts) -> dict[str, Any]:
@@ -144,7 +146,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         not_ready = runtime.board.not_ready()
         state = _("ready") if not not_ready else _("not ready: {what}").format(what="; ".join(not_ready))
         subtitle = _("{box} · firmware {version} · up {uptime} · {state}").format(
-            box=runtime.appliance_id, version=__version__, uptime=uptime_text(runtime.uptime_s()), state=state)
+            box=runtime.appliance_id, version=__version__, uptime=say(uptime_text(runtime.uptime_s()), _), state=state)
         checks = await runtime.health.latest()
         # The order is the reading order: the headline, what is wrong in full width, then
         # the rest: each feature's own part (WebParts.sections, in assembly order), then
