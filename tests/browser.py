@@ -79,6 +79,16 @@ class Browser:
         path.write_bytes(data)
         return data
 
+    def printed(self, path: Path) -> bytes:
+        """The page as printed (A4, print styles), kept as a PDF; the page is left in
+        print media so a script can measure it as printed."""
+        self.call("Emulation.setEmulatedMedia", media="print")
+        data = base64.b64decode(self.call("Page.printToPDF", paperWidth=8.27, paperHeight=11.69,
+                                          printBackground=True)["data"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return data
+
     def close(self) -> None:
         self._ws.close()
 
@@ -112,6 +122,17 @@ def chromium(profile: Path) -> Iterator[Browser]:
         proc.kill()
         proc.wait()
 
+
+# As printed: no control (a form that holds a table stays, its fields and buttons do not),
+# black text, nothing wider than the page.
+PRINTED_JS = """
+(() => {
+  const shown = [...document.querySelectorAll('button, input, select, textarea, label')]
+    .filter((el) => el.getClientRects().length > 0).map((el) => el.outerHTML.slice(0, 80));
+  return {shown: shown, colour: getComputedStyle(document.body).color,
+          wide: document.documentElement.scrollWidth > document.documentElement.clientWidth};
+})()
+"""
 
 # Every card (section) and the page itself: wider content than box means a sideways scroll.
 OVERFLOW_JS = """

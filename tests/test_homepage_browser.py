@@ -1,7 +1,8 @@
 """The status homepage as a browser shows it: headless Chromium renders it from a real
 appliance at a desktop size (1280x900) and a technician's phone (390x844). No card may
 scroll sideways, axe-core finds no serious or critical accessibility violation, and the
-screenshots are kept in test-artefacts/homepage/ for a person to look at."""
+screenshots are kept in test-artefacts/homepage/ for a person to look at; in English and in
+French. Printed (A4, print styles), it shows no form and is black on white (kept as PDFs)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import trio
 
 from appliance.services.i18n import LANGUAGES
 from appliance.services.runtime import Runtime
-from tests.browser import ARTEFACTS, AXE, AXE_RUN_JS, CHROMIUM, OVERFLOW_JS, chromium
+from tests.browser import ARTEFACTS, AXE, AXE_RUN_JS, CHROMIUM, OVERFLOW_JS, PRINTED_JS, chromium
 from tests.conftest import ConfigFactory, device_key, running_box
 from tests.homepage import busy_config, fill
 
@@ -55,6 +56,10 @@ async def test_homepage_reads_at_a_glance_without_sideways_scrolling_or_accessib
                 if axe is not None:
                     browser.evaluate(axe)
                     found[f"axe {key}"] = browser.evaluate(AXE_RUN_JS)
+            for lang in LANGUAGES:  # readable printed: A4, no forms, black on white
+                browser.load(url, 794, 1123, headers={"Accept-Language": f"{lang};q=1"})
+                found[f"pdf {lang}"] = browser.printed(ARTEFACTS / "homepage" / f"home-{lang}-printed.pdf")
+                found[f"printed {lang}"] = browser.evaluate(PRINTED_JS)
         return found
 
     found = await trio.to_thread.run_sync(look)
@@ -74,6 +79,10 @@ async def test_homepage_reads_at_a_glance_without_sideways_scrolling_or_accessib
         assert isinstance(violations, list)
         bad = [v for v in violations if v["impact"] in ("serious", "critical")]
         assert bad == [], f"{key} px: {bad}"
+    for lang in LANGUAGES:
+        pdf = found[f"pdf {lang}"]
+        assert isinstance(pdf, bytes) and pdf.startswith(b"%PDF") and len(pdf) > 10_000
+        assert found[f"printed {lang}"] == {"shown": [], "colour": "rgb(0, 0, 0)", "wide": False}, lang
     if axe is None:
         pytest.skip("axe-core is not installed (scripts/setup --test installs it with npm): accessibility not checked")
 

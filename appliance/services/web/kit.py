@@ -83,7 +83,7 @@ td{{display:inline;border:0;padding:0 .6em 0 0}}td:first-child{{display:block;fo
 @media print{{body{{background:#fff;color:#000;font-size:11pt}}header{{background:none;color:#000;
 border-bottom:2px solid #000;padding:0 0 6px}}main{{display:block;max-width:none;padding:0}}
 section{{border:0;border-bottom:1px solid #999;border-radius:0;padding:8px 0;break-inside:avoid}}
-form,button,input{{display:none}}.headline{{border-left:0}}}}
+form,button,input,select,textarea,label{{display:none}}.headline{{border-left:0}}}}
 """
 
 
