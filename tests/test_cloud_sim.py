@@ -454,10 +454,13 @@ async def test_events_are_deduplicated_by_id_and_replayed_by_key(client: httpx.A
     assert [e["id"] for e in stored] == ["sale-1", "ord-A17-ready", "dev-k1-1", "sale-2"]
     assert stored[0]["data"] == sale("sale-1")["data"] and stored[0]["idempotency_key"] == "batch-1"
     assert stored[2]["data"]["extra"] == 1  # unknown fields inside data are kept
+    assert (await client.get("/_sim/events")).json()["redelivered"] == {"sale-1": 2}
     # The same key and body: the first answer, replayed.
     first = await post_events(client, headers, batch, "batch-1")
     assert first.status_code == 200 and first.headers["Idempotent-Replayed"] == "true"
     assert first.json() == {"accepted": ["sale-1", "ord-A17-ready", "dev-k1-1"], "rejected": []}
+    # A replay (a retry of the same batch) is not a re-send: not counted.
+    assert (await client.get("/_sim/events")).json()["redelivered"] == {"sale-1": 2}
     # The same key with another body: refused.
     r = await post_events(client, headers, [sale("sale-3")], "batch-1")
     assert (r.status_code, r.json()["error"]) == (422, "idempotency_key_reused")

@@ -261,7 +261,8 @@ def build_app(state: CloudState, *, clock: Clock = time.time, send_order: SendOr
         stored = [{**s.event, "received_at": s.received_at, "idempotency_key": s.idempotency_key}
                   for s in state.events.values()]
         return JSONResponse({"count": len(stored), "events": stored,
-                             "idempotency_keys": state.idempotency_keys_seen})
+                             "idempotency_keys": state.idempotency_keys_seen,
+                             "redelivered": {k: n for k, n in state.deliveries.items() if n > 1}})
 
     async def sim_heartbeats(request: Request) -> Response:
         return JSONResponse({"count": len(state.heartbeats), "heartbeats": list(state.heartbeats)})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -200,6 +200,9 @@ class CloudState:
         self._idempotency: OrderedDict[str, _Answer] = OrderedDict()
         self.events: dict[str, StoredEvent] = {}  # by id, in arrival order
         self.idempotency_keys_seen: list[str] = []
+        # How many batches (each under its own Idempotency-Key) carried each event id: more
+        # than one is a re-send the platform deduplicated (after a crash, a lost answer).
+        self.deliveries: Counter[str] = Counter()
         self.heartbeats: deque[dict[str, Any]] = deque(maxlen=MAX_HEARTBEATS)
         self.support: dict[str, dict[str, Any]] = {}
         self.snapshot_streams = 0  # snapshot responses being sent now (the app counts them)
@@ -454,6 +457,7 @@ class CloudState:
                 continue
             if outcome.id not in accepted:
                 accepted.append(outcome.id)
+                self.deliveries[outcome.id] += 1
         answer = {"accepted": accepted, "rejected": rejected}
         self._idempotency[scoped] = _Answer(body_hash=body_hash, body=answer)
         self.idempotency_keys_seen.append(key)
