@@ -18,9 +18,12 @@ from typing import Any
 import pytest
 import trio
 
+from appliance import __version__
 from appliance.protocol.firmware import OutcomeKind
 from appliance.services.firmware import files_of
+from appliance.services.i18n import gettext_for
 from appliance.services.runtime import Runtime
+from appliance.services.ticket import ticket_text
 from tests.firmware_helpers import Box, far_window, last_update_reported, needs_rauc, start
 from tests.sync_helpers import StartBox, StartSim, api_client, wait_until
 
@@ -131,6 +134,11 @@ async def test_a_strangers_bundle_on_the_boot_partition_is_refused_and_shown(
     async with api_client(runtime, "admin") as admin:
         page = (await admin.get("/")).text
     assert "a bundle refused before anything was written" in page and "(from the boot partition)" in page
+    ticket = ticket_text(runtime, gettext_for("en"))  # the status ticket says it too
+    assert f"Firmware: {__version__}, slot A" in ticket
+    assert "Last update: a bundle refused (from the boot partition)" in ticket
+    assert "Dernière mise à jour : une mise à jour refusée (depuis la partition de démarrage)" \
+        in ticket_text(runtime, gettext_for("fr"))
     await wait_until(lambda: ((last_update_reported(sim) or {}).get("last") or {}).get("source") == "boot",
                      what="the heartbeat reporting the refusal")
 

@@ -20,6 +20,7 @@ from typing import Final
 
 import trio
 
+from appliance.protocol.firmware import FirmwareStatus, OutcomeKind
 from appliance.protocol.text import Text
 from appliance.services.dispatcher import enqueue
 from appliance.services.i18n import Gettext, gettext_for
@@ -68,8 +69,25 @@ def ticket_text(runtime: Runtime, _: Gettext) -> str:
                   _("To pair again: enter a new pairing code on the homepage.")]
     else:
         lines.append(_("Pairing: paired with store {store}").format(store=store.store_id))
+    lines += _firmware_lines(runtime.firmware, _)
     lines += ["-" * WIDTH, time.strftime("%Y-%m-%d %H:%M:%S %Z"), ""]
     return "\n".join(lines)
+
+
+def _firmware_lines(fw: FirmwareStatus, _: Gettext) -> list[str]:
+    """The firmware running and how the last update ended (a technician's bundle too)."""
+    if not fw.version:
+        return []
+    lines = [_("Firmware: {version}, slot {slot}").format(version=fw.version, slot=fw.slot) if fw.slot
+             else _("Firmware: {version}").format(version=fw.version)]
+    if fw.last is not None:
+        outcome = {OutcomeKind.COMMITTED: _("kept"), OutcomeKind.ROLLED_BACK: _("rolled back"),
+                   OutcomeKind.REFUSED: _("refused"), OutcomeKind.FAILED: _("failed")}[fw.last.kind]
+        source = {"upload": _("(uploaded from the homepage)"), "usb": _("(from a USB stick)"),
+                  "boot": _("(from the boot partition)")}.get(fw.last.source, "")
+        lines.append(_("Last update: {version} {outcome} {source}").format(
+            version=fw.last.version or _("a bundle"), outcome=outcome, source=source).rstrip())
+    return lines
 
 
 async def print_ticket(runtime: Runtime, *, only: str | None = None) -> list[str]:
