@@ -110,22 +110,22 @@ async def test_a_failed_install_is_shown_and_tried_again(start_sim: StartSim, st
     await wait_until(files_of(runtime.config).reboot.exists, timeout_s=20, what="the retry's install")
 
 
-def write_trial(runtime_config_dir: Path, box: Box) -> None:
+def write_trial(runtime_config_dir: Path, box: Box, source: str = "platform") -> None:
     files_dir = runtime_config_dir / "update"
     files_dir.mkdir(parents=True, exist_ok=True)
     trial = TrialRecord(version="0.9.0", from_version="0.1.0", from_slot="A", to_slot="B", started_at=1.0,
-                        boot_id=f"boot-{box.boots}")
+                        boot_id=f"boot-{box.boots}", source=source)
     (files_dir / "trial.json").write_text(json.dumps(trial.as_dict()))
 
 
 async def test_a_healthy_trial_is_marked_good_and_reported(start_sim: StartSim, start_box: StartBox, box: Box,
                                                            make_config: Any) -> None:
-    write_trial(Path(make_config().storage.dir), box)
+    write_trial(Path(make_config().storage.dir), box, source="usb")  # a technician's USB stick
     box.boot("B")
     sim, runtime = await start(start_sim, start_box, box)
     await wait_until(lambda: runtime.firmware.last is not None, timeout_s=20, what="the verdict")
     last = runtime.firmware.last
-    assert last is not None and last.kind is OutcomeKind.COMMITTED and last.slot == "B"
+    assert last is not None and last.kind is OutcomeKind.COMMITTED and last.slot == "B" and last.source == "usb"
     assert box.rauc.calls == ["mark-good booted"]
     files = files_of(runtime.config)
     assert files.read_trial() is None and not files.snapshot.exists() and not files.reboot.exists()
@@ -143,7 +143,7 @@ async def test_an_unhealthy_trial_goes_back_by_itself_and_the_old_slot_reports_i
     db = Database.open_sync(state_dir / DATABASE_FILE)  # the old slot's database, with a sale in it
     db.write_sync(lambda conn: enqueue(conn, id="sale-before", kind="sale", body="{}", now=1.0))
     db.close()
-    write_trial(state_dir, box)
+    write_trial(state_dir, box, source="upload")
     box.boot("B")
     sim = await start_sim()
 
@@ -172,7 +172,7 @@ async def test_an_unhealthy_trial_goes_back_by_itself_and_the_old_slot_reports_i
     again = await start_box(cloud=fast_cloud(sim), media={"enabled": False}, update=box.update())
     await pair_from_web(again, sim.pair_code)
     last = again.firmware.last
-    assert last is not None and last.kind is OutcomeKind.ROLLED_BACK and last.slot == "A"
+    assert last is not None and last.kind is OutcomeKind.ROLLED_BACK and last.slot == "A" and last.source == "upload"
     assert "port 8000" in last.reason
     assert files.read_trial() is None and not files.snapshot.exists()
     assert "database restored" in last.reason

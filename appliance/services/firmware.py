@@ -277,7 +277,7 @@ def prepare_storage(config: Config, *, now: float | None = None) -> str:
         words = "; the trial's database was set aside (there was none before it)"
     reason = trial.reason or "the new firmware did not confirm itself; the bootloader went back"
     outcome = Outcome(version=trial.version, kind=OutcomeKind.ROLLED_BACK, at=now, reason=reason + words,
-                      slot=booted, carried=carried)
+                      slot=booted, carried=carried, source=trial.source)
     files.write_last(outcome)
     files.clear_trial()
     log.warning("update: %s was rolled back to slot %s: %s", trial.version, booted, outcome.reason)
@@ -351,7 +351,7 @@ class FirmwareUpdates:
                     log.error("update: %s", st.error)
                 else:
                     outcome = Outcome(version=trial.version, kind=OutcomeKind.COMMITTED, at=self.clock(),
-                                      reason=judgement.reason, slot=trial.to_slot)
+                                      reason=judgement.reason, slot=trial.to_slot, source=trial.source)
                     await trio.to_thread.run_sync(self._commit, outcome)
                     st.phase, st.trial, st.last, st.error = Phase.IDLE, None, outcome, ""
                     log.info("update: %s committed in slot %s: %s", trial.version, trial.to_slot, judgement.reason)
