@@ -162,8 +162,8 @@ def test_the_machine_checks_are_french_in_every_state(tmp_path: Path) -> None:
     assert check_words(checks) == []
     french = {c.name + c.status: c.in_language(gettext_for("fr")) for c in checks}
     assert french["system.temperaturefail"].message == "90 °C : le processeur se bride"
-    assert french["system.powerfail"].message == ("sous-tension en ce moment; bridé en ce moment; "
-                                                  "sous-tension survenue depuis le démarrage; "
+    assert french["system.powerfail"].message == ("sous-tension en ce moment ; bridé en ce moment ; "
+                                                  "sous-tension survenue depuis le démarrage ; "
                                                   "bridage survenu depuis le démarrage")
     assert french["system.clockfail"].fix.startswith("laissez passer NTP (UDP 123) dans le pare-feu")
 

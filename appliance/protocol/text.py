@@ -93,7 +93,17 @@ def say(value: Any, gettext: Callable[[str], str]) -> Any:
     return value
 
 
+# A list's separators in the reader's typography (French puts a space before ";").
+_SEPARATORS = {"; ": Text("; ")}
+
+
 def join(separator: str, parts: Iterable[str]) -> Text:
-    """``separator.join(parts)`` that stays translatable part by part."""
+    """``separator.join(parts)`` that stays translatable part by part (and its separator:
+    "; " is " ; " in French)."""
     items = list(parts)
-    return Text(separator.join(f"{{p{i}}}" for i in range(len(items))), **{f"p{i}": p for i, p in enumerate(items)})
+    values: dict[str, Any] = {f"p{i}": p for i, p in enumerate(items)}
+    sep = _SEPARATORS.get(separator)
+    if sep is not None and len(items) > 1:
+        values["sep"], separator = sep, "{sep}"
+    template = separator.join(f"{{p{i}}}" for i in range(len(items)))
+    return Text(template, **values)
