@@ -62,7 +62,10 @@ def test_units_exist() -> None:
                                        # firmware updates (docs/updates.md): root reboots when the
                                        # appliance asks; a trial that never proved healthy is ended
                                        "appliance-reboot.path", "appliance-reboot.service",
-                                       "appliance-trial-watch.service"}
+                                       "appliance-trial-watch.service",
+                                       # a technician's bundle without a shell: the boot
+                                       # partition's at boot, a USB stick's (udev starts it)
+                                       "appliance-boot-bundle.service", "appliance-usb-bundle@.service"}
 
 
 def test_systemd_analyze_verify_accepts_the_units(root: Path) -> None:
