@@ -298,6 +298,9 @@ async def test_the_whole_homepage_in_french_has_no_english_left(make_config: Con
     # Numbers with French digits, durations and sizes in French units, times in words.
     assert "1\u202f200 fichiers sur 1\u202f234, 2,45 Go" in fr and "1,200 of 1,234 files, 2.45 GB" in en
     assert "(ouverture dans 1,5 h)" in fr and "il y a " in fr and "jamais" in fr
+    # What the shop cannot do, as a list that says "or" ("ni"), not "and".
+    assert "but cannot take online orders right now or reach 3 of its 3 devices." in en
+    assert "ne peut pas prendre les commandes en ligne pour le moment ni joindre 3 de ses 3 appareils." in fr
     # The failures the box meets here (nothing listens on the devices' ports nor the
     # platform's) in French too, not in the C library's English.
     assert "Connection refused" not in fr and "all attempts to connect" not in fr

@@ -62,6 +62,13 @@ def _join(clauses: Sequence[str], _: Gettext) -> str:
     return _("{first} and {last}").format(first=", ".join(clauses[:-1]), last=clauses[-1])
 
 
+def _join_not(clauses: Sequence[str], _: Gettext) -> str:
+    """What the shop cannot do: "X or Y" ("X ni Y" in French, not "X et Y")."""
+    if len(clauses) == 1:
+        return clauses[0]
+    return _("{first} or {last}").format(first=", ".join(clauses[:-1]), last=clauses[-1])
+
+
 def headline(checks: Sequence[Check], _: Gettext = _english) -> Headline:
     """The sentence in the language of ``_`` (a gettext: the messages are its keys)."""
     can: list[str] = []
@@ -91,11 +98,12 @@ def headline(checks: Sequence[Check], _: Gettext = _english) -> Headline:
                                                                          count=len(channels)))
 
     if can and cannot:
-        sentence = _("The shop can {can}, but cannot {cannot}.").format(can=_join(can, _), cannot=_join(cannot, _))
+        sentence = _("The shop can {can}, but cannot {cannot}.").format(can=_join(can, _),
+                                                                        cannot=_join_not(cannot, _))
     elif can:
         sentence = _("The shop can {can}.").format(can=_join(can, _))
     else:
-        sentence = _("The shop cannot {cannot}.").format(cannot=_join(cannot, _))
+        sentence = _("The shop cannot {cannot}.").format(cannot=_join_not(cannot, _))
     wrong = problems(checks)
     if wrong and not cannot:
         notes.append(_("Things that need a look: {count}.").format(count=len(wrong)))
