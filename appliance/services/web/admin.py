@@ -30,7 +30,7 @@ from appliance.protocol.admin_api import Status as StatusBody
 from appliance.protocol.headline import headline, problems
 from appliance.protocol.health import Check, Status, summary
 from appliance.protocol.openapi import Operation, Reply
-from appliance.protocol.text import Text, say
+from appliance.protocol.text import Text, join, say
 from appliance.services.i18n import Gettext, gettext_for, negotiate
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
@@ -144,7 +144,7 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
         lang = negotiate(request.headers.get("accept-language"))
         _ = gettext_for(lang)
         not_ready = runtime.board.not_ready()
-        state = _("ready") if not not_ready else _("not ready: {what}").format(what="; ".join(not_ready))
+        state = _("ready") if not not_ready else _("not ready: {what}").format(what=say(join("; ", not_ready), _))
         subtitle = _("{box} · firmware {version} · up {uptime} · {state}").format(
             box=runtime.appliance_id, version=__version__, uptime=say(uptime_text(runtime.uptime_s()), _), state=state)
         checks = await runtime.health.latest()

@@ -101,7 +101,7 @@ async def firmware_section(runtime: Runtime, _: Gettext) -> str:
         if st.last.source != "platform":
             words += " " + _source_words(st.last.source, _)
         if st.last.reason:
-            words += f": {say(st.last.reason, _)}"
+            words = _("{where}: {error}").format(where=words, error=say(st.last.reason, _))
         rows.append((_("last update"), words))
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
     form = _upload_form(runtime.config.update.window, _) if st.slot and runtime.config.update.enabled else ""

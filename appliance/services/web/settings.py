@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Route
 from appliance.config import ConfigError
 from appliance.protocol.admin_api import SettingsAnswer, SettingsRequest
 from appliance.protocol.openapi import Operation, Reply
-from appliance.protocol.text import Text, say
+from appliance.protocol.text import Text, join, say
 from appliance.services.i18n import Gettext
 from appliance.services.owner import CredentialRefused, change_admin_token
 from appliance.services.runtime import Runtime
@@ -239,9 +239,9 @@ def _setup_line(setup: dict[str, Any] | None, _: Gettext) -> str:
     if setup is None or (setup["state"] == "absent" and not setup["applied_at"]):
         return _("no {file} on the card").format(file=SETUP_FILE)
     if setup["state"] in ("invalid", "failed"):
-        return _("not applied: {errors}").format(errors="; ".join(setup["errors"]))
+        return _("not applied: {errors}").format(errors=say(join("; ", setup["errors"]), _))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(setup["applied_at"])) if setup["applied_at"] else ""
-    what = "; ".join(say(line, _) for line in setup["applied"]) or _("nothing to change")
+    what = say(join("; ", setup["applied"]), _) or _("nothing to change")
     return _("applied {when}: {what}").format(when=when, what=what)
 
 
@@ -260,7 +260,7 @@ async def settings_section(runtime: Runtime, _: Gettext) -> str:
         _row(_("name"), state["name"] or _("(the box's host name)")),
         _row(_("language"), _LANGUAGE_NAMES.get(state["language"], state["language"])),
         _row(_("address"), address),
-        _row(_("DNS, NTP"), f"{', '.join(state['dns']) or router}; {', '.join(state['ntp']) or router}"),
+        _row(_("DNS, NTP"), say(join("; ", [", ".join(state["dns"]) or router, ", ".join(state["ntp"]) or router]), _)),
         _row(_("proxy"), proxy),
         _row(_("admin token"), say(_SOURCES[CredentialSource(state["admin_token"])], _)),
         _row(_("setup file"), _setup_line(state["setup_file"], _)),
