@@ -122,7 +122,19 @@ async def test_a_connected_device_is_seen_in_every_table(make_config: ConfigFact
                 while not (link := runtime.device_links.links.get("kds-1")) or link.connected_since is None:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             html = (await client.get(f"http://127.0.0.1:{runtime.ports['admin']}/")).text
+            french = (await client.get(f"http://127.0.0.1:{runtime.ports['admin']}/",
+                                       headers={"Accept-Language": "fr"})).text
         nursery.cancel_scope.cancel()
-    devices_table = html[html.index("<h2>Devices</h2>"):html.index("</section>", html.index("<h2>Devices</h2>"))]
+
+    def section(page: str, title: str) -> str:
+        start = page.index(f"<h2>{title}")
+        return page[start:page.index("</section>", start)]
+
+    devices_table = section(html, "Devices")
     assert "never" not in devices_table, devices_table
     assert "dispatcher" in html and "1 device(s)" in html
+    # The same in French: one word per state in every section.
+    assert ">adopted<" in devices_table and ">connected<" in section(html, "Device links")
+    assert "jamais" not in section(french, "Appareils") and ">adopté<" in section(french, "Appareils")
+    assert ">connecté<" in section(french, "Liaisons avec les appareils")
+    assert "1 appareil(s)" in french
