@@ -108,11 +108,12 @@ class ChangesPage:
     more: bool
 
 
-@attrs.frozen(kw_only=True)
-class SnapshotRecord:
+class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One record of the snapshot. ``data`` is its data, a JSON object's text as the
     platform sent it (valid UTF-8, kept as is so it is not parsed and encoded again on its
-    way to the replica); ``name`` is a product's display name ("" when it has none)."""
+    way to the replica); ``name`` is a product's display name ("" when it has none).
+    A msgspec struct: made 400,000 times per 100k-product snapshot, where a frozen attrs
+    class's ``__init__`` was a sixth of the reading thread's samples (py-spy)."""
 
     entity: str
     key: str
@@ -228,20 +229,21 @@ class SnapshotReader:
 
     def receive_data(self, data: bytes) -> list[SnapshotRecord | SnapshotEnd]:
         out: list[SnapshotRecord | SnapshotEnd] = []
-        self._buffer += data
-        start = 0
-        while True:
-            nl = self._buffer.find(b"\n", start)
-            if nl < 0:
-                break
-            if nl - start > self.max_line_bytes:
+        if b"\n" not in data:
+            self._buffer += data
+            if len(self._buffer) > self.max_line_bytes:
                 raise SyncProtocolError(f"snapshot: a line longer than {self.max_line_bytes} bytes")
-            line = bytes(self._buffer[start:nl])
-            start = nl + 1
+            return out
+        # One split of the chunk (each line one copy), the partial line before it prepended.
+        lines = (bytes(self._buffer) + data if self._buffer else data).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            if len(line) > self.max_line_bytes:
+                raise SyncProtocolError(f"snapshot: a line longer than {self.max_line_bytes} bytes")
             event = self._line(line)
             if event is not None:
                 out.append(event)
-        del self._buffer[:start]
+        self._buffer = bytearray(rest)
         if len(self._buffer) > self.max_line_bytes:
             raise SyncProtocolError(f"snapshot: a line longer than {self.max_line_bytes} bytes")
         return out
@@ -320,12 +322,13 @@ def _fast_record(line: bytes) -> SnapshotRecord | None:
     CPU (``scripts/bench snapshot``)."""
     try:
         parsed = _LINE.decode(line)
-        entity, key, raw = parsed.entity, parsed.key, bytes(parsed.data)
-        if not entity or not key or raw[:1] != b"{":
+        entity, key, raw = parsed.entity, parsed.key, parsed.data
+        text = str(raw, "utf-8")  # straight from msgspec's view of the line: no copy of the bytes first
+        if not entity or not key or text[:1] != "{":
             return None
-        entity.encode("utf-8")  # a lone surrogate (valid JSON) is no SQLite text
-        key.encode("utf-8")
-        text = raw.decode("utf-8")
+        if not (entity.isascii() and key.isascii()):
+            entity.encode("utf-8")  # a lone surrogate (valid JSON) is no SQLite text
+            key.encode("utf-8")
         name = product_name({"name": _NAMED.decode(raw).name}) if entity == "product" else ""
     except (msgspec.DecodeError, UnicodeError):  # ValidationError is a DecodeError
         return None
