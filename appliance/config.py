@@ -35,6 +35,7 @@ from appliance.protocol.text import Text
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DIRECTION_WORDS",
     "LISTENER_ROLES",
     "PORT_ROLES",
     "SETTINGS_FILE",
@@ -163,6 +164,10 @@ class Direction(enum.StrEnum):
     IN = "in"
     OUT = "out"
     BOTH = "in+out"
+
+
+# A direction in words, in the reader's language (the homepage's and `appliance ports`' tables).
+DIRECTION_WORDS: Final = {Direction.IN: Text("in"), Direction.OUT: Text("out"), Direction.BOTH: Text("in and out")}
 
 
 @attrs.frozen(kw_only=True)

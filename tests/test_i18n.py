@@ -358,3 +358,25 @@ def test_numbers_durations_and_sizes_are_said_in_the_readers_language() -> None:
 
     assert (uptime_text(3 * 86400 + 3600), say(uptime_text(3 * 86400 + 3600), fr)) == ("3 d 01:00:00", "3 j 01:00:00")
     assert say(uptime_text(59), fr) == uptime_text(59) == "00:00:59"
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_appliance_ports_speaks_admin_language(tmp_path: Path, language: str) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[storage]\ndir = "{tmp_path}"\n[admin]\nlanguage = "{language}"\n')
+    result = subprocess.run([sys.executable, "-m", "appliance", "ports", "--config", str(cfg)],
+                            capture_output=True, text=True, timeout=60, check=True)
+    lines = result.stdout.splitlines()
+    if language == "fr":
+        assert lines[0] == "ports de la configuration :" and lines[1].split() == ["port", "sens", "rôle", "service"]
+        assert "entrant" in result.stdout and "sortant" in result.stdout and "entrant et sortant" in result.stdout
+        assert "canal des appareils : le boîtier envoie les commandes à chaque appareil" in result.stdout
+    else:
+        assert lines[0] == "ports of the configuration:" and lines[1].split() == ["port", "dir", "role", "service"]
+        assert "device channel: the box pushes commands to each device" in result.stdout
+    json_rows = subprocess.run([sys.executable, "-m", "appliance", "ports", "--json", "--config", str(cfg)],
+                               capture_output=True, text=True, timeout=60, check=True).stdout
+    assert '"description": "device channel: the box pushes commands to each device"' in json_rows  # machines

@@ -11,6 +11,7 @@ from typing import Final
 import attrs
 
 from appliance.config import Config, ConfigError, load_config
+from appliance.protocol.text import Text
 from appliance.storage.running import RunningBox, find_running, published_path
 
 __all__ = ["EXIT_OK", "EXIT_USAGE", "Target", "add_box_args", "add_config_arg", "config_or_exit", "fail",
@@ -78,7 +79,7 @@ class Target:
     host: str
     ports: dict[str, int]
     state_dir: str
-    source: str  # in words: "the running box (pid N)" or "the configuration"
+    source: str  # in words (a Text): "the running box (pid N)" or "the configuration"
     language: str = "en"  # [admin] language: the tools speak it
     running: RunningBox | None = None
 
@@ -92,14 +93,18 @@ def find_box(args: argparse.Namespace) -> Target:
         admin = running.config.get("admin")
         language = str(admin.get("language", "en")) if isinstance(admin, dict) else "en"
         return Target(host=running.host, ports=dict(running.ports), state_dir=running.state_dir,
-                      source=f"the running box (pid {running.pid}, {running.path})", language=language,
+                      source=Text("the running box (pid {pid}, {path})", pid=running.pid, path=str(running.path)),
+                      language=language,
                       running=running)
     config = config_or_exit(args)
     host = config.lan.bind if config.lan.bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
     offset = getattr(args, "port_offset", None) or 0
-    where = "the configuration" + (f" with --port-offset {offset}" if offset else "")
+    where = (Text("the configuration with --port-offset {offset}", offset=offset) if offset
+             else Text("the configuration"))
     if not explicit:
-        where += f" (no running box published its ports in {published_path()}"
-        where += ")" if os.geteuid() == 0 else " nor /run/appliance)"
+        where = (Text("{where} (no running box published its ports in {path})", where=where,
+                      path=str(published_path())) if os.geteuid() == 0 else
+                 Text("{where} (no running box published its ports in {path} nor /run/appliance)", where=where,
+                      path=str(published_path())))
     return Target(host=host, ports=config.lan.ports.with_offset(offset).as_dict(), state_dir=config.storage.dir,
                   source=where, language=config.admin.language)

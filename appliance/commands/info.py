@@ -8,7 +8,9 @@ import sys
 
 from appliance import __version__
 from appliance.commands.base import EXIT_OK, EXIT_USAGE, add_box_args, add_config_arg, config_or_exit, find_box
-from appliance.config import PORT_ROLES, ConfigError, load_config, to_toml_dict
+from appliance.config import DIRECTION_WORDS, PORT_ROLES, ConfigError, load_config, to_toml_dict
+from appliance.protocol.text import Text, say
+from appliance.services.i18n import LANGUAGES, gettext_for
 from appliance.storage.running import find_running
 
 __all__ = ["register"]
@@ -45,11 +47,14 @@ def cmd_ports(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    print(f"ports of {box.source}:")
-    print(f"{'port':>10}  {'dir':6}  {'role':13} service")
-    for row in rows:
-        print(f"{str(row['port']) + '/' + str(row['transport']):>10}  {row['direction']:6}  "
-              f"{row['role']:13} {row['description']}")
+    _ = gettext_for(box.language if box.language in LANGUAGES else "en")  # [admin] language
+    print(say(Text("ports of {source}:", source=box.source), _))
+    port, direction, role, service = _("port"), _("dir"), _("role"), _("service")
+    print(f"{port:>10}  {direction:6}  {role:13} {service}")
+    for row, port_role in zip(rows, PORT_ROLES, strict=True):
+        direction = say(DIRECTION_WORDS.get(port_role.direction, port_role.direction), _)
+        print(f"{str(row['port']) + '/' + str(row['transport']):>10}  {direction:6}  "
+              f"{row['role']:13} {say(port_role.description, _)}")
     return EXIT_OK
 
 

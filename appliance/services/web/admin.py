@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
-from appliance.config import PORT_ROLES
+from appliance.config import DIRECTION_WORDS, PORT_ROLES
 from appliance.protocol.admin_api import Status as StatusBody
 from appliance.protocol.headline import headline, problems
 from appliance.protocol.health import Check, Status, summary
@@ -87,14 +87,11 @@ def _services_section(runtime: Runtime, _: Gettext) -> str:
     return card(_("Services"), f"<table><tr>{head}</tr>{''.join(rows)}</table>", anchor="services")
 
 
-_DIRECTION_WORDS = {"in": Text("in"), "out": Text("out"), "in+out": Text("in and out")}
-
-
 def _ports_section(runtime: Runtime, _: Gettext) -> str:
     rows = []
     for role in PORT_ROLES:
         port = runtime.ports.of(role.role)
-        direction = say(_DIRECTION_WORDS.get(role.direction, role.direction), _)
+        direction = say(DIRECTION_WORDS.get(role.direction, role.direction), _)
         rows.append(f"<tr><td>{port}/{role.transport}</td><td>{html.escape(direction)}</td>"
                     f"<td>{html.escape(say(role.description, _))}</td></tr>")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in (_("port"), _("direction"), _("service")))
