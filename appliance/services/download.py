@@ -17,6 +17,7 @@ the body was longer than announced).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Final
@@ -109,14 +110,16 @@ async def receive(response: httpx.Response, path: Path, *, name: str, have: int,
     etag = response.headers.get("etag", "").strip() if have == 0 else None
     f = await trio.to_thread.run_sync(_open_at, path, have, etag)
     try:
-        async for chunk in response.aiter_raw():
-            if have + len(chunk) > size:
-                await trio.to_thread.run_sync(drop_partial, path)
-                raise DownloadError(f"{name}: more bytes than its size ({size})", status=status, oversize=True)
-            await trio.to_thread.run_sync(f.write, chunk)
-            have += len(chunk)
-            if on_chunk is not None:
-                await on_chunk(len(chunk))
+        # Closed at once when the round ends mid-body, not left to the garbage collector.
+        async with contextlib.aclosing(response.aiter_raw()) as chunks:
+            async for chunk in chunks:
+                if have + len(chunk) > size:
+                    await trio.to_thread.run_sync(drop_partial, path)
+                    raise DownloadError(f"{name}: more bytes than its size ({size})", status=status, oversize=True)
+                await trio.to_thread.run_sync(f.write, chunk)
+                have += len(chunk)
+                if on_chunk is not None:
+                    await on_chunk(len(chunk))
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(f.close)

@@ -32,11 +32,12 @@ import errno
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 from urllib.parse import quote, unquote, urlsplit
 
 import attrs
+import httpcore
 import httpx
 import trio
 
@@ -168,15 +169,71 @@ def client_for(target: Route, *, connect_timeout_s: float, read_timeout_s: float
     """
     timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s,
                             pool=connect_timeout_s)
-    return httpx.AsyncClient(
-        base_url=target.url,
-        proxy=target.proxy.url if target.proxy else None,
+    transport = httpx.AsyncHTTPTransport(
         verify=target.ssl_context(),
-        timeout=timeout,
+        proxy=target.proxy.url if target.proxy else None,
         trust_env=False,
-        follow_redirects=False,
         limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
     )
+    # httpx builds the pool (a proxy's too); its network backend is the one seam httpcore has.
+    pool = transport._pool
+    pool._network_backend = _CancelSafeBackend(pool._network_backend)
+    return httpx.AsyncClient(base_url=target.url, transport=transport, timeout=timeout, trust_env=False,
+                             follow_redirects=False)
+
+
+class _CancelSafeStream(httpcore.AsyncNetworkStream):
+    """httpcore's trio stream, whose ``start_tls`` closes the TCP connection when the
+    handshake is cancelled too. httpcore closes it on an ``Exception`` only, and
+    ``trio.Cancelled`` is not one: a round's end or a stop that cut a connection in its TLS
+    handshake (a slow or blackholed WAN) left the socket to the garbage collector, its
+    descriptor held until the collector ran (docs/architecture.md, "Known gaps")."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - httpcore's
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:  # noqa: ASYNC109
+        try:
+            return _CancelSafeStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._inner.aclose()
+            raise
+
+    def get_extra_info(self, info: str) -> object:
+        return self._inner.get_extra_info(info)
+
+
+class _CancelSafeBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's own backend (trio's, chosen at first use), its streams wrapped in
+    :class:`_CancelSafeStream`."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
+                          local_address: str | None = None,
+                          socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+                          ) -> httpcore.AsyncNetworkStream:
+        return _CancelSafeStream(await self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,  # noqa: ASYNC109
+                                  socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+                                  ) -> httpcore.AsyncNetworkStream:
+        return _CancelSafeStream(await self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
 
 
 def open_client(
