@@ -177,7 +177,7 @@ def _parse_command(data: Any, now: float, errors: list[str], *, at: str,
 
 async def _adopted_or_raise(runtime: Runtime, device_id: str, *, must_be_adopted: bool) -> None:
     # One row by its primary key: read in trio's thread (Database.read_small), as the
-    # catalog reads are; a worker-thread hop cost more than the read (docs/device-channel.md).
+    # catalog reads are; a worker-thread hop cost more than the read (scripts/bench enqueue).
     device = await runtime.db.read_small(partial(get_device, device_id=device_id))
     if device is None:
         raise ApiError(404, f"no device {device_id!r} in the registry")
