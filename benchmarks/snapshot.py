@@ -212,4 +212,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _cpus.run_main(main)
+    if "--child" in sys.argv:
+        main()  # a helper process: pinned like its parent, and no banner before what it prints
+    else:
+        _cpus.run_main(main)
