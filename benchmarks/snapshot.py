@@ -63,6 +63,9 @@ def simulator(tls_dir: Path, products: int) -> Iterator[dict[str, Any]]:
 
 def _replay(body: Path) -> None:
     """Serve ``body`` to any GET on a loopback port (printed), until killed."""
+    # On every core even in a pinned run (--cpus): the stream's sender stands for the
+    # platform, not the box, and its TLS would otherwise take the box's one core.
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
     data = body.read_bytes()
 
     class Handler(http.server.BaseHTTPRequestHandler):
