@@ -18,9 +18,9 @@ the body was longer than announced).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, cast
 
 import httpx
 import trio
@@ -111,7 +111,8 @@ async def receive(response: httpx.Response, path: Path, *, name: str, have: int,
     f = await trio.to_thread.run_sync(_open_at, path, have, etag)
     try:
         # Closed at once when the round ends mid-body, not left to the garbage collector.
-        async with contextlib.aclosing(response.aiter_raw()) as chunks:
+        # (httpx types it an AsyncIterator; it is an async generator, which has aclose.)
+        async with contextlib.aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw())) as chunks:
             async for chunk in chunks:
                 if have + len(chunk) > size:
                     await trio.to_thread.run_sync(drop_partial, path)
