@@ -74,7 +74,7 @@ from appliance.services.media_files import hash_file
 from appliance.services.runtime import Runtime
 from appliance.services.wan import WanConfigError, client_for, close_client, locate_failure, route
 from appliance.storage import DATABASE_FILE
-from appliance.storage.secrets import write_atomic
+from appliance.storage.secrets import fsync_dir, write_atomic
 from appliance.storage.trial import TrialStorageError, restore_snapshot, take_snapshot
 
 __all__ = ["UPDATE_DIR", "BundleRefused", "FirmwareUpdates", "UpdateFiles", "install_bundle", "prepare_storage",
@@ -85,8 +85,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 UPDATE_DIR: Final = "update"
-# rauc info reads the manifest and checks the signature: seconds. An install writes a whole
-# root filesystem to an SD card: minutes. Marking is a bootloader variable.
+# rauc info checks a signature (seconds); an install writes a slot (minutes); a mark, a variable.
 INFO_DEADLINE_S: Final = 120.0
 INSTALL_DEADLINE_S: Final = 1800.0
 MARK_DEADLINE_S: Final = 60.0
@@ -167,9 +166,10 @@ class UpdateFiles:
     def write_trial(self, trial: TrialRecord) -> None:
         _write_json(self.trial_path, trial.as_dict())
 
-    def clear_trial(self) -> None:
+    def clear_trial(self) -> None:  # durable: a trial back after a power cut would be judged again
         self.trial_path.unlink(missing_ok=True)
         self.snapshot.unlink(missing_ok=True)
+        fsync_dir(self.root)
 
     def read_last(self) -> Outcome | None:
         return _read(self.last_path, Outcome.from_dict)

@@ -6,7 +6,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["load_or_create_token", "read_secret", "write_atomic", "write_secret"]
+__all__ = ["fsync_dir", "load_or_create_token", "read_secret", "write_atomic", "write_secret"]
 
 
 def write_secret(path: Path, data: str) -> None:
@@ -39,7 +39,13 @@ def write_atomic(path: Path, data: str, *, mode: int | None, owner: tuple[int, i
         raise
     os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, an unlink) durable: until then a power cut can
+    bring a removed file back."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
