@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pytest
 from appliance.devkit.cloud import SimHandle
 from appliance.services.pairing import pair_from_web
 from appliance.services.runtime import Runtime
-from tests.sync_helpers import StartBox, StartSim, fast_cloud
+from tests.sync_helpers import StartBox, StartSim, fast_cloud, wait_until
 
 __all__ = ["Box", "FakeRauc", "KeyPair", "far_window", "last_update_reported", "make_bundle", "make_keys",
            "needs_rauc", "start"]
@@ -131,6 +132,18 @@ async def start(start_sim: StartSim, start_box: StartBox, box: Box, sim: SimHand
     runtime = await start_box(cloud=fast_cloud(handle), media={"enabled": False}, update=box.update(**update))
     await pair_from_web(runtime, handle.pair_code)
     return handle, runtime
+
+
+async def heartbeats_after_now(sim: SimHandle, count: int = 2) -> None:
+    """Wait until ``count`` more heartbeats have reached the simulator: the first is answered
+    with what the platform holds now (an offer just made), the next comes a whole interval
+    after the box had that answer. What the box did not do by then, it did not do for it."""
+    def newer_than(last: object) -> Callable[[], bool]:
+        return lambda: bool(sim.state.heartbeats) and sim.state.heartbeats[-1] is not last
+
+    for _ in range(count):
+        await wait_until(newer_than(sim.state.heartbeats[-1] if sim.state.heartbeats else None), timeout_s=30,
+                         what="one more heartbeat")
 
 
 def last_update_reported(sim: SimHandle) -> dict[str, Any] | None:

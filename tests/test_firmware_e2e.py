@@ -30,7 +30,7 @@ from appliance.services.pairing import pair_from_web
 from appliance.storage import DATABASE_FILE, Database
 from appliance.storage.events import enqueue
 from appliance.supervisor import open_runtime, supervise_all
-from tests.firmware_helpers import Box, far_window, last_update_reported, needs_rauc, start
+from tests.firmware_helpers import Box, far_window, heartbeats_after_now, last_update_reported, needs_rauc, start
 from tests.sync_helpers import StartBox, StartSim, api_client, fast_cloud, wait_until
 
 pytest_plugins = ["tests.sync_fixtures", "tests.firmware_fixtures"]
@@ -72,7 +72,7 @@ async def test_a_bundle_signed_by_another_key_is_refused_before_anything_is_writ
     await wait_until(lambda: ((last_update_reported(sim) or {}).get("last") or {}).get("outcome") == "refused",
                      what="the heartbeat reporting the refusal")
     sim.state.offer_firmware("0.9.1", signed["stranger"].read_bytes())  # offered again: not tried again
-    await trio.sleep(0.5)
+    await heartbeats_after_now(sim)
     assert box.rauc.calls == [] and runtime.firmware.phase is Phase.IDLE
 
 
@@ -133,7 +133,7 @@ async def test_a_healthy_trial_is_marked_good_and_reported(start_sim: StartSim, 
                      what="the heartbeat reporting the commit")
     assert (last_update_reported(sim) or {})["slot"] == "B"
     sim.state.offer_firmware("0.9.0", b"the same version, offered still")  # what runs now: nothing to do
-    await trio.sleep(0.5)
+    await heartbeats_after_now(sim)
     assert box.rauc.calls == ["mark-good booted"] and runtime.firmware.phase is Phase.IDLE
 
 
