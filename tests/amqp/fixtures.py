@@ -147,8 +147,9 @@ class AmqpServer:
             for msg in messages:
                 sender.send(msg)
 
-    def contents(self, queue: str, *, dead_letter: bool = False) -> list[Message]:
-        """Every message of a queue (or its dead-letter queue), locked or not, via peek-message."""
+    def contents(self, queue: str, *, dead_letter: bool = False, max_count: int = MAX_PEEK) -> list[Message]:
+        """Every message of a queue (or its dead-letter queue), locked or not, via peek-message
+        (the first ``max_count``)."""
         entity = queue + DEAD_LETTER_SUFFIX if dead_letter else queue
         with self.wire(entity) as conn:
             replies = conn.create_receiver(f"{entity}/$management", credit=1)
@@ -157,7 +158,7 @@ class AmqpServer:
             requests.send(Message(
                 id=request_id, reply_to=f"{entity}/$management",
                 properties={"operation": "com.microsoft:peek-message"},
-                body={"from-sequence-number": 0, "message-count": int32(MAX_PEEK)},
+                body={"from-sequence-number": 0, "message-count": int32(max_count)},
             ))
             answer = replies.receive(WIRE_TIMEOUT_S)
             replies.accept()
