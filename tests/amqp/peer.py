@@ -22,6 +22,10 @@ azure-servicebus SDK just enough of the service's behaviour for the appliance's 
   back to the queue, delivery count raised. Real Service Bus waits for the lock to expire;
   doing it at once keeps the tests free of sleeps. Locks never expire on their own here.
 
+Its WebSocket front (:mod:`tests.amqp.wsfront`) pads every performative the peer sends to
+all its fields, as Service Bus sends them (:mod:`tests.amqp.frames`): proton leaves out
+trailing defaults, which azure-servicebus before 7.15 cannot read.
+
 Not modelled: settling over ``$management`` (the SDK's fallback when its receive link is
 gone), sessions, deferral, scheduling, TTL, duplicate detection, topics.
 """
