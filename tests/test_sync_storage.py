@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from appliance.protocol.sync import batch_key
 from appliance.storage import Database
 from appliance.storage.catalog import (
+    STAGE_ROWS_PER_STATEMENT,
     BadPageToken,
     ReplicaWrite,
     apply_changes,
@@ -125,6 +127,59 @@ def test_an_interrupted_snapshot_starts_again_from_zero(db: Database) -> None:
     db.write_sync(partial(finish_snapshot, cursor="9", now=1.0))
     assert db.read_sync(replica_counts)["product"] == 1
     assert db.read_sync(partial(get_item, entity="product", key="GHOST")) is None
+
+
+@pytest.mark.parametrize("count", [1, STAGE_ROWS_PER_STATEMENT - 1, STAGE_ROWS_PER_STATEMENT,
+                                   STAGE_ROWS_PER_STATEMENT + 1, 3 * STAGE_ROWS_PER_STATEMENT + 17])
+def test_staging_many_rows_a_statement_keeps_every_row_and_the_last_of_each_key(db: Database, count: int) -> None:
+    """Rows are staged many to an INSERT: across the statements' edges (a whole number of
+    them, one more, one less) every row lands once, a later row for a key replaces the
+    earlier even inside one statement, and unknown entities are counted and skipped."""
+    rng = random.Random(count)
+    entities = ["product", "price", "stock", "media", "device", "store_config", "novel"]
+    rows: list[ReplicaWrite] = []
+    for n in range(count):
+        entity = rng.choice(entities)
+        key = f"K{rng.randrange(max(1, count // 3))}"  # about three rows a key: many repeats
+        name = f"Name {n}"
+        rows.append(ReplicaWrite(entity=entity, key=key, data=json.dumps({"n": n}), name=name if entity == "product"
+                                 else ""))
+    expected: dict[str, dict[str, dict[str, object]]] = {}
+    for row in rows:
+        if row.entity != "novel":
+            expected.setdefault(row.entity, {})[row.key] = {"n": json.loads(row.data or "")["n"]}
+    db.write_sync(begin_snapshot)
+    assert db.write_sync(partial(stage_rows, rows=rows)) == count
+    assert db.read_sync(sync_state).staged_rows == count
+    counts = db.write_sync(partial(finish_snapshot, cursor="1", now=1.0))
+    assert counts == {entity: len(expected.get(entity, {})) for entity in entities if entity != "novel"}
+    for entity, items in expected.items():
+        for key, data in items.items():
+            column = "sku" if entity in ("product", "price", "stock") else "key"
+            assert db.read_sync(partial(get_item, entity=entity, key=key)) == {**data, column: key}
+    last_products = {r.key: r.name for r in rows if r.entity == "product"}
+    names = db.read_sync(lambda c: dict(c.execute("SELECT sku, name FROM products").fetchall()))
+    assert names == last_products
+    keys = db.read_sync(lambda c: dict(c.execute("SELECT sku, name_key FROM products").fetchall()))
+    assert keys == {sku: name_key(name) for sku, name in last_products.items()}
+
+
+def test_staging_steps_sqlite_once_per_many_rows(db: Database) -> None:
+    """Each step of a statement is a hand-back of the GIL by the writer thread (and a wait
+    for it while the snapshot is parsed): a batch takes one step per
+    STAGE_ROWS_PER_STATEMENT rows, not one per row (SQLite's trace hook fires once a step)."""
+    rows = [ReplicaWrite(entity=entity, key=f"SKU-{n:06}", data="{}", name=f"P {n}")
+            for n in range(1000) for entity in ("product", "price", "stock", "media")]
+    db.write_sync(begin_snapshot)
+    steps: list[str] = []
+    db._writer.set_trace_callback(steps.append)
+    try:
+        db.write_sync(partial(stage_rows, rows=rows))
+    finally:
+        db._writer.set_trace_callback(None)
+    inserts = [s for s in steps if s.startswith("INSERT")]
+    assert len(inserts) == len(rows) // STAGE_ROWS_PER_STATEMENT  # 4,000 rows, not 4,000 steps
+    assert db.read_sync(replica_counts)["product"] == 0  # still staged, not swapped in
 
 
 def test_another_store_forgets_the_cursor(db: Database) -> None:
