@@ -209,8 +209,8 @@ def main() -> None:
     print(f"  raw json parse + executemany:           {raw['parse_and_executemany_s']:.2f} s, "
           f"{raw['records'] / raw['parse_and_executemany_s']:,.0f} rows/s, peak RSS {raw['peak_rss_mb']:.0f} MiB "
           "(whole body in memory)")
-    print(f"  ratio ingest / executemany: {ingest['seconds'] / raw['executemany_s']:.1f}x; "
-          f"ingest / (parse + executemany): {ingest['seconds'] / raw['parse_and_executemany_s']:.1f}x")
+    print(f"  ratio ingest / executemany: {ingest['seconds'] / raw['executemany_s']:.2f}x; "
+          f"ingest / (parse + executemany): {ingest['seconds'] / raw['parse_and_executemany_s']:.2f}x")
     sys.stdout.flush()
 
 
