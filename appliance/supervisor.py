@@ -2,7 +2,9 @@
 
 Start-up, in dependency order: storage (opened and migrated), then every service of
 :func:`appliance.services.assembly.service_specs` with ``await nursery.start(...)``, each
-reporting ready through ``task_status``. READY=1 goes to systemd once all have.
+reporting ready through ``task_status``. READY=1 goes to systemd once all have, after
+the process's start-up heap is frozen (:mod:`appliance.services.heap`: Python's full
+collections no longer scan it).
 
 A service that crashes after it started is restarted with exponential backoff
 (:class:`~appliance.protocol.restart.RestartPolicy`). One that stopped because the process
@@ -35,6 +37,7 @@ import trio
 
 from appliance.config import Config, to_toml_dict
 from appliance.protocol.restart import RestartPolicy
+from appliance.services import heap
 from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState, ServiceStatus
 from appliance.services.firmware import prepare_storage
@@ -62,10 +65,12 @@ class FatalServiceError(Exception):
 
 
 class _Supervisor:
-    def __init__(self, runtime: Runtime, notifier: Notifier, *, publish: bool = False) -> None:
+    def __init__(self, runtime: Runtime, notifier: Notifier, *, publish: bool = False,
+                 settle_heap: bool = False) -> None:
         self.runtime = runtime
         self.notifier = notifier
         self.publish = publish
+        self.settle_heap = settle_heap
         self._supervisor_config = runtime.config.supervisor
         self._live = 0
         self._all_done = trio.Event()
@@ -185,6 +190,9 @@ class _Supervisor:
                     log.info("ready: %s", ", ".join(f"{k}={v}" for k, v in runtime.ports.items()))
                     if self.publish:
                         published = await trio.to_thread.run_sync(_publish, runtime)
+                    if self.settle_heap:
+                        frozen = heap.settle()
+                        log.debug("start-up heap frozen: %d objects no collection scans again", frozen)
                     self.notifier.notify("READY=1\nSTATUS=serving")
                     runtime.ready.set()
                     task_status.started(runtime)
@@ -294,12 +302,15 @@ async def supervise_all(
     *,
     notifier: Notifier | None = None,
     publish: bool = False,
+    settle_heap: bool = False,
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``specs`` under one supervisor until stopped. started() hands back the runtime.
     With ``publish``, the bound ports are published for the tools (:mod:`appliance.storage.running`)
-    while it runs: the process's own box, not a test's."""
-    await _Supervisor(runtime, notifier or Notifier(), publish=publish).run(specs, task_status=task_status)
+    while it runs; with ``settle_heap``, the start-up heap is frozen once all services are
+    ready (:func:`appliance.services.heap.settle`): both for the process's own box, not a test's."""
+    await _Supervisor(runtime, notifier or Notifier(), publish=publish, settle_heap=settle_heap).run(
+        specs, task_status=task_status)
 
 
 async def run(
@@ -314,7 +325,7 @@ async def run(
     opens one."""
     runtime = await open_runtime(config, port_offset=port_offset, log_ring=log_ring)
     try:
-        await supervise_all(runtime, service_specs(runtime), notifier=Notifier(), publish=True,
+        await supervise_all(runtime, service_specs(runtime), notifier=Notifier(), publish=True, settle_heap=True,
                             task_status=task_status)
     finally:
         runtime.db.close()
