@@ -22,6 +22,7 @@ time runs from when it was due to be enqueued).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -48,6 +49,7 @@ from appliance.protocol.channel_codec import (
     encode_command,
     parse_device_message,
 )
+from appliance.services import heap
 from appliance.services.device_link import LinkTarget
 from appliance.services.dispatcher import enqueue, run_dispatcher
 from appliance.storage.outbox import enqueue_in
@@ -59,6 +61,15 @@ Latencies = list[float]
 
 
 # --- the device farm (a child process) ------------------------------------------------
+
+
+def _farm_gc_off() -> None:
+    """A farm stands for separate devices, so it runs without Python's cyclic collector:
+    the simulators remember every command they took (tens of thousands of objects by the
+    paced phase), and one full pass over them (50-400 ms measured here) stalled every
+    device's acks at once, something no set of real devices does. The farm lives a minute;
+    the few cycles it leaves are freed at its exit."""
+    gc.disable()
 
 
 async def serve_farm(count: int) -> None:
@@ -198,6 +209,7 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(run_dispatcher, runtime, adopted=lambda conn: targets))
+            heap.settle()  # as the process does once it is up (appliance.supervisor.run)
 
             # One durable commit, alone: what every enqueue pays on this disk.
             def touch(conn: sqlite3.Connection) -> None:
@@ -259,6 +271,33 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
     return burst_s, latencies, commit_s
 
 
+class GcPauses:
+    """Every collection of Python's cyclic GC in this process while open, by generation:
+    the stop of the event loop each one is (a full pass over a large heap stops every task)."""
+
+    def __init__(self) -> None:
+        self.by_generation: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.by_generation[info["generation"]].append(time.perf_counter() - self._started)
+
+    def summary(self) -> str:
+        full, young = self.by_generation[2], self.by_generation[0] + self.by_generation[1]
+        return (f"{len(full)} full (longest {max(full, default=0) * 1e3:.1f} ms), {len(young)} young "
+                f"(longest {max(young, default=0) * 1e3:.1f} ms)")
+
+
 async def until(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(600):
         while not predicate():  # noqa: ASYNC110  (a benchmark loop; 5 ms of granularity is fine)
@@ -310,12 +349,13 @@ async def main(args: argparse.Namespace) -> None:
     def paced() -> list[list[float]]:
         return paced_schedule(args.devices, args.rate, args.seconds, trio.current_time() + 0.2)
 
+    heap.settle()  # every phase runs in a process settled as the appliance's is (run_dispatch again)
     farm, ports = await _farm(["--serve-devices", str(args.devices)])
     try:
         # Baseline throughput, then latency at the offered load.
         _, base_burst_s = await run_baseline(ports, args.window, bursts)
         base_lat, _ = await run_baseline(ports, args.window, paced())
-        with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp, GcPauses() as pauses:
             disp_burst_s, disp_lat, commit_s = await run_dispatch(ports, Path(tmp), window=args.window,
                                                                   burst=args.burst, rate=args.rate,
                                                                   seconds=args.seconds)
@@ -351,6 +391,8 @@ async def main(args: argparse.Namespace) -> None:
           f"commands/s for {args.seconds:g} s ({len(disp_lat)} commands)")
     print(f"one durable commit (fsync) on this disk: {commit_s * 1e3:.1f} ms; mosquitto: Debian's, QoS 1 both ways, "
           "default persistence (saved every 1800 s and at exit)")
+    print(f"Python's GC in the box's process during the dispatch phases: {pauses.summary()}; start-up heap "
+          f"frozen ({gc.get_freeze_count():,} objects), as the appliance does once it is up")
     print(f"{'':28}{'raw ws':>10}{'mosquitto':>11}{'dispatch':>10}{'vs raw':>9}{'vs mqtt':>9}")
     for name, base, mqtt, disp, vs_raw, vs_mqtt in rows:
         print(f"{name:28}{base:>10}{mqtt:>11}{disp:>10}{vs_raw:>9}{vs_mqtt:>9}")
@@ -375,8 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.serve_devices:
+        _farm_gc_off()
         trio.run(serve_farm, arguments.serve_devices)
     elif arguments.serve_mqtt_devices:
+        _farm_gc_off()
         trio.run(serve_mqtt_farm, arguments.serve_mqtt_devices, arguments.mqtt_port)
     else:
         _cpus.run(partial(trio.run, main), arguments)
