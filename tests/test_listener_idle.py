@@ -1,0 +1,133 @@
+"""A listener's idle timer (appliance/services/http.py, ``_IdleTimer``), against real
+hypercorn on loopback: a connection closes once idle for ``keep_alive_timeout_s`` counted
+from its last answer, never during a slow answer; a client that leaves ends its connection
+at once; a stop closes the idle connections and lets a request in progress finish."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from appliance.services.http import ConnectionCaps, _CappedListener, _serve, bind_tcp
+
+KEEP_ALIVE_S = 0.4
+SLOW_S = 1.0  # an answer that takes longer than the idle timeout
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/slow":
+        await trio.sleep(SLOW_S)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def listener() -> AsyncIterator[tuple[int, trio.Event, ConnectionCaps]]:
+    sock = bind_tcp("127.0.0.1", 0, role="api")
+    port = sock.getsockname()[1]
+    caps = ConnectionCaps(total=100, per_source=100)
+    capped = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role="api")
+    cfg = HypercornConfig()
+    cfg.keep_alive_timeout = KEEP_ALIVE_S
+    cfg.graceful_timeout = 5
+    cfg.accesslog = None
+    stopping = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve, app, cfg, capped, stopping)
+        yield port, stopping, caps
+        stopping.set()
+
+
+async def ask(stream: trio.SocketStream, path: str = "/") -> bytes:
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    got = b""
+    while not got.endswith(b"\r\n\r\nok"):
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"closed before the answer: {got!r}"
+        got += chunk
+    return got
+
+
+async def closed_after(stream: trio.SocketStream, limit_s: float) -> float:
+    """Seconds until the server closes ``stream`` (fails after ``limit_s``)."""
+    start = time.monotonic()
+    with trio.fail_after(limit_s):
+        while await stream.receive_some(65536):
+            pass
+    return time.monotonic() - start
+
+
+def connection_tasks() -> int:
+    """Tasks serving a connection (hypercorn's ``TCPServer.run``, under trio's handler)."""
+    count = 0
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        count += task.name.endswith("_run_handler")
+        todo.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return count
+
+
+async def test_an_idle_connection_closes_after_the_timeout_counted_from_its_last_answer() -> None:
+    async with listener() as (port, _, _caps):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            # Requests more often than the timeout, for longer than it: the deadline moves.
+            for _ in range(6):
+                await ask(stream)
+                await trio.sleep(KEEP_ALIVE_S / 2)
+            idle = await closed_after(stream, limit_s=5)
+        assert KEEP_ALIVE_S / 2 - 0.1 < idle < KEEP_ALIVE_S + 0.5, idle
+
+
+async def test_a_slow_answer_is_not_cut_by_the_idle_timeout() -> None:
+    async with listener() as (port, _, _caps), await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await ask(stream, "/slow")  # longer than the timeout: the connection is not idle meanwhile
+        await ask(stream)  # and it is still open for the next request
+        assert await closed_after(stream, limit_s=5) < KEEP_ALIVE_S + 0.5
+
+
+async def test_a_head_that_never_ends_is_cut_at_the_timeout() -> None:
+    async with listener() as (port, _, _caps), await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nX-Slow: ")
+        assert await closed_after(stream, limit_s=5) < KEEP_ALIVE_S + 0.5
+
+
+async def test_a_client_that_leaves_ends_its_connection_at_once() -> None:
+    async with listener() as (port, _, caps):
+        before = connection_tasks()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await ask(stream)
+        assert connection_tasks() == before + 1
+        await stream.aclose()
+        # Well before the idle timeout would close it (hypercorn's own timer kept the
+        # connection's task until then).
+        with trio.fail_after(KEEP_ALIVE_S / 2):
+            while connection_tasks() > before:  # noqa: ASYNC110  (no event tells a task's end)
+                await trio.sleep(0.01)
+        assert caps.open == 0
+
+
+async def test_a_stop_closes_idle_connections_and_lets_a_request_in_progress_finish() -> None:
+    async with listener() as (port, stopping, _caps):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as idle, \
+                await trio.open_tcp_stream("127.0.0.1", port) as busy:
+            await ask(idle)
+            await busy.send_all(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await trio.sleep(0.1)
+            stopping.set()
+            assert await closed_after(idle, limit_s=KEEP_ALIVE_S / 2) < 0.2
+            got = b""
+            with trio.fail_after(SLOW_S + 2):
+                while chunk := await busy.receive_some(65536):
+                    got += chunk
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
