@@ -20,14 +20,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from appliance.config import LISTENER_ROLES, ConfigError, parse_config
 from appliance.services.budget import BodyBudget
-from appliance.services.guard import host_allowed
+from appliance.services.guard import _HOSTS_KEPT, guard, host_allowed
 from appliance.services.runtime import Runtime
 from benchmarks.soak import rss_mb, start_box
 from tests.conftest import ConfigFactory, running_box
@@ -204,6 +206,61 @@ async def test_the_body_budget_waits_for_room_and_gives_it_back() -> None:
     assert got == [100] and budget.in_use == 100
     budget.release(100)
     assert budget.in_use == 0
+
+
+async def guarded_status(app: Any, host: bytes, method: str = "GET") -> int:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "http", "method": method, "path": "/x", "headers": [(b"host", host)]}, receive, send)
+    return int(sent[0]["status"])
+
+
+async def answer(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def test_the_guard_s_host_verdicts_stay_right_past_the_ones_it_keeps() -> None:
+    app = guard(answer, names=frozenset({"box"}), budget=BodyBudget(100), max_body_bytes=100, wait_s=1,
+                requests=trio.CapacityLimiter(4))
+    for n in range(3 * _HOSTS_KEPT):  # ever new values: what it keeps is cleared, never grown
+        assert await guarded_status(app, f"10.0.{n // 256}.{n % 256}".encode()) == 200
+        assert await guarded_status(app, f"evil{n}.example".encode()) == 421
+        assert await guarded_status(app, b"box:80") == 200 and await guarded_status(app, b"evil.example") == 421
+
+
+async def test_the_guard_holds_requests_in_progress_to_the_listener_s_limit() -> None:
+    inside, most = 0, 0
+    release = trio.Event()
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        await release.wait()
+        inside -= 1
+        await answer(scope, receive, send)
+
+    app = guard(slow, names=frozenset({"box"}), budget=BodyBudget(100), max_body_bytes=100, wait_s=1,
+                requests=trio.CapacityLimiter(3))
+    statuses: list[int] = []
+
+    async def one() -> None:
+        statuses.append(await guarded_status(app, b"box"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        assert inside == 3  # the other seven wait for a place, not runnable
+        release.set()
+    assert most == 3 and statuses == [200] * 10
 
 
 # --- the attacks, against the real process ------------------------------------------------
