@@ -70,3 +70,17 @@ def test_an_origin_that_is_not_one_is_refused_with_its_path(tmp_path: object, or
     with pytest.raises(ConfigError) as caught:
         parse_config({**test_config_data(tmp_path), "cors": {"allowed_origins": [origin]}})  # type: ignore[arg-type]
     assert "cors.allowed_origins" in str(caught.value)
+
+
+async def test_a_catalog_read_from_a_browser_carries_the_cors_headers(make_config: Callable[..., Config]) -> None:
+    # The catalog reads' short way around the framework leaves a browser's requests to it.
+    config = make_config(cors={"allowed_origins": [POS]})
+    async with running_box(config) as runtime, httpx.AsyncClient(timeout=10) as client:
+        url = f"http://127.0.0.1:{runtime.ports['api']}/v1/products/SKU-1"
+        auth = {"Authorization": f"Bearer {config.admin.token}"}
+        browser = await client.get(url, headers={**auth, "Origin": POS})
+        till = await client.get(url, headers=auth)
+        assert browser.status_code == till.status_code != 401
+        assert browser.headers["access-control-allow-origin"] == POS and "Origin" in browser.headers["vary"]
+        assert "access-control-allow-origin" not in till.headers
+        assert browser.json() == till.json()

@@ -6,12 +6,15 @@ Feature routes live in their own modules and come in through
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from appliance.services.runtime import Runtime
 from appliance.services.web.common import service_app
 from appliance.services.web.contract import document_of, healthz_operation, openapi_route
-from appliance.services.web.parts import WebParts
+from appliance.services.web.parts import Front, WebParts
 
 __all__ = ["DESCRIPTION", "OPENAPI_PATH", "create_app"]
 
@@ -27,7 +30,21 @@ def create_app(runtime: Runtime, parts: WebParts) -> Starlette:
     # Built once, from the routes' operations and their bodies' definitions.
     doc = document_of(routes, title="Store appliance: store API", description=DESCRIPTION,
                       extra=[("GET", "/healthz", healthz_operation("store API"))])
-    app = service_app("api", runtime, [*routes, openapi_route(OPENAPI_PATH, doc)])
-    for middleware in parts.middleware:  # the catalog reads' way around the router
-        app.add_middleware(middleware, runtime=runtime)
+    app = service_app("api", runtime, [*routes, openapi_route(OPENAPI_PATH, doc)],
+                      cls=_StoreApi)
+    assert isinstance(app, _StoreApi)
+    app.front = tuple(make(runtime) for make in parts.front)  # the catalog reads' way around the framework
     return app
+
+
+class _StoreApi(Starlette):
+    """The store API's Starlette app, whose :data:`front` handlers are asked first: a request
+    one of them answers never enters Starlette's middleware (error, CORS) or router."""
+
+    front: Sequence[Front] = ()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for answer in self.front:
+            if await answer(scope, receive, send):
+                return
+        await super().__call__(scope, receive, send)

@@ -185,8 +185,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def service_app(name: str, runtime: Runtime, routes: Sequence[BaseRoute] = ()) -> Starlette:
-    """A Starlette app for listener ``name`` with /healthz and JSON errors."""
+def service_app(name: str, runtime: Runtime, routes: Sequence[BaseRoute] = (), *,
+                cls: type[Starlette] = Starlette) -> Starlette:
+    """A Starlette app (a ``cls``) for listener ``name`` with /healthz and JSON errors."""
 
     async def healthz(request: Request) -> Response:
         return JsonResponse({"service": name, "status": "ok", "version": __version__})
@@ -200,7 +201,7 @@ def service_app(name: str, runtime: Runtime, routes: Sequence[BaseRoute] = ()) -
         message = "not found" if exc.status_code == 404 else str(exc.detail)
         return json_error(exc.status_code, f"{message}: {request.method} {request.url.path} on the {name} service")
 
-    app = Starlette(
+    app = cls(
         routes=[Route("/healthz", healthz), *routes],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},
     )

@@ -35,9 +35,9 @@ from typing import Any, Final
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from appliance.protocol.openapi import Operation, Param, Reply
 from appliance.protocol.store_api import (
@@ -252,47 +252,65 @@ READS: Final = {"/v1/products/": ("product", "product"), "/v1/prices/": ("price"
 
 
 async def read_one(runtime: Runtime, request: Request, entity: str, label: str, sku: str) -> Response:
-    """``GET /v1/<entity>/{sku}``: the hot path of every till's scan. One indexed row read in
-    trio's thread (no worker-thread hop), the platform's JSON decoded and encoded by msgspec;
-    the first-sync check only on a miss. Raises ApiError."""
+    """``GET /v1/<entity>/{sku}``: the hot path of every till's scan. Raises ApiError."""
     await authenticate(request, runtime)
+    return Response(await _record_json(runtime, entity, label, sku), media_type="application/json")
+
+
+async def _record_json(runtime: Runtime, entity: str, label: str, sku: str) -> bytes:
+    """One record's answer: one indexed row read in trio's thread (no worker-thread hop), the
+    platform's JSON decoded and encoded by msgspec; the first-sync check only on a miss.
+    Raises ApiError."""
     text = await runtime.db.read_small(partial(get_item_text, entity=entity, key=sku))
     if text is not None:
         try:
             item = msgspec.json.decode(text)
             item["sku"] = sku
-            return Response(msgspec.json.encode(item), media_type="application/json")
+            return msgspec.json.encode(item)
         except (msgspec.DecodeError, UnicodeEncodeError, TypeError):
             # A lone surrogate the platform sent: JsonResponse escapes it.
-            return JsonResponse(json.loads(text) | {"sku": sku})
+            return bytes(JsonResponse(json.loads(text) | {"sku": sku}).body)
     if (await runtime.db.read(sync_state)).last_pull_at is None:
         raise ApiError(503, "the box has no copy of the store's catalog yet (it syncs once paired and online)")
     raise ApiError(404, f"no {label} for sku {sku!r}")
 
 
 class CatalogReads:
-    """ASGI middleware of the store API: a ``GET`` of one product, price or stock record is
-    answered by :func:`read_one` at once, without the router, the exception middleware and
-    the endpoint wrapper (a third of the app's own time per request in a profile of 50 tills
-    scanning; docs/store-api.md, "Speed"). The same function answers through the router, so
-    both ways give the same answers; anything else goes on to the app."""
+    """A front handler of the store API (:class:`WebParts` ``front``): a ``GET`` of one
+    product, price or stock record is answered here, before Starlette's error and CORS
+    middleware, its router and endpoint wrapper, and the answer goes out as two ASGI
+    messages with no Response object (docs/store-api.md, "Speed"). A request with an
+    ``Origin`` (a browser's: it needs the CORS headers) takes the app's way, whose routes
+    call the same :func:`read_one`, so both ways give the same answers."""
 
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
-        self.app, self.runtime = app, runtime
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET":
-            path: str = scope["path"]
-            slash = path.find("/", 4)  # "/v1/<entity>/..."
-            read = READS.get(path[:slash + 1]) if slash > 0 else None
-            if read is not None and len(path) > slash + 1:
-                try:
-                    response = await read_one(self.runtime, Request(scope, receive), *read, path[slash + 1:])
-                except ApiError as exc:
-                    response = error_response(exc)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return False
+        path: str = scope["path"]
+        slash = path.find("/", 4)  # "/v1/<entity>/..."
+        read = READS.get(path[:slash + 1]) if slash > 0 else None
+        if read is None or len(path) <= slash + 1:
+            return False
+        if any(name == b"origin" for name, _ in scope["headers"]):
+            return False
+        try:
+            await authenticate(Request(scope, receive), self.runtime)
+            body = await _record_json(self.runtime, *read, path[slash + 1:])
+        except ApiError as exc:
+            await error_response(exc)(scope, receive, send)
+            return True
+        except Exception:
+            # As Starlette's error middleware does, which this way skips: a 500 for the
+            # client, and the exception on to the server, which logs it.
+            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+            raise
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        return True
 
 
 async def _answer(runtime: Runtime, kind: str, record_id: str, body: str,
@@ -305,4 +323,4 @@ async def _answer(runtime: Runtime, kind: str, record_id: str, body: str,
 
 
 def api_parts() -> WebParts:
-    return WebParts(routes=(routes,), middleware=(CatalogReads,))
+    return WebParts(routes=(routes,), front=(CatalogReads,))
