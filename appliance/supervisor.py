@@ -294,6 +294,9 @@ def _core_metrics(runtime: Runtime) -> None:
     m.gauge("storage_writes", "database writes since start", lambda: float(db.writes))
     m.gauge("storage_commits", "database commits since start: writes that arrive together share one (group commit)",
             lambda: float(db.groups))
+    m.gauge("storage_durable_commits", "database commits since start that waited for the disk (an fsync each); "
+            "the others hold what the box repairs by itself after a power cut (the device channel's records)",
+            lambda: float(db.durable_groups))
 
 
 async def supervise_all(

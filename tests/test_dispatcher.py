@@ -175,6 +175,27 @@ async def test_every_command_reaches_its_device_once_in_order(clock: trio.testin
     assert len(set(ids)) == 180
 
 
+async def test_sends_and_acks_are_recorded_without_waiting_for_the_disk(clock: trio.testing.MockClock,
+                                                                        runtime: Runtime) -> None:
+    """Only the enqueue waits for an fsync: the records of its sending and its ack are
+    committed without (docs/device-channel.md, "Durability, end to end")."""
+    sim = DeviceSimulator(device_id="p0")
+    t = target("p0")
+    async with dispatching(runtime, [t], plugged={t.address: sim.serve_stream}):
+        # Up, and the maintenance sweep (durable writes of its own) done.
+        await wait_for(lambda: runtime.device_links.backlog_at is not None and
+                       all(s.phase is DeviceLinkPhase.CONNECTED for s in runtime.device_links.all()))
+        db = runtime.db
+        durable, groups = db.durable_groups, db.groups
+        ids = [(await enqueue(runtime, "p0", "print", {"n": n})).id for n in range(5)]
+        await wait_for(lambda: sum(s.acked for s in runtime.device_links.all()) == 5)
+        while set((await states(runtime, "p0")).values()) != {CommandState.ACKED}:
+            await trio.sleep(0.1)
+    assert [a.id for a in sim.accepted] == ids
+    assert db.durable_groups - durable == 5  # the five enqueues
+    assert db.groups - groups > 5  # and the records' own commits, none durable
+
+
 async def test_unreachable_device_backs_off_with_jitter_and_says_why(clock: trio.testing.MockClock,
                                                                      runtime: Runtime) -> None:
     async with dispatching(runtime, [target("kds-1")]) as lan:

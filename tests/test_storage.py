@@ -164,7 +164,7 @@ async def _hold_writer(db: Database, nursery: trio.Nursery) -> threading.Event:
     token = trio.lowlevel.current_trio_token()
 
     def hold(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO meta(key, value) VALUES ('hold', '1')")
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('hold', '1')")
         trio.from_thread.run_sync(inside.set, trio_token=token)
         release.wait(10)
 
@@ -197,6 +197,41 @@ async def test_writes_waiting_together_share_one_commit_in_arrival_order(tmp_pat
         assert len(commits) == 2  # the held write, then the other twenty together
         assert results == {n: n + 1 for n in range(20)}
         assert await db.read(lambda c: c.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0]) == 20
+    finally:
+        db.close()
+
+
+def _synchronous(conn: sqlite3.Connection) -> int:
+    """The writer's setting inside the write's own transaction: 2 FULL (the commit waits
+    for the disk), 1 NORMAL (it does not)."""
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+async def test_a_write_not_durable_skips_the_fsync_unless_it_shares_a_commit_with_a_durable_one(
+        tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "a.db")
+    try:
+        assert await db.write(_synchronous, durable=False) == 1
+        assert await db.write(_synchronous) == 2  # the default: durable
+        assert await db.write(_synchronous, durable=False) == 1
+        assert await trio.to_thread.run_sync(db.write_sync, _synchronous) == 2  # always durable
+        assert (db.groups, db.durable_groups) == (3, 1)  # write_sync is the caller's own, not counted
+
+        seen: dict[str, int] = {}
+
+        async def one(name: str, durable: bool) -> None:
+            seen[name] = await db.write(_synchronous, durable=durable)
+
+        for durables in ((False, False), (False, True)):
+            async with trio.open_nursery() as nursery:
+                release = await _hold_writer(db, nursery)
+                for n, durable in enumerate(durables):
+                    nursery.start_soon(one, f"{durables}{n}", durable)
+                    await trio.testing.wait_all_tasks_blocked()
+                release.set()
+        # Two not durable together: no fsync. One durable among them: the whole group waits for the disk.
+        assert seen == {"(False, False)0": 1, "(False, False)1": 1, "(False, True)0": 2, "(False, True)1": 2}
+        assert (db.groups, db.durable_groups) == (7, 4)  # + two held writes (durable) and the two groups
     finally:
         db.close()
 

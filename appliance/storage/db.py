@@ -15,6 +15,14 @@ own group, so nothing waits longer than before; in a burst (a request with many
 commands, several requests in the same millisecond) the fsync, which costs far more than
 the SQL, is paid once per group (docs/architecture.md, "Storage").
 
+Durability: a write is durable by default (``synchronous=FULL``: the commit waits for
+the disk). ``write(fn, durable=False)`` is for what the process can lose to a power cut
+and repair by itself (the device channel's sent and acked records: a lost one sends the
+command again, and the device dedupes it by id): its transaction commits without
+waiting for the disk (``synchronous=NORMAL``; a process crash loses nothing, the WAL is in
+the kernel's cache). A group with any durable write is durable, and a durable commit makes
+every commit before it durable too (the WAL is one sequence, synced up to its end).
+
 Cancellation: a write that has been taken into a group runs to completion (trio's
 ``abandon_on_cancel=False``) and its caller gets the result, the cancel taking effect at
 its next checkpoint: a cancelled caller never leaves a half-done transaction. A write
@@ -96,6 +104,7 @@ class _Write:
     """One caller's write function, waiting for (or taken into) a group commit."""
 
     fn: Callable[[sqlite3.Connection], Any]
+    durable: bool = True
     taken: bool = False  # in a group: it runs (or ran) whatever happens to its caller
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
@@ -135,6 +144,8 @@ class Database:
         # Since open, for /metrics: writes run, and the groups (transactions) they ran in.
         self.writes = 0
         self.groups = 0
+        self.durable_groups = 0  # the commits that waited for the disk (an fsync each)
+        self._synchronous = "FULL"  # the writer connection's setting now (connect sets FULL)
         self._readers = readers
         self._reader_slots = trio.Semaphore(len(readers))
         self._reader_pick = threading.Lock()
@@ -176,7 +187,11 @@ class Database:
         return await trio.to_thread.run_sync(cls.open_sync, path)
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one committed transaction. Blocking; callers serialise themselves."""
+        """Run ``fn`` in one durably committed transaction. Blocking; callers serialise themselves."""
+        self._use_synchronous("FULL")
+        return self._transaction(fn)
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -187,10 +202,11 @@ class Database:
         conn.commit()
         return result
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn(conn)`` in a worker thread inside a transaction, committed on return;
-        writes waiting at the same time share the transaction (see the module's docstring)."""
-        job = _Write(fn)
+        writes waiting at the same time share the transaction (see the module's docstring).
+        ``durable=False``: the commit does not wait for the disk (see the module's docstring)."""
+        job = _Write(fn, durable=durable)
         self._waiting.append(job)
         try:
             await self._write_lock.acquire()
@@ -214,6 +230,7 @@ class Database:
                         taken.taken = True
                     self.writes += len(group)
                     self.groups += 1
+                    self.durable_groups += any(taken.durable for taken in group)
                     try:
                         await trio.to_thread.run_sync(self._commit_group, group)
                     finally:
@@ -230,10 +247,16 @@ class Database:
         are several) and commit it once; each write's result or exception is stored on it.
         In the worker thread."""
         conn = self._writer
+        try:
+            self._use_synchronous("FULL" if any(job.durable for job in group) else "NORMAL")
+        except Exception as exc:  # noqa: BLE001  (nothing ran: every caller gets the error)
+            for job in group:
+                job.error = exc
+            return
         if len(group) == 1:
             job = group[0]
             try:
-                job.result = self.write_sync(job.fn)
+                job.result = self._transaction(job.fn)
             except Exception as exc:  # noqa: BLE001  (the caller's own exception, raised in its task)
                 job.error = exc
             return
@@ -268,6 +291,13 @@ class Database:
                     job.error = exc if isinstance(exc, Exception) else StorageError(f"the group write stopped: {exc!r}")
             if not isinstance(exc, Exception):
                 raise
+
+    def _use_synchronous(self, level: str) -> None:
+        """Set the writer's ``synchronous`` for the next transaction (outside any), if it
+        changes: a statement of microseconds, against an fsync of milliseconds saved."""
+        if level != self._synchronous:
+            self._writer.execute(f"PRAGMA synchronous = {level}")
+            self._synchronous = level
 
     def on_commit(self, hook: Callable[[], None]) -> Callable[[], None]:
         """Call ``hook()`` after every committed :meth:`write`; returns the remover.
