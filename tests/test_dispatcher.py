@@ -189,7 +189,7 @@ async def test_sends_and_acks_are_recorded_without_waiting_for_the_disk(clock: t
         durable, groups = db.durable_groups, db.groups
         ids = [(await enqueue(runtime, "p0", "print", {"n": n})).id for n in range(5)]
         await wait_for(lambda: sum(s.acked for s in runtime.device_links.all()) == 5)
-        while set((await states(runtime, "p0")).values()) != {CommandState.ACKED}:
+        while set((await states(runtime, "p0")).values()) != {CommandState.ACKED}:  # noqa: ASYNC110  (recorded soon)
             await trio.sleep(0.1)
     assert [a.id for a in sim.accepted] == ids
     assert db.durable_groups - durable == 5  # the five enqueues
