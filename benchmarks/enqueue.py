@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,6 +31,7 @@ import httpx
 import trio
 
 from benchmarks import _cpus
+from benchmarks._asgi import serve_fixed
 from benchmarks.products import _free_port, _wait_port
 from benchmarks.soak import AUTH, start_box
 
@@ -165,35 +165,13 @@ async def _floor(port: int, pid: int, args: argparse.Namespace) -> tuple[float, 
     return count / elapsed, (_cpu_s(pid) - cpu) / count * 1e6
 
 
-async def _floor_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Reads the request's body and answers 201 with a command's answer: HTTP and nothing else."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    while (await receive()).get("more_body"):
-        pass
-    await send({"type": "http.response.start", "status": 201,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_ANSWER)).encode()),
-                            (b"location", b"/v1/devices/kds-1/commands/c-0123456789abcdef01234567")]})
-    await send({"type": "http.response.body", "body": _ANSWER})
-
-
 _ANSWER: Final = b'{"id":"c-0123456789abcdef01234567","device_id":"kds-1","seq":1,"state":"queued","created":true}'
 
 
 def _serve_floor(port: int) -> None:
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
-    cfg = Config()
-    cfg.bind = [f"127.0.0.1:{port}"]
-    cfg.accesslog = None
-    trio.run(partial(serve, _floor_app, cfg))  # type: ignore[arg-type]
+    """Reads the request's body and answers 201 with a command's answer: HTTP and nothing else."""
+    serve_fixed(port, status=201, body=_ANSWER, read_body=True,
+                headers=[(b"location", b"/v1/devices/kds-1/commands/c-0123456789abcdef01234567")])
 
 
 def main(args: argparse.Namespace) -> None:

@@ -28,11 +28,12 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
 from benchmarks import _cpus
+from benchmarks._asgi import serve_fixed
 
 TOKEN = "bench-token-0123456789abcdef"
 # Signed requests come from this many devices, as from a shop's tills and kiosks (one device
@@ -74,31 +75,12 @@ def _prepare_box(root: Path, products: int, port: int) -> Path:
     return config
 
 
-async def _hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    body = b'{"sku":"SKU-000001","name":"Product 1","category":"bakery","tax_rate_bp":550,' \
-           b'"barcode":"2000000000001","image":"products/SKU-000001.jpg","active":true}'
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+_HELLO: Final = (b'{"sku":"SKU-000001","name":"Product 1","category":"bakery","tax_rate_bp":550,'
+                 b'"barcode":"2000000000001","image":"products/SKU-000001.jpg","active":true}')
 
 
 def _serve_hello(port: int) -> None:
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
-    cfg = Config()
-    cfg.bind = [f"127.0.0.1:{port}"]
-    cfg.accesslog = None
-    cfg.keep_alive_timeout = 5.0
-    trio.run(partial(serve, _hello_app, cfg))  # type: ignore[arg-type]
+    serve_fixed(port, status=200, body=_HELLO, keep_alive_timeout=5.0)
 
 
 # --- the load -----------------------------------------------------------------------------------
