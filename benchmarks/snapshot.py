@@ -2,13 +2,14 @@
 products, prices, stock, media), staging it in batches and swapping it in, next to raw
 SQLite ``executemany`` of the same rows.
 
-    python -m benchmarks.snapshot [--products N]
+    python -m benchmarks.snapshot [--products N] [--rounds N] [--cpus 1]
 
-The simulator makes the snapshot once (the raw side downloads it over TLS and keeps it);
-the ingest then reads those same bytes from a file server (TLS) in another process, so
-the simulator's generation is not counted against the box. Each side runs in
-a fresh process so its peak RSS is its own. Prints records/s, seconds, peak RSS, the
-final swap's writer hold and the ratios.
+The simulator makes the snapshot once (downloaded over TLS and kept in a file); the naive
+side reads that file, and the ingest reads the same bytes from a file server (TLS) in
+another process, so the simulator's generation is not counted against the box. Each side
+runs in a fresh process so its peak RSS is its own; with ``--rounds N`` they alternate N
+times (the machine's load falling on both alike) and the medians are printed too. Prints
+records/s, seconds, peak RSS, the final swap's writer hold and the ratios.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import httpx
@@ -141,12 +143,22 @@ async def _ingest(url: str, ca: str, token: str, store: str, state: str) -> dict
             "peak_rss_mb": peak_rss_mb(), "swap_s": getattr(sync, "last_swap_s", None)}
 
 
-def _raw(url: str, ca: str, token: str, store: str, state: str) -> dict[str, Any]:
+def _download(url: str, ca: str, token: str, store: str, out: Path) -> float:
+    """Fetch the simulator's snapshot into ``out`` (the stream both sides then read);
+    returns the seconds it took (the simulator making it, TLS: no parsing)."""
     fetching = time.perf_counter()
-    with httpx.Client(verify=ca, timeout=300) as client:
-        body = client.get(f"{url}/v1/stores/{store}/snapshot", headers={"Authorization": f"Bearer {token}"}).content
-    download_s = time.perf_counter() - fetching
-    (Path(state) / "snapshot.ndjson").write_bytes(body)  # for the ingest, precomputed
+    with httpx.Client(verify=ca, timeout=300) as client, \
+            client.stream("GET", f"{url}/v1/stores/{store}/snapshot", headers={"Authorization": f"Bearer {token}"}) \
+            as response, out.open("wb") as file:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            file.write(chunk)
+    return time.perf_counter() - fetching
+
+
+def _raw(body_file: str, state: str) -> dict[str, Any]:
+    """The naive side: the whole body in memory, ``json`` per line, one ``executemany``."""
+    body = Path(body_file).read_bytes()
     lines = body.splitlines()[:-1]
     start = time.perf_counter()
     rows = []
@@ -164,18 +176,30 @@ def _raw(url: str, ca: str, token: str, store: str, state: str) -> dict[str, Any
     conn.execute("COMMIT")
     done = time.perf_counter()
     conn.close()
-    return {"records": len(rows), "download_s": download_s, "bytes": len(body),
-            "executemany_s": done - inserting, "parse_and_executemany_s": (parsed - start) + (done - inserting),
-            "peak_rss_mb": peak_rss_mb()}
+    return {"records": len(rows), "bytes": len(body), "executemany_s": done - inserting,
+            "parse_and_executemany_s": (parsed - start) + (done - inserting), "peak_rss_mb": peak_rss_mb()}
+
+
+def _round(body: Path, url: str, ca: str, store: str, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One naive run and one ingest, each in a fresh process and a fresh directory."""
+    with tempfile.TemporaryDirectory(dir=root) as raw_dir:
+        raw = child_json("benchmarks.snapshot", ["--child", "raw", "--", str(body), raw_dir])
+    with tempfile.TemporaryDirectory(dir=root) as box_dir:
+        ingest = child_json("benchmarks.snapshot", ["--child", "ingest", "--", url, ca, "token", store, box_dir])
+    return raw, ingest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.snapshot")
     parser.add_argument("--products", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="naive side and ingest this many times, alternating; prints each and the medians")
     parser.add_argument("--child", choices=["ingest", "raw", "replay"])
     parser.add_argument("args", nargs="*")
     _cpus.add_option(parser)
     opts = parser.parse_args()
+    if opts.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if opts.child == "ingest":
         print(json.dumps(trio.run(_ingest, *opts.args)))
         return
@@ -187,30 +211,38 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
         root = Path(tmp)
-        (root / "box").mkdir()
-        (root / "raw").mkdir()
+        body = root / "snapshot.ndjson"
         with simulator(root / "tls", opts.products) as sim:
-            common = [sim["url"], sim["ca"], sim["token"], sim["store_id"]]
-            raw = child_json("benchmarks.snapshot", ["--child", "raw", "--", *common, str(root / "raw")])
-        with replay_server(root / "raw" / "snapshot.ndjson") as (url, ca):
-            ingest = child_json("benchmarks.snapshot", ["--child", "ingest", "--", url, ca, "token", sim["store_id"],
-                                                        str(root / "box")])
+            download_s = _download(sim["url"], sim["ca"], sim["token"], sim["store_id"], body)
+        with replay_server(body) as (url, ca):
+            rounds = [_round(body, url, ca, sim["store_id"], root) for _ in range(opts.rounds)]
+    raw, ingest = rounds[0]
     n = ingest["records"]
     print(f"snapshot of {opts.products} products: {n} records (products, prices, stock, media, config, devices)")
-    print(f"  sync ingest (the stream precomputed, TLS, parse, stage in batches, swap): {ingest['seconds']:.2f} s, "
-          f"{n / ingest['seconds']:,.0f} records/s, peak RSS {ingest['peak_rss_mb']:.0f} MiB "
-          f"(baseline {ingest['baseline_rss_mb']:.0f} MiB, +{ingest['peak_rss_mb'] - ingest['baseline_rss_mb']:.0f})")
-    if ingest.get("swap_s") is not None:
-        print(f"  the final swap held the writer {ingest['swap_s'] * 1000:.0f} ms (its write, commit included)")
-    print(f"  the simulator's stream alone (download, no parsing): {raw['download_s']:.2f} s, "
-          f"{raw['records'] / raw['download_s']:,.0f} records/s, {raw['bytes'] / 2**20:.0f} MiB")
-    print(f"  raw sqlite executemany, one transaction: {raw['executemany_s']:.2f} s, "
-          f"{raw['records'] / raw['executemany_s']:,.0f} rows/s")
-    print(f"  raw json parse + executemany:           {raw['parse_and_executemany_s']:.2f} s, "
-          f"{raw['records'] / raw['parse_and_executemany_s']:,.0f} rows/s, peak RSS {raw['peak_rss_mb']:.0f} MiB "
-          "(whole body in memory)")
-    print(f"  ratio ingest / executemany: {ingest['seconds'] / raw['executemany_s']:.2f}x; "
-          f"ingest / (parse + executemany): {ingest['seconds'] / raw['parse_and_executemany_s']:.2f}x")
+    print(f"  the simulator's stream alone (download, no parsing): {download_s:.2f} s, "
+          f"{raw['records'] / download_s:,.0f} records/s, {raw['bytes'] / 2**20:.0f} MiB")
+    for at, (raw, ingest) in enumerate(rounds, 1):
+        if len(rounds) > 1:
+            print(f" round {at} of {len(rounds)} (the naive side, then the ingest):")
+        print(f"  sync ingest (the stream precomputed, TLS, parse, stage in batches, swap): {ingest['seconds']:.2f} s, "
+              f"{n / ingest['seconds']:,.0f} records/s, peak RSS {ingest['peak_rss_mb']:.0f} MiB (baseline "
+              f"{ingest['baseline_rss_mb']:.0f} MiB, +{ingest['peak_rss_mb'] - ingest['baseline_rss_mb']:.0f})")
+        if ingest.get("swap_s") is not None:
+            print(f"  the final swap held the writer {ingest['swap_s'] * 1000:.0f} ms (its write, commit included)")
+        print(f"  raw sqlite executemany, one transaction: {raw['executemany_s']:.2f} s, "
+              f"{raw['records'] / raw['executemany_s']:,.0f} rows/s")
+        print(f"  raw json parse + executemany:           {raw['parse_and_executemany_s']:.2f} s, "
+              f"{raw['records'] / raw['parse_and_executemany_s']:,.0f} rows/s, peak RSS {raw['peak_rss_mb']:.0f} MiB "
+              "(whole body in memory)")
+        print(f"  ratio ingest / executemany: {ingest['seconds'] / raw['executemany_s']:.2f}x; "
+              f"ingest / (parse + executemany): {ingest['seconds'] / raw['parse_and_executemany_s']:.2f}x")
+    if len(rounds) > 1:
+        ratios = [i["seconds"] / r["parse_and_executemany_s"] for r, i in rounds]
+        swaps = [i["swap_s"] * 1000 for _, i in rounds if i.get("swap_s") is not None]
+        print(f" medians of {len(rounds)} rounds: ingest {median(i['seconds'] for _, i in rounds):.2f} s, "
+              f"parse + executemany {median(r['parse_and_executemany_s'] for r, _ in rounds):.2f} s, "
+              f"ingest / (parse + executemany) {median(ratios):.2f}x (highest {max(ratios):.2f}x)"
+              + (f", swap {median(swaps):.0f} ms" if swaps else ""))
     sys.stdout.flush()
 
 
