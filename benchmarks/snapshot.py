@@ -120,6 +120,7 @@ def child_json(module: str, args: Sequence[str]) -> dict[str, Any]:
 
 async def _ingest(url: str, ca: str, token: str, store: str, state: str) -> dict[str, Any]:
     from appliance.config import parse_config
+    from appliance.services import heap
     from appliance.services.sync import CloudSync
     from appliance.services.wan import open_client
     from appliance.storage.catalog import replica_counts
@@ -130,6 +131,7 @@ async def _ingest(url: str, ca: str, token: str, store: str, state: str) -> dict
                            "admin": {"token": "bench-admin-token-0123456789", "first_start_ticket": False},
                            "cloud": {"api_url": url, "ca_file": ca, "read_timeout_s": 300.0}})
     runtime = await open_runtime(config)
+    heap.settle()  # as the appliance's process does once it is up (supervisor, before READY)
     baseline = peak_rss_mb()
     link = StoreLink(store_id=store, token=token)
     async with open_client(url, ca_file=ca, connect_timeout_s=10, read_timeout_s=300) as client:
