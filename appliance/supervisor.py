@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,6 +42,7 @@ from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState, ServiceStatus
 from appliance.services.firmware import prepare_storage
 from appliance.services.keyring import KeyRing, load_box_key
+from appliance.services.loop_lag import STALL_S, TICK_S, LoopLag, watch_loop
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
 from appliance.services.state import BoundPorts
@@ -66,11 +67,12 @@ class FatalServiceError(Exception):
 
 class _Supervisor:
     def __init__(self, runtime: Runtime, notifier: Notifier, *, publish: bool = False,
-                 settle_heap: bool = False) -> None:
+                 settle_heap: bool = False, watch_loop: bool = False) -> None:
         self.runtime = runtime
         self.notifier = notifier
         self.publish = publish
         self.settle_heap = settle_heap
+        self.watch_loop = watch_loop
         self._supervisor_config = runtime.config.supervisor
         self._live = 0
         self._all_done = trio.Event()
@@ -179,6 +181,7 @@ class _Supervisor:
         runtime = self.runtime
         deadline = runtime.config.supervisor.shutdown_deadline_s
         published: Path | None = None
+        unwatch: Callable[[], None] | None = None
         try:
             async with trio.open_nursery() as root:
                 await root.start(self.watch_signals, root.cancel_scope)
@@ -193,6 +196,8 @@ class _Supervisor:
                     if self.settle_heap:
                         frozen = heap.settle()
                         log.debug("start-up heap frozen: %d objects no collection scans again", frozen)
+                    if self.watch_loop:
+                        unwatch = self._watch(root)
                     self.notifier.notify("READY=1\nSTATUS=serving")
                     runtime.ready.set()
                     task_status.started(runtime)
@@ -210,7 +215,25 @@ class _Supervisor:
         finally:
             if published is not None:
                 withdraw(published)
+            if unwatch is not None:
+                unwatch()
         log.info("stopped")
+
+    def _watch(self, nursery: trio.Nursery) -> Callable[[], None]:
+        """The loop's stalls and the collector's pauses as gauges, from now on (the start-up
+        is not counted: only the box serving); returns what stops the collector's count."""
+        lag, collector, m = LoopLag(), heap.GcWatch(), self.runtime.metrics
+        m.gauge("loop_stalls", f"wake-ups of a {TICK_S:g} s timer on the event loop {STALL_S:g} s late or later "
+                "since ready: every task waited that long", lambda: float(lag.stalls))
+        m.gauge("loop_longest_stall_seconds", "the latest such a timer woke since ready",
+                lambda: round(lag.longest_s, 4))
+        m.gauge("gc_collections", "collections of Python's cyclic GC since ready, by generation",
+                lambda: [({"generation": str(g)}, float(n)) for g, n in enumerate(collector.collections)])
+        m.gauge("gc_longest_pause_seconds",
+                "the longest collection since ready, by generation (no task runs meanwhile)",
+                lambda: [({"generation": str(g)}, round(s, 4)) for g, s in enumerate(collector.longest_s)])
+        nursery.start_soon(watch_loop, lag)
+        return collector.install()
 
 
 def _publish(runtime: Runtime) -> Path | None:
@@ -306,14 +329,17 @@ async def supervise_all(
     notifier: Notifier | None = None,
     publish: bool = False,
     settle_heap: bool = False,
+    watch_loop: bool = False,
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``specs`` under one supervisor until stopped. started() hands back the runtime.
     With ``publish``, the bound ports are published for the tools (:mod:`appliance.storage.running`)
     while it runs; with ``settle_heap``, the start-up heap is frozen once all services are
-    ready (:func:`appliance.services.heap.settle`): both for the process's own box, not a test's."""
-    await _Supervisor(runtime, notifier or Notifier(), publish=publish, settle_heap=settle_heap).run(
-        specs, task_status=task_status)
+    ready (:func:`appliance.services.heap.settle`); with ``watch_loop``, the loop's stalls and
+    the collector's pauses are gauges from then on (:mod:`appliance.services.loop_lag`): all
+    three for the process's own box, not a test's."""
+    await _Supervisor(runtime, notifier or Notifier(), publish=publish, settle_heap=settle_heap,
+                      watch_loop=watch_loop).run(specs, task_status=task_status)
 
 
 async def run(
@@ -329,6 +355,6 @@ async def run(
     runtime = await open_runtime(config, port_offset=port_offset, log_ring=log_ring)
     try:
         await supervise_all(runtime, service_specs(runtime), notifier=Notifier(), publish=True, settle_heap=True,
-                            task_status=task_status)
+                            watch_loop=True, task_status=task_status)
     finally:
         runtime.db.close()

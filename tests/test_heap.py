@@ -1,5 +1,6 @@
 """The start-up heap is frozen once the box is up (appliance.services.heap): Python's full
-collections no longer scan it, and what is made later is still collected.
+collections no longer scan it, and what is made later is still collected. And the gauges
+that show stalls on a running box: the loop's late timer, the collector's pauses.
 
 Each test unfreezes in its teardown, so the rest of the test process is not affected.
 """
@@ -13,8 +14,10 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 
 from appliance.services import heap
+from appliance.services.loop_lag import STALL_S, TICK_S, LoopLag, watch_loop
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
 from appliance.supervisor import open_runtime, supervise_all
@@ -87,3 +90,69 @@ async def test_the_process_supervisor_freezes_at_ready_tests_do_not(make_config:
                 runtime.stopping.set()
         finally:
             runtime.db.close()
+
+
+# --- what shows stalls on a running box: the loop's timer and the collector's pauses ------
+
+
+def test_gc_watch_counts_collections_by_generation_until_removed() -> None:
+    watch = heap.GcWatch()
+    remove = watch.install()
+    try:
+        gc.collect()
+        assert watch.collections[2] >= 1 and watch.longest_s[2] > 0.0
+        gc.collect(0)
+        assert watch.collections[0] >= 1
+    finally:
+        remove()
+    counted = list(watch.collections)
+    gc.collect()
+    assert watch.collections == counted
+
+
+async def test_the_loop_watch_counts_a_late_timer_as_a_stall() -> None:
+    clock = trio.testing.MockClock()  # moves only when told: the "stall" is the jump below
+    lag = LoopLag()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_loop, lag)
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(TICK_S)  # on time
+            await trio.testing.wait_all_tasks_blocked()
+            assert (lag.stalls, lag.longest_s) == (0, 0.0)
+            clock.jump(TICK_S + STALL_S / 2)  # late, not a stall
+            await trio.testing.wait_all_tasks_blocked()
+            assert lag.stalls == 0 and lag.longest_s == pytest.approx(STALL_S / 2)
+            clock.jump(TICK_S + 0.4)  # the loop held 0.4 s past the tick
+            await trio.testing.wait_all_tasks_blocked()
+            assert lag.stalls == 1 and lag.longest_s == pytest.approx(0.4)
+            nursery.cancel_scope.cancel()
+
+    # A run of its own, on the manual clock (pytest-trio's run has its own clock).
+    await trio.to_thread.run_sync(partial(trio.run, main, clock=clock))
+
+
+async def test_the_process_supervisor_shows_stalls_on_metrics(make_config: ConfigFactory, unfrozen: None) -> None:
+    async def steady(runtime: Runtime, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    callbacks = len(gc.callbacks)
+    runtime = await open_runtime(make_config())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(supervise_all, runtime, [ServiceSpec(name="steady", run=steady)],
+                                        watch_loop=True))
+            assert len(gc.callbacks) == callbacks + 1
+            gc.collect()
+            text = runtime.metrics.render()
+            for name in ("loop_stalls", "loop_longest_stall_seconds"):
+                assert f"\nappliance_{name} " in text
+            assert 'appliance_gc_collections{generation="2"} ' in text
+            assert 'appliance_gc_collections{generation="2"} 0' not in text  # the collection above
+            assert 'appliance_gc_longest_pause_seconds{generation="2"} ' in text
+            runtime.stopping.set()
+        assert len(gc.callbacks) == callbacks  # removed at stop
+    finally:
+        runtime.db.close()

@@ -21,8 +21,10 @@ the process, so none is expected).
 from __future__ import annotations
 
 import gc
+import time
+from collections.abc import Callable
 
-__all__ = ["settle"]
+__all__ = ["GcWatch", "settle"]
 
 
 def settle() -> int:
@@ -32,3 +34,28 @@ def settle() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+class GcWatch:
+    """Python's collections by generation, and the longest pause of each, since installed
+    (``gc.callbacks``; a few microseconds per collection): the gauges that show whether
+    the collector stops the loop on this box (``/metrics``: ``gc_collections``,
+    ``gc_longest_pause_seconds``)."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.longest_s = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def install(self) -> Callable[[], None]:
+        """Start counting; returns the function that stops it."""
+        gc.callbacks.append(self._callback)
+        return lambda: gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        generation = info["generation"]
+        self.collections[generation] += 1
+        self.longest_s[generation] = max(self.longest_s[generation], time.perf_counter() - self._started)
