@@ -304,7 +304,9 @@ def test_slow_connections_by_the_thousand_leave_every_listener_answering(tmp_pat
                     started = time.monotonic()
                     assert client.get(f"http://127.0.0.1:{ports[role]}/healthz").status_code == 200, role
                     slowest = max(slowest, time.monotonic() - started)
-            assert slowest < 1.0, slowest
+            # Answered, well inside the client's 5 s: a starved listener never answers. The bound is
+            # loose on purpose (1 s on a quiet machine, 1.3 s seen at a load average of 9).
+            assert slowest < 3.0, slowest
         finally:
             for sock in attackers:
                 sock.close()
