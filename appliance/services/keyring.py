@@ -69,6 +69,9 @@ class KeyRing:
         self._derived: dict[tuple[str, str], bytes] = {}
         self._guards: dict[str, idp.ReplayGuard] = {}
         self._revoked: dict[str, trio.Event] = {}
+        # Counts forget() calls: a caller that read a device may remember it only if nothing
+        # was forgotten meanwhile (else it would cache what was true before the change).
+        self.generation = 0
 
     def key_of(self, device: Device) -> bytes | None:
         """The key ``device`` signs and proves with, or None (it has none yet)."""
@@ -115,6 +118,7 @@ class KeyRing:
     def forget(self, device_id: str | None = None) -> None:
         """A device's key or state changed (all devices: None): drop what was cached and
         wake whoever waits on :meth:`revoked`."""
+        self.generation += 1
         ids = list(self._trusted) + list(self._revoked) if device_id is None else [device_id]
         for i in ids:
             self._trusted.pop(i, None)

@@ -63,8 +63,13 @@ async def _trusted(runtime: Runtime, device_id: str) -> Trusted | None:
     trusted = runtime.keys.cached(device_id)
     if trusted is not None:
         return trusted
+    generation = runtime.keys.generation
     device = await runtime.db.read(partial(get_device, device_id=device_id))
-    return None if device is None else runtime.keys.remember(device)
+    if device is None:
+        return None
+    if runtime.keys.generation != generation:  # its state changed while it was read: not cached
+        return Trusted(device_id=device.id, state=device.state, key=runtime.keys.key_of(device))
+    return runtime.keys.remember(device)
 
 
 async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: bytes = b"") -> str:
