@@ -72,8 +72,9 @@ def test_an_origin_that_is_not_one_is_refused_with_its_path(tmp_path: object, or
     assert "cors.allowed_origins" in str(caught.value)
 
 
-async def test_a_catalog_read_from_a_browser_carries_the_cors_headers(make_config: Callable[..., Config]) -> None:
-    # The catalog reads' short way around the framework leaves a browser's requests to it.
+async def test_a_catalog_read_or_a_command_from_a_browser_carries_the_cors_headers(
+        make_config: Callable[..., Config]) -> None:
+    # The front handlers' short way around the framework leaves a browser's requests to it.
     config = make_config(cors={"allowed_origins": [POS]})
     async with running_box(config) as runtime, httpx.AsyncClient(timeout=10) as client:
         url = f"http://127.0.0.1:{runtime.ports['api']}/v1/products/SKU-1"
@@ -84,3 +85,10 @@ async def test_a_catalog_read_from_a_browser_carries_the_cors_headers(make_confi
         assert browser.headers["access-control-allow-origin"] == POS and "Origin" in browser.headers["vary"]
         assert "access-control-allow-origin" not in till.headers
         assert browser.json() == till.json()
+        url = f"http://127.0.0.1:{runtime.ports['api']}/v1/devices/nobody/commands"
+        command = {"kind": "print", "body": {}}
+        browser = await client.post(url, headers={**auth, "Origin": POS}, json=command)
+        till = await client.post(url, headers=auth, json=command)
+        assert browser.status_code == till.status_code == 404
+        assert browser.headers["access-control-allow-origin"] == POS
+        assert "access-control-allow-origin" not in till.headers and browser.json() == till.json()

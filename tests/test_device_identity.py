@@ -263,6 +263,25 @@ async def test_revoking_a_device_shuts_it_out_at_once(make_config: ConfigFactory
         sims.cancel_scope.cancel()
 
 
+async def test_commands_for_a_device_stop_as_soon_as_it_is_revoked(make_config: ConfigFactory) -> None:
+    # The command route takes an adopted device's state from the key ring's cache: the
+    # revoke must reach it at once, not after some expiry.
+    kds = DeviceSimulator(device_id="kds-1", kind="kds")
+    async with trio.open_nursery() as sims, box(make_config) as rt:
+        port = await serve(sims, kds)
+        await enroll_and_adopt(rt, kds, port)
+        async with httpx.AsyncClient(base_url=url(rt, "api"), headers=ADMIN) as api, \
+                httpx.AsyncClient(base_url=url(rt, "admin")) as admin:
+            for n in range(3):  # the first read remembers it; the next two are served from the cache
+                answer = await api.post("/v1/devices/kds-1/commands", json={"kind": "print", "body": {"n": n}})
+                assert answer.status_code == 201, answer.text
+            assert rt.keys.cached("kds-1") is not None
+            assert (await admin.post("/api/devices/kds-1/revoke", headers=ADMIN)).status_code == 200
+            refused = await api.post("/v1/devices/kds-1/commands", json={"kind": "print", "body": {}})
+            assert refused.status_code == 409 and "rejected" in refused.json()["error"]
+        sims.cancel_scope.cancel()
+
+
 def _links(rt: Runtime) -> set[str]:
     return set(rt.device_links.links)
 

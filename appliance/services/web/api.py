@@ -44,6 +44,7 @@ class _StoreApi(Starlette):
     front: Sequence[Front] = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self  # as Starlette sets it (a request's app.state holds the runtime)
         for answer in self.front:
             if await answer(scope, receive, send):
                 return

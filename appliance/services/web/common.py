@@ -9,15 +9,16 @@ from __future__ import annotations
 import hmac
 import json
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from appliance import __version__
 from appliance.protocol.json_bounds import JsonBoundsError, loads_bounded
@@ -183,6 +184,27 @@ async def read_body(request: Request, limit: int) -> bytes:
     if scope.cancelled_caught:
         raise ApiError(408, f"the body did not arrive within {timeout:g} s")
     return b"".join(chunks)
+
+
+def from_browser(scope: Scope) -> bool:
+    """Whether the request has an ``Origin`` (a browser's): a front handler leaves it to the
+    app, whose CORS middleware answers it (docs/store-api.md, "Speed")."""
+    return any(name == b"origin" for name, _ in scope["headers"])
+
+
+async def answer_in_front(scope: Scope, receive: Receive, send: Send,
+                          endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+    """Answer with ``endpoint`` as a route would, without Starlette's middleware and router:
+    an :class:`ApiError` as its JSON answer; any other exception as Starlette's error
+    middleware does (a 500 for the client, the exception on to the server, which logs it)."""
+    try:
+        response = await endpoint(Request(scope, receive))
+    except ApiError as exc:
+        response = error_response(exc)
+    except Exception:
+        await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+        raise
+    await response(scope, receive, send)
 
 
 def service_app(name: str, runtime: Runtime, routes: Sequence[BaseRoute] = (), *,

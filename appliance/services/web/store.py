@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import Receive, Scope, Send
 
@@ -62,7 +62,7 @@ from appliance.protocol.store_api import (
 )
 from appliance.services.runtime import Runtime
 from appliance.services.timestamps import rfc3339
-from appliance.services.web.common import ApiError, error_response, parse_json, whole_number
+from appliance.services.web.common import ApiError, answer_in_front, from_browser, parse_json, whole_number
 from appliance.services.web.contract import ADMIN, DEVICE, BodyResponse, Documented, errors, path_param
 from appliance.services.web.device_auth import authenticate
 from appliance.services.web.kit import JsonResponse
@@ -101,7 +101,7 @@ def routes(runtime: Runtime) -> Sequence[BaseRoute]:
 
     def one(entity: str, label: str) -> Any:
         async def handler(request: Request) -> Response:
-            return await read_one(runtime, request, entity, label, request.path_params["sku"])
+            return await read_one(runtime, request, entity=entity, label=label, sku=request.path_params["sku"])
 
         return handler
 
@@ -251,7 +251,7 @@ READS: Final = {"/v1/products/": ("product", "product"), "/v1/prices/": ("price"
                 "/v1/stock/": ("stock", "stock record")}
 
 
-async def read_one(runtime: Runtime, request: Request, entity: str, label: str, sku: str) -> Response:
+async def read_one(runtime: Runtime, request: Request, *, entity: str, label: str, sku: str) -> Response:
     """``GET /v1/<entity>/{sku}``: the hot path of every till's scan. Raises ApiError."""
     await authenticate(request, runtime)
     return Response(await _record_json(runtime, entity, label, sku), media_type="application/json")
@@ -277,11 +277,10 @@ async def _record_json(runtime: Runtime, entity: str, label: str, sku: str) -> b
 
 class CatalogReads:
     """A front handler of the store API (:class:`WebParts` ``front``): a ``GET`` of one
-    product, price or stock record is answered here, before Starlette's error and CORS
-    middleware, its router and endpoint wrapper, and the answer goes out as two ASGI
-    messages with no Response object (docs/store-api.md, "Speed"). A request with an
-    ``Origin`` (a browser's: it needs the CORS headers) takes the app's way, whose routes
-    call the same :func:`read_one`, so both ways give the same answers."""
+    product, price or stock record is answered by :func:`read_one` here, before Starlette's
+    error and CORS middleware, its router and endpoint wrapper (docs/store-api.md, "Speed").
+    A request with an ``Origin`` (a browser's: it needs the CORS headers) takes the app's
+    way, whose routes call the same :func:`read_one`, so both ways give the same answers."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -292,24 +291,10 @@ class CatalogReads:
         path: str = scope["path"]
         slash = path.find("/", 4)  # "/v1/<entity>/..."
         read = READS.get(path[:slash + 1]) if slash > 0 else None
-        if read is None or len(path) <= slash + 1:
+        if read is None or len(path) <= slash + 1 or from_browser(scope):
             return False
-        if any(name == b"origin" for name, _ in scope["headers"]):
-            return False
-        try:
-            await authenticate(Request(scope, receive), self.runtime)
-            body = await _record_json(self.runtime, *read, path[slash + 1:])
-        except ApiError as exc:
-            await error_response(exc)(scope, receive, send)
-            return True
-        except Exception:
-            # As Starlette's error middleware does, which this way skips: a 500 for the
-            # client, and the exception on to the server, which logs it.
-            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
-            raise
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        await answer_in_front(scope, receive, send, partial(read_one, self.runtime, entity=read[0], label=read[1],
+                                                            sku=path[slash + 1:]))
         return True
 
 
