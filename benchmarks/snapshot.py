@@ -2,7 +2,7 @@
 products, prices, stock, media), staging it in batches and swapping it in, next to raw
 SQLite ``executemany`` of the same rows.
 
-    python -m benchmarks.snapshot [--products N] [--rounds N] [--cpus 1]
+    python -m benchmarks.snapshot [--products N] [--rounds N] [--lookups] [--cpus 1]
 
 The simulator makes the snapshot once (downloaded over TLS and kept in a file); the naive
 side reads that file, and the ingest reads the same bytes from a file server (TLS) in
@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -35,6 +36,9 @@ import httpx
 import trio
 
 from benchmarks import _cpus
+
+# A product lookup this often while the ingest runs (the store API stays readable).
+LOOKUP_EVERY_S = 0.01
 
 
 def peak_rss_mb() -> float:
@@ -118,15 +122,18 @@ def child_json(module: str, args: Sequence[str]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-async def _ingest(url: str, ca: str, token: str, store: str, state: str) -> dict[str, Any]:
+async def _ingest(args: Sequence[str]) -> dict[str, Any]:
+    """The ingest's child: ``args`` are the replay URL, its CA, the token, the store, the
+    state directory and "lookups" (or "") for the lookups during the ingest."""
     from appliance.config import parse_config
     from appliance.services import heap
     from appliance.services.sync import CloudSync
     from appliance.services.wan import open_client
-    from appliance.storage.catalog import replica_counts
+    from appliance.storage.catalog import get_item_text, replica_counts
     from appliance.storage.pairing import StoreLink
     from appliance.supervisor import open_runtime
 
+    url, ca, token, store, state, probe = args
     config = parse_config({"storage": {"dir": state},
                            "admin": {"token": "bench-admin-token-0123456789", "first_start_ticket": False},
                            "cloud": {"api_url": url, "ca_file": ca, "read_timeout_s": 300.0}})
@@ -134,15 +141,35 @@ async def _ingest(url: str, ca: str, token: str, store: str, state: str) -> dict
     heap.settle()  # as the appliance's process does once it is up (supervisor, before READY)
     baseline = peak_rss_mb()
     link = StoreLink(store_id=store, token=token)
-    async with open_client(url, ca_file=ca, connect_timeout_s=10, read_timeout_s=300) as client:
+    lookups: list[float] = []
+
+    async def look_up() -> None:
+        """The store API's product lookup (a read in trio's thread) every LOOKUP_EVERY_S
+        while the ingest runs: how late each answer is against when it was due."""
+        due = trio.current_time()
+        while True:
+            due += LOOKUP_EVERY_S
+            await trio.sleep_until(due)
+            await runtime.db.read_small(partial(get_item_text, entity="product", key="SKU-000001"))
+            lookups.append(trio.current_time() - due)
+
+    async with open_client(url, ca_file=ca, connect_timeout_s=10, read_timeout_s=300) as client, \
+            trio.open_nursery() as nursery:
+        if probe:
+            nursery.start_soon(look_up)
         sync = CloudSync(runtime, client, proxy=None)
         start = time.perf_counter()
         await sync.read_snapshot(link)
         seconds = time.perf_counter() - start
+        nursery.cancel_scope.cancel()
     counts = await runtime.db.read(replica_counts)
     runtime.db.close()
+    lookups.sort()
     return {"records": sum(counts.values()), "seconds": seconds, "baseline_rss_mb": baseline,
-            "peak_rss_mb": peak_rss_mb(), "swap_s": getattr(sync, "last_swap_s", None)}
+            "peak_rss_mb": peak_rss_mb(), "swap_s": getattr(sync, "last_swap_s", None),
+            "lookups": len(lookups), "lookup_p50_s": lookups[len(lookups) // 2] if lookups else None,
+            "lookup_p99_s": lookups[int(len(lookups) * 0.99)] if lookups else None,
+            "lookup_max_s": lookups[-1] if lookups else None}
 
 
 def _download(url: str, ca: str, token: str, store: str, out: Path) -> float:
@@ -182,12 +209,14 @@ def _raw(body_file: str, state: str) -> dict[str, Any]:
             "parse_and_executemany_s": (parsed - start) + (done - inserting), "peak_rss_mb": peak_rss_mb()}
 
 
-def _round(body: Path, url: str, ca: str, store: str, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _round(body: Path, url: str, ca: str, store: str, root: Path, *, lookups: bool,
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One naive run and one ingest, each in a fresh process and a fresh directory."""
     with tempfile.TemporaryDirectory(dir=root) as raw_dir:
         raw = child_json("benchmarks.snapshot", ["--child", "raw", "--", str(body), raw_dir])
     with tempfile.TemporaryDirectory(dir=root) as box_dir:
-        ingest = child_json("benchmarks.snapshot", ["--child", "ingest", "--", url, ca, "token", store, box_dir])
+        ingest = child_json("benchmarks.snapshot", ["--child", "ingest", "--", url, ca, "token", store, box_dir,
+                                                    "lookups" if lookups else ""])
     return raw, ingest
 
 
@@ -196,6 +225,10 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=1,
                         help="naive side and ingest this many times, alternating; prints each and the medians")
+    parser.add_argument("--lookups", action="store_true",
+                        help=f"also look up a product every {LOOKUP_EVERY_S * 1000:.0f} ms during the ingest (the "
+                             "store API's read) and print how late the answers were (off by default: it shares the "
+                             "loop with the ingest it measures)")
     parser.add_argument("--child", choices=["ingest", "raw", "replay"])
     parser.add_argument("args", nargs="*")
     _cpus.add_option(parser)
@@ -203,7 +236,7 @@ def main() -> None:
     if opts.rounds < 1:
         parser.error("--rounds must be at least 1")
     if opts.child == "ingest":
-        print(json.dumps(trio.run(_ingest, *opts.args)))
+        print(json.dumps(trio.run(_ingest, opts.args)))
         return
     if opts.child == "raw":
         print(json.dumps(_raw(*opts.args)))
@@ -217,7 +250,7 @@ def main() -> None:
         with simulator(root / "tls", opts.products) as sim:
             download_s = _download(sim["url"], sim["ca"], sim["token"], sim["store_id"], body)
         with replay_server(body) as (url, ca):
-            rounds = [_round(body, url, ca, sim["store_id"], root) for _ in range(opts.rounds)]
+            rounds = [_round(body, url, ca, sim["store_id"], root, lookups=opts.lookups) for _ in range(opts.rounds)]
     raw, ingest = rounds[0]
     n = ingest["records"]
     print(f"snapshot of {opts.products} products: {n} records (products, prices, stock, media, config, devices)")
@@ -231,6 +264,11 @@ def main() -> None:
               f"{ingest['baseline_rss_mb']:.0f} MiB, +{ingest['peak_rss_mb'] - ingest['baseline_rss_mb']:.0f})")
         if ingest.get("swap_s") is not None:
             print(f"  the final swap held the writer {ingest['swap_s'] * 1000:.0f} ms (its write, commit included)")
+        if ingest.get("lookups"):
+            print(f"  a product lookup every {LOOKUP_EVERY_S * 1000:.0f} ms during the ingest (the store API's read, "
+                  f"in trio's thread), late against when due: p50 {ingest['lookup_p50_s'] * 1000:.1f} ms, "
+                  f"p99 {ingest['lookup_p99_s'] * 1000:.1f} ms, max {ingest['lookup_max_s'] * 1000:.1f} ms "
+                  f"({ingest['lookups']} lookups)")
         print(f"  raw sqlite executemany, one transaction: {raw['executemany_s']:.2f} s, "
               f"{raw['records'] / raw['executemany_s']:,.0f} rows/s")
         print(f"  raw json parse + executemany:           {raw['parse_and_executemany_s']:.2f} s, "
