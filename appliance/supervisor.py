@@ -42,7 +42,7 @@ from appliance.services.assembly import service_specs
 from appliance.services.board import ServiceState, ServiceStatus
 from appliance.services.firmware import prepare_storage
 from appliance.services.keyring import KeyRing, load_box_key
-from appliance.services.loop_lag import STALL_S, TICK_S, LoopLag, watch_loop
+from appliance.services.loop_lag import STALL_S, TICK_S, LoopLag, hand_back_the_gil, watch_loop
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
 from appliance.services.state import BoundPorts
@@ -182,6 +182,8 @@ class _Supervisor:
         deadline = runtime.config.supervisor.shutdown_deadline_s
         published: Path | None = None
         unwatch: Callable[[], None] | None = None
+        if self.watch_loop:
+            hand_back_the_gil()  # from the start: services start threads of their own
         try:
             async with trio.open_nursery() as root:
                 await root.start(self.watch_signals, root.cancel_scope)
@@ -335,8 +337,9 @@ async def supervise_all(
     """Run ``specs`` under one supervisor until stopped. started() hands back the runtime.
     With ``publish``, the bound ports are published for the tools (:mod:`appliance.storage.running`)
     while it runs; with ``settle_heap``, the start-up heap is frozen once all services are
-    ready (:func:`appliance.services.heap.settle`); with ``watch_loop``, the loop's stalls and
-    the collector's pauses are gauges from then on (:mod:`appliance.services.loop_lag`): all
+    ready (:func:`appliance.services.heap.settle`); with ``watch_loop``, worker threads hand
+    the GIL back to the loop within 1 ms from the start, and the loop's stalls and the
+    collector's pauses are gauges from READY on (:mod:`appliance.services.loop_lag`): all
     three for the process's own box, not a test's."""
     await _Supervisor(runtime, notifier or Notifier(), publish=publish, settle_heap=settle_heap,
                       watch_loop=watch_loop).run(specs, task_status=task_status)

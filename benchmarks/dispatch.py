@@ -52,6 +52,7 @@ from appliance.protocol.channel_codec import (
 from appliance.services import heap
 from appliance.services.device_link import LinkTarget
 from appliance.services.dispatcher import enqueue, run_dispatcher
+from appliance.services.loop_lag import hand_back_the_gil
 from appliance.storage.outbox import enqueue_in
 from appliance.supervisor import open_runtime
 from benchmarks import _cpus
@@ -358,6 +359,7 @@ async def main(args: argparse.Namespace) -> None:
         return paced_schedule(args.devices, args.rate, args.seconds, trio.current_time() + 0.2)
 
     heap.settle()  # every phase runs in a process settled as the appliance's is (run_dispatch again)
+    hand_back_the_gil()  # and with its switch interval
     farm, ports = await _farm(["--serve-devices", str(args.devices)])
     try:
         # Baseline throughput, then latency at the offered load.

@@ -8,6 +8,7 @@ Each test unfreezes in its teardown, so the rest of the test process is not affe
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
 from functools import partial
@@ -17,7 +18,7 @@ import trio
 import trio.testing
 
 from appliance.services import heap
-from appliance.services.loop_lag import STALL_S, TICK_S, LoopLag, watch_loop
+from appliance.services.loop_lag import STALL_S, SWITCH_INTERVAL_S, TICK_S, LoopLag, watch_loop
 from appliance.services.runtime import Runtime
 from appliance.services.spec import ServiceSpec
 from appliance.supervisor import open_runtime, supervise_all
@@ -138,13 +139,15 @@ async def test_the_process_supervisor_shows_stalls_on_metrics(make_config: Confi
         task_status.started()
         await trio.sleep_forever()
 
-    callbacks = len(gc.callbacks)
+    callbacks, interval = len(gc.callbacks), sys.getswitchinterval()
+    assert interval == 0.005  # CPython's default, as the tests run
     runtime = await open_runtime(make_config())
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(supervise_all, runtime, [ServiceSpec(name="steady", run=steady)],
                                         watch_loop=True))
             assert len(gc.callbacks) == callbacks + 1
+            assert sys.getswitchinterval() == SWITCH_INTERVAL_S
             gc.collect()
             text = runtime.metrics.render()
             for name in ("loop_stalls", "loop_longest_stall_seconds"):
@@ -156,3 +159,4 @@ async def test_the_process_supervisor_shows_stalls_on_metrics(make_config: Confi
         assert len(gc.callbacks) == callbacks  # removed at stop
     finally:
         runtime.db.close()
+        sys.setswitchinterval(interval)
