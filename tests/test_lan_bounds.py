@@ -114,6 +114,28 @@ async def test_only_the_box_s_own_host_names_are_served(make_config: ConfigFacto
         assert "allowed_hosts" in refused.json()["error"] and refused.headers["x-frame-options"] == "DENY"
 
 
+async def test_an_answer_before_the_body_s_end_says_the_connection_closes(make_config: ConfigFactory) -> None:
+    # A keep-alive client must not send its next request into a connection the server
+    # closes after the answer (it cannot read past a body it did not take).
+    async with running_box(make_config()) as runtime:
+        port = runtime.ports["api"]
+        head = (b"POST /v1/devices/x/commands HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " +
+                TOKEN.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{")
+        refused = await raw_exchange(port, head)
+        assert refused.startswith(b"HTTP/1.1 413") and b"\r\nconnection: close\r\n" in refused.lower(), refused
+        # A body taken whole keeps the connection (the 404: no such device).
+        body = b'{"kind": "print", "body": {}}'
+        whole = (b"POST /v1/devices/x/commands HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " +
+                 TOKEN.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: " +
+                 str(len(body)).encode() + b"\r\n\r\n" + body)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(whole)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += await stream.receive_some(65536)
+        assert got.startswith(b"HTTP/1.1 404") and b"connection: close" not in got.lower(), got
+
+
 def test_host_rules() -> None:
     names = frozenset({"box", "box.local"})
     assert host_allowed(None, names)  # HTTP/1.0 without Host: no browser sends that

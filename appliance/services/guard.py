@@ -52,6 +52,7 @@ SECURITY_HEADERS: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b"referrer-policy", b"no-referrer"),
     (b"x-content-type-options", b"nosniff"),
 )
+_CLOSE: Final = ((b"connection", b"close"),)
 _INLINE_SCRIPT: Final = re.compile(rb"<script>(.*?)</script>", re.S)
 
 
@@ -146,9 +147,27 @@ def guard(app: ASGIApp, *, names: frozenset[str], budget: BodyBudget, max_body_b
             return
 
         held: list[Message] = []
+        # A request whose body has not all been received when its answer starts (a 413 on its
+        # declared length, a 401 before the body is read): the server cannot read the next
+        # request on that connection and closes it after the answer, so the answer says so
+        # (RFC 9112 9.6). Without it a keep-alive client sends its next request into a
+        # connection being closed, and gets no answer.
+        unread = scope["type"] == "http" and (headers.get(b"content-length", b"0") not in (b"0", b"")
+                                              or b"transfer-encoding" in headers)
+        if unread:
+            inner = receive
+
+            async def receive() -> Message:
+                nonlocal unread
+                message = await inner()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    unread = False
+                return message
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if unread:
+                    message = _with_headers(message, _CLOSE)
                 ctype = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
                 if ctype.startswith(b"text/html"):
                     held.append(message)  # its CSP depends on the page's scripts: sent with the body
