@@ -44,6 +44,7 @@ from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -352,6 +353,27 @@ class _TCPServer(TCPServer):
         self._idle = _IdleTimer(self.config.keep_alive_timeout, self.context.terminated.wait,
                                 self._initiate_server_close)
         self.idle_task = self._idle  # type: ignore[assignment]
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        # As hypercorn's, but the send lock, when free, is taken without a checkpoint:
+        # ``async with`` yields to the scheduler even then, a pass of the run queue for each
+        # of the three writes of every answer (the lock's line alone was 2.7% of the event
+        # loop's samples under 50 clients); the send itself is still a checkpoint.
+        try:
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.stream.send_all(event.data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+        finally:
+            self.send_lock.release()
 
     async def _read_data(self) -> None:
         try:
