@@ -133,6 +133,7 @@ async def _ingest(args: Sequence[str]) -> dict[str, Any]:
     state directory and "lookups" (or "") for the lookups during the ingest."""
     from appliance.config import parse_config
     from appliance.services import heap
+    from appliance.services.loop_lag import hand_back_the_gil
     from appliance.services.sync import CloudSync
     from appliance.services.wan import open_client
     from appliance.storage.catalog import get_item_text, replica_counts
@@ -145,6 +146,7 @@ async def _ingest(args: Sequence[str]) -> dict[str, Any]:
                            "cloud": {"api_url": url, "ca_file": ca, "read_timeout_s": 300.0}})
     runtime = await open_runtime(config)
     heap.settle()  # as the appliance's process does once it is up (supervisor, before READY)
+    hand_back_the_gil()  # the process's switch interval, as the appliance's supervisor sets it
     baseline = peak_rss_mb()
     link = StoreLink(store_id=store, token=token)
     lookups: list[float] = []
