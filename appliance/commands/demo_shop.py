@@ -118,32 +118,36 @@ async def _kiosk(runtime: Runtime, options: DemoOptions, key: bytes, say: Callab
     rng = random.Random(options.seed)
     api = f"http://127.0.0.1:{runtime.ports['api']}"
     async with httpx.AsyncClient(base_url=api, auth=DeviceAuth(KIOSK, key), timeout=10.0) as client:
-        for n in itertools.count(1):
+        n, order, summary = 1, None, ""
+        while True:
             await trio.sleep(options.order_every_s)
-            try:
-                page = await client.get("/v1/products", params={"limit": 50})
-            except httpx.HTTPError as exc:
-                say(f"kiosk: the box did not answer: {exc!r}")
-                continue
-            if page.status_code != 200 or not page.json().get("items"):
-                say("kiosk: waiting for the catalog to arrive from the cloud")
-                continue
-            items = rng.sample(page.json()["items"], k=min(2, len(page.json()["items"])))
-            lines = []
-            for item in items:
-                price = await client.get(f"/v1/prices/{item['sku']}")
-                cents = price.json().get("amount_cents", 100) if price.status_code == 200 else 100
-                lines.append({"sku": item["sku"], "name": item.get("name", ""), "qty": rng.randint(1, 3),
-                              "unit_price_cents": cents})
-            order = {"id": f"kiosk-{runtime.appliance_id[-6:]}-{n:05d}", "device_id": KIOSK, "currency": "EUR",
-                     "total_cents": sum(line["qty"] * line["unit_price_cents"] for line in lines), "lines": lines}
-            summary = ", ".join(f"{line['qty']} x {line['name'] or line['sku']}" for line in lines)
+            if order is None:  # a new order; one the box did not answer is posted again, same id
+                try:
+                    page = await client.get("/v1/products", params={"limit": 50})
+                except httpx.HTTPError as exc:
+                    say(f"kiosk: the box did not answer: {exc!r}")
+                    continue
+                if page.status_code != 200 or not page.json().get("items"):
+                    say("kiosk: waiting for the catalog to arrive from the cloud")
+                    continue
+                items = rng.sample(page.json()["items"], k=min(2, len(page.json()["items"])))
+                lines = []
+                for item in items:
+                    price = await client.get(f"/v1/prices/{item['sku']}")
+                    cents = price.json().get("amount_cents", 100) if price.status_code == 200 else 100
+                    lines.append({"sku": item["sku"], "name": item.get("name", ""), "qty": rng.randint(1, 3),
+                                  "unit_price_cents": cents})
+                order = {"id": f"kiosk-{runtime.appliance_id[-6:]}-{n:05d}", "device_id": KIOSK, "currency": "EUR",
+                         "total_cents": sum(line["qty"] * line["unit_price_cents"] for line in lines),
+                         "lines": lines}
+                summary = ", ".join(f"{line['qty']} x {line['name'] or line['sku']}" for line in lines)
             try:
                 answer = await client.post("/v1/orders", json=order)
             except httpx.HTTPError as exc:
-                say(f"kiosk: order {order['id']} not taken: {exc!r}")
+                say(f"kiosk: order {order['id']} not taken: {exc!r}; posting it again")
                 continue
             say(f"kiosk: order {order['id']} ({summary}) -> box: HTTP {answer.status_code}")
+            n, order = n + 1, None
 
 
 async def _online_orders(sim: SimHandle, options: DemoOptions, say: Callable[[str], None]) -> None:
