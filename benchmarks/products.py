@@ -1,7 +1,7 @@
 """``GET /v1/products/{sku}`` on the store API under 50 concurrent keep-alive clients, next to
 a bare hypercorn hello-world (same hypercorn, same trio worker) in the same run; the same
 lookups signed by devices (docs/device-api.md) next to the admin bearer token, on the same
-appliance process, in alternating rounds. Requests are built before each measured window,
+appliance process; the three take their rounds in turn. Requests are built before each measured window,
 so the box's cost is measured, not the load generator's signing.
 
     python -m benchmarks.products [--clients 50] [--seconds 5] [--products 10000] [--cpus 1]
@@ -248,7 +248,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--products", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating bearer/signed rounds (median reported)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of each variant (box, signed, hello-world), alternating; medians")
     parser.add_argument("--hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
     _cpus.add_option(parser)
     opts = parser.parse_args()
@@ -272,29 +273,31 @@ def _bench(opts: argparse.Namespace) -> None:
             "bare hypercorn hello-world": (hello_port, [sys.executable, "-m", "benchmarks.products", "--hello",
                                                         str(hello_port)], lambda: "/"),
         }
-        for name, (port, argv, paths) in servers.items():
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
+        # Both servers run for the whole benchmark and take their rounds in turn (hello-world,
+        # the box with the bearer token, the box signed by a device), so that the machine's
+        # load falls on every variant alike; each variant's median round is reported.
+        procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for _, argv, _ in servers.values()]
+        try:
+            for port, _, _ in servers.values():
                 trio.run(_wait_port, port)
-                if port != box_port:
-                    results[name] = trio.run(partial(_load, port, paths, opts.clients, opts.seconds, opts.warmup,
-                                                     pid=proc.pid))
-                    continue
-                # The same process, the same lookups, with the bearer token and signed by a
-                # device, in alternating rounds so that the machine's load falls on both alike;
-                # each variant's median round is reported.
-                rounds: dict[str, list[dict[str, float]]] = {name: [], "  ... signed by a device": []}
-                for _ in range(opts.rounds):
-                    for label, make in ((name, _bearer), ("  ... signed by a device", _signed)):
-                        rounds[label].append(trio.run(partial(_load, port, paths, opts.clients, opts.seconds,
-                                                              opts.warmup, make=make, pid=proc.pid)))
-                for label, runs in rounds.items():
-                    results[label] = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-            finally:
+            signed_label = "  ... signed by a device"
+            variants = [(name, port, paths, _bearer, proc.pid)
+                        for (name, (port, _, paths)), proc in zip(servers.items(), procs, strict=True)]
+            variants.insert(1, (signed_label, box_port, variants[0][2], _signed, procs[0].pid))
+            rounds: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in variants}
+            for _ in range(opts.rounds):
+                for label, port, paths, make, pid in variants:
+                    rounds[label].append(trio.run(partial(_load, port, paths, opts.clients, opts.seconds,
+                                                          opts.warmup, make=make, pid=pid)))
+            for label, runs in rounds.items():
+                results[label] = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+        finally:
+            for proc in procs:
                 proc.terminate()
                 proc.wait(15)
     print(f"{opts.clients} concurrent keep-alive clients, {opts.seconds:g} s after {opts.warmup:g} s warm-up "
-          f"(appliance: median of {opts.rounds} alternating rounds per variant; requests built beforehand):")
+          f"(median of {opts.rounds} rounds per variant, the variants alternating; requests built beforehand):")
     for name, r in results.items():
         print(f"  {name:34} {r['rps']:8,.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms   "
               f"server CPU {r['cpu_us']:5.0f} us/request")
