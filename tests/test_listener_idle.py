@@ -17,6 +17,7 @@ from appliance.services.http import ConnectionCaps, _CappedListener, _serve, bin
 
 KEEP_ALIVE_S = 0.4
 SLOW_S = 1.0  # an answer that takes longer than the idle timeout
+READ_S = 1.5  # no byte for this long closes the connection (the read timeout; > SLOW_S)
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -27,6 +28,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     if scope["path"] == "/slow":
         await trio.sleep(SLOW_S)
+    if scope["path"] == "/body":  # read the body whole first
+        while (await receive()).get("more_body"):
+            pass
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -39,6 +43,7 @@ async def listener() -> AsyncIterator[tuple[int, trio.Event, ConnectionCaps]]:
     capped = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role="api")
     cfg = HypercornConfig()
     cfg.keep_alive_timeout = KEEP_ALIVE_S
+    cfg.read_timeout = READ_S  # type: ignore[assignment]  # a float works
     cfg.graceful_timeout = 5
     cfg.accesslog = None
     stopping = trio.Event()
@@ -131,3 +136,23 @@ async def test_a_stop_closes_idle_connections_and_lets_a_request_in_progress_fin
                 while chunk := await busy.receive_some(65536):
                     got += chunk
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
+
+
+async def test_a_body_whose_bytes_stop_is_cut_at_the_read_timeout_and_one_that_trickles_is_not() -> None:
+    async with listener() as (port, _, _caps):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stopped:
+            await stopped.send_all(b"POST /body HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n12")
+            assert READ_S - 0.1 < await closed_after(stopped, limit_s=5) < READ_S + 0.5
+        async with await trio.open_tcp_stream("127.0.0.1", port) as trickling:
+            # A byte every 0.6 x the timeout, for 2.4 times it in all: the deadline moves with each.
+            await trickling.send_all(b"POST /body HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\n")
+            for byte in b"1234":
+                await trio.sleep(READ_S * 0.6)
+                await trickling.send_all(bytes([byte]))
+            got = b""
+            with trio.fail_after(5):
+                while not got.endswith(b"ok"):
+                    chunk = await trickling.receive_some(65536)
+                    assert chunk, f"closed before the answer: {got!r}"
+                    got += chunk
+            assert got.startswith(b"HTTP/1.1 200"), got
