@@ -1,19 +1,25 @@
 """A listener's idle timer (appliance/services/http.py, ``_IdleTimer``), against real
-hypercorn on loopback: a connection closes once idle for ``keep_alive_timeout_s`` counted
-from its last answer, never during a slow answer; a client that leaves ends its connection
-at once; a stop closes the idle connections and lets a request in progress finish."""
+hypercorn on loopback, and the same bounds in the store API's own HTTP/1.1 loop
+(appliance/services/h11_serving.py; each test runs against both): a connection closes once
+idle for ``keep_alive_timeout_s`` counted from its last answer, never during a slow answer;
+a client that leaves ends its connection at once; a stop closes the idle connections and
+lets a request in progress finish; no byte for the read timeout closes it."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
+import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from appliance.services.http import ConnectionCaps, _CappedListener, _serve, bind_tcp
+
+pytestmark = pytest.mark.parametrize("own_h11", [False, True], ids=["hypercorn", "own_h11"])
 
 KEEP_ALIVE_S = 0.4
 SLOW_S = 1.0  # an answer that takes longer than the idle timeout
@@ -36,7 +42,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @asynccontextmanager
-async def listener() -> AsyncIterator[tuple[int, trio.Event, ConnectionCaps]]:
+async def listener(own_h11: bool) -> AsyncIterator[tuple[int, trio.Event, ConnectionCaps]]:
     sock = bind_tcp("127.0.0.1", 0, role="api")
     port = sock.getsockname()[1]
     caps = ConnectionCaps(total=100, per_source=100)
@@ -48,7 +54,7 @@ async def listener() -> AsyncIterator[tuple[int, trio.Event, ConnectionCaps]]:
     cfg.accesslog = None
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:
-        await nursery.start(_serve, app, cfg, capped, stopping)
+        await nursery.start(partial(_serve, app, cfg, capped, stopping, own_h11=own_h11))
         yield port, stopping, caps
         stopping.set()
 
@@ -73,7 +79,7 @@ async def closed_after(stream: trio.SocketStream, limit_s: float) -> float:
 
 
 def connection_tasks() -> int:
-    """Tasks serving a connection (hypercorn's ``TCPServer.run``, under trio's handler)."""
+    """Tasks serving a connection (hypercorn's ``TCPServer.run`` or ``serve_h11``, under trio's handler)."""
     count = 0
     todo = [trio.lowlevel.current_root_task()]
     while todo:
@@ -83,8 +89,8 @@ def connection_tasks() -> int:
     return count
 
 
-async def test_an_idle_connection_closes_after_the_timeout_counted_from_its_last_answer() -> None:
-    async with listener() as (port, _, _caps):
+async def test_an_idle_connection_closes_after_the_timeout_counted_from_its_last_answer(own_h11: bool) -> None:
+    async with listener(own_h11) as (port, _, _caps):
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
             # Requests more often than the timeout, for longer than it: the deadline moves.
             for _ in range(6):
@@ -94,21 +100,21 @@ async def test_an_idle_connection_closes_after_the_timeout_counted_from_its_last
         assert KEEP_ALIVE_S / 2 - 0.1 < idle < KEEP_ALIVE_S + 0.5, idle
 
 
-async def test_a_slow_answer_is_not_cut_by_the_idle_timeout() -> None:
-    async with listener() as (port, _, _caps), await trio.open_tcp_stream("127.0.0.1", port) as stream:
+async def test_a_slow_answer_is_not_cut_by_the_idle_timeout(own_h11: bool) -> None:
+    async with listener(own_h11) as (port, _, _caps), await trio.open_tcp_stream("127.0.0.1", port) as stream:
         await ask(stream, "/slow")  # longer than the timeout: the connection is not idle meanwhile
         await ask(stream)  # and it is still open for the next request
         assert await closed_after(stream, limit_s=5) < KEEP_ALIVE_S + 0.5
 
 
-async def test_a_head_that_never_ends_is_cut_at_the_timeout() -> None:
-    async with listener() as (port, _, _caps), await trio.open_tcp_stream("127.0.0.1", port) as stream:
+async def test_a_head_that_never_ends_is_cut_at_the_timeout(own_h11: bool) -> None:
+    async with listener(own_h11) as (port, _, _caps), await trio.open_tcp_stream("127.0.0.1", port) as stream:
         await stream.send_all(b"GET / HTTP/1.1\r\nX-Slow: ")
         assert await closed_after(stream, limit_s=5) < KEEP_ALIVE_S + 0.5
 
 
-async def test_a_client_that_leaves_ends_its_connection_at_once() -> None:
-    async with listener() as (port, _, caps):
+async def test_a_client_that_leaves_ends_its_connection_at_once(own_h11: bool) -> None:
+    async with listener(own_h11) as (port, _, caps):
         before = connection_tasks()
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await ask(stream)
@@ -122,8 +128,8 @@ async def test_a_client_that_leaves_ends_its_connection_at_once() -> None:
         assert caps.open == 0
 
 
-async def test_a_stop_closes_idle_connections_and_lets_a_request_in_progress_finish() -> None:
-    async with listener() as (port, stopping, _caps):
+async def test_a_stop_closes_idle_connections_and_lets_a_request_in_progress_finish(own_h11: bool) -> None:
+    async with listener(own_h11) as (port, stopping, _caps):
         async with await trio.open_tcp_stream("127.0.0.1", port) as idle, \
                 await trio.open_tcp_stream("127.0.0.1", port) as busy:
             await ask(idle)
@@ -138,8 +144,8 @@ async def test_a_stop_closes_idle_connections_and_lets_a_request_in_progress_fin
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
 
 
-async def test_a_body_whose_bytes_stop_is_cut_at_the_read_timeout_and_one_that_trickles_is_not() -> None:
-    async with listener() as (port, _, _caps):
+async def test_a_body_whose_bytes_stop_is_cut_at_the_read_timeout_and_one_that_trickles_is_not(own_h11: bool) -> None:
+    async with listener(own_h11) as (port, _, _caps):
         async with await trio.open_tcp_stream("127.0.0.1", port) as stopped:
             await stopped.send_all(b"POST /body HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n12")
             assert READ_S - 0.1 < await closed_after(stopped, limit_s=5) < READ_S + 0.5

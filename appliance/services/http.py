@@ -54,6 +54,7 @@ from starlette.types import ASGIApp
 
 from appliance.config import LISTENER_ROLES
 from appliance.services.guard import allowed_host_names, guard
+from appliance.services.h11_serving import IdleConnections, serve_h11
 from appliance.services.runtime import Runtime
 
 __all__ = ["BindError", "ConnectionCaps", "bind_tcp", "effective_connection_cap", "raise_descriptor_limit",
@@ -81,12 +82,9 @@ _NO_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 # HTTP/2 by upgrade (RFC 7540 §3.2) or by prior knowledge (§3.4), anywhere in the stream.
 _HTTP2: Final = re.compile(rb"(?i)\nupgrade:[^\r\n]*h2c|(?:^|\n)PRI \* HTTP/2")
 _HTTP2_TAIL: Final = 64  # bytes kept between reads so a match split by a read is seen
-# A response head announcing a body (hypercorn writes header names as the app gave them).
-_SIZED: Final = re.compile(rb"(?i)\r\ncontent-length:[ \t]*0*[1-9]")
-# Listeners whose answers are small and whole (the store API's JSON): their response head
-# leaves with its body in one write. Not the streaming ones (events, media, support), whose
-# head must not wait for a body that may come late.
-_COALESCED_ROLES: Final = frozenset({"api"})
+# Listeners served by our own HTTP/1.1 loop on h11 (services/h11_serving.py) instead of
+# hypercorn's protocol: the store API, whose small JSON answers it made most of the work.
+_OWN_H11_ROLES: Final = frozenset({"api"})
 
 
 class BindError(Exception):
@@ -180,30 +178,14 @@ class ConnectionCaps:
         self._room.unpark_all()
 
 
-def _is_sized_head(data: bytes | bytearray | memoryview) -> bool:
-    """Whether ``data`` is a whole HTTP/1.1 response head announcing a body of 1 byte or more."""
-    return bytes(data[:9]) == b"HTTP/1.1 " and bytes(data[-4:]) == b"\r\n\r\n" \
-        and _SIZED.search(bytes(data)) is not None
-
-
 class _Connection(trio.abc.HalfCloseableStream):
-    """An admitted connection: gives its place back when closed; refuses HTTP/2.
+    """An admitted connection: gives its place back when closed; refuses HTTP/2."""
 
-    With ``coalesce``, a response head that announces a body is held until hypercorn's next
-    write (the body, or the empty write that ends every response: h11's EndOfMessage) and
-    leaves with it in one ``send()``: hypercorn writes head, body and end separately, each
-    through its send lock, a shielded scope and two checkpoints, and on the store API's
-    small answers those writes were a third of the event loop's time (docs/store-api.md,
-    "Speed")."""
-
-    def __init__(self, stream: trio.SocketStream, caps: ConnectionCaps, source: str, *,
-                 coalesce: bool = False) -> None:
+    def __init__(self, stream: trio.SocketStream, caps: ConnectionCaps, source: str) -> None:
         self.socket = stream.socket  # hypercorn reads the addresses from it
         self._stream, self._caps, self._source = stream, caps, source
         self._released = False
         self._tail = b"\n"  # as if a line had just ended: the first request line is checked too
-        self._coalesce = coalesce
-        self._head = b""  # a response head held for the body that follows it
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         data = await self._stream.receive_some(max_bytes)
@@ -222,26 +204,12 @@ class _Connection(trio.abc.HalfCloseableStream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._head:
-            data, self._head = self._head + bytes(data), b""
-        elif self._coalesce and _is_sized_head(data):
-            self._head = bytes(data)
-            await trio.lowlevel.checkpoint()  # still a checkpoint, as a send is
-            return
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
-    @property
-    def holds_head(self) -> bool:
-        """Whether a response head waits here for its body's write."""
-        return bool(self._head)
-
     async def send_eof(self) -> None:
-        if self._head:
-            head, self._head = self._head, b""
-            await self._stream.send_all(head)
         await self._stream.send_eof()
 
     async def aclose(self) -> None:
@@ -252,9 +220,8 @@ class _Connection(trio.abc.HalfCloseableStream):
 
 
 class _CappedListener(trio.abc.Listener[_Connection]):
-    def __init__(self, inner: trio.SocketListener, caps: ConnectionCaps, *, role: str,
-                 coalesce: bool = False) -> None:
-        self._inner, self._caps, self._role, self._coalesce = inner, caps, role, coalesce
+    def __init__(self, inner: trio.SocketListener, caps: ConnectionCaps, *, role: str) -> None:
+        self._inner, self._caps, self._role = inner, caps, role
         self._last_log = -_LOG_EVERY_S
         self._quiet = 0
 
@@ -271,7 +238,7 @@ class _CappedListener(trio.abc.Listener[_Connection]):
                 continue
             source = _source_of(stream)
             if self._caps.admit(source):
-                return _Connection(stream, self._caps, source, coalesce=self._coalesce)
+                return _Connection(stream, self._caps, source)
             _reset(stream)
             self._note(f"connection from {source} refused: {self._caps.by_source[source]} open from that address "
                        f"(cap {self._caps.per_source})")
@@ -363,7 +330,7 @@ class _TCPServer(TCPServer):
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
-        if not event.data and not self.stream.holds_head:  # a _Connection (see _CappedListener)
+        if not event.data:
             # The empty write that ends every Content-Length answer (h11's EndOfMessage):
             # nothing to send, and a lock, a shielded scope and a send's checkpoints to skip.
             return
@@ -443,27 +410,34 @@ def hypercorn_config(runtime: Runtime) -> HypercornConfig:
 
 
 async def _serve(app: ASGIApp, cfg: HypercornConfig, listener: _CappedListener, stopping: trio.Event, *,
-                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                 own_h11: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """``own_h11``: connections served by :func:`~appliance.services.h11_serving.serve_h11`
+    rather than hypercorn's (the store API's; lifespan and stop are hypercorn's all the same)."""
     wrapped = wrap_app(app, cfg.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, cfg, lifespan_state)
     context = WorkerContext(None)
+    idle = IdleConnections()
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
+        handler: Callable[[_Connection], Awaitable[object]]
+        if own_h11:
+            handler = partial(serve_h11, app, cfg, idle, lifespan_state.copy())  # type: ignore[arg-type]
+        else:
+            handler = partial(_TCPServer, wrapped, cfg, context, ConnectionState(lifespan_state.copy()))
         async with trio.open_nursery() as connections:
             task_status.started()
             try:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(raise_shutdown, stopping.wait)
-                    accepting.start_soon(partial(
-                        trio.serve_listeners,
-                        partial(_TCPServer, wrapped, cfg, context, ConnectionState(lifespan_state.copy())),
-                        [listener], handler_nursery=connections))
+                    accepting.start_soon(partial(trio.serve_listeners, handler, [listener],
+                                                 handler_nursery=connections))
             except* ShutdownError:
                 pass
             finally:
                 await context.terminated.set()
+                idle.close_all()
                 connections.cancel_scope.deadline = trio.current_time() + cfg.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
@@ -490,8 +464,7 @@ async def run_listener(
     http = runtime.config.http
     caps = ConnectionCaps(total=effective_connection_cap(http.max_connections),
                           per_source=http.max_connections_per_source)
-    listener = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role=role,
-                               coalesce=role in _COALESCED_ROLES)
+    listener = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role=role)
     guarded = guard(app, names=allowed_host_names(http.allowed_hosts), budget=runtime.body_budget,
                     max_body_bytes=http.max_body_bytes, wait_s=http.body_timeout_s,
                     requests=None if role in _STREAMING_ROLES else trio.CapacityLimiter(http.max_requests_in_progress))
@@ -500,7 +473,8 @@ async def run_listener(
             cfg = hypercorn_config(runtime)
             if quiet_clients:
                 cfg.read_timeout = None
-            await nursery.start(_serve, guarded, cfg, listener, runtime.stopping)
+            await nursery.start(partial(_serve, guarded, cfg, listener, runtime.stopping,
+                                        own_h11=role in _OWN_H11_ROLES))
             runtime.ports.bind(role, bound)
             log.info("listening on %s:%d for %s (at most %d connections, %d per address)", host, bound, role,
                      caps.total, caps.per_source)

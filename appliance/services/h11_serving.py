@@ -1,0 +1,335 @@
+"""The store API listener's HTTP/1.1 connections, served on h11 by one task each.
+
+hypercorn serves every other listener. For the store API's small JSON answers its
+per-request machinery was most of the box's work (docs/store-api.md, "Speed"): a task and a
+memory channel per request, the request and response each passed through three layers of
+event objects, three writes each through a lock and a shielded scope, an idle timer
+rearmed per request. Here one task per connection does it all in turn: wait for a request
+head (h11 parses it), call the ASGI app in the same task, whose ``receive`` reads the body
+from the socket as the app asks for it, and send the answer's head and body in one write.
+There is no pipelining to serve concurrently (HTTP/1.1 answers in order anyway).
+
+The bounds are hypercorn's, from the same Config (docs/hardening.md):
+
+- the request head must be complete within ``keep_alive_timeout`` from accept and from the
+  end of the previous answer; at most ``h11_max_incomplete_size`` bytes of it (431);
+- no byte from the client for ``read_timeout`` while one is awaited closes the connection;
+- a malformed request gets h11's status (400...) with ``Connection: close``, then the close;
+- after ``keep_alive_max_requests`` answers the connection closes (``Connection: close``);
+- once the server stops, an idle connection is closed at once, and a request in progress is
+  answered and its connection then closed (the listener's nursery bounds how long).
+
+The listener's own bounds stay where they were: connection caps, HTTP/2 refused and the
+place given back on a client's leaving (``_CappedListener`` and ``_Connection`` in
+``services/http.py``); Host, bodies, requests in progress, security headers and the early
+answer's ``Connection: close`` (the guard, ``services/guard.py``).
+
+Differences from hypercorn a client can see: none on the wire but the order in which the
+answer's bytes leave (head and body in one segment). Reading stops while the app works (a
+client that leaves during a request is seen at the answer's write, not before), and
+``receive()`` after the whole body reads on for the client's leaving, as hypercorn's does.
+
+Errors: a peer's doing (bad bytes, a timeout, a reset) ends its connection only; an
+exception from the app is logged as hypercorn logs it ("Error in ASGI Framework") and
+answered 500 if no answer had started (else the connection is closed), and never ends the
+listener.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from math import inf
+from typing import Any, Final
+from urllib.parse import unquote
+from wsgiref.handlers import format_date_time
+
+import h11
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.typing import LifespanState
+from hypercorn.utils import parse_socket_addr, suppress_body
+
+__all__ = ["IdleConnections", "serve_h11"]
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+App = Callable[[dict[str, Any], Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+               Awaitable[None]]
+
+# One receive: as hypercorn's (MAX_RECV).
+_RECEIVE_BYTES: Final = 65536
+# A pipelined client's bytes read ahead (while an app waits on receive() after the body) are
+# kept up to this; beyond it reading waits for the answer.
+_READ_AHEAD_BYTES: Final = 65536
+_ASGI: Final = {"spec_version": "2.1", "version": "3.0"}
+_DISCONNECT: Final = {"type": "http.disconnect"}
+_LAST_CHUNK: Final = {"type": "http.request", "body": b"", "more_body": False}
+
+
+class IdleConnections:
+    """A listener's connections waiting for a request head: closed at once when the server
+    stops (:meth:`close_all`); a connection that goes idle after that closes by itself."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._waiting: set[trio.CancelScope] = set()
+
+    def close_all(self) -> None:
+        self.stopping = True
+        for scope in self._waiting:
+            scope.cancel()
+
+    def enter(self, scope: trio.CancelScope) -> None:
+        self._waiting.add(scope)
+
+    def leave(self, scope: trio.CancelScope) -> None:
+        self._waiting.discard(scope)
+
+
+class _Gone(Exception):
+    """The client left, reset, sent nothing for the read timeout, or broke the protocol
+    (its error answer, if one was due, already sent): the connection ends."""
+
+
+class _Date:
+    """The Date header's value, made once a second rather than per answer."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second, self._value = second, format_date_time(second).encode("ascii")
+        return self._value
+
+
+_DATE: Final = _Date()
+
+
+async def serve_h11(app: App, config: HypercornConfig, idle: IdleConnections, state: LifespanState,
+                    stream: trio.abc.HalfCloseableStream) -> None:
+    """Serve one accepted connection until it ends; closes ``stream``. Never raises for
+    what the peer or the app did (Cancelled passes)."""
+    connection = _H11Connection(app, config, idle, state, stream)
+    try:
+        await connection.run()
+    finally:
+        with trio.CancelScope(shield=True):  # both are immediate on a socket
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                await stream.send_eof()
+            await stream.aclose()
+
+
+class _H11Connection:
+    def __init__(self, app: App, config: HypercornConfig, idle: IdleConnections, state: LifespanState,
+                 stream: trio.abc.HalfCloseableStream) -> None:
+        self.app, self.config, self.idle, self.state, self.stream = app, config, idle, state, stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=config.h11_max_incomplete_size)
+        sock = stream.socket  # type: ignore[attr-defined]  # the listener's streams carry their socket
+        self.client = parse_socket_addr(sock.family, sock.getpeername())
+        self.server = parse_socket_addr(sock.family, sock.getsockname())
+        self.read_s = config.read_timeout or inf
+        self.extra_headers: list[tuple[bytes, bytes]] = []
+        if config.include_server_header:
+            self.extra_headers.append((b"server", b"hypercorn-h11"))
+        self.answers = 0
+        self.broken = False  # the stream cannot carry more (a failed or cut write, the peer gone)
+        # The request being answered:
+        self.method = ""
+        self.start: Message | None = None  # its http.response.start, until the head is sent
+        self.head_sent = False
+        self.body_done = False  # the request's body has all been read
+        self.answered = False  # the answer is complete
+
+    async def run(self) -> None:
+        try:
+            while True:
+                request = await self._next_request()
+                if request is None:
+                    return
+                await self._answer(request)
+                self._end_of_request()
+                if self.broken or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE \
+                        or self.idle.stopping:
+                    return
+                self.h11.start_next_cycle()
+        except _Gone:
+            return
+
+    async def _receive_some(self) -> bytes:
+        """Bytes from the client, within the read timeout; _Gone if none come."""
+        with trio.CancelScope(deadline=trio.current_time() + self.read_s) as reading:
+            try:
+                data = await self.stream.receive_some(_RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.broken = True
+                raise _Gone from exc
+        if reading.cancelled_caught:
+            self.broken = True
+            raise _Gone
+        return bytes(data)
+
+    async def _next_event(self) -> Any:
+        """h11's next event, reading as needed; a malformed request is answered and _Gone."""
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not self.head_sent:
+                    await self._send_error(exc.error_status_hint)
+                self.broken = True
+                raise _Gone from exc
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self._receive_some()
+            self.h11.receive_data(data)  # b"": the client has closed its side; h11 says what follows
+
+    async def _next_request(self) -> h11.Request | None:
+        """The next request's head, within the keep-alive timeout; None when the connection
+        should end (the client left, the server stops, the head did not come in time)."""
+        if self.idle.stopping:
+            return None
+        with trio.CancelScope(deadline=trio.current_time() + self.config.keep_alive_timeout) as waiting:
+            self.idle.enter(waiting)
+            try:
+                event = await self._next_event()
+            finally:
+                self.idle.leave(waiting)
+        if waiting.cancelled_caught:
+            return None
+        return event if isinstance(event, h11.Request) else None  # ConnectionClosed, PAUSED: the end
+
+    async def _answer(self, request: h11.Request) -> None:
+        self.method = request.method.decode("ascii").upper()
+        self.start, self.head_sent, self.answered = None, False, False
+        self.body_done = self.h11.their_state is not h11.SEND_BODY
+        path, _, query = request.target.partition(b"?")
+        scope = {
+            "type": "http", "http_version": request.http_version.decode(), "asgi": _ASGI,
+            "method": self.method, "scheme": "http", "path": unquote(path.decode("ascii")), "raw_path": path,
+            "query_string": query, "root_path": self.config.root_path, "headers": list(request.headers),
+            "client": self.client, "server": self.server, "state": self.state.copy(), "extensions": {},
+        }
+        self.answers += 1
+        try:
+            await self.app(scope, self._receive, self._send)
+        except Exception:  # noqa: BLE001  (the app's bug: logged, this request answered 500, the listener goes on)
+            await self.config.log.exception("Error in ASGI Framework")
+        if not self.answered and not self.broken:
+            if self.head_sent:
+                self.broken = True  # an answer cut short: the client must see the connection end
+            else:
+                await self._send_error(500)
+
+    def _end_of_request(self) -> None:
+        """Take the rest of the request from what was read (a GET's end, a body the app did
+        not ask for), never reading more: whatever is missing, the connection then ends."""
+        try:
+            while self.h11.their_state is h11.SEND_BODY:
+                if self.h11.next_event() in (h11.NEED_DATA, h11.PAUSED):
+                    return
+        except h11.RemoteProtocolError:
+            self.broken = True
+
+    async def _receive(self) -> Message:
+        if self.body_done:
+            return await self._wait_for_leaving()
+        if self.h11.they_are_waiting_for_100_continue:
+            await self._write(self._out(h11.InformationalResponse(status_code=100, headers=self._extra_headers())))
+        try:
+            event = await self._next_event()
+        except _Gone:
+            self.body_done = True
+            return _DISCONNECT
+        if isinstance(event, h11.Data):
+            return {"type": "http.request", "body": bytes(event.data), "more_body": True}
+        self.body_done = True
+        if isinstance(event, h11.EndOfMessage):
+            return _LAST_CHUNK
+        self.broken = True  # ConnectionClosed mid-body
+        return _DISCONNECT
+
+    async def _wait_for_leaving(self) -> Message:
+        """``receive()`` after the body: an ASGI app awaits it for the client's leaving."""
+        if self.answered or self.broken:
+            return _DISCONNECT
+        while len(self.h11.trailing_data[0]) < _READ_AHEAD_BYTES:
+            try:
+                data = await self._receive_some()
+            except _Gone:
+                return _DISCONNECT
+            if not data:
+                self.broken = True
+                return _DISCONNECT
+            self.h11.receive_data(data)  # a pipelined request's bytes: kept for its turn
+        await trio.sleep_forever()  # the client sends on without reading: wait for the answer's end
+        raise AssertionError("unreachable")
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and self.start is None and not self.head_sent:
+            self.start = message
+        elif kind == "http.response.body" and self.start is not None:
+            if self.broken or self.answered:
+                return
+            body = bytes(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+            out = b""
+            if not self.head_sent:
+                out = self._head(self.start)
+                self.head_sent = True
+            if body and not suppress_body(self.method, int(self.start["status"])):
+                out += self._out(h11.Data(data=body))
+            if not more:
+                out += self._out(h11.EndOfMessage())
+                self.answered = True
+            if out:
+                await self._write(out)
+        elif kind == "http.response.body" and self.answered:
+            return
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} (answer started: {self.start is not None})")
+
+    def _head(self, start: Message) -> bytes:
+        headers = [(bytes(name).strip(), bytes(value).strip()) for name, value in start.get("headers", ())]
+        headers.extend(self._extra_headers())
+        if self.answers >= self.config.keep_alive_max_requests or self.idle.stopping:
+            headers.append((b"connection", b"close"))
+        return self._out(h11.Response(status_code=int(start["status"]), headers=headers))
+
+    def _out(self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage) -> bytes:
+        return self.h11.send(event) or b""  # None only for ConnectionClosed, never sent here
+
+    def _extra_headers(self) -> list[tuple[bytes, bytes]]:
+        if self.config.include_date_header:
+            return [(b"date", _DATE.now()), *self.extra_headers]
+        return self.extra_headers
+
+    async def _send_error(self, status: int) -> None:
+        """An answer of ours with no body that closes the connection (as hypercorn's)."""
+        try:
+            data = self._out(h11.Response(status_code=status, headers=[
+                (b"content-length", b"0"), (b"connection", b"close"), *self._extra_headers()]))
+            data += self._out(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            self.broken = True
+            return
+        self.head_sent = self.answered = True
+        await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken = True
+        except BaseException:
+            self.broken = True  # cut mid-write (cancelled): what the client got is not a whole answer
+            raise

@@ -1,0 +1,258 @@
+"""The store API's own HTTP/1.1 loop (appliance/services/h11_serving.py) on loopback, as
+hypercorn serves: requests in order on one connection, a malformed or oversized head
+answered and closed, an app's failure answered 500 (or its connection cut) without ending
+the listener, streamed and HEAD answers, ``Expect: 100-continue``, the last request a
+connection may carry, a body the app did not read, and the store API itself over
+keep-alive. Its timeouts and stop are in tests/test_listener_idle.py (run against both
+servers)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import h11
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from appliance.services.http import ConnectionCaps, _CappedListener, _serve, bind_tcp
+from appliance.services.runtime import Runtime
+from tests.sync_helpers import StartBox, api_client
+
+pytest_plugins = ["tests.sync_fixtures"]
+
+MAX_REQUESTS = 5
+
+
+class AppFailed(Exception):
+    pass
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    path = scope["path"]
+    if path == "/boom":
+        raise AppFailed("before the answer")
+    if path == "/none":
+        return
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"x-path", path.encode())]}
+    if path == "/echo":
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({**start, "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    if path in ("/stream", "/cut"):
+        await send(start)
+        await send({"type": "http.response.body", "body": b"one,", "more_body": True})
+        if path == "/cut":
+            raise AppFailed("in the middle of the answer")
+        await send({"type": "http.response.body", "body": b"two", "more_body": False})
+        return
+    if path == "/boom-late":
+        await send(start)
+        raise AppFailed("after the answer's start")
+    await send({**start, "headers": [*start["headers"], (b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def served() -> AsyncIterator[int]:
+    sock = bind_tcp("127.0.0.1", 0, role="api")
+    port = sock.getsockname()[1]
+    capped = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                             ConnectionCaps(total=100, per_source=100), role="api")
+    cfg = HypercornConfig()
+    cfg.keep_alive_timeout = 5
+    cfg.keep_alive_max_requests = MAX_REQUESTS
+    cfg.h11_max_incomplete_size = 4096
+    cfg.graceful_timeout = 5
+    cfg.accesslog = None
+    stopping = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(_serve, app, cfg, capped, stopping, own_h11=True))
+        yield port
+        stopping.set()
+
+
+class Client:
+    """One connection, its requests and answers through h11's client side."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+        head = [("host", "127.0.0.1"), *headers]
+        if body or method == "POST":
+            head.append(("content-length", str(len(body))))
+        out = self.h11.send(h11.Request(method=method, target=path, headers=head)) or b""
+        if body:
+            out += self.h11.send(h11.Data(data=body)) or b""
+        return out + (self.h11.send(h11.EndOfMessage()) or b"")
+
+    async def answer(self) -> tuple[h11.Response, bytes]:
+        """The next answer whole: its head and body."""
+        response: h11.Response | None = None
+        body = b""
+        with trio.fail_after(5):
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    self.h11.receive_data(await self.stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    assert response is not None
+                    if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+                        self.h11.start_next_cycle()
+                    return response, body
+                else:
+                    raise AssertionError(f"unexpected {event!r}")
+
+
+async def closed(stream: trio.SocketStream) -> bytes:
+    """What the server sends until it closes the connection (fails if it does not, in 5 s)."""
+    got = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            got += chunk
+    return got
+
+
+def header(response: h11.Response, name: bytes) -> bytes | None:
+    return next((v for k, v in response.headers if k == name), None)
+
+
+async def test_requests_sent_together_are_answered_in_order_on_one_connection() -> None:
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /first HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                              b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 8\r\n\r\nthe body"
+                              b"GET /third HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        client = Client(stream)  # its h11 is told of each request (already sent) to read its answer
+        client.request("GET", "/first")
+        first, body = await client.answer()
+        assert (first.status_code, header(first, b"x-path"), body) == (200, b"/first", b"ok")
+        client.request("POST", "/echo", b"the body")
+        second, body = await client.answer()
+        assert (second.status_code, body) == (200, b"the body")
+        client.request("GET", "/third")
+        third, body = await client.answer()
+        assert (third.status_code, header(third, b"x-path")) == (200, b"/third")
+
+
+@pytest.mark.parametrize(("wire", "status"), [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 5000, 431),  # and still no end to it
+])
+async def test_a_malformed_or_oversized_head_is_answered_and_its_connection_closed(wire: bytes, status: int) -> None:
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(wire)
+        got = await closed(stream)
+        assert got.startswith(f"HTTP/1.1 {status} ".encode()), got
+        assert b"\r\nconnection: close\r\n" in got.lower(), got
+
+
+async def test_an_app_s_failure_is_answered_500_and_the_listener_serves_on(caplog: pytest.LogCaptureFixture) -> None:
+    async with served() as port:
+        for path in ("/boom", "/none", "/boom-late"):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                client = Client(stream)
+                await stream.send_all(client.request("GET", path))
+                response, _ = await client.answer()
+                assert response.status_code == 500, path
+                assert header(response, b"connection") == b"close"
+                assert await closed(stream) == b""
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            client = Client(stream)
+            await stream.send_all(client.request("GET", "/"))
+            assert (await client.answer())[1] == b"ok"
+    assert [r.getMessage() for r in caplog.records].count("Error in ASGI Framework") == 2  # /boom, /boom-late
+
+
+async def test_an_answer_cut_short_ends_its_connection() -> None:
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /cut HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got = await closed(stream)
+        assert got.startswith(b"HTTP/1.1 200 ") and b"\r\ntransfer-encoding: chunked\r\n" in got.lower(), got
+        assert b"one," in got and not got.endswith(b"0\r\n\r\n"), got  # no last chunk: the client sees it cut
+
+
+async def test_a_streamed_answer_is_chunked_and_a_head_request_gets_no_body() -> None:
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        client = Client(stream)
+        await stream.send_all(client.request("GET", "/stream"))
+        response, body = await client.answer()
+        assert header(response, b"transfer-encoding") == b"chunked" and body == b"one,two"
+        await stream.send_all(client.request("HEAD", "/"))
+        response, body = await client.answer()
+        assert (response.status_code, header(response, b"content-length"), body) == (200, b"2", b"")
+        await stream.send_all(client.request("GET", "/"))  # and the connection goes on
+        assert (await client.answer())[1] == b"ok"
+
+
+async def test_a_client_expecting_100_continue_gets_it_when_the_app_reads_the_body() -> None:
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                              b"Expect: 100-continue\r\n\r\n")
+        got = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in got:
+                got += await stream.receive_some(65536)
+        assert got.startswith(b"HTTP/1.1 100 "), got
+        await stream.send_all(b"hello")
+        with trio.fail_after(5):
+            while not got.endswith(b"hello"):
+                got += await stream.receive_some(65536)
+        assert b"HTTP/1.1 200 " in got
+
+
+async def test_the_last_request_a_connection_may_carry_is_answered_with_its_close() -> None:
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        client = Client(stream)
+        for n in range(1, MAX_REQUESTS + 1):
+            await stream.send_all(client.request("GET", "/"))
+            response, _ = await client.answer()
+            assert header(response, b"connection") == (b"close" if n == MAX_REQUESTS else None), n
+        assert await closed(stream) == b""
+
+
+async def test_a_body_the_app_did_not_read_keeps_the_connection_only_if_it_had_all_arrived() -> None:
+    async with served() as port:
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            client = Client(stream)
+            await stream.send_all(client.request("POST", "/", b"unread"))
+            assert (await client.answer())[1] == b"ok"
+            await stream.send_all(client.request("GET", "/"))
+            assert (await client.answer())[1] == b"ok"
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nonly some")
+            got = await closed(stream)
+            assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"ok"), got
+
+
+async def test_the_store_api_answers_whole_over_keep_alive(start_box: StartBox) -> None:
+    box: Runtime = await start_box()
+    async with api_client(box) as api:
+        for _ in range(3):  # one connection, answers of every kind in turn
+            assert (await api.get("/v1/products/none")).status_code == 503
+            assert (await api.head("/v1/openapi.json")).status_code == 200
+            answer = await api.get("/v1/openapi.json")
+            assert answer.status_code == 200 and answer.json()["openapi"] == "3.1.0"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{box.ports['api']}", http2=False) as raw:
+        assert (await raw.get("/healthz")).json()["status"] == "ok"
