@@ -22,6 +22,7 @@ from hypercorn.config import Config as HypercornConfig
 from appliance.services.http import ConnectionCaps, _CappedListener, _serve, bind_tcp
 from appliance.services.runtime import Runtime
 from tests.sync_helpers import StartBox, api_client
+from tests.test_listener_idle import app as lifespan_of_the_idle_tests
 
 pytest_plugins = ["tests.sync_fixtures"]
 
@@ -34,9 +35,7 @@ class AppFailed(Exception):
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+        await lifespan_of_the_idle_tests(scope, receive, send)
         return
     path = scope["path"]
     if path == "/boom":
