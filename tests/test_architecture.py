@@ -121,7 +121,7 @@ def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
 SERVICES_PLUMBING = {
     "runtime", "state", "board", "metrics", "signal", "spec", "timestamps", "http", "netif", "systemd",
     "wan", "servicebus", "queue_consumer", "device_link", "media_files", "event_hub", "keyring", "guard",
-    "budget", "download", "i18n",
+    "budget", "download", "i18n", "h11_serving",
 }
 # The services a feature service is built on (besides the plumbing).
 BUILT_ON = {
