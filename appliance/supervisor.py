@@ -324,6 +324,10 @@ def _core_metrics(runtime: Runtime) -> None:
     m.gauge("storage_durable_commits", "database commits since start that waited for the disk (an fsync each); "
             "the others hold what the box repairs by itself after a power cut (the device channel's records)",
             lambda: float(db.durable_groups))
+    m.gauge("storage_checkpoints", "WAL checkpoints since start made beside the writer (storage.checkpoints), "
+            "so that no commit waits for one", lambda: float(db.checkpoints))
+    m.gauge("storage_checkpoints_holding_writer", "of them, those that held the writer for their last pages: "
+            "writes so steady that the WAL reached its bound", lambda: float(db.checkpoints_holding_writer))
 
 
 async def supervise_all(

@@ -209,8 +209,15 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
     def acked() -> int:
         return sum(s.acked for s in board.all())
 
+    checkpoints = trio.CancelScope()
+
+    async def checkpointer(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with checkpoints:  # as the box's storage.checkpoints service: the WAL copied beside the writer
+            await runtime.db.run_checkpoints(task_status=task_status)
+
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(checkpointer)
             await nursery.start(partial(run_dispatcher, runtime, adopted=lambda conn: targets))
             heap.settle()  # as the process does once it is up (appliance.supervisor.run)
 
@@ -275,6 +282,7 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
                       "enqueue": [enqueued[i] - at for i, at in due.items()],
                       "sent->acked": [ack_at[i] - sent_at[i] for i in due]}
             runtime.stopping.set()
+            checkpoints.cancel()
     finally:
         runtime.db.close()
     return burst_s, latencies, commit_s, stages

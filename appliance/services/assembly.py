@@ -24,6 +24,7 @@ from appliance.health.firewall import firewall_check
 from appliance.health.listeners import listener_checks
 from appliance.health.system import system_checks
 from appliance.health.wan import WanChecks
+from appliance.services.checkpoints import run_checkpoints
 from appliance.services.discovery import run_device_registry, run_discovery
 from appliance.services.dispatcher import run_dispatcher
 from appliance.services.event_log import run_event_log
@@ -120,6 +121,9 @@ def service_specs(runtime: Runtime) -> list[ServiceSpec]:
     specs: list[ServiceSpec] = []
     # The log ring first, so every other service's records reach it (docs/support.md).
     specs.append(ServiceSpec(name="logs.ring", run=run_log_ring, core=False))
+    # The WAL's checkpoints beside the writer, before anything writes much: no commit then pays
+    # for one (appliance/storage/db.py); not core: SQLite's own checkpoint is on without it.
+    specs.append(ServiceSpec(name="storage.checkpoints", run=run_checkpoints, core=False))
     # The device dispatcher first (docs/architecture.md, "Start order"): commands flow to devices before anything
     # can enqueue more; graceful: on stop it waits for the acks of what is in flight.
     specs.append(ServiceSpec(name="dispatcher", run=run_dispatcher, core=True, graceful=True))

@@ -23,6 +23,15 @@ waiting for the disk (``synchronous=NORMAL``; a process crash loses nothing, the
 the kernel's cache). A group with any durable write is durable, and a durable commit makes
 every commit before it durable too (the WAL is one sequence, synced up to its end).
 
+Checkpoints: SQLite copies the WAL back into the database file every
+:data:`WAL_CHECKPOINT_PAGES` pages. Left to itself it does so inside the commit that
+crosses the threshold, so one caller (at 100 commands/s, an enqueue 2-3 times in 10 s)
+waited for the copy and the database file's fsync as well as its own. While
+:meth:`Database.run_checkpoints` runs (the box runs it as a service from the start), the
+writer does not checkpoint; a connection of its own does, beside the writer, once a commit
+leaves the WAL past the threshold (see the method). Without it (command-line tools,
+tests) SQLite's own checkpoint stays on.
+
 Cancellation: a write that has been taken into a group runs to completion (trio's
 ``abandon_on_cancel=False``) and its caller gets the result, the cancel taking effect at
 its next checkpoint: a cancelled caller never leaves a half-done transaction. A write
@@ -35,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +55,19 @@ import trio
 
 from appliance.storage.schema import migrate
 
-__all__ = ["DATABASE_FILE", "GROUP_MAX", "PAGE_SIZE", "WAL_CHECKPOINT_PAGES", "Database", "StorageError", "connect"]
+__all__ = [
+    "CHECKPOINT_RETRY_S",
+    "DATABASE_FILE",
+    "GROUP_MAX",
+    "PAGE_SIZE",
+    "WAL_CHECKPOINT_PAGES",
+    "WAL_MAX_PAGES",
+    "Database",
+    "StorageError",
+    "WalState",
+    "connect",
+    "read_wal_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +90,12 @@ PAGE_SIZE: Final = 1024
 # SQLite's default (1000 pages of 4 KiB), so a hot page rewritten by many commits reaches
 # the database file once per checkpoint rather than four times.
 WAL_CHECKPOINT_PAGES: Final = 4096
+# The WAL's bound while the background checkpointer runs: past it, a checkpoint holds the
+# writer for the pages it has left to copy (see Database.run_checkpoints).
+WAL_MAX_PAGES: Final = 2 * WAL_CHECKPOINT_PAGES
+# A checkpoint that could not copy the whole WAL (a reader still on an older snapshot) is
+# tried again after this long, not after every commit.
+CHECKPOINT_RETRY_S: Final = 0.1
 # The most writes one group commit takes: bounds how long one transaction holds the writer
 # (256 enqueues are a few ms of SQL) and so how long the last of them waits for its answer.
 GROUP_MAX: Final = 256
@@ -116,6 +144,40 @@ class _Write:
         return self.result
 
 
+@attrs.frozen(kw_only=True)
+class WalState:
+    """The WAL as its index says: ``frames`` valid frames (pages written since the WAL
+    last restarted), of which ``backfilled`` are copied into the database file."""
+
+    frames: int
+    backfilled: int
+
+
+# The wal-index header at the start of the -shm file (https://www.sqlite.org/walformat.html),
+# in the machine's byte order: the last valid frame (mxFrame) at byte 16, and after the two
+# 48-byte copies of the header, the frames checkpointed (nBackfill) at byte 96. Read to know
+# when the WAL is due for a checkpoint: Python's sqlite3 has no sqlite3_wal_hook.
+_WAL_INDEX = struct.Struct("=16xI76xI")
+_WAL_INDEX_VERSION = struct.Struct("=I")
+_WAL_INDEX_VERSION_3007000: Final = 3007000
+
+
+def read_wal_state(shm_fd: int) -> WalState | None:
+    """The WAL's state from the wal-index (the -shm file open as ``shm_fd``); None if the
+    index is not one this code knows (then the caller leaves checkpoints to SQLite)."""
+    data = os.pread(shm_fd, _WAL_INDEX.size, 0)
+    if len(data) < _WAL_INDEX.size or _WAL_INDEX_VERSION.unpack_from(data)[0] != _WAL_INDEX_VERSION_3007000:
+        return None
+    frames, backfilled = _WAL_INDEX.unpack(data)
+    return WalState(frames=frames, backfilled=backfilled)
+
+
+def _checkpoint_passive(conn: sqlite3.Connection) -> None:
+    """Copy what the WAL holds into the database file, without waiting for the writer or
+    any reader (SQLite's PASSIVE mode: frames a reader may still need stay in the WAL)."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
 def _use_page_size(conn: sqlite3.Connection, path: Path) -> None:
     """Rewrite a database made with another page size (by an earlier version) to
     :data:`PAGE_SIZE`: once, at open, before anyone else reads it (VACUUM is one
@@ -150,6 +212,13 @@ class Database:
         self._reader_slots = trio.Semaphore(len(readers))
         self._reader_pick = threading.Lock()
         self.schema_version: int = writer.execute("PRAGMA user_version").fetchone()[0]
+        # The background checkpointer's (run_checkpoints): the -shm file, the WAL's state
+        # after the last group, the event that wakes the checkpointer, and its rounds.
+        self._shm_fd: int | None = None
+        self._wal = WalState(frames=0, backfilled=0)
+        self._checkpoint_due: trio.Event | None = None
+        self.checkpoints = 0
+        self.checkpoints_holding_writer = 0
         # Called (in trio, not the worker thread) after each commit of :meth:`write`: the
         # event-log service wakes on it to push what the transaction logged.
         self._commit_hooks: list[Callable[[], None]] = []
@@ -238,6 +307,8 @@ class Database:
                             taken.done.set()
                         for hook in self._commit_hooks:
                             hook()
+                        if self._checkpoint_due is not None and self._wal.frames >= WAL_CHECKPOINT_PAGES:
+                            self._checkpoint_due.set()
         finally:
             self._write_lock.release()
         return cast(T, job.outcome())
@@ -246,6 +317,16 @@ class Database:
         """Run every write of ``group`` in one transaction (each in a savepoint when there
         are several) and commit it once; each write's result or exception is stored on it.
         In the worker thread."""
+        try:
+            self._run_group(group)
+        finally:
+            if self._shm_fd is not None:  # the background checkpointer runs: how full is the WAL now?
+                try:
+                    self._wal = read_wal_state(self._shm_fd) or self._wal
+                except OSError as exc:  # the writes are committed: their callers get their results
+                    log.warning("database %s: cannot read the WAL index: %s", self.path, exc)
+
+    def _run_group(self, group: list[_Write]) -> None:
         conn = self._writer
         try:
             self._use_synchronous("FULL" if any(job.durable for job in group) else "NORMAL")
@@ -298,6 +379,82 @@ class Database:
         if level != self._synchronous:
             self._writer.execute(f"PRAGMA synchronous = {level}")
             self._synchronous = level
+
+    async def run_checkpoints(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Checkpoint the WAL beside the writer until cancelled: the writer's own
+        checkpoint is off meanwhile (and back on when this returns).
+
+        Once a commit leaves :data:`WAL_CHECKPOINT_PAGES` frames or more in the WAL, a
+        connection of its own copies them into the database file (PASSIVE: the writer goes
+        on committing, readers go on reading), and again after each later commit until the
+        copy is whole when a commit begins: that commit starts the WAL again from its
+        beginning (at 100 commands/s, within a round or two). Writes that never pause long
+        enough for that (a steady stream of group commits) take the WAL to
+        :data:`WAL_MAX_PAGES`; the copy then holds the writer for the last few pages, so the
+        WAL stays bounded. A reader still on an older snapshot keeps its frames in the WAL;
+        the copy is tried again :data:`CHECKPOINT_RETRY_S` later.
+
+        Cancellation: a copy under way finishes first (a few ms to a few hundred on a slow
+        disk); a crash in the middle of one loses nothing (SQLite's own recovery)."""
+        conn = await trio.to_thread.run_sync(connect, self.path)
+        try:
+            with trio.CancelScope(shield=True):
+                started = await self._background_checkpoints(True)
+            if not started:
+                log.warning("database %s: unknown WAL index; SQLite checkpoints in the writer's commits", self.path)
+                task_status.started()
+                await trio.sleep_forever()
+            task_status.started()
+            while True:
+                due = self._checkpoint_due
+                assert due is not None
+                await due.wait()
+                self._checkpoint_due = trio.Event()
+                before = self._wal_state()
+                if before is None or before.frames < WAL_CHECKPOINT_PAGES or before.backfilled >= before.frames:
+                    continue  # nothing to copy: the next commit starts the WAL again
+                if before.frames < WAL_MAX_PAGES:
+                    await trio.to_thread.run_sync(_checkpoint_passive, conn)
+                else:
+                    async with self._write_lock:
+                        await trio.to_thread.run_sync(_checkpoint_passive, conn)
+                    self.checkpoints_holding_writer += 1
+                self.checkpoints += 1
+                after = self._wal_state()
+                if after is not None and after.frames >= before.frames and after.backfilled <= before.backfilled:
+                    await trio.sleep(CHECKPOINT_RETRY_S)  # no progress: a reader holds older frames
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._background_checkpoints(False)
+            conn.close()
+
+    def _wal_state(self) -> WalState | None:
+        return None if self._shm_fd is None else read_wal_state(self._shm_fd)
+
+    async def _background_checkpoints(self, on: bool) -> bool:
+        """Turn the writer's own checkpoint off (``on``) or back on, with the writer held
+        (so no group reads the -shm descriptor while it opens or closes); False if the WAL
+        index is unknown (the writer keeps its own)."""
+        async with self._write_lock:
+            return await trio.to_thread.run_sync(self._set_background_checkpoints, on)
+
+    def _set_background_checkpoints(self, on: bool) -> bool:
+        if self._shm_fd is not None:
+            os.close(self._shm_fd)
+            self._shm_fd, self._checkpoint_due = None, None
+        if on:
+            try:
+                fd = os.open(f"{self.path}-shm", os.O_RDONLY)
+            except OSError:
+                return self._set_background_checkpoints(False)
+            wal = read_wal_state(fd)
+            if wal is None:
+                os.close(fd)
+                on = False
+            else:
+                self._shm_fd, self._checkpoint_due, self._wal = fd, trio.Event(), wal
+        self._writer.execute(f"PRAGMA wal_autocheckpoint = {0 if on else WAL_CHECKPOINT_PAGES}")
+        return on
 
     def on_commit(self, hook: Callable[[], None]) -> Callable[[], None]:
         """Call ``hook()`` after every committed :meth:`write`; returns the remover.
