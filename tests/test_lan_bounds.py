@@ -15,6 +15,7 @@ import base64
 import hashlib
 import re
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -181,6 +182,24 @@ async def test_a_source_over_its_cap_is_reset_and_others_are_served(make_config:
         again = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
                                    source="127.0.0.2")
         assert again.startswith(b"HTTP/1.1 200")  # places come back when connections close
+
+
+async def test_connections_reset_before_they_are_served_end_alone(make_config: ConfigFactory) -> None:
+    # A client that connects and resets at once: the listener accepts a socket whose peer is
+    # already gone (its address can no longer be read). Each such connection ends by itself;
+    # no listener stops and no service crashes.
+    config = make_config()
+    async with running_box(config) as runtime, httpx.AsyncClient(headers=AUTH) as client:
+        for role in LISTENER_ROLES:
+            for _ in range(20):  # connected and reset before the listener's task runs again
+                sock = socket.create_connection(("127.0.0.1", runtime.ports[role]))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            await trio.sleep(0.1)
+        for role in LISTENER_ROLES:
+            assert (await client.get(url(runtime, role))).status_code == 200, role
+        services = (await client.get(url(runtime, "admin", "/api/status"))).json()["services"]
+        assert all(s["crashes"] == 0 and s["state"] in ("running", "disabled") for s in services), services
 
 
 async def test_dripping_bodies_and_heads_are_cut_off_in_bounded_time(make_config: ConfigFactory) -> None:

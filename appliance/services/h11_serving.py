@@ -116,9 +116,12 @@ async def serve_h11(app: App, config: HypercornConfig, idle: IdleConnections, st
                     stream: trio.abc.HalfCloseableStream) -> None:
     """Serve one accepted connection until it ends; closes ``stream``. Never raises for
     what the peer or the app did (Cancelled passes)."""
-    connection = _H11Connection(app, config, idle, state, stream)
     try:
-        await connection.run()
+        # A peer that reset before its connection was served has no address left to read
+        # (ENOTCONN): its connection ends here, as hypercorn's does, and nothing else.
+        with contextlib.suppress(OSError):
+            connection = _H11Connection(app, config, idle, state, stream)
+            await connection.run()
     finally:
         with trio.CancelScope(shield=True):  # both are immediate on a socket
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
