@@ -60,6 +60,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             raise AppFailed("in the middle of the answer")
         await send({"type": "http.response.body", "body": b"two", "more_body": False})
         return
+    if path == "/inject":  # a header value that would start another header
+        await send({**start, "headers": [(b"location", b"/x\r\nset-cookie: a=1")]})
+        await send({"type": "http.response.body", "body": b"never"})
+        return
     if path == "/boom-late":
         await send(start)
         raise AppFailed("after the answer's start")
@@ -169,19 +173,20 @@ async def test_a_malformed_or_oversized_head_is_answered_and_its_connection_clos
 
 async def test_an_app_s_failure_is_answered_500_and_the_listener_serves_on(caplog: pytest.LogCaptureFixture) -> None:
     async with served() as port:
-        for path in ("/boom", "/none", "/boom-late"):
+        for path in ("/boom", "/none", "/boom-late", "/inject"):
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 client = Client(stream)
                 await stream.send_all(client.request("GET", path))
                 response, _ = await client.answer()
                 assert response.status_code == 500, path
                 assert header(response, b"connection") == b"close"
+                assert header(response, b"set-cookie") is None
                 assert await closed(stream) == b""
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
             client = Client(stream)
             await stream.send_all(client.request("GET", "/"))
             assert (await client.answer())[1] == b"ok"
-    assert [r.getMessage() for r in caplog.records].count("Error in ASGI Framework") == 2  # /boom, /boom-late
+    assert [r.getMessage() for r in caplog.records].count("Error in ASGI Framework") == 3  # /boom, /boom-late, /inject
 
 
 async def test_an_answer_cut_short_ends_its_connection() -> None:
@@ -255,3 +260,15 @@ async def test_the_store_api_answers_whole_over_keep_alive(start_box: StartBox) 
             assert answer.status_code == 200 and answer.json()["openapi"] == "3.1.0"
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{box.ports['api']}", http2=False) as raw:
         assert (await raw.get("/healthz")).json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("wire", [
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+])
+async def test_a_client_that_will_not_keep_the_connection_gets_its_answer_and_the_close(wire: bytes) -> None:
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(wire)
+        got = await closed(stream)
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\nok"), got
+        assert b"\r\nconnection: close\r\n" in got, got

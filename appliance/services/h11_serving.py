@@ -50,7 +50,9 @@ import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import LifespanState
-from hypercorn.utils import parse_socket_addr, suppress_body
+from hypercorn.utils import parse_socket_addr
+
+from appliance.protocol.http_answer import Answer, AnswerError, bare_answer
 
 __all__ = ["IdleConnections", "serve_h11"]
 
@@ -133,7 +135,6 @@ class _H11Connection:
     def __init__(self, app: App, config: HypercornConfig, idle: IdleConnections, state: LifespanState,
                  stream: trio.abc.HalfCloseableStream) -> None:
         self.app, self.config, self.idle, self.state, self.stream = app, config, idle, state, stream
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=config.h11_max_incomplete_size)
         sock = stream.socket  # type: ignore[attr-defined]  # the listener's streams carry their socket
         self.client = parse_socket_addr(sock.family, sock.getpeername())
         self.server = parse_socket_addr(sock.family, sock.getsockname())
@@ -141,14 +142,27 @@ class _H11Connection:
         self.extra_headers: list[tuple[bytes, bytes]] = []
         if config.include_server_header:
             self.extra_headers.append((b"server", b"hypercorn-h11"))
+        self.h11 = self._parser(b"", closed=False)
         self.answers = 0
         self.broken = False  # the stream cannot carry more (a failed or cut write, the peer gone)
         # The request being answered:
         self.method = ""
-        self.start: Message | None = None  # its http.response.start, until the head is sent
-        self.head_sent = False
-        self.body_done = False  # the request's body has all been read
-        self.answered = False  # the answer is complete
+        self.http10 = False
+        self.keep_alive = True  # the request lets the connection carry another after it
+        self.continued = False  # a "100 Continue" was sent for it
+        self.body_done = False  # its body has all been read
+        self.answer: Answer | None = None  # from its http.response.start on
+
+    def _parser(self, data: bytes, *, closed: bool) -> h11.Connection:
+        """A new h11 parser for the next request, given the bytes already read past the last.
+        h11 parses requests only: answers are written by :class:`Answer`, so a request's
+        parser is not reused (its side of the exchange never reaches DONE)."""
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size)
+        if data:
+            parser.receive_data(data)
+        if closed:
+            parser.receive_data(b"")
+        return parser
 
     async def run(self) -> None:
         try:
@@ -158,10 +172,11 @@ class _H11Connection:
                     return
                 await self._answer(request)
                 self._end_of_request()
-                if self.broken or self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE \
-                        or self.idle.stopping:
+                if self.broken or not self.keep_alive or self.answer is None or not self.answer.done \
+                        or self.answer.close or self.h11.their_state is not h11.DONE or self.idle.stopping:
                     return
-                self.h11.start_next_cycle()
+                data, closed = self.h11.trailing_data
+                self.h11 = self._parser(data, closed=closed)
         except _Gone:
             return
 
@@ -184,8 +199,8 @@ class _H11Connection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not self.head_sent:
-                    await self._send_error(exc.error_status_hint)
+                if self.answer is None or not self.answer.started:
+                    await self._write(bare_answer(exc.error_status_hint, self._extra_headers()))
                 self.broken = True
                 raise _Gone from exc
             if event is not h11.NEED_DATA:
@@ -198,6 +213,7 @@ class _H11Connection:
         should end (the client left, the server stops, the head did not come in time)."""
         if self.idle.stopping:
             return None
+        self.answer = None
         with trio.CancelScope(deadline=trio.current_time() + self.config.keep_alive_timeout) as waiting:
             self.idle.enter(waiting)
             try:
@@ -210,13 +226,18 @@ class _H11Connection:
 
     async def _answer(self, request: h11.Request) -> None:
         self.method = request.method.decode("ascii").upper()
-        self.start, self.head_sent, self.answered = None, False, False
+        self.http10 = request.http_version < b"1.1"
+        headers = list(request.headers)
+        # As h11 keeps a connection (RFC 9112 §9.3): not after HTTP/1.0, nor Connection: close.
+        self.keep_alive = not self.http10 and not any(
+            name == b"connection" and b"close" in value.lower() for name, value in headers)
+        self.continued = False
         self.body_done = self.h11.their_state is not h11.SEND_BODY
         path, _, query = request.target.partition(b"?")
         scope = {
             "type": "http", "http_version": request.http_version.decode(), "asgi": _ASGI,
             "method": self.method, "scheme": "http", "path": unquote(path.decode("ascii")), "raw_path": path,
-            "query_string": query, "root_path": self.config.root_path, "headers": list(request.headers),
+            "query_string": query, "root_path": self.config.root_path, "headers": headers,
             "client": self.client, "server": self.server, "state": self.state.copy(), "extensions": {},
         }
         self.answers += 1
@@ -224,11 +245,13 @@ class _H11Connection:
             await self.app(scope, self._receive, self._send)
         except Exception:  # noqa: BLE001  (the app's bug: logged, this request answered 500, the listener goes on)
             await self.config.log.exception("Error in ASGI Framework")
-        if not self.answered and not self.broken:
-            if self.head_sent:
-                self.broken = True  # an answer cut short: the client must see the connection end
-            else:
-                await self._send_error(500)
+        if self.broken or (self.answer is not None and self.answer.done):
+            return
+        if self.answer is not None and self.answer.started:
+            self.broken = True  # an answer cut short: the client must see the connection end
+        else:
+            self.keep_alive = False
+            await self._write(bare_answer(500, self._extra_headers()))
 
     def _end_of_request(self) -> None:
         """Take the rest of the request from what was read (a GET's end, a body the app did
@@ -243,8 +266,9 @@ class _H11Connection:
     async def _receive(self) -> Message:
         if self.body_done:
             return await self._wait_for_leaving()
-        if self.h11.they_are_waiting_for_100_continue:
-            await self._write(self._out(h11.InformationalResponse(status_code=100, headers=self._extra_headers())))
+        if self.h11.they_are_waiting_for_100_continue and not self.continued and self.answer is None:
+            self.continued = True
+            await self._write(b"HTTP/1.1 100 \r\n\r\n")
         try:
             event = await self._next_event()
         except _Gone:
@@ -260,7 +284,7 @@ class _H11Connection:
 
     async def _wait_for_leaving(self) -> Message:
         """``receive()`` after the body: an ASGI app awaits it for the client's leaving."""
-        if self.answered or self.broken:
+        if self.broken or (self.answer is not None and self.answer.done):
             return _DISCONNECT
         while len(self.h11.trailing_data[0]) < _READ_AHEAD_BYTES:
             try:
@@ -276,55 +300,27 @@ class _H11Connection:
 
     async def _send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start" and self.start is None and not self.head_sent:
-            self.start = message
-        elif kind == "http.response.body" and self.start is not None:
-            if self.broken or self.answered:
+        if kind == "http.response.start" and self.answer is None:
+            close = not self.keep_alive or self.answers >= self.config.keep_alive_max_requests or self.idle.stopping
+            self.answer = Answer(int(message["status"]), message.get("headers", ()), method=self.method,
+                                 http10=self.http10, close=close, extra=self._extra_headers())
+        elif kind == "http.response.body" and self.answer is not None:
+            if self.broken or self.answer.done:
                 return
-            body = bytes(message.get("body", b""))
-            more = bool(message.get("more_body", False))
-            out = b""
-            if not self.head_sent:
-                out = self._head(self.start)
-                self.head_sent = True
-            if body and not suppress_body(self.method, int(self.start["status"])):
-                out += self._out(h11.Data(data=body))
-            if not more:
-                out += self._out(h11.EndOfMessage())
-                self.answered = True
+            try:
+                out = self.answer.write(bytes(message.get("body", b"")), bool(message.get("more_body", False)))
+            except AnswerError:
+                self.broken = True  # what was written of it cannot be finished
+                raise
             if out:
                 await self._write(out)
-        elif kind == "http.response.body" and self.answered:
-            return
         else:
-            raise RuntimeError(f"unexpected ASGI message {kind!r} (answer started: {self.start is not None})")
-
-    def _head(self, start: Message) -> bytes:
-        headers = [(bytes(name).strip(), bytes(value).strip()) for name, value in start.get("headers", ())]
-        headers.extend(self._extra_headers())
-        if self.answers >= self.config.keep_alive_max_requests or self.idle.stopping:
-            headers.append((b"connection", b"close"))
-        return self._out(h11.Response(status_code=int(start["status"]), headers=headers))
-
-    def _out(self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage) -> bytes:
-        return self.h11.send(event) or b""  # None only for ConnectionClosed, never sent here
+            raise RuntimeError(f"unexpected ASGI message {kind!r} (answer started: {self.answer is not None})")
 
     def _extra_headers(self) -> list[tuple[bytes, bytes]]:
         if self.config.include_date_header:
             return [(b"date", _DATE.now()), *self.extra_headers]
         return self.extra_headers
-
-    async def _send_error(self, status: int) -> None:
-        """An answer of ours with no body that closes the connection (as hypercorn's)."""
-        try:
-            data = self._out(h11.Response(status_code=status, headers=[
-                (b"content-length", b"0"), (b"connection", b"close"), *self._extra_headers()]))
-            data += self._out(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            self.broken = True
-            return
-        self.head_sent = self.answered = True
-        await self._write(data)
 
     async def _write(self, data: bytes) -> None:
         if self.broken:
