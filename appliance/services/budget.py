@@ -21,6 +21,15 @@ class BodyBudget:
         self.in_use = 0
         self._lot = trio.lowlevel.ParkingLot()
 
+    def try_acquire(self, size: int) -> int:
+        """Room for ``size`` bytes (at most the whole budget) if there is some now, without
+        waiting: returns what is held, or 0 (nothing taken)."""
+        size = max(1, min(size, self.capacity))
+        if self.in_use + size > self.capacity:
+            return 0
+        self.in_use += size
+        return size
+
     async def acquire(self, size: int) -> int:
         """Wait for room for ``size`` bytes (at most the whole budget); returns what is held."""
         size = max(1, min(size, self.capacity))

@@ -208,9 +208,10 @@ def guard(app: ASGIApp, *, names: frozenset[str], budget: BodyBudget, max_body_b
         if size == 0:
             await app(scope, receive, send_with_headers)
             return
-        held = 0
-        with trio.move_on_after(wait_s):
-            held = await budget.acquire(min(size, max_body_bytes))
+        held = budget.try_acquire(min(size, max_body_bytes))  # no deadline to set up when there is room
+        if not held:
+            with trio.move_on_after(wait_s):
+                held = await budget.acquire(min(size, max_body_bytes))
         if not held:
             # The client is still sending: take the body (a chunk at a time, nothing kept,
             # within wait_s again) so it can read the answer instead of stalling on its write.

@@ -193,8 +193,10 @@ class _H11Connection:
             raise _Gone
         return bytes(data)
 
-    async def _next_event(self) -> Any:
-        """h11's next event, reading as needed; a malformed request is answered and _Gone."""
+    async def _next_event(self, waiting: trio.CancelScope | None = None, idle_until: float = inf) -> Any:
+        """h11's next event, reading as needed; a malformed request is answered and _Gone.
+        ``waiting``: a scope the caller is in, whose deadline each read sets to the sooner of
+        ``idle_until`` and the read timeout (one scope for the head's wait, not two)."""
         while True:
             try:
                 event = self.h11.next_event()
@@ -205,7 +207,15 @@ class _H11Connection:
                 raise _Gone from exc
             if event is not h11.NEED_DATA:
                 return event
-            data = await self._receive_some()
+            if waiting is None:
+                data = await self._receive_some()
+            else:
+                waiting.deadline = min(idle_until, trio.current_time() + self.read_s)
+                try:
+                    data = bytes(await self.stream.receive_some(_RECEIVE_BYTES))
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.broken = True
+                    raise _Gone from exc
             self.h11.receive_data(data)  # b"": the client has closed its side; h11 says what follows
 
     async def _next_request(self) -> h11.Request | None:
@@ -214,13 +224,16 @@ class _H11Connection:
         if self.idle.stopping:
             return None
         self.answer = None
-        with trio.CancelScope(deadline=trio.current_time() + self.config.keep_alive_timeout) as waiting:
+        # The head within keep_alive_timeout (from accept, or from the last answer), and no
+        # silence longer than the read timeout meanwhile: either ends the connection.
+        with trio.CancelScope() as waiting:
             self.idle.enter(waiting)
             try:
-                event = await self._next_event()
+                event = await self._next_event(waiting, trio.current_time() + self.config.keep_alive_timeout)
             finally:
                 self.idle.leave(waiting)
         if waiting.cancelled_caught:
+            self.broken = True
             return None
         return event if isinstance(event, h11.Request) else None  # ConnectionClosed, PAUSED: the end
 
