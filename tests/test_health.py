@@ -102,6 +102,31 @@ async def test_listener_check_sees_a_closed_port() -> None:
     assert str(closed_port) in checks[1].message
 
 
+async def test_listener_check_says_why_when_a_port_does_not_answer(autojump_clock: trio.abc.Clock) -> None:
+    """A port whose SYNs are dropped (a firewall rule; here a full accept queue) times out:
+    the check says so rather than ending on an empty error."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    waiting = []
+    try:
+        for _ in range(4):  # fill the accept queue: later SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            waiting.append(s)
+        start = trio.current_time()
+        [check] = await listener_checks("127.0.0.1", {"api": port})
+    finally:
+        listener.close()
+        for s in waiting:
+            s.close()
+    assert check.status is Status.FAIL
+    assert check.message.endswith("does not accept connections: no answer within 2 s")
+    assert trio.current_time() - start == 2.0
+
+
 async def test_health_endpoint_homepage_and_command(appliance: Runtime) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
         report = (await client.get(f"http://127.0.0.1:{appliance.ports['ops']}/health")).json()

@@ -22,9 +22,12 @@ async def _one(role: str, host: str, port: int) -> Check:
             stream = await trio.open_tcp_stream(target, port)
         await stream.aclose()
     except (OSError, trio.TooSlowError) as exc:
+        # A port something drops (a firewall rule) times out, and TooSlowError has no text:
+        # say so, for the homepage and for a failed firmware trial's reason (docs/updates.md).
+        error = str(exc) if isinstance(exc, OSError) else f"no answer within {CONNECT_TIMEOUT_S:g} s"
         return Check(name=name, status=Status.FAIL,
                      message=Text("port {port} ({role}) does not accept connections: {error}", port=port,
-                                  role=role, error=str(exc)),
+                                  role=role, error=error),
                      fix=Text("see the services table on the homepage and the logs (journalctl -u appliance)"),
                      data={"port": port})
     return Check(name=name, status=Status.OK, message=Text("port {port} ({role}) accepts connections", port=port,
