@@ -194,10 +194,13 @@ async def run_mqtt(port: int, devices: int, window: int, schedules: list[list[fl
 
 
 async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst: int, rate: float,
-                       seconds: float) -> tuple[float, Latencies, float, dict[str, Latencies]]:
+                       seconds: float) -> tuple[float, Latencies, float, dict[str, Latencies], tuple[int, int, int]]:
     """``(throughput seconds, paced latencies, one durable commit in seconds, the paced
-    latencies' stages)``: the stages are ``due->sent``, ``enqueue`` (due to the enqueue's
-    return: the wait for the writer and the durable commit) and ``sent->acked``."""
+    latencies' stages, the paced phase's checkpoints)``: the stages are ``due->sent``,
+    ``enqueue`` (due to the enqueue's return: the wait for the writer and the durable
+    commit) and ``sent->acked``; the checkpoints: those beside the writer, of them those
+    that held it, and the writer's own threshold (0: off, none runs inside a commit;
+    appliance/storage/db.py)."""
     config = parse_config({"storage": {"dir": str(state_dir)},
                            "admin": {"token": "bench-admin-token-0123456789", "first_start_ticket": False},
                            "dispatch": {"window": window}})
@@ -209,10 +212,10 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
     def acked() -> int:
         return sum(s.acked for s in board.all())
 
-    checkpoints = trio.CancelScope()
+    checkpointer_scope = trio.CancelScope()
 
     async def checkpointer(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with checkpoints:  # as the box's storage.checkpoints service: the WAL copied beside the writer
+        with checkpointer_scope:  # as the box's storage.checkpoints service: the WAL copied beside the writer
             await runtime.db.run_checkpoints(task_status=task_status)
 
     try:
@@ -250,6 +253,8 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
             ack_at: dict[str, float] = {}
             sent_at: dict[str, float] = {}
             base = acked()
+            db = runtime.db
+            checkpoints = (db.checkpoints, db.checkpoints_holding_writer)
             paced = paced_schedule(len(targets), rate, seconds, trio.current_time() + 0.5)
             total = sum(len(s) for s in paced)
 
@@ -265,6 +270,9 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
                 for target, schedule in zip(targets, paced, strict=True):
                     producers.start_soon(producer, target, schedule)
             await until(lambda: acked() >= base + total)
+            checkpoints = (db.checkpoints - checkpoints[0], db.checkpoints_holding_writer - checkpoints[1],
+                           await db.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
+                                          durable=False))
             def settled(conn: sqlite3.Connection) -> list[sqlite3.Row]:
                 return conn.execute("SELECT id, sent_at, settled_at FROM outbox WHERE id LIKE 'lat-%'").fetchall()
 
@@ -282,10 +290,10 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
                       "enqueue": [enqueued[i] - at for i, at in due.items()],
                       "sent->acked": [ack_at[i] - sent_at[i] for i in due]}
             runtime.stopping.set()
-            checkpoints.cancel()
+            checkpointer_scope.cancel()
     finally:
         runtime.db.close()
-    return burst_s, latencies, commit_s, stages
+    return burst_s, latencies, commit_s, stages, checkpoints
 
 
 class GcPauses:
@@ -374,9 +382,8 @@ async def main(args: argparse.Namespace) -> None:
         _, base_burst_s = await run_baseline(ports, args.window, bursts)
         base_lat, _ = await run_baseline(ports, args.window, paced())
         with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp, GcPauses() as pauses:
-            disp_burst_s, disp_lat, commit_s, stages = await run_dispatch(ports, Path(tmp), window=args.window,
-                                                                  burst=args.burst, rate=args.rate,
-                                                                  seconds=args.seconds)
+            disp_burst_s, disp_lat, commit_s, stages, checkpoints = await run_dispatch(
+                ports, Path(tmp), window=args.window, burst=args.burst, rate=args.rate, seconds=args.seconds)
     finally:
         await _stop(farm)
     mqtt_burst_s, mqtt_lat = float("nan"), [float("nan")]
@@ -418,6 +425,10 @@ async def main(args: argparse.Namespace) -> None:
         f"{name} {p(values, .5):.1f} / {p(values, .99):.1f}" for name, values in stages.items()))
     print("  (enqueue: from due to the enqueue's return, the durable commit included; sent->acked: the wire and "
           "the device, as the raw ws column)")
+    inside = ("none inside a commit (the writer's own is off)" if checkpoints[2] == 0 else
+              f"the writer's own on (every {checkpoints[2]} pages, inside the commit that crosses it)")
+    print(f"  WAL checkpoints in the paced phase: {checkpoints[0]} beside the writer ({checkpoints[1]} of them holding "
+          f"it for their last pages); {inside}")
     print("goals (issue 16): throughput >= 0.5x mosquitto's; p99 <= 1.5x mosquitto's")
 
 
