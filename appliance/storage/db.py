@@ -59,6 +59,7 @@ __all__ = [
     "CHECKPOINT_RETRY_S",
     "DATABASE_FILE",
     "GROUP_MAX",
+    "HANDBACK_S",
     "PAGE_SIZE",
     "WAL_CHECKPOINT_PAGES",
     "WAL_MAX_PAGES",
@@ -93,6 +94,8 @@ WAL_CHECKPOINT_PAGES: Final = 4096
 # The WAL's bound while the background checkpointer runs: past it, a checkpoint holds the
 # writer for the pages it has left to copy (see Database.run_checkpoints).
 WAL_MAX_PAGES: Final = 2 * WAL_CHECKPOINT_PAGES
+# How long a stopping checkpointer waits for the writer to hand its checkpoint back to it.
+HANDBACK_S: Final = 10.0
 # A checkpoint that could not copy the whole WAL (a reader still on an older snapshot) is
 # tried again after this long, not after every commit.
 CHECKPOINT_RETRY_S: Final = 0.1
@@ -424,7 +427,10 @@ class Database:
                 if after is not None and after.frames >= before.frames and after.backfilled <= before.backfilled:
                     await trio.sleep(CHECKPOINT_RETRY_S)  # no progress: a reader holds older frames
         finally:
-            with trio.CancelScope(shield=True):
+            # Bounded: it waits for the group committing now (a slow disk's fsync, a snapshot's
+            # swap); past the bound the writer keeps its checkpoint off until the next start of
+            # this (the WAL is copied when the database closes).
+            with trio.move_on_after(HANDBACK_S, shield=True):
                 await self._background_checkpoints(False)
             conn.close()
 
