@@ -32,6 +32,13 @@ _BAD_IN_VALUE: Final = re.compile(rb"[\x00\r\n]")
 _CRLF: Final = b"\r\n"
 
 
+# Header lines already checked, by (name, value) as the app gave them: most of an answer's
+# headers are the same on every answer (content type, the security headers, the server's),
+# and checking each by regex was most of an answer's cost. Cleared when full.
+_CHECKED: dict[tuple[bytes, bytes], bytes] = {}
+_CHECKED_KEPT: Final = 256
+
+
 class AnswerError(Exception):
     """The app's answer cannot be sent as it is."""
 
@@ -51,7 +58,12 @@ class Answer:
         self.length: int | None = None
         lines = [b"HTTP/1.1 %d \r\n" % status]
         for raw_name, raw_value in (*headers, *extra):
-            name, value = bytes(raw_name).strip(), bytes(raw_value).strip()
+            given = (bytes(raw_name), bytes(raw_value))
+            line = _CHECKED.get(given)
+            if line is not None:
+                lines.append(line)
+                continue
+            name, value = given[0].strip(), given[1].strip()
             if _TOKEN.fullmatch(name) is None:
                 raise AnswerError(f"header name {name[:40]!r} is not an HTTP token")
             if _BAD_IN_VALUE.search(value) is not None:
@@ -68,7 +80,12 @@ class Answer:
             elif lower == b"connection":
                 self.close = self.close or b"close" in value.lower()
                 continue  # ours is written below if the connection closes
-            lines.append(name + b": " + value + _CRLF)
+            line = name + b": " + value + _CRLF
+            lines.append(line)
+            if lower != b"content-length":  # an ordinary header: the same line next time
+                if len(_CHECKED) >= _CHECKED_KEPT:
+                    _CHECKED.clear()
+                _CHECKED[given] = line
         self._lines = lines
         self._sent = 0
         self._chunked = False
