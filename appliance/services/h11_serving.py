@@ -5,8 +5,10 @@ per-request machinery was most of the box's work (docs/store-api.md, "Speed"): a
 memory channel per request, the request and response each passed through three layers of
 event objects, three writes each through a lock and a shielded scope, an idle timer
 rearmed per request. Here one task per connection does it all in turn: wait for a request
-head (h11 parses it), call the ASGI app in the same task, whose ``receive`` reads the body
-from the socket as the app asks for it, and send the answer's head and body in one write.
+head (h11 parses it; a fresh parser per request, given the bytes read past the last), call
+the ASGI app in the same task, whose ``receive`` reads the body from the socket as the app
+asks for it, and send the answer's head and body in one write, framed and checked by
+:class:`~appliance.protocol.http_answer.Answer` (h11's send side cost more than the rest).
 There is no pipelining to serve concurrently (HTTP/1.1 answers in order anyway).
 
 The bounds are hypercorn's, from the same Config (docs/hardening.md):
@@ -24,10 +26,14 @@ place given back on a client's leaving (``_CappedListener`` and ``_Connection`` 
 ``services/http.py``); Host, bodies, requests in progress, security headers and the early
 answer's ``Connection: close`` (the guard, ``services/guard.py``).
 
-Differences from hypercorn a client can see: none on the wire but the order in which the
-answer's bytes leave (head and body in one segment). Reading stops while the app works (a
-client that leaves during a request is seen at the answer's write, not before), and
-``receive()`` after the whole body reads on for the client's leaving, as hypercorn's does.
+Differences from hypercorn a client can see: head and body leave in one segment; an
+answer given whole without a Content-Length gets one (hypercorn chunked it); the answer
+to the last request a connection will carry says ``Connection: close`` whatever the reason
+(HTTP/1.0, the client's own ``Connection: close``, a stop). Reading stops while the app
+works (a client that leaves during a request is seen at the answer's write, not before,
+and a slow answer is not cut by the read timeout, which hypercorn's reading during the app
+did), and ``receive()`` after the whole body reads on for the client's leaving, as
+hypercorn's does.
 
 Errors: a peer's doing (bad bytes, a timeout, a reset) ends its connection only; an
 exception from the app is logged as hypercorn logs it ("Error in ASGI Framework") and
