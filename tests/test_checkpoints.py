@@ -4,18 +4,22 @@ and SQLite's own checkpoint is back once it stops."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from appliance.services.assembly import service_specs
 from appliance.storage import Database
+from appliance.storage import db as storage_db
 from appliance.storage.db import PAGE_SIZE, WAL_CHECKPOINT_PAGES, WAL_MAX_PAGES, WalState, read_wal_state
 from appliance.supervisor import open_runtime, supervise_all
 from tests.conftest import ConfigFactory
@@ -166,6 +170,48 @@ async def test_the_box_runs_the_checkpointer_as_a_service(make_config: ConfigFac
         assert await autocheckpoint(runtime.db) == WAL_CHECKPOINT_PAGES
     finally:
         runtime.db.close()
+
+
+def open_descriptors_to(path: str) -> int:
+    """This process's descriptors open on ``path`` (" (deleted)" once SQLite removed it)."""
+    target, count = os.path.realpath(path), 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor, closed since
+            count += os.readlink(fd).removesuffix(" (deleted)") == target
+    return count
+
+
+async def test_a_stop_that_cannot_get_the_writer_in_time_returns_and_close_lets_go_of_the_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage_db, "HANDBACK_S", 0.05)
+    db = await Database.open(tmp_path / "a.db")
+    shm = f"{db.path}-shm"
+    held, release = threading.Event(), threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> None:
+        held.set()
+        release.wait(10)
+
+    checkpointer, returned = trio.CancelScope(), trio.Event()
+
+    async def checkpoints(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with checkpointer:
+            await db.run_checkpoints(task_status=task_status)
+        returned.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(checkpoints)
+            nursery.start_soon(partial(db.write, slow))
+            await trio.to_thread.run_sync(held.wait)  # a commit holds the writer
+            checkpointer.cancel()
+            with trio.fail_after(5):
+                await returned.wait()  # it gave up waiting for the writer after HANDBACK_S
+            release.set()
+    finally:
+        release.set()
+        db.close()
+    assert open_descriptors_to(shm) == 0
 
 
 # A process that writes durably with the checkpointer on (a small threshold, so it copies

@@ -506,3 +506,6 @@ class Database:
         for conn in [*self._readers, self._writer]:
             conn.close()
         self._readers.clear()
+        if self._shm_fd is not None:  # a checkpointer whose hand-back was cut short (run_checkpoints)
+            os.close(self._shm_fd)
+            self._shm_fd, self._checkpoint_due = None, None
