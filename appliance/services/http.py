@@ -23,7 +23,9 @@ Bounds (docs/hardening.md), so that nothing a LAN client does can stop the box:
 Graceful stop: when ``runtime.stopping`` is set we stop accepting, let in-flight requests
 finish for up to ``supervisor.shutdown_deadline_s``, then cancel them. The serving loop is
 hypercorn's ``worker_serve`` less what the box does not use (TLS, QUIC, statsd, request
-recycling), so that the listener it serves is ours.
+recycling), so that the listener it serves is ours. The store API's connections are served
+by our own HTTP/1.1 loop (``services/h11_serving.py``) with the same bounds from the same
+Config; the other listeners' by hypercorn's protocol (docs/store-api.md, "Speed").
 """
 
 from __future__ import annotations
