@@ -13,13 +13,14 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import outcome
 import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from appliance.services.http import ConnectionCaps, _CappedListener, _serve, bind_tcp
 
-pytestmark = pytest.mark.parametrize("own_h11", [False, True], ids=["hypercorn", "own_h11"])
+BOTH = pytest.mark.parametrize("own_h11", [False, True], ids=["hypercorn", "own_h11"])
 
 KEEP_ALIVE_S = 0.4
 SLOW_S = 1.0  # an answer that takes longer than the idle timeout
@@ -89,6 +90,7 @@ def connection_tasks() -> int:
     return count
 
 
+@BOTH
 async def test_an_idle_connection_closes_after_the_timeout_counted_from_its_last_answer(own_h11: bool) -> None:
     async with listener(own_h11) as (port, _, _caps):
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -100,6 +102,7 @@ async def test_an_idle_connection_closes_after_the_timeout_counted_from_its_last
         assert KEEP_ALIVE_S / 2 - 0.1 < idle < KEEP_ALIVE_S + 0.5, idle
 
 
+@BOTH
 async def test_a_slow_answer_is_not_cut_by_the_idle_timeout(own_h11: bool) -> None:
     async with listener(own_h11) as (port, _, _caps), await trio.open_tcp_stream("127.0.0.1", port) as stream:
         await ask(stream, "/slow")  # longer than the timeout: the connection is not idle meanwhile
@@ -107,12 +110,14 @@ async def test_a_slow_answer_is_not_cut_by_the_idle_timeout(own_h11: bool) -> No
         assert await closed_after(stream, limit_s=5) < KEEP_ALIVE_S + 0.5
 
 
+@BOTH
 async def test_a_head_that_never_ends_is_cut_at_the_timeout(own_h11: bool) -> None:
     async with listener(own_h11) as (port, _, _caps), await trio.open_tcp_stream("127.0.0.1", port) as stream:
         await stream.send_all(b"GET / HTTP/1.1\r\nX-Slow: ")
         assert await closed_after(stream, limit_s=5) < KEEP_ALIVE_S + 0.5
 
 
+@BOTH
 async def test_a_client_that_leaves_ends_its_connection_at_once(own_h11: bool) -> None:
     async with listener(own_h11) as (port, _, caps):
         before = connection_tasks()
@@ -128,6 +133,7 @@ async def test_a_client_that_leaves_ends_its_connection_at_once(own_h11: bool) -
         assert caps.open == 0
 
 
+@BOTH
 async def test_a_stop_closes_idle_connections_and_lets_a_request_in_progress_finish(own_h11: bool) -> None:
     async with listener(own_h11) as (port, stopping, _caps):
         async with await trio.open_tcp_stream("127.0.0.1", port) as idle, \
@@ -144,6 +150,7 @@ async def test_a_stop_closes_idle_connections_and_lets_a_request_in_progress_fin
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
 
 
+@BOTH
 async def test_a_body_whose_bytes_stop_is_cut_at_the_read_timeout_and_one_that_trickles_is_not(own_h11: bool) -> None:
     async with listener(own_h11) as (port, _, _caps):
         async with await trio.open_tcp_stream("127.0.0.1", port) as stopped:
@@ -162,3 +169,64 @@ async def test_a_body_whose_bytes_stop_is_cut_at_the_read_timeout_and_one_that_t
                     assert chunk, f"closed before the answer: {got!r}"
                     got += chunk
             assert got.startswith(b"HTTP/1.1 200"), got
+
+
+class _Arrivals(trio.abc.HalfCloseableStream):
+    """A stream whose bytes the test hands over (``arrive``) at the moment it chooses."""
+
+    def __init__(self) -> None:
+        self.waiting: trio.lowlevel.Task | None = None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self.waiting = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)  # type: ignore[no-any-return]
+
+    def arrive(self, data: bytes) -> None:
+        assert self.waiting is not None
+        task, self.waiting = self.waiting, None
+        trio.lowlevel.reschedule(task, outcome.Value(data))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_bytes_that_come_as_the_read_timeout_passes_are_kept(mock_clock: trio.testing.MockClock) -> None:
+    """hypercorn's path (``_TCPServer``): the data handed over in the same instant the read
+    deadline passes reaches the protocol; then the timeout still ends the reading."""
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.typing import ConnectionState
+
+    from appliance.services.http import _TCPServer
+
+    cfg = HypercornConfig()
+    cfg.read_timeout = 10  # type: ignore[assignment]
+    stream = _Arrivals()
+    server = _TCPServer(app, cfg, WorkerContext(None), ConnectionState({}), stream)
+    seen: list[object] = []
+
+    class Protocol:
+        async def handle(self, event: object) -> None:
+            await trio.lowlevel.checkpoint()  # as hypercorn's does (it awaits inside)
+            seen.append(event)
+
+    server.protocol = Protocol()  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._read_data)
+        await trio.testing.wait_all_tasks_blocked()
+        stream.arrive(b"GET / HTTP/1.1\r\n")  # the reader is now scheduled with the bytes...
+        mock_clock.jump(10)  # ...and its deadline passes before it runs
+        await trio.testing.wait_all_tasks_blocked()
+        assert [e.data for e in seen if isinstance(e, RawData)] == [b"GET / HTTP/1.1\r\n"]
+        assert stream.waiting is not None  # reading on, in a new scope
+        mock_clock.jump(10)  # nothing more comes: the read timeout
+    assert isinstance(seen[-1], Closed)
