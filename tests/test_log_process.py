@@ -132,6 +132,7 @@ async def test_a_week_offline_keeps_the_ring_capped_and_the_loop_responsive_then
         "testing": {"flood_per_s": 2000.0, "flood_after_s": FLOOD_AFTER_S, "flood_records": WEEK_RECORDS}})
     box = Box(cfg, tmp_path / "stderr.log")
     baseline: list[float] = []
+    after: list[float] = []
     latencies: list[float] = []
     rss: list[int] = []
     try:
@@ -169,6 +170,10 @@ async def test_a_week_offline_keeps_the_ring_capped_and_the_loop_responsive_then
             sim.state.faults.clear()  # the intake is back
             intake = sim.state.logs
             await probe_until(lambda: intake.records and max(intake.seqs()) >= WEEK_RECORDS, latencies)
+            # The same probe once the box is idle again: the machine's baseline at the end, as a
+            # shared machine's load moves during the minute this test runs.
+            until_idle = time.monotonic() + FLOOD_AFTER_S - 0.5
+            await probe_until(lambda: time.monotonic() >= until_idle, after)
         assert box.stop() == 0
     finally:
         if box.proc.poll() is None:
@@ -182,10 +187,12 @@ async def test_a_week_offline_keeps_the_ring_capped_and_the_loop_responsive_then
                                                                                   intake.summary())
     # Under 20 ms at p99 (benchmarks/logs.py measures it on a quiet machine); on a shared,
     # loaded one the test holds the flood to the machine's own baseline of the moment.
-    p99, base99 = (statistics.quantiles(x, n=100)[98] for x in (latencies, baseline))
-    p50, base50 = statistics.median(latencies), statistics.median(baseline)
+    # The baseline is the worse of the two idle windows (before the flood, after the drain).
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    base99 = max(statistics.quantiles(x, n=100)[98] for x in (baseline, after))
+    p50, base50 = statistics.median(latencies), max(statistics.median(baseline), statistics.median(after))
     words = (f"/healthz p99 {p99 * 1000:.1f} ms (baseline {base99 * 1000:.1f}), median {p50 * 1000:.1f} ms "
-             f"(baseline {base50 * 1000:.1f}) over {len(latencies)} probes")
+             f"(baseline {base50 * 1000:.1f}) over {len(latencies)} probes, {len(baseline)} + {len(after)} idle")
     assert p99 < max(0.020, 3 * base99) and p50 < max(0.005, 2 * base50), words
     warm = statistics.median(rss[len(rss) // 10: len(rss) // 5])
     assert max(rss[len(rss) // 5:]) < warm + 16 * 1024, f"RSS grew from {warm} KiB to {max(rss)} KiB"
