@@ -421,6 +421,124 @@ async def test_links_follow_adoption_changes(clock: trio.testing.MockClock, runt
         assert "device.a.channel" not in checks
 
 
+# --- the hand-off: an enqueued command goes to its link without an outbox read ---------------
+
+
+class OutboxReads:
+    """Counts the reads of the outbox the dispatcher and its links make (the read-back of
+    new commands: every device's last seq, a link's new rows)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.names: list[str] = []
+        db = runtime.db
+        read_small, read = db.read_small, db.read
+
+        def name(fn: Callable[..., Any]) -> str:
+            return str(getattr(getattr(fn, "func", fn), "__name__", ""))
+
+        async def counted_small(fn: Callable[..., Any]) -> Any:
+            self.names.append(name(fn))
+            return await read_small(fn)
+
+        async def counted(fn: Callable[..., Any]) -> Any:
+            self.names.append(name(fn))
+            return await read(fn)
+
+        db.read_small = counted_small  # type: ignore[method-assign]
+        db.read = counted  # type: ignore[method-assign]
+
+    def of_new_commands(self) -> int:
+        return sum(n in ("last_seqs", "load_unsettled") for n in self.names)
+
+
+async def test_an_enqueued_command_goes_to_its_link_without_reading_the_outbox(
+        clock: trio.testing.MockClock, runtime: Runtime) -> None:
+    """enqueue() hands the committed command to the device's link, which sends it with no
+    read of the outbox in between (docs/architecture.md §7, "The way of one command")."""
+    sim = DeviceSimulator(device_id="p0")
+    t = target("p0")
+    reads = OutboxReads(runtime)
+    async with dispatching(runtime, [t], plugged={t.address: sim.serve_stream}):
+        await wait_for(lambda: all(s.phase is DeviceLinkPhase.CONNECTED for s in runtime.device_links.all()))
+        before = reads.of_new_commands()
+        ids = []
+        for n in range(20):
+            ids.append((await enqueue(runtime, "p0", "print", {"n": n})).id)
+            await wait_for(lambda: len(sim.accepted) == len(ids))
+        assert reads.of_new_commands() == before
+    assert [a.id for a in sim.accepted] == ids
+    assert [a.seq for a in sim.accepted] == list(range(1, 21))
+    assert sim.duplicates == 0
+
+
+async def test_handed_and_read_back_commands_go_out_once_in_order(clock: trio.testing.MockClock,
+                                                                  runtime: Runtime) -> None:
+    """Commands handed over (one at a time, and many enqueued at once, whose callers resume
+    in any order), commands only notified (the order receiver's way: read back), and two
+    handed over in reverse order: each device gets every command once, in seq order."""
+    sims = {d: DeviceSimulator(device_id=d) for d in ("a", "b")}
+    targets = [target("a", "10.0.0.1"), target("b", "10.0.0.2")]
+    reads = OutboxReads(runtime)
+    async with dispatching(runtime, targets) as lan:
+        for t in targets:
+            lan.plug(t.address, t.port, sims[t.id].serve_stream)
+        await wait_for(lambda: all(s.phase is DeviceLinkPhase.CONNECTED for s in runtime.device_links.all()))
+        for round_ in range(1, 6):
+            async with trio.open_nursery() as nursery:  # several callers in one group commit
+                for n in range(12):
+                    nursery.start_soon(partial(enqueue, runtime, "ab"[n % 2], "print", {"r": round_, "n": n}))
+            await enqueue_many(runtime, [(d, {"r": round_, "read_back": True}) for d in "ab" for _ in range(3)])
+
+            def two(conn: Any, round_: int = round_) -> list[Any]:
+                return [enqueue_in(conn, "a", "print", {"r": round_, "pair": k}) for k in range(2)]
+
+            first, second = await runtime.db.write(two)
+            runtime.outbox_changes.hand([second, first])  # the later seq first: it waits for a read
+            # Per round: a gets 6 + 3 + 2, b 6 + 3.
+            await wait_for(lambda r=round_: len(sims["a"].accepted) == 11 * r and len(sims["b"].accepted) == 9 * r)
+        assert reads.of_new_commands() > 0  # the read-back ran for what was not handed over
+    for sim, count in ((sims["a"], 55), (sims["b"], 45)):
+        assert [a.seq for a in sim.accepted] == list(range(1, count + 1))
+        assert sim.duplicates == 0 and sim.connections == 1
+
+
+async def test_handed_commands_survive_drops_and_a_restart_once_in_order(clock: trio.testing.MockClock,
+                                                                          runtime: Runtime,
+                                                                          tmp_path: Path) -> None:
+    """Commands handed to a link that is down wait in its window; a Wi-Fi that drops
+    connections mid-stream resends what was in flight; commands handed before a stop and
+    enqueued while no dispatcher runs go out after the restart: all once, in seq order."""
+    flaky = DeviceSimulator(device_id="f", drop_rate=0.1, seed=3, log_path=tmp_path / "f.jsonl")
+    t = target("f")
+    async with dispatching(runtime, [t]) as lan:
+        for n in range(5):  # the device is not there yet: handed while the link backs off
+            await enqueue(runtime, "f", "print", {"n": n})
+        lan.plug(t.address, t.port, flaky.serve_stream)
+        for n in range(5, 60, 5):
+            async with trio.open_nursery() as nursery:
+                for k in range(n, n + 5):
+                    nursery.start_soon(partial(enqueue, runtime, "f", "print", {"n": k}))
+        await wait_for(lambda: len(flaky.accepted) == 60)
+        lan.unplug(t.address, t.port)
+        for n in range(60, 65):  # handed, never sent: the dispatcher stops first
+            await enqueue(runtime, "f", "print", {"n": n})
+    for n in range(65, 68):  # no dispatcher: only notified
+        await enqueue(runtime, "f", "print", {"n": n})
+    assert flaky.drops > 0 and flaky.connections > 2
+    again = await open_runtime(runtime.config)
+    try:
+        again.health.check_timeout_s = 3600.0
+        async with dispatching(again, [t], plugged={t.address: flaky.serve_stream}):
+            await wait_for(lambda: len(flaky.accepted) == 68)
+            await wait_for(lambda: all(s.acked == 8 for s in again.device_links.all()))
+    finally:
+        again.db.close()
+    flaky.close()
+    assert [a.seq for a in flaky.accepted] == list(range(1, 69))  # callers at once commit in any order
+    assert sorted(a.body["n"] for a in flaky.accepted) == list(range(68))
+    assert [a.seq for a in read_log(tmp_path / "f.jsonl")] == list(range(1, 69))
+
+
 # --- the simulator --------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ from appliance.protocol.channel_codec import (
     Auth,
     ChannelError,
     ChannelProtocolError,
+    Command,
     Hello,
     HelloRefused,
     LinkStalled,
@@ -331,7 +332,8 @@ class DeviceLink:
         self._open_stream = open_stream
         self._clock = clock
         self._rng = rng or random.Random()
-        self._cursor = 0  # outbox rows up to this seq were read already
+        self._cursor = 0  # outbox rows up to this seq were read (or taken) already
+        self._loading = False  # a read of the outbox is under way (see take)
         self._notes: list[LinkNote] = []  # going up or down, for the recorder to log
         self._stop = trio.Event()
         self._session_scope: trio.CancelScope | None = None
@@ -347,6 +349,20 @@ class DeviceLink:
         if self.known_seq is None or last_seq > self.known_seq:
             self.known_seq = last_seq
             self.poke.notify()
+
+    def take(self, command: Command) -> None:
+        """``command`` was just committed to this device's outbox. If it is the very next row
+        the link would read (its seq follows the rows read so far) and the window has room,
+        the window holds it at once: no read of the outbox stands between its commit and its
+        send. Otherwise (rows not yet read before it, a full window, a read under way, a
+        stop) it is left to the outbox read, as :meth:`new_commands`. Either way it is sent
+        once, in seq order; after a reconnect or a restart the outbox read finds it as any."""
+        window = self.window
+        if (command.seq == self._cursor + 1 and command.seq > window.last_seq and window.room() > 0
+                and not self._loading and not self._stop.is_set()):
+            window.offer((command,))
+            self._cursor = command.seq
+        self.new_commands(command.seq)
 
     def stop(self) -> None:
         """Graceful stop: send nothing new; return once what is in flight is settled."""
@@ -520,8 +536,12 @@ class DeviceLink:
         # At most a window's worth of rows by the outbox's index: read in trio's thread
         # (Database.read_small); a hop to a worker thread and back was a good part of a lone
         # command's way from its commit to the device under load (scripts/bench dispatch).
-        commands, cursor = await self._db.read_small(partial(load_unsettled, device_id=self.target.id,
-                                                             after_seq=self._cursor, limit=window.room()))
+        self._loading = True  # take() leaves what comes meanwhile to the next read
+        try:
+            commands, cursor = await self._db.read_small(partial(load_unsettled, device_id=self.target.id,
+                                                                 after_seq=self._cursor, limit=window.room()))
+        finally:
+            self._loading = False
         window.offer(c for c in commands if c.seq > window.last_seq)
         self._cursor = cursor
         if self.known_seq is None or cursor > self.known_seq:

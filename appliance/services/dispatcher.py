@@ -2,10 +2,12 @@
 
 One :class:`~appliance.services.device_link.DeviceLink` task per adopted device, started
 and stopped as ``runtime.device_changes`` says the registry changed (a device adopted,
-rejected, removed, or moved to another address). ``runtime.outbox_changes`` wakes the
-links whose devices got new commands (one small read of ``outbox_seq`` per wake-up, so
-nothing polls). One recorder task writes what the links report (sent, acked, dead),
-many records per transaction, committed without waiting for the disk (a power cut may
+rejected, removed, or moved to another address). :func:`enqueue` and :func:`enqueue_many`
+hand the commands they committed to their devices' links (``runtime.outbox_changes.hand``:
+no read of the outbox between the commit and the send); other producers notify
+``runtime.outbox_changes``, which wakes the links whose devices got new commands (one small
+read of ``outbox_seq`` per wake-up, so nothing polls). One recorder task writes what the
+links report (sent, acked, dead), many records per transaction, committed without waiting for the disk (a power cut may
 lose the last of them; their commands are then sent again and the device dedupes them).
 
 Also here: a maintenance task (expired commands swept to dead, settled commands pruned
@@ -106,7 +108,7 @@ async def enqueue(
     result = await runtime.db.write(partial(enqueue_in, device_id=device_id, kind=kind, body=body,
                                             expires_at=expires_at, command_id=command_id))
     if result.created:
-        runtime.outbox_changes.notify()
+        runtime.outbox_changes.hand((result,))
     return result
 
 
@@ -122,7 +124,7 @@ async def enqueue_many(
 
     result = await runtime.db.write(write)
     if any(e.created for e in result):
-        runtime.outbox_changes.notify()
+        runtime.outbox_changes.hand(result)
     return result
 
 
@@ -207,6 +209,15 @@ class _Dispatcher:
         while True:
             seen = await self.runtime.device_changes.wait(seen)
             await self.refresh(nursery)
+
+    def take(self, enqueued: Sequence[Enqueued]) -> None:
+        """New commands, committed, handed over by their enqueue (``runtime.outbox_changes``):
+        each to its device's link (a device with no link gets its commands from the outbox
+        when one starts)."""
+        for e in enqueued:
+            handle = self.handles.get(e.device_id)
+            if handle is not None and e.command is not None:
+                handle.link.take(e.command)
 
     async def watch_outbox(self) -> None:
         seen = 0
@@ -294,9 +305,13 @@ async def run_dispatcher(
                     watchers.start_soon(dispatcher.watch_devices, links)
                     watchers.start_soon(dispatcher.watch_outbox)
                     watchers.start_soon(dispatcher.maintain)
-                    runtime.board.say("dispatcher", Text("{count} device(s)", count=len(dispatcher.handles)))
-                    task_status.started()
-                    await runtime.stopping.wait()
+                    stop_taking = runtime.outbox_changes.take_with(dispatcher.take)
+                    try:
+                        runtime.board.say("dispatcher", Text("{count} device(s)", count=len(dispatcher.handles)))
+                        task_status.started()
+                        await runtime.stopping.wait()
+                    finally:
+                        stop_taking()  # enqueues from now on only notify: the next start reads the outbox
                     watchers.cancel_scope.cancel()
                 await dispatcher.drain()
         # The recorder ends once every link's channel clone and ours are closed.

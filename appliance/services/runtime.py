@@ -26,7 +26,7 @@ from appliance.services.event_hub import EventHub
 from appliance.services.keyring import KeyRing
 from appliance.services.media_files import MediaShelf
 from appliance.services.metrics import Metrics
-from appliance.services.signal import ChangeSignal, Requests
+from appliance.services.signal import ChangeSignal, OutboxChanges, Requests
 from appliance.services.state import BoundPorts, DeviceLinkBoard, QueueLinkStatus, SupportWindow
 from appliance.storage import Database
 from appliance.storage.logring import LogRing
@@ -66,8 +66,9 @@ class Runtime:
     device_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
     # Status tickets asked for by a device's own button (device ids); services/ticket.py prints them.
     ticket_requests: Requests = attrs.field(factory=Requests)
-    # Notified whenever commands are enqueued to a device's outbox.
-    outbox_changes: ChangeSignal = attrs.field(factory=ChangeSignal)
+    # Notified (or handed the new commands) whenever commands are enqueued to a device's
+    # outbox; the dispatcher takes them while it runs.
+    outbox_changes: OutboxChanges = attrs.field(factory=OutboxChanges)
     # The pairing with the store (None: not paired): store id, token, the services the
     # store has (Service Bus, media, logs, support) and the store secret (discovery HMAC).
     # Written by: services.pairing, through set_store() (loaded before the listeners start,

@@ -6,9 +6,13 @@ is never missed (unlike a bare ``trio.Event`` that must be replaced).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import trio
 
-__all__ = ["ChangeSignal", "Requests"]
+from appliance.storage.outbox import Enqueued
+
+__all__ = ["ChangeSignal", "OutboxChanges", "Requests"]
 
 
 class ChangeSignal:
@@ -43,3 +47,38 @@ class Requests:
     def take(self) -> list[str]:
         asked, self._asked = list(self._asked), {}
         return asked
+
+
+class OutboxChanges(ChangeSignal):
+    """Commands were enqueued to devices' outboxes (``runtime.outbox_changes``).
+
+    :meth:`notify` says only that: the dispatcher then reads the outbox for the new rows.
+    :meth:`hand` gives it the committed commands themselves, which it passes to their
+    devices' links without that read (one read of every device's last seq, and one of
+    the link's new rows, per enqueue: docs/architecture.md §7, "The way of one command").
+    Call either only once the transaction that stored the commands has committed: a
+    command handed over may be sent at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._taker: Callable[[Sequence[Enqueued]], None] | None = None
+
+    def hand(self, enqueued: Sequence[Enqueued]) -> None:
+        """The commands of ``enqueued`` (repeats included: they carry none) to the taker;
+        with no taker (no dispatcher running), a :meth:`notify`."""
+        if self._taker is None:
+            self.notify()
+        else:
+            self._taker(enqueued)
+
+    def take_with(self, taker: Callable[[Sequence[Enqueued]], None]) -> Callable[[], None]:
+        """Give what :meth:`hand` is given to ``taker`` (the dispatcher, while it runs; it
+        must not block or raise); returns the function that stops it."""
+        self._taker = taker
+
+        def stop() -> None:
+            if self._taker is taker:
+                self._taker = None
+
+        return stop

@@ -41,19 +41,24 @@ back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import struct
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import attrs
 import trio
 
 from appliance.storage.schema import migrate
+
+if TYPE_CHECKING:
+    from outcome import Outcome
 
 __all__ = [
     "CHECKPOINT_RETRY_S",
@@ -304,7 +309,7 @@ class Database:
                     self.groups += 1
                     self.durable_groups += any(taken.durable for taken in group)
                     try:
-                        await trio.to_thread.run_sync(self._commit_group, group)
+                        await self._in_worker_thread(partial(self._commit_group, group))
                     finally:
                         for taken in group:
                             taken.done.set()
@@ -315,6 +320,25 @@ class Database:
         finally:
             self._write_lock.release()
         return cast(T, job.outcome())
+
+    @staticmethod
+    async def _in_worker_thread(fn: Callable[[], None]) -> None:
+        """``fn()`` in one of trio's worker threads, the caller waiting uncancellably (as
+        ``trio.to_thread.run_sync`` with ``abandon_on_cancel=False``) but without its thread
+        limiter, whose acquire is one more round of the scheduler before the thread starts,
+        nor its copy of the caller's context: every commit pays both, while the write lock
+        already lets one group at a time into a thread (docs/architecture.md §7, "The way
+        of one command")."""
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(result: Outcome[None]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        trio.lowlevel.start_thread_soon(fn, deliver)
+        # Returns fn's result, or raises what it raised (the outcome handed to reschedule).
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
     def _commit_group(self, group: list[_Write]) -> None:
         """Run every write of ``group`` in one transaction (each in a savepoint when there

@@ -89,6 +89,9 @@ class Enqueued:
     device_id: str
     seq: int
     created: bool  # False: the id was already there (an idempotent repeat)
+    # The command as stored, for a new one (None for a repeat): once its transaction has
+    # committed, the dispatcher hands it to the device's link without reading it back.
+    command: Command | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -174,14 +177,15 @@ def enqueue_in(
         (device_id,),
     ).fetchone()[0]
     new_id = command_id or new_command_id()
+    expires = None if expires_at is None else float(expires_at)
     conn.execute(
         "INSERT INTO outbox (id, device_id, seq, kind, body, expires_at, state, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
-        (new_id, device_id, seq, kind, body_text, None if expires_at is None else float(expires_at),
-         time.time() if now is None else now),
+        (new_id, device_id, seq, kind, body_text, expires, time.time() if now is None else now),
     )
     command_changed(conn, "command.queued", new_id, now=time.time() if now is None else now)
-    return Enqueued(id=new_id, device_id=device_id, seq=seq, created=True)
+    return Enqueued(id=new_id, device_id=device_id, seq=seq, created=True,
+                    command=Command(id=new_id, seq=seq, kind=kind, expires_at=expires, body=body_text))
 
 
 def load_unsettled(conn: sqlite3.Connection, device_id: str, after_seq: int, limit: int) -> tuple[list[Command], int]:
