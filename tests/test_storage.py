@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from appliance.storage import Database, SchemaError, migrate
 from appliance.storage.db import PAGE_SIZE, WAL_CHECKPOINT_PAGES
@@ -365,3 +366,31 @@ def test_a_database_with_the_old_page_size_is_rewritten_once_and_keeps_its_data(
         assert db.write_sync(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
     finally:
         db.close()
+
+
+async def test_small_reads_queued_behind_thread_reads_run_in_trios_thread(tmp_path: Path) -> None:
+    """Small reads that find every reader busy wait their turn, then read in trio's thread: a
+    queue formed by a burst of worker-thread reads drains at the small reads' speed instead
+    of sending each later one to a worker thread as well."""
+    db = await Database.open(tmp_path / "a.db")
+    release = threading.Event()
+    threads: list[str] = []
+
+    def slow(conn: sqlite3.Connection) -> None:
+        release.wait(10)
+
+    def small(conn: sqlite3.Connection) -> int:
+        threads.append(threading.current_thread().name)
+        return int(conn.execute("SELECT 1").fetchone()[0])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(len(db._readers) + 2):  # every reader busy, and two more thread reads waiting
+            nursery.start_soon(db.read, slow)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        for _ in range(5):
+            nursery.start_soon(db.read_small, small)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert threads == []  # all waiting for a reader
+        release.set()
+    assert threads == [threading.main_thread().name] * 5
+    db.close()
