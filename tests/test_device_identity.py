@@ -246,6 +246,38 @@ async def test_signed_requests_only_for_the_signer_and_never_twice(make_config: 
         assert rt.metrics.value("device_auth_refused", reason="replayed") == 1
 
 
+async def test_new_devices_keys_are_read_in_trios_thread(make_config: ConfigFactory) -> None:
+    """A crowd of devices the box has not seen since it started: each one's key is one row
+    read right in trio's thread (Database.read_small), none in a worker thread, so their
+    reads cannot queue for the worker threads' readers (behind which every product read
+    after them went to a thread too, for as long as the crowd lasted)."""
+    keys = {f"pos-{n}": device_key(f"pos-{n}") for n in range(20)}
+    devices = [{"id": d, "kind": "pos", "address": "127.0.0.1", "port": 9, "key": k.hex()} for d, k in keys.items()]
+    async with box(make_config, devices=devices) as rt:
+        in_threads: list[object] = []
+        read = rt.db.read
+
+        async def counting_read(fn: Any) -> Any:
+            in_threads.append(getattr(fn, "func", fn))
+            return await read(fn)
+
+        rt.db.read = counting_read  # type: ignore[method-assign]
+        async with httpx.AsyncClient(base_url=url(rt, "api")) as client:
+
+            async def get(device_id: str) -> None:
+                headers = idp.sign_request(keys[device_id], device_id=device_id, method="GET",
+                                           path="/v1/products/SKU-1", query="", body=b"", created=int(time.time()),
+                                           nonce=secrets.token_hex(16))
+                answer = await client.get("/v1/products/SKU-1", headers=headers)
+                assert answer.status_code == 503 and "no copy of the store's catalog" in answer.text, answer.text
+
+            async with trio.open_nursery() as nursery:
+                for device_id in keys:
+                    nursery.start_soon(get, device_id)
+        assert get_device not in in_threads and in_threads, in_threads  # (the catalog's state was: 503)
+        assert all(rt.keys.cached(device_id) is not None for device_id in keys)
+
+
 async def test_revoking_a_device_shuts_it_out_at_once(make_config: ConfigFactory) -> None:
     kds = DeviceSimulator(device_id="kds-1", kind="kds")
     async with trio.open_nursery() as sims, box(make_config) as rt:

@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import Final
 
 import attrs
 from starlette.requests import HTTPConnection, Request
+from starlette.types import Scope
 
 from appliance.protocol import identity as idp
 from appliance.services.keyring import Trusted
 from appliance.services.runtime import Runtime
-from appliance.services.web.common import ApiError, bearer_token, read_body
+from appliance.services.web.common import ApiError, bearer_of, read_body
 from appliance.storage.devices import AdoptionState, get_device
 
 __all__ = ["Caller", "authenticate", "authenticate_device"]
 
 _METRIC: Final = "device_auth_refused"
+_SIGNATURE_HEADERS: Final = frozenset({b"signature-input", b"signature", b"content-digest"})
 
 
 @attrs.frozen(kw_only=True)
@@ -64,7 +67,9 @@ async def _trusted(runtime: Runtime, device_id: str) -> Trusted | None:
     if trusted is not None:
         return trusted
     generation = runtime.keys.generation
-    device = await runtime.db.read(partial(get_device, device_id=device_id))
+    # One row by its primary key, in trio's thread: a crowd of devices not yet cached (the
+    # first minute after a start) must not queue for the worker threads' readers.
+    device = await runtime.db.read_small(partial(get_device, device_id=device_id))
     if device is None:
         return None
     if runtime.keys.generation != generation:  # its state changed while it was read: not cached
@@ -72,16 +77,31 @@ async def _trusted(runtime: Runtime, device_id: str) -> Trusted | None:
     return runtime.keys.remember(device)
 
 
-async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: bytes = b"") -> str:
+def _credentials(scope: Scope) -> tuple[str | None, dict[str, str]]:
+    """The request's Authorization value and its signature headers by lower-case name (the
+    first of each, as Starlette's lookup gives), in one pass over its headers rather than
+    one per name (a signed request carries five or six)."""
+    authorization: str | None = None
+    signature: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in _SIGNATURE_HEADERS:
+            signature.setdefault(name.decode("ascii"), value.decode("latin-1"))
+        elif name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+    return authorization, signature
+
+
+async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: bytes = b"",
+                              headers: Mapping[str, str] | None = None) -> str:
     """The id of the adopted device that signed this request (or WebSocket handshake), or
     ApiError (401/403/429). ``body`` is the request's body as received (empty for a GET or
-    a WebSocket handshake)."""
+    a WebSocket handshake); ``headers``, its signature headers if the caller has them."""
     try:
-        signed = idp.parse_signature(conn.headers)
+        signed = idp.parse_signature(_credentials(conn.scope)[1] if headers is None else headers)
     except idp.SignatureError as exc:
         raise _refuse(runtime, exc.status, exc.reason, f"{exc}") from exc
     trusted = await _trusted(runtime, signed.keyid)
-    if trusted is None or trusted.key is None:
+    if trusted is None or trusted.mac is None:
         raise _refuse(runtime, 401, "no_key", f"device {signed.keyid!r} has no key on this box: enroll on the "
                                                "provisioning port and have the manager adopt it")
     method = conn.scope.get("method", "GET")
@@ -89,7 +109,7 @@ async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: b
     path = raw_path.decode("latin-1").partition("?")[0]
     query = conn.scope.get("query_string", b"").decode("latin-1")
     try:
-        idp.verify_request(trusted.key, signed, method=method, path=path, query=query, body=body)
+        idp.verify_request(trusted.mac, signed, method=method, path=path, query=query, body=body)
     except idp.SignatureError as exc:
         raise _refuse(runtime, exc.status, exc.reason, str(exc)) from exc
     if trusted.state is not AdoptionState.ADOPTED:
@@ -106,14 +126,15 @@ async def authenticate(request: Request, runtime: Runtime, *, body_limit: int = 
     """The admin (bearer token, if ``admin``) or an adopted device (signature). With
     ``body_limit`` the body is read (refused over the limit before buffering) and handed
     back in :attr:`Caller.body`; the signature covers it."""
-    token = bearer_token(request)
-    if token is not None or "signature-input" not in request.headers:
+    authorization, signature = _credentials(request.scope)
+    token = bearer_of(authorization) if authorization is not None else None
+    if token is not None or "signature-input" not in signature:
         if admin and token is not None and hmac.compare_digest(token.encode(), runtime.admin_token.encode()):
             return Caller(device_id=None, body=await read_body(request, body_limit) if body_limit else b"")
         what = "a device signature (docs/device-api.md)" + (" or the admin bearer token" if admin else "")
         raise _refuse(runtime, 401, "unsigned", f"this route needs {what}")
     body = await read_body(request, body_limit) if body_limit else b""
-    return Caller(device_id=await authenticate_device(request, runtime, body=body), body=body)
+    return Caller(device_id=await authenticate_device(request, runtime, body=body, headers=signature), body=body)
 
 
 def describe_metrics(runtime: Runtime) -> None:
