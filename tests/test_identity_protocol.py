@@ -81,6 +81,46 @@ def test_a_signature_verifies(key, device_id, method, path, query, body, created
 
 
 @_fast
+@given(key=st.binary(max_size=200), message=st.binary(max_size=600))
+def test_a_mac_key_is_hmac_sha256(key, message) -> None:
+    """The pre-keyed HMAC the box checks signatures with is RFC 2104's, for any key (longer
+    than SHA-256's block too) and message; it does not show the key."""
+    assert idp.MacKey(key).digest(message) == hmac.new(key, message, hashlib.sha256).digest()
+    assert repr(idp.MacKey(key)) == "MacKey(...)"
+
+
+@_fast
+@given(key=st.binary(min_size=32, max_size=32), method=_methods, path=_paths, query=_queries,
+       body=st.binary(max_size=200), created=st.integers(0, 10**12 - 1), nonce=_nonces, wrong=st.booleans())
+def test_a_mac_key_and_the_raw_key_verify_alike(key, method, path, query, body, created, nonce, wrong) -> None:
+    headers = _lower(_sign(key, device_id="pos-1", method=method, path=path, query=query, body=body,
+                           created=created, nonce=nonce))
+    signed = idp.parse_signature(headers)
+    assert "chub=" + signed.params == headers["signature-input"]
+    verify_key = bytes(32) if wrong and key != bytes(32) else key
+    outcomes = []
+    for form in (verify_key, idp.MacKey(verify_key)):
+        try:
+            idp.verify_request(form, signed, method=method, path=path, query=query, body=body)
+            outcomes.append("ok")
+        except idp.SignatureError as exc:
+            outcomes.append(exc.reason)
+    assert outcomes == ["bad_signature"] * 2 if verify_key != key else outcomes == ["ok"] * 2
+
+
+def test_created_with_leading_zeros_is_malformed() -> None:
+    """The Signature-Input is taken as the base's last line as sent, so only the form the
+    profile writes is accepted: ``created=0012`` is refused as malformed, not checked."""
+    headers = _lower(_sign(bytes(32), device_id="pos-1", method="GET", path="/v1/x", query="", body=b"",
+                           created=12, nonce="ab" * 16))
+    idp.parse_signature(headers)
+    headers["signature-input"] = headers["signature-input"].replace("created=12;", "created=0012;")
+    with pytest.raises(idp.SignatureError, match="Signature-Input must be") as caught:
+        idp.parse_signature(headers)
+    assert caught.value.reason == "malformed"
+
+
+@_fast
 @given(key=st.binary(min_size=32, max_size=32), other_key=st.binary(min_size=32, max_size=32), method=_methods,
        path=_paths, query=_queries, body=st.binary(max_size=100), created=st.integers(0, 10**12 - 1), nonce=_nonces,
        change=st.sampled_from(["method", "path", "query", "body", "created", "nonce", "key", "keyid"]),

@@ -51,11 +51,14 @@ def load_box_key(state_dir: Path) -> X25519PrivateKey:
 
 @attrs.frozen(kw_only=True)
 class Trusted:
-    """What the box trusts of one device right now."""
+    """What the box trusts of one device right now; ``mac`` is its key made ready for
+    checking signed requests (:class:`~appliance.protocol.identity.MacKey`), made once."""
 
     device_id: str
     state: AdoptionState
     key: bytes | None = attrs.field(repr=False)
+    mac: idp.MacKey | None = attrs.field(repr=False, eq=False, default=attrs.Factory(
+        lambda self: None if self.key is None else idp.MacKey(self.key), takes_self=True))
 
 
 class KeyRing:

@@ -26,8 +26,9 @@ from appliance.protocol.text import Number, Text
 from appliance.services.runtime import Runtime
 from appliance.services.web.kit import JsonResponse
 
-__all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "check_form_token", "error_response", "json_error", "parse_form",
-           "parse_json", "read_body", "read_form", "read_json", "require_admin", "service_app", "whole_number"]
+__all__ = ["MAX_FORM_BYTES", "ApiError", "FormError", "bearer_of", "check_form_token", "error_response", "json_error",
+           "parse_form", "parse_json", "read_body", "read_form", "read_json", "require_admin", "service_app",
+           "whole_number"]
 
 # A homepage form is a token and one action or code: a few hundred bytes. Anything bigger is not ours.
 MAX_FORM_BYTES: Final = 4096
@@ -132,8 +133,12 @@ def error_response(exc: ApiError) -> JsonResponse:
 
 
 def bearer_token(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
+    return bearer_of(request.headers.get("authorization", ""))
+
+
+def bearer_of(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value, or None."""
+    scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
