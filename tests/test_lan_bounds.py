@@ -27,10 +27,13 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.config import LISTENER_ROLES, ConfigError, parse_config
 from appliance.services.budget import BodyBudget
 from appliance.services.guard import _HOSTS_KEPT, guard, host_allowed
+from appliance.services.http import _HTTP2, asks_for_http2
 from appliance.services.runtime import Runtime
 from benchmarks.soak import rss_mb, start_box
 from tests.conftest import ConfigFactory, running_box
@@ -157,6 +160,16 @@ async def test_http2_by_upgrade_or_preface_is_refused(make_config: ConfigFactory
         assert preface == b""
         plain = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert plain.startswith(b"HTTP/1.1 200")
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.sampled_from([b"\n", b"\r\n", b"upgrade:", b"UpGrade:", b" ", b"h2c", b"H2C", b"h2",
+                                       b"PRI * HTTP/2", b"pri * http/2", b"PRI * HTTP/1", b"x", b"\r"]), max_size=12),
+       noise=st.binary(max_size=20))
+def test_the_http2_check_agrees_with_its_pattern(parts: list[bytes], noise: bytes) -> None:
+    """The listener looks for the pattern's literals before running it: same verdict, always."""
+    for seen in (b"".join(parts), noise + b"".join(parts), b"".join(parts) + noise):
+        assert asks_for_http2(seen) is (_HTTP2.search(seen) is not None), seen
 
 
 # --- connections and time ----------------------------------------------------------------

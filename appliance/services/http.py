@@ -59,8 +59,8 @@ from appliance.services.guard import allowed_host_names, guard
 from appliance.services.h11_serving import IdleConnections, serve_h11
 from appliance.services.runtime import Runtime
 
-__all__ = ["BindError", "ConnectionCaps", "bind_tcp", "effective_connection_cap", "raise_descriptor_limit",
-           "run_listener"]
+__all__ = ["BindError", "ConnectionCaps", "asks_for_http2", "bind_tcp", "effective_connection_cap", "guarded_app",
+           "raise_descriptor_limit", "run_listener"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,17 @@ _NO_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 # HTTP/2 by upgrade (RFC 7540 §3.2) or by prior knowledge (§3.4), anywhere in the stream.
 _HTTP2: Final = re.compile(rb"(?i)\nupgrade:[^\r\n]*h2c|(?:^|\n)PRI \* HTTP/2")
 _HTTP2_TAIL: Final = 64  # bytes kept between reads so a match split by a read is seen
+
+
+def asks_for_http2(seen: bytes) -> bool:
+    """Whether ``seen`` (a read, after the tail of the one before) asks for HTTP/2."""
+    # The pattern is slow per byte (case-insensitive, tried at every line start: 6 us on a
+    # signed request's head, 2 on a bearer's); it can only match where one of its literals
+    # is, and looking for those first costs a tenth of that.
+    lowered = seen.lower()
+    return (b"h2c" in lowered or b"pri * http/2" in lowered) and _HTTP2.search(seen) is not None
+
+
 # Listeners served by our own HTTP/1.1 loop on h11 (services/h11_serving.py) instead of
 # hypercorn's protocol: the store API, whose small JSON answers it made most of the work.
 _OWN_H11_ROLES: Final = frozenset({"api"})
@@ -200,7 +211,7 @@ class _Connection(trio.abc.HalfCloseableStream):
             await self.aclose()
             return data
         seen = self._tail + data
-        if _HTTP2.search(seen):
+        if asks_for_http2(seen):
             raise trio.BrokenResourceError("HTTP/2 is not served here")
         self._tail = seen[-_HTTP2_TAIL:]
         return data
@@ -445,6 +456,14 @@ async def _serve(app: ASGIApp, cfg: HypercornConfig, listener: _CappedListener, 
         lifespan_nursery.cancel_scope.cancel()
 
 
+def guarded_app(runtime: Runtime, app: ASGIApp, *, role: str) -> ASGIApp:
+    """``app`` behind the guard (services/guard.py) as the listener of ``role`` serves it."""
+    http = runtime.config.http
+    return guard(app, names=allowed_host_names(http.allowed_hosts), budget=runtime.body_budget,
+                 max_body_bytes=http.max_body_bytes, wait_s=http.body_timeout_s,
+                 requests=None if role in _STREAMING_ROLES else trio.CapacityLimiter(http.max_requests_in_progress))
+
+
 async def run_listener(
     runtime: Runtime,
     app: ASGIApp,
@@ -467,9 +486,7 @@ async def run_listener(
     caps = ConnectionCaps(total=effective_connection_cap(http.max_connections),
                           per_source=http.max_connections_per_source)
     listener = _CappedListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), caps, role=role)
-    guarded = guard(app, names=allowed_host_names(http.allowed_hosts), budget=runtime.body_budget,
-                    max_body_bytes=http.max_body_bytes, wait_s=http.body_timeout_s,
-                    requests=None if role in _STREAMING_ROLES else trio.CapacityLimiter(http.max_requests_in_progress))
+    guarded = guarded_app(runtime, app, role=role)
     try:
         async with trio.open_nursery() as nursery:
             cfg = hypercorn_config(runtime)
