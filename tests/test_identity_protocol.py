@@ -190,6 +190,25 @@ def test_replays_and_stale_requests_are_refused() -> None:
     assert len(guard) == 0
 
 
+def test_a_full_guard_forgets_its_oldest_second_and_refuses_from_it_on() -> None:
+    guard = idp.ReplayGuard(window_s=30, max_nonces=3)
+    for nonce, created in (("a", 100), ("b", 100), ("c", 101)):
+        guard.check(nonce, created=created, now=101.5)
+    guard.check("d", created=102, now=102.5)  # full: the whole of second 100 is forgotten
+    assert len(guard) == 2 and guard.floor == 100
+    with pytest.raises(idp.Replayed, match="older than the oldest") as flood:
+        guard.check("e", created=100, now=102.5)  # never "a" again, nor anything else from then
+    assert flood.value.status == 429
+    with pytest.raises(idp.Replayed, match="used already"):
+        guard.check("c", created=101, now=102.5)
+    guard.check("c", created=102, now=102.5)  # the same nonce in another second: another request
+    # The window moves on: a second's nonces leave it together, once it is 30 s old.
+    guard.check("f", created=102, now=131.6)  # second 101 gone ("c"), 102's three kept
+    assert len(guard) == 3
+    guard.check("g", created=133, now=133)  # second 102 gone at once
+    assert len(guard) == 1
+
+
 @settings(max_examples=40, deadline=None)
 @given(events=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 60)), max_size=200))
 def test_the_replay_guard_is_bounded_and_never_accepts_a_nonce_twice(events) -> None:

@@ -35,7 +35,7 @@ from appliance.storage.devices import AdoptionState, get_device
 __all__ = ["Caller", "authenticate", "authenticate_device"]
 
 _METRIC: Final = "device_auth_refused"
-_SIGNATURE_HEADERS: Final = frozenset({b"signature-input", b"signature", b"content-digest"})
+_SIGNATURE_HEADERS: Final = {name.encode("ascii"): name for name in ("signature-input", "signature", "content-digest")}
 
 
 @attrs.frozen(kw_only=True)
@@ -63,9 +63,7 @@ def _refuse(runtime: Runtime, status: int, reason: str, message: str) -> ApiErro
 
 
 async def _trusted(runtime: Runtime, device_id: str) -> Trusted | None:
-    trusted = runtime.keys.cached(device_id)
-    if trusted is not None:
-        return trusted
+    """A device not in the key ring's cache: its row, remembered unless it changed meanwhile."""
     generation = runtime.keys.generation
     # One row by its primary key, in trio's thread: a crowd of devices not yet cached (the
     # first minute after a start) must not queue for the worker threads' readers.
@@ -84,8 +82,10 @@ def _credentials(scope: Scope) -> tuple[str | None, dict[str, str]]:
     authorization: str | None = None
     signature: dict[str, str] = {}
     for name, value in scope["headers"]:
-        if name in _SIGNATURE_HEADERS:
-            signature.setdefault(name.decode("ascii"), value.decode("latin-1"))
+        key = _SIGNATURE_HEADERS.get(name)
+        if key is not None:
+            if key not in signature:
+                signature[key] = value.decode("latin-1")
         elif name == b"authorization" and authorization is None:
             authorization = value.decode("latin-1")
     return authorization, signature
@@ -100,7 +100,7 @@ async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: b
         signed = idp.parse_signature(_credentials(conn.scope)[1] if headers is None else headers)
     except idp.SignatureError as exc:
         raise _refuse(runtime, exc.status, exc.reason, f"{exc}") from exc
-    trusted = await _trusted(runtime, signed.keyid)
+    trusted = runtime.keys.cached(signed.keyid) or await _trusted(runtime, signed.keyid)
     if trusted is None or trusted.mac is None:
         raise _refuse(runtime, 401, "no_key", f"device {signed.keyid!r} has no key on this box: enroll on the "
                                                "provisioning port and have the manager adopt it")
