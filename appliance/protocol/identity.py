@@ -286,8 +286,8 @@ def parse_signature(headers: Mapping[str, str]) -> SignedRequest:
     digest = _header(headers, "content-digest")
     if _DIGEST.fullmatch(digest) is None:
         raise SignatureError("Content-Digest must be sha-256=:<base64 of the body's SHA-256>:", reason="malformed")
-    return SignedRequest(keyid=match["keyid"], created=int(match["created"]), nonce=match["nonce"], digest=digest,
-                         mac=binascii.a2b_base64(sig["b64"]), params=raw_input[len(LABEL) + 1:])
+    created, nonce, keyid = match.groups()
+    return SignedRequest(keyid, int(created), nonce, digest, binascii.a2b_base64(sig[1]), raw_input[len(LABEL) + 1:])
 
 
 def verify_request(key: bytes | MacKey, signed: SignedRequest, *, method: str, path: str, query: str,

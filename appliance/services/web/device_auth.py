@@ -104,12 +104,12 @@ async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: b
     if trusted is None or trusted.mac is None:
         raise _refuse(runtime, 401, "no_key", f"device {signed.keyid!r} has no key on this box: enroll on the "
                                                "provisioning port and have the manager adopt it")
-    method = conn.scope.get("method", "GET")
-    raw_path = conn.scope.get("raw_path") or conn.scope["path"].encode("utf-8")
+    scope = conn.scope
+    raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
     path = raw_path.decode("latin-1").partition("?")[0]
-    query = conn.scope.get("query_string", b"").decode("latin-1")
+    query = scope.get("query_string", b"").decode("latin-1")
     try:
-        idp.verify_request(trusted.mac, signed, method=method, path=path, query=query, body=body)
+        idp.verify_request(trusted.mac, signed, method=scope.get("method", "GET"), path=path, query=query, body=body)
     except idp.SignatureError as exc:
         raise _refuse(runtime, exc.status, exc.reason, str(exc)) from exc
     if trusted.state is not AdoptionState.ADOPTED:
