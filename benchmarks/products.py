@@ -20,6 +20,10 @@ CPU is its own process's, printed beside it so that a difference there shows):
   does not slow the clients;
 - the devices' keys are in the box's cache before the first round (a device's first
   request reads its key once; a shop's devices are known long before a rush);
+- in pairs of short rounds in turn (bearer then signed, signed then bearer, ...), each
+  pair's ratio taken and the median printed with the range: a drift of the machine's other
+  load falls on both halves of a pair alike (with one round of each a minute apart, the
+  ratio swung by 15 points between runs here);
 - at full load (clients as fast as the box answers) and again at the same offered rate
   below both maxima (paced clients), where the box's batching per wake-up is alike;
 - and the listener's own code in process with no sockets (the connection wrapper, the
@@ -36,6 +40,7 @@ import random
 import resource
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +64,9 @@ PREBUILT_PER_S = 8000
 # The paced rounds offer this share of the signed requests' full-load rate: below both
 # maxima, so that bearer and signed meet the same rate and the same batching.
 PACED_SHARE = 0.6
+# Pairs of short rounds (bearer and signed in turn) for the signed-vs-bearer ratios.
+PAIRS = 6
+PAIR_SECONDS = 2.0
 
 
 def _free_port() -> int:
@@ -340,6 +348,9 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of each variant (box, signed, hello-world), alternating; medians")
+    parser.add_argument("--pairs", type=int, default=PAIRS,
+                        help="pairs of short bearer/signed rounds for the signature's cost, each way (full, paced)")
+    parser.add_argument("--pair-seconds", type=float, default=PAIR_SECONDS)
     parser.add_argument("--hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
     _cpus.add_option(parser)
     opts = parser.parse_args()
@@ -352,7 +363,8 @@ def main() -> None:
 def _bench(opts: argparse.Namespace) -> None:
     rng = random.Random(2)
     results: dict[str, dict[str, float]] = {}
-    paced: dict[str, dict[str, float]] = {}
+    full_pairs: list[dict[str, dict[str, float]]] = []
+    paced_pairs: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         box_port, hello_port = _free_port(), _free_port()
@@ -384,16 +396,17 @@ def _bench(opts: argparse.Namespace) -> None:
                                                           opts.warmup, make=make, pid=pid)))
             for label, runs in rounds.items():
                 results[label] = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-            # Bearer and signed again at one offered rate below both maxima, in turn.
+            # Bearer and signed in pairs of short rounds, at full load and then both paced to
+            # one rate below both maxima; the order within a pair alternates.
             rate = PACED_SHARE * results[signed_label]["rps"]
-            paced_rounds: dict[str, list[dict[str, float]]] = {"bearer": [], "signed": []}
-            for _ in range(opts.rounds):
-                for label, make in (("bearer", _bearer), ("signed", _signed)):
-                    paced_rounds[label].append(trio.run(partial(
-                        _load, box_port, variants[0][2], opts.clients, opts.seconds, opts.warmup, make=make,
-                        pid=procs[0].pid, rate=rate)))
-            for label, runs in paced_rounds.items():
-                paced[label] = sorted(runs, key=lambda r: r["cpu_us"])[len(runs) // 2]
+            for offered, pairs in ((0.0, full_pairs), (rate, paced_pairs)):
+                for n in range(opts.pairs):
+                    pair = {}
+                    for label, make in (("bearer", _bearer), ("signed", _signed))[::1 if n % 2 == 0 else -1]:
+                        pair[label] = trio.run(partial(_load, box_port, variants[0][2], opts.clients,
+                                                       opts.pair_seconds, 0.5, make=make, pid=procs[0].pid,
+                                                       rate=offered))
+                    pairs.append(pair)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -404,11 +417,12 @@ def _bench(opts: argparse.Namespace) -> None:
     for name, r in results.items():
         print(f"  {name:34} {r['rps']:8,.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms   "
               f"server CPU {r['cpu_us']:5.0f} us/request   (load generator {r['client_us']:3.0f} us/request)")
-    late = sum(r["late"] for runs in (*rounds.values(), *paced_rounds.values()) for r in runs)
+    late = sum(r["late"] for runs in rounds.values() for r in runs) + \
+        sum(r["late"] for pair in (*full_pairs, *paced_pairs) for r in pair.values())
     if late:
         print(f"  NOTE: {late:,.0f} requests were built during the rounds (the prebuilt ones ran out): raise "
               "PREBUILT_PER_S")
-    box, signed, hello = results.values()
+    box, _, hello = results.values()
     print(f"  ratio appliance / hello-world: {box['rps'] / hello['rps']:.2f}x requests/s, "
           f"{box['p99_ms'] / hello['p99_ms']:.1f}x p99")
     # The server's own CPU time per request: what bounds its throughput on a saturated core,
@@ -417,19 +431,26 @@ def _bench(opts: argparse.Namespace) -> None:
           f"{hello['cpu_us'] / box['cpu_us']:.2f}x")
     with tempfile.TemporaryDirectory() as tmp:
         alone = trio.run(_listener_us, _prepare_box(Path(tmp), opts.products, _free_port()), opts.products)
-    print("  signed by a device vs the bearer token: the box's own CPU time per request (its /proc/<pid>/stat; "
-          "the load generator's is its own), the devices' keys already cached, every request signed before its "
-          "round (goal: at most +15%):")
-    print(f"    at full load                   {signed['cpu_us']:5.0f} vs {box['cpu_us']:5.0f} us = "
-          f"{signed['cpu_us'] / box['cpu_us'] - 1:+4.0%}   requests/s {signed['rps'] / box['rps']:.2f}x, "
-          f"p99 {signed['p99_ms'] / box['p99_ms']:.1f}x")
-    sp, bp = paced["signed"], paced["bearer"]
-    print(f"    paced, both at {rate:6,.0f} req/s   {sp['cpu_us']:5.0f} vs {bp['cpu_us']:5.0f} us = "
-          f"{sp['cpu_us'] / bp['cpu_us'] - 1:+4.0%}   p99 {sp['p99_ms']:.1f} vs {bp['p99_ms']:.1f} ms "
-          f"(served {sp['rps']:,.0f} and {bp['rps']:,.0f} req/s)")
-    print(f"    the listener in process         {alone['signed']:5.0f} vs {alone['bearer']:5.0f} us = "
-          f"{alone['signed'] / alone['bearer'] - 1:+4.0%}   (no sockets: the connection wrapper, the HTTP loop, "
+    print(f"  signed by a device vs the bearer token (goal: at most +15% CPU per request): the box's own CPU time "
+          "per request (its /proc/<pid>/stat; the load generator's is its own), the devices' keys already cached, "
+          f"every request signed before its round; {opts.pairs} pairs of {opts.pair_seconds:g} s rounds in turn, "
+          "the median of the pairs' ratios (range):")
+    for what, pairs in (("at full load", full_pairs), (f"paced, both at {rate:,.0f} req/s", paced_pairs)):
+        cpu = _spread([p["signed"]["cpu_us"] / p["bearer"]["cpu_us"] - 1 for p in pairs])
+        rps = _spread([p["signed"]["rps"] / p["bearer"]["rps"] for p in pairs])
+        signed_us = statistics.median(p["signed"]["cpu_us"] for p in pairs)
+        bearer_us = statistics.median(p["bearer"]["cpu_us"] for p in pairs)
+        print(f"    {what:30} {cpu[0]:+4.0%} ({cpu[1]:+.0%} .. {cpu[2]:+.0%})   "
+              f"{signed_us:4.0f} vs {bearer_us:4.0f} us   "
+              f"requests/s signed/bearer {rps[0]:.2f}x ({rps[1]:.2f} .. {rps[2]:.2f})")
+    print(f"    {'the listener in process':30} {alone['signed'] / alone['bearer'] - 1:+4.0%}   "
+          f"{alone['signed']:4.0f} vs {alone['bearer']:4.0f} us   (no sockets: the connection wrapper, the HTTP loop, "
           "the guard and the app; process CPU, median of 5)")
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest."""
+    return statistics.median(values), min(values), max(values)
 
 
 if __name__ == "__main__":
