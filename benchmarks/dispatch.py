@@ -194,13 +194,17 @@ async def run_mqtt(port: int, devices: int, window: int, schedules: list[list[fl
 
 
 async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst: int, rate: float,
-                       seconds: float) -> tuple[float, Latencies, float, dict[str, Latencies], tuple[int, int, int]]:
+                       seconds: float) -> tuple[float, Latencies, float, dict[str, Latencies], tuple[int, int, int],
+                                                tuple[float, float]]:
     """``(throughput seconds, paced latencies, one durable commit in seconds, the paced
-    latencies' stages, the paced phase's checkpoints)``: the stages are ``due->sent``,
-    ``enqueue`` (due to the enqueue's return: the wait for the writer and the durable
-    commit) and ``sent->acked``; the checkpoints: those beside the writer, of them those
-    that held it, and the writer's own threshold (0: off, none runs inside a commit;
-    appliance/storage/db.py)."""
+    latencies' stages, the paced phase's checkpoints, the box's CPU seconds per command in
+    the burst and in the paced phase)``: the stages are ``due->sent``, ``enqueue`` (due to
+    the enqueue's return: the wait for the writer and the durable commit) and
+    ``sent->acked``; the checkpoints: those beside the writer, of them those that held it,
+    and the writer's own threshold (0: off, none runs inside a commit;
+    appliance/storage/db.py). The CPU is this process's (every thread: the loop, the
+    writer, the checkpointer; not the devices' process), a figure the machine's load
+    hardly moves."""
     config = parse_config({"storage": {"dir": str(state_dir)},
                            "admin": {"token": "bench-admin-token-0123456789", "first_start_ticket": False},
                            "dispatch": {"window": window}})
@@ -241,11 +245,12 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
                     for target in targets:
                         enqueue_in(conn, target.id, "print", {"n": n})
 
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             await runtime.db.write(burst_all)
             runtime.outbox_changes.notify()
             await until(lambda: acked() >= burst * len(targets))
             burst_s = time.perf_counter() - start
+            burst_cpu = (time.process_time() - cpu) / (burst * len(targets))
 
             # Latency: each command enqueued (one durable commit each) when it is due.
             due: dict[str, float] = {}
@@ -266,10 +271,12 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
                     await enqueue(runtime, target.id, "print", {"n": n}, command_id=command_id)
                     enqueued[command_id] = trio.current_time()
 
+            cpu = time.process_time()
             async with trio.open_nursery() as producers:
                 for target, schedule in zip(targets, paced, strict=True):
                     producers.start_soon(producer, target, schedule)
             await until(lambda: acked() >= base + total)
+            paced_cpu = (time.process_time() - cpu) / total
             checkpoints = (db.checkpoints - checkpoints[0], db.checkpoints_holding_writer - checkpoints[1],
                            await db.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
                                           durable=False))
@@ -293,7 +300,7 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
             checkpointer_scope.cancel()
     finally:
         runtime.db.close()
-    return burst_s, latencies, commit_s, stages, checkpoints
+    return burst_s, latencies, commit_s, stages, checkpoints, (burst_cpu, paced_cpu)
 
 
 class GcPauses:
@@ -382,7 +389,7 @@ async def main(args: argparse.Namespace) -> None:
         _, base_burst_s = await run_baseline(ports, args.window, bursts)
         base_lat, _ = await run_baseline(ports, args.window, paced())
         with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp, GcPauses() as pauses:
-            disp_burst_s, disp_lat, commit_s, stages, checkpoints = await run_dispatch(
+            disp_burst_s, disp_lat, commit_s, stages, checkpoints, cpu = await run_dispatch(
                 ports, Path(tmp), window=args.window, burst=args.burst, rate=args.rate, seconds=args.seconds)
     finally:
         await _stop(farm)
@@ -425,6 +432,9 @@ async def main(args: argparse.Namespace) -> None:
         f"{name} {p(values, .5):.1f} / {p(values, .99):.1f}" for name, values in stages.items()))
     print("  (enqueue: from due to the enqueue's return, the durable commit included; sent->acked: the wire and "
           "the device, as the raw ws column)")
+    print(f"  the box's CPU per command (every thread of its process, not the devices'): burst "
+          f"{cpu[0] * 1e6:,.0f} us, at {args.rate:g}/s {cpu[1] * 1e6:,.0f} us (the paced phase's whole time, "
+          "the links' idle work included)")
     inside = ("none inside a commit (the writer's own is off)" if checkpoints[2] == 0 else
               f"the writer's own on (every {checkpoints[2]} pages, inside the commit that crosses it)")
     print(f"  WAL checkpoints in the paced phase: {checkpoints[0]} beside the writer ({checkpoints[1]} of them holding "

@@ -196,6 +196,50 @@ async def test_sends_and_acks_are_recorded_without_waiting_for_the_disk(clock: t
     assert db.groups - groups > 5  # and the records' own commits, none durable
 
 
+async def test_a_commands_sent_and_acked_records_share_one_commit(clock: trio.testing.MockClock,
+                                                                   runtime: Runtime) -> None:
+    """While a command is in flight its sent record waits (at most 0.1 s) for the window to
+    empty: with the ack ~1 ms later both go in one commit of the recorder, not one each."""
+    sim = DeviceSimulator(device_id="p0")
+    t = target("p0")
+    async with dispatching(runtime, [t], plugged={t.address: sim.serve_stream}):
+        await wait_for(lambda: runtime.device_links.backlog_at is not None and
+                       all(s.phase is DeviceLinkPhase.CONNECTED for s in runtime.device_links.all()))
+        db = runtime.db
+
+        async def one(n: int) -> None:
+            command_id = (await enqueue(runtime, "p0", "print", {"n": n})).id
+            while (await states(runtime, "p0")).get(command_id) is not CommandState.ACKED:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+        await one(0)  # and with it, every record of the link's start written
+        records_before = db.groups - db.durable_groups
+        for n in range(1, 6):
+            await one(n)
+        assert db.groups - db.durable_groups - records_before == 5
+    rows = await runtime.db.read(partial(list_commands, device_id="p0", limit=10))
+    assert len(rows) == 6
+    assert all(r.attempts == 1 and r.sent_at is not None and r.sent_at <= (r.settled_at or 0) for r in rows)
+
+
+async def test_a_slow_devices_sent_record_waits_no_more_than_its_bound(clock: trio.testing.MockClock,
+                                                                        runtime: Runtime) -> None:
+    """A device that takes a second to ack: its command shows as sent within the records'
+    hold (0.1 s), not only once the ack comes."""
+    slow = DeviceSimulator(device_id="slow", delay_s=1.0)
+    t = target("slow")
+    async with dispatching(runtime, [t], plugged={t.address: slow.serve_stream}):
+        await wait_for(lambda: all(s.phase is DeviceLinkPhase.CONNECTED for s in runtime.device_links.all()))
+        command_id = (await enqueue(runtime, "slow", "print", {})).id
+        enqueued_at = trio.current_time()
+        while (await states(runtime, "slow")).get(command_id) is CommandState.QUEUED:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        assert (await states(runtime, "slow"))[command_id] is CommandState.SENT
+        assert trio.current_time() - enqueued_at <= 0.2
+        assert runtime.device_links.links["slow"].acked == 0
+        await wait_for(lambda: runtime.device_links.links["slow"].acked == 1)
+
+
 async def test_unreachable_device_backs_off_with_jitter_and_says_why(clock: trio.testing.MockClock,
                                                                      runtime: Runtime) -> None:
     async with dispatching(runtime, [target("kds-1")]) as lan:

@@ -218,6 +218,11 @@ class SendWindow:
         """Records waiting for :meth:`take_records`."""
         return len(self._records)
 
+    @property
+    def oldest_unrecorded_at(self) -> float | None:
+        """When the oldest record waiting for :meth:`take_records` happened (None: none waits)."""
+        return self._records[0].at if self._records else None
+
     def take_records(self) -> list[Record]:
         """What happened since the last call, in order, for the outbox to make durable."""
         records, self._records = self._records, []

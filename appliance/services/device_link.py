@@ -83,6 +83,9 @@ Clock = Callable[[], float]
 
 # Records handed to the recorder in one batch at most; a batch is one transaction.
 _RECORD_BATCH: Final = 256
+# While commands are in flight, their records wait for the window to empty (a command's
+# sent and acked records then share one commit, not one each) at most this long.
+_RECORD_HOLD_S: Final = 0.1
 # A graceful close waits this long for the device's close frame, then closes the stream.
 _POLITE_CLOSE_S: Final = 2.0
 # Commands gathered for one TCP write at most (see _Cork): a window's worth of small
@@ -492,10 +495,17 @@ class DeviceLink:
                 await stream.uncork()
                 await self._flush(force=False)
                 continue
-            await self._flush(force=True)
+            # A record waits while commands are in flight (at most _RECORD_HOLD_S): a command's
+            # sent and acked records ~1 ms apart then share one commit of the recorder.
+            held = window.oldest_unrecorded_at
+            await self._flush(force=window.idle or self._stop.is_set()
+                              or (held is not None and self._clock() >= held + _RECORD_HOLD_S))
             if self._stop.is_set() and window.idle:
                 return
             timer = window.get_timer()
+            held = window.oldest_unrecorded_at
+            if held is not None:
+                timer = held + _RECORD_HOLD_S if timer is None else min(timer, held + _RECORD_HOLD_S)
             with trio.move_on_at(self._trio_time(timer)):
                 seen = await self.poke.wait(seen)
 
