@@ -7,8 +7,10 @@ hand the commands they committed to their devices' links (``runtime.outbox_chang
 no read of the outbox between the commit and the send); other producers notify
 ``runtime.outbox_changes``, which wakes the links whose devices got new commands (one small
 read of ``outbox_seq`` per wake-up, so nothing polls). One recorder task writes what the
-links report (sent, acked, dead), many records per transaction, committed without waiting for the disk (a power cut may
-lose the last of them; their commands are then sent again and the device dedupes them).
+links report (sent, acked, dead), many records per transaction, committed without waiting
+for the disk (a power cut may lose the last of them; their commands are then sent again
+and the device dedupes them). A link holds a command's sent record until the window
+empties (at most 0.1 s), so that with the ack ~1 ms later both share one commit.
 
 Also here: a maintenance task (expired commands swept to dead, settled commands pruned
 after ``acked_retention_s``, the backlog figures behind the gauges refreshed), the
