@@ -443,9 +443,11 @@ def _bench(opts: argparse.Namespace) -> None:
         print(f"    {what:30} {cpu[0]:+4.0%} ({cpu[1]:+.0%} .. {cpu[2]:+.0%})   "
               f"{signed_us:4.0f} vs {bearer_us:4.0f} us   "
               f"requests/s signed/bearer {rps[0]:.2f}x ({rps[1]:.2f} .. {rps[2]:.2f})")
+    extra = alone["signed"] - alone["bearer"]
     print(f"    {'the listener in process':30} {alone['signed'] / alone['bearer'] - 1:+4.0%}   "
           f"{alone['signed']:4.0f} vs {alone['bearer']:4.0f} us   (no sockets: the connection wrapper, the HTTP loop, "
-          "the guard and the app; process CPU, median of 5)")
+          "the guard and the app; process CPU, median of 5): "
+          f"+{extra:.0f} us, {extra / box['cpu_us']:+.0%} of the box's whole CPU per bearer request above")
 
 
 def _spread(values: list[float]) -> tuple[float, float, float]:
