@@ -337,6 +337,75 @@ async def test_a_write_taken_into_a_group_completes_for_a_cancelled_caller(tmp_p
         db.close()
 
 
+class TaskSteps(trio.abc.Instrument):
+    """Every step of every task, in order, while installed."""
+
+    def __init__(self) -> None:
+        self.tasks: list[trio.lowlevel.Task] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.tasks.append(task)
+
+
+async def test_a_lone_write_resumes_its_caller_twice_and_wakes_no_other_task(tmp_path: Path) -> None:
+    """A write's way to its worker thread and back: one round of the scheduler for the write
+    lock (where writes arriving together gather into one group) and one when its thread is
+    done, which wakes the caller itself (docs/architecture.md §7, "The way of one command").
+    trio.to_thread.run_sync took two more: its thread limiter's, and a system task's that
+    passed the result on."""
+    db = await Database.open(tmp_path / "a.db")
+    me = trio.lowlevel.current_task()
+
+    def touch(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('touch', '1')")
+
+    try:
+        await db.write(touch)
+        steps = TaskSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await db.write(touch)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.tasks == [me, me]
+    finally:
+        db.close()
+
+
+class GroupStopped(BaseException):
+    """Not an Exception: raised by a whole group, not by one of its writes."""
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_what_a_groups_thread_raises_reaches_its_caller_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """What the group's thread raises outside any one write is raised in the caller's task;
+    the next write runs as usual, and closing lets go of every descriptor the writer opened
+    (the pipe its threads wake the caller through)."""
+    before = open_descriptors()
+    db = await Database.open(tmp_path / "a.db")
+    try:
+        await db.write(lambda c: c.execute("INSERT INTO meta VALUES ('a', '1')"))
+        real = db._commit_group
+
+        def broken(group: list[object]) -> None:
+            raise GroupStopped
+
+        db._commit_group = broken  # type: ignore[method-assign, assignment]
+        with pytest.raises(GroupStopped):
+            await db.write(lambda c: c.execute("INSERT INTO meta VALUES ('b', '1')"))
+        db._commit_group = real  # type: ignore[method-assign]
+        await db.write(lambda c: c.execute("INSERT INTO meta VALUES ('c', '1')"))
+        keys = await db.read(lambda c: sorted(r[0] for r in c.execute("SELECT key FROM meta WHERE key IN "
+                                                                      "('a', 'b', 'c')")))
+        assert keys == ["a", "c"]
+    finally:
+        db.close()
+    assert open_descriptors() == before
+
+
 # --- page size ------------------------------------------------------------------------
 
 

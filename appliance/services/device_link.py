@@ -152,23 +152,32 @@ class _Cork(trio.abc.Stream):
         await self._write_pending()
 
     async def _write_pending(self) -> None:
-        async with self._write_lock:
+        # The lock is nearly always free: taken then without a round of the scheduler, so
+        # the commands leave at once (trio-websocket's own lock, taken for each command,
+        # already made the writer a checkpoint; the socket's send is one too).
+        try:
+            self._write_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._write_lock.acquire()
+        try:
             if self._pending:
                 data = b"".join(self._pending)
                 self._pending, self._pending_bytes = [], 0
                 await self._stream.send_all(data)
+        finally:
+            self._write_lock.release()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if not self._corked:
             async with self._write_lock:
                 await self._stream.send_all(data)
             return
+        # Only buffered: no round of the scheduler either (the caller, trio-websocket's
+        # send, took its lock, a checkpoint, just before).
         self._pending.append(bytes(data))
         self._pending_bytes += len(data)
         if self._pending_bytes >= _CORK_MAX_BYTES:
             await self._write_pending()
-        else:
-            await trio.lowlevel.checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
