@@ -218,14 +218,17 @@ async def test_a_stop_that_cannot_get_the_writer_in_time_returns_and_close_lets_
 # every few writes), printing "ok KEY" after each write returns and "copy" as each
 # background copy starts.
 _WRITER = r"""
+import os
 import sys
 from pathlib import Path
 import trio
 from appliance.storage import db as dbm
 dbm.WAL_CHECKPOINT_PAGES, dbm.WAL_MAX_PAGES = 64, 128
 _passive = dbm._checkpoint_passive
+def say(line):  # one write(2) a line: the two threads' lines never interleave (print writes its end apart)
+    os.write(1, f"{line}\n".encode())
 def passive(conn):
-    print("copy", flush=True)
+    say("copy")
     _passive(conn)
 dbm._checkpoint_passive = passive
 async def main():
@@ -235,7 +238,7 @@ async def main():
         for i in range(100_000):
             key = f"{sys.argv[2]}-{i}"
             await db.write(lambda c: c.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, "x" * 3000)))
-            print("ok", key, flush=True)
+            say(f"ok {key}")
 trio.run(main)
 """
 
