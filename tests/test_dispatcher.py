@@ -175,6 +175,12 @@ async def test_every_command_reaches_its_device_once_in_order(clock: trio.testin
     assert len(set(ids)) == 180
 
 
+async def links_up_and_swept(runtime: Runtime) -> None:
+    """Every link connected, and the maintenance sweep (durable writes of its own) done."""
+    await wait_for(lambda: runtime.device_links.backlog_at is not None and
+                   all(s.phase is DeviceLinkPhase.CONNECTED for s in runtime.device_links.all()))
+
+
 async def test_sends_and_acks_are_recorded_without_waiting_for_the_disk(clock: trio.testing.MockClock,
                                                                         runtime: Runtime) -> None:
     """Only the enqueue waits for an fsync: the records of its sending and its ack are
@@ -182,9 +188,7 @@ async def test_sends_and_acks_are_recorded_without_waiting_for_the_disk(clock: t
     sim = DeviceSimulator(device_id="p0")
     t = target("p0")
     async with dispatching(runtime, [t], plugged={t.address: sim.serve_stream}):
-        # Up, and the maintenance sweep (durable writes of its own) done.
-        await wait_for(lambda: runtime.device_links.backlog_at is not None and
-                       all(s.phase is DeviceLinkPhase.CONNECTED for s in runtime.device_links.all()))
+        await links_up_and_swept(runtime)
         db = runtime.db
         durable, groups = db.durable_groups, db.groups
         ids = [(await enqueue(runtime, "p0", "print", {"n": n})).id for n in range(5)]
@@ -203,8 +207,7 @@ async def test_a_commands_sent_and_acked_records_share_one_commit(clock: trio.te
     sim = DeviceSimulator(device_id="p0")
     t = target("p0")
     async with dispatching(runtime, [t], plugged={t.address: sim.serve_stream}):
-        await wait_for(lambda: runtime.device_links.backlog_at is not None and
-                       all(s.phase is DeviceLinkPhase.CONNECTED for s in runtime.device_links.all()))
+        await links_up_and_swept(runtime)
         db = runtime.db
 
         async def one(n: int) -> None:
