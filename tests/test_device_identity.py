@@ -278,6 +278,65 @@ async def test_new_devices_keys_are_read_in_trios_thread(make_config: ConfigFact
         assert all(rt.keys.cached(device_id) is not None for device_id in keys)
 
 
+async def raw_exchange(port: int, head: bytes) -> tuple[int, bytes]:
+    """One request's head as raw bytes on a fresh connection: the answer's status and body."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(head)
+        answer = b""
+        with trio.fail_after(DEADLINE_S):
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some(65536)
+            status_line, _, rest = answer.partition(b"\r\n")
+            lines, _, body = rest.partition(b"\r\n\r\n")
+            length = int(next(v for k, _, v in (line.partition(b":") for line in lines.split(b"\r\n"))
+                              if k.lower() == b"content-length"))
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+    return int(status_line.split(b" ")[1]), body
+
+
+async def test_signature_headers_are_read_as_received_and_hostile_bytes_get_a_401(
+        make_config: ConfigFactory) -> None:
+    """The box matches the signature headers on the bytes it received: any byte an HTTP
+    parser lets through in a value (obs-text, a lone high byte, a non-breaking space after
+    a valid value) is a 401 "malformed" with its line, never a 500; blanks around a valid
+    value are an HTTP parser's to drop and pass; and the box serves on after each."""
+    key = device_key("pos-a")
+    devices = [{"id": "pos-a", "kind": "pos", "address": "127.0.0.1", "port": 9, "key": key.hex()}]
+    async with box(make_config, devices=devices) as rt:
+        port = rt.ports["api"]
+
+        def head(**replace: bytes) -> bytes:
+            signed = idp.sign_request(key, device_id="pos-a", method="GET", path="/v1/products/SKU-1", query="",
+                                      body=b"", created=int(time.time()), nonce=secrets.token_hex(16))
+            fields = {k.lower(): v.encode() for k, v in signed.items()} | replace
+            lines = b"".join(b"%s: %s\r\n" % (name.encode(), value) for name, value in fields.items())
+            return b"GET /v1/products/SKU-1 HTTP/1.1\r\nhost: 127.0.0.1\r\n" + lines + b"\r\n"
+
+        good = head()
+        valid_input = good.split(b"signature-input: ")[1].split(b"\r\n")[0]
+        valid_signature = good.split(b"signature: ")[1].split(b"\r\n")[0]
+        assert (await raw_exchange(port, good))[0] == 503  # signed and checked: the replica is empty
+        hostile = [
+            {"signature-input": valid_input + b"\xa0"},
+            {"signature-input": valid_input.replace(b"pos-a", b"pos-\xe9")},
+            {"signature": valid_signature[:-2] + b"\xff:"},
+            {"signature": b"chub=:" + b"\x80" * 44 + b":"},
+            {"content-digest": b"sha-256=:\xc3\xa9:"},
+            {"signature-input": b"x" * 300},
+        ]
+        for replace in hostile:
+            status, body = await raw_exchange(port, head(**replace))
+            assert status == 401, (replace, status, body)
+            assert b"must be" in body or b"longer than" in body, body
+        # Blanks around a value: dropped by the HTTP parser, the signature still checks.
+        fresh = head()
+        padded = fresh.replace(b"signature-input: ", b"signature-input: \t").replace(b"\r\nsignature:",
+                                                                                  b"\t \r\nsignature:")
+        assert padded != fresh and (await raw_exchange(port, padded))[0] == 503
+        assert rt.metrics.value("device_auth_refused", reason="malformed") == len(hostile)
+
+
 async def test_revoking_a_device_shuts_it_out_at_once(make_config: ConfigFactory) -> None:
     kds = DeviceSimulator(device_id="kds-1", kind="kds")
     async with trio.open_nursery() as sims, box(make_config) as rt:

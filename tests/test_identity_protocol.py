@@ -65,8 +65,9 @@ def _sign(key: bytes, **kw: object) -> dict[str, str]:
     return idp.sign_request(key, **kw)  # type: ignore[arg-type]
 
 
-def _lower(headers: dict[str, str]) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items()}
+def _lower(headers: dict[str, str]) -> dict[str, bytes]:
+    """The signature headers as a server receives them: by lower-case name, the values bytes."""
+    return {k.lower(): v.encode() for k, v in headers.items()}
 
 
 @_fast
@@ -76,8 +77,8 @@ def test_a_signature_verifies(key, device_id, method, path, query, body, created
     headers = _sign(key, device_id=device_id, method=method, path=path, query=query, body=body, created=created,
                     nonce=nonce)
     signed = idp.parse_signature(_lower(headers))
-    assert (signed.keyid, signed.created, signed.nonce) == (device_id, created, nonce)
-    idp.verify_request(key, signed, method=method, path=path, query=query, body=body)
+    assert (signed.keyid, signed.created, signed.nonce) == (device_id, created, nonce.encode())
+    idp.verify_request(key, signed, method=method.encode(), path=path.encode(), query=query.encode(), body=body)
 
 
 @_fast
@@ -96,12 +97,13 @@ def test_a_mac_key_and_the_raw_key_verify_alike(key, method, path, query, body, 
     headers = _lower(_sign(key, device_id="pos-1", method=method, path=path, query=query, body=body,
                            created=created, nonce=nonce))
     signed = idp.parse_signature(headers)
-    assert "chub=" + signed.params == headers["signature-input"]
+    assert b"chub=" + signed.params == headers["signature-input"]
     verify_key = bytes(32) if wrong and key != bytes(32) else key
     outcomes = []
     for form in (verify_key, idp.MacKey(verify_key)):
         try:
-            idp.verify_request(form, signed, method=method, path=path, query=query, body=body)
+            idp.verify_request(form, signed, method=method.encode(), path=path.encode(), query=query.encode(),
+                               body=body)
             outcomes.append("ok")
         except idp.SignatureError as exc:
             outcomes.append(exc.reason)
@@ -114,7 +116,7 @@ def test_created_with_leading_zeros_is_malformed() -> None:
     headers = _lower(_sign(bytes(32), device_id="pos-1", method="GET", path="/v1/x", query="", body=b"",
                            created=12, nonce="ab" * 16))
     idp.parse_signature(headers)
-    headers["signature-input"] = headers["signature-input"].replace("created=12;", "created=0012;")
+    headers["signature-input"] = headers["signature-input"].replace(b"created=12;", b"created=0012;")
     with pytest.raises(idp.SignatureError, match="Signature-Input must be") as caught:
         idp.parse_signature(headers)
     assert caught.value.reason == "malformed"
@@ -140,24 +142,27 @@ def test_any_change_fails_the_signature(key, other_key, method, path, query, bod
         request["body"] = data.draw(st.binary(max_size=100).filter(lambda b: b != body))
     elif change == "created":
         new = data.draw(st.integers(0, 10**12 - 1).filter(lambda c: c != created))
-        headers["signature-input"] = headers["signature-input"].replace(f"created={created};", f"created={new};")
+        headers["signature-input"] = headers["signature-input"].replace(f"created={created};".encode(),
+                                                                        f"created={new};".encode())
     elif change == "nonce":
         new_nonce = data.draw(_nonces.filter(lambda n: n != nonce))
-        headers["signature-input"] = headers["signature-input"].replace(nonce, new_nonce)
+        headers["signature-input"] = headers["signature-input"].replace(nonce.encode(), new_nonce.encode())
     elif change == "keyid":
-        headers["signature-input"] = headers["signature-input"].replace('keyid="pos-1"', 'keyid="pos-2"')
+        headers["signature-input"] = headers["signature-input"].replace(b'keyid="pos-1"', b'keyid="pos-2"')
     else:
         assume(other_key != key)
         verify_key = other_key
     with pytest.raises(idp.SignatureError):
         signed = idp.parse_signature(headers)
-        idp.verify_request(verify_key, signed, **request)  # type: ignore[arg-type]
+        idp.verify_request(verify_key, signed, method=request["method"].encode(),  # type: ignore[union-attr]
+                           path=request["path"].encode(), query=request["query"].encode(),  # type: ignore[union-attr]
+                           body=request["body"])  # type: ignore[arg-type]
 
 
 @_fast
 @given(headers=st.dictionaries(st.sampled_from(["signature-input", "signature", "content-digest"]),
-                               st.text(max_size=300)))
-def test_any_header_text_parses_or_raises_signature_error(headers) -> None:
+                               st.binary(max_size=300) | st.text(max_size=300).map(str.encode)))
+def test_any_header_bytes_parse_or_raise_signature_error(headers) -> None:
     try:
         idp.parse_signature(headers)
     except idp.SignatureError as exc:
@@ -165,9 +170,9 @@ def test_any_header_text_parses_or_raises_signature_error(headers) -> None:
 
 
 def test_the_base_is_rfc_9421_shaped() -> None:
-    base = idp.signature_base("post", "/v1/sales", "", idp.content_digest(b"{}"),
-                              '("@method" "@path" "@query" "content-digest");created=1;nonce="n";keyid="k";'
-                              'alg="hmac-sha256"')
+    base = idp.signature_base(b"post", b"/v1/sales", b"", idp.content_digest(b"{}").encode(),
+                              b'("@method" "@path" "@query" "content-digest");created=1;nonce="n";keyid="k";'
+                              b'alg="hmac-sha256"')
     assert base.decode().splitlines() == [
         '"@method": POST', '"@path": /v1/sales', '"@query": ?',
         '"content-digest": sha-256=:RBNvo1WzZ4oRRq0W9+hknpT7T8If536DEMBg9hyq/4o=:',
@@ -255,8 +260,8 @@ def test_the_snippets_in_docs_device_api_agree_with_the_box() -> None:
     exec(blocks[1].split("body = json.dumps")[0], ns)  # the signing function only: no network
     exec(blocks[2], ns)
     headers = ns["signed"]("POST", "/v1/sales", "a=1", b'{"a":1}', "pos-1", key)  # type: ignore[operator]
-    signed = idp.parse_signature({k.lower(): v for k, v in headers.items()})
-    idp.verify_request(key, signed, method="POST", path="/v1/sales", query="a=1", body=b'{"a":1}')
+    signed = idp.parse_signature(_lower(headers))
+    idp.verify_request(key, signed, method=b"POST", path=b"/v1/sales", query=b"a=1", body=b'{"a":1}')
     assert ns["verify"]("POST", "/v1/sales", "a=1", b'{"a":1}', headers, key)  # type: ignore[operator]
     assert not ns["verify"]("POST", "/v1/sales", "a=2", b'{"a":1}', headers, key)  # type: ignore[operator]
     exec(blocks[4], ns)

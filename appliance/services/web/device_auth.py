@@ -36,6 +36,7 @@ __all__ = ["Caller", "authenticate", "authenticate_device"]
 
 _METRIC: Final = "device_auth_refused"
 _SIGNATURE_HEADERS: Final = {name.encode("ascii"): name for name in ("signature-input", "signature", "content-digest")}
+_METHODS: Final = {method: method.encode("ascii") for method in ("GET", "POST", "PUT", "PATCH", "DELETE")}
 
 
 @attrs.frozen(kw_only=True)
@@ -75,48 +76,56 @@ async def _trusted(runtime: Runtime, device_id: str) -> Trusted | None:
     return runtime.keys.remember(device)
 
 
-def _credentials(scope: Scope) -> tuple[str | None, dict[str, str]]:
+def _credentials(scope: Scope) -> tuple[str | None, dict[str, bytes]]:
     """The request's Authorization value and its signature headers by lower-case name (the
-    first of each, as Starlette's lookup gives), in one pass over its headers rather than
-    one per name (a signed request carries five or six)."""
+    first of each, as Starlette's lookup gives; as received, for the signature's patterns),
+    in one pass over its headers rather than one per name (a signed request carries five or
+    six)."""
     authorization: str | None = None
-    signature: dict[str, str] = {}
+    signature: dict[str, bytes] = {}
     for name, value in scope["headers"]:
         key = _SIGNATURE_HEADERS.get(name)
         if key is not None:
             if key not in signature:
-                signature[key] = value.decode("latin-1")
+                signature[key] = value
         elif name == b"authorization" and authorization is None:
             authorization = value.decode("latin-1")
     return authorization, signature
 
 
+def _method(scope: Scope) -> bytes:
+    method: str = scope.get("method", "GET")  # (a WebSocket handshake's scope has none: a GET)
+    return _METHODS.get(method) or method.encode("latin-1")
+
+
 async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: bytes = b"",
-                              headers: Mapping[str, str] | None = None) -> str:
+                              headers: Mapping[str, bytes] | None = None) -> str:
     """The id of the adopted device that signed this request (or WebSocket handshake), or
     ApiError (401/403/429). ``body`` is the request's body as received (empty for a GET or
     a WebSocket handshake); ``headers``, its signature headers if the caller has them."""
+    scope = conn.scope
     try:
-        signed = idp.parse_signature(_credentials(conn.scope)[1] if headers is None else headers)
+        signed = idp.parse_signature(_credentials(scope)[1] if headers is None else headers)
     except idp.SignatureError as exc:
         raise _refuse(runtime, exc.status, exc.reason, f"{exc}") from exc
-    trusted = runtime.keys.cached(signed.keyid) or await _trusted(runtime, signed.keyid)
+    keys = runtime.keys
+    trusted = keys.cached(signed.keyid) or await _trusted(runtime, signed.keyid)
     if trusted is None or trusted.mac is None:
         raise _refuse(runtime, 401, "no_key", f"device {signed.keyid!r} has no key on this box: enroll on the "
                                                "provisioning port and have the manager adopt it")
-    scope = conn.scope
-    raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
-    path = raw_path.decode("latin-1").partition("?")[0]
-    query = scope.get("query_string", b"").decode("latin-1")
+    # The path and query as the request line carried them (bytes, as the device signed them).
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    end = raw_path.find(b"?")
     try:
-        idp.verify_request(trusted.mac, signed, method=scope.get("method", "GET"), path=path, query=query, body=body)
+        idp.verify_request(trusted.mac, signed, method=_method(scope), path=raw_path if end < 0 else raw_path[:end],
+                           query=scope.get("query_string", b""), body=body)
     except idp.SignatureError as exc:
         raise _refuse(runtime, exc.status, exc.reason, str(exc)) from exc
     if trusted.state is not AdoptionState.ADOPTED:
         raise _refuse(runtime, 403, "not_adopted", f"device {signed.keyid} is {trusted.state}: only adopted devices "
                                                    "may use the store API (the manager adopts it on the homepage)")
     try:
-        runtime.keys.guard(signed.keyid).check(signed.nonce, signed.created, time.time())
+        keys.guard(signed.keyid).check(signed.nonce, signed.created, time.time())
     except idp.Replayed as exc:
         raise _refuse(runtime, exc.status, exc.reason, str(exc)) from exc
     return signed.keyid
