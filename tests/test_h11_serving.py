@@ -162,6 +162,12 @@ async def test_requests_sent_together_are_answered_in_order_on_one_connection() 
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 5000, 431),  # and still no end to it
+    # Nearly plain (appliance/protocol/http_head.py leaves them to h11):
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.2\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: \x00\r\n\r\n", 400),
+    (b"GET /a b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b" GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
 ])
 async def test_a_malformed_or_oversized_head_is_answered_and_its_connection_closed(wire: bytes, status: int) -> None:
     async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -272,3 +278,53 @@ async def test_a_client_that_will_not_keep_the_connection_gets_its_answer_and_th
         got = await closed(stream)
         assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\nok"), got
         assert b"\r\nconnection: close\r\n" in got, got
+
+
+async def read_answers(stream: trio.SocketStream, count: int) -> list[bytes]:
+    """``count`` whole answers (each with a Content-Length) from ``stream``, as bytes."""
+    got, answers = b"", []
+    with trio.fail_after(5):
+        while len(answers) < count:
+            head, sep, rest = got.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), None)
+            if sep and length is not None and len(rest) >= length:
+                answers.append(head + sep + rest[:length])
+                got = rest[length:]
+                continue
+            got += await stream.receive_some(65536)
+    return answers
+
+
+async def test_plain_heads_and_h11_s_heads_take_turns_on_one_connection() -> None:
+    """A head read whole by the plain reader (appliance/protocol/http_head.py) or by h11 (sent
+    in pieces, with a body, with bare LFs or a folded line): the same answers, in order, on
+    one connection; a bodiless GET's app reading its body gets an empty one."""
+    plain = b"GET /first HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(plain + b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /sec")  # and half the next
+        first, echo = await read_answers(stream, 2)
+        assert first.startswith(b"HTTP/1.1 200 ") and b"x-path: /first" in first and first.endswith(b"ok")
+        assert echo.startswith(b"HTTP/1.1 200 ") and b"content-length: 0" in echo
+        for piece in (b"ond HTTP/1.1\r\nHo", b"st: 127.0.0.1\r", b"\n\r\n"):  # the rest, in pieces: h11's
+            await stream.send_all(piece)
+            await trio.sleep(0.01)
+        assert b"x-path: /second" in (await read_answers(stream, 1))[0]
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /lf HTTP/1.1\nHost: 127.0.0.1\n\n"
+                              b"GET /fold HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: b\r\n c\r\n\r\n"
+                              b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\nbody" + plain)
+        lf, fold, posted, last = await read_answers(stream, 4)
+        assert b"x-path: /lf" in lf and b"x-path: /fold" in fold and posted.endswith(b"\r\n\r\nbody")
+        assert b"x-path: /first" in last and b"connection" not in last
+        await stream.send_all(plain)  # the 5th (MAX_REQUESTS): answered with the close
+        assert b"connection: close" in (await read_answers(stream, 1))[0]
+        assert await closed(stream) == b""
+
+
+async def test_requests_before_the_client_s_end_are_all_answered() -> None:
+    async with served() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await stream.send_eof()
+        got = await closed(stream)
+        assert got.count(b"HTTP/1.1 200 ") == 2 and b"x-path: /a" in got and b"x-path: /b" in got, got

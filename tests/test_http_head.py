@@ -1,0 +1,118 @@
+"""The plain request head (appliance/protocol/http_head.py) against h11 on the same bytes:
+whatever it reads, h11 reads the same (method, target, version, headers, no body, where the
+next request starts); whatever it leaves, h11 parses or refuses as before."""
+
+from __future__ import annotations
+
+import h11
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from appliance.protocol.http_head import PlainHead, plain_head
+
+LIMIT = 16 * 1024
+
+
+def _mostly(good: list[bytes], bad: list[bytes]) -> st.SearchStrategy[bytes]:
+    """One of ``good`` 29 times in 30, else one of ``bad``."""
+    return st.integers(0, 29).flatmap(lambda n: st.sampled_from(good if n else bad))
+
+
+_methods = _mostly([b"GET", b"HEAD", b"OPTIONS", b"get", b"M-SEARCH"], [b"CONNECT", b"G\xc3T", b"", b"G T"])
+_targets = _mostly([b"/", b"/v1/products/SKU-000001", b"/a?b=c&d", b"*", b"/%41"], [b"/a b", b"/\x7f", b""])
+_versions = _mostly([b"HTTP/1.1"], [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 ", b"http/1.1", b"HTTP/1"])
+_names = _mostly([b"Authorization", b"Signature-Input", b"Signature", b"Content-Digest", b"Connection", b"Origin",
+                  b"X-A", b"x_b"],
+                 [b"Host", b"HOST", b"Content-Length", b"Transfer-Encoding", b"Expect", b"Upgrade", b"Bad Name", b"",
+                  b"X:Y", b"\xe9"])
+_value_bytes = _mostly([b"a", b"Z", b"0", b" ", b"\t", b":", b"=", b'"', b"chub=:", b"127.0.0.1", b"close", b"~"],
+                       [b"\xa0", b"\xe9", b"\x00", b"\x01", b"\x7f", b"\r", b"\n", b"\x0b", b"\x0c"])
+_values = st.lists(_value_bytes, max_size=8).map(b"".join)
+_seps = _mostly([b": ", b":", b":\t", b": \t "], [b" : ", b" :"])
+_ends = _mostly([b"\r\n"], [b"\n", b"\r", b"\r\r\n"])
+_lines = st.tuples(_names, _seps, _values, _ends).map(b"".join)
+_folds = _mostly([b""], [b" folded\r\n", b"\tfolded\r\n", b" \r\n"])
+
+
+@st.composite
+def heads(draw: st.DrawFn) -> bytes:
+    """Request heads near the plain form: many plain, many off by one thing or a few."""
+    line = draw(_methods) + b" " + draw(_targets) + b" " + draw(_versions) + draw(_ends)
+    fields = draw(st.lists(st.tuples(_lines, _folds).map(b"".join), max_size=6))
+    if draw(_mostly([b"host"], [b"none"])) == b"host":
+        fields.insert(draw(st.integers(0, len(fields))), draw(st.sampled_from([b"Host", b"host"])) + b": 127.0.0.1\r\n")
+    head = draw(_mostly([b""], [b"\r\n", b"\n", b" "])) + line + b"".join(fields) + draw(_ends)
+    if draw(st.integers(0, 9)) == 0:
+        head = head[:draw(st.integers(-5, len(head)))]
+    return head + draw(st.sampled_from([b"", b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /par", b"body"]))
+
+
+def h11_reads(data: bytes) -> tuple[object, ...] | None:
+    """What h11 makes of ``data`` as a server: the request and that it has no body, and the
+    bytes after it; None if h11 wants more, refuses it, or finds a body or a protocol switch."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=LIMIT)
+    conn.receive_data(data)
+    try:
+        request = conn.next_event()
+        if not isinstance(request, h11.Request):
+            return None
+        end = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(end, h11.EndOfMessage) or conn.their_state is not h11.DONE:
+        return None
+    headers = [(name, value) for _, name, value in request.headers._full_items]  # type: ignore[attr-defined]
+    return request.method, request.target, request.http_version, headers, conn.trailing_data[0]
+
+
+def check_against_h11(data: bytes) -> PlainHead | None:
+    head = plain_head(data, LIMIT)
+    if head is not None:
+        assert h11_reads(data) == (head.method, head.target, b"1.1", head.headers, data[head.end:]), data
+    return head
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=heads())
+@example(data=b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+@example(data=b"GET / HTTP/1.1\r\nHost: a\r\nX: \xa0\r\n\r\n")  # obs-text: h11's
+@example(data=b"GET / HTTP/1.1\nHost: a\n\n")  # bare LF: h11's
+@example(data=b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n folded\r\n\r\n")  # a folded line: h11's
+def test_a_plain_head_is_what_h11_reads_from_the_same_bytes(data: bytes) -> None:
+    check_against_h11(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_any_bytes_give_a_plain_head_only_if_h11_reads_the_same(data: bytes) -> None:
+    check_against_h11(data)
+    check_against_h11(b"GET / HTTP/1.1\r\nHost: a\r\n" + data)
+
+
+def test_the_requests_devices_and_tills_send_are_plain() -> None:
+    signed = (b"GET /v1/products/SKU-000001 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+              b"Content-Digest: sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:\r\n"
+              b'Signature-Input: chub=("@method" "@path" "@query" "content-digest");created=1764500000;'
+              b'nonce="0123456789abcdef0123456789abcdef";keyid="pos-1";alg="hmac-sha256"\r\n'
+              b"Signature: chub=:K2qGT5srn2OGbOIDzZK0OV+kCo0xVeXHQbG4J2Gmz8A=:\r\n\r\n")
+    bearer = b"GET /v1/stock/SKU-1?x=1 HTTP/1.1\r\nHost: box.local:8000\r\nAuthorization: Bearer t0k\r\n\r\n"
+    for data in (signed, bearer, bearer + signed):
+        head = check_against_h11(data)
+        assert head is not None and head.headers[0][0] == b"host"
+    assert check_against_h11(bearer + signed) == plain_head(bearer, LIMIT)
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\nHost: a\r\n",  # not ended yet
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host: h11 answers 400
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # two: h11 answers 400
+    b"GET / HTTP/1.0\r\n\r\n",  # HTTP/1.0: h11's
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok",  # a body: h11's
+    b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * LIMIT + b"\r\n\r\n",  # over the limit: h11's
+])
+def test_what_is_not_plain_is_left_to_h11(data: bytes) -> None:
+    assert plain_head(data, LIMIT) is None
