@@ -48,6 +48,7 @@ from appliance.services.spec import ServiceSpec
 from appliance.services.state import BoundPorts
 from appliance.services.systemd import Notifier, watchdog_interval_s
 from appliance.storage import DATABASE_FILE, Database
+from appliance.storage.db import SLOW_COMMIT_S
 from appliance.storage.logring import LogRing
 from appliance.storage.meta import appliance_id
 from appliance.storage.owner import load_credential
@@ -324,6 +325,11 @@ def _core_metrics(runtime: Runtime) -> None:
     m.gauge("storage_durable_commits", "database commits since start that waited for the disk (an fsync each); "
             "the others hold what the box repairs by itself after a power cut (the device channel's records)",
             lambda: float(db.durable_groups))
+    m.gauge("storage_slow_commits", f"database commits since start that took {SLOW_COMMIT_S:g} s or longer "
+            "(the COMMIT alone: the disk's write and sync); every write behind one waited as long",
+            lambda: float(db.slow_commits))
+    m.gauge("storage_longest_commit_seconds", "the longest database commit since start (the COMMIT alone)",
+            lambda: round(db.longest_commit_s, 4))
     m.gauge("storage_checkpoints", "WAL checkpoints since start made beside the writer (storage.checkpoints), "
             "so that no commit waits for one", lambda: float(db.checkpoints))
     m.gauge("storage_checkpoints_holding_writer", "of them, those that held the writer for their last pages: "

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 from trio_websocket import open_websocket
 
@@ -53,6 +54,7 @@ from appliance.services import heap
 from appliance.services.device_link import LinkTarget
 from appliance.services.dispatcher import enqueue, run_dispatcher
 from appliance.services.loop_lag import hand_back_the_gil
+from appliance.storage.db import SLOW_COMMIT_S, SlowCommit
 from appliance.storage.outbox import enqueue_in
 from appliance.supervisor import open_runtime
 from benchmarks import _cpus
@@ -195,7 +197,7 @@ async def run_mqtt(port: int, devices: int, window: int, schedules: list[list[fl
 
 async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst: int, rate: float,
                        seconds: float) -> tuple[float, Latencies, float, dict[str, Latencies], tuple[int, int, int],
-                                                tuple[float, float]]:
+                                                tuple[float, float], list[SlowCommit], list[bool]]:
     """``(throughput seconds, paced latencies, one durable commit in seconds, the paced
     latencies' stages, the paced phase's checkpoints, the box's CPU seconds per command in
     the burst and in the paced phase)``: the stages are ``due->sent``, ``enqueue`` (due to
@@ -204,7 +206,9 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
     and the writer's own threshold (0: off, none runs inside a commit;
     appliance/storage/db.py). The CPU is this process's (every thread: the loop, the
     writer, the checkpointer; not the devices' process), a figure the machine's load
-    hardly moves."""
+    hardly moves; the paced phase's slow commits (``Database.slow_commit_log``, their ``at``
+    on trio's clock), and for each paced latency whether its enqueue was under way while one
+    of them was."""
     config = parse_config({"storage": {"dir": str(state_dir)},
                            "admin": {"token": "bench-admin-token-0123456789", "first_start_ticket": False},
                            "dispatch": {"window": window}})
@@ -271,12 +275,14 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
                     await enqueue(runtime, target.id, "print", {"n": n}, command_id=command_id)
                     enqueued[command_id] = trio.current_time()
 
-            cpu = time.process_time()
+            cpu, paced_from = time.process_time(), time.perf_counter()
             async with trio.open_nursery() as producers:
                 for target, schedule in zip(targets, paced, strict=True):
                     producers.start_soon(producer, target, schedule)
             await until(lambda: acked() >= base + total)
             paced_cpu = (time.process_time() - cpu) / total
+            to_trio = trio.current_time() - time.perf_counter()
+            slow = [attrs.evolve(c, at=c.at + to_trio) for c in db.slow_commit_log if c.at >= paced_from]
             checkpoints = (db.checkpoints - checkpoints[0], db.checkpoints_holding_writer - checkpoints[1],
                            await db.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
                                           durable=False))
@@ -293,6 +299,9 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
             # Both clocks: due times are on trio's clock, sends and acks on the wall clock; convert.
             offset = time.time() - trio.current_time()
             latencies = [ack_at[i] - (at + offset) for i, at in due.items()]
+            # The paced commands whose enqueue was under way while a slow commit was (its own or
+            # one ahead of it holding the writer): what the disk's stalls cost, by command.
+            held_by_slow = [any(at < c.at + c.seconds and enqueued[i] > c.at for c in slow) for i, at in due.items()]
             stages = {"due->sent": [sent_at[i] - (at + offset) for i, at in due.items()],
                       "enqueue": [enqueued[i] - at for i, at in due.items()],
                       "sent->acked": [ack_at[i] - sent_at[i] for i in due]}
@@ -300,7 +309,7 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
             checkpointer_scope.cancel()
     finally:
         runtime.db.close()
-    return burst_s, latencies, commit_s, stages, checkpoints, (burst_cpu, paced_cpu)
+    return burst_s, latencies, commit_s, stages, checkpoints, (burst_cpu, paced_cpu), slow, held_by_slow
 
 
 class GcPauses:
@@ -389,7 +398,7 @@ async def main(args: argparse.Namespace) -> None:
         _, base_burst_s = await run_baseline(ports, args.window, bursts)
         base_lat, _ = await run_baseline(ports, args.window, paced())
         with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp, GcPauses() as pauses:
-            disp_burst_s, disp_lat, commit_s, stages, checkpoints, cpu = await run_dispatch(
+            disp_burst_s, disp_lat, commit_s, stages, checkpoints, cpu, slow, held = await run_dispatch(
                 ports, Path(tmp), window=args.window, burst=args.burst, rate=args.rate, seconds=args.seconds)
     finally:
         await _stop(farm)
@@ -439,6 +448,11 @@ async def main(args: argparse.Namespace) -> None:
               f"the writer's own on (every {checkpoints[2]} pages, inside the commit that crosses it)")
     print(f"  WAL checkpoints in the paced phase: {checkpoints[0]} beside the writer ({checkpoints[1]} of them holding "
           f"it for their last pages); {inside}")
+    print(f"  commits of {SLOW_COMMIT_S * 1e3:.0f} ms or longer in the paced phase (the COMMIT alone: the disk's write "
+          f"and sync; mosquitto writes nothing): {len(slow)}" + (
+              f", longest {max(c.seconds for c in slow) * 1e3:.0f} ms; {sum(held)} paced commands were enqueued "
+              f"meanwhile: without them p99 {p([v for v, h in zip(disp_lat, held, strict=True) if not h], .99):.1f} ms"
+              if slow else ""))
     print("goals (issue 16): throughput >= 0.5x mosquitto's; p99 <= 1.5x mosquitto's")
 
 

@@ -166,6 +166,8 @@ async def test_the_box_runs_the_checkpointer_as_a_service(make_config: ConfigFac
             text = runtime.metrics.render()
             assert "\nappliance_storage_checkpoints 0" in text
             assert "\nappliance_storage_checkpoints_holding_writer 0" in text
+            assert "\nappliance_storage_slow_commits " in text
+            assert "\nappliance_storage_longest_commit_seconds " in text
             runtime.stopping.set()
         assert await autocheckpoint(runtime.db) == WAL_CHECKPOINT_PAGES
     finally:

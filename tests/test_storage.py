@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import trio
 import trio.testing
 
 from appliance.storage import Database, SchemaError, migrate
-from appliance.storage.db import PAGE_SIZE, WAL_CHECKPOINT_PAGES
+from appliance.storage.db import PAGE_SIZE, SLOW_COMMIT_S, WAL_CHECKPOINT_PAGES, SlowCommit
 from appliance.storage.meta import appliance_id
 from appliance.storage.schema import Migration, load_migrations
 from appliance.storage.secrets import load_or_create_token, write_secret
@@ -233,6 +234,36 @@ async def test_a_write_not_durable_skips_the_fsync_unless_it_shares_a_commit_wit
         # Two not durable together: no fsync. One durable among them: the whole group waits for the disk.
         assert seen == {"(False, False)0": 1, "(False, False)1": 1, "(False, True)0": 2, "(False, True)1": 2}
         assert (db.groups, db.durable_groups) == (7, 4)  # + two held writes (durable) and the two groups
+    finally:
+        db.close()
+
+
+async def test_slow_commits_are_counted_and_remembered_with_their_time(tmp_path: Path) -> None:
+    """The COMMIT alone is timed (the disk's share), in the writer's thread: a clock read
+    just before and after it, scripted here commit by commit."""
+    db = await Database.open(tmp_path / "a.db")
+    # (start, end) of each COMMIT in turn: slow, fast, fast (the held write), slow (the group).
+    readings = iter([100.0, 100.0 + 4 * SLOW_COMMIT_S, 101.0, 101.001, 102.0, 102.01, 103.0, 103.0 + 2 * SLOW_COMMIT_S])
+    db._clock = lambda: next(readings)
+
+    def slow_sql(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('x', '1')")
+
+    try:
+        await db.write(slow_sql)
+        await db.write(slow_sql, durable=False)
+        async with trio.open_nursery() as nursery:
+            release = await _hold_writer(db, nursery)
+            for _ in range(3):
+                nursery.start_soon(partial(db.write, slow_sql, durable=False))
+                await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert next(readings, None) is None and db.groups == 4
+        assert db.slow_commits == 2
+        assert db.longest_commit_s == pytest.approx(4 * SLOW_COMMIT_S)
+        assert list(db.slow_commit_log) == [
+            SlowCommit(at=100.0, seconds=pytest.approx(4 * SLOW_COMMIT_S), durable=True, writes=1),
+            SlowCommit(at=103.0, seconds=pytest.approx(2 * SLOW_COMMIT_S), durable=False, writes=3)]
     finally:
         db.close()
 

@@ -32,6 +32,13 @@ writer does not checkpoint; a connection of its own does, beside the writer, onc
 leaves the WAL past the threshold (see the method). Without it (command-line tools,
 tests) SQLite's own checkpoint stays on.
 
+Slow commits: each COMMIT (the WAL written and, when durable, synced: the disk's share of
+a write) is timed in the writer's thread; one taking :data:`SLOW_COMMIT_S` or longer is
+counted (``slow_commits``, ``longest_commit_s``) and remembered with its time
+(``slow_commit_log``), for ``/metrics`` and ``scripts/bench dispatch``. Every write that
+arrives meanwhile waits that long for the writer: when the disk stalls, this is where it
+shows (docs/architecture.md, "Loop stalls").
+
 Cancellation: a write that has been taken into a group runs to completion (trio's
 ``abandon_on_cancel=False``) and its caller gets the result, the cancel taking effect at
 its next checkpoint: a cancelled caller never leaves a half-done transaction. A write
@@ -46,6 +53,8 @@ import os
 import sqlite3
 import struct
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -62,9 +71,12 @@ __all__ = [
     "GROUP_MAX",
     "HANDBACK_S",
     "PAGE_SIZE",
+    "SLOW_COMMIT_LOG",
+    "SLOW_COMMIT_S",
     "WAL_CHECKPOINT_PAGES",
     "WAL_MAX_PAGES",
     "Database",
+    "SlowCommit",
     "StorageError",
     "WalState",
     "connect",
@@ -103,6 +115,14 @@ CHECKPOINT_RETRY_S: Final = 0.1
 # The most writes one group commit takes: bounds how long one transaction holds the writer
 # (256 enqueues are a few ms of SQL) and so how long the last of them waits for its answer.
 GROUP_MAX: Final = 256
+# A COMMIT this long or longer counts as slow: the loop's own stall threshold
+# (appliance/services/loop_lag.py), past what a person notices on a till. A durable commit
+# takes 0.3-0.6 ms on a healthy disk (scripts/bench dispatch); a disk that stalls now and
+# then (a virtual disk on a busy host: 30-430 ms for one 20 KiB write, measured with the
+# kernel's block trace; an SD card erasing) holds every write behind it as long.
+SLOW_COMMIT_S: Final = 0.05
+# The slow commits remembered with their times (Database.slow_commit_log), newest last.
+SLOW_COMMIT_LOG: Final = 64
 
 
 class StorageError(Exception):
@@ -146,6 +166,18 @@ class _Write:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+@attrs.frozen(kw_only=True)
+class SlowCommit:
+    """One COMMIT that took :data:`SLOW_COMMIT_S` or longer: when it began
+    (``time.perf_counter()``), how long it took, whether it waited for the disk (durable),
+    and how many writes it committed."""
+
+    at: float
+    seconds: float
+    durable: bool
+    writes: int
 
 
 @attrs.frozen(kw_only=True)
@@ -212,6 +244,12 @@ class Database:
         self.groups = 0
         self.durable_groups = 0  # the commits that waited for the disk (an fsync each)
         self._synchronous = "FULL"  # the writer connection's setting now (connect sets FULL)
+        # Since open, for /metrics and the benchmarks: each COMMIT timed in the writer's
+        # thread (see the module's docstring, "Slow commits").
+        self.slow_commits = 0
+        self.longest_commit_s = 0.0
+        self.slow_commit_log: deque[SlowCommit] = deque(maxlen=SLOW_COMMIT_LOG)
+        self._clock: Callable[[], float] = time.perf_counter
         self._readers = readers
         self._reader_slots = trio.Semaphore(len(readers))
         self._reader_pick = threading.Lock()
@@ -274,8 +312,20 @@ class Database:
         except BaseException:
             conn.rollback()
             raise
-        conn.commit()
+        self._commit(writes=1)
         return result
+
+    def _commit(self, *, writes: int) -> None:
+        """COMMIT the writer's transaction, timed (see the module's docstring, "Slow
+        commits"). In the writer's thread, the write lock held: one at a time."""
+        started = self._clock()
+        self._writer.commit()
+        took = self._clock() - started
+        self.longest_commit_s = max(self.longest_commit_s, took)
+        if took >= SLOW_COMMIT_S:
+            self.slow_commits += 1
+            self.slow_commit_log.append(SlowCommit(at=started, seconds=took, durable=self._synchronous == "FULL",
+                                                   writes=writes))
 
     async def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn(conn)`` in a worker thread inside a transaction, committed on return;
@@ -404,7 +454,7 @@ class Database:
                 conn.execute("RELEASE group_write")
                 if job.error is None:
                     done.append(job)
-            conn.commit()
+            self._commit(writes=len(group))
         except BaseException as exc:
             if conn.in_transaction:
                 conn.rollback()
