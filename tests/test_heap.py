@@ -48,7 +48,11 @@ def _cycle() -> tuple[_Node, _Node]:
 def test_settle_freezes_what_lives_and_later_garbage_is_still_collected(unfrozen: None) -> None:
     old = _Node()
     frozen = heap.settle()
-    assert frozen == gc.get_freeze_count() > 1000  # the modules' objects at least
+    assert frozen > 1000  # the modules' objects at least
+    # Only another freeze adds to the permanent generation; a frozen object freed by its
+    # reference count leaves it, and a thread left by an earlier test (the full suite) may
+    # free some between the settle and this line.
+    assert frozen >= gc.get_freeze_count() > frozen // 2
     # Nothing a full collection walks is older than the settle: the old object is not in
     # any generation (gc.get_objects() lists the generations, not the permanent one).
     assert not any(o is old for o in gc.get_objects())
