@@ -196,8 +196,9 @@ async def run_mqtt(port: int, devices: int, window: int, schedules: list[list[fl
 
 
 async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst: int, rate: float,
-                       seconds: float) -> tuple[float, Latencies, float, dict[str, Latencies], tuple[int, int, int],
-                                                tuple[float, float], list[SlowCommit], list[bool]]:
+                       seconds: float, disk_witness: bool = False
+                       ) -> tuple[float, Latencies, float, dict[str, Latencies], tuple[int, int, int],
+                                  tuple[float, float], list[SlowCommit], list[bool], list[tuple[float, float]] | None]:
     """``(throughput seconds, paced latencies, one durable commit in seconds, the paced
     latencies' stages, the paced phase's checkpoints, the box's CPU seconds per command in
     the burst and in the paced phase)``: the stages are ``due->sent``, ``enqueue`` (due to
@@ -207,8 +208,9 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
     appliance/storage/db.py). The CPU is this process's (every thread: the loop, the
     writer, the checkpointer; not the devices' process), a figure the machine's load
     hardly moves; the paced phase's slow commits (``Database.slow_commit_log``, their ``at``
-    on trio's clock), and for each paced latency whether its enqueue was under way while one
-    of them was."""
+    on trio's clock), for each paced latency whether its enqueue was under way while one
+    of them was, and with ``disk_witness`` the slow writes of :func:`disk_witness` run in
+    another process beside the paced phase (``(at on trio's clock, seconds)``; else None)."""
     config = parse_config({"storage": {"dir": str(state_dir)},
                            "admin": {"token": "bench-admin-token-0123456789", "first_start_ticket": False},
                            "dispatch": {"window": window}})
@@ -275,6 +277,19 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
                     await enqueue(runtime, target.id, "print", {"n": n}, command_id=command_id)
                     enqueued[command_id] = trio.current_time()
 
+            witnessed: list[tuple[float, float]] | None = None
+            witness_done = trio.Event()
+
+            async def witness() -> None:
+                nonlocal witnessed
+                done = await trio.run_process([sys.executable, "-m", "benchmarks.dispatch", "--disk-witness-child",
+                                               f"{seconds + 1:g}", str(state_dir)], capture_stdout=True)
+                to_trio = trio.current_time() - time.perf_counter()  # one clock (monotonic) in both processes
+                witnessed = [(at + to_trio, took) for at, took in json.loads(done.stdout)]
+                witness_done.set()
+
+            if disk_witness:
+                nursery.start_soon(witness)
             cpu, paced_from = time.process_time(), time.perf_counter()
             async with trio.open_nursery() as producers:
                 for target, schedule in zip(targets, paced, strict=True):
@@ -305,11 +320,41 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
             stages = {"due->sent": [sent_at[i] - (at + offset) for i, at in due.items()],
                       "enqueue": [enqueued[i] - at for i, at in due.items()],
                       "sent->acked": [ack_at[i] - sent_at[i] for i in due]}
+            if disk_witness:
+                with trio.fail_after(seconds + 30):
+                    await witness_done.wait()
             runtime.stopping.set()
             checkpointer_scope.cancel()
     finally:
         runtime.db.close()
-    return burst_s, latencies, commit_s, stages, checkpoints, (burst_cpu, paced_cpu), slow, held_by_slow
+    return (burst_s, latencies, commit_s, stages, checkpoints, (burst_cpu, paced_cpu), slow, held_by_slow,
+            witnessed)
+
+
+def disk_witness(seconds: float, directory: Path) -> list[tuple[float, float]]:
+    """For ``seconds``: write 20 KiB (about an enqueue's WAL frames and a recorder's) and
+    fdatasync it, 100 times a second, in ``directory``, with no SQLite; returns the writes
+    that took :data:`SLOW_COMMIT_S` or longer as ``(time.perf_counter() at the start,
+    seconds)``. Run in its own process beside the paced phase (``--disk-witness``): a stall
+    it shares with the box's slow commits is the disk's, not the box's."""
+    path = directory / "disk-witness"
+    block = os.urandom(20 * 1024)
+    slow: list[tuple[float, float]] = []
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        end, n = time.perf_counter() + seconds, 0
+        while (started := time.perf_counter()) < end:
+            os.pwrite(fd, block, (n % 200) * len(block))  # a WAL-sized file, rewritten in turn
+            os.fdatasync(fd)
+            took = time.perf_counter() - started
+            if took >= SLOW_COMMIT_S:
+                slow.append((started, took))
+            n += 1
+            time.sleep(max(0.0, started + 0.01 - time.perf_counter()))
+    finally:
+        os.close(fd)
+        path.unlink()
+    return slow
 
 
 class GcPauses:
@@ -398,8 +443,9 @@ async def main(args: argparse.Namespace) -> None:
         _, base_burst_s = await run_baseline(ports, args.window, bursts)
         base_lat, _ = await run_baseline(ports, args.window, paced())
         with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp, GcPauses() as pauses:
-            disp_burst_s, disp_lat, commit_s, stages, checkpoints, cpu, slow, held = await run_dispatch(
-                ports, Path(tmp), window=args.window, burst=args.burst, rate=args.rate, seconds=args.seconds)
+            disp_burst_s, disp_lat, commit_s, stages, checkpoints, cpu, slow, held, witnessed = await run_dispatch(
+                ports, Path(tmp), window=args.window, burst=args.burst, rate=args.rate, seconds=args.seconds,
+                disk_witness=args.disk_witness)
     finally:
         await _stop(farm)
     mqtt_burst_s, mqtt_lat = float("nan"), [float("nan")]
@@ -453,6 +499,12 @@ async def main(args: argparse.Namespace) -> None:
               f", longest {max(c.seconds for c in slow) * 1e3:.0f} ms; {sum(held)} paced commands were enqueued "
               f"meanwhile: without them p99 {p([v for v, h in zip(disp_lat, held, strict=True) if not h], .99):.1f} ms"
               if slow else ""))
+    if witnessed is not None:
+        shared = sum(any(at < c.at + c.seconds and c.at < at + took for at, took in witnessed) for c in slow)
+        print(f"  disk witness (another process: 20 KiB written and fdatasynced 100 times/s beside the paced phase, "
+              f"no SQLite): {len(witnessed)} writes of {SLOW_COMMIT_S * 1e3:.0f} ms or longer"
+              + (f", longest {max(took for _, took in witnessed) * 1e3:.0f} ms" if witnessed else "")
+              + f"; {shared} of the box's {len(slow)} slow commits at the same time as one")
     print("goals (issue 16): throughput >= 0.5x mosquitto's; p99 <= 1.5x mosquitto's")
 
 
@@ -464,6 +516,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=100.0, help="commands/s in all for the latency run")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
     p.add_argument("--no-mosquitto", action="store_true", help="skip the mosquitto peer")
+    p.add_argument("--disk-witness", action="store_true", help=(
+        "beside the paced phase, write and fdatasync 20 KiB 100 times/s in another process (no SQLite) and "
+        "say which of the box's slow commits it stalled with (the disk's own stalls; adds that load)"))
+    p.add_argument("--disk-witness-child", nargs=2, metavar=("SECONDS", "DIRECTORY"), help=argparse.SUPPRESS)
     p.add_argument("--serve-devices", type=int, help=argparse.SUPPRESS)
     p.add_argument("--serve-mqtt-devices", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mqtt-port", type=int, help=argparse.SUPPRESS)
@@ -473,7 +529,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    if arguments.serve_devices:
+    if arguments.disk_witness_child:
+        seconds_, directory = arguments.disk_witness_child
+        print(json.dumps(disk_witness(float(seconds_), Path(directory))))
+    elif arguments.serve_devices:
         _farm_gc_off()
         trio.run(serve_farm, arguments.serve_devices)
     elif arguments.serve_mqtt_devices:
