@@ -116,3 +116,32 @@ def test_the_requests_devices_and_tills_send_are_plain() -> None:
 ])
 def test_what_is_not_plain_is_left_to_h11(data: bytes) -> None:
     assert plain_head(data, LIMIT) is None
+
+
+# Heads built to make a backtracking pattern try every way to split their blanks (empty
+# values between blanks, blank runs, words and blanks), each ended by a byte that fails the
+# match at the last moment. A pattern that backtracks takes minutes to years on any of them;
+# one pass takes microseconds.
+_HOSTILE = [
+    b"GET / HTTP/1.1\r\n" + b"a:  \r\n" * 2000 + b"\x01\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"a: \t \r\n" * 1500 + b"\r\r\n",
+    b"GET / HTTP/1.1\r\nHost: " + b" " * (LIMIT - 40) + b"\x01\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: " + b"a " * (LIMIT // 2 - 40) + b"\x7f\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n" + b"x: a \t b\r\n" * 1000 + b"y:" + b" " * 4000,  # never ended
+    b"GET /" + b"a" * (LIMIT - 40) + b" HTTP/1.1 \r\n\r\n",
+]
+
+
+def test_a_hostile_head_is_read_in_one_pass() -> None:
+    """Each hostile head is left to h11 (None) in a child process that must finish within
+    a minute: the loop that serves every device must never be held by one request's head.
+    (A hang detector with a margin of many orders of magnitude, not a speed target.)"""
+    import subprocess
+    import sys
+
+    script = ("import sys; from appliance.protocol.http_head import plain_head\n"
+              "heads = eval(sys.stdin.read())\n"
+              f"print(sum(plain_head(h, {LIMIT}) is None for h in heads))\n")
+    done = subprocess.run([sys.executable, "-c", script], input=repr(_HOSTILE), capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == str(len(_HOSTILE))

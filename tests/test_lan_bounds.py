@@ -162,6 +162,18 @@ async def test_http2_by_upgrade_or_preface_is_refused(make_config: ConfigFactory
         assert plain.startswith(b"HTTP/1.1 200")
 
 
+async def test_a_head_built_to_backtrack_gets_a_400_and_others_are_served(make_config: ConfigFactory) -> None:
+    """Empty header values between blanks, ended by a bad byte: read in one pass (the plain
+    head's patterns cannot backtrack; tests/test_http_head.py), then h11 refuses it."""
+    hostile = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"a:  \r\n" * 200 + b"\x01\r\n\r\n"
+    async with running_box(make_config()) as runtime:
+        port = runtime.ports["api"]
+        for _ in range(3):
+            assert (await raw_exchange(port, hostile)).startswith(b"HTTP/1.1 400")
+        plain = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert plain.startswith(b"HTTP/1.1 200")
+
+
 @settings(max_examples=300, deadline=None)
 @given(parts=st.lists(st.sampled_from([b"\n", b"\r\n", b"upgrade:", b"UpGrade:", b" ", b"h2c", b"H2C", b"h2",
                                        b"PRI * HTTP/2", b"pri * http/2", b"PRI * HTTP/1", b"x", b"\r"]), max_size=12),
