@@ -60,7 +60,8 @@ def h11_reads(data: bytes) -> tuple[object, ...] | None:
         end = conn.next_event()
     except h11.RemoteProtocolError:
         return None
-    if not isinstance(end, h11.EndOfMessage) or conn.their_state is not h11.DONE:
+    # (MUST_CLOSE: a "Connection: close" request, which the serving loop honours itself.)
+    if not isinstance(end, h11.EndOfMessage) or conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
         return None
     headers = [(name, value) for _, name, value in request.headers._full_items]  # type: ignore[attr-defined]
     return request.method, request.target, request.http_version, headers, conn.trailing_data[0]
@@ -76,6 +77,7 @@ def check_against_h11(data: bytes) -> PlainHead | None:
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=heads())
 @example(data=b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+@example(data=b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
 @example(data=b"GET / HTTP/1.1\r\nHost: a\r\nX: \xa0\r\n\r\n")  # obs-text: h11's
 @example(data=b"GET / HTTP/1.1\nHost: a\n\n")  # bare LF: h11's
 @example(data=b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n folded\r\n\r\n")  # a folded line: h11's
