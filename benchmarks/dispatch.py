@@ -297,7 +297,7 @@ async def run_dispatch(ports: list[int], state_dir: Path, *, window: int, burst:
             await until(lambda: acked() >= base + total)
             paced_cpu = (time.process_time() - cpu) / total
             to_trio = trio.current_time() - time.perf_counter()
-            slow = [attrs.evolve(c, at=c.at + to_trio) for c in db.slow_commit_log if c.at >= paced_from]
+            slow = [attrs.evolve(c, at=c.at + to_trio) for c in list(db.slow_commit_log) if c.at >= paced_from]
             checkpoints = (db.checkpoints - checkpoints[0], db.checkpoints_holding_writer - checkpoints[1],
                            await db.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
                                           durable=False))

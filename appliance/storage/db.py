@@ -248,6 +248,8 @@ class Database:
         # thread (see the module's docstring, "Slow commits").
         self.slow_commits = 0
         self.longest_commit_s = 0.0
+        # Appended to by the writer's thread: read a copy (``list(db.slow_commit_log)``, one
+        # call under the GIL), never iterate it while writes may run.
         self.slow_commit_log: deque[SlowCommit] = deque(maxlen=SLOW_COMMIT_LOG)
         self._clock: Callable[[], float] = time.perf_counter
         self._readers = readers
