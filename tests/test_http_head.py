@@ -114,6 +114,7 @@ def test_the_requests_devices_and_tills_send_are_plain() -> None:
     b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
     b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+    b"POST /v1/devices/k-1/commands HTTP/1.1\r\nHost: a\r\n\r\n",  # POST, PUT, PATCH: h11's at once
     b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * LIMIT + b"\r\n\r\n",  # over the limit: h11's
 ])
 def test_what_is_not_plain_is_left_to_h11(data: bytes) -> None:

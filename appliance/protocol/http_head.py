@@ -13,7 +13,7 @@ would give (a differential test runs both on any bytes):
   separated by blanks (no obs-text, no control bytes, no folded lines), blanks around it
   dropped; names lower-cased, values as sent, in order;
 - exactly one Host (HTTP/1.1 requires it), and no body: no Content-Length,
-  Transfer-Encoding, Expect or Upgrade, and not CONNECT;
+  Transfer-Encoding, Expect or Upgrade, and not CONNECT, POST, PUT or PATCH;
 - the whole head within ``limit`` bytes, ended by an empty line, all in ``data``.
 
 Anything else (an incomplete head too: a client that sends its head in pieces) gives None,
@@ -37,6 +37,9 @@ _REQUEST_LINE: Final = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]++) ([\x21-\x7e]
 # byte cost a signed head's three signature headers 4 us in the running box, and a pattern
 # with two blank runs around an empty value could backtrack for minutes on a hostile head).
 _FIELD_BYTES: Final = bytes(range(0x21, 0x7F)) + b" \t"
+# CONNECT asks to leave HTTP; the others nearly always carry a body (a command's POST):
+# theirs is h11's at once, without reading their header lines first.
+_H11_METHODS: Final = frozenset({b"CONNECT", b"POST", b"PUT", b"PATCH"})
 # Headers that give a request a body or ask to leave HTTP/1.1: such a request is h11's.
 _NOT_PLAIN: Final = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade"})
 
@@ -63,7 +66,7 @@ def plain_head(data: bytes, limit: int) -> PlainHead | None:
     if request is None:
         return None
     method, target = request.groups()
-    if method == b"CONNECT":
+    if method in _H11_METHODS:
         return None
     # The header lines, each "name:value" and CR LF: no other CR or LF, only visible ASCII
     # and blanks, the name a token (so no line starts with a blank: none is folded).
