@@ -303,6 +303,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(tmp_path: Pa
             with trio.fail_after(60):
                 while sum(len(read_log(d.log_path)) for d in devices) < COMMANDS // 4:  # noqa: ASYNC110
                     await trio.sleep(0.05)
+            delivered_at_kill = sum(len(read_log(d.log_path)) for d in devices)
             await box.kill()  # mid-stream: commands in flight, API requests half-way
             for d in devices[1:8:3]:
                 await d.restart()
@@ -322,10 +323,13 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(tmp_path: Pa
         check_exactly_once_in_order(d, expected[d.device_id], exact=False)
     taken = {t["id"] for d in devices for t in d.taken()}
     assert not taken & set(doomed), "a command delivered after it expired"
-    # The kill really was mid-stream: some commands went out twice and were deduplicated,
-    # and some API requests met a dead box and were retried with the same id.
-    assert sum(d.duplicates for d in devices) > 0
-    assert producer.retries > 0
+    # The kill really was mid-stream: commands were left to deliver, and it caught work in
+    # flight: commands that went out twice and were deduplicated (acks not yet recorded;
+    # usually dozens per device) or API requests that met a dead box and were retried with
+    # the same id (usually hundreds). Either alone can be missing when the machine is loaded
+    # (the kill lands in a lull of the deliveries: main's full suite once saw no duplicate).
+    assert delivered_at_kill < COMMANDS
+    assert sum(d.duplicates for d in devices) + producer.retries > 0
     log = (tmp_path / "box.stderr").read_text()
     assert "Traceback" not in log, log[-3000:]
 
