@@ -33,6 +33,7 @@ import trio.lowlevel
 from trio_websocket import open_websocket
 
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
+from appliance.protocol.channel_codec import Command
 from appliance.services.assembly import service_specs
 from appliance.storage import Database
 from appliance.storage.outbox import enqueue_in
@@ -43,18 +44,38 @@ DEVICES = 20
 COMMANDS = 2000
 
 
+class _LateAcker(DeviceSimulator):
+    """A device that acks each command ``ack_delay_s`` after it took it (logged it): the
+    box killed at any moment of its stream leaves it a command it took whose ack the box
+    never recorded, which the box sends again after its restart (a duplicate, deduped)."""
+
+    def __init__(self, *, ack_delay_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ack_delay_s = ack_delay_s
+
+    async def _take(self, command: Command) -> None:
+        await super()._take(command)
+        await trio.sleep(self.ack_delay_s)
+
+
 class SimulatedDevice:
     """One simulator on a fixed loopback port that can be restarted (same port, same log)."""
 
     def __init__(self, nursery: trio.Nursery, device_id: str, log_path: Path) -> None:
         self.nursery, self.device_id, self.log_path = nursery, device_id, log_path
+        self.ack_delay_s = 0.0  # > 0: a _LateAcker from the next start
         self.port = 0
         self.sim: DeviceSimulator | None = None
         self.duplicates = 0
         self._scope: trio.CancelScope | None = None
 
     async def start(self) -> None:
-        self.sim = DeviceSimulator(device_id=self.device_id, log_path=self.log_path, key=device_key(self.device_id))
+        if self.ack_delay_s:
+            self.sim = _LateAcker(ack_delay_s=self.ack_delay_s, device_id=self.device_id, log_path=self.log_path,
+                                  key=device_key(self.device_id))
+        else:
+            self.sim = DeviceSimulator(device_id=self.device_id, log_path=self.log_path,
+                                       key=device_key(self.device_id))
         self._scope = trio.CancelScope()
 
         async def serve(task_status: trio.TaskStatus[int]) -> None:
@@ -257,6 +278,12 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(tmp_path: Pa
     async with simulated_devices(tmp_path, DEVICES) as devices:
         late = devices[-1]  # away for the first seconds: its short-lived commands expire unsent
         late.stop()
+        # Slow to ack (20 ms after it takes each command, ~2 s for its share): whenever the
+        # kill lands, this one is mid-stream, so a command goes out twice (asserted below).
+        # With every device quick, a kill that found all windows empty and recorded left
+        # no duplicate at all (main's full suite at c34fa5c).
+        devices[0].ack_delay_s = 0.02
+        await devices[0].restart()
         config = tmp_path / "appliance.toml"
         state = tmp_path / "state"
         ports = "\n".join(f"{r} = 0" for r in ("admin", "api", "events", "media", "provisioning", "ops", "support",
