@@ -350,13 +350,12 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(tmp_path: Pa
         check_exactly_once_in_order(d, expected[d.device_id], exact=False)
     taken = {t["id"] for d in devices for t in d.taken()}
     assert not taken & set(doomed), "a command delivered after it expired"
-    # The kill really was mid-stream: commands were left to deliver, and it caught work in
-    # flight: commands that went out twice and were deduplicated (acks not yet recorded;
-    # usually dozens per device) or API requests that met a dead box and were retried with
-    # the same id (usually hundreds). Either alone can be missing when the machine is loaded
-    # (the kill lands in a lull of the deliveries: main's full suite once saw no duplicate).
+    # The kill really was mid-stream: commands were left to deliver, and commands went out
+    # twice and were deduplicated (the late acker's always; the quick devices' usually, by
+    # dozens). API requests that met the dead box were retried with the same id (usually
+    # hundreds; none when the kill lands in a lull of the API's stream on a loaded machine).
     assert delivered_at_kill < COMMANDS
-    assert sum(d.duplicates for d in devices) + producer.retries > 0
+    assert devices[0].duplicates > 0
     log = (tmp_path / "box.stderr").read_text()
     assert "Traceback" not in log, log[-3000:]
 
