@@ -70,12 +70,8 @@ class SimulatedDevice:
         self._scope: trio.CancelScope | None = None
 
     async def start(self) -> None:
-        if self.ack_delay_s:
-            self.sim = _LateAcker(ack_delay_s=self.ack_delay_s, device_id=self.device_id, log_path=self.log_path,
-                                  key=device_key(self.device_id))
-        else:
-            self.sim = DeviceSimulator(device_id=self.device_id, log_path=self.log_path,
-                                       key=device_key(self.device_id))
+        make = partial(_LateAcker, ack_delay_s=self.ack_delay_s) if self.ack_delay_s else DeviceSimulator
+        self.sim = make(device_id=self.device_id, log_path=self.log_path, key=device_key(self.device_id))
         self._scope = trio.CancelScope()
 
         async def serve(task_status: trio.TaskStatus[int]) -> None:

@@ -27,6 +27,7 @@ from appliance.services.discovery import Limits, run_discovery
 from appliance.services.runtime import Runtime
 from appliance.storage.devices import MAX_PENDING, MAX_PENDING_PER_ADDRESS, AdoptionState, get_device, list_devices
 from appliance.supervisor import open_runtime
+from tests.test_h11_serving import read_answers
 
 from .conftest import ConfigFactory, device_key
 from .conftest import running_box as box_with
@@ -282,17 +283,9 @@ async def raw_exchange(port: int, head: bytes) -> tuple[int, bytes]:
     """One request's head as raw bytes on a fresh connection: the answer's status and body."""
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
         await stream.send_all(head)
-        answer = b""
-        with trio.fail_after(DEADLINE_S):
-            while b"\r\n\r\n" not in answer:
-                answer += await stream.receive_some(65536)
-            status_line, _, rest = answer.partition(b"\r\n")
-            lines, _, body = rest.partition(b"\r\n\r\n")
-            length = int(next(v for k, _, v in (line.partition(b":") for line in lines.split(b"\r\n"))
-                              if k.lower() == b"content-length"))
-            while len(body) < length:
-                body += await stream.receive_some(65536)
-    return int(status_line.split(b" ")[1]), body
+        (answer,) = await read_answers(stream, 1)
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split(b" ")[1]), rest.partition(b"\r\n\r\n")[2]
 
 
 async def test_signature_headers_are_read_as_received_and_hostile_bytes_get_a_401(
