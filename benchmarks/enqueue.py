@@ -11,6 +11,13 @@ three ways, each for ``--seconds``:
   many connections (requests in the same millisecond share a commit).
 
 Every command counted was answered 201, which the box sends only after the commit.
+
+And the listener's own code in process with no sockets (the connection wrapper, the HTTP
+loop, the guard, the command route, the enqueue with its group commit and fsync):
+``--in-flight`` connections each posting one command per request back to back, the
+process's CPU per command (all threads) and the event loop's thread's share of it: the
+same requests with no kernel sockets and no client beside it, the figure the machine's
+other load moves least. Median of five rounds.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,8 +41,9 @@ import trio
 
 from benchmarks import _cpus
 from benchmarks._asgi import serve_fixed
+from benchmarks._scripted import ScriptedConnection
 from benchmarks.products import _free_port, _wait_port
-from benchmarks.soak import AUTH, start_box
+from benchmarks.soak import AUTH, box_config, start_box
 
 _POST = ("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: " + AUTH["Authorization"] +
          "\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
@@ -165,6 +175,51 @@ async def _floor(port: int, pid: int, args: argparse.Namespace) -> tuple[float, 
     return count / elapsed, (_cpu_s(pid) - cpu) / count * 1e6
 
 
+async def _listener_us(config: Path, connections: int, requests: int = 400) -> tuple[float, float, float]:
+    """The listener's own CPU per command in this process, no sockets: ``connections``
+    scripted connections each posting ``requests`` commands one per request, served at once
+    by the HTTP loop, the guard and the store API app as ``run_listener`` composes them
+    (their enqueues group-committed as the box's are). Median of five rounds of (process CPU
+    µs per command, the event loop thread's µs per command, commits per 1,000 commands)."""
+    from appliance.config import load_config
+    from appliance.services.assembly import listener_apps
+    from appliance.services.h11_serving import IdleConnections, serve_h11
+    from appliance.services.http import ConnectionCaps, _Connection, guarded_app, hypercorn_config
+    from appliance.storage.devices import sync_declared
+    from appliance.supervisor import open_runtime
+
+    runtime = await open_runtime(load_config(str(config), env={})[0])
+    try:
+        await runtime.db.write(partial(sync_declared, declared=runtime.config.devices, now=time.time()))
+        app = guarded_app(runtime, listener_apps(runtime)["api"], role="api")
+        cfg = hypercorn_config(runtime)
+        cfg.keep_alive_max_requests = requests + 1
+        caps = ConnectionCaps(total=connections, per_source=connections)
+
+        async def round_(tag: str, count: int) -> tuple[float, float, float]:
+            streams = [ScriptedConnection([_request("/v1/devices/kds-1/commands", {
+                "kind": "print", "body": {"n": n}, "id": f"{tag}-{c}-{n}"}) for n in range(count)],
+                                          expect=b"HTTP/1.1 201 ") for c in range(connections)]
+            commits = runtime.db.groups
+            cpu, loop = time.process_time(), time.thread_time()
+            async with trio.open_nursery() as nursery:
+                for stream in streams:
+                    caps.admit("bench")
+                    nursery.start_soon(serve_h11, app, cfg, IdleConnections(), {},
+                                       _Connection(stream, caps, "bench"))  # type: ignore[arg-type]
+            cpu, loop = time.process_time() - cpu, time.thread_time() - loop
+            done = sum(s.answers for s in streams)
+            if done != connections * count:
+                raise RuntimeError(f"{done} answers to {connections * count} requests")
+            return cpu / done * 1e6, loop / done * 1e6, 1000 * (runtime.db.groups - commits) / done
+
+        await round_("warm", 20)
+        rounds = [await round_(f"r{r}", requests) for r in range(5)]
+        return tuple(statistics.median(r[k] for r in rounds) for k in range(3))  # type: ignore[return-value]
+    finally:
+        runtime.db.close()
+
+
 _ANSWER: Final = b'{"id":"c-0123456789abcdef01234567","device_id":"kds-1","seq":1,"state":"queued","created":true}'
 
 
@@ -199,6 +254,8 @@ def main(args: argparse.Namespace) -> None:
         finally:
             hello.terminate()
             hello.wait(10)
+    with tempfile.TemporaryDirectory(prefix="bench-enqueue-") as tmp:
+        alone = trio.run(_listener_us, box_config(Path(tmp), [("kds-1", dead_port)]), args.in_flight)
     floor_rate = sum(f[0] for f in floors) / len(floors)
     floor_cpu = sum(f[1] for f in floors) / len(floors)
     base = result["baseline"][0]
@@ -214,6 +271,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"in flight vs the HTTP floor (same client, same run): {rate / floor_rate:.2f}x requests/s, "
           f"{cpu_us / floor_cpu:.2f}x server CPU per request; goal >= 2,000 commands/s one per request: "
           f"{'met' if rate >= 2000 else 'not met'} ({rate:,.0f}/s)")
+    print(f"listener in process ({args.in_flight} connections, no sockets; median of 5): {alone[0]:,.0f} us CPU per "
+          f"command, of which the event loop's thread {alone[1]:,.0f} us; {alone[2]:.0f} commits/1000 cmd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

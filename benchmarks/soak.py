@@ -62,15 +62,7 @@ def start_box(root: Path, devices: list[tuple[str, int]], *, token: str = TOKEN,
     """``python -m appliance run`` on loopback ports chosen by the kernel, with ``devices``
     declared (kind ``kds`` unless ``kinds`` says otherwise) and ``cloud`` as its [cloud]
     table; returns the process, the bound ports by role and its log file."""
-    ports = "\n".join(f"{r} = 0" for r in (*LISTENER_ROLES, "discovery"))
-    declared = "".join(f'[[devices]]\nid = "{d}"\nkind = "{(kinds or {}).get(d, "kds")}"\n'
-                       f'address = "127.0.0.1"\nport = {p}\n'
-                       f'key = "{device_key(d).hex()}"\n' for d, p in devices)
-    config = root / "appliance.toml"
-    config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{root / "state"}"\n'
-                      f'[admin]\ntoken = "{token}"\n[discovery]\nenabled = false\n[orders]\nenabled = false\n'
-                      f'[cloud]\n{cloud}[log]\nlevel = "info"\n'
-                      f'[supervisor]\nshutdown_deadline_s = 3.0\n[dispatch]\nbackoff_max_s = 2.0\n{extra}{declared}')
+    config = box_config(root, devices, token=token, extra=extra, cloud=cloud, kinds=kinds)
     log = root / "stderr.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(config)], stderr=stderr)
@@ -81,6 +73,22 @@ def start_box(root: Path, devices: list[tuple[str, int]], *, token: str = TOKEN,
         time.sleep(0.02)
     bound = {k: int(v) for k, v in (item.split("=") for item in found.group(1).strip().split(", "))}
     return proc, bound, log
+
+
+def box_config(root: Path, devices: list[tuple[str, int]], *, token: str = TOKEN, extra: str = "",
+               cloud: str = 'api_url = "https://127.0.0.1:9"\n', kinds: dict[str, str] | None = None) -> Path:
+    """:func:`start_box`'s configuration file in ``root`` (every port 0), for a box started
+    as a process or opened in this one."""
+    ports = "\n".join(f"{r} = 0" for r in (*LISTENER_ROLES, "discovery"))
+    declared = "".join(f'[[devices]]\nid = "{d}"\nkind = "{(kinds or {}).get(d, "kds")}"\n'
+                       f'address = "127.0.0.1"\nport = {p}\n'
+                       f'key = "{device_key(d).hex()}"\n' for d, p in devices)
+    config = root / "appliance.toml"
+    config.write_text(f'[lan]\nbind = "127.0.0.1"\n[lan.ports]\n{ports}\n[storage]\ndir = "{root / "state"}"\n'
+                      f'[admin]\ntoken = "{token}"\n[discovery]\nenabled = false\n[orders]\nenabled = false\n'
+                      f'[cloud]\n{cloud}[log]\nlevel = "info"\n'
+                      f'[supervisor]\nshutdown_deadline_s = 3.0\n[dispatch]\nbackoff_max_s = 2.0\n{extra}{declared}')
+    return config
 
 
 async def bare_101_device(*, task_status: trio.TaskStatus[int]) -> None:

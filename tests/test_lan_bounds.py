@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.config import LISTENER_ROLES, ConfigError, parse_config
+from appliance.protocol.http_head import plain_head
 from appliance.services.budget import BodyBudget
 from appliance.services.guard import _HOSTS_KEPT, guard, host_allowed
 from appliance.services.http import _HTTP2, asks_for_http2
@@ -125,6 +126,7 @@ async def test_an_answer_before_the_body_s_end_says_the_connection_closes(make_c
         port = runtime.ports["api"]
         head = (b"POST /v1/devices/x/commands HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " +
                 TOKEN.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{")
+        assert plain_head(head, 16384) is not None  # read by the loop's own reader, not h11
         refused = await raw_exchange(port, head)
         assert refused.startswith(b"HTTP/1.1 413") and b"\r\nconnection: close\r\n" in refused.lower(), refused
         # A body taken whole keeps the connection (the 404: no such device).
@@ -242,6 +244,23 @@ async def test_dripping_bodies_and_heads_are_cut_off_in_bounded_time(make_config
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert trio.current_time() - started < 3
         await stream.aclose()
+        # A command's body (its head plain: the loop reads the body itself) dripping a byte
+        # every 0.1 s, each within the read timeout: cut off by the body's own timeout.
+        head = (b"POST /v1/devices/x/commands HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " +
+                TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n")
+        assert plain_head(head, 16384) is not None
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(head)
+            started = trio.current_time()
+            answer = b""
+            with trio.fail_after(5):
+                while not answer:
+                    with trio.move_on_after(0.1):
+                        answer = await stream.receive_some(65536)
+                    if not answer:
+                        await stream.send_all(b" ")
+            assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower(), answer
+            assert trio.current_time() - started < 3
         # A head that never ends: the connection closes after keep_alive_timeout_s.
         started = trio.current_time()
         head = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nX-Slow: ", wait_s=5)

@@ -5,12 +5,14 @@ per-request machinery was most of the box's work (docs/store-api.md, "Speed"): a
 memory channel per request, the request and response each passed through three layers of
 event objects, three writes each through a lock and a shielded scope, an idle timer
 rearmed per request. Here one task per connection does it all in turn: wait for a request
-head (read by :func:`~appliance.protocol.http_head.plain_head` when it is plain, bodiless
-and whole in the bytes at hand, as nearly every client's is: a tenth of h11's cost, and the
-same result, which a differential test checks; else by h11, a fresh parser per request
-given the bytes read past the last, which reads on as it needs and answers errors), call
-the ASGI app in the same task, whose ``receive`` reads the body from the socket as the app
-asks for it, and send the answer's head and body in one write, framed and checked by
+head (read by :func:`~appliance.protocol.http_head.plain_head` when it is plain and whole
+in the bytes at hand, as nearly every client's is: a tenth of h11's cost, and the same
+result, which a differential test checks; else by h11, a fresh parser per request given the
+bytes read past the last, which reads on as it needs and answers errors), call the ASGI app
+in the same task, whose ``receive`` reads the body from the socket as the app asks for it
+(a plain head's Content-Length body here, exactly as h11's reader would: the bytes as they
+come, none past its end, a client's end before it answered 400; any other body h11's), and
+send the answer's head and body in one write, framed and checked by
 :class:`~appliance.protocol.http_answer.Answer` (h11's send side cost more than the rest).
 There is no pipelining to serve concurrently (HTTP/1.1 answers in order anyway).
 
@@ -152,10 +154,12 @@ class _H11Connection:
         self.extra_headers: list[tuple[bytes, bytes]] = []
         if config.include_server_header:
             self.extra_headers.append((b"server", b"hypercorn-h11"))
-        # The request's h11 parser, or None while a plain head read by plain_head() is served
-        # (a request with no body); ``pending`` then holds the bytes read past its head.
+        # The request's h11 parser, or None while a plain head read by plain_head() is served;
+        # ``pending`` then holds the bytes read past its head, of which the first
+        # ``body_left`` are its body's still to give the app.
         self.h11: h11.Connection | None = None
         self.pending = b""
+        self.body_left = 0
         self.answers = 0
         self.broken = False  # the stream cannot carry more (a failed or cut write, the peer gone)
         # The request being answered:
@@ -283,6 +287,7 @@ class _H11Connection:
         if isinstance(request, PlainHead):
             self.http10, version = False, "1.1"
             headers = request.headers
+            self.body_left = request.length
             self.body_done = False  # (no body: the app's first receive() gets its empty end)
         else:
             self.http10, version = request.http_version < b"1.1", request.http_version.decode()
@@ -321,8 +326,14 @@ class _H11Connection:
     def _end_of_request(self) -> None:
         """Take the rest of the request from what was read (a GET's end, a body the app did
         not ask for), never reading more: whatever is missing, the connection then ends."""
-        if self.h11 is None:
-            return  # a plain head's request has no body
+        if self.h11 is None:  # a plain head's request: its body's rest must be here already
+            if self.body_left:
+                if len(self.pending) < self.body_left:
+                    self.broken = True  # the connection ends (as h11's request not DONE)
+                    return
+                self.pending = self.pending[self.body_left:]
+                self.body_left = 0
+            return
         try:
             while self.h11.their_state is h11.SEND_BODY:
                 if self.h11.next_event() in (h11.NEED_DATA, h11.PAUSED):
@@ -333,9 +344,8 @@ class _H11Connection:
     async def _receive(self) -> Message:
         if self.body_done:
             return await self._wait_for_leaving()
-        if self.h11 is None:  # a plain head's request: no body
-            self.body_done = True
-            return _LAST_CHUNK
+        if self.h11 is None:  # a plain head's request
+            return await self._plain_body()
         if self.h11.they_are_waiting_for_100_continue and not self.continued and self.answer is None:
             self.continued = True
             await self._write(b"HTTP/1.1 100 \r\n\r\n")
@@ -351,6 +361,35 @@ class _H11Connection:
             return _LAST_CHUNK
         self.broken = True  # ConnectionClosed mid-body
         return _DISCONNECT
+
+    async def _plain_body(self) -> Message:
+        """The next piece of a plain head's body (its Content-Length's worth, none past it):
+        what was read past the head, else one read (within the read timeout); as h11 gives
+        it, except that the last piece says it is the last (h11 gives an empty end after it).
+        The client's end before the whole body: answered 400 (as h11 answers it) and ended."""
+        left = self.body_left
+        if not left:
+            self.body_done = True
+            return _LAST_CHUNK
+        if not self.pending:
+            try:
+                data = await self._receive_some()
+            except _Gone:
+                self.body_done = True
+                return _DISCONNECT
+            if not data:
+                if self.answer is None or not self.answer.started:
+                    await self._write(bare_answer(400, self._extra_headers()))
+                self.broken = self.body_done = True
+                return _DISCONNECT
+            self.pending = data
+        if len(self.pending) <= left:
+            chunk, self.pending = self.pending, b""
+        else:
+            chunk, self.pending = self.pending[:left], self.pending[left:]
+        self.body_left = left = left - len(chunk)
+        self.body_done = not left
+        return {"type": "http.request", "body": chunk, "more_body": bool(left)}
 
     async def _wait_for_leaving(self) -> Message:
         """``receive()`` after the body: an ASGI app awaits it for the client's leaving."""
