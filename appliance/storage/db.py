@@ -158,6 +158,8 @@ class _Write:
     fn: Callable[[sqlite3.Connection], Any]
     durable: bool = True
     taken: bool = False  # in a group: it runs (or ran) whatever happens to its caller
+    lead: bool = False  # handed the lead: its caller commits the next groups (Database.write)
+    # Set once its group is committed, or when it is handed the lead.
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -237,8 +239,10 @@ class Database:
     def __init__(self, path: Path, writer: sqlite3.Connection, readers: list[sqlite3.Connection]) -> None:
         self.path = path
         self._writer = writer
-        self._write_lock = trio.Lock()  # fair: groups commit in arrival order
+        self._write_lock = trio.Lock()  # held by the leader while it commits (and by the checkpointer)
         self._waiting: list[_Write] = []  # writes not yet taken into a group, oldest first
+        self._leading = False  # a caller of write() is the leader (see write)
+        self._last_group = 0  # how many writes the last group committed
         # Since open, for /metrics: writes run, and the groups (transactions) they ran in.
         self.writes = 0
         self.groups = 0
@@ -332,20 +336,48 @@ class Database:
     async def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn(conn)`` in a worker thread inside a transaction, committed on return;
         writes waiting at the same time share the transaction (see the module's docstring).
-        ``durable=False``: the commit does not wait for the disk (see the module's docstring)."""
+        ``durable=False``: the commit does not wait for the disk (see the module's docstring).
+
+        One caller at a time is the leader: it takes the write lock and commits the writes
+        waiting, oldest first, in groups, until its own is committed; then it hands the lead
+        to the oldest write still waiting (whose caller wakes and does the same) or, with
+        none, leaves it. Every other caller waits on its own write's event, set when its
+        group is committed (or when it is handed the lead): one wake-up each, where passing
+        the lock from one caller to the next had woken them in turn, each entering and
+        leaving the lock and a shielded scope only to find its write already committed."""
         job = _Write(fn, durable=durable)
         self._waiting.append(job)
-        try:
-            await self._write_lock.acquire()
-        except trio.Cancelled:
-            if not job.taken:
-                self._waiting.remove(job)
-                raise
-            # Another caller's group took it: it runs to completion; answer as a write
-            # cancelled in its thread does (the result now, the cancel at the next checkpoint).
-            with trio.CancelScope(shield=True):
+        if self._leading:
+            try:
                 await job.done.wait()
-            return cast(T, job.outcome())
+            except trio.Cancelled:
+                if not job.taken:
+                    self._waiting.remove(job)
+                    if job.lead:
+                        self._hand_lead()
+                    raise
+                # Another caller's group took it: it runs to completion; answer as a write
+                # cancelled in its thread does (the result now, the cancel at the next checkpoint).
+                with trio.CancelScope(shield=True):
+                    await job.done.wait()
+                return cast(T, job.outcome())
+            if job.taken:
+                return cast(T, job.outcome())
+            # Handed the lead (the oldest write waiting is this one): first as many rounds of
+            # the scheduler as the last group had writes, in which their callers answer and
+            # the requests those answers prompt arrive to share the next commit, as when the
+            # lock passed from caller to caller (16 requests in flight: 71 commits per 1,000
+            # commands with the wait, 120 without it, which cost the writer's thread more).
+            for _ in range(self._last_group):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            self._leading = True
+        try:
+            await self._write_lock.acquire()  # free unless the checkpointer holds it
+        except trio.Cancelled:
+            self._waiting.remove(job)  # never taken: only the leader takes writes
+            self._hand_lead()
+            raise
         try:
             # Shielded: a group, once taken, is committed and its callers told. Bounded: the
             # groups ahead of ours were in the queue before us (at most len/GROUP_MAX of them).
@@ -356,6 +388,7 @@ class Database:
                     for taken in group:
                         taken.taken = True
                     self.writes += len(group)
+                    self._last_group = len(group)
                     self.groups += 1
                     self.durable_groups += any(taken.durable for taken in group)
                     try:
@@ -369,7 +402,17 @@ class Database:
                             self._checkpoint_due.set()
         finally:
             self._write_lock.release()
+            self._hand_lead()
         return cast(T, job.outcome())
+
+    def _hand_lead(self) -> None:
+        """The leader leaves: the oldest write waiting, if any, leads next (its caller wakes)."""
+        if self._waiting:
+            first = self._waiting[0]
+            first.lead = True
+            first.done.set()
+        else:
+            self._leading = False
 
     async def _in_worker_thread(self, fn: Callable[[], None]) -> None:
         """``fn()`` in one of trio's worker threads, the caller waiting uncancellably (as
