@@ -421,3 +421,27 @@ def test_a_plain_head_s_body_is_read_as_h11_reads_it(chunks: list[bytes]) -> Non
     same requests and bodies (a body short of its length then the client's end: h11's 400
     either way; a body the app did not read: skipped if it had all arrived, else the end)."""
     assert _serve_wire(chunks, plain=True) == _serve_wire(chunks, plain=False), chunks
+
+
+def test_an_app_learns_whether_a_plain_head_s_body_is_all_read() -> None:
+    """``BODY_AT_HAND`` (the app then reads the body with no deadline): True only when every
+    byte of a plain head's body is read already; absent for a head h11 read."""
+    from appliance.services import h11_serving
+
+    seen: list[object] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        at_hand = scope["extensions"].get(h11_serving.BODY_AT_HAND)
+        seen.append(None if at_hand is None else at_hand())
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    head = b"POST /c HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n"
+    for chunks in ([head + b"hello"], [head + b"hel", b"lo"], [head, b"hello"], [head[:10], head[10:] + b"hello"],
+                   [b"POST /c HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"]):
+        wire = ScriptedConnection(chunks, keep=True)
+        trio.run(h11_serving.serve_h11, app, HypercornConfig(), h11_serving.IdleConnections(), {}, wire)
+        assert wire.written.startswith(b"HTTP/1.1 200 "), (chunks, wire.written)
+    assert seen == [True, False, False, None, True]

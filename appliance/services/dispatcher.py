@@ -104,11 +104,13 @@ async def enqueue(
     expires_at: float | None = None,
     *,
     command_id: str | None = None,
+    body_text: str | None = None,
 ) -> Enqueued:
     """Add a command to a device's outbox, durably (committed on return), and wake the
-    dispatcher. Raises :class:`~appliance.storage.outbox.OutboxError` for a bad command."""
+    dispatcher. Raises :class:`~appliance.storage.outbox.OutboxError` for a bad command.
+    ``body_text``: the body as ``encode_body`` made it, if the caller has it (see ``enqueue_in``)."""
     result = await runtime.db.write(partial(enqueue_in, device_id=device_id, kind=kind, body=body,
-                                            expires_at=expires_at, command_id=command_id))
+                                            expires_at=expires_at, command_id=command_id, body_text=body_text))
     if result.created:
         runtime.outbox_changes.hand((result,))
     return result

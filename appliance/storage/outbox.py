@@ -151,11 +151,15 @@ def enqueue_in(
     *,
     command_id: str | None = None,
     now: float | None = None,
+    body_text: str | None = None,
 ) -> Enqueued:
-    """Add one command for ``device_id`` in the caller's transaction; the next seq is its."""
+    """Add one command for ``device_id`` in the caller's transaction; the next seq is its.
+    ``body_text``: ``body`` as :func:`~appliance.protocol.channel_codec.encode_body` gave it to
+    a caller that checked it so (the command route), stored as it is rather than made again."""
     try:
         check_kind(kind)
-        body_text = encode_body(body)
+        if body_text is None:
+            body_text = encode_body(body)
         if command_id is not None:
             check_command_id(command_id)
     except ChannelProtocolError as exc:

@@ -96,9 +96,9 @@ TEST_TTL_S: Final = 600.0
 MAX_BATCH: Final = BATCH_MAX
 
 
-def parse_command_request(data: Any, now: float) -> tuple[str, dict[str, Any], float | None, str | None]:
-    """``(kind, body, expires_at, id)`` from a request body, or ApiError(400) naming every
-    problem by its path."""
+def parse_command_request(data: Any, now: float) -> tuple[str, dict[str, Any], float | None, str | None, str]:
+    """``(kind, body, expires_at, id, body_text)`` from a request body (``body_text``: the
+    body as the outbox stores it), or ApiError(400) naming every problem by its path."""
     errors: list[str] = []
     parsed = _parse_command(data, now, errors, at="", keys=_KEYS)
     if parsed is None:
@@ -123,15 +123,16 @@ def parse_batch_request(data: Any, now: float) -> list[tuple[str, str, dict[str,
             errors.append(f"{at}.device_id: required, a device id")
         parsed = _parse_command(item, now, errors, at=at, keys=("device_id", *_KEYS))
         if parsed is not None and isinstance(device_id, str) and device_id:
-            out.append((device_id, *parsed))
+            out.append((device_id, *parsed[:4]))
     if errors:
         raise ApiError(400, "the batch is not valid", errors)
     return out
 
 
 def _parse_command(data: Any, now: float, errors: list[str], *, at: str,
-                   keys: Sequence[str]) -> tuple[str, dict[str, Any], float | None, str | None] | None:
-    """One command's fields, or None with its problems added to ``errors`` (paths under ``at``)."""
+                   keys: Sequence[str]) -> tuple[str, dict[str, Any], float | None, str | None, str] | None:
+    """One command's fields and its body as encoded for the outbox, or None with its
+    problems added to ``errors`` (paths under ``at``)."""
     where = f"{at}." if at else ""
     if not isinstance(data, dict):
         errors.append(f"{at or '(top level)'}: must be a JSON object, got {type(data).__name__}")
@@ -144,6 +145,7 @@ def _parse_command(data: Any, now: float, errors: list[str], *, at: str,
     body = data.get("body")
     expires_at = data.get("expires_at")
     command_id = data.get("id")
+    body_text = ""
     if kind is None:
         errors.append(f"{where}kind: required (e.g. \"order.created\", \"print\", \"display\", \"ping\")")
     else:
@@ -157,7 +159,7 @@ def _parse_command(data: Any, now: float, errors: list[str], *, at: str,
         errors.append(f"{where}body: must be a JSON object, got {type(body).__name__}")
     else:
         try:
-            encode_body(body)
+            body_text = encode_body(body)
         except ChannelProtocolError as exc:
             errors.append(f"{where}body: {exc}")
     if expires_at is not None:
@@ -175,7 +177,7 @@ def _parse_command(data: Any, now: float, errors: list[str], *, at: str,
         return None
     # Every value was checked above; the casts only tell the type checker so.
     return (cast(str, kind), cast(dict[str, Any], body), None if expires_at is None else float(expires_at),
-            cast(str | None, command_id))
+            cast(str | None, command_id), body_text)
 
 
 async def _adopted_or_raise(runtime: Runtime, device_id: str, *, must_be_adopted: bool) -> None:
@@ -204,10 +206,10 @@ async def _post_command(runtime: Runtime, request: Request) -> Response:
     # The command's body is bounded by the channel (MAX_BODY_BYTES); twice that leaves
     # room for the request's own fields and the client's whitespace.
     data = await read_json(request, min(runtime.config.http.max_body_bytes, 2 * MAX_BODY_BYTES))
-    kind, body, expires_at, command_id = parse_command_request(data, time.time())
+    kind, body, expires_at, command_id, body_text = parse_command_request(data, time.time())
     await _adopted_or_raise(runtime, device_id, must_be_adopted=True)
     try:
-        done = await enqueue(runtime, device_id, kind, body, expires_at, command_id=command_id)
+        done = await enqueue(runtime, device_id, kind, body, expires_at, command_id=command_id, body_text=body_text)
     except CommandIdTaken as exc:
         raise ApiError(409, str(exc)) from exc
     except OutboxError as exc:
