@@ -149,19 +149,39 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _measure(port: int, ops: str, pid: int, args: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
-    """Per way: (commands/s, commits per 1,000 commands, the box's CPU µs per command)."""
-    out: dict[str, tuple[float, float, float]] = {}
+def _threads_cpu_s(pid: int) -> dict[str, float]:
+    """The process's CPU time so far by kind of thread: ``loop`` (the main thread, trio's
+    event loop), ``workers`` (trio's worker threads: the writer's SQLite and fsync, reads
+    sent to a thread) and ``other``; a thread gone meanwhile is left out."""
+    out = {"loop": 0.0, "workers": 0.0, "other": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rpartition(")")[2].split()
+        kind = "loop" if task.name == str(pid) else "workers" if name.startswith("Trio thread") else "other"
+        out[kind] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+async def _measure(port: int, ops: str, pid: int, args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
+    """Per way: (commands/s, commits per 1,000 commands, the box's CPU µs per command); the
+    in-flight way also the µs per command of its loop thread, trio's workers and the rest."""
+    out: dict[str, tuple[float, ...]] = {}
     await _singles(port, 0.5, 1, "warm")
     for name, way in (("baseline", lambda: _singles(port, args.seconds, 1, "seq")),
                       ("batch", lambda: _batches(port, args.seconds, args.batch)),
                       ("in flight", lambda: _singles(port, args.seconds, args.in_flight, "par"))):
-        before, cpu = await _commits(ops), _cpu_s(pid)
+        before, cpu, threads = await _commits(ops), _cpu_s(pid), _threads_cpu_s(pid)
         started = time.perf_counter()
         count = await way()
         elapsed = time.perf_counter() - started
         cpu = _cpu_s(pid) - cpu
-        out[name] = (count / elapsed, 1000 * (await _commits(ops) - before) / count, cpu / count * 1e6)
+        after = _threads_cpu_s(pid)
+        split = tuple((after[k] - threads[k]) / count * 1e6 for k in ("loop", "workers", "other"))
+        out[name] = (count / elapsed, 1000 * (await _commits(ops) - before) / count, cpu / count * 1e6, *split)
     return out
 
 
@@ -263,14 +283,16 @@ def main(args: argparse.Namespace) -> None:
     print(f"{'':40}{'commands/s':>12}{'vs baseline':>13}{'commits/1000 cmd':>18}{'box CPU us/cmd':>16}")
     labels = {"baseline": "baseline: 1 per request, 1 at once", "batch": f"batch: {args.batch} per request",
               "in flight": f"in flight: {args.in_flight} requests at once"}
-    for name, (rate, commits, cpu_us) in result.items():
+    for name, (rate, commits, cpu_us, *_) in result.items():
         print(f"{labels[name]:40}{rate:>12,.0f}{rate / base:>12.1f}x{commits:>18.0f}{cpu_us:>16,.0f}")
     print(f"{'HTTP floor: bare hypercorn, ' + str(args.in_flight) + ' at once':40}{floor_rate:>12,.0f}"
           f"{floor_rate / base:>12.1f}x{'-':>18}{floor_cpu:>16,.0f}")
-    rate, _, cpu_us = result["in flight"]
+    rate, _, cpu_us, loop_us, workers_us, other_us = result["in flight"]
     print(f"in flight vs the HTTP floor (same client, same run): {rate / floor_rate:.2f}x requests/s, "
           f"{cpu_us / floor_cpu:.2f}x server CPU per request; goal >= 2,000 commands/s one per request: "
           f"{'met' if rate >= 2000 else 'not met'} ({rate:,.0f}/s)")
+    print(f"in flight, the box's CPU per command by thread: event loop {loop_us:,.0f} us, trio's worker threads "
+          f"(the writer's SQLite and fsync) {workers_us:,.0f} us, others {other_us:,.0f} us")
     print(f"listener in process ({args.in_flight} connections, no sockets; median of 5): {alone[0]:,.0f} us CPU per "
           f"command, of which the event loop's thread {alone[1]:,.0f} us; {alone[2]:.0f} commits/1000 cmd")
 
