@@ -26,16 +26,6 @@ CPU is its own process's, printed beside it so that a difference there shows):
   ratio swung by 15 points between runs here);
 - at full load (clients as fast as the box answers) and again at the same offered rate
   below both maxima (paced clients), where the box's batching per wake-up is alike;
-- and again at full load interleaved: bearer and signed in alternate slices of 0.75 s
-  (B S S B ...) on the same 50 connections, every request built before the first slice,
-  each slice ended with every client's last answer read (no request of one kind counted in
-  the other's slice), the box's CPU per slice from the scheduler's own count in
-  nanoseconds. The same quantity as the pairs' full-load line, measured without what lies
-  between a pair's two rounds there (50 connections closed and opened, 20,000 requests
-  built and signed by the load generator on the same two cores, 10 ms CPU ticks over
-  2.5 s), and with the two kinds a fraction of a second apart rather than seconds: on a
-  shared machine the pairs' ratios ranged over 20 to 70 points within one run. Both lines
-  are printed (the pairs' for comparison with earlier runs);
 - and the listener's own code in process with no sockets (the connection wrapper, the
   guard, the HTTP loop, the app; process CPU time): the same requests with no kernel and
   no other load, the figure the machine's load moves least.
@@ -77,11 +67,6 @@ PACED_SHARE = 0.6
 # Pairs of short rounds (bearer and signed in turn) for the signed-vs-bearer ratios.
 PAIRS = 6
 PAIR_SECONDS = 2.0
-# The interleaved measure: this many slices of SLICE_SECONDS, bearer and signed in turn
-# (B S S B ...) on the same connections. All of its signed requests are built before its
-# first slice and must still be within the box's 30 s window at its last.
-SLICES = 24
-SLICE_SECONDS = 0.75
 
 
 def _free_port() -> int:
@@ -236,102 +221,6 @@ async def _load(port: int, paths: Any, clients: int, seconds: float, warmup: flo
             "late": requests.late}
 
 
-def _box_cpu_ns(pid: int) -> tuple[frozenset[str], int, float]:
-    """The box's threads, their CPU time in nanoseconds (/proc/<pid>/task/*/schedstat, the
-    scheduler's own count), and its CPU time in seconds from /proc/<pid>/stat (10 ms ticks,
-    exited threads included): a slice is a fraction of a second, where ticks alone would
-    be a coarse count."""
-    tasks, ns = [], 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            ns += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        tasks.append(task)
-    return frozenset(tasks), ns, _cpu_s(pid)
-
-
-class _Slice:
-    """One slice of the interleaved measure: its kind, its start (``go``) and end (``until``,
-    set at its start), and its clients still in it (``done`` once none is)."""
-
-    def __init__(self, kind: str, clients: int) -> None:
-        self.kind, self.left, self.until = kind, clients, 0.0
-        self.go, self.done = trio.Event(), trio.Event()
-
-
-async def _slice_client(port: int, slices: list[_Slice], requests: dict[str, _Requests],
-                        served: dict[str, int]) -> None:
-    """One keep-alive client through every slice on one connection (a new one only when
-    the box closes it after its keep_alive_max_requests): in each, requests of the slice's
-    kind one after the other until its end, then it waits, its last answer read, for the
-    next slice."""
-    stream: trio.SocketStream | None = None
-    buffer = b""
-    try:
-        for slice_ in slices:
-            await slice_.go.wait()
-            kind, until = slice_.kind, slice_.until
-            while time.perf_counter() < until:
-                if stream is None:
-                    stream, buffer = await trio.open_tcp_stream("127.0.0.1", port), b""
-                await stream.send_all(next(requests[kind]))
-                while b"\r\n\r\n" not in buffer:
-                    buffer += await stream.receive_some(65536)
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                while len(buffer) < length:
-                    buffer += await stream.receive_some(65536)
-                buffer = buffer[length:]
-                if not head.startswith(b"HTTP/1.1 200 "):
-                    raise RuntimeError(f"answer {head[:100]!r}")
-                served[kind] += 1
-                if b"\r\nconnection: close" in head:  # (the box's own spelling of it)
-                    await stream.aclose()
-                    stream = None
-            slice_.left -= 1
-            if not slice_.left:
-                slice_.done.set()
-    finally:
-        if stream is not None:
-            await stream.aclose()
-
-
-async def _interleaved(port: int, paths: Any, clients: int, *, pid: int, slices: int,
-                       seconds: float) -> dict[str, Any]:
-    """Bearer and signed requests at full load in alternate slices of ``seconds`` (bearer,
-    signed, signed, bearer, ...: a drift of the machine's load over a few slices falls on
-    both alike) on the same ``clients`` connections, each slice's box CPU per request
-    measured with every client's last answer of it read (no request of one kind in the
-    other's slice). Two slices first, not counted (the connections' opening)."""
-    order = ("bearer", "signed", "signed", "bearer")
-    plan = [_Slice(order[n % 4], clients) for n in range(slices + 2)]
-    per_kind = sum(seconds for slice_ in plan if slice_.kind == "signed")
-    requests = {kind: _Requests(paths, make, int(PREBUILT_PER_S * per_kind))
-                for kind, make in (("bearer", _bearer), ("signed", _signed))}
-    served = {"bearer": 0, "signed": 0}
-    measured: list[tuple[str, float, float]] = []
-    async with trio.open_nursery() as nursery:
-        for _ in range(clients):
-            nursery.start_soon(_slice_client, port, plan, requests, served)
-        for n, slice_ in enumerate(plan):
-            kind = slice_.kind
-            before, (tasks, ns, ticks) = served[kind], _box_cpu_ns(pid)
-            start = time.perf_counter()
-            slice_.until = start + seconds
-            slice_.go.set()
-            await slice_.done.wait()
-            elapsed = time.perf_counter() - start
-            tasks_after, ns_after, ticks_after = _box_cpu_ns(pid)
-            # A thread that ended within the slice took its nanoseconds with it: ticks then.
-            cpu_s = (ns_after - ns) / 1e9 if tasks_after == tasks else ticks_after - ticks
-            if n >= 2:
-                count = served[kind] - before
-                measured.append((kind, cpu_s / count * 1e6, count / elapsed))
-    return {"slices": measured, "late": sum(r.late for r in requests.values())}
-
-
 class _Scripted:
     """A connection whose client sends ``requests`` one per read (as a keep-alive client
     waiting for each answer does) and reads every answer at once: what the listener's code
@@ -462,9 +351,6 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=PAIRS,
                         help="pairs of short bearer/signed rounds for the signature's cost, each way (full, paced)")
     parser.add_argument("--pair-seconds", type=float, default=PAIR_SECONDS)
-    parser.add_argument("--slices", type=int, default=SLICES,
-                        help="slices of the interleaved full-load measure (bearer and signed in turn; a multiple of 4)")
-    parser.add_argument("--slice-seconds", type=float, default=SLICE_SECONDS)
     parser.add_argument("--hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
     _cpus.add_option(parser)
     opts = parser.parse_args()
@@ -521,8 +407,6 @@ def _bench(opts: argparse.Namespace) -> None:
                                                        opts.pair_seconds, 0.5, make=make, pid=procs[0].pid,
                                                        rate=offered))
                     pairs.append(pair)
-            interleaved = trio.run(partial(_interleaved, box_port, variants[0][2], opts.clients, pid=procs[0].pid,
-                                           slices=opts.slices, seconds=opts.slice_seconds))
         finally:
             for proc in procs:
                 proc.terminate()
@@ -534,7 +418,7 @@ def _bench(opts: argparse.Namespace) -> None:
         print(f"  {name:34} {r['rps']:8,.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms   "
               f"server CPU {r['cpu_us']:5.0f} us/request   (load generator {r['client_us']:3.0f} us/request)")
     late = sum(r["late"] for runs in rounds.values() for r in runs) + \
-        sum(r["late"] for pair in (*full_pairs, *paced_pairs) for r in pair.values()) + interleaved["late"]
+        sum(r["late"] for pair in (*full_pairs, *paced_pairs) for r in pair.values())
     if late:
         print(f"  NOTE: {late:,.0f} requests were built during the rounds (the prebuilt ones ran out): raise "
               "PREBUILT_PER_S")
@@ -559,19 +443,6 @@ def _bench(opts: argparse.Namespace) -> None:
         print(f"    {what:30} {cpu[0]:+4.0%} ({cpu[1]:+.0%} .. {cpu[2]:+.0%})   "
               f"{signed_us:4.0f} vs {bearer_us:4.0f} us   "
               f"requests/s signed/bearer {rps[0]:.2f}x ({rps[1]:.2f} .. {rps[2]:.2f})")
-    # Consecutive slices two by two (B S, S B, ...): one of each kind in every pair.
-    cuts = interleaved["slices"]
-    by_pair = [{kind: (us, rps) for kind, us, rps in cuts[n:n + 2]} for n in range(0, len(cuts) - 1, 2)]
-    cpu = _spread([p["signed"][0] / p["bearer"][0] - 1 for p in by_pair])
-    rps = _spread([p["signed"][1] / p["bearer"][1] for p in by_pair])
-    signed_us = statistics.median(p["signed"][0] for p in by_pair)
-    bearer_us = statistics.median(p["bearer"][0] for p in by_pair)
-    print(f"    {'at full load, interleaved':30} {cpu[0]:+4.0%} ({cpu[1]:+.0%} .. {cpu[2]:+.0%})   "
-          f"{signed_us:4.0f} vs {bearer_us:4.0f} us   "
-          f"requests/s signed/bearer {rps[0]:.2f}x ({rps[1]:.2f} .. {rps[2]:.2f})   "
-          f"({len(cuts)} slices of {opts.slice_seconds:g} s in turn on the "
-          "same connections, no round's opening or request building between them; the scheduler's CPU time; "
-          f"median of the {len(by_pair)} pairs' ratios)")
     extra = alone["signed"] - alone["bearer"]
     print(f"    {'the listener in process':30} {alone['signed'] / alone['bearer'] - 1:+4.0%}   "
           f"{alone['signed']:4.0f} vs {alone['bearer']:4.0f} us   (no sockets: the connection wrapper, the HTTP loop, "
