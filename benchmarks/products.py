@@ -53,6 +53,7 @@ import trio
 
 from benchmarks import _cpus
 from benchmarks._asgi import serve_fixed
+from benchmarks._scripted import ScriptedConnection
 
 TOKEN = "bench-token-0123456789abcdef"
 # Signed requests come from this many devices, as from a shop's tills and kiosks (one device
@@ -221,45 +222,6 @@ async def _load(port: int, paths: Any, clients: int, seconds: float, warmup: flo
             "late": requests.late}
 
 
-class _Scripted:
-    """A connection whose client sends ``requests`` one per read (as a keep-alive client
-    waiting for each answer does) and reads every answer at once: what the listener's code
-    costs with no socket and no kernel under it."""
-
-    class _Socket:
-        family = socket.AF_INET
-
-        def getpeername(self) -> tuple[str, int]:
-            return ("127.0.0.1", 50000)
-
-        def getsockname(self) -> tuple[str, int]:
-            return ("127.0.0.1", 8000)
-
-    def __init__(self, requests: list[bytes]) -> None:
-        self.socket = self._Socket()
-        self._requests = iter(requests)
-        self.answers = 0
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint()  # a socket's read is a checkpoint too
-        return next(self._requests, b"")
-
-    async def send_all(self, data: bytes) -> None:
-        await trio.lowlevel.checkpoint()
-        if not data.startswith(b"HTTP/1.1 200 "):
-            raise RuntimeError(f"answer {data[:200]!r}")
-        self.answers += 1
-
-    async def send_eof(self) -> None:
-        pass
-
-    async def wait_send_all_might_not_block(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
-
-
 async def _listener_us(config: Path, products: int, requests: int = 4000) -> dict[str, float]:
     """The store API listener's own CPU time per ``GET /v1/products/{sku}``, with the bearer
     token and signed by a device, in this process with no sockets: each connection's
@@ -286,7 +248,7 @@ async def _listener_us(config: Path, products: int, requests: int = 4000) -> dic
         rng = random.Random(3)
 
         async def serve(raws: list[bytes]) -> float:
-            stream = _Scripted(raws)
+            stream = ScriptedConnection(raws, expect=b"HTTP/1.1 200 ")
             caps.admit("bench")
             start = time.process_time()
             await serve_h11(app, cfg, IdleConnections(), {}, _Connection(stream, caps, "bench"))  # type: ignore[arg-type]
