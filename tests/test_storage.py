@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -364,6 +365,52 @@ async def test_a_write_taken_into_a_group_completes_for_a_cancelled_caller(tmp_p
         keys = await db.read(lambda c: sorted(r[0] for r in c.execute("SELECT key FROM meta WHERE key IN "
                                                                       "('first', 'second')")))
         assert keys == ["first", "second"]
+    finally:
+        db.close()
+
+
+async def test_a_write_handed_the_lead_but_cancelled_passes_it_on(tmp_path: Path) -> None:
+    """Group commit's lead (docs/architecture.md §4): when the leader's own write is
+    committed it hands the lead to the oldest write waiting. If that write's caller is
+    cancelled at that very moment, it must pass the lead on, else every write after it
+    waits forever."""
+    db = await Database.open(tmp_path / "a.db")
+    got: list[str] = []
+    b_scope = trio.CancelScope()
+
+    def cancel_b_once() -> None:
+        if not b_scope.cancel_called:
+            b_scope.cancel()  # after the holder's group, before the lead reaches B
+
+    def put(key: str) -> Callable[[sqlite3.Connection], str]:
+        def write(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT INTO meta VALUES (?, '1')", (key,))
+            return key
+        return write
+
+    async def b() -> None:
+        with b_scope:
+            got.append(await db.write(put("b")))
+
+    async def c() -> None:
+        got.append(await db.write(put("c")))
+
+    try:
+        with trio.fail_after(10):  # a lead lost is a hang: fail instead
+            async with trio.open_nursery() as nursery:
+                release = await _hold_writer(db, nursery)
+                nursery.start_soon(b)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(c)
+                await trio.testing.wait_all_tasks_blocked()
+                db.on_commit(cancel_b_once)
+                release.set()
+            got.append(await db.write(put("d")))
+        assert b_scope.cancelled_caught
+        assert got == ["c", "d"]
+        keys = await db.read(lambda c: sorted(r[0] for r in c.execute("SELECT key FROM meta WHERE key IN "
+                                                                      "('b', 'c', 'd')")))
+        assert keys == ["c", "d"]
     finally:
         db.close()
 
