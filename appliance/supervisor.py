@@ -307,6 +307,7 @@ async def open_runtime(config: Config, *, port_offset: int = 0, log_ring: LogRin
     ports = config.lan.ports.with_offset(port_offset)
     runtime = Runtime(config=config, db=db, appliance_id=box_id, admin=admin, ports=BoundPorts(ports),
                       keys=KeyRing(box_key, declared={d.id: d.key for d in config.devices}), log_ring=log_ring)
+    log.info("signed device requests: the %s check (%s)", runtime.keys.check.name, runtime.keys.check_why)
     _core_metrics(runtime)
     return runtime
 

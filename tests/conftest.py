@@ -4,6 +4,7 @@ and a running appliance in the test's own trio loop."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ import trio
 from hypothesis import settings
 
 from appliance.config import Config, parse_config
+from appliance.protocol import sigcheck
 from appliance.services.assembly import service_specs
 from appliance.services.runtime import Runtime
 from appliance.supervisor import open_runtime, supervise_all
@@ -24,6 +26,25 @@ ConfigFactory = Callable[..., Config]
 # wall-clock deadlines flaky without saying anything about correctness.
 settings.register_profile("appliance", deadline=None)
 settings.load_profile("appliance")
+
+
+def native_check() -> sigcheck.Check:
+    """The native signed-request check, or the test skips with why it is not built (fails
+    instead where APPLIANCE_NATIVE_REQUIRED=1: there it must be)."""
+    if sigcheck.NATIVE is None:
+        if os.environ.get("APPLIANCE_NATIVE_REQUIRED") == "1":
+            pytest.fail(f"APPLIANCE_NATIVE_REQUIRED=1 but {sigcheck.NATIVE_MISSING}")
+        pytest.skip(sigcheck.NATIVE_MISSING)
+    return sigcheck.NATIVE
+
+
+@pytest.fixture(params=["python", "native"])
+def sig_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> sigcheck.Check:
+    """Each signed-request check in turn; a box started in the test uses it (the key ring
+    reads APPLIANCE_SIGCHECK when it is made)."""
+    check = sigcheck.PYTHON if request.param == "python" else native_check()
+    monkeypatch.setenv(sigcheck.ENVIRONMENT, check.name)
+    return check
 
 
 def device_key(device_id: str) -> bytes:

@@ -23,6 +23,7 @@ from appliance.devkit.device import DeviceSimulator, run_device_simulator
 from appliance.devkit.device_client import DeviceAuth, Enrolled, enroll
 from appliance.protocol import discovery as wire
 from appliance.protocol import identity as idp
+from appliance.protocol import sigcheck
 from appliance.services.discovery import Limits, run_discovery
 from appliance.services.runtime import Runtime
 from appliance.storage.devices import MAX_PENDING, MAX_PENDING_PER_ADDRESS, AdoptionState, get_device, list_devices
@@ -207,10 +208,12 @@ async def test_8000_forged_probes_from_200_addresses_leave_a_pending_device_in_p
         runtime.db.close()
 
 
-async def test_signed_requests_only_for_the_signer_and_never_twice(make_config: ConfigFactory) -> None:
+async def test_signed_requests_only_for_the_signer_and_never_twice(make_config: ConfigFactory,
+                                                                   sig_check: sigcheck.Check) -> None:
     keys = {d: device_key(d) for d in ("pos-a", "pos-b")}
     devices = [{"id": d, "kind": "pos", "address": "127.0.0.1", "port": 9, "key": k.hex()} for d, k in keys.items()]
     async with box(make_config, devices=devices) as rt:
+        assert rt.keys.check is sig_check
         api = url(rt, "api")
         async with httpx.AsyncClient(base_url=api, auth=DeviceAuth("pos-a", keys["pos-a"])) as a:
             sale = {"id": "s-1", "device_id": "pos-b", "currency": "EUR", "total_cents": 100,
@@ -289,7 +292,7 @@ async def raw_exchange(port: int, head: bytes) -> tuple[int, bytes]:
 
 
 async def test_signature_headers_are_read_as_received_and_hostile_bytes_get_a_401(
-        make_config: ConfigFactory) -> None:
+        make_config: ConfigFactory, sig_check: sigcheck.Check) -> None:
     """The box matches the signature headers on the bytes it received: any byte an HTTP
     parser lets through in a value (obs-text, a lone high byte, a non-breaking space after
     a valid value) is a 401 "malformed" with its line, never a 500; blanks around a valid
@@ -297,6 +300,7 @@ async def test_signature_headers_are_read_as_received_and_hostile_bytes_get_a_40
     key = device_key("pos-a")
     devices = [{"id": "pos-a", "kind": "pos", "address": "127.0.0.1", "port": 9, "key": key.hex()}]
     async with box(make_config, devices=devices) as rt:
+        assert rt.keys.check is sig_check
         port = rt.ports["api"]
 
         def head(**replace: bytes) -> bytes:

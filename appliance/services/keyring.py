@@ -15,6 +15,7 @@ stream open for that device (the events listener, the dispatcher) closes it at o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -24,6 +25,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from appliance.protocol import identity as idp
+from appliance.protocol import sigcheck
 from appliance.storage.devices import AdoptionState, Device, DeviceSource
 from appliance.storage.secrets import read_secret, write_secret
 
@@ -52,19 +54,21 @@ def load_box_key(state_dir: Path) -> X25519PrivateKey:
 @attrs.frozen(kw_only=True)
 class Trusted:
     """What the box trusts of one device right now; ``mac`` is its key made ready for
-    checking signed requests (:class:`~appliance.protocol.identity.MacKey`), made once."""
+    checking signed requests by the ring's check (:attr:`KeyRing.check`), made once."""
 
     device_id: str
     state: AdoptionState
     key: bytes | None = attrs.field(repr=False)
-    mac: idp.MacKey | None = attrs.field(repr=False, eq=False, default=attrs.Factory(
-        lambda self: None if self.key is None else idp.MacKey(self.key), takes_self=True))
+    mac: object | None = attrs.field(repr=False, eq=False)
 
 
 class KeyRing:
     def __init__(self, box_private: X25519PrivateKey, *, declared: Mapping[str, str] | None = None,
-                 window_s: float = SIGNATURE_WINDOW_S, max_nonces: int = MAX_NONCES_PER_DEVICE) -> None:
+                 window_s: float = SIGNATURE_WINDOW_S, max_nonces: int = MAX_NONCES_PER_DEVICE,
+                 check: sigcheck.Check | None = None) -> None:
         self._private = box_private
+        # The signed-request check (native or Python), chosen once: sigcheck.choose().
+        self.check, self.check_why = (check, "given") if check is not None else sigcheck.choose(os.environ)
         self.box_public = idp.public_bytes(box_private)
         self._declared = {device_id: bytes.fromhex(key) for device_id, key in (declared or {}).items() if key}
         self._window_s, self._max_nonces = window_s, max_nonces
@@ -99,9 +103,14 @@ class KeyRing:
     def cached(self, device_id: str) -> Trusted | None:
         return self._trusted.get(device_id)
 
+    def trusted(self, device: Device) -> Trusted:
+        """What the box trusts of ``device`` (not cached: :meth:`remember` caches it)."""
+        key = self.key_of(device)
+        return Trusted(device_id=device.id, state=device.state, key=key,
+                       mac=None if key is None else self.check.key(key))
+
     def remember(self, device: Device) -> Trusted:
-        trusted = Trusted(device_id=device.id, state=device.state, key=self.key_of(device))
-        self._trusted[device.id] = trusted
+        trusted = self._trusted[device.id] = self.trusted(device)
         return trusted
 
     def guard(self, device_id: str) -> idp.ReplayGuard:

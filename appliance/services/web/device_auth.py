@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Mapping
 from functools import partial
 from typing import Final
 
@@ -72,7 +71,7 @@ async def _trusted(runtime: Runtime, device_id: str) -> Trusted | None:
     if device is None:
         return None
     if runtime.keys.generation != generation:  # its state changed while it was read: not cached
-        return Trusted(device_id=device.id, state=device.state, key=runtime.keys.key_of(device))
+        return runtime.keys.trusted(device)
     return runtime.keys.remember(device)
 
 
@@ -99,16 +98,17 @@ def _method(scope: Scope) -> bytes:
 
 
 async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: bytes = b"",
-                              headers: Mapping[str, bytes] | None = None) -> str:
+                              headers: dict[str, bytes] | None = None) -> str:
     """The id of the adopted device that signed this request (or WebSocket handshake), or
     ApiError (401/403/429). ``body`` is the request's body as received (empty for a GET or
     a WebSocket handshake); ``headers``, its signature headers if the caller has them."""
     scope = conn.scope
+    keys = runtime.keys
+    check = keys.check  # (native or Python: appliance.protocol.sigcheck)
     try:
-        signed = idp.parse_signature(_credentials(scope)[1] if headers is None else headers)
+        signed = check.parse(_credentials(scope)[1] if headers is None else headers)
     except idp.SignatureError as exc:
         raise _refuse(runtime, exc.status, exc.reason, f"{exc}") from exc
-    keys = runtime.keys
     trusted = keys.cached(signed.keyid) or await _trusted(runtime, signed.keyid)
     if trusted is None or trusted.mac is None:
         raise _refuse(runtime, 401, "no_key", f"device {signed.keyid!r} has no key on this box: enroll on the "
@@ -117,8 +117,8 @@ async def authenticate_device(conn: HTTPConnection, runtime: Runtime, *, body: b
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
     end = raw_path.find(b"?")
     try:
-        idp.verify_request(trusted.mac, signed, method=_method(scope), path=raw_path if end < 0 else raw_path[:end],
-                           query=scope.get("query_string", b""), body=body)
+        check.verify(trusted.mac, signed, _method(scope), raw_path if end < 0 else raw_path[:end],
+                     scope.get("query_string", b""), body)
     except idp.SignatureError as exc:
         raise _refuse(runtime, exc.status, exc.reason, str(exc)) from exc
     if trusted.state is not AdoptionState.ADOPTED:
