@@ -17,15 +17,17 @@ from appliance.protocol.event_stream import (
     EVENT_TYPES,
     Forbidden,
     Grant,
+    StoredEvent,
     Subscription,
     SubscriptionError,
     Topic,
     coalesced,
     small_body,
 )
-from appliance.services.event_hub import EventHub, Follower, TooSlow
+from appliance.services import event_hub
+from appliance.services.event_hub import EventHub, Follower, TooSlow, stored_event
 from appliance.storage import Database
-from appliance.storage.event_log import append, bounds, prune, read_after
+from appliance.storage.event_log import LogRow, append, bounds, prune, read_after
 
 ADMIN = Grant(admin=True)
 TILL = Grant(admin=False, device_id="till-1")
@@ -167,6 +169,51 @@ async def test_a_follower_behind_for_too_long_is_too_slow(db: Database, autojump
         await follower.next_batch()
     assert hub.start(Subscription.parse({"after": "99"})) == (3, True)  # never written here: resync
     assert hub.start(Subscription.parse({})) == (3, False)
+
+
+async def test_events_loaded_with_nobody_subscribed_reach_later_subscribers_whole_and_in_order(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub makes an event's text at its first take when it was loaded with nobody
+    subscribed (none made before): every subscriber, wherever it starts, still gets every
+    event, in order, with the text made as at load (once, shared by all), mixed with events
+    made at load."""
+    made: list[int] = []
+
+    def counted(row: LogRow, loaded_at: float = 0.0) -> StoredEvent:
+        made.append(row.id)
+        return stored_event(row, loaded_at)
+
+    monkeypatch.setattr(event_hub, "stored_event", counted)
+    hub = EventHub(ring_events=100)
+    for i in range(12):
+        await db.write(lambda conn, i=i: append(conn, "sale.received", {"id": str(i)}, now=1_700_000_000.5 + i))
+    rows = await db.read(lambda conn: read_after(conn, 0, 100))
+    expected = {r.id: stored_event(r).text for r in rows}
+    hub.load(rows[:5])  # nobody subscribed: left to make
+    assert made == []
+    hub.subscribers = 1
+    hub.load(rows[5:8])  # a subscriber: made at load
+    assert made == [6, 7, 8]
+    hub.subscribers = 0
+    hub.load(rows[8:])
+    assert [e.id for e in hub.from_ring(6, 100) or []] == [7, 8, 9, 10, 11, 12]
+    assert made == [6, 7, 8, 9, 10, 11, 12]
+    hub.subscribers = 2
+    takes: list[list[StoredEvent]] = []
+    for cursor in (0, 3, 0):
+        follower = Follower(hub=hub, db=db, sub=Subscription.parse({}), cursor=cursor, max_lag_s=60.0)
+        got: list[StoredEvent] = []
+        while follower.cursor < hub.head:
+            got += await follower.next_batch()
+        takes.append(got)
+    first, later, again = takes
+    assert [e.id for e in first] == list(range(1, 13)) and [e.id for e in later] == list(range(4, 13))
+    assert all(e.text == expected[e.id] for e in first + later)
+    assert all(a is b for a, b in zip(first, again, strict=True))  # made once, shared
+    assert all(a is b for a, b in zip(first[3:], later, strict=True))
+    assert all(e.loaded_at > 0 for e in first)  # when it was read, for the hand-over times
+    assert [e.id for e in hub.from_ring(10, 1) or []] == [11]
+    assert sorted(made) == list(range(1, 13))  # each made once
 
 
 def test_docs_show_every_event_type_with_an_example() -> None:

@@ -2,10 +2,13 @@
 
 The event-log service (``appliance.services.event_log``) reads each committed event once
 (:meth:`EventHub.load`), makes its message text once, and keeps the newest
-``ring_events`` in memory. Each subscriber is a :class:`Follower`: a cursor (the last id
-it was given) into that ring, so 200 subscribers share one copy of every message and no
-subscriber is ever waited for. A follower resuming from an id older than the ring reads
-the log itself (:meth:`Follower.next_batch`), page by page.
+``ring_events`` in memory. While nobody subscribes, the text waits for the first subscriber
+that takes the event (:meth:`EventHub.from_ring`): a box nobody follows makes none (an RFC
+3339 time and the message, ~6 us an event, one per command enqueued). Each subscriber is a
+:class:`Follower`: a cursor (the last id it was given) into that ring, so 200 subscribers
+share one copy of every message and no subscriber is ever waited for. A follower resuming
+from an id older than the ring reads the log itself (:meth:`Follower.next_batch`), page by
+page.
 
 A follower's backlog is bounded: once it has caught up after connecting, falling out of
 the ring (more than ``ring_events`` behind) or staying behind for longer than
@@ -24,7 +27,7 @@ import collections
 import datetime
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Final
+from typing import Final, cast
 
 import attrs
 import trio
@@ -68,7 +71,10 @@ class EventHub:
     def __init__(self, *, ring_events: int) -> None:
         self.ring_events = ring_events
         self._ids: list[int] = []
-        self._events: list[StoredEvent] = []
+        # Beside each id: its event, or, for one loaded while nobody subscribed and not taken
+        # since, the row as read and when (made into its event at the first take, then shared).
+        self._events: list[StoredEvent | tuple[LogRow, float]] = []
+        self._lazy_upto = 0  # no event with a higher id waits to be made
         self.head = 0  # the highest id read from the log
         self.oldest = 1  # the first id the log still keeps
         self.changed = ChangeSignal()  # new events in the ring, or the box is stopping
@@ -82,10 +88,12 @@ class EventHub:
     def load(self, rows: Sequence[LogRow]) -> None:
         """Add events read from the log (in id order, all above :attr:`head`)."""
         now = trio.current_time()
+        lazy = self.subscribers == 0
         for row in rows:
-            event = stored_event(row, now)
-            self._ids.append(event.id)
-            self._events.append(event)
+            self._ids.append(row.id)
+            self._events.append((row, now) if lazy else stored_event(row, now))
+        if rows and lazy:
+            self._lazy_upto = rows[-1].id
         if rows:
             self.head = rows[-1].id
             extra = len(self._ids) - self.ring_events
@@ -128,7 +136,16 @@ class EventHub:
         if cursor < self.ring_start - 1:
             return None
         i = bisect.bisect_right(self._ids, cursor)
-        return self._events[i:i + limit]
+        events = self._events
+        if cursor >= self._lazy_upto:  # every event after cursor is made: a subscriber keeping up
+            return cast(list[StoredEvent], events[i:i + limit])
+        out: list[StoredEvent] = []
+        for j in range(i, min(i + limit, len(events))):
+            event = events[j]
+            if not isinstance(event, StoredEvent):
+                events[j] = event = stored_event(*event)
+            out.append(event)
+        return out
 
     def start(self, sub: Subscription) -> tuple[int, bool]:
         """Where a new subscriber starts: (cursor, resync). ``after`` None means live only."""
