@@ -28,7 +28,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from appliance.devkit.device import DeviceSimulator, read_log, run_device_simulator
 from appliance.protocol.channel_codec import SUBPROTOCOL, Hello, encode_device_message
 from appliance.protocol.health import Status
-from appliance.services.device_link import DeviceLinkPhase, LinkTarget
+from appliance.services.device_link import DeviceLink, DeviceLinkPhase, LinkTarget
 from appliance.services.dispatcher import enqueue, run_dispatcher
 from appliance.services.runtime import Runtime
 from appliance.services.web.commands import MAX_BATCH
@@ -549,10 +549,46 @@ async def test_handed_and_read_back_commands_go_out_once_in_order(clock: trio.te
         assert sim.duplicates == 0 and sim.connections == 1
 
 
+async def test_a_link_not_connected_is_not_woken_per_command_and_sends_them_all_in_order_once_up(
+        clock: trio.testing.MockClock, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New commands for a device the link cannot reach do not wake it (its backoff has
+    nothing to do with them: they wait in the outbox); once the device is there, the link
+    sends every one of them, and those enqueued after, once, in seq order."""
+    links: list[DeviceLink] = []
+    made = DeviceLink.__init__
+
+    def keep(self: DeviceLink, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        links.append(self)
+
+    monkeypatch.setattr(DeviceLink, "__init__", keep)
+    sim = DeviceSimulator(device_id="k")
+    t = target("k")
+    async with dispatching(runtime, [t]) as lan:
+        await wait_for(lambda: bool(lan.attempts))
+        (link,) = links
+        woken = link.poke.version
+        for n in range(20):
+            await enqueue(runtime, "k", "print", {"n": n})
+        runtime.outbox_changes.notify()  # and the read-back way (the order receiver's)
+        await wait_for(lambda: len(lan.attempts) >= 3)
+        assert link.status.phase is not DeviceLinkPhase.CONNECTED
+        assert link.poke.version == woken  # woken by none of them
+        assert link.window.pending == 0  # held by none: they wait in the outbox
+        lan.plug(t.address, t.port, sim.serve_stream)
+        await wait_for(lambda: len(sim.accepted) == 20)
+        for n in range(20, 25):
+            await enqueue(runtime, "k", "print", {"n": n})
+        await wait_for(lambda: link.status.acked == 25)
+    assert [a.seq for a in sim.accepted] == list(range(1, 26))
+    assert [a.body["n"] for a in sim.accepted] == list(range(25))
+    assert sim.duplicates == 0 and sim.connections == 1
+
+
 async def test_handed_commands_survive_drops_and_a_restart_once_in_order(clock: trio.testing.MockClock,
                                                                           runtime: Runtime,
                                                                           tmp_path: Path) -> None:
-    """Commands handed to a link that is down wait in its window; a Wi-Fi that drops
+    """Commands handed to a link that is down wait in the outbox; a Wi-Fi that drops
     connections mid-stream resends what was in flight; commands handed before a stop and
     enqueued while no dispatcher runs go out after the restart: all once, in seq order."""
     flaky = DeviceSimulator(device_id="f", drop_rate=0.1, seed=3, log_path=tmp_path / "f.jsonl")

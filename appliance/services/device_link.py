@@ -346,6 +346,7 @@ class DeviceLink:
         self._rng = rng or random.Random()
         self._cursor = 0  # outbox rows up to this seq were read (or taken) already
         self._loading = False  # a read of the outbox is under way (see take)
+        self._writing = False  # the writer runs (connected): new commands are its to send
         self._notes: list[LinkNote] = []  # going up or down, for the recorder to log
         self._stop = trio.Event()
         self._session_scope: trio.CancelScope | None = None
@@ -357,21 +358,24 @@ class DeviceLink:
     # --- what the dispatcher calls -------------------------------------------------
 
     def new_commands(self, last_seq: int) -> None:
-        """The outbox gave this device commands up to ``last_seq``."""
+        """The outbox gave this device commands up to ``last_seq``. Only a running writer
+        is woken: a link connecting or backing off has nothing to do with them until its
+        writer starts, which reads the outbox past what it holds as its first step."""
         if self.known_seq is None or last_seq > self.known_seq:
             self.known_seq = last_seq
-            self.poke.notify()
+            if self._writing:
+                self.poke.notify()
 
     def take(self, command: Command) -> None:
         """``command`` was just committed to this device's outbox. If it is the very next row
         the link would read (its seq follows the rows read so far) and the window has room,
         the window holds it at once: no read of the outbox stands between its commit and its
-        send. Otherwise (rows not yet read before it, a full window, a read under way, a
-        stop) it is left to the outbox read, as :meth:`new_commands`. Either way it is sent
+        send. Otherwise (no writer running: not connected; rows not yet read before it, a full
+        window, a read under way, a stop) it is left to the outbox read, as :meth:`new_commands`. Either way it is sent
         once, in seq order; after a reconnect or a restart the outbox read finds it as any."""
         window = self.window
-        if (command.seq == self._cursor + 1 and command.seq > window.last_seq and window.room() > 0
-                and not self._loading and not self._stop.is_set()):
+        if (self._writing and command.seq == self._cursor + 1 and command.seq > window.last_seq
+                and window.room() > 0 and not self._loading and not self._stop.is_set()):
             window.offer((command,))
             self._cursor = command.seq
         self.new_commands(command.seq)
@@ -490,6 +494,13 @@ class DeviceLink:
         return hello
 
     async def _writer(self, ws: WebSocketConnection, stream: _Cork) -> None:
+        self._writing = True
+        try:
+            await self._write(ws, stream)
+        finally:
+            self._writing = False
+
+    async def _write(self, ws: WebSocketConnection, stream: _Cork) -> None:
         window, seen = self.window, self.poke.version
         while True:
             window.handle_timer(self._clock())
