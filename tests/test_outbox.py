@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from appliance.protocol.channel import Acked, Dead, Sent
 from appliance.storage import Database, connect
+from appliance.storage.event_log import command_changed
 from appliance.storage.outbox import (
     CommandIdTaken,
     CommandState,
@@ -124,6 +125,36 @@ def test_any_body_is_stored_exactly_or_refused(db: Database, body: dict[str, Any
         return
     row = db.read_sync(partial(get_command, command_id=made.id))
     assert row is not None and json.loads(row.body) == body
+
+
+_ORDER_IDS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6) | st.lists(
+    st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(body=st.one_of(
+    st.dictionaries(st.sampled_from(["n", "line", "x"]), st.integers(), max_size=2),
+    st.fixed_dictionaries({"order": st.fixed_dictionaries({"order_id": _ORDER_IDS})}),
+    st.fixed_dictionaries({"order": st.dictionaries(st.sampled_from(["order_id", "id", "lines"]), _ORDER_IDS,
+                                                    max_size=2)}),
+    st.fixed_dictionaries({"order": _ORDER_IDS, "n": st.integers()})))
+def test_the_queued_event_is_what_reading_the_command_back_logs(db: Database, body: dict[str, Any]) -> None:
+    """An enqueue logs command.queued from what it stored, without reading the row back:
+    the event is the one read back from the row would be (order id included, in whatever
+    JSON form a body gives it)."""
+
+    def both(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        made = enqueue_in(conn, "d", "print", body, now=5.0)
+        command_changed(conn, "command.queued", made.id, now=5.0)
+        return [tuple(r) for r in conn.execute(
+            "SELECT topic, type, device_id, subject, typeof(subject), at, body FROM event_log "
+            "ORDER BY id DESC LIMIT 2")]
+
+    try:
+        read_back, queued = db.write_sync(both)
+    except OutboxError:
+        return
+    assert queued == read_back
 
 
 def test_records_move_states_forward_only(db: Database) -> None:

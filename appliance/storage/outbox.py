@@ -42,7 +42,7 @@ import attrs
 
 from appliance.protocol.channel import Acked, Dead, Record, Sent
 from appliance.protocol.channel_codec import ChannelProtocolError, Command, check_command_id, check_kind, encode_body
-from appliance.storage.event_log import command_changed
+from appliance.storage.event_log import command_changed, command_queued
 
 __all__ = [
     "MAX_LIST",
@@ -182,12 +182,13 @@ def enqueue_in(
     ).fetchone()[0]
     new_id = command_id or new_command_id()
     expires = None if expires_at is None else float(expires_at)
+    at = time.time() if now is None else now
     conn.execute(
         "INSERT INTO outbox (id, device_id, seq, kind, body, expires_at, state, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
-        (new_id, device_id, seq, kind, body_text, expires, time.time() if now is None else now),
+        (new_id, device_id, seq, kind, body_text, expires, at),
     )
-    command_changed(conn, "command.queued", new_id, now=time.time() if now is None else now)
+    command_queued(conn, new_id, device_id=device_id, seq=seq, kind=kind, body=body, body_text=body_text, now=at)
     return Enqueued(id=new_id, device_id=device_id, seq=seq, created=True,
                     command=Command(id=new_id, seq=seq, kind=kind, expires_at=expires, body=body_text))
 
