@@ -242,6 +242,7 @@ def test_a_signature_whose_last_character_carries_spare_bits_reads_alike(native)
 
 def test_wrong_types_are_type_errors_not_crashes(native) -> None:
     module = sys.modules["appliance.protocol._sigcheck"]
+    assert module.MAX_HEADER == idp._MAX_HEADER  # (the same cap, written in both)
     with pytest.raises(TypeError):
         native.parse([("signature-input", b"x")])  # type: ignore[arg-type]
     with pytest.raises(TypeError):
