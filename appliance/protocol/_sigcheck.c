@@ -142,8 +142,8 @@ refuse(state_t *st, PyObject *code, PyObject *keyid)
     return NULL;
 }
 
-/* headers[name] as bytes of at most MAX_HEADER, or NULL with the refusal (or a TypeError)
- * raised. A borrowed reference. */
+/* headers[name] as bytes of at most MAX_HEADER (a new reference), or NULL with the refusal
+ * (or a TypeError) raised. */
 static PyObject *
 header(state_t *st, PyObject *headers, int which, PyObject *name)
 {
@@ -161,6 +161,7 @@ header(state_t *st, PyObject *headers, int which, PyObject *name)
         refuse(st, st->code_long[which], NULL);
         return NULL;
     }
+    Py_INCREF(value);  /* (held while the other lookups run: nothing can take it away) */
     return value;
 }
 
@@ -395,52 +396,60 @@ sig_parse(PyObject *module, PyObject *headers)
         PyErr_Format(PyExc_TypeError, "headers must be a dict, not %.100s", Py_TYPE(headers)->tp_name);
         return NULL;
     }
-    PyObject *input = header(st, headers, 0, st->name_input);
-    if (input == NULL)
-        return NULL;
+    PyObject *input = NULL, *signature = NULL, *digest = NULL;
+    SignedObject *self = NULL;
+    if ((input = header(st, headers, 0, st->name_input)) == NULL)
+        goto done;
     s = (const unsigned char *)PyBytes_AS_STRING(input);
     strip(s, PyBytes_GET_SIZE(input), &at, &len);
-    if (!match_input(s + at, len, &created, &nonce_at, &keyid_at, &keyid_len))
-        return refuse(st, st->code_input, NULL);
+    if (!match_input(s + at, len, &created, &nonce_at, &keyid_at, &keyid_len)) {
+        refuse(st, st->code_input, NULL);
+        goto done;
+    }
     Py_ssize_t params_at = at + 5, params_len = len - 5;   /* after "chub=" */
     nonce_at += at;
     keyid_at += at;
 
-    PyObject *signature = header(st, headers, 1, st->name_signature);
-    if (signature == NULL)
-        return NULL;
+    if ((signature = header(st, headers, 1, st->name_signature)) == NULL)
+        goto done;
     const unsigned char *g = (const unsigned char *)PyBytes_AS_STRING(signature);
     strip(g, PyBytes_GET_SIZE(signature), &at, &len);
-    if (!match_signature(g + at, len, mac))
-        return refuse(st, st->code_signature, NULL);
+    if (!match_signature(g + at, len, mac)) {
+        refuse(st, st->code_signature, NULL);
+        goto done;
+    }
 
-    PyObject *digest = header(st, headers, 2, st->name_digest);
-    if (digest == NULL)
-        return NULL;
+    if ((digest = header(st, headers, 2, st->name_digest)) == NULL)
+        goto done;
     const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(digest);
     strip(d, PyBytes_GET_SIZE(digest), &digest_at, &len);
-    if (!match_digest(d + digest_at, len))   /* (the empty body's digest passes too) */
-        return refuse(st, st->code_digest_form, NULL);
+    if (!match_digest(d + digest_at, len)) {   /* (the empty body's digest passes too) */
+        refuse(st, st->code_digest_form, NULL);
+        goto done;
+    }
 
-    SignedObject *self = (SignedObject *)st->signed_type->tp_alloc(st->signed_type, 0);
+    self = (SignedObject *)st->signed_type->tp_alloc(st->signed_type, 0);
     if (self == NULL)
-        return NULL;
+        goto done;
     /* (tp_alloc zeroed the fields: dealloc on a failure below releases what was made.) */
     self->keyid = PyUnicode_DecodeASCII((const char *)s + keyid_at, keyid_len, NULL);
     self->created = PyLong_FromLongLong(created);
     self->nonce = PyBytes_FromStringAndSize((const char *)s + nonce_at, 32);
     if (self->keyid == NULL || self->created == NULL || self->nonce == NULL) {
-        Py_DECREF(self);
-        return NULL;
+        Py_CLEAR(self);
+        goto done;
     }
-    Py_INCREF(input);
-    self->input = input;
-    Py_INCREF(digest);
+    self->input = input;     /* (the references move to the Signed) */
     self->digest = digest;
+    input = digest = NULL;
     self->params_at = params_at;
     self->params_len = params_len;
     self->digest_at = digest_at;
     memcpy(self->mac, mac, MAC_BYTES);
+done:
+    Py_XDECREF(input);
+    Py_XDECREF(signature);
+    Py_XDECREF(digest);
     return (PyObject *)self;
 }
 
