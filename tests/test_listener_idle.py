@@ -7,10 +7,13 @@ lets a request in progress finish; no byte for the read timeout closes it."""
 
 from __future__ import annotations
 
+import math
+import socket as stdlib_socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import outcome
@@ -230,3 +233,59 @@ async def test_bytes_that_come_as_the_read_timeout_passes_are_kept(mock_clock: t
         assert stream.waiting is not None  # reading on, in a new scope
         mock_clock.jump(10)  # nothing more comes: the read timeout
     assert isinstance(seen[-1], Closed)
+
+
+class _ArrivingConnection(_Arrivals):
+    """:class:`_Arrivals` as the listener's connection (its socket's addresses), keeping what is sent."""
+
+    socket = SimpleNamespace(family=stdlib_socket.AF_INET, getpeername=lambda: ("127.0.0.1", 50000),
+                             getsockname=lambda: ("127.0.0.1", 8000))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent.append(bytes(data))
+        await trio.lowlevel.checkpoint()
+
+
+async def test_own_h11_serves_a_head_before_its_deadline_with_none_and_ends_one_that_comes_as_it_passes(
+        mock_clock: trio.testing.MockClock) -> None:
+    """The store API's loop waits for every head of a connection in one cancel scope, armed
+    only while it waits: the app runs with no deadline of the wait's (a slow answer is not
+    cut), and a head handed over in the very instant its deadline passes ends the connection
+    unserved (the scope, already cancelled, would cancel the app)."""
+    from appliance.services.h11_serving import IdleConnections, serve_h11
+
+    cfg = HypercornConfig()
+    cfg.keep_alive_timeout = 10
+    cfg.read_timeout = 100  # type: ignore[assignment]
+    cfg.accesslog = None
+    stream = _ArrivingConnection()
+    deadlines: list[float] = []
+
+    async def answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        deadlines.append(trio.current_effective_deadline())
+        await trio.sleep(30)  # longer than the head's wait may last
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_h11, answer, cfg, IdleConnections(), {}, stream)
+        for _ in range(2):  # the second wait reuses the connection's scope
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(9)  # within the keep-alive timeout
+            stream.arrive(head)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(30)
+            await trio.testing.wait_all_tasks_blocked()
+        assert deadlines == [math.inf, math.inf]
+        assert [s[:13] for s in stream.sent] == [b"HTTP/1.1 200 "] * 2
+        mock_clock.jump(10)  # the third head comes as its deadline passes
+        stream.arrive(head)
+        await trio.testing.wait_all_tasks_blocked()
+        ended = not nursery.child_tasks
+        nursery.cancel_scope.cancel()
+    assert ended and len(deadlines) == 2 and len(stream.sent) == 2

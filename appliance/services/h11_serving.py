@@ -187,9 +187,15 @@ class _H11Connection:
         return parser
 
     async def run(self) -> None:
+        # The request heads' wait: one cancel scope for the connection's life, armed only while
+        # a head is awaited (see _next_request); one per request cost each some 4.5 us.
+        with trio.CancelScope() as waiting:
+            await self._serve(waiting)
+
+    async def _serve(self, waiting: trio.CancelScope) -> None:
         try:
             while True:
-                request = await self._next_request()
+                request = await self._next_request(waiting)
                 if request is None:
                     return
                 await self._answer(request)
@@ -249,21 +255,28 @@ class _H11Connection:
             self.broken = True
             raise _Gone from exc
 
-    async def _next_request(self) -> h11.Request | PlainHead | None:
+    async def _next_request(self, waiting: trio.CancelScope) -> h11.Request | PlainHead | None:
         """The next request's head, within the keep-alive timeout; None when the connection
-        should end (the client left, the server stops, the head did not come in time)."""
+        should end (the client left, the server stops, the head did not come in time).
+
+        ``waiting`` is the connection's scope around every request (:meth:`run`): armed here
+        only, while the head is awaited (its deadline set before each read, the server's stop
+        cancelling it), and disarmed before the request is served. A head that did not come in
+        time, or the stop, cancels the wait, which ends the connection at that scope. A
+        deadline or a stop in the very turn the head came ends it too: the request is not
+        served, as the scope, already cancelled, would cancel it."""
         if self.idle.stopping:
             return None
         self.answer = None
         # The head within keep_alive_timeout (from accept, or from the last answer), and no
         # silence longer than the read timeout meanwhile: either ends the connection.
-        with trio.CancelScope() as waiting:
-            self.idle.enter(waiting)
-            try:
-                event = await self._next_head(waiting, trio.current_time() + self.config.keep_alive_timeout)
-            finally:
-                self.idle.leave(waiting)
-        if waiting.cancelled_caught:
+        self.idle.enter(waiting)
+        try:
+            event = await self._next_head(waiting, trio.current_time() + self.config.keep_alive_timeout)
+        finally:
+            self.idle.leave(waiting)
+            waiting.deadline = inf
+        if waiting.cancel_called:
             self.broken = True
             return None
         return event if isinstance(event, (h11.Request, PlainHead)) else None  # ConnectionClosed, PAUSED: the end
