@@ -382,3 +382,14 @@ def test_without_the_extension_the_python_check_runs() -> None:
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.startswith("None python the native check is not built ("), done.stdout
+
+
+def test_a_wrong_choice_in_the_environment_stops_the_start_with_a_clear_error(monkeypatch) -> None:
+    from appliance.config import ConfigError
+    from appliance.services.keyring import KeyRing
+
+    monkeypatch.setenv("APPLIANCE_SIGCHECK", "fast")
+    with pytest.raises(ConfigError, match="environment: APPLIANCE_SIGCHECK must be python, native or auto"):
+        KeyRing(idp.new_private_key())
+    monkeypatch.setenv("APPLIANCE_SIGCHECK", "python")
+    assert KeyRing(idp.new_private_key()).check is sigcheck.PYTHON

@@ -24,6 +24,7 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from appliance.config import ConfigError
 from appliance.protocol import identity as idp
 from appliance.protocol import sigcheck
 from appliance.storage.devices import AdoptionState, Device, DeviceSource
@@ -68,7 +69,13 @@ class KeyRing:
                  check: sigcheck.Check | None = None) -> None:
         self._private = box_private
         # The signed-request check (native or Python), chosen once: sigcheck.choose().
-        self.check, self.check_why = (check, "given") if check is not None else sigcheck.choose(os.environ)
+        if check is not None:
+            self.check, self.check_why = check, "given"
+        else:
+            try:
+                self.check, self.check_why = sigcheck.choose(os.environ)
+            except ValueError as exc:  # (`appliance run` prints it as a configuration error)
+                raise ConfigError([f"environment: {exc}"]) from None
         self.box_public = idp.public_bytes(box_private)
         self._declared = {device_id: bytes.fromhex(key) for device_id, key in (declared or {}).items() if key}
         self._window_s, self._max_nonces = window_s, max_nonces
