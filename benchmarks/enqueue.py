@@ -149,39 +149,34 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _threads_cpu_s(pid: int) -> dict[str, float]:
-    """The process's CPU time so far by kind of thread: ``loop`` (the main thread, trio's
-    event loop), ``workers`` (trio's worker threads: the writer's SQLite and fsync, reads
-    sent to a thread) and ``other``; a thread gone meanwhile is left out."""
-    out = {"loop": 0.0, "workers": 0.0, "other": 0.0}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rpartition(")")[2].split()
-        kind = "loop" if task.name == str(pid) else "workers" if name.startswith("Trio thread") else "other"
-        out[kind] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
+def _loop_cpu_s(pid: int) -> float:
+    """The CPU time so far of the process's main thread (trio's event loop), in seconds.
+
+    The rest of the process's CPU is its other threads': trio's workers (the writer's SQLite
+    and fsync, reads sent to a thread), counted as the process's total less this. They are not
+    told apart by name: trio names a worker thread after the job it runs at that moment, and
+    an idle worker ends after a while (its CPU then leaves the per-thread files but stays in
+    the process's), so counting them one by one gave negative shares."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _measure(port: int, ops: str, pid: int, args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
-    """Per way: (commands/s, commits per 1,000 commands, the box's CPU µs per command); the
-    in-flight way also the µs per command of its loop thread, trio's workers and the rest."""
+    """Per way: (commands/s, commits per 1,000 commands, the box's CPU µs per command, of it
+    the µs per command of its loop thread and of its other threads)."""
     out: dict[str, tuple[float, ...]] = {}
     await _singles(port, 0.5, 1, "warm")
     for name, way in (("baseline", lambda: _singles(port, args.seconds, 1, "seq")),
                       ("batch", lambda: _batches(port, args.seconds, args.batch)),
                       ("in flight", lambda: _singles(port, args.seconds, args.in_flight, "par"))):
-        before, cpu, threads = await _commits(ops), _cpu_s(pid), _threads_cpu_s(pid)
+        before, cpu, loop = await _commits(ops), _cpu_s(pid), _loop_cpu_s(pid)
         started = time.perf_counter()
         count = await way()
         elapsed = time.perf_counter() - started
+        loop = _loop_cpu_s(pid) - loop
         cpu = _cpu_s(pid) - cpu
-        after = _threads_cpu_s(pid)
-        split = tuple((after[k] - threads[k]) / count * 1e6 for k in ("loop", "workers", "other"))
-        out[name] = (count / elapsed, 1000 * (await _commits(ops) - before) / count, cpu / count * 1e6, *split)
+        out[name] = (count / elapsed, 1000 * (await _commits(ops) - before) / count, cpu / count * 1e6,
+                     loop / count * 1e6, (cpu - loop) / count * 1e6)
     return out
 
 
@@ -287,12 +282,12 @@ def main(args: argparse.Namespace) -> None:
         print(f"{labels[name]:40}{rate:>12,.0f}{rate / base:>12.1f}x{commits:>18.0f}{cpu_us:>16,.0f}")
     print(f"{'HTTP floor: bare hypercorn, ' + str(args.in_flight) + ' at once':40}{floor_rate:>12,.0f}"
           f"{floor_rate / base:>12.1f}x{'-':>18}{floor_cpu:>16,.0f}")
-    rate, _, cpu_us, loop_us, workers_us, other_us = result["in flight"]
+    rate, _, cpu_us, loop_us, threads_us = result["in flight"]
     print(f"in flight vs the HTTP floor (same client, same run): {rate / floor_rate:.2f}x requests/s, "
           f"{cpu_us / floor_cpu:.2f}x server CPU per request; goal >= 2,000 commands/s one per request: "
           f"{'met' if rate >= 2000 else 'not met'} ({rate:,.0f}/s)")
-    print(f"in flight, the box's CPU per command by thread: event loop {loop_us:,.0f} us, trio's worker threads "
-          f"(the writer's SQLite and fsync) {workers_us:,.0f} us, others {other_us:,.0f} us")
+    print(f"in flight, the box's CPU per command by thread: event loop {loop_us:,.0f} us, its other threads "
+          f"(trio's workers: the writer's SQLite and fsync) {threads_us:,.0f} us")
     print(f"listener in process ({args.in_flight} connections, no sockets; median of 5): {alone[0]:,.0f} us CPU per "
           f"command, of which the event loop's thread {alone[1]:,.0f} us; {alone[2]:.0f} commits/1000 cmd")
 
